@@ -1,0 +1,1 @@
+"""Actors: the runtime (actor, registry, process groups) and the fanout actors."""

@@ -1,0 +1,306 @@
+"""The actor runtime: one asyncio task draining a mailbox.
+
+An :class:`Actor` owns its state; nobody else touches it. Others talk to it
+with :meth:`Actor.cast` (no reply) or :meth:`Actor.call` (a reply or
+:class:`CallTimeout`). Consistency model: messages from one sender are
+handled in the order they were cast; there is no order across senders.
+
+Mailbox bound and overflow policy: :meth:`cast` refuses with
+:class:`MailboxFull` once ``mailbox_bound`` messages wait (callers turn this
+into "try again later"); :meth:`cast_system` is for control messages whose
+number is bounded elsewhere (one per subscription change) and must never be
+dropped, so it ignores the bound. Casting to an actor that has exited is a
+silent no-op, as sending to a dead process is in Erlang; calling one raises
+:class:`ActorExited`.
+
+Life cycle: ``start`` -> ``on_start`` -> batches -> (``stop`` | idle |
+crash) -> ``on_stop`` -> exit hooks and monitors. An exception from a
+handler is logged and ends the actor (let it crash); its exit hooks run
+(the registry unregisters it, groups drop it) and its monitors are told why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("guildcast.actors")
+
+#: Default mailbox bound: a burst this long is absorbed; past it senders are
+#: told to retry, so memory stays bounded whatever publishers do.
+DEFAULT_MAILBOX_BOUND = 10_000
+
+
+class MailboxFull(Exception):
+    """The actor's mailbox is at its bound; try again later."""
+
+
+class ActorExited(Exception):
+    """The actor has exited, or exited before answering a call."""
+
+
+class CallTimeout(TimeoutError):
+    """No reply within the call's timeout."""
+
+
+class _Call:
+    __slots__ = ("future", "msg")
+
+    def __init__(self, msg: Any, future: asyncio.Future[Any]) -> None:
+        self.msg = msg
+        self.future = future
+
+
+class _Stop:
+    __slots__ = ()
+
+
+_STOP = _Stop()
+
+#: ``monitor(actor, reason)``: reason is None for a normal exit, else the exception.
+Monitor = Callable[["Actor", BaseException | None], None]
+
+
+class Actor:
+    """Base class: override :meth:`handle` (or :meth:`handle_batch` for speed)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        mailbox_bound: int = DEFAULT_MAILBOX_BOUND,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.name = name
+        self.mailbox_bound = mailbox_bound
+        self.idle_timeout = idle_timeout
+        self._mailbox: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._exited = False
+        self._exit_hooks: list[Callable[[object], None]] = []
+        self._monitors: list[Monitor] = []
+        self.exit_reason: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # --- life cycle ----------------------------------------------------------
+
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        """Start the actor's task in ``tg`` (its owner). Call once."""
+        if self._task is not None:
+            raise RuntimeError(f"{self!r} already started")
+        self._task = tg.create_task(self._run(), name=f"actor:{self.name}")
+
+    @property
+    def alive(self) -> bool:
+        return not self._exited
+
+    @property
+    def mailbox_depth(self) -> int:
+        return len(self._mailbox)
+
+    def stop(self) -> None:
+        """Ask the actor to exit normally after what is already queued."""
+        if not self._exited:
+            self._mailbox.append(_STOP)
+            self._wake()
+
+    def kill(self, reason: BaseException) -> None:
+        """Make the actor exit abnormally with ``reason`` as soon as it runs."""
+        if not self._exited:
+            self._mailbox.appendleft(_Kill(reason))
+            self._wake()
+
+    async def wait(self) -> None:
+        """Wait until the actor has exited."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def add_exit_hook(self, hook: Callable[[object], None]) -> None:
+        """Call ``hook(self)`` when the actor exits (at once if it has)."""
+        if self._exited:
+            hook(self)
+        else:
+            self._exit_hooks.append(hook)
+
+    def monitor(self, fn: Monitor) -> None:
+        """Call ``fn(self, reason)`` when the actor exits (at once if it has)."""
+        if self._exited:
+            fn(self, self.exit_reason)
+        else:
+            self._monitors.append(fn)
+
+    # --- messaging -----------------------------------------------------------
+
+    def cast(self, msg: Any) -> None:
+        """Queue ``msg`` without waiting; raises :class:`MailboxFull` past the bound."""
+        if self._exited:
+            return
+        if len(self._mailbox) >= self.mailbox_bound:
+            raise MailboxFull(self.name)
+        self._mailbox.append(msg)
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            w.set_result(None)
+
+    def cast_system(self, msg: Any) -> None:
+        """Queue a control message that must not be dropped (ignores the bound)."""
+        if self._exited:
+            return
+        self._mailbox.append(msg)
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            w.set_result(None)
+
+    def call_nowait(self, msg: Any) -> asyncio.Future[Any]:
+        """Queue ``msg`` as a call and return the future of its reply.
+
+        Raises :class:`MailboxFull` past the bound and :class:`ActorExited` if
+        the actor has exited; the future fails with :class:`ActorExited` if it
+        exits before replying.
+        """
+        if self._exited:
+            raise ActorExited(self.name)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.cast(_Call(msg, fut))
+        return fut
+
+    async def call(self, msg: Any, timeout: float = 5.0) -> Any:
+        """Send ``msg`` and wait for the reply; raises :class:`CallTimeout`."""
+        fut = self.call_nowait(msg)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise CallTimeout(f"{self.name}: no reply within {timeout} s") from None
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            w.set_result(None)
+
+    # --- to override ---------------------------------------------------------
+
+    async def on_start(self) -> None:
+        """Runs in the actor's task before the first message."""
+
+    async def on_stop(self, reason: BaseException | None) -> None:
+        """Runs in the actor's task after the last message (also after a crash)."""
+
+    def on_idle(self) -> bool:
+        """No message for ``idle_timeout`` s: return True to stop (the default)."""
+        return True
+
+    async def handle(self, msg: Any) -> Any:
+        """Handle one message; the return value answers a :meth:`call`."""
+        raise NotImplementedError
+
+    async def handle_batch(self, batch: deque[Any]) -> None:
+        """Handle every message queued since the last batch, in order."""
+        for item in batch:
+            if type(item) is _Call:
+                fut = item.future
+                try:
+                    result = await self.handle(item.msg)
+                except Exception as e:
+                    if not fut.done():
+                        fut.set_exception(e)
+                    raise
+                if not fut.done():
+                    fut.set_result(result)
+            else:
+                await self.handle(item)
+
+    # --- the loop ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        reason: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            await self.on_start()
+            while True:
+                if not self._mailbox:
+                    w = self._waiter = loop.create_future()
+                    if self.idle_timeout is None:
+                        await w
+                    else:
+                        try:
+                            async with asyncio.timeout(self.idle_timeout):
+                                await w
+                        except TimeoutError:
+                            self._waiter = None
+                            if not self._mailbox and self.on_idle():
+                                break
+                            continue
+                batch = self._mailbox
+                self._mailbox = deque()
+                stop = _take_control(batch, self._mailbox)
+                if batch:
+                    await self.handle_batch(batch)
+                if stop is not None:
+                    if isinstance(stop, _Kill):
+                        raise stop.reason
+                    break
+        except asyncio.CancelledError:
+            reason = None
+            raise
+        except Exception as e:
+            reason = e
+            log.error("actor %r crashed", self.name, exc_info=e)
+        finally:
+            self._exited = True
+            self.exit_reason = reason
+            try:
+                await self.on_stop(reason)
+            except Exception:
+                log.exception("actor %r failed in on_stop", self.name)
+            self._finish(reason)
+
+    def _finish(self, reason: BaseException | None) -> None:
+        for item in self._mailbox:
+            if type(item) is _Call and not item.future.done():
+                item.future.set_exception(ActorExited(self.name))
+        self._mailbox.clear()
+        hooks, self._exit_hooks = self._exit_hooks, []
+        for hook in hooks:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("exit hook of %r failed", self.name)
+        monitors, self._monitors = self._monitors, []
+        for fn in monitors:
+            try:
+                fn(self, reason)
+            except Exception:
+                log.exception("monitor of %r failed", self.name)
+
+
+class _Kill:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: BaseException) -> None:
+        self.reason = reason
+
+
+def _take_control(batch: deque[Any], leftover: deque[Any]) -> _Stop | _Kill | None:
+    """Cut ``batch`` at the first stop/kill and return it; what follows moves to
+    ``leftover`` (the actor exits, and pending calls there fail with ActorExited)."""
+    if batch and type(batch[0]) is _Kill:
+        k: _Kill = batch.popleft()
+        leftover.extend(batch)
+        batch.clear()
+        return k
+    for i, item in enumerate(batch):
+        if type(item) is _Stop:
+            while len(batch) > i + 1:
+                leftover.appendleft(batch.pop())
+            batch.pop()
+            return _STOP
+    return None

@@ -1,0 +1,139 @@
+"""Partition actor: owns a slice of one guild's sessions and writes to them.
+
+Hot path (DESIGN.md rules 2-4): each batch drains the whole mailbox; a run
+of event frames between membership changes is joined into one ``bytes``
+and written with one ``send`` per session; per-recipient work is one call
+(the buffer-bound check lives in ``Sink.send``); nothing awaits a client.
+Sessions with an ``events`` filter get the frames their filter passes,
+joined once per distinct filter per run.
+
+Order: messages are applied strictly in mailbox order, so an ``Add`` queued
+by the guild after event ``s`` means the session gets exactly the events
+after ``s``, right behind its preamble (SUBSCRIBED and any replay).
+
+Mailbox: event runs are bounded (``mailbox_bound``, overflow raises to the
+guild, which sheds this partition's sessions with 4010); Add/Remove are
+system messages, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from server.actors.actor import Actor
+from server.core.sink import Sink
+
+
+class Frames:
+    """A run of framed events, in ``s`` order, shared by every partition."""
+
+    __slots__ = ("frames", "names")
+
+    def __init__(self, frames: list[bytes], names: list[str]) -> None:
+        self.frames = frames
+        self.names = names
+
+
+class Add:
+    """Start writing to ``sink`` after writing ``preamble`` (SUBSCRIBED + replay)."""
+
+    __slots__ = ("preamble", "sink")
+
+    def __init__(self, sink: Sink, preamble: bytes) -> None:
+        self.sink = sink
+        self.preamble = preamble
+
+
+class Remove:
+    """Stop writing to ``sink``; write ``farewell`` (UNSUBSCRIBED) last, if given."""
+
+    __slots__ = ("farewell", "sink")
+
+    def __init__(self, sink: Sink, farewell: bytes | None) -> None:
+        self.sink = sink
+        self.farewell = farewell
+
+
+#: Event runs a partition may have queued. It drains everything each batch
+#: and shares the loop fairly with its guild, so a healthy one holds 1-2.
+PARTITION_MAILBOX_BOUND = 4096
+
+
+class Partition(Actor):
+    """Writes a guild's events to at most ``partition_size`` sessions."""
+
+    def __init__(self, name: str, mailbox_bound: int = PARTITION_MAILBOX_BOUND) -> None:
+        super().__init__(name, mailbox_bound=mailbox_bound)
+        self.plain: dict[Sink, None] = {}
+        self.filtered: dict[Sink, frozenset[str]] = {}
+        self.deliveries = 0
+        self.bytes_out = 0
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.filtered)
+
+    async def handle_batch(self, batch: deque[Any]) -> None:
+        frames: list[bytes] = []
+        names: list[str] = []
+        for item in batch:
+            tp = type(item)
+            if tp is Frames:
+                frames += item.frames
+                names += item.names
+            else:
+                if frames:
+                    self._flush(frames, names)
+                    frames = []
+                    names = []
+                if tp is Add:
+                    self._add(item.sink, item.preamble)
+                elif tp is Remove:
+                    self._remove(item.sink, item.farewell)
+                else:
+                    raise TypeError(f"partition got {item!r}")
+        if frames:
+            self._flush(frames, names)
+
+    def _add(self, sink: Sink, preamble: bytes) -> None:
+        self.plain.pop(sink, None)
+        self.filtered.pop(sink, None)
+        if sink.is_closed:
+            return
+        sink.send(preamble)
+        if sink.events is None:
+            self.plain[sink] = None
+        else:
+            self.filtered[sink] = sink.events
+
+    def _remove(self, sink: Sink, farewell: bytes | None) -> None:
+        self.plain.pop(sink, None)
+        self.filtered.pop(sink, None)
+        if farewell is not None:
+            sink.send(farewell)
+
+    def _flush(self, frames: list[bytes], names: list[str]) -> None:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        plain = self.plain
+        for sink in plain:
+            sink.send(data)
+        n = len(plain)
+        out = n * len(data)
+        deliveries = n * len(frames)
+        if self.filtered:
+            cache: dict[frozenset[str], bytes] = {}
+            for sink, want in self.filtered.items():
+                chunk = cache.get(want)
+                if chunk is None:
+                    chunk = cache[want] = b"".join(
+                        [f for f, t in zip(frames, names, strict=True) if t in want]
+                    )
+                if chunk:
+                    sink.send(chunk)
+                    out += len(chunk)
+                    deliveries += sum(1 for t in names if t in want)
+        self.deliveries += deliveries
+        self.bytes_out += out
+
+    def sinks(self) -> list[Sink]:
+        return [*self.plain, *self.filtered]

@@ -1,0 +1,150 @@
+"""``guildcast`` command line: ``serve`` and ``token``.
+
+Every ``serve`` flag may also come from an environment variable named
+``GUILDCAST_`` plus the flag in upper case with ``-`` as ``_`` (for example
+``--history-size`` and ``GUILDCAST_HISTORY_SIZE``). A flag wins over the
+environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from server.config import Config
+
+log = logging.getLogger("guildcast")
+
+#: Config fields exposed as ``serve`` flags, with their help text.
+_SERVE_FLAGS: dict[str, str] = {
+    "host": "gateway listen address",
+    "port": "gateway port (0: any free port)",
+    "secret": "HS256 token secret (default: generated and printed)",
+    "heartbeat_interval_ms": "heartbeat interval announced in HELLO",
+    "history_size": "events kept per guild for recovery",
+    "history_ttl": "seconds an event stays in history",
+    "partition_size": "sessions per partition actor",
+    "max_buffer": "unsent bytes per connection before close 4010",
+    "max_frame": "largest incoming message in bytes (1009 past it)",
+    "max_payload": "largest PUBLISH in bytes (ERROR 4413 past it)",
+    "publish_rate": "default PUBLISH events/s per connection (0: unlimited)",
+    "max_connections": "connections before close 1013",
+    "max_subscriptions": "guilds per session",
+    "max_guilds": "guild actors alive at once",
+    "idle_timeout": "seconds before an unused guild actor stops",
+    "drain_timeout": "seconds a graceful shutdown waits for clients",
+}
+
+
+def _env_default(name: str, default: Any) -> Any:
+    raw = os.environ.get("GUILDCAST_" + name.upper())
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run a Guildcast node")
+    defaults = Config()
+    types = {f.name: f.type for f in fields(Config)}
+    for name, help_text in _SERVE_FLAGS.items():
+        default = getattr(defaults, name)
+        conv: Any = str
+        if "int" in str(types[name]) and not isinstance(default, float):
+            conv = int
+        elif "float" in str(types[name]):
+            conv = float
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=conv,
+            default=_env_default(name, default),
+            help=f"{help_text} (default {default!r}; env GUILDCAST_{name.upper()})",
+        )
+    p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
+    p.add_argument("--log-level", default=os.environ.get("GUILDCAST_LOG_LEVEL", "INFO"))
+
+
+def _token_parser(sub: Any) -> None:
+    p = sub.add_parser("token", help="print a signed token")
+    p.add_argument("--secret", default=os.environ.get("GUILDCAST_SECRET"))
+    p.add_argument("--sub", required=True, help="the user")
+    p.add_argument("--guilds", action="append", default=None, help="subscribe pattern (repeat)")
+    p.add_argument("--pub", action="append", default=None, help="publish pattern (repeat)")
+    p.add_argument("--pub-rate", type=float, default=None, help="PUBLISH events/s (0: none)")
+    p.add_argument("--ttl", type=float, default=3600, help="seconds until expiry (0: never)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guildcast", description="Guildcast fanout server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _token_parser(sub)
+    return parser
+
+
+async def _serve(cfg: Config, print_token: bool) -> int:
+    from server.node import Server
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Server(cfg) as srv:
+        print(f"guildcast: gateway on {srv.url}", flush=True)
+        if print_token:
+            print(f"guildcast: generated secret for this run: {srv.secret}", flush=True)
+            tok = srv.token("demo", guilds=["*"], pub=["*"], ttl=24 * 3600)
+            print(f"guildcast: a token for user 'demo' (all guilds, 24 h): {tok}", flush=True)
+        await stop.wait()
+        print("guildcast: draining", flush=True)
+    print("guildcast: stopped", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "token":
+        from server.core.tokens import make_token
+
+        if not args.secret:
+            print("guildcast token: give --secret or set GUILDCAST_SECRET", file=sys.stderr)
+            return 2
+        print(
+            make_token(
+                args.secret,
+                args.sub,
+                args.guilds or ["*"],
+                args.pub or [],
+                args.pub_rate,
+                args.ttl or None,
+            )
+        )
+        return 0
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    cfg = Config(**{name: getattr(args, name) for name in _SERVE_FLAGS})
+    coro = _serve(cfg, print_token=cfg.secret is None)
+    if args.no_uvloop:
+        return asyncio.run(coro)
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Node configuration: one dataclass, every setting with its default and reason.
+
+``guildcast serve`` fills it from flags and ``GUILDCAST_*`` environment
+variables (see ``server.cli``); embedding applications build it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class Config:
+    #: Gateway listen address. Loopback by default: exposing it is a choice.
+    host: str = "127.0.0.1"
+    #: Gateway port; 0 picks a free one (see ``Server.port``).
+    port: int = 8080
+    #: HS256 secret for tokens; None generates one for this run.
+    secret: str | None = None
+
+    # Session (PROTOCOL.md "Session flow", "Rate limits")
+    heartbeat_interval_ms: int = 30_000
+    identify_timeout: float = 10.0
+    command_limit: int = 120
+    command_window: float = 60.0
+    #: Default PUBLISH rate per connection (events/s) for tokens without pub_rate.
+    publish_rate: float = 50.0
+    #: Largest PUBLISH message (bytes); larger ones get ERROR 4413.
+    max_payload: int = 32 * 1024
+    max_subscriptions: int = 1000
+
+    # Guilds and fanout
+    #: Events kept per guild for recovery, by count and by age (seconds).
+    history_size: int = 1000
+    history_ttl: float = 300.0
+    #: Sessions per partition actor: bounds the work of one fanout step.
+    partition_size: int = 512
+    #: A guild with no session and no message for this long stops (seconds).
+    idle_timeout: float = 300.0
+    #: Publishes queued per guild before publishers get "try again later".
+    guild_mailbox: int = 10_000
+    #: Guild actors alive at once; past it new guilds get "try again later".
+    max_guilds: int = 100_000
+
+    # Transport
+    max_frame: int = 64 * 1024
+    #: Unsent bytes per connection before it is closed with 4010.
+    max_buffer: int = 4 * 1024 * 1024
+    max_connections: int = 19_000
+    handshake_timeout: float = 10.0
+    close_timeout: float = 10.0
+    #: Seconds a graceful shutdown waits for clients to finish closing.
+    drain_timeout: float = 10.0
+    reuse_port: bool = False
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,1 @@
+"""Plain data shared by the layers above: the Sink interface, history, tokens."""

@@ -1,0 +1,40 @@
+"""The small interface the transport gives the actors for one connection.
+
+A partition actor only ever calls :meth:`Sink.send` (one write of already
+framed bytes) and :meth:`Sink.close`; it never awaits a client (DESIGN.md,
+hot-path rule 3). The unsent-bytes bound is enforced inside ``send``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Sink(Protocol):
+    """One client connection, as seen by the fanout path."""
+
+    #: Event names the session wants, or None for all (IDENTIFY ``events``).
+    events: frozenset[str] | None
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` for the socket without waiting.
+
+        If the connection's unsent bytes pass its bound, the connection is
+        closed with 4010 (slow consumer) instead. Sending to a closed
+        connection does nothing.
+        """
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the WebSocket close handshake with ``code``; idempotent."""
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection has started closing."""
+
+
+class Member(Protocol):
+    """Anything that can join a process group: it must report its own exit."""
+
+    def add_exit_hook(self, hook: Callable[[object], None]) -> None:
+        """Call ``hook(self)`` once when this member exits (at most once)."""

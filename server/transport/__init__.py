@@ -1,0 +1,1 @@
+"""Transport: the only importer of ``websockets`` (and, later, the HTTP library)."""

@@ -1,0 +1,414 @@
+"""The WebSocket gateway: an ``asyncio.Protocol`` per connection around
+websockets' Sans-I/O ``ServerProtocol`` (DESIGN.md rule 5).
+
+websockets does the opening handshake, frame parsing, ping/pong, UTF-8
+and size checks, and the close handshake. We assemble fragmented messages,
+drive the gateway :class:`~server.protocol.session.Session` straight from
+``data_received`` and carry out its effects. There is no task per
+connection: one sweeper task per gateway enforces every deadline
+(handshake, IDENTIFY, heartbeat, close handshake) once a second.
+
+A :class:`Connection` is the :class:`~server.core.sink.Sink` the fanout path
+writes to: ``send`` is one ``transport.write`` plus the unsent-bytes bound
+(past ``max_buffer`` the connection is closed with 4010 and its backlog is
+discarded after ``close_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State as WsState
+from websockets.server import ServerProtocol
+
+from server.core.host import GatewayHost, Overloaded
+from server.protocol import wire
+from server.protocol.codes import Close, Err
+from server.protocol.session import (
+    Authenticator,
+    CloseConn,
+    Effect,
+    Limits,
+    Publish,
+    Send,
+    Session,
+    Subscribe,
+    Unsubscribe,
+    error_frame,
+)
+
+log = logging.getLogger("guildcast.gateway")
+#: websockets logs every open and close at INFO; that is our job, at our level.
+_ws_log = logging.getLogger("guildcast.websockets")
+_ws_log.setLevel(logging.WARNING)
+
+GATEWAY_PATH = "/gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayLimits:
+    """Transport limits; see the README's configuration table."""
+
+    #: Largest incoming message (PROTOCOL.md "Transport": 1009 past it).
+    max_frame: int = 64 * 1024
+    #: Unsent bytes allowed per connection before 4010 (slow consumer).
+    max_buffer: int = 4 * 1024 * 1024
+    #: Accepted WebSocket connections; past it the handshake completes and
+    #: the connection is closed with 1013.
+    max_connections: int = 19_000
+    #: Seconds to complete the HTTP upgrade after TCP connect.
+    handshake_timeout: float = 10.0
+    #: Seconds the client has to answer our close frame before we drop it.
+    close_timeout: float = 10.0
+    #: How often deadlines are checked (seconds).
+    sweep_interval: float = 0.5
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: transport, websockets protocol and gateway session."""
+
+    __slots__ = (
+        "_exit_hooks",
+        "_frags",
+        "_gw",
+        "_transport",
+        "closing",
+        "deadline",
+        "events",
+        "exited",
+        "proto",
+        "session",
+    )
+
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+        self._transport: asyncio.Transport | None = None
+        self.proto = ServerProtocol(max_size=gw.limits.max_frame, logger=_ws_log)
+        self.session: Session | None = None
+        self.events: frozenset[str] | None = None
+        self.closing = False
+        self.exited = False
+        #: Handshake or close-handshake deadline (monotonic); the session has its own.
+        self.deadline = time.monotonic() + gw.limits.handshake_timeout
+        self._frags: list[bytes | bytearray | memoryview] | None = None
+        self._exit_hooks: list[Callable[[object], None]] | None = None
+
+    def __repr__(self) -> str:
+        sid = self.session.session_id if self.session else "-"
+        return f"<Connection {sid}>"
+
+    # --- Sink ----------------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closing
+
+    def send(self, data: bytes) -> None:
+        if self.closing:
+            return
+        t = self._transport
+        assert t is not None
+        t.write(data)
+        if t.get_write_buffer_size() > self._gw.limits.max_buffer:
+            self._gw.slow_consumers += 1
+            self.close(Close.SLOW_CONSUMER, "slow consumer")
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self._gw.close_codes[code] = self._gw.close_codes.get(code, 0) + 1
+        if self.session is not None:
+            self.session.closed()
+        self.deadline = time.monotonic() + self._gw.limits.close_timeout
+        if self.proto.state is WsState.OPEN:
+            self.proto.send_close(code, reason[:120])
+            self._flush()
+        elif self._transport is not None:
+            self._transport.close()
+
+    def add_exit_hook(self, hook: Callable[[object], None]) -> None:
+        if self.exited:
+            hook(self)
+            return
+        if self._exit_hooks is None:
+            self._exit_hooks = [hook]
+        else:
+            self._exit_hooks.append(hook)
+
+    # --- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._gw.pending.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        proto = self.proto
+        proto.receive_data(data)
+        for ev in proto.events_received():
+            if type(ev) is Frame:
+                self._on_frame(ev)
+            elif type(ev) is Request:
+                self._on_request(ev)
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.proto.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        gw = self._gw
+        gw.pending.discard(self)
+        gw.connections.discard(self)
+        if not gw.connections and not gw.pending:
+            gw._all_gone.set()
+        self.closing = True
+        if self.session is not None:
+            self.session.closed()
+        self.exited = True
+        hooks, self._exit_hooks = self._exit_hooks, None
+        if hooks:
+            for hook in hooks:
+                try:
+                    hook(self)
+                except Exception:
+                    log.exception("exit hook failed for %r", self)
+
+    # --- internals -----------------------------------------------------------
+
+    def _flush(self) -> None:
+        t = self._transport
+        if t is None:
+            return
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                t.write(chunk)
+            else:
+                # SEND_EOF: websockets is done with this connection.
+                t.close()
+
+    def _on_request(self, req: Request) -> None:
+        gw = self._gw
+        proto = self.proto
+        path = req.path.split("?", 1)[0]
+        if path != GATEWAY_PATH:
+            proto.send_response(proto.reject(404, "Not Found: the gateway is at /gateway\n"))
+            return
+        resp = proto.accept(req)
+        proto.send_response(resp)
+        if resp.status_code != 101:
+            return
+        if len(gw.connections) >= gw.limits.max_connections:
+            # Stays in ``pending`` so the sweeper drops it if it never answers.
+            gw.refused += 1
+            self._flush()
+            self.close(Close.TRY_AGAIN_LATER, "server full")
+            return
+        gw.pending.discard(self)
+        gw.connections.add(self)
+        gw.accepted += 1
+        now = time.monotonic()
+        self.session = Session(gw.authenticate, gw.session_limits, secrets.token_hex(8), now)
+        self.deadline = float("inf")
+        self._flush()
+        self.send(self.session.hello())
+
+    def _on_frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        if op is Opcode.TEXT:
+            if frame.fin:
+                self._on_message(frame.data)
+            else:
+                self._frags = [frame.data]
+        elif op is Opcode.CONT:
+            frags = self._frags
+            if frags is None:
+                return  # websockets rejects a stray continuation before us
+            frags.append(frame.data)
+            if frame.fin:
+                self._frags = None
+                self._on_message(b"".join(frags))
+        elif op is Opcode.BINARY:
+            session = self.session
+            if session is not None:
+                self._run(session.receive_binary())
+        # PING, PONG and CLOSE are answered by websockets itself.
+
+    def _on_message(self, data: bytes | bytearray | memoryview) -> None:
+        session = self.session
+        if session is None or self.closing:
+            return
+        effects = session.receive(data, time.monotonic())
+        self.events = session.events
+        self._run(effects)
+
+    def _run(self, effects: list[Effect]) -> None:
+        gw = self._gw
+        for e in effects:
+            tp = type(e)
+            if tp is Send:
+                self.send(e.data)  # type: ignore[union-attr]
+            elif tp is Subscribe:
+                assert isinstance(e, Subscribe)
+                try:
+                    gw.host.subscribe(self, e.gid, e.position)
+                except Overloaded as exc:
+                    if self.session is not None:
+                        self.session.subscriptions.discard(e.gid)
+                    self.send(error_frame(Err.TRY_AGAIN_LATER, str(exc), g=e.gid))
+            elif tp is Unsubscribe:
+                assert isinstance(e, Unsubscribe)
+                gw.host.unsubscribe(self, e.gid)
+            elif tp is Publish:
+                assert isinstance(e, Publish)
+                self._publish(e)
+            elif tp is CloseConn:
+                assert isinstance(e, CloseConn)
+                self.close(e.code, e.reason)
+
+    def _publish(self, p: Publish) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            fut = self._gw.host.publish(p.gid, p.t, p.d)
+        except Overloaded as exc:
+            self._run(session.publish_failed(p, Err.TRY_AGAIN_LATER, str(exc)))
+            return
+        except ValueError as exc:
+            self._run(session.publish_failed(p, Close.DECODE_ERROR, str(exc)))
+            return
+        fut.add_done_callback(lambda f: self._published(p, f))
+
+    def _published(self, p: Publish, fut: asyncio.Future[tuple[int, str]]) -> None:
+        session = self.session
+        if session is None or self.closing:
+            return
+        if fut.cancelled():
+            effects = session.publish_failed(p, Err.TRY_AGAIN_LATER, "publish cancelled")
+        elif (exc := fut.exception()) is not None:
+            code = Close.DECODE_ERROR if isinstance(exc, ValueError) else Err.TRY_AGAIN_LATER
+            effects = session.publish_failed(p, code, str(exc))
+        else:
+            s, epoch = fut.result()
+            effects = session.publish_done(p, p.gid, s, epoch)
+        self._run(effects)
+
+    def tick(self, now: float) -> None:
+        """Enforce deadlines; called by the gateway's sweeper."""
+        if self.closing or self.session is None:
+            if now >= self.deadline and self._transport is not None:
+                self._transport.abort()
+            return
+        effects = self.session.check_timeout(now)
+        if effects:
+            self._run(effects)
+
+
+class Gateway:
+    """Listens for WebSocket connections and owns them until they close."""
+
+    def __init__(
+        self,
+        host: GatewayHost,
+        authenticate: Authenticator,
+        session_limits: Limits,
+        limits: GatewayLimits,
+    ) -> None:
+        self.host = host
+        self.authenticate = authenticate
+        self.session_limits = session_limits
+        self.limits = limits
+        #: Connections past the handshake (counted against max_connections).
+        self.connections: set[Connection] = set()
+        #: Connections still in the HTTP upgrade (or being refused).
+        self.pending: set[Connection] = set()
+        self.accepted = 0
+        self.refused = 0
+        self.slow_consumers = 0
+        self.close_codes: dict[int, int] = {}
+        #: Set whenever the last connection has gone (for drain).
+        self._all_gone = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(
+        self, host: str, port: int, tg: asyncio.TaskGroup, reuse_port: bool = False
+    ) -> int:
+        """Listen on ``host:port`` (0 for a free port); returns the bound port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=4096
+        )
+        self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
+        sock = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.sweep_interval)
+            now = time.monotonic()
+            for conn in [*self.connections, *self.pending]:
+                try:
+                    conn.tick(now)
+                except Exception:
+                    log.exception("sweeping %r failed", conn)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown (PROTOCOL.md op 7 and close 1001): stop accepting,
+        send RECONNECT then close 1001 to every session, and wait up to
+        ``timeout`` s for the close handshakes before dropping the rest."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.send(wire.RECONNECT_FRAME)
+            conn.close(Close.GOING_AWAY, "server shutting down")
+        for conn in list(self.pending):
+            conn.close(Close.GOING_AWAY, "server shutting down")
+        if self.connections or self.pending:
+            self._all_gone.clear()
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), timeout)
+            except TimeoutError:
+                pass
+        for conn in [*self.connections, *self.pending]:
+            if conn._transport is not None:
+                conn._transport.abort()
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connections": len(self.connections),
+            "pending": len(self.pending),
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "slow_consumers": self.slow_consumers,
+            "close_codes": dict(self.close_codes),
+        }
