@@ -159,7 +159,8 @@ class Guild(Actor):
                     try:
                         payload = wire.dispatch_payload(gid, msg.t, s, msg.d)
                     except TypeError as e:
-                        item.future.set_exception(ValueError(f"d is not JSON: {e}"))
+                        if not item.future.done():
+                            item.future.set_exception(ValueError(f"d is not JSON: {e}"))
                         continue
                     frame = wire.text_frame(payload)
                     self.head = s
@@ -168,12 +169,13 @@ class Guild(Actor):
                     names.append(msg.t)
                     if not item.future.done():
                         item.future.set_result((s, self.epoch))
-                elif type(msg) is InfoMsg:
-                    item.future.set_result(self._info())
-                elif type(msg) is HistoryMsg:
-                    item.future.set_result(list(history.since(msg.after, msg.limit)))
-                else:
-                    item.future.set_exception(TypeError(f"unknown call {msg!r}"))
+                elif not item.future.done():  # a caller that timed out is gone
+                    if type(msg) is InfoMsg:
+                        item.future.set_result(self._info())
+                    elif type(msg) is HistoryMsg:
+                        item.future.set_result(list(history.since(msg.after, msg.limit)))
+                    else:
+                        item.future.set_exception(TypeError(f"unknown call {msg!r}"))
                 continue
             if frames:
                 self._fan_out(frames, names)

@@ -121,17 +121,18 @@ class Partition(Actor):
         out = n * len(data)
         deliveries = n * len(frames)
         if self.filtered:
-            cache: dict[frozenset[str], bytes] = {}
+            # One join per distinct filter in this run, not per session.
+            cache: dict[frozenset[str], tuple[bytes, int]] = {}
             for sink, want in self.filtered.items():
-                chunk = cache.get(want)
-                if chunk is None:
-                    chunk = cache[want] = b"".join(
-                        [f for f, t in zip(frames, names, strict=True) if t in want]
-                    )
-                if chunk:
+                hit = cache.get(want)
+                if hit is None:
+                    passed = [f for f, t in zip(frames, names, strict=True) if t in want]
+                    hit = cache[want] = (b"".join(passed), len(passed))
+                chunk, count = hit
+                if count:
                     sink.send(chunk)
                     out += len(chunk)
-                    deliveries += sum(1 for t in names if t in want)
+                    deliveries += count
         self.deliveries += deliveries
         self.bytes_out += out
 

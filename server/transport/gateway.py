@@ -198,7 +198,9 @@ class Connection(asyncio.Protocol):
             if chunk:
                 t.write(chunk)
             else:
-                # SEND_EOF: websockets is done with this connection.
+                # SEND_EOF: websockets is done with this connection (after a
+                # close handshake either side began, or a refused upgrade).
+                self.closing = True
                 t.close()
 
     def _on_request(self, req: Request) -> None:
