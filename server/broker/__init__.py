@@ -1,0 +1,1 @@
+"""Brokers: sequencing, history and cross-node delivery behind one interface."""

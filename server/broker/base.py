@@ -1,0 +1,86 @@
+"""The broker contract: per-guild sequencing, history and live feed.
+
+A broker gives each guild one totally ordered log. ``append`` assigns the
+next ``s`` values atomically (one writer per guild in memory mode; one Lua
+script per batch in Redis mode), keeps the guild's history bounded by count
+and age, and delivers every appended record to the nodes listening to that
+guild, in ``s`` order. ``read`` returns stored records for recovery.
+
+Consistency model: within an epoch, ``s`` grows by exactly one per event and
+no two events share an ``s``. An epoch changes only when the guild's history
+is lost; a reader seeing a new epoch must treat every old Position as lost.
+Live feeds may repeat or skip records across a broker reconnect; listeners
+dedupe by ``s`` and fill gaps with ``read`` (the guild actor does).
+
+Implementations: ``server.broker.redis.RedisBroker`` (cluster). The shared
+test suite in ``tests/broker/`` runs against every implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
+
+
+class Record(NamedTuple):
+    """One stored event."""
+
+    s: int
+    t: str
+    #: Publish wall time, seconds since the Unix epoch (for the age bound).
+    ts: float
+    #: The DISPATCH envelope as JSON: ``{"op":0,"t":…,"g":…,"s":…,"d":…}``.
+    payload: bytes
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached; nothing was appended. Retry later."""
+
+
+class EpochChanged(Exception):
+    """The guild's history was lost: its epoch is not the one the caller knew."""
+
+
+#: A listener gets records in ``s`` order (possibly repeated after a reconnect)
+#: or ``None`` to be told "you may have missed records: check with read()".
+Feed = Callable[[str, "list[Record] | None"], None]
+
+
+class Broker(Protocol):
+    """Sequencing, history and cross-node fanout for every guild."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while the broker is unreachable (publishes then fail)."""
+
+    async def start(self) -> None:
+        """Connect; raises :class:`BrokerUnavailable` if it cannot."""
+
+    async def close(self) -> None: ...
+
+    async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
+        """Sequence ``(t, d_json)`` items in order; returns ``(epoch, [s, …])``.
+
+        ``t`` must be a valid event name and ``gid`` a valid guild id (both
+        are put into the JSON envelope verbatim); ``d_json`` is valid JSON.
+        Raises :class:`BrokerUnavailable`.
+        """
+
+    async def head(self, gid: str) -> tuple[str, int]:
+        """The guild's ``(epoch, last s)``, creating its epoch if it has none."""
+
+    async def read(self, gid: str, after: int, limit: int) -> tuple[str, list[Record]]:
+        """``(epoch, records with s > after)``, oldest first, at most ``limit``.
+
+        Records older than the history bounds are gone: the first returned
+        ``s`` may be greater than ``after + 1``.
+        """
+
+    async def listen(self, gid: str) -> None:
+        """Start delivering ``gid``'s records to the feed; returns once every
+        record appended after this call returns will be delivered."""
+
+    async def unlisten(self, gid: str) -> None: ...
+
+    def set_feed(self, feed: Feed) -> None:
+        """Where live records go: ``feed(gid, records)``."""

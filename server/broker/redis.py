@@ -1,0 +1,380 @@
+"""Redis broker: cluster-wide sequencing, history and live feed.
+
+Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
+
+- ``gc:{gid}:epoch`` — the epoch; created on first use; a new one only when
+  the guild's keys were lost (Redis lost its data).
+- ``gc:{gid}:seq`` — the last ``s``.
+- ``gc:{gid}:log`` — a stream holding the history, entry id ``s-0`` with
+  fields ``t``, ``ts`` (ms) and ``p`` (the DISPATCH JSON); capped by count
+  (``MAXLEN``) and by age (oldest entries deleted on each append; the whole
+  stream expires after ``history_ttl`` without appends, when every entry
+  would be too old anyway).
+- channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|payload``.
+
+One Lua script per append batch does all of it atomically, so every node
+sees one order. Appends from all guild actors of this node are queued and
+sent in one pipeline per event-loop turn (one round trip for many guilds).
+
+The live feed uses one pub/sub connection per node, subscribed only to the
+channels of guilds with local subscribers. On a reconnect it resubscribes
+and tells every listener to check for missed records (``feed(gid, None)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from server.broker.base import BrokerUnavailable, Feed, Record
+
+log = logging.getLogger("guildcast.broker.redis")
+
+_APPEND = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+local gid = ARGV[2]
+local maxlen = tonumber(ARGV[3])
+local now = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+local out = {epoch}
+for i = 1, n do
+  local t = ARGV[5 + 2 * i]
+  local d = ARGV[6 + 2 * i]
+  local s = redis.call('INCR', KEYS[2])
+  local p = '{"op":0,"t":"' .. t .. '","g":"' .. gid .. '","s":' .. s .. ',"d":' .. d .. '}'
+  if maxlen > 0 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', maxlen, s .. '-0', 't', t, 'ts', now, 'p', p)
+  end
+  redis.call('PUBLISH', KEYS[4], s .. '|' .. t .. '|' .. now .. '|' .. p)
+  out[#out + 1] = s
+end
+if maxlen > 0 then
+  local cutoff = now - ttl
+  for _ = 1, 64 do
+    local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+    if #first == 0 then break end
+    local f = first[1][2]
+    local ts = nil
+    for j = 1, #f, 2 do if f[j] == 'ts' then ts = tonumber(f[j + 1]) end end
+    if ts == nil or ts >= cutoff then break end
+    redis.call('XDEL', KEYS[3], first[1][1])
+  end
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+end
+return out
+"""
+
+_HEAD = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
+"""
+
+#: Appends queued across guilds before a pipeline is sent regardless.
+MAX_PIPELINE = 512
+#: Bound on queued appends; past it appends fail at once (try again later).
+MAX_QUEUED_APPENDS = 50_000
+
+
+def _keys(gid: str) -> list[str]:
+    return [f"gc:{{{gid}}}:epoch", f"gc:{{{gid}}}:seq", f"gc:{{{gid}}}:log", f"gc:{{{gid}}}:ch"]
+
+
+def channel(gid: str) -> str:
+    return f"gc:{{{gid}}}:ch"
+
+
+class RedisBroker:
+    """Broker over one Redis (``redis://host:port/db``)."""
+
+    def __init__(
+        self,
+        url: str,
+        history_size: int,
+        history_ttl: float,
+        *,
+        health_interval: float = 1.0,
+        op_timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.history_size = history_size
+        self.history_ttl_ms = int(history_ttl * 1000)
+        self.health_interval = health_interval
+        self._r: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=op_timeout,
+            socket_connect_timeout=op_timeout,
+            retry_on_timeout=False,
+        )
+        self._append_script = self._r.register_script(_APPEND)
+        self._head_script = self._r.register_script(_HEAD)
+        self._feed: Feed | None = None
+        self._healthy = False
+        self._queue: deque[tuple[str, list[Any], asyncio.Future[list[Any]]]] = deque()
+        self._queue_ready = asyncio.Event()
+        #: Wanted channels: a pending future until Redis confirms, then None.
+        self._listening: dict[str, asyncio.Future[None] | None] = {}
+        self._pubsub_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None
+        self.reconnects = 0
+
+    # --- life cycle ------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._r
+
+    def set_feed(self, feed: Feed) -> None:
+        self._feed = feed
+
+    async def start(self) -> None:
+        try:
+            await self._r.ping()
+        except (RedisError, OSError) as e:
+            raise BrokerUnavailable(f"cannot reach {self.url}: {e}") from None
+        self._healthy = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._pipeliner(), name="redis-pipeliner"),
+            loop.create_task(self._reader(), name="redis-pubsub"),
+            loop.create_task(self._health(), name="redis-health"),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        while self._queue:
+            _, _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(BrokerUnavailable("broker closed"))
+        await self._r.aclose()
+
+    # --- sequencing and history --------------------------------------------------
+
+    async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
+        if not self._healthy:
+            raise BrokerUnavailable("redis is unreachable")
+        if len(self._queue) >= MAX_QUEUED_APPENDS:
+            raise BrokerUnavailable("too many appends queued")
+        args: list[Any] = [
+            secrets.token_hex(8),
+            gid,
+            self.history_size,
+            int(time.time() * 1000),
+            self.history_ttl_ms,
+            len(items),
+        ]
+        for t, d in items:
+            args.append(t)
+            args.append(d)
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((gid, args, fut))
+        self._queue_ready.set()
+        out = await fut
+        return out[0].decode(), [int(s) for s in out[1:]]
+
+    async def _pipeliner(self) -> None:
+        """Sends queued appends, many guilds per round trip, in queue order."""
+        while True:
+            await self._queue_ready.wait()
+            self._queue_ready.clear()
+            while self._queue:
+                batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]] = []
+                while self._queue and len(batch) < MAX_PIPELINE:
+                    batch.append(self._queue.popleft())
+                try:
+                    async with self._r.pipeline(transaction=False) as pipe:
+                        for gid, args, _ in batch:
+                            await self._append_script(keys=_keys(gid), args=args, client=pipe)
+                        results = await pipe.execute(raise_on_error=False)
+                except (RedisError, OSError) as e:
+                    self._mark_down(e)
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                    continue
+                for (_, _, fut), res in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(res, Exception):
+                        fut.set_exception(BrokerUnavailable(f"redis: {res}"))
+                    else:
+                        fut.set_result(res)
+
+    async def head(self, gid: str) -> tuple[str, int]:
+        try:
+            epoch, s = await self._head_script(keys=_keys(gid), args=[secrets.token_hex(8)])
+        except (RedisError, OSError) as e:
+            self._mark_down(e)
+            raise BrokerUnavailable(f"redis: {e}") from None
+        return epoch.decode(), int(s)
+
+    async def read(self, gid: str, after: int, limit: int) -> tuple[str, list[Record]]:
+        k = _keys(gid)
+        try:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.get(k[0])
+                pipe.xrange(k[2], min=f"{after + 1}-0", max="+", count=limit)
+                epoch, entries = await pipe.execute()
+        except (RedisError, OSError) as e:
+            self._mark_down(e)
+            raise BrokerUnavailable(f"redis: {e}") from None
+        if epoch is None:
+            epoch_s, _ = await self.head(gid)
+            return epoch_s, []
+        out = []
+        for eid, fields in entries:
+            s = int(bytes(eid).split(b"-", 1)[0])
+            out.append(Record(s, fields[b"t"].decode(), int(fields[b"ts"]) / 1000.0, fields[b"p"]))
+        return epoch.decode(), out
+
+    async def first(self, gid: str) -> int | None:
+        """The oldest ``s`` still in history, or None."""
+        try:
+            e: Any = await self._r.xrange(_keys(gid)[2], min="-", max="+", count=1)
+        except (RedisError, OSError) as exc:
+            self._mark_down(exc)
+            raise BrokerUnavailable(f"redis: {exc}") from None
+        return int(e[0][0].split(b"-", 1)[0]) if e else None
+
+    # --- live feed ---------------------------------------------------------------
+
+    async def listen(self, gid: str, timeout: float = 5.0) -> None:
+        """Subscribe to ``gid``'s channel; returns once Redis confirmed it.
+
+        Raises :class:`BrokerUnavailable` if Redis does not confirm in time
+        (the subscription stays wanted and is retried on reconnect).
+        """
+        fut = self._listening.get(gid, False)
+        if fut is None:
+            return  # already confirmed
+        if fut is False:
+            fut = asyncio.get_running_loop().create_future()
+            self._listening[gid] = fut
+            ps = self._pubsub
+            if ps is not None:
+                try:
+                    await ps.subscribe(channel(gid))
+                except (RedisError, OSError) as e:
+                    self._mark_down(e)
+            self._pubsub_wake.set()
+        assert isinstance(fut, asyncio.Future)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(f"redis did not confirm a subscription to {gid}") from None
+
+    async def unlisten(self, gid: str) -> None:
+        fut = self._listening.pop(gid, None)
+        if isinstance(fut, asyncio.Future) and not fut.done():
+            fut.cancel()
+        ps = self._pubsub
+        if ps is not None:
+            try:
+                await ps.unsubscribe(channel(gid))
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+
+    async def _reader(self) -> None:
+        """Owns the pub/sub connection: (re)subscribes and delivers records.
+
+        After any failure it starts a fresh connection with a bounded
+        backoff and resubscribes every wanted channel; each confirmation of
+        an already confirmed channel tells its listener to catch up.
+        """
+        delay = 0.05
+        while True:
+            ps: Any = self._r.pubsub()
+            try:
+                await ps.connect()
+                self._pubsub = ps
+                if self._listening:
+                    await ps.subscribe(*[channel(g) for g in self._listening])
+                delay = 0.05
+                while True:
+                    if not ps.subscribed:
+                        self._pubsub_wake.clear()
+                        await self._pubsub_wake.wait()
+                        continue
+                    msg = await ps.get_message(timeout=1.0)
+                    if msg is not None:
+                        self._on_pubsub(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._mark_down(e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    await ps.aclose()
+
+    def _on_pubsub(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        ch = msg["channel"]
+        if isinstance(ch, bytes):
+            ch = ch.decode()
+        gid = ch[4:-4]  # "gc:{" gid "}:ch"
+        if kind in (b"message", "message"):
+            if gid not in self._listening or self._feed is None:
+                return
+            data: bytes = msg["data"]
+            s_b, t_b, ts_b, payload = data.split(b"|", 3)
+            self._feed(gid, [Record(int(s_b), t_b.decode(), int(ts_b) / 1000.0, payload)])
+        elif kind in (b"subscribe", "subscribe"):
+            self._healthy = True
+            fut = self._listening.get(gid, False)
+            if isinstance(fut, asyncio.Future):
+                if not fut.done():
+                    fut.set_result(None)
+                self._listening[gid] = None
+            elif fut is None and self._feed is not None:
+                # A resubscription after a reconnect: records may be missing.
+                self._feed(gid, None)
+
+    async def _health(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self._r.ping()
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+            else:
+                if not self._healthy:
+                    log.warning("redis is reachable again")
+                self._healthy = True
+
+    def _mark_down(self, e: BaseException) -> None:
+        if self._healthy:
+            log.warning("redis unreachable: %s", e)
+        self._healthy = False

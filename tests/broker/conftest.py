@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.broker.base import Broker
+from server.broker.memory import MemoryBroker
+from server.broker.redis import RedisBroker
+from tests.redisproc import RedisProc
+
+
+@pytest.fixture
+def redis_proc(tmp_path: Path) -> Iterator[RedisProc]:
+    r = RedisProc(tmp_path)
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broker]:
+    """Every implementation of the broker contract, in turn."""
+    b: Broker
+    proc = None
+    if request.param == "memory":
+        b = MemoryBroker(history_size=50, history_ttl=300)
+    else:
+        proc = RedisProc(tmp_path)
+        proc.start()
+        b = RedisBroker(proc.url, history_size=50, history_ttl=300)
+    await b.start()
+    yield b
+    await b.close()
+    if proc is not None:
+        proc.stop()

@@ -1,0 +1,89 @@
+"""The broker contract (server/broker/base.py), run against every broker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from server.broker.base import Broker, Record
+
+
+async def test_append_assigns_consecutive_s_from_one(broker: Broker) -> None:
+    epoch, ss = await broker.append("g1", [("A", b"1"), ("B", b"2")])
+    assert ss == [1, 2]
+    epoch2, ss2 = await broker.append("g1", [("C", b"3")])
+    assert (epoch2, ss2) == (epoch, [3])
+    assert await broker.head("g1") == (epoch, 3)
+    # guilds are independent
+    _, other = await broker.append("g2", [("A", b"null")])
+    assert other == [1]
+
+
+async def test_head_of_unknown_guild_is_zero_with_stable_epoch(broker: Broker) -> None:
+    e1, s = await broker.head("fresh")
+    assert s == 0 and e1
+    assert (await broker.head("fresh"))[0] == e1
+    e2, _ = await broker.append("fresh", [("A", b"{}")])
+    assert e2 == e1
+
+
+async def test_read_returns_envelopes_in_order(broker: Broker) -> None:
+    await broker.append("g", [("EV", orjson.dumps({"i": i})) for i in range(1, 11)])
+    _, recs = await broker.read("g", 3, 4)
+    assert [r.s for r in recs] == [4, 5, 6, 7]
+    r = recs[0]
+    assert r.t == "EV"
+    assert orjson.loads(r.payload) == {"op": 0, "t": "EV", "g": "g", "s": 4, "d": {"i": 4}}
+    _, rest = await broker.read("g", 7, 100)
+    assert [x.s for x in rest] == [8, 9, 10]
+    _, none = await broker.read("g", 10, 100)
+    assert none == []
+
+
+async def test_history_bounded_by_count(broker: Broker) -> None:
+    # the fixture's brokers keep 50 events
+    for _ in range(6):
+        await broker.append("big", [("E", b"0")] * 20)
+    _, recs = await broker.read("big", 0, 1000)
+    assert [r.s for r in recs] == list(range(71, 121))
+
+
+async def test_concurrent_appends_never_share_an_s(broker: Broker) -> None:
+    async def publisher(k: int) -> list[int]:
+        out: list[int] = []
+        for i in range(25):
+            _, ss = await broker.append("race", [("E", orjson.dumps([k, i]))])
+            out += ss
+        return out
+
+    results = await asyncio.gather(*(publisher(k) for k in range(4)))
+    allss = sorted(s for r in results for s in r)
+    assert allss == list(range(1, 101))
+    for r in results:  # each publisher's own appends keep their order
+        assert r == sorted(r)
+
+
+async def test_listen_delivers_every_appended_record_in_order(broker: Broker) -> None:
+    got: list[Record] = []
+    done = asyncio.Event()
+
+    def feed(gid: str, recs: list[Record] | None) -> None:
+        assert gid == "live"
+        if recs:
+            got.extend(recs)
+            if len(got) >= 30:
+                done.set()
+
+    broker.set_feed(feed)
+    await broker.listen("live")
+    await broker.append("not-listened", [("E", b"0")])
+    for i in range(30):
+        await broker.append("live", [("E", orjson.dumps(i))])
+    async with asyncio.timeout(30):
+        await done.wait()
+    assert [r.s for r in got] == list(range(1, 31))
+    await broker.unlisten("live")
+    await broker.append("live", [("E", b"0")])
+    _, recs = await broker.read("live", 30, 10)
+    assert [r.s for r in recs] == [31]
