@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.actors.groups import Groups
-from server.actors.guild import Guild, GuildSettings
+from server.actors.guild import Feed, Guild, GuildSettings
 from server.actors.hub import Hub
 from server.actors.registry import Registry
+from server.broker.base import Broker, Record
+from server.broker.memory import MemoryBroker
 from server.config import Config
 from server.core.tokens import TokenVerifier, make_token
 from server.protocol.session import Limits
@@ -42,6 +44,7 @@ class Server:
         self.registry: Registry[Guild]
         self.hub: Hub
         self.gateway: Gateway
+        self.broker: Broker
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -66,15 +69,19 @@ class Server:
         tg = self._tg = asyncio.TaskGroup()
         await tg.__aenter__()
         settings = GuildSettings(
-            history_size=cfg.history_size,
-            history_ttl=cfg.history_ttl,
             partition_size=cfg.partition_size,
             idle_timeout=cfg.idle_timeout,
             mailbox_bound=cfg.guild_mailbox,
         )
+        self.broker = self._make_broker()
+        await self.broker.start()
+        self.broker.set_feed(self._feed)
         self.groups = Groups("guilds")
+        broker = self.broker
         self.registry = Registry(
-            lambda gid: Guild(gid, settings, self.groups, tg), tg, max_actors=cfg.max_guilds
+            lambda gid: Guild(gid, settings, self.groups, tg, broker),
+            tg,
+            max_actors=cfg.max_guilds,
         )
         self.hub = Hub(self.registry, self.groups)
         self.gateway = Gateway(
@@ -105,6 +112,16 @@ class Server:
         self._started = True
         log.info("gateway listening on %s", self.url)
 
+    def _make_broker(self) -> Broker:
+        cfg = self.config
+        return MemoryBroker(cfg.history_size, cfg.history_ttl)
+
+    def _feed(self, gid: str, records: list[Record] | None) -> None:
+        """Broker feed -> the guild's mailbox (a system message: never dropped)."""
+        guild = self.registry.lookup(gid)
+        if guild is not None:
+            guild.cast_system(Feed(records))
+
     async def stop(self, drain: bool = True) -> None:
         """Stop the node. With ``drain`` every session gets RECONNECT then 1001."""
         if not self._started:
@@ -118,6 +135,7 @@ class Server:
                 await self.gateway.drain(0)
             await self.registry.stop_all()
             await self.gateway.close()
+            await self.broker.close()
         finally:
             await self._tg.__aexit__(None, None, None)
         log.info("node stopped")

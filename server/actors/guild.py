@@ -1,29 +1,34 @@
-"""Guild actor: the one writer of a guild's sequence, history and fanout.
+"""Guild actor: one guild's subscriptions, delivery cursor and fanout on this node.
 
-It owns the guild's ``s`` counter, epoch and :class:`History`, and its
-partition actors. For each publish it assigns ``s``, encodes and frames the
-event once, appends it to history and hands the same bytes to every
+It sequences through the broker (``server.broker``): publishes queued in its
+mailbox are appended in one batch (the broker assigns ``s``; in memory mode
+that is this actor's own log, in cluster mode one Redis script), and the
+publishers are answered with ``(s, epoch)``. While the guild has local
+subscribers it listens to the broker's feed: each record arrives in ``s``
+order, is framed once (``wire.text_frame``) and the same bytes go to every
 partition (DESIGN.md, "The path of one event"). It never writes to a socket.
 
+Delivery cursor: ``cursor`` is the last ``s`` fanned out here. Records at or
+below it are duplicates and dropped; a record past ``cursor + 1`` means the
+feed skipped some, which are read back from history first; if history no
+longer has them, or the epoch changed, the guild's history is lost: every
+local session is closed with 4000 and recovers what it can on reconnect.
+
 Subscriptions arrive as :class:`Subscribe` messages in mailbox order with
-publishes, so the head it reports in SUBSCRIBED, the replay it builds and
-the moment the session joins its partition are one atomic step: no gap and
-no duplicate however publishes race the subscribe (PROTOCOL.md,
-"Subscribing and recovery"). Leaves come from its process group monitor:
-a session that disconnects leaves the group by itself.
+feed records, so the head a session is told in SUBSCRIBED, its replay and
+the moment it joins its partition form one atomic step: no gap, no
+duplicate, however publishes race the subscribe (PROTOCOL.md "Subscribing
+and recovery"). Leaves come from the guild's process group monitor.
 
 Mailbox: publishes are bounded (``mailbox_bound``; past it publishers get
-"try again later"); Subscribe/Unsubscribe/Left are system messages.
-Idle: with no session and no message for ``idle_timeout`` it stops, and
-its in-memory history goes with it (a later start is a new epoch).
+"try again later"); Subscribe/Unsubscribe/Left/Feed are system messages.
+Idle: with no session and no message for ``idle_timeout`` it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -31,18 +36,19 @@ from typing import Any
 from server.actors.actor import Actor, MailboxFull, _Call
 from server.actors.groups import GroupEvent, Groups
 from server.actors.partition import Add, Frames, Partition, Remove
-from server.core.history import Entry, History
+from server.broker.base import Broker, BrokerUnavailable, Record
 from server.core.sink import Sink
 from server.protocol import wire
 from server.protocol.codes import Close
 
 log = logging.getLogger("guildcast.guild")
 
+#: Records read back per broker round trip when catching up or replaying.
+READ_PAGE = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class GuildSettings:
-    history_size: int = 1000
-    history_ttl: float = 300.0
     partition_size: int = 512
     idle_timeout: float = 300.0
     mailbox_bound: int = 10_000
@@ -82,6 +88,15 @@ class Left:
         self.sink = sink
 
 
+class Feed:
+    """Records from the broker's live feed, or None: "you may have missed some"."""
+
+    __slots__ = ("records",)
+
+    def __init__(self, records: list[Record] | None) -> None:
+        self.records = records
+
+
 class InfoMsg:
     """Call message: replies a dict of head, epoch, subscribers, history bounds."""
 
@@ -89,7 +104,7 @@ class InfoMsg:
 
 
 class HistoryMsg:
-    """Call message: replies the stored events with ``s > after`` (at most ``limit``)."""
+    """Call message: replies ``(epoch, records with s > after)``, at most ``limit``."""
 
     __slots__ = ("after", "limit")
 
@@ -99,10 +114,15 @@ class HistoryMsg:
 
 
 class Guild(Actor):
-    """One guild: sequence, history, partitions. Started by the registry."""
+    """One guild on this node. Started on demand by the registry."""
 
     def __init__(
-        self, gid: str, settings: GuildSettings, groups: Groups, tg: asyncio.TaskGroup
+        self,
+        gid: str,
+        settings: GuildSettings,
+        groups: Groups,
+        tg: asyncio.TaskGroup,
+        broker: Broker,
     ) -> None:
         super().__init__(
             gid, mailbox_bound=settings.mailbox_bound, idle_timeout=settings.idle_timeout
@@ -111,14 +131,20 @@ class Guild(Actor):
         self.settings = settings
         self._groups = groups
         self._tg = tg
-        self.epoch = secrets.token_hex(8)
-        self.head = 0
-        self.history = History(settings.history_size, settings.history_ttl)
+        self.broker = broker
+        #: The epoch of what this node delivers (None until it listens).
+        self.epoch: str | None = None
+        #: The last ``s`` fanned out on this node.
+        self.cursor = 0
+        self.listening = False
         self.partitions: list[Partition] = []
         self.where: dict[Sink, Partition] = {}
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Partition, int] = {}
         self.published = 0
+        self.delivered = 0
+        self._frames: list[bytes] = []
+        self._names: list[str] = []
         self._demonitor = groups.monitor(gid, self._on_group_event)
 
     # --- group monitor (runs synchronously inside Groups.leave) -------------
@@ -141,72 +167,153 @@ class Guild(Actor):
             for sink in list(self.where):
                 sink.close(Close.UNKNOWN_ERROR, "guild failed")
         self.where.clear()
+        if self.listening:
+            self.listening = False
+            try:
+                await self.broker.unlisten(self.gid)
+            except BrokerUnavailable:
+                pass
 
     # --- messages ------------------------------------------------------------
 
     async def handle_batch(self, batch: deque[Any]) -> None:
-        frames: list[bytes] = []
-        names: list[str] = []
-        now = time.time()
-        history = self.history
-        gid = self.gid
+        pubs: list[_Call] = []
+        items: list[tuple[str, bytes]] = []
         for item in batch:
             tp = type(item)
             if tp is _Call:
                 msg = item.msg
                 if type(msg) is PublishMsg:
-                    s = self.head + 1
                     try:
-                        payload = wire.dispatch_payload(gid, msg.t, s, msg.d)
+                        d_json = wire.encode(msg.d)
                     except TypeError as e:
                         if not item.future.done():
                             item.future.set_exception(ValueError(f"d is not JSON: {e}"))
                         continue
-                    frame = wire.text_frame(payload)
-                    self.head = s
-                    history.append(Entry(s, msg.t, now, frame))
-                    frames.append(frame)
-                    names.append(msg.t)
-                    if not item.future.done():
-                        item.future.set_result((s, self.epoch))
-                elif not item.future.done():  # a caller that timed out is gone
-                    if type(msg) is InfoMsg:
-                        item.future.set_result(self._info())
-                    elif type(msg) is HistoryMsg:
-                        item.future.set_result(list(history.since(msg.after, msg.limit)))
-                    else:
-                        item.future.set_exception(TypeError(f"unknown call {msg!r}"))
-                continue
-            if frames:
-                self._fan_out(frames, names)
-                frames = []
-                names = []
-            if tp is Subscribe:
-                self._subscribe(item.sink, item.position)
-            elif tp is Unsubscribe:
-                self._remove(item.sink, wire.unsubscribed_frame(gid))
-            elif tp is Left:
-                self._remove(item.sink, None)
+                    pubs.append(item)
+                    items.append((msg.t, d_json))
+                    continue
+                if pubs:
+                    await self._append(pubs, items)
+                    pubs, items = [], []
+                await self._answer(item)
+            elif tp is Feed:
+                await self._on_feed(item.records)
             else:
-                raise TypeError(f"guild got {item!r}")
-        if frames:
-            self._fan_out(frames, names)
-        history.prune(now)
+                if pubs:
+                    await self._append(pubs, items)
+                    pubs, items = [], []
+                self._fan_out()
+                if tp is Subscribe:
+                    await self._subscribe(item.sink, item.position)
+                elif tp is Unsubscribe:
+                    await self._remove(item.sink, wire.unsubscribed_frame(self.gid))
+                elif tp is Left:
+                    await self._remove(item.sink, None)
+                else:
+                    raise TypeError(f"guild got {item!r}")
+        if pubs:
+            await self._append(pubs, items)
+        self._fan_out()
 
-    def _remove(self, sink: Sink, farewell: bytes | None) -> None:
-        p = self.where.pop(sink, None)
-        if p is not None:
-            self.load[p] -= 1
-            p.cast_system(Remove(sink, farewell))
+    async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        try:
+            epoch, ss = await self.broker.append(self.gid, items)
+        except BrokerUnavailable as e:
+            for call in pubs:
+                if not call.future.done():
+                    call.future.set_exception(e)
+            return
+        self.published += len(ss)
+        for call, s in zip(pubs, ss, strict=True):
+            if not call.future.done():
+                call.future.set_result((s, epoch))
 
-    def _fan_out(self, frames: list[bytes], names: list[str]) -> None:
-        self.published += len(frames)
-        run = Frames(frames, names)
+    async def _answer(self, call: _Call) -> None:
+        msg = call.msg
+        try:
+            if type(msg) is InfoMsg:
+                result: Any = await self._info()
+            elif type(msg) is HistoryMsg:
+                result = await self.broker.read(self.gid, msg.after, msg.limit)
+            else:
+                raise TypeError(f"unknown call {msg!r}")
+        except BrokerUnavailable as e:
+            if not call.future.done():
+                call.future.set_exception(e)
+            return
+        if not call.future.done():  # a caller that timed out is gone
+            call.future.set_result(result)
+
+    # --- delivery --------------------------------------------------------------
+
+    async def _on_feed(self, records: list[Record] | None) -> None:
+        if not self.listening:
+            return
+        if records is None:
+            await self._catch_up()
+            return
+        for rec in records:
+            if rec.s <= self.cursor:
+                continue
+            if rec.s > self.cursor + 1:
+                await self._catch_up(rec.s - 1)
+                if not self.listening or rec.s <= self.cursor:
+                    continue
+                if rec.s > self.cursor + 1:
+                    self._history_lost("events missing from history")
+                    return
+            self._emit(rec)
+
+    async def _catch_up(self, upto: int | None = None) -> None:
+        """Read back records after the cursor (up to ``upto``) and emit them."""
+        while upto is None or self.cursor < upto:
+            try:
+                epoch, recs = await self.broker.read(self.gid, self.cursor, READ_PAGE)
+            except BrokerUnavailable:
+                return  # the broker will tell us again when it is back
+            if epoch != self.epoch:
+                self._history_lost(f"epoch changed to {epoch}")
+                return
+            if not recs:
+                return
+            if recs[0].s > self.cursor + 1:
+                self._history_lost("events missing from history")
+                return
+            for rec in recs:
+                if rec.s == self.cursor + 1 and (upto is None or rec.s <= upto):
+                    self._emit(rec)
+            if len(recs) < READ_PAGE:
+                return
+
+    def _emit(self, rec: Record) -> None:
+        self.cursor = rec.s
+        self._frames.append(wire.text_frame(rec.payload))
+        self._names.append(rec.t)
+
+    def _fan_out(self) -> None:
+        if not self._frames:
+            return
+        run = Frames(self._frames, self._names)
+        self._frames = []
+        self._names = []
+        self.delivered += len(run.frames)
         for p in self.partitions:
             try:
                 p.cast(run)
             except MailboxFull:
                 self._shed(p)
+
+    def _history_lost(self, why: str) -> None:
+        """The guild's history is gone: local sessions must reload (close 4000)."""
+        log.warning("guild %s: history lost (%s); closing its local sessions", self.gid, why)
+        self._frames = []
+        self._names = []
+        for sink in list(self.where):
+            sink.close(Close.UNKNOWN_ERROR, "guild history lost; reconnect")
+        # Listen afresh at the next subscribe: it reads the new epoch and head.
+        self.listening = False
+        self.epoch = None
 
     def _shed(self, p: Partition) -> None:
         """A partition fell hopelessly behind: its sessions are slow consumers."""
@@ -215,18 +322,32 @@ class Guild(Actor):
             if where is p:
                 sink.close(Close.SLOW_CONSUMER, "partition overflow")
 
-    def _subscribe(self, sink: Sink, position: tuple[str, int] | None) -> None:
+    # --- membership ----------------------------------------------------------
+
+    async def _subscribe(self, sink: Sink, position: tuple[str, int] | None) -> None:
         if sink.is_closed:
             return
-        head = self.head
+        if not self.listening:
+            try:
+                await self.broker.listen(self.gid)
+                epoch, head = await self.broker.head(self.gid)
+            except BrokerUnavailable:
+                sink.close(Close.TRY_AGAIN_LATER, "broker unavailable")
+                return
+            self.listening = True
+            self.epoch = epoch
+            self.cursor = head
+        assert self.epoch is not None
+        head = self.cursor
         recovered = False
         replay: list[bytes] = []
         if position is not None:
             epoch, after = position
-            if epoch == self.epoch and self.history.covers(after, head):
-                recovered = True
-                want = sink.events
-                replay = [e.frame for e in self.history.since(after) if want is None or e.t in want]
+            if epoch == self.epoch and after <= head:
+                got = await self._replay(after, head, sink.events)
+                if got is not None:
+                    recovered = True
+                    replay = got
         preamble = wire.subscribed_frame(self.gid, self.epoch, head, recovered)
         if replay:
             preamble = b"".join([preamble, *replay])
@@ -236,6 +357,44 @@ class Guild(Actor):
             self.where[sink] = p
             self.load[p] += 1
         p.cast_system(Add(sink, preamble))
+
+    async def _replay(
+        self, after: int, head: int, want: frozenset[str] | None
+    ) -> list[bytes] | None:
+        """Frames of events ``after+1 .. head`` (filtered), or None if history lacks some."""
+        out: list[bytes] = []
+        nxt = after + 1
+        while nxt <= head:
+            try:
+                epoch, recs = await self.broker.read(
+                    self.gid, nxt - 1, min(READ_PAGE, head - nxt + 1)
+                )
+            except BrokerUnavailable:
+                return None
+            if epoch != self.epoch or not recs or recs[0].s != nxt:
+                return None
+            for rec in recs:
+                if rec.s > head:
+                    break
+                if want is None or rec.t in want:
+                    out.append(wire.text_frame(rec.payload))
+                nxt = rec.s + 1
+        return out
+
+    async def _remove(self, sink: Sink, farewell: bytes | None) -> None:
+        p = self.where.pop(sink, None)
+        if p is None:
+            return
+        self.load[p] -= 1
+        p.cast_system(Remove(sink, farewell))
+        if not self.where and self.listening:
+            # Nodes listen to a guild only while they have local subscribers.
+            self.listening = False
+            self.epoch = None
+            try:
+                await self.broker.unlisten(self.gid)
+            except BrokerUnavailable:
+                pass
 
     def _partition_with_room(self) -> Partition:
         """The first partition below ``partition_size`` sessions, or a new one."""
@@ -254,17 +413,13 @@ class Guild(Actor):
         if reason is not None:
             self.kill(reason)  # linked: a partition's crash is the guild's crash
 
-    def _info(self) -> dict[str, Any]:
+    async def _info(self) -> dict[str, Any]:
+        epoch, head = await self.broker.head(self.gid)
+        first = await self.broker.first(self.gid)
         return {
             "guild": self.gid,
-            "epoch": self.epoch,
-            "s": self.head,
+            "epoch": epoch,
+            "s": head,
             "subscribers": len(self.where),
-            "history": {
-                "first": self.history.first,
-                "last": self.history.last,
-                "count": len(self.history),
-                "max_count": self.history.max_count,
-                "max_age": self.history.max_age,
-            },
+            "history": {"first": first, "last": head if first is not None else None},
         }

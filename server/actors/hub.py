@@ -21,7 +21,7 @@ from server.actors.guild import (
     Unsubscribe,
 )
 from server.actors.registry import Registry, RegistryFull
-from server.core.history import Entry
+from server.broker.base import Record
 from server.core.host import Overloaded, Subscriber
 from server.protocol import wire
 from server.protocol.codes import RESERVED_EVENTS
@@ -67,8 +67,13 @@ class Hub:
         result: dict[str, Any] = await self._guild(gid).call(InfoMsg(), timeout)
         return result
 
-    async def history(self, gid: str, after: int, limit: int, timeout: float = 5.0) -> list[Entry]:
-        result: list[Entry] = await self._guild(gid).call(HistoryMsg(after, limit), timeout)
+    async def history(
+        self, gid: str, after: int, limit: int, timeout: float = 5.0
+    ) -> tuple[str, list[Record]]:
+        """``(epoch, stored records with s > after)``, at most ``limit``."""
+        result: tuple[str, list[Record]] = await self._guild(gid).call(
+            HistoryMsg(after, limit), timeout
+        )
         return result
 
     def _guild(self, gid: str) -> Guild:

@@ -76,6 +76,9 @@ class Broker(Protocol):
         ``s`` may be greater than ``after + 1``.
         """
 
+    async def first(self, gid: str) -> int | None:
+        """The oldest ``s`` still in history, or None when it is empty."""
+
     async def listen(self, gid: str) -> None:
         """Start delivering ``gid``'s records to the feed; returns once every
         record appended after this call returns will be delivered."""
