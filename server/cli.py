@@ -40,6 +40,8 @@ _SERVE_FLAGS: dict[str, str] = {
     "max_guilds": "guild actors alive at once",
     "idle_timeout": "seconds before an unused guild actor stops",
     "drain_timeout": "seconds a graceful shutdown waits for clients",
+    "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",
+    "node_id": "this node's name in the cluster (default host:pid)",
 }
 
 
@@ -74,6 +76,12 @@ def _serve_parser(sub: Any) -> None:
             default=_env_default(name, default),
             help=f"{help_text} (default {default!r}; env GUILDCAST_{name.upper()})",
         )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=_env_default("workers", 1),
+        help="run N nodes sharing the port (SO_REUSEPORT); needs --redis (env GUILDCAST_WORKERS)",
+    )
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
     p.add_argument("--log-level", default=os.environ.get("GUILDCAST_LOG_LEVEL", "INFO"))
 
@@ -137,7 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.workers > 1:
+        from server.workers import run_workers
+
+        return run_workers(args.workers, args, list(argv) if argv is not None else sys.argv[1:])
     cfg = Config(**{name: getattr(args, name) for name in _SERVE_FLAGS})
+    cfg.reuse_port = os.environ.get("GUILDCAST_REUSE_PORT") == "1"
     coro = _serve(cfg, print_token=cfg.secret is None)
     if args.no_uvloop:
         return asyncio.run(coro)

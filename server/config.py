@@ -51,7 +51,16 @@ class Config:
     close_timeout: float = 10.0
     #: Seconds a graceful shutdown waits for clients to finish closing.
     drain_timeout: float = 10.0
+    #: Share the listening port with other processes (SO_REUSEPORT); set for
+    #: every worker of ``--workers N``.
     reuse_port: bool = False
+
+    # Cluster
+    #: ``redis://host:port/db``: join the cluster that Redis ties together.
+    #: None runs a single node with the in-process memory broker.
+    redis: str | None = None
+    #: This node's name in the cluster (presence); None picks host:pid.
+    node_id: str | None = None
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -114,6 +114,10 @@ class Server:
 
     def _make_broker(self) -> Broker:
         cfg = self.config
+        if cfg.redis:
+            from server.broker.redis import RedisBroker
+
+            return RedisBroker(cfg.redis, cfg.history_size, cfg.history_ttl)
         return MemoryBroker(cfg.history_size, cfg.history_ttl)
 
     def _feed(self, gid: str, records: list[Record] | None) -> None:
