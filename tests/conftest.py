@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+import uvloop
 
 from server import Config, Server
 
@@ -15,3 +17,13 @@ SECRET = "test-secret-0123456789abcdef0123456789"
 async def server() -> AsyncIterator[Server]:
     async with Server(Config(host="127.0.0.1", port=0, secret=SECRET)) as srv:
         yield srv
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on uvloop, the loop ``guildcast serve`` uses; the
+    smoke tests also run on the stock loop that embedding applications may use."""
+    if item.path.name == "test_smoke.py":
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
