@@ -45,9 +45,30 @@ class EpochChanged(Exception):
 #: or ``None`` to be told "you may have missed records: check with read()".
 Feed = Callable[[str, "list[Record] | None"], None]
 
+#: Presence changes of a listened guild: ``(gid, "join" | "leave", member)``.
+PresenceFeed = Callable[[str, str, "Member"], None]
+
+
+class Member(NamedTuple):
+    """A session in a guild's presence: who, which session, on which node."""
+
+    user: str
+    session: str
+    node: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}/{self.session}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"user": self.user, "session": self.session, "node": self.node}
+
 
 class Broker(Protocol):
     """Sequencing, history and cross-node fanout for every guild."""
+
+    #: This node's name in presence (``Member.node``).
+    node_id: str
 
     @property
     def healthy(self) -> bool:
@@ -85,5 +106,24 @@ class Broker(Protocol):
 
     async def unlisten(self, gid: str) -> None: ...
 
-    def set_feed(self, feed: Feed) -> None:
-        """Where live records go: ``feed(gid, records)``."""
+    def set_feed(self, feed: Feed, presence: PresenceFeed | None = None) -> None:
+        """Where live records go (``feed(gid, records)``) and presence changes."""
+
+    # --- presence: distributed process groups of sessions ------------------------
+
+    def presence_join(self, gid: str, member: Member) -> None:
+        """Record ``member`` in ``gid``'s presence and tell every listening node.
+
+        Never waits: the write is queued (bounded; past the bound presence
+        updates are dropped with a warning, never publishes).
+        """
+
+    def presence_leave(self, gid: str, member: Member) -> None:
+        """The reverse of :meth:`presence_join`."""
+
+    async def presence(self, gid: str) -> list[Member]:
+        """Every live member of ``gid`` across the cluster.
+
+        Members of a node that stopped heart-beating are left out once its
+        ``presence_timeout`` has passed, and removed for good soon after.
+        """

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 
-from server.broker.base import Feed, Record
+from server.broker.base import Broker, Feed, Member, PresenceFeed, Record
 
 
 def envelope(gid: str, t: str, s: int, d_json: bytes) -> bytes:
@@ -43,12 +43,16 @@ class _Log:
 class MemoryBroker:
     """Broker for a single node (no cross-node delivery)."""
 
-    def __init__(self, history_size: int, history_ttl: float) -> None:
+    def __init__(self, history_size: int, history_ttl: float, node_id: str = "local") -> None:
+        self.node_id = node_id
         self.history_size = history_size
         self.history_ttl = history_ttl
         self._logs: dict[str, _Log] = {}
         self._listening: set[str] = set()
         self._feed: Feed | None = None
+        self._presence_feed: PresenceFeed | None = None
+        #: Presence of each guild: member key -> member, in join order.
+        self._presence: dict[str, dict[str, Member]] = {}
 
     @property
     def healthy(self) -> bool:
@@ -60,8 +64,26 @@ class MemoryBroker:
     async def close(self) -> None:
         self._listening.clear()
 
-    def set_feed(self, feed: Feed) -> None:
+    def set_feed(self, feed: Feed, presence: PresenceFeed | None = None) -> None:
         self._feed = feed
+        self._presence_feed = presence
+
+    def presence_join(self, gid: str, member: Member) -> None:
+        self._presence.setdefault(gid, {})[member.key] = member
+        if self._presence_feed is not None and gid in self._listening:
+            self._presence_feed(gid, "join", member)
+
+    def presence_leave(self, gid: str, member: Member) -> None:
+        members = self._presence.get(gid)
+        if members is None or members.pop(member.key, None) is None:
+            return
+        if not members:
+            del self._presence[gid]
+        if self._presence_feed is not None and gid in self._listening:
+            self._presence_feed(gid, "leave", member)
+
+    async def presence(self, gid: str) -> list[Member]:
+        return list(self._presence.get(gid, {}).values())
 
     def _log(self, gid: str) -> _Log:
         log = self._logs.get(gid)
@@ -133,3 +155,8 @@ class MemoryBroker:
         for gid in gone:
             del self._logs[gid]
         return len(gone)
+
+
+def _conforms() -> None:
+    """mypy checks the implementation against the contract (DESIGN.md house style)."""
+    _: type[Broker] = MemoryBroker

@@ -32,10 +32,11 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.broker.base import BrokerUnavailable, Feed, Record
+from server.broker.base import Broker, BrokerUnavailable, Feed, Member, PresenceFeed, Record
 
 log = logging.getLogger("guildcast.broker.redis")
 
@@ -89,6 +90,55 @@ end
 return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 
+# Presence: ``gc:pg:{gid}`` hash (member key -> member JSON), the node's own
+# index ``gc:node:<id>:members`` (set of "gid NUL key") and the heartbeat
+# sorted set ``gc:nodes`` (node id -> last beat, ms). Scripts touch keys they
+# compute, so presence needs one Redis (not Redis Cluster).
+_PRESENCE_JOIN = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3] .. '\\0' .. ARGV[1])
+redis.call('PUBLISH', KEYS[3], 'P|join|' .. ARGV[2])
+return 1
+"""
+
+_PRESENCE_LEAVE = """
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[3] .. '\\0' .. ARGV[1])
+if n > 0 then redis.call('PUBLISH', KEYS[3], 'P|leave|' .. ARGV[2]) end
+return n
+"""
+
+# Remove every member of each node whose heartbeat is older than ARGV[1] (or
+# of node ARGV[2] when given), telling listeners; returns members removed.
+_REAP = """
+local dead
+if ARGV[2] ~= '' then dead = {ARGV[2]} else
+  dead = redis.call('ZRANGEBYSCORE', 'gc:nodes', '-inf', ARGV[1]) end
+local removed = 0
+for _, node in ipairs(dead) do
+  local idx = 'gc:node:' .. node .. ':members'
+  for _, entry in ipairs(redis.call('SMEMBERS', idx)) do
+    local sep = string.find(entry, '\\0', 1, true)
+    local gid = string.sub(entry, 1, sep - 1)
+    local key = string.sub(entry, sep + 1)
+    local h = 'gc:pg:{' .. gid .. '}'
+    local info = redis.call('HGET', h, key)
+    if info then
+      redis.call('HDEL', h, key)
+      redis.call('PUBLISH', 'gc:{' .. gid .. '}:ch', 'P|leave|' .. info)
+      removed = removed + 1
+    end
+  end
+  redis.call('DEL', idx)
+  redis.call('ZREM', 'gc:nodes', node)
+end
+return removed
+"""
+
+#: Presence updates queued before they are dropped (with a warning): presence
+#: is advisory, and a Redis outage must not grow memory without bound.
+MAX_QUEUED_PRESENCE = 100_000
+
 #: Appends queued across guilds before a pipeline is sent regardless.
 MAX_PIPELINE = 512
 #: Bound on queued appends; past it appends fail at once (try again later).
@@ -114,6 +164,8 @@ class RedisBroker:
         *,
         health_interval: float = 1.0,
         op_timeout: float = 5.0,
+        node_id: str = "node",
+        presence_timeout: float = 10.0,
     ) -> None:
         self.url = url
         self.history_size = history_size
@@ -128,6 +180,14 @@ class RedisBroker:
         )
         self._append_script = self._r.register_script(_APPEND)
         self._head_script = self._r.register_script(_HEAD)
+        self._join_script = self._r.register_script(_PRESENCE_JOIN)
+        self._leave_script = self._r.register_script(_PRESENCE_LEAVE)
+        self._reap_script = self._r.register_script(_REAP)
+        self.node_id = node_id
+        self.presence_timeout = presence_timeout
+        self._presence_q: deque[tuple[bool, str, Member]] = deque()
+        self._presence_feed: PresenceFeed | None = None
+        self.presence_dropped = 0
         self._feed: Feed | None = None
         self._healthy = False
         self._queue: deque[tuple[str, list[Any], asyncio.Future[list[Any]]]] = deque()
@@ -149,8 +209,9 @@ class RedisBroker:
     def redis(self) -> aioredis.Redis:
         return self._r
 
-    def set_feed(self, feed: Feed) -> None:
+    def set_feed(self, feed: Feed, presence: PresenceFeed | None = None) -> None:
         self._feed = feed
+        self._presence_feed = presence
 
     async def start(self) -> None:
         try:
@@ -166,6 +227,11 @@ class RedisBroker:
         ]
 
     async def close(self) -> None:
+        """Flush queued presence, take this node's members out, disconnect."""
+        if self._healthy:
+            with contextlib.suppress(RedisError, OSError):
+                await self._flush_presence()
+                await self._reap_script(keys=[], args=[0, self.node_id])
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -207,6 +273,11 @@ class RedisBroker:
         while True:
             await self._queue_ready.wait()
             self._queue_ready.clear()
+            if self._presence_q and self._healthy:
+                try:
+                    await self._flush_presence()
+                except (RedisError, OSError) as e:
+                    self._mark_down(e)
             while self._queue:
                 batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]] = []
                 while self._queue and len(batch) < MAX_PIPELINE:
@@ -229,6 +300,59 @@ class RedisBroker:
                         fut.set_exception(BrokerUnavailable(f"redis: {res}"))
                     else:
                         fut.set_result(res)
+
+    # --- presence ------------------------------------------------------------------
+
+    def presence_join(self, gid: str, member: Member) -> None:
+        self._queue_presence(True, gid, member)
+
+    def presence_leave(self, gid: str, member: Member) -> None:
+        self._queue_presence(False, gid, member)
+
+    def _queue_presence(self, join: bool, gid: str, member: Member) -> None:
+        if len(self._presence_q) >= MAX_QUEUED_PRESENCE:
+            self.presence_dropped += 1
+            if self.presence_dropped in (1, 1000, 100_000):
+                log.warning("presence queue full: %d updates dropped", self.presence_dropped)
+            return
+        self._presence_q.append((join, gid, member))
+        self._queue_ready.set()
+
+    async def _flush_presence(self) -> None:
+        q = self._presence_q
+        idx = f"gc:node:{self.node_id}:members"
+        while q:
+            batch = [q.popleft() for _ in range(min(len(q), MAX_PIPELINE))]
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for join, gid, m in batch:
+                        keys = [f"gc:pg:{{{gid}}}", idx, channel(gid)]
+                        args: list[Any] = [m.key, orjson.dumps(m.as_dict()), gid]
+                        script = self._join_script if join else self._leave_script
+                        await script(keys=keys, args=args, client=pipe)
+                    await pipe.execute()
+            except (RedisError, OSError):
+                q.extendleft(reversed(batch))  # keep order; retried when Redis is back
+                raise
+
+    async def presence(self, gid: str) -> list[Member]:
+        now_ms = int(time.time() * 1000)
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hgetall(f"gc:pg:{{{gid}}}")
+                pipe.zrangebyscore("gc:nodes", now_ms - int(self.presence_timeout * 1000), "+inf")
+                raw, alive = await pipe.execute()
+        except (RedisError, OSError) as e:
+            self._mark_down(e)
+            raise BrokerUnavailable(f"redis: {e}") from None
+        live = {n.decode() for n in alive}
+        out = []
+        for v in raw.values():
+            d = orjson.loads(v)
+            if d["node"] in live:
+                out.append(Member(d["user"], d["session"], d["node"]))
+        out.sort(key=lambda m: (m.node, m.session))
+        return out
 
     async def head(self, gid: str) -> tuple[str, int]:
         try:
@@ -349,6 +473,13 @@ class RedisBroker:
             if gid not in self._listening or self._feed is None:
                 return
             data: bytes = msg["data"]
+            if data.startswith(b"P|"):
+                if self._presence_feed is not None:
+                    _, kind_b, info = data.split(b"|", 2)
+                    d = orjson.loads(info)
+                    m = Member(d["user"], d["session"], d["node"])
+                    self._presence_feed(gid, kind_b.decode(), m)
+                return
             s_b, t_b, ts_b, payload = data.split(b"|", 3)
             self._feed(gid, [Record(int(s_b), t_b.decode(), int(ts_b) / 1000.0, payload)])
         elif kind in (b"subscribe", "subscribe"):
@@ -362,19 +493,35 @@ class RedisBroker:
                 # A resubscription after a reconnect: records may be missing.
                 self._feed(gid, None)
 
+    async def _beat(self) -> None:
+        """Heartbeat this node and reap nodes that stopped beating."""
+        now_ms = int(time.time() * 1000)
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zadd("gc:nodes", {self.node_id: now_ms})
+            await self._reap_script(
+                keys=[], args=[now_ms - int(self.presence_timeout * 1000), ""], client=pipe
+            )
+            await pipe.execute()
+
     async def _health(self) -> None:
         while True:
-            await asyncio.sleep(self.health_interval)
             try:
-                await self._r.ping()
+                await self._beat()
             except (RedisError, OSError) as e:
                 self._mark_down(e)
             else:
                 if not self._healthy:
                     log.warning("redis is reachable again")
-                self._healthy = True
+                    self._healthy = True
+                    self._queue_ready.set()  # send presence queued while down
+            await asyncio.sleep(self.health_interval)
 
     def _mark_down(self, e: BaseException) -> None:
         if self._healthy:
             log.warning("redis unreachable: %s", e)
         self._healthy = False
+
+
+def _conforms() -> None:
+    """mypy checks the implementation against the contract (DESIGN.md house style)."""
+    _: type[Broker] = RedisBroker

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from server.broker.base import Broker
+from server.broker.disk import DiskBroker
 from server.broker.memory import MemoryBroker
 from server.broker.redis import RedisBroker
 from tests.redisproc import RedisProc
@@ -19,13 +20,15 @@ def redis_proc(tmp_path: Path) -> Iterator[RedisProc]:
     r.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "disk", "redis"])
 async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broker]:
     """Every implementation of the broker contract, in turn."""
     b: Broker
     proc = None
     if request.param == "memory":
         b = MemoryBroker(history_size=50, history_ttl=300)
+    elif request.param == "disk":
+        b = DiskBroker(tmp_path / "data", history_size=50, history_ttl=300, fsync="always")
     else:
         proc = RedisProc(tmp_path)
         proc.start()

@@ -6,7 +6,8 @@ import asyncio
 
 import orjson
 
-from server.broker.base import Broker, Record
+from server.broker.base import Broker, Member, Record
+from tests.util import eventually
 
 
 async def test_append_assigns_consecutive_s_from_one(broker: Broker) -> None:
@@ -87,3 +88,40 @@ async def test_listen_delivers_every_appended_record_in_order(broker: Broker) ->
     await broker.append("live", [("E", b"0")])
     _, recs = await broker.read("live", 30, 10)
     assert [r.s for r in recs] == [31]
+
+
+async def test_presence_join_leave_and_feed(broker: Broker) -> None:
+    seen: list[tuple[str, str, Member]] = []
+    got_two = asyncio.Event()
+
+    def presence(gid: str, kind: str, m: Member) -> None:
+        seen.append((gid, kind, m))
+        if len(seen) >= 3:
+            got_two.set()
+
+    broker.set_feed(lambda gid, recs: None, presence)
+    await broker.listen("room")
+    a = Member("alice", "s1", broker.node_id)
+    b = Member("bob", "s2", broker.node_id)
+    broker.presence_join("room", a)
+    broker.presence_join("room", b)
+    broker.presence_join("elsewhere", a)
+
+    async def both_present() -> bool:
+        return {m.user for m in await broker.presence("room")} == {"alice", "bob"}
+
+    await eventually(both_present)
+    broker.presence_leave("room", a)
+
+    async def only_bob() -> bool:
+        return [m.user for m in await broker.presence("room")] == ["bob"]
+
+    await eventually(only_bob)
+    async with asyncio.timeout(30):
+        await got_two.wait()
+    assert [(g, k, m.user) for g, k, m in seen] == [
+        ("room", "join", "alice"),
+        ("room", "join", "bob"),
+        ("room", "leave", "alice"),
+    ]
+    assert [m.user for m in await broker.presence("elsewhere")] == ["alice"]
