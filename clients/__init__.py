@@ -1,0 +1,42 @@
+"""Guildcast clients: the asyncio Python client (``from clients import Client``)
+and, in ``clients/js/``, the browser/Node ES module ``guildcast.js``."""
+
+from clients.backoff import Backoff, full_jitter, window
+from clients.client import (
+    AuthenticationFailed,
+    Client,
+    ClientClosed,
+    CommandError,
+    Event,
+    GuildcastClosed,
+    GuildcastError,
+    Item,
+    Position,
+    PublishError,
+    PublishInterrupted,
+    ReconnectFailed,
+    Resync,
+    SubscribeError,
+    SubscriptionLost,
+)
+
+__all__ = [
+    "AuthenticationFailed",
+    "Backoff",
+    "Client",
+    "ClientClosed",
+    "CommandError",
+    "Event",
+    "GuildcastClosed",
+    "GuildcastError",
+    "Item",
+    "Position",
+    "PublishError",
+    "PublishInterrupted",
+    "ReconnectFailed",
+    "Resync",
+    "SubscribeError",
+    "SubscriptionLost",
+    "full_jitter",
+    "window",
+]

@@ -3,7 +3,14 @@
 Every ``serve`` flag may also come from an environment variable named
 ``GUILDCAST_`` plus the flag in upper case with ``-`` as ``_`` (for example
 ``--history-size`` and ``GUILDCAST_HISTORY_SIZE``). A flag wins over the
-environment.
+environment. API keys: ``--api-key KEY`` (repeatable) or
+``GUILDCAST_API_KEYS=k1,k2``.
+
+``serve`` prints one line per listener, for people and for scripts that
+start it with port 0::
+
+    guildcast: gateway on ws://127.0.0.1:PORT/gateway
+    guildcast: api on http://127.0.0.1:PORT
 """
 
 from __future__ import annotations
@@ -42,7 +49,18 @@ _SERVE_FLAGS: dict[str, str] = {
     "drain_timeout": "seconds a graceful shutdown waits for clients",
     "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",
     "node_id": "this node's name in the cluster (default host:pid)",
+    "api_max_body": "largest HTTP API request body in bytes (413 past it)",
+    "api_max_batch": "events per HTTP batch publish (400 past it)",
+    "api_publish_rate": "HTTP publish events/s per API key (0: unlimited; 429 past it)",
+    "data_dir": "directory for durable guild history (default: memory only)",
+    "fsync": "journal fsync policy: always, interval or never",
+    "fsync_interval": "seconds between journal fsyncs with --fsync interval",
+    "presence_timeout": "seconds before a silent node's sessions leave presence",
 }
+
+
+#: ``guildcast serve``'s API port; an embedded ``Config`` runs no API by default.
+DEFAULT_API_PORT = 8081
 
 
 def _env_default(name: str, default: Any) -> Any:
@@ -82,8 +100,37 @@ def _serve_parser(sub: Any) -> None:
         default=_env_default("workers", 1),
         help="run N nodes sharing the port (SO_REUSEPORT); needs --redis (env GUILDCAST_WORKERS)",
     )
+    p.add_argument(
+        "--api-port",
+        type=int,
+        default=_env_default("api_port", DEFAULT_API_PORT),
+        help=f"HTTP API port (0: any free port; -1: no API; default {DEFAULT_API_PORT}; "
+        "env GUILDCAST_API_PORT)",
+    )
+    env_keys = [k.strip() for k in os.environ.get("GUILDCAST_API_KEYS", "").split(",")]
+    p.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=None,
+        help="an HTTP API key (repeat for more; default: env GUILDCAST_API_KEYS, "
+        "comma-separated, else one generated and printed)",
+    )
+    p.set_defaults(env_api_keys=[k for k in env_keys if k])
+    p.add_argument(
+        "--metrics-open",
+        action="store_true",
+        default=_env_default("metrics_open", False),
+        help="serve /metrics without an API key (env GUILDCAST_METRICS_OPEN)",
+    )
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
     p.add_argument("--log-level", default=os.environ.get("GUILDCAST_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("GUILDCAST_LOG_FORMAT", "text"),
+        help="text, or json: one JSON object per line (env GUILDCAST_LOG_FORMAT)",
+    )
 
 
 def _token_parser(sub: Any) -> None:
@@ -101,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _token_parser(sub)
+    # Listed for --help only: main() hands everything after it to loadtest's own parser.
+    sub.add_parser("loadtest", help="load-test a server (options: guildcast loadtest --help)")
     return parser
 
 
@@ -113,10 +162,16 @@ async def _serve(cfg: Config, print_token: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with Server(cfg) as srv:
         print(f"guildcast: gateway on {srv.url}", flush=True)
+        if srv.api is not None:
+            print(f"guildcast: api on {srv.api_url}", flush=True)
+            if not cfg.api_keys:
+                print(f"guildcast: generated API key for this run: {srv.api_key}", flush=True)
         if print_token:
             print(f"guildcast: generated secret for this run: {srv.secret}", flush=True)
             tok = srv.token("demo", guilds=["*"], pub=["*"], ttl=24 * 3600)
             print(f"guildcast: a token for user 'demo' (all guilds, 24 h): {tok}", flush=True)
+            page = srv.url.replace("ws://", "http://", 1).removesuffix("/gateway")
+            print(f"guildcast: live demo board: {page}/#token={tok}&guild=demo", flush=True)
         await stop.wait()
         print("guildcast: draining", flush=True)
     print("guildcast: stopped", flush=True)
@@ -124,6 +179,11 @@ async def _serve(cfg: Config, print_token: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if rest[:1] == ["loadtest"]:
+        from loadtest.cli import main as loadtest_main  # lazy: server/ never needs loadtest
+
+        return loadtest_main(rest[1:], prog="guildcast loadtest")
     args = build_parser().parse_args(argv)
     if args.command == "token":
         from server.core.tokens import make_token
@@ -142,14 +202,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from server import logs
+    from server.core.journal import FSYNC_POLICIES
+
+    try:
+        logs.setup(args.log_level, args.log_format)
+    except ValueError as e:
+        print(f"guildcast serve: {e}", file=sys.stderr)
+        return 2
+    if args.fsync not in FSYNC_POLICIES:
+        print(f"guildcast serve: --fsync must be one of {FSYNC_POLICIES}", file=sys.stderr)
+        return 2
+    api_keys = tuple(args.api_keys or args.env_api_keys)
+    if args.workers > 1 and not api_keys and args.api_port >= 0:
+        # Every worker must accept the same key: generate it here, hand it down.
+        import secrets
+
+        key = secrets.token_urlsafe(24)
+        os.environ["GUILDCAST_API_KEYS"] = key
+        print(f"guildcast: generated API key for this run: {key}", flush=True)
     if args.workers > 1:
         from server.workers import run_workers
 
         return run_workers(args.workers, args, list(argv) if argv is not None else sys.argv[1:])
     cfg = Config(**{name: getattr(args, name) for name in _SERVE_FLAGS})
+    cfg.api_port = args.api_port if args.api_port >= 0 else None
+    cfg.api_keys = api_keys
+    cfg.metrics_open = bool(args.metrics_open)
     cfg.reuse_port = os.environ.get("GUILDCAST_REUSE_PORT") == "1"
     coro = _serve(cfg, print_token=cfg.secret is None)
     if args.no_uvloop:

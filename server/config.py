@@ -61,6 +61,35 @@ class Config:
     redis: str | None = None
     #: This node's name in the cluster (presence); None picks host:pid.
     node_id: str | None = None
+    #: Seconds after a node's last heartbeat before its sessions drop out
+    #: of presence (a node beats every second).
+    presence_timeout: float = 10.0
+
+    # HTTP API (server/transport/http_api.py; README "Publish from your backend")
+    #: API port on ``host``; 0 picks a free one (``Server.api_port``); None or
+    #: -1 runs no API. ``guildcast serve`` defaults to 8081; an embedded
+    #: server runs none unless asked (its application usually has its own).
+    api_port: int | None = None
+    #: Keys accepted as ``Authorization: Bearer KEY``; none: one is generated.
+    api_keys: tuple[str, ...] = ()
+    #: Serve /metrics without a key (for a scraper on a private network).
+    metrics_open: bool = False
+    #: Largest request body in bytes (413 past it): a batch of events.
+    api_max_body: int = 1024 * 1024
+    #: Events in one batch publish (400 past it): one guild mailbox takes it whole.
+    api_max_batch: int = 1000
+    #: Publish rate per API key, events/s with a burst of one second's worth
+    #: (429 past it); 0 means unlimited.
+    api_publish_rate: float = 1000.0
+
+    # Durability (server/broker/disk.py; README "Operations")
+    #: Directory for guild journals; None keeps history in memory only (each
+    #: start is a new epoch). Not with ``redis`` (Redis holds the history).
+    data_dir: str | None = None
+    #: When journals are fsynced: "always" (before every acknowledgement),
+    #: "interval" (every ``fsync_interval`` s) or "never" (left to the OS).
+    fsync: str = "interval"
+    fsync_interval: float = 1.0
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -4,29 +4,42 @@ and runs them in one task group, in the caller's event loop.
     async with Server(Config(port=0, secret="s")) as srv:
         s = await srv.publish("guild-1", "HELLO", {"x": 1})
 
-Start order: task group, process groups, guild registry, hub, gateway.
-Stop order (graceful): stop accepting, RECONNECT + 1001 to every session,
-wait for them (``drain_timeout``), stop every guild, cancel the sweeper.
+Start order: task group, broker, process groups, guild registry, hub,
+gateway, HTTP API (when ``api_port`` is set).
+Stop order (graceful): not ready (``/readyz`` 503, HTTP publishes 503), stop
+accepting, RECONNECT + 1001 to every session, wait for them
+(``drain_timeout``), stop the HTTP API (in-flight requests finish), stop
+every guild, cancel the sweeper, close the broker (a durable one fsyncs
+and closes its journals).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import secrets
+import socket
 from collections.abc import Sequence
 from typing import Any
 
+from server.actors.actor import ActorExited, CallTimeout, MailboxFull
 from server.actors.groups import Groups
-from server.actors.guild import Feed, Guild, GuildSettings
+from server.actors.guild import Feed, Guild, GuildSettings, PresenceMsg
 from server.actors.hub import Hub
 from server.actors.registry import Registry
-from server.broker.base import Broker, Record
+from server.broker.base import Broker, BrokerUnavailable, Presence, Record
+from server.broker.disk import DiskBroker
 from server.broker.memory import MemoryBroker
 from server.config import Config
+from server.core.host import HistoryPage, Overloaded
+from server.core.journal import FSYNC_POLICIES
+from server.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from server.core.tokens import TokenVerifier, make_token
-from server.protocol.session import Limits
+from server.protocol.session import Limits, State
 from server.transport.gateway import Gateway, GatewayLimits
+from server.transport.http_api import ApiSettings, HttpApi
 
 log = logging.getLogger("guildcast.node")
 
@@ -36,8 +49,23 @@ class Server:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
+        cfg = self.config
+        if cfg.fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
+        if cfg.data_dir and cfg.redis:
+            raise ValueError("data_dir and redis exclude each other: Redis holds the history")
         self.secret = self.config.secret or secrets.token_urlsafe(32)
+        #: This node's name in the cluster (presence, logs).
+        self.node_id = self.config.node_id or f"{socket.gethostname()}:{os.getpid()}"
+        #: Keys the HTTP API accepts; one is generated when none is configured.
+        self.api_keys: tuple[str, ...] = tuple(cfg.api_keys) or (secrets.token_urlsafe(24),)
         self.port = 0
+        #: The HTTP API's port (0 while it does not run).
+        self.api_port = 0
+        self.api: HttpApi | None = None
+        #: Counters the actors add to, read by ``/metrics``.
+        self.stats_counters = NodeStats()
+        self.draining = False
         self._tg: asyncio.TaskGroup | None = None
         self._started = False
         self.groups: Groups
@@ -75,11 +103,12 @@ class Server:
         )
         self.broker = self._make_broker()
         await self.broker.start()
-        self.broker.set_feed(self._feed)
+        self.broker.set_feed(self._feed, self._presence_feed)
         self.groups = Groups("guilds")
         broker = self.broker
+        counters = self.stats_counters
         self.registry = Registry(
-            lambda gid: Guild(gid, settings, self.groups, tg, broker),
+            lambda gid: Guild(gid, settings, self.groups, tg, broker, counters),
             tg,
             max_actors=cfg.max_guilds,
         )
@@ -107,18 +136,57 @@ class Server:
         try:
             self.port = await self.gateway.start(cfg.host, cfg.port, tg, cfg.reuse_port)
         except BaseException:
+            await self.broker.close()
             await tg.__aexit__(None, None, None)
             raise
+        if cfg.api_port is not None and cfg.api_port >= 0:
+            self.api = HttpApi(
+                NodeApi(self),
+                ApiSettings(
+                    keys=self.api_keys,
+                    metrics_open=cfg.metrics_open,
+                    max_body=cfg.api_max_body,
+                    max_batch=cfg.api_max_batch,
+                    max_payload=cfg.max_payload,
+                    publish_rate=cfg.api_publish_rate,
+                    reuse_port=cfg.reuse_port,
+                ),
+            )
+            try:
+                self.api_port = await self.api.start(cfg.host, cfg.api_port)
+            except BaseException:
+                await self.gateway.close()
+                await self.broker.close()
+                await tg.__aexit__(None, None, None)
+                raise
         self._started = True
-        log.info("gateway listening on %s", self.url)
+        log.info("gateway listening on %s", self.url, extra={"url": self.url})
+        if self.api is not None:
+            log.info("HTTP API listening on %s", self.api_url, extra={"url": self.api_url})
 
     def _make_broker(self) -> Broker:
         cfg = self.config
         if cfg.redis:
             from server.broker.redis import RedisBroker
 
-            return RedisBroker(cfg.redis, cfg.history_size, cfg.history_ttl)
+            return RedisBroker(
+                cfg.redis,
+                cfg.history_size,
+                cfg.history_ttl,
+                node_id=self.node_id,
+                presence_timeout=cfg.presence_timeout,
+            )
+        if cfg.data_dir:
+            return DiskBroker(
+                cfg.data_dir, cfg.history_size, cfg.history_ttl, cfg.fsync, cfg.fsync_interval
+            )
         return MemoryBroker(cfg.history_size, cfg.history_ttl)
+
+    def _presence_feed(self, gid: str, kind: str, member: Presence) -> None:
+        """Broker presence change -> the guild's mailbox."""
+        guild = self.registry.lookup(gid)
+        if guild is not None:
+            guild.cast_system(PresenceMsg(kind, member))
 
     def _feed(self, gid: str, records: list[Record] | None) -> None:
         """Broker feed -> the guild's mailbox (a system message: never dropped)."""
@@ -131,12 +199,16 @@ class Server:
         if not self._started:
             return
         self._started = False
+        self.draining = True
         assert self._tg is not None
         try:
+            log.info("draining: %d sessions", len(self.gateway.connections))
             if drain:
                 await self.gateway.drain(self.config.drain_timeout)
             else:
                 await self.gateway.drain(0)
+            if self.api is not None:
+                await self.api.stop()
             await self.registry.stop_all()
             await self.gateway.close()
             await self.broker.close()
@@ -179,3 +251,127 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         return {**self.gateway.stats(), "guilds": len(self.registry)}
+
+    @property
+    def api_url(self) -> str:
+        """The HTTP API's base URL (``http://host:port``)."""
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.api_port}"
+
+    @property
+    def api_key(self) -> str:
+        """The first HTTP API key (the generated one when none was configured)."""
+        return self.api_keys[0]
+
+    @property
+    def ready(self) -> bool:
+        """True while started and not draining (``/readyz``)."""
+        return self._started and not self.draining
+
+    def metrics(self) -> MetricsSnapshot:
+        """Everything ``/metrics`` exports, read now (O(connections + guilds))."""
+        gw = self.gateway
+        st = self.stats_counters
+        m = MetricsSnapshot(
+            connections=len(gw.connections),
+            connections_pending=len(gw.pending),
+            connections_accepted=gw.accepted,
+            connections_refused=gw.refused,
+            slow_consumers=gw.slow_consumers,
+            close_codes=dict(gw.close_codes),
+            ready=self.ready,
+            guilds_alive=len(self.registry),
+            guilds_started=self.registry.started,
+            published=st.published,
+            deliveries=st.deliveries,
+            bytes_out=st.bytes_out,
+            latency_buckets=st.latency.cumulative(),
+            latency_sum=st.latency.total,
+            latency_count=st.latency.count,
+        )
+        for conn in gw.connections:
+            session = conn.session
+            if session is not None and session.state is State.READY:
+                m.sessions_identified += 1
+        guilds = m.mailboxes["guild"] = MailboxDepth()
+        parts = m.mailboxes["partition"] = MailboxDepth()
+        for guild in self.registry:
+            m.subscriptions += len(guild.where)
+            depth = guild.mailbox_depth
+            guilds.total += depth
+            guilds.max = max(guilds.max, depth)
+            for p in guild.partitions:
+                depth = p.mailbox_depth
+                parts.total += depth
+                parts.max = max(parts.max, depth)
+        broker = self.broker
+        if isinstance(broker, DiskBroker):
+            m.journal_bytes = broker.bytes_written
+            m.journal_fsyncs = broker.fsyncs
+            m.journal_repairs = broker.repairs
+        return m
+
+
+class NodeApi:
+    """The HTTP API's way into a node (implements ``server.core.host.ApiHost``).
+
+    It turns the actors' and brokers' "try later" errors (full mailbox, actor
+    gone, call timeout, broker unavailable) into :class:`Overloaded`, so the
+    transport needs to know only the core's exceptions.
+    """
+
+    def __init__(self, srv: Server) -> None:
+        self._srv = srv
+
+    def publish(self, gid: str, t: str, d: Any) -> asyncio.Future[tuple[int, str]]:
+        inner = self._srv.hub.publish(gid, t, d)
+        outer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        inner.add_done_callback(functools.partial(_relay, outer))
+        return outer
+
+    async def info(self, gid: str) -> dict[str, Any]:
+        cfg = self._srv.config
+        try:
+            info = await self._srv.hub.info(gid)
+        except _RETRY_LATER as e:
+            raise Overloaded(f"guild {gid}: {e!r}") from None
+        info["history"] = {
+            **info["history"],
+            "max_count": cfg.history_size,
+            "max_age": cfg.history_ttl,
+        }
+        return info
+
+    async def history(self, gid: str, after: int, limit: int) -> HistoryPage:
+        try:
+            return await self._srv.hub.history_page(gid, after, limit)
+        except _RETRY_LATER as e:
+            raise Overloaded(f"guild {gid}: {e!r}") from None
+
+    def ready(self) -> bool:
+        return self._srv.ready
+
+    def metrics(self) -> MetricsSnapshot:
+        return self._srv.metrics()
+
+
+#: Failures a caller should retry later (HTTP 503).
+_RETRY_LATER = (MailboxFull, ActorExited, CallTimeout, BrokerUnavailable)
+
+
+def _relay(outer: asyncio.Future[tuple[int, str]], inner: asyncio.Future[tuple[int, str]]) -> None:
+    """Copy ``inner``'s outcome to ``outer``, retry-later errors as Overloaded."""
+    if inner.cancelled():
+        outer.cancel()
+        return
+    exc = inner.exception()
+    if outer.done():
+        return
+    if exc is None:
+        outer.set_result(inner.result())
+    elif isinstance(exc, _RETRY_LATER):
+        outer.set_exception(Overloaded(str(exc) or type(exc).__name__))
+    else:
+        outer.set_exception(exc)

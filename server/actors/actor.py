@@ -223,6 +223,7 @@ class Actor:
     async def _run(self) -> None:
         reason: BaseException | None = None
         loop = asyncio.get_running_loop()
+        batch: deque[Any] = deque()
         try:
             await self.on_start()
             while True:
@@ -261,6 +262,9 @@ class Actor:
                 await self.on_stop(reason)
             except Exception:
                 log.exception("actor %r failed in on_stop", self.name)
+            # Calls of the batch in hand when the actor ended (behind a crashing
+            # message, say) fail with ActorExited like the queued ones.
+            self._mailbox.extendleft(reversed(batch))
             self._finish(reason)
 
     def _finish(self, reason: BaseException | None) -> None:

@@ -35,8 +35,9 @@ from typing import Any
 
 from server.actors.actor import Actor, MailboxFull, _Call
 from server.actors.groups import GroupEvent, Groups
-from server.actors.partition import Add, Frames, Partition, Remove
-from server.broker.base import Broker, BrokerUnavailable, Record
+from server.actors.partition import Add, Frames, Partition, PresenceFrame, Remove
+from server.broker.base import Broker, BrokerUnavailable, Presence, Record
+from server.core.metrics import NodeStats
 from server.core.sink import Sink
 from server.protocol import wire
 from server.protocol.codes import Close
@@ -65,11 +66,22 @@ class PublishMsg:
 
 
 class Subscribe:
-    __slots__ = ("position", "sink")
+    """Add ``sink`` (recovering from ``position``); ``member`` is its presence
+    identity, ``presence`` whether it wants PRESENCE_JOIN/LEAVE dispatches."""
 
-    def __init__(self, sink: Sink, position: tuple[str, int] | None) -> None:
+    __slots__ = ("member", "position", "presence", "sink")
+
+    def __init__(
+        self,
+        sink: Sink,
+        position: tuple[str, int] | None,
+        member: Presence | None = None,
+        presence: bool = False,
+    ) -> None:
         self.sink = sink
         self.position = position
+        self.member = member
+        self.presence = presence
 
 
 class Unsubscribe:
@@ -95,6 +107,16 @@ class Feed:
 
     def __init__(self, records: list[Record] | None) -> None:
         self.records = records
+
+
+class PresenceMsg:
+    """A presence change from the broker: ``kind`` is "join" or "leave"."""
+
+    __slots__ = ("kind", "member")
+
+    def __init__(self, kind: str, member: Presence) -> None:
+        self.kind = kind
+        self.member = member
 
 
 class InfoMsg:
@@ -123,6 +145,7 @@ class Guild(Actor):
         groups: Groups,
         tg: asyncio.TaskGroup,
         broker: Broker,
+        stats: NodeStats | None = None,
     ) -> None:
         super().__init__(
             gid, mailbox_bound=settings.mailbox_bound, idle_timeout=settings.idle_timeout
@@ -139,12 +162,18 @@ class Guild(Actor):
         self.listening = False
         self.partitions: list[Partition] = []
         self.where: dict[Sink, Partition] = {}
+        #: Presence identity of each local session (announced on join/leave).
+        self.members: dict[Sink, Presence] = {}
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Partition, int] = {}
         self.published = 0
         self.delivered = 0
         self._frames: list[bytes] = []
         self._names: list[str] = []
+        #: Publish times of ``_frames`` (for the latency metric).
+        self._stamps: list[float] = []
+        #: The node's counters (``/metrics``), shared with the partitions.
+        self.stats = stats if stats is not None else NodeStats()
         self._demonitor = groups.monitor(gid, self._on_group_event)
 
     # --- group monitor (runs synchronously inside Groups.leave) -------------
@@ -167,6 +196,9 @@ class Guild(Actor):
             for sink in list(self.where):
                 sink.close(Close.UNKNOWN_ERROR, "guild failed")
         self.where.clear()
+        for member in self.members.values():
+            self.broker.presence_leave(self.gid, member)
+        self.members.clear()
         if self.listening:
             self.listening = False
             try:
@@ -199,13 +231,15 @@ class Guild(Actor):
                 await self._answer(item)
             elif tp is Feed:
                 await self._on_feed(item.records)
+            elif tp is PresenceMsg:
+                self._on_presence(item.kind, item.member)
             else:
                 if pubs:
                     await self._append(pubs, items)
                     pubs, items = [], []
                 self._fan_out()
                 if tp is Subscribe:
-                    await self._subscribe(item.sink, item.position)
+                    await self._subscribe(item)
                 elif tp is Unsubscribe:
                     await self._remove(item.sink, wire.unsubscribed_frame(self.gid))
                 elif tp is Left:
@@ -224,7 +258,11 @@ class Guild(Actor):
                 if not call.future.done():
                     call.future.set_exception(e)
             return
+        if self.listening and epoch != self.epoch:
+            # The broker lost this guild's history (say, Redis restarted empty).
+            self._history_lost(f"epoch changed to {epoch}")
         self.published += len(ss)
+        self.stats.published += len(ss)
         for call, s in zip(pubs, ss, strict=True):
             if not call.future.done():
                 call.future.set_result((s, epoch))
@@ -290,13 +328,15 @@ class Guild(Actor):
         self.cursor = rec.s
         self._frames.append(wire.text_frame(rec.payload))
         self._names.append(rec.t)
+        self._stamps.append(rec.ts)
 
     def _fan_out(self) -> None:
         if not self._frames:
             return
-        run = Frames(self._frames, self._names)
+        run = Frames(self._frames, self._names, self._stamps)
         self._frames = []
         self._names = []
+        self._stamps = []
         self.delivered += len(run.frames)
         for p in self.partitions:
             try:
@@ -304,11 +344,23 @@ class Guild(Actor):
             except MailboxFull:
                 self._shed(p)
 
+    def _on_presence(self, kind: str, member: Presence) -> None:
+        """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
+        is not part of the guild's event sequence and is not replayed)."""
+        if not self.partitions:
+            return
+        t = "PRESENCE_JOIN" if kind == "join" else "PRESENCE_LEAVE"
+        self._fan_out()  # keep the order of what came before
+        msg = PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid))
+        for p in self.partitions:
+            p.cast_system(msg)
+
     def _history_lost(self, why: str) -> None:
         """The guild's history is gone: local sessions must reload (close 4000)."""
         log.warning("guild %s: history lost (%s); closing its local sessions", self.gid, why)
         self._frames = []
         self._names = []
+        self._stamps = []
         for sink in list(self.where):
             sink.close(Close.UNKNOWN_ERROR, "guild history lost; reconnect")
         # Listen afresh at the next subscribe: it reads the new epoch and head.
@@ -324,7 +376,8 @@ class Guild(Actor):
 
     # --- membership ----------------------------------------------------------
 
-    async def _subscribe(self, sink: Sink, position: tuple[str, int] | None) -> None:
+    async def _subscribe(self, msg: Subscribe) -> None:
+        sink, position = msg.sink, msg.position
         if sink.is_closed:
             return
         if not self.listening:
@@ -356,7 +409,10 @@ class Guild(Actor):
             p = self._partition_with_room()
             self.where[sink] = p
             self.load[p] += 1
-        p.cast_system(Add(sink, preamble))
+        p.cast_system(Add(sink, preamble, msg.presence))
+        if msg.member is not None and sink not in self.members:
+            self.members[sink] = msg.member
+            self.broker.presence_join(self.gid, msg.member)
 
     async def _replay(
         self, after: int, head: int, want: frozenset[str] | None
@@ -382,6 +438,9 @@ class Guild(Actor):
         return out
 
     async def _remove(self, sink: Sink, farewell: bytes | None) -> None:
+        member = self.members.pop(sink, None)
+        if member is not None:
+            self.broker.presence_leave(self.gid, member)
         p = self.where.pop(sink, None)
         if p is None:
             return
@@ -402,7 +461,7 @@ class Guild(Actor):
         for p, n in self.load.items():
             if n < size:
                 return p
-        p = Partition(f"{self.gid}/{len(self.partitions)}")
+        p = Partition(f"{self.gid}/{len(self.partitions)}", stats=self.stats)
         p.monitor(self._partition_exited)
         p.start(self._tg)
         self.partitions.append(p)

@@ -21,8 +21,8 @@ from server.actors.guild import (
     Unsubscribe,
 )
 from server.actors.registry import Registry, RegistryFull
-from server.broker.base import Record
-from server.core.host import Overloaded, Subscriber
+from server.broker.base import Presence, Record
+from server.core.host import HistoryPage, Overloaded, Subscriber
 from server.protocol import wire
 from server.protocol.codes import RESERVED_EVENTS
 
@@ -39,7 +39,8 @@ class Hub:
             return
         guild = self._guild(gid)
         self.groups.join(gid, sub)
-        guild.cast_system(Subscribe(sub, position))
+        member = Presence(sub.user, sub.session_id, guild.broker.node_id)
+        guild.cast_system(Subscribe(sub, position, member, sub.wants_presence))
 
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         guild = self.registry.lookup(gid)
@@ -75,6 +76,37 @@ class Hub:
             HistoryMsg(after, limit), timeout
         )
         return result
+
+    async def history_page(
+        self, gid: str, after: int, limit: int, timeout: float = 5.0
+    ) -> HistoryPage:
+        """Stored events with ``s > after`` (at most ``limit``) with the head and
+        history bounds read in the same guild step (``GET .../history``).
+
+        Raises :class:`Overloaded` if the guild cannot answer now.
+        """
+        guild = self._guild(gid)
+        try:
+            # Queued back to back: the guild answers both before anything else.
+            info_f = guild.call_nowait(InfoMsg())
+            page_f = guild.call_nowait(HistoryMsg(after, limit))
+        except (MailboxFull, ActorExited):
+            raise Overloaded(f"guild {gid} is busy") from None
+        try:
+            async with asyncio.timeout(timeout):
+                info = await info_f
+                epoch, records = await page_f
+        except (TimeoutError, ActorExited) as e:
+            raise Overloaded(f"guild {gid} did not answer: {e!r}") from None
+        finally:
+            for f in (info_f, page_f):  # nothing left pending or unretrieved
+                if not f.done():
+                    f.cancel()
+                elif not f.cancelled():
+                    f.exception()
+        return HistoryPage(
+            gid, epoch, info["s"], info["history"]["first"], [r.payload for r in records]
+        )
 
     def _guild(self, gid: str) -> Guild:
         try:

@@ -18,31 +18,50 @@ system messages, never dropped.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
 from server.actors.actor import Actor
+from server.core.metrics import NodeStats
 from server.core.sink import Sink
 
 
 class Frames:
-    """A run of framed events, in ``s`` order, shared by every partition."""
+    """A run of framed events, in ``s`` order, shared by every partition.
 
-    __slots__ = ("frames", "names")
+    ``stamps`` are the events' publish times (``Record.ts``), for the
+    publish-to-write latency metric; None when unknown.
+    """
 
-    def __init__(self, frames: list[bytes], names: list[str]) -> None:
+    __slots__ = ("frames", "names", "stamps")
+
+    def __init__(
+        self, frames: list[bytes], names: list[str], stamps: list[float] | None = None
+    ) -> None:
         self.frames = frames
         self.names = names
+        self.stamps = stamps
 
 
 class Add:
     """Start writing to ``sink`` after writing ``preamble`` (SUBSCRIBED + replay)."""
 
-    __slots__ = ("preamble", "sink")
+    __slots__ = ("preamble", "presence", "sink")
 
-    def __init__(self, sink: Sink, preamble: bytes) -> None:
+    def __init__(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
         self.sink = sink
         self.preamble = preamble
+        self.presence = presence
+
+
+class PresenceFrame:
+    """A PRESENCE_JOIN/LEAVE dispatch for the sessions that asked for presence."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
 
 
 class Remove:
@@ -63,12 +82,22 @@ PARTITION_MAILBOX_BOUND = 4096
 class Partition(Actor):
     """Writes a guild's events to at most ``partition_size`` sessions."""
 
-    def __init__(self, name: str, mailbox_bound: int = PARTITION_MAILBOX_BOUND) -> None:
+    def __init__(
+        self,
+        name: str,
+        mailbox_bound: int = PARTITION_MAILBOX_BOUND,
+        stats: NodeStats | None = None,
+    ) -> None:
         super().__init__(name, mailbox_bound=mailbox_bound)
         self.plain: dict[Sink, None] = {}
         self.filtered: dict[Sink, frozenset[str]] = {}
+        #: Sessions that asked for PRESENCE_JOIN/LEAVE (a subset of the above).
+        self.presence: set[Sink] = set()
         self.deliveries = 0
         self.bytes_out = 0
+        #: The node's counters (``/metrics``): added to once per flush.
+        self.stats = stats
+        self._stamps: list[float] = []
 
     def __len__(self) -> int:
         return len(self.plain) + len(self.filtered)
@@ -81,13 +110,18 @@ class Partition(Actor):
             if tp is Frames:
                 frames += item.frames
                 names += item.names
+                if item.stamps:
+                    self._stamps += item.stamps
             else:
                 if frames:
                     self._flush(frames, names)
                     frames = []
                     names = []
                 if tp is Add:
-                    self._add(item.sink, item.preamble)
+                    self._add(item.sink, item.preamble, item.presence)
+                elif tp is PresenceFrame:
+                    for sink in self.presence:
+                        sink.send(item.frame)
                 elif tp is Remove:
                     self._remove(item.sink, item.farewell)
                 else:
@@ -95,18 +129,22 @@ class Partition(Actor):
         if frames:
             self._flush(frames, names)
 
-    def _add(self, sink: Sink, preamble: bytes) -> None:
+    def _add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
+        self.presence.discard(sink)
         self.plain.pop(sink, None)
         self.filtered.pop(sink, None)
         if sink.is_closed:
             return
         sink.send(preamble)
+        if presence:
+            self.presence.add(sink)
         if sink.events is None:
             self.plain[sink] = None
         else:
             self.filtered[sink] = sink.events
 
     def _remove(self, sink: Sink, farewell: bytes | None) -> None:
+        self.presence.discard(sink)
         self.plain.pop(sink, None)
         self.filtered.pop(sink, None)
         if farewell is not None:
@@ -135,6 +173,17 @@ class Partition(Actor):
                     deliveries += count
         self.deliveries += deliveries
         self.bytes_out += out
+        stats = self.stats
+        if stats is not None:
+            stats.deliveries += deliveries
+            stats.bytes_out += out
+            if deliveries and self._stamps:
+                # Once per event per partition that wrote it, never per recipient.
+                now = time.time()
+                observe = stats.latency.observe
+                for ts in self._stamps:
+                    observe(now - ts)
+        self._stamps = []
 
     def sinks(self) -> list[Sink]:
         return [*self.plain, *self.filtered]

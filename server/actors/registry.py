@@ -36,13 +36,18 @@ class Registry(Generic[A]):
 
     def lookup(self, name: str) -> A | None:
         """The live actor registered as ``name``, or None."""
-        return self._actors.get(name)
+        actor = self._actors.get(name)
+        return actor if actor is not None and actor.alive else None
 
     def lookup_or_start(self, name: str) -> A:
         """The live actor for ``name``, starting one through the factory if none."""
         actor = self._actors.get(name)
         if actor is not None:
-            return actor
+            if actor.alive:
+                return actor
+            # Exiting (in ``on_stop``, before its exit hooks ran): casts to it
+            # would be dropped, so a fresh actor takes the name now.
+            del self._actors[name]
         if self.max_actors is not None and len(self._actors) >= self.max_actors:
             raise RegistryFull(f"{len(self._actors)} actors alive")
         new = self._factory(name)

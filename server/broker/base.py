@@ -46,10 +46,10 @@ class EpochChanged(Exception):
 Feed = Callable[[str, "list[Record] | None"], None]
 
 #: Presence changes of a listened guild: ``(gid, "join" | "leave", member)``.
-PresenceFeed = Callable[[str, str, "Member"], None]
+PresenceFeed = Callable[[str, str, "Presence"], None]
 
 
-class Member(NamedTuple):
+class Presence(NamedTuple):
     """A session in a guild's presence: who, which session, on which node."""
 
     user: str
@@ -67,7 +67,7 @@ class Member(NamedTuple):
 class Broker(Protocol):
     """Sequencing, history and cross-node fanout for every guild."""
 
-    #: This node's name in presence (``Member.node``).
+    #: This node's name in presence (``Presence.node``).
     node_id: str
 
     @property
@@ -102,7 +102,12 @@ class Broker(Protocol):
 
     async def listen(self, gid: str) -> None:
         """Start delivering ``gid``'s records to the feed; returns once every
-        record appended after this call returns will be delivered."""
+        record appended after this call returns will be delivered.
+
+        Calls are counted: delivery stops after as many :meth:`unlisten`
+        (an actor that is stopping and its successor may overlap). A listen
+        that raises needs no unlisten.
+        """
 
     async def unlisten(self, gid: str) -> None: ...
 
@@ -111,17 +116,17 @@ class Broker(Protocol):
 
     # --- presence: distributed process groups of sessions ------------------------
 
-    def presence_join(self, gid: str, member: Member) -> None:
+    def presence_join(self, gid: str, member: Presence) -> None:
         """Record ``member`` in ``gid``'s presence and tell every listening node.
 
         Never waits: the write is queued (bounded; past the bound presence
         updates are dropped with a warning, never publishes).
         """
 
-    def presence_leave(self, gid: str, member: Member) -> None:
+    def presence_leave(self, gid: str, member: Presence) -> None:
         """The reverse of :meth:`presence_join`."""
 
-    async def presence(self, gid: str) -> list[Member]:
+    async def presence(self, gid: str) -> list[Presence]:
         """Every live member of ``gid`` across the cluster.
 
         Members of a node that stopped heart-beating are left out once its

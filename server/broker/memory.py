@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 
-from server.broker.base import Broker, Feed, Member, PresenceFeed, Record
+from server.broker.base import Broker, Feed, Presence, PresenceFeed, Record
 
 
 def envelope(gid: str, t: str, s: int, d_json: bytes) -> bytes:
@@ -48,11 +48,13 @@ class MemoryBroker:
         self.history_size = history_size
         self.history_ttl = history_ttl
         self._logs: dict[str, _Log] = {}
-        self._listening: set[str] = set()
+        #: Listeners per guild: an old guild actor still stopping and its
+        #: successor may overlap, so listen/unlisten are counted.
+        self._listening: dict[str, int] = {}
         self._feed: Feed | None = None
         self._presence_feed: PresenceFeed | None = None
         #: Presence of each guild: member key -> member, in join order.
-        self._presence: dict[str, dict[str, Member]] = {}
+        self._presence: dict[str, dict[str, Presence]] = {}
 
     @property
     def healthy(self) -> bool:
@@ -68,12 +70,12 @@ class MemoryBroker:
         self._feed = feed
         self._presence_feed = presence
 
-    def presence_join(self, gid: str, member: Member) -> None:
+    def presence_join(self, gid: str, member: Presence) -> None:
         self._presence.setdefault(gid, {})[member.key] = member
         if self._presence_feed is not None and gid in self._listening:
             self._presence_feed(gid, "join", member)
 
-    def presence_leave(self, gid: str, member: Member) -> None:
+    def presence_leave(self, gid: str, member: Presence) -> None:
         members = self._presence.get(gid)
         if members is None or members.pop(member.key, None) is None:
             return
@@ -82,7 +84,7 @@ class MemoryBroker:
         if self._presence_feed is not None and gid in self._listening:
             self._presence_feed(gid, "leave", member)
 
-    async def presence(self, gid: str) -> list[Member]:
+    async def presence(self, gid: str) -> list[Presence]:
         return list(self._presence.get(gid, {}).values())
 
     def _log(self, gid: str) -> _Log:
@@ -139,10 +141,14 @@ class MemoryBroker:
         return log.records[0].s if log.records else None
 
     async def listen(self, gid: str) -> None:
-        self._listening.add(gid)
+        self._listening[gid] = self._listening.get(gid, 0) + 1
 
     async def unlisten(self, gid: str) -> None:
-        self._listening.discard(gid)
+        n = self._listening.get(gid, 0) - 1
+        if n > 0:
+            self._listening[gid] = n
+        else:
+            self._listening.pop(gid, None)
 
     def sweep(self) -> int:
         """Forget guilds with no history left and no listener; returns how many."""

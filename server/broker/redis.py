@@ -36,7 +36,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.broker.base import Broker, BrokerUnavailable, Feed, Member, PresenceFeed, Record
+from server.broker.base import Broker, BrokerUnavailable, Feed, Presence, PresenceFeed, Record
 
 log = logging.getLogger("guildcast.broker.redis")
 
@@ -185,7 +185,7 @@ class RedisBroker:
         self._reap_script = self._r.register_script(_REAP)
         self.node_id = node_id
         self.presence_timeout = presence_timeout
-        self._presence_q: deque[tuple[bool, str, Member]] = deque()
+        self._presence_q: deque[tuple[bool, str, Presence]] = deque()
         self._presence_feed: PresenceFeed | None = None
         self.presence_dropped = 0
         self._feed: Feed | None = None
@@ -194,6 +194,9 @@ class RedisBroker:
         self._queue_ready = asyncio.Event()
         #: Wanted channels: a pending future until Redis confirms, then None.
         self._listening: dict[str, asyncio.Future[None] | None] = {}
+        #: Listeners per guild: an old guild actor still stopping and its
+        #: successor may overlap, so listen/unlisten are counted.
+        self._listeners: dict[str, int] = {}
         self._pubsub_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
@@ -303,13 +306,13 @@ class RedisBroker:
 
     # --- presence ------------------------------------------------------------------
 
-    def presence_join(self, gid: str, member: Member) -> None:
+    def presence_join(self, gid: str, member: Presence) -> None:
         self._queue_presence(True, gid, member)
 
-    def presence_leave(self, gid: str, member: Member) -> None:
+    def presence_leave(self, gid: str, member: Presence) -> None:
         self._queue_presence(False, gid, member)
 
-    def _queue_presence(self, join: bool, gid: str, member: Member) -> None:
+    def _queue_presence(self, join: bool, gid: str, member: Presence) -> None:
         if len(self._presence_q) >= MAX_QUEUED_PRESENCE:
             self.presence_dropped += 1
             if self.presence_dropped in (1, 1000, 100_000):
@@ -335,7 +338,7 @@ class RedisBroker:
                 q.extendleft(reversed(batch))  # keep order; retried when Redis is back
                 raise
 
-    async def presence(self, gid: str) -> list[Member]:
+    async def presence(self, gid: str) -> list[Presence]:
         now_ms = int(time.time() * 1000)
         try:
             async with self._r.pipeline(transaction=False) as pipe:
@@ -350,7 +353,7 @@ class RedisBroker:
         for v in raw.values():
             d = orjson.loads(v)
             if d["node"] in live:
-                out.append(Member(d["user"], d["session"], d["node"]))
+                out.append(Presence(d["user"], d["session"], d["node"]))
         out.sort(key=lambda m: (m.node, m.session))
         return out
 
@@ -398,6 +401,7 @@ class RedisBroker:
         Raises :class:`BrokerUnavailable` if Redis does not confirm in time
         (the subscription stays wanted and is retried on reconnect).
         """
+        self._listeners[gid] = self._listeners.get(gid, 0) + 1
         fut = self._listening.get(gid, False)
         if fut is None:
             return  # already confirmed
@@ -415,9 +419,15 @@ class RedisBroker:
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
+            await self.unlisten(gid)
             raise BrokerUnavailable(f"redis did not confirm a subscription to {gid}") from None
 
     async def unlisten(self, gid: str) -> None:
+        n = self._listeners.get(gid, 0) - 1
+        if n > 0:
+            self._listeners[gid] = n
+            return
+        self._listeners.pop(gid, None)
         fut = self._listening.pop(gid, None)
         if isinstance(fut, asyncio.Future) and not fut.done():
             fut.cancel()
@@ -477,7 +487,7 @@ class RedisBroker:
                 if self._presence_feed is not None:
                     _, kind_b, info = data.split(b"|", 2)
                     d = orjson.loads(info)
-                    m = Member(d["user"], d["session"], d["node"])
+                    m = Presence(d["user"], d["session"], d["node"])
                     self._presence_feed(gid, kind_b.decode(), m)
                 return
             s_b, t_b, ts_b, payload = data.split(b"|", 3)

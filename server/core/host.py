@@ -1,20 +1,35 @@
-"""What the gateway transport asks of the layer that owns guilds.
+"""What the transports ask of the layer that owns guilds.
 
 The transport (``server/transport``) may not import the actors; the node
 wires an implementation of :class:`GatewayHost` (``server.actors.hub.Hub``)
-into it. Every method returns without awaiting (DESIGN.md rule 3).
+into the gateway, whose methods return without awaiting (DESIGN.md rule 3),
+and one of :class:`ApiHost` (``server.node.NodeApi``) into the HTTP API.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from server.core.metrics import MetricsSnapshot
 from server.core.sink import Member, Sink
 
 
 class Subscriber(Sink, Member, Protocol):
     """A connection that can receive events and join groups."""
+
+    @property
+    def user(self) -> str:
+        """The token's ``sub`` (presence)."""
+
+    @property
+    def session_id(self) -> str:
+        """The session id sent in READY (presence)."""
+
+    @property
+    def wants_presence(self) -> bool:
+        """IDENTIFY ``presence``: wants PRESENCE_JOIN/PRESENCE_LEAVE dispatches."""
 
 
 class GatewayHost(Protocol):
@@ -33,3 +48,47 @@ class GatewayHost(Protocol):
 
 class Overloaded(Exception):
     """The target cannot accept more work now; try again later (1013)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """Stored events of one guild after a given ``s`` (``GET .../history``)."""
+
+    guild: str
+    epoch: str
+    #: The guild's last ``s`` when the page was read.
+    head: int
+    #: The oldest ``s`` still in history, or None when it is empty.
+    first: int | None
+    #: DISPATCH envelopes as JSON (exactly what subscribers got), oldest first.
+    events: list[bytes]
+
+
+class ApiHost(Protocol):
+    """What the HTTP API asks of the node.
+
+    Errors: ValueError for bad input, :class:`Overloaded` for anything the
+    caller should retry later (a full mailbox, too many guilds, storage or
+    broker trouble, a draining node). Anything else is a bug.
+    """
+
+    def publish(self, gid: str, t: str, d: Any) -> asyncio.Future[tuple[int, str]]:
+        """Queue an event for sequencing; the future gives ``(s, epoch)`` once it
+        is sequenced (and stored, with a durable broker).
+
+        Raises ValueError (bad id or name) or :class:`Overloaded` at once; the
+        future fails with ValueError (``d`` not JSON) or :class:`Overloaded`.
+        Calls made one after another are sequenced in that order per guild.
+        """
+
+    async def info(self, gid: str) -> dict[str, Any]:
+        """Head ``s``, epoch, local subscribers and history bounds of ``gid``."""
+
+    async def history(self, gid: str, after: int, limit: int) -> HistoryPage:
+        """At most ``limit`` stored events of ``gid`` with ``s > after``."""
+
+    def ready(self) -> bool:
+        """False while the node is starting or draining (``/readyz``)."""
+
+    def metrics(self) -> MetricsSnapshot:
+        """The node's counters and gauges now (``/metrics``)."""

@@ -170,6 +170,7 @@ class Session:
         "events",
         "grant",
         "limits",
+        "presence",
         "session_id",
         "state",
         "subscriptions",
@@ -183,6 +184,8 @@ class Session:
         self.grant: Grant | None = None
         #: Event names this session wants, or None for all (IDENTIFY ``events``).
         self.events: frozenset[str] | None = None
+        #: IDENTIFY ``presence``: send PRESENCE_JOIN/LEAVE of subscribed guilds.
+        self.presence = False
         self.subscriptions: set[str] = set()
         #: Monotonic time after which :meth:`check_timeout` closes the session.
         self.deadline = now + limits.identify_timeout
@@ -309,6 +312,10 @@ class Session:
         if type(token) is not str:
             raise _Reject(Close.DECODE_ERROR, "IDENTIFY needs a token string")
         guilds = _guild_positions(d.get("guilds", {}))
+        presence = d.get("presence", False)
+        if type(presence) is not bool:
+            raise _Reject(Close.DECODE_ERROR, "presence must be true or false")
+        self.presence = presence
         events = d.get("events")
         if events is not None:
             if type(events) is not list or not all(wire.valid_event(e) for e in events):
@@ -323,7 +330,9 @@ class Session:
         self.deadline = now + self.limits.heartbeat_interval_ms * 1.5 / 1000.0
         rate = grant.pub_rate if grant.pub_rate is not None else self.limits.publish_rate
         self._pub_rate = rate
-        self._bucket = rate  # a burst of one second's worth
+        # A burst of one second's worth, but at least one event: a rate below
+        # 1/s (say 0.5) still allows one event per 1/rate seconds.
+        self._bucket = max(rate, 1.0)
         self._bucket_at = now
         ready = wire.message(
             Op.DISPATCH, {"session_id": self.session_id, "user": grant.sub}, t="READY"
@@ -383,7 +392,7 @@ class Session:
             return self.publish_failed(p, Err.PAYLOAD_TOO_LARGE, "payload too large")
         rate = self._pub_rate
         if rate > 0:
-            self._bucket = min(rate, self._bucket + (now - self._bucket_at) * rate)
+            self._bucket = min(max(rate, 1.0), self._bucket + (now - self._bucket_at) * rate)
             self._bucket_at = now
             if self._bucket < 1.0:
                 return self.publish_failed(p, Err.PUBLISH_RATE_LIMITED, "publish rate exceeded")

@@ -31,6 +31,7 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from server.core.host import GatewayHost, Overloaded
+from server.core.ratelog import RateLimitedLog
 from server.protocol import wire
 from server.protocol.codes import Close, Err
 from server.protocol.session import (
@@ -45,11 +46,20 @@ from server.protocol.session import (
     Unsubscribe,
     error_frame,
 )
+from server.transport import static
 
 log = logging.getLogger("guildcast.gateway")
 #: websockets logs every open and close at INFO; that is our job, at our level.
 _ws_log = logging.getLogger("guildcast.websockets")
 _ws_log.setLevel(logging.WARNING)
+#: Refusals, slow consumers and auth failures come in floods: a few lines each.
+_flood = RateLimitedLog(log)
+#: Close codes worth a log line: (kind, level).
+_LOGGED_CLOSES: dict[int, tuple[str, int]] = {
+    Close.TRY_AGAIN_LATER: ("connection_refused", logging.WARNING),
+    Close.SLOW_CONSUMER: ("slow_consumer", logging.INFO),
+    Close.AUTH_FAILED: ("auth_failed", logging.INFO),
+}
 
 GATEWAY_PATH = "/gateway"
 
@@ -106,6 +116,21 @@ class Connection(asyncio.Protocol):
         sid = self.session.session_id if self.session else "-"
         return f"<Connection {sid}>"
 
+    # --- Subscriber identity (presence) ---------------------------------------
+
+    @property
+    def user(self) -> str:
+        s = self.session
+        return s.grant.sub if s is not None and s.grant is not None else ""
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id if self.session is not None else ""
+
+    @property
+    def wants_presence(self) -> bool:
+        return self.session is not None and self.session.presence
+
     # --- Sink ----------------------------------------------------------------
 
     @property
@@ -127,6 +152,8 @@ class Connection(asyncio.Protocol):
             return
         self.closing = True
         self._gw.close_codes[code] = self._gw.close_codes.get(code, 0) + 1
+        if code in _LOGGED_CLOSES:
+            self._log_close(code, reason)
         if self.session is not None:
             self.session.closed()
         self.deadline = time.monotonic() + self._gw.limits.close_timeout
@@ -135,6 +162,20 @@ class Connection(asyncio.Protocol):
             self._flush()
         elif self._transport is not None:
             self._transport.close()
+
+    def _log_close(self, code: int, reason: str) -> None:
+        kind, level = _LOGGED_CLOSES[code]
+        t = self._transport
+        peer = t.get_extra_info("peername") if t is not None else None
+        _flood.log(
+            level,
+            kind,
+            "gateway: closing %s with %d: %s",
+            peer,
+            code,
+            reason,
+            extra={"code": code, "reason": reason, "peer": str(peer)},
+        )
 
     def add_exit_hook(self, hook: Callable[[object], None]) -> None:
         if self.exited:
@@ -207,6 +248,9 @@ class Connection(asyncio.Protocol):
         gw = self._gw
         proto = self.proto
         path = req.path.split("?", 1)[0]
+        if "Upgrade" not in req.headers and (page := static.response_for(path)) is not None:
+            proto.send_response(page)  # the demo page (static.py); then closed
+            return
         if path != GATEWAY_PATH:
             proto.send_response(proto.reject(404, "Not Found: the gateway is at /gateway\n"))
             return

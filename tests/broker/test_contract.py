@@ -6,7 +6,7 @@ import asyncio
 
 import orjson
 
-from server.broker.base import Broker, Member, Record
+from server.broker.base import Broker, Presence, Record
 from tests.util import eventually
 
 
@@ -91,18 +91,18 @@ async def test_listen_delivers_every_appended_record_in_order(broker: Broker) ->
 
 
 async def test_presence_join_leave_and_feed(broker: Broker) -> None:
-    seen: list[tuple[str, str, Member]] = []
+    seen: list[tuple[str, str, Presence]] = []
     got_two = asyncio.Event()
 
-    def presence(gid: str, kind: str, m: Member) -> None:
+    def presence(gid: str, kind: str, m: Presence) -> None:
         seen.append((gid, kind, m))
         if len(seen) >= 3:
             got_two.set()
 
     broker.set_feed(lambda gid, recs: None, presence)
     await broker.listen("room")
-    a = Member("alice", "s1", broker.node_id)
-    b = Member("bob", "s2", broker.node_id)
+    a = Presence("alice", "s1", broker.node_id)
+    b = Presence("bob", "s2", broker.node_id)
     broker.presence_join("room", a)
     broker.presence_join("room", b)
     broker.presence_join("elsewhere", a)
@@ -125,3 +125,23 @@ async def test_presence_join_leave_and_feed(broker: Broker) -> None:
         ("room", "leave", "alice"),
     ]
     assert [m.user for m in await broker.presence("elsewhere")] == ["alice"]
+
+
+async def test_listen_is_counted(broker: Broker) -> None:
+    """An old listener's unlisten must not stop a newer listener's feed."""
+    got: list[int] = []
+    arrived = asyncio.Event()
+
+    def feed(gid: str, recs: list[Record] | None) -> None:
+        if recs:
+            got.extend(r.s for r in recs)
+            arrived.set()
+
+    broker.set_feed(feed)
+    await broker.listen("shared")  # the old guild actor
+    await broker.listen("shared")  # its successor
+    await broker.unlisten("shared")  # the old one finishes stopping
+    await broker.append("shared", [("E", b"1")])
+    async with asyncio.timeout(30):
+        await arrived.wait()
+    assert got == [1]

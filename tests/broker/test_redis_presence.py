@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from server.broker.base import Member
+from server.broker.base import Presence
 from server.broker.redis import RedisBroker
 from tests.redisproc import RedisProc
 from tests.util import eventually
@@ -21,18 +21,18 @@ async def test_dead_node_members_are_dropped_after_the_timeout(tmp_path: Path) -
         b = RedisBroker(proc.url, 10, 60, node_id="b", presence_timeout=1.0, health_interval=0.2)
         await a.start()
         await b.start()
-        leaves: list[Member] = []
+        leaves: list[Presence] = []
         left = asyncio.Event()
 
-        def presence(gid: str, kind: str, m: Member) -> None:
+        def presence(gid: str, kind: str, m: Presence) -> None:
             if kind == "leave":
                 leaves.append(m)
                 left.set()
 
         b.set_feed(lambda gid, recs: None, presence)
         await b.listen("g")
-        a.presence_join("g", Member("ann", "s-a", "a"))
-        b.presence_join("g", Member("bea", "s-b", "b"))
+        a.presence_join("g", Presence("ann", "s-a", "a"))
+        b.presence_join("g", Presence("bea", "s-b", "b"))
 
         async def two() -> bool:
             return len(await b.presence("g")) == 2
@@ -60,7 +60,7 @@ async def test_graceful_close_removes_own_members(tmp_path: Path) -> None:
         b = RedisBroker(proc.url, 10, 60, node_id="b")
         await a.start()
         await b.start()
-        a.presence_join("g", Member("ann", "s-a", "a"))
+        a.presence_join("g", Presence("ann", "s-a", "a"))
 
         async def one() -> bool:
             return len(await b.presence("g")) == 1

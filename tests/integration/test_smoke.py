@@ -17,7 +17,9 @@ async def test_identify_subscribe_publish(server: Server) -> None:
     async with websockets.connect(server.url) as ws:
         hello = await recv_json(ws)
         assert hello["op"] == 10 and hello["d"]["heartbeat_interval"] > 0
-        await ws.send(orjson.dumps({"op": 2, "d": {"token": token, "guilds": {"g-1": None}}}).decode())
+        await ws.send(
+            orjson.dumps({"op": 2, "d": {"token": token, "guilds": {"g-1": None}}}).decode()
+        )
         ready = await recv_json(ws)
         assert ready["t"] == "READY" and ready["d"]["user"] == "alice"
         sub = await recv_json(ws)

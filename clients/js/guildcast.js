@@ -1,0 +1,564 @@
+// guildcast.js: the Guildcast gateway client for browsers and Node (>= 20 with
+// a global WebSocket: Node 22+, or Node 20 with --experimental-websocket).
+// Dependency-free ES module; protocol: PROTOCOL.md.
+//
+// What it owns: one WebSocket at a time, IDENTIFY, heartbeats on the
+// announced interval, SUBSCRIBE/UNSUBSCRIBE, PUBLISH with nonce-matched ACKs,
+// and reconnecting with capped exponential backoff and full jitter whenever a
+// close code says "reconnect" (everything except "fix the client" and "get a
+// new token").
+//
+// Consistency model: for each followed guild the client keeps the Position
+// ({epoch, s}) of the last event it dispatched. Every reconnect's IDENTIFY
+// carries those positions and the server replays what was missed. Listeners
+// see each guild's events in increasing s with no duplicates (s <= last seen
+// is dropped as a safety net). When the server cannot recover a guild
+// (recovered: false after a Position was sent) a "resync" event comes before
+// that guild's next event: reload that guild's state.
+//
+// Events (an EventTarget; `client.on(type, fn)` passes event.detail to fn):
+//   "event"            {guild, name, s, data}
+//   "resync"           {guild, epoch, s}
+//   "subscriptionlost" {guild, code, message}  (re-subscribe refused)
+//   "ready"            {sessionId, user}
+//   "disconnect"       {code, reason, delay}   (a reconnect follows after delay s)
+//   "closed"           {code, reason, error}   (stopped for good; error null if by close())
+// Listeners run synchronously in arrival order; there is no queue to bound.
+
+/** Close codes meaning "fix the client" (PROTOCOL.md "Close codes", plus RFC 6455's). */
+export const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002, 4003, 4005]);
+/** "get a new token": fatal unless a tokenProvider can supply a fresh one. */
+export const AUTH_FAILED = 4004;
+// "back off, reconnect" (1013 server full, 4008 rate limited): the next delay
+// starts at least from this attempt's window so a refused crowd spreads out.
+const BACKOFF_CODES = new Set([1013, 4008]);
+const BACKOFF_FLOOR = 2;
+const ABNORMAL_CLOSURE = 1006;
+// A connection silent for this many heartbeat intervals (and at least
+// ZOMBIE_MIN_MS) is considered dead (half-open TCP) and replaced.
+const ZOMBIE_INTERVALS = 3;
+const ZOMBIE_MIN_MS = 5000;
+// The server's default max_frame: a larger message would be closed with the
+// fatal 1009, so the client refuses to send it.
+const DEFAULT_MAX_MESSAGE = 64 * 1024;
+const GUILD_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
+const EVENT_RE = /^[A-Z0-9_]{1,64}$/;
+const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED"]);
+const HEARTBEAT = '{"op":1,"d":null}';
+const OP = { DISPATCH: 0, HEARTBEAT: 1, IDENTIFY: 2, SUBSCRIBE: 3, UNSUBSCRIBE: 4, PUBLISH: 5, RECONNECT: 7, HELLO: 10, HEARTBEAT_ACK: 11, ACK: 12, ERROR: 13 };
+
+// Exponent ceiling: keeps the arithmetic finite after any number of attempts.
+const MAX_EXPONENT = 32;
+
+/** Upper bound of retry `attempt`'s delay (seconds): min(cap, base * 2**attempt). */
+export function backoffWindow(attempt, base, cap) {
+  return Math.min(cap, base * 2 ** Math.min(attempt, MAX_EXPONENT));
+}
+
+/** Full jitter: uniform in [0, backoffWindow(attempt, base, cap)]. */
+export function fullJitter(attempt, base, cap, random = Math.random) {
+  if (attempt < 0 || base < 0 || cap < 0) throw new RangeError("attempt, base and cap must be >= 0");
+  return random() * backoffWindow(attempt, base, cap);
+}
+
+/**
+ * A reconnect schedule (seconds): exponential growth, full jitter, optional
+ * limits. nextDelay() after each failure returns the wait, or null when the
+ * limits are exhausted; reset() after a success. random and clock are
+ * injectable so the schedule is testable.
+ */
+export class Backoff {
+  constructor({ base = 0.5, cap = 30, maxAttempts = null, maxElapsed = null, random = Math.random, clock = () => performance.now() / 1000 } = {}) {
+    if (base < 0 || cap < 0) throw new RangeError("base and cap must be >= 0");
+    Object.assign(this, { base, cap, maxAttempts, maxElapsed, random, clock });
+    this.attempt = 0;
+    this._started = null;
+  }
+
+  nextDelay(floor = 0) {
+    const now = this.clock();
+    if (this._started === null) this._started = now;
+    if (this.maxAttempts !== null && this.attempt >= this.maxAttempts) return null;
+    if (this.maxElapsed !== null && now - this._started >= this.maxElapsed) return null;
+    let delay = fullJitter(Math.max(this.attempt, floor), this.base, this.cap, this.random);
+    this.attempt += 1;
+    if (this.maxElapsed !== null) delay = Math.min(delay, Math.max(0, this._started + this.maxElapsed - now));
+    return delay;
+  }
+
+  reset() {
+    this.attempt = 0;
+    this._started = null;
+  }
+}
+
+export class GuildcastError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = new.target.name;
+  }
+}
+
+/** The client stopped for good; `code` says why. */
+export class GuildcastClosed extends GuildcastError {
+  constructor(code, reason) {
+    super(`guildcast connection closed for good: ${code} ${reason ?? ""}`.trim());
+    this.code = code;
+    this.reason = reason ?? "";
+  }
+}
+
+/** Close 4004: the token was refused (and no tokenProvider gave an accepted one). */
+export class AuthenticationFailed extends GuildcastClosed {}
+/** The backoff limits were reached; `code` is the last failure's close code. */
+export class ReconnectFailed extends GuildcastClosed {}
+/** The application called close(). */
+export class ClientClosed extends GuildcastClosed {
+  constructor() {
+    super(1000, "client closed");
+  }
+}
+
+/** The server answered a command with ERROR `code` (PROTOCOL.md op 13). */
+export class CommandError extends GuildcastError {
+  constructor(code, message, guild = null) {
+    super(`${code} ${message}${guild ? ` (guild ${guild})` : ""}`);
+    this.code = code;
+    this.serverMessage = message;
+    this.guild = guild;
+  }
+}
+export class PublishError extends CommandError {}
+export class SubscribeError extends CommandError {}
+/** The connection closed before the ACK: the event may or may not have been sequenced. */
+export class PublishInterrupted extends GuildcastError {}
+
+function checkGuild(gid) {
+  if (typeof gid !== "string" || !GUILD_RE.test(gid)) throw new TypeError(`invalid guild id ${JSON.stringify(gid)}`);
+}
+
+function deferred() {
+  let resolve, reject;
+  const promise = new Promise((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  promise.catch(() => {}); // rejections are handed to whoever awaits it
+  return { promise, resolve, reject };
+}
+
+/**
+ * A Guildcast client. `await client.connect()` resolves at the first READY
+ * (retrying per the backoff) or rejects with GuildcastClosed.
+ *
+ * Options: token or tokenProvider (sync or async, called before every
+ * attempt; with it one 4004 is retried with a fresh token), guilds (array to
+ * follow from the first IDENTIFY), events (event-name filter), backoff (a
+ * Backoff or its options), WebSocket (constructor; default the global),
+ * maxMessage (bytes), openTimeout and closeTimeout (ms).
+ */
+export class GuildcastClient extends EventTarget {
+  constructor(url, options = {}) {
+    super();
+    const { token = null, tokenProvider = null, guilds = [], events = null, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
+    if (token === null && tokenProvider === null) throw new TypeError("give a token or a tokenProvider");
+    if (typeof WS !== "function") throw new TypeError("no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)");
+    this.url = url;
+    this._token = token;
+    this._tokenProvider = tokenProvider;
+    this._eventFilter = events === null ? null : [...events];
+    this._backoff = backoff instanceof Backoff ? backoff : new Backoff(backoff ?? {});
+    this._WS = WS;
+    this._maxMessage = maxMessage;
+    this._openTimeout = openTimeout;
+    this._closeTimeout = closeTimeout;
+    /** guild -> last seen Position ({epoch, s}) or null: the source of every IDENTIFY. */
+    this._desired = new Map();
+    for (const gid of guilds) {
+      checkGuild(gid);
+      this._desired.set(gid, null);
+    }
+    this._subscribed = new Set(); // SUBSCRIBED on the current connection
+    this._sent = new Map(); // requested on the current connection -> Position sent
+    this._subWaiters = new Map();
+    this._unsubWaiters = new Map();
+    this._publishes = new Map(); // nonce -> deferred
+    this._nonce = 0;
+    this._ws = null;
+    this._identified = false;
+    this._readyWaiters = new Set();
+    this._failure = null;
+    this._closing = false;
+    this._started = false;
+    this._firstReady = deferred();
+    this._stopped = false;
+    this._heartbeatTimer = null;
+    this._runner = null;
+    this._sleepTimer = null;
+    this._sleepWake = null;
+    this._authFailures = 0;
+    this._heartbeatPausedUntil = 0;
+    /** Session id and user of the current connection. */
+    this.sessionId = null;
+    this.user = null;
+    /** Connections that reached READY, the first included. */
+    this.sessions = 0;
+    /** Events dropped because their s was already seen (safety net). */
+    this.duplicatesDropped = 0;
+  }
+
+  /** addEventListener(type, e => fn(e.detail)); returns a function that removes it. */
+  on(type, fn) {
+    const listener = (e) => fn(e.detail);
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  /** True while the current connection is READY. */
+  get connected() {
+    return this._identified;
+  }
+
+  /** A copy of each followed guild's last seen Position (for persisting). */
+  get positions() {
+    return Object.fromEntries(this._desired);
+  }
+
+  /** Send no HEARTBEAT for `ms`: the server closes with 4009 and the client recovers. For tests. */
+  pauseHeartbeats(ms) {
+    this._heartbeatPausedUntil = Date.now() + ms;
+  }
+
+  connect() {
+    if (!this._started) {
+      if (this._closing) return Promise.reject(new ClientClosed());
+      this._started = true;
+      this._runner = this._run();
+    }
+    return this._firstReady.promise;
+  }
+
+  /** Close (1000) and stop. Pending commands reject with ClientClosed. Idempotent. */
+  async close() {
+    if (!this._closing) {
+      this._closing = true;
+      if (this._sleepWake) this._sleepWake();
+      const ws = this._ws;
+      if (ws && ws.readyState <= 1) ws.close(1000, "client closing");
+    }
+    if (this._runner) {
+      // Bounded: a close handshake the server never answers must not hang us.
+      let timer;
+      const timeout = new Promise((resolve) => (timer = setTimeout(resolve, this._closeTimeout)));
+      await Promise.race([this._runner, timeout]);
+      clearTimeout(timer);
+    }
+    this._stop(null);
+  }
+
+  /**
+   * Follow guild `gid`; resolves with its Position once SUBSCRIBED. With a
+   * `position`, the server replays after it (or a "resync" comes first).
+   * Rejects with SubscribeError on ERROR (4403: not allowed).
+   */
+  async subscribe(gid, position = null) {
+    checkGuild(gid);
+    this._requireUsable();
+    if (this._subscribed.has(gid)) return this._desired.get(gid);
+    let waiter = this._subWaiters.get(gid);
+    if (!waiter) {
+      waiter = deferred();
+      this._subWaiters.set(gid, waiter);
+    }
+    if (!this._desired.has(gid)) this._desired.set(gid, position);
+    if (this._ws && this._identified && !this._sent.has(gid)) {
+      const pos = this._desired.get(gid);
+      this._sent.set(gid, pos);
+      this._send({ op: OP.SUBSCRIBE, d: { guilds: { [gid]: pos } } });
+    }
+    return waiter.promise;
+  }
+
+  /** Stop following `gid`; no event of it is dispatched after this resolves. */
+  async unsubscribe(gid) {
+    checkGuild(gid);
+    this._requireUsable();
+    if (!this._desired.has(gid)) return;
+    this._desired.delete(gid);
+    this._subscribed.delete(gid);
+    const waiter = this._subWaiters.get(gid);
+    if (waiter) {
+      this._subWaiters.delete(gid);
+      waiter.reject(new SubscribeError(0, "unsubscribed before SUBSCRIBED", gid));
+    }
+    if (!this._ws || !this._identified || !this._sent.has(gid)) return;
+    this._sent.delete(gid);
+    let done = this._unsubWaiters.get(gid);
+    if (!done) {
+      done = deferred();
+      this._unsubWaiters.set(gid, done);
+    }
+    this._send({ op: OP.UNSUBSCRIBE, d: { guilds: [gid] } });
+    return done.promise;
+  }
+
+  /**
+   * Publish event `t` with data `d` to `gid`; resolves with its s (the ACK).
+   * Waits for a connection if there is none. Rejects with PublishError when
+   * refused (4403, 4413, 4429, 1013), PublishInterrupted when the connection
+   * closes before the ACK, GuildcastClosed if the client stops.
+   */
+  async publish(gid, t, d = null) {
+    checkGuild(gid);
+    if (typeof t !== "string" || !EVENT_RE.test(t)) throw new TypeError(`invalid event name ${JSON.stringify(t)}`);
+    if (RESERVED_EVENTS.has(t)) throw new TypeError(`${t} is a reserved event name`);
+    const ws = await this._waitReady();
+    const nonce = String(++this._nonce);
+    const body = JSON.stringify({ op: OP.PUBLISH, d: { guild: gid, t, d, nonce } });
+    if (new TextEncoder().encode(body).length > this._maxMessage) throw new RangeError(`message exceeds ${this._maxMessage} bytes`);
+    const waiter = deferred();
+    this._publishes.set(nonce, waiter);
+    try {
+      ws.send(body);
+      return await waiter.promise;
+    } finally {
+      this._publishes.delete(nonce);
+    }
+  }
+
+  // --- internals ---------------------------------------------------------------
+
+  _emit(type, detail) {
+    try {
+      this.dispatchEvent(new CustomEvent(type, { detail }));
+    } catch (err) {
+      console.error("guildcast listener failed", err);
+    }
+  }
+
+  _requireUsable() {
+    if (this._failure) throw this._failure;
+    if (this._closing) throw new ClientClosed();
+    if (!this._started) throw new GuildcastError("client not connected: call connect() first");
+  }
+
+  _waitReady() {
+    this._requireUsable();
+    if (this._ws && this._identified) return Promise.resolve(this._ws);
+    return new Promise((resolve, reject) => this._readyWaiters.add({ resolve, reject }));
+  }
+
+  _wakeReady() {
+    const waiters = [...this._readyWaiters];
+    this._readyWaiters.clear();
+    for (const w of waiters) {
+      if (this._failure) w.reject(this._failure);
+      else if (this._closing) w.reject(new ClientClosed());
+      else w.resolve(this._ws);
+    }
+  }
+
+  _send(msg) {
+    const ws = this._ws;
+    if (ws && ws.readyState === 1) ws.send(JSON.stringify(msg));
+  }
+
+  _stop(failure) {
+    if (failure && !this._failure) this._failure = failure;
+    const err = this._failure ?? new ClientClosed();
+    const first = !this._stopped;
+    this._stopped = true;
+    clearInterval(this._heartbeatTimer);
+    this._firstReady.reject(err);
+    for (const w of this._publishes.values()) w.reject(err);
+    for (const w of this._subWaiters.values()) w.reject(err);
+    this._subWaiters.clear();
+    for (const w of this._unsubWaiters.values()) w.resolve();
+    this._unsubWaiters.clear();
+    this._wakeReady();
+    if (first) this._emit("closed", { code: err.code, reason: err.reason, error: this._failure });
+  }
+
+  _classify(code, reason) {
+    if (code === AUTH_FAILED) {
+      this._authFailures += 1;
+      if (this._tokenProvider === null || this._authFailures > 1) return new AuthenticationFailed(code, reason);
+      return null;
+    }
+    if (FATAL_CLOSE_CODES.has(code)) return new GuildcastClosed(code, reason);
+    return null;
+  }
+
+  async _run() {
+    while (!this._closing) {
+      const { code, reason } = await this._attempt();
+      if (this._closing) return;
+      const failure = this._classify(code, reason);
+      if (failure) return this._stop(failure);
+      const delay = this._backoff.nextDelay(BACKOFF_CODES.has(code) ? BACKOFF_FLOOR : 0);
+      if (delay === null) return this._stop(new ReconnectFailed(code, `gave up reconnecting (${reason})`));
+      this._emit("disconnect", { code, reason, delay });
+      await new Promise((resolve) => {
+        this._sleepWake = resolve;
+        this._sleepTimer = setTimeout(resolve, delay * 1000);
+      });
+      clearTimeout(this._sleepTimer);
+      this._sleepWake = null;
+    }
+  }
+
+  async _attempt() {
+    let token;
+    try {
+      token = this._tokenProvider ? await this._tokenProvider() : this._token;
+      if (typeof token !== "string") throw new TypeError("tokenProvider must return a string");
+      this._token = token;
+    } catch (err) {
+      return { code: ABNORMAL_CLOSURE, reason: `token provider failed: ${err}` };
+    }
+    if (this._closing) return { code: 1000, reason: "client closing" };
+    let ws;
+    try {
+      ws = new this._WS(this.url);
+    } catch (err) {
+      return { code: 4002, reason: `bad gateway URL: ${err}` };
+    }
+    this._ws = ws;
+    return new Promise((resolve) => {
+      let lastRecv = Date.now();
+      const helloTimer = setTimeout(() => ws.close(4000, "no HELLO in time"), this._openTimeout);
+      ws.onmessage = (ev) => {
+        lastRecv = Date.now();
+        let msg;
+        try {
+          msg = JSON.parse(ev.data);
+        } catch {
+          ws.close(4000, "bad message from server");
+          return;
+        }
+        if (msg.op === OP.HELLO) {
+          clearTimeout(helloTimer);
+          const interval = msg.d.heartbeat_interval;
+          const silentLimit = Math.max(ZOMBIE_INTERVALS * interval, ZOMBIE_MIN_MS);
+          this._heartbeatTimer = setInterval(() => {
+            if (Date.now() - lastRecv > silentLimit) return ws.close(4000, "server silent");
+            if (Date.now() < this._heartbeatPausedUntil) return;
+            if (ws.readyState === 1) ws.send(HEARTBEAT);
+          }, interval);
+          this._sent = new Map(this._desired);
+          const identify = { token, guilds: Object.fromEntries(this._sent) };
+          if (this._eventFilter) identify.events = this._eventFilter;
+          ws.send(JSON.stringify({ op: OP.IDENTIFY, d: identify }));
+          return;
+        }
+        this._handle(ws, msg);
+      };
+      ws.onclose = (ev) => {
+        clearTimeout(helloTimer);
+        clearInterval(this._heartbeatTimer);
+        ws.onmessage = ws.onclose = ws.onerror = null;
+        this._ws = null;
+        this._identified = false;
+        this._subscribed.clear();
+        this._sent.clear();
+        const interrupted = new PublishInterrupted("connection closed before the ACK");
+        for (const w of this._publishes.values()) w.reject(interrupted);
+        for (const w of this._unsubWaiters.values()) w.resolve();
+        this._unsubWaiters.clear();
+        resolve({ code: ev.code || ABNORMAL_CLOSURE, reason: ev.reason || "" });
+      };
+      ws.onerror = () => {}; // a close event always follows
+    });
+  }
+
+  _handle(ws, msg) {
+    const { op, d } = msg;
+    if (op === OP.DISPATCH) {
+      const { t, g } = msg;
+      if (t === "READY") this._ready(d);
+      else if (t === "SUBSCRIBED" && g != null) this._subscribedGuild(g, d);
+      else if (t === "UNSUBSCRIBED" && g != null) {
+        const w = this._unsubWaiters.get(g);
+        this._unsubWaiters.delete(g);
+        if (w) w.resolve();
+      } else if (g != null && Number.isInteger(msg.s)) this._event(g, t, msg.s, d);
+    } else if (op === OP.ACK) {
+      const w = this._publishes.get(d.nonce);
+      if (w) w.resolve(d.s);
+    } else if (op === OP.ERROR) {
+      this._error(d);
+    }
+    // HEARTBEAT_ACK refreshes lastRecv; RECONNECT is followed by close 1001.
+  }
+
+  _ready(d) {
+    this._identified = true;
+    this.sessionId = d.session_id;
+    this.user = d.user;
+    this.sessions += 1;
+    this._authFailures = 0;
+    this._backoff.reset();
+    // Guilds asked for while IDENTIFY was in flight.
+    const missing = {};
+    let any = false;
+    for (const [gid, pos] of this._desired) {
+      if (!this._sent.has(gid)) {
+        this._sent.set(gid, pos);
+        missing[gid] = pos;
+        any = true;
+      }
+    }
+    if (any) this._send({ op: OP.SUBSCRIBE, d: { guilds: missing } });
+    this._firstReady.resolve();
+    this._wakeReady();
+    this._emit("ready", { sessionId: this.sessionId, user: this.user });
+  }
+
+  _subscribedGuild(gid, d) {
+    if (!this._desired.has(gid)) return; // unsubscribed meanwhile
+    const sent = this._sent.get(gid) ?? null;
+    const current = this._desired.get(gid);
+    this._subscribed.add(gid);
+    let pos;
+    if (d.recovered && current && current.epoch === d.epoch) {
+      pos = current; // the replay s+1..head follows
+    } else {
+      pos = { epoch: d.epoch, s: d.s };
+      this._desired.set(gid, pos);
+      if (sent !== null) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
+    }
+    const w = this._subWaiters.get(gid);
+    this._subWaiters.delete(gid);
+    if (w) w.resolve(pos);
+  }
+
+  _event(gid, t, s, d) {
+    if (!this._desired.has(gid)) return;
+    const pos = this._desired.get(gid);
+    if (pos && s <= pos.s) {
+      this.duplicatesDropped += 1;
+      return;
+    }
+    this._desired.set(gid, { epoch: pos ? pos.epoch : "", s });
+    this._emit("event", { guild: gid, name: t, s, data: d });
+  }
+
+  _error(d) {
+    const { code, message, nonce, g } = d;
+    if (nonce != null) {
+      const w = this._publishes.get(nonce);
+      if (w) w.reject(new PublishError(code, message, g ?? null));
+      return;
+    }
+    if (g != null && this._sent.has(g) && !this._subscribed.has(g)) {
+      this._desired.delete(g);
+      this._sent.delete(g);
+      const w = this._subWaiters.get(g);
+      this._subWaiters.delete(g);
+      if (w) w.reject(new SubscribeError(code, message, g));
+      else this._emit("subscriptionlost", { guild: g, code, message });
+      return;
+    }
+    console.warn(`guildcast: server error ${code} ${message}`);
+  }
+}

@@ -1,0 +1,212 @@
+"""``python -m loadtest`` and ``guildcast loadtest``: options, then one run.
+
+Exit status: 0 when every check of the scenario holds, 1 when one fails,
+2 for a usage or target error (bad option, non-loopback URL, a server that
+would not start), 130 on Ctrl-C (after cleaning up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from loadtest.scenarios import COMMON, DEFAULTS, SCENARIOS, make_plan
+
+
+def _kv(s: str) -> tuple[str, Any]:
+    k, sep, v = s.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    val: Any = v
+    for conv in (int, float):
+        try:
+            val = conv(v)
+            break
+        except ValueError:
+            pass
+    return k.replace("-", "_"), val
+
+
+def _life(s: str) -> tuple[float, float]:
+    a, _, b = s.partition(",")
+    return float(a), float(b or a)
+
+
+def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
+    desc = "Drive a Guildcast server hard and show what it does. Scenarios: " + ", ".join(
+        f"{name} ({', '.join(f'{k}={v}' for k, v in d.items())})" for name, d in DEFAULTS.items()
+    )
+    ap = argparse.ArgumentParser(prog=prog, description=desc)
+    ap.add_argument("scenario", choices=SCENARIOS)
+    g = ap.add_argument_group("load (defaults depend on the scenario; see loadtest/README.md)")
+    g.add_argument("--clients", type=int, help="simulated subscribers")
+    g.add_argument("--guilds", type=int, help="guilds; client i joins guild i %% G")
+    g.add_argument(
+        "--duration", type=float, help=f"seconds of publishing (default {COMMON['duration']})"
+    )
+    g.add_argument(
+        "--rate", type=float, help="events/s over all publishers (0: as fast as ACKs allow)"
+    )
+    g.add_argument("--inflight", type=int, help="unacknowledged events per publisher (8 at rate 0)")
+    g.add_argument("--size", type=int, help=f"bytes of each event's d (default {COMMON['size']})")
+    g.add_argument("--publishers", type=int, help="publisher connections (default 1)")
+    g.add_argument(
+        "--via", choices=("gateway", "http"), help="publish with op 5 or POST /v1/publish"
+    )
+    g.add_argument("--workers", type=int, help="client worker processes (1: in this process)")
+    g.add_argument(
+        "--spawn", action="store_true", help="spawn a worker process even for --workers 1"
+    )
+    g.add_argument(
+        "--max-lag",
+        type=int,
+        help="flow control: events publishers may be ahead of subscribers (0: off; default "
+        "inflight x publishers at rate 0, off at a fixed rate)",
+    )
+    g.add_argument(
+        "--lat-sample", type=float, help="fraction of clients recording latency (default 1)"
+    )
+    g.add_argument("--slow-fraction", type=float, help="slowconsumers: fraction that stops reading")
+    g.add_argument(
+        "--slow-rcvbuf", type=int, help="SO_RCVBUF of slow consumers (0: kernel default)"
+    )
+    g.add_argument("--churn-fraction", type=float, help="churn: fraction that comes and goes")
+    g.add_argument("--churn-life", type=_life, help="churn: seconds subscribed, 'MIN,MAX'")
+    g.add_argument(
+        "--reconnect-at", type=float, help="reconnect: when, as a fraction of --duration"
+    )
+    g.add_argument(
+        "--reconnect-mode",
+        choices=("auto", "disconnect", "restart", "client"),
+        help="reconnect: drop sessions with srv.disconnect_all(4000) (embedded), a server "
+        "restart (process, with --data-dir), or client-side aborts; auto picks the first",
+    )
+    g.add_argument("--source-addrs", type=int, help="spread connections over 127.0.0.1..N (16)")
+    g.add_argument("--connect-concurrency", type=int, help="connections opening at once (256)")
+    g.add_argument("--connect-timeout", type=float, help="seconds for every client to connect")
+    g.add_argument("--drain-timeout", type=float, help="seconds for every delivery to arrive")
+    g.add_argument("--seed", type=int, help="seed of every random choice (1)")
+    s = ap.add_argument_group("server")
+    s.add_argument(
+        "--server",
+        choices=("embedded", "process"),
+        help="start one: in this process, or `python -m server.cli serve` pinned to "
+        "--server-cpus (default: process, unless --url is given)",
+    )
+    s.add_argument("--server-cpus", help="CPUs of the server process, e.g. 0 or 0-1")
+    s.add_argument("--client-cpus", help="CPUs of the harness, e.g. 1")
+    s.add_argument("--max-buffer", type=int, help="server max_buffer (slowconsumers: 1 MiB)")
+    s.add_argument("--history-size", type=int, help="server history_size")
+    s.add_argument(
+        "--server-opt",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other server setting (Config field / serve flag), repeatable",
+    )
+    s.add_argument("--url", help="gateway of a running server (loopback only)")
+    s.add_argument("--api-url", help="HTTP API of a running server, for --via http")
+    s.add_argument("--secret", help="the running server's token secret (tokens are minted)")
+    s.add_argument("--token", help="a token for a running server (subscribe to * and publish)")
+    s.add_argument("--api-key", help="API key for --via http")
+    s.add_argument("--server-pid", type=int, help="pid of a running server, to measure it")
+    o = ap.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", help="write the full result as JSON ('-': stdout)")
+    o.add_argument("--plot", metavar="PATH", help="draw latency percentiles and throughput (PNG)")
+    o.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    return ap
+
+
+PLAN_KEYS = (
+    "clients",
+    "guilds",
+    "duration",
+    "rate",
+    "inflight",
+    "size",
+    "publishers",
+    "workers",
+    "via",
+    "lat_sample",
+    "max_lag",
+    "slow_fraction",
+    "slow_rcvbuf",
+    "churn_fraction",
+    "churn_life",
+    "reconnect_at",
+    "reconnect_mode",
+    "source_addrs",
+    "connect_concurrency",
+    "connect_timeout",
+    "drain_timeout",
+    "seed",
+    "max_buffer",
+    "history_size",
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m loadtest") -> int:
+    from loadtest import report
+    from loadtest.runner import Run, TargetOptions
+    from loadtest.target import TargetError, loopback_host, parse_cpus
+
+    args = build_parser(prog).parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    command = f"{prog} {shlex.join(argv_list)}"
+    try:
+        plan = make_plan(args.scenario, {k: getattr(args, k) for k in PLAN_KEYS})
+    except ValueError as e:
+        print(f"loadtest: {e}", file=sys.stderr)
+        return 2
+    server = args.server or ("external" if args.url else "process")
+    if args.url and args.server:
+        print("loadtest: give either --url or --server, not both", file=sys.stderr)
+        return 2
+    topts = TargetOptions(
+        server=server,
+        url=args.url,
+        api_url=args.api_url,
+        secret=args.secret,
+        token=args.token,
+        api_key=args.api_key,
+        server_pid=args.server_pid,
+        server_cpus=parse_cpus(args.server_cpus),
+        client_cpus=parse_cpus(args.client_cpus),
+        server_opts=dict(args.server_opt),
+        spawn=args.spawn,
+    )
+    try:
+        for url, what in ((args.url, "--url"), (args.api_url, "--api-url")):
+            if url:
+                loopback_host(url, what)
+    except TargetError as e:
+        print(f"loadtest: {e}", file=sys.stderr)
+        return 2
+    progress = report.Progress(plan.scenario, args.quiet)
+    run = Run(plan, topts, progress, command)
+    try:
+        import uvloop
+
+        result = uvloop.run(run.execute())
+    except TargetError as e:
+        progress.close()
+        print(f"loadtest: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        progress.close()
+        print("loadtest: interrupted; every process it started has been stopped", file=sys.stderr)
+        return 130
+    if args.json:
+        report.write_json(result, args.json)
+    if args.plot:
+        report.plot(result, args.plot)
+    if not args.quiet:
+        report.summary(result)
+        for note in result["notes"]:
+            print(f"note: {note}")
+    return 0 if result["ok"] else 1

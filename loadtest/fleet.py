@@ -1,0 +1,925 @@
+"""Simulated subscribers: many cheap connections in one event loop (a worker).
+
+Owns every subscriber connection of one worker, their delivery checks and
+their latency samples. A :class:`Fleet` runs either inside the controller's
+loop (``--workers 1``) or in a spawned worker process (:func:`worker_main`),
+driven by the same commands and reporting the same counters.
+
+Consistency model: the fleet is single-threaded (one event loop); counters
+are cumulative and only grow, except the latency histogram, which is an
+interval: each :meth:`Fleet.report` hands over what was recorded since the
+previous one, so the controller can merge intervals from every worker
+without double counting.
+
+Per-delivery work is kept to a few bytecodes (the harness must not be the
+bottleneck before the server is): frames are split by hand, a DISPATCH of a
+load-test event has its guild, ``s`` and publish time read at fixed offsets
+(``loadtest.wire``), ``s`` is checked against the last one seen for that
+guild on this connection, and the latency goes into a plain dict keyed by
+microseconds, reduced to the HDR histogram's precision (3 significant
+digits: exact below 2048 us), so the dict holds at most about 2048 keys per
+power of two of latency (its memory bound); it is folded into the histogram
+once per report.
+
+Every delivery's ``s`` is checked per client and guild (PROTOCOL.md
+"Subscribing and recovery"): the next event must be ``last + 1``. A higher
+one is a gap (the missing events are counted), a lower or equal one a
+duplicate. After a reconnect with a Position the check continues from the
+Position; a SUBSCRIBED with ``recovered: false`` after a Position counts as
+unrecovered and the missing events as lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+
+from loadtest import wire
+
+log = logging.getLogger("loadtest.fleet")
+
+#: HDR histogram range in microseconds: 1 us to 60 s, 3 significant digits.
+HIST_MIN_US, HIST_MAX_US, HIST_DIGITS = 1, 60_000_000, 3
+#: Linux IP_BIND_ADDRESS_NO_PORT: bind the source address now but pick the
+#: port at connect(), so (src, dst) pairs, not src alone, must be unique.
+IP_BIND_ADDRESS_NO_PORT = 24
+#: Seconds a connection may take from TCP connect to the last SUBSCRIBED.
+OPEN_TIMEOUT = 30.0
+#: Seconds a client keeps retrying to reconnect (server restarts included).
+RECONNECT_DEADLINE = 60.0
+
+# Client states.
+IDLE, CONNECTING, OPENING, LIVE, SUBSCRIBING, CLOSING = range(6)
+
+#: Close codes after which a client reconnects and recovers (PROTOCOL.md
+#: "Close codes": 1001, 4000, 4009, 4010; 1006 = connection dropped; 1013 =
+#: try again later, after a backoff).
+RECONNECT_CODES = frozenset({1001, 1006, 1013, 4000, 4009, 4010})
+
+
+def new_hist() -> HdrHistogram:
+    return HdrHistogram(HIST_MIN_US, HIST_MAX_US, HIST_DIGITS)
+
+
+def fold_latencies(lat: dict[int, int], hist: HdrHistogram) -> int:
+    """Record a ``{microseconds: count}`` dict into ``hist``; returns values clamped.
+
+    Values are first reduced to the histogram's precision (above 2048 us, the
+    low bits are dropped), so the number of ``record_value`` calls is bounded
+    by the histogram's bucket count, not by the number of distinct values.
+    """
+    q: dict[int, int] = {}
+    clamped = 0
+    for v, c in lat.items():
+        if v < HIST_MIN_US:
+            v = HIST_MIN_US
+            clamped += c
+        elif v > HIST_MAX_US:
+            v = HIST_MAX_US
+            clamped += c
+        elif v >= 2048:
+            sh = v.bit_length() - 11
+            v = (v >> sh) << sh
+        q[v] = q.get(v, 0) + c
+    for v, c in q.items():
+        hist.record_value(v, c)
+    lat.clear()
+    return clamped
+
+
+@dataclass(slots=True)
+class ClientSpec:
+    cid: int
+    gids: tuple[str, ...]
+    #: "stay" (connected throughout), "slow" (stops reading), "churn" (comes and goes).
+    role: str = "stay"
+    #: Records end-to-end latency (``--lat-sample`` picks a fraction of clients).
+    lat: bool = True
+
+
+@dataclass(slots=True)
+class FleetSpec:
+    """Everything a worker needs; picklable (it crosses the spawn boundary)."""
+
+    wid: int
+    host: str
+    port: int
+    path: str
+    token: str
+    clients: list[ClientSpec]
+    #: Source addresses connections are spread over (IPv4 loopback only).
+    src_addrs: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    #: Connections opening at once (TCP connect to last SUBSCRIBED).
+    connect_concurrency: int = 256
+    #: Reconnect after a server close or drop (with the client's Positions).
+    reconnect: bool = True
+    #: SO_RCVBUF of slow clients (bytes; 0 keeps the kernel default).
+    slow_rcvbuf: int = 0
+    #: Seconds a churning client stays subscribed, drawn uniformly.
+    churn_life: tuple[float, float] = (0.5, 2.0)
+    seed: int = 0
+    cpus: list[int] | None = None
+    report_interval: float = 0.5
+
+
+class Sub(asyncio.Protocol):
+    """One simulated subscriber: a WebSocket client speaking the gateway protocol."""
+
+    __slots__ = (
+        "_accept",
+        "_frag",
+        "_gone",
+        "_hs",
+        "_ready",
+        "closing_by_us",
+        "cycle",
+        "epochs",
+        "fleet",
+        "gids",
+        "gids_b",
+        "hb_due",
+        "hb_interval",
+        "last",
+        "lat",
+        "leave_at",
+        "paused",
+        "pos",
+        "rejoin",
+        "rest",
+        "role",
+        "spec",
+        "src",
+        "state",
+        "subscribed",
+        "transport",
+        "unsub_pending",
+        "was_live",
+    )
+
+    def __init__(self, fleet: Fleet, spec: ClientSpec, src: str) -> None:
+        self.fleet = fleet
+        self.spec = spec
+        self.role = spec.role
+        self.gids = spec.gids
+        self.gids_b = tuple(g.encode() for g in spec.gids)
+        self.src = src
+        self.transport: asyncio.Transport | None = None
+        self.state = IDLE
+        self.rest = b""
+        self._hs = b""
+        self._accept = b""
+        self._frag: list[bytes] | None = None
+        self._ready: asyncio.Future[bool] | None = None
+        #: Live tracking: guild -> last ``s`` seen on this connection.
+        self.last: dict[bytes, int] = {}
+        #: Guild -> epoch from its last SUBSCRIBED.
+        self.epochs: dict[bytes, str] = {}
+        #: Positions to resume from on the next subscribe (guild -> last ``s``).
+        self.pos: dict[bytes, int] = {}
+        self.subscribed = 0
+        self.unsub_pending = 0
+        self.hb_interval = 0.0
+        self.hb_due = float("inf")
+        self.paused = False
+        self.closing_by_us = False
+        self.was_live = False
+        self.leave_at = float("inf")
+        self.cycle = 0
+        #: Set by :meth:`leave`: the fleet reconnects this client once it is gone.
+        self.rejoin = False
+        self._gone: asyncio.Future[None] | None = None
+        #: The fleet's latency dict, or None for clients whose latency is not
+        #: representative (slow consumers).
+        self.lat: dict[int, int] | None = fleet.lat if spec.lat and spec.role != "slow" else None
+
+    # --- opening ---------------------------------------------------------------
+
+    async def open(self) -> bool:
+        """Connect, identify and subscribe; True once every guild is SUBSCRIBED."""
+        fleet = self.fleet
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.role == "slow" and fleet.spec.slow_rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, fleet.spec.slow_rcvbuf)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.src, 0))
+            self.state = CONNECTING
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                await loop.sock_connect(sock, (fleet.spec.host, fleet.spec.port))
+                self._ready = loop.create_future()
+                await loop.create_connection(lambda: self, sock=sock)
+                return await self._ready
+        except (OSError, TimeoutError) as e:
+            name = type(e).__name__
+            fleet.connect_errors[name] = fleet.connect_errors.get(name, 0) + 1
+            if self.transport is not None:
+                gone = self._gone = loop.create_future()
+                self.transport.abort()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await gone
+            else:
+                sock.close()
+                self.state = IDLE
+            return False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.rest = b""
+        self._frag = None
+        self.closing_by_us = False
+        self.subscribed = 0
+        self.unsub_pending = 0
+        self.paused = False
+        req, self._accept = wire.handshake_request(
+            self.fleet.spec.host, self.fleet.spec.port, self.fleet.spec.path
+        )
+        self._hs = b""
+        self.state = CONNECTING
+        transport.write(req)
+
+    def _handshake(self, data: bytes) -> None:
+        hs = self._hs + data
+        end = hs.find(b"\r\n\r\n")
+        if end < 0:
+            if len(hs) > 16384:
+                self._fail("handshake response too long")
+            self._hs = hs
+            return
+        err = wire.check_handshake(hs[:end], self._accept)
+        if err is not None:
+            self._fail(err)
+            return
+        self._hs = b""
+        self.state = OPENING
+        rest = hs[end + 4 :]
+        if rest:
+            self._frames(rest)
+
+    def _fail(self, why: str) -> None:
+        f = self.fleet
+        f.protocol_errors += 1
+        if len(f.error_samples) < 10:
+            f.error_samples.append(why)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- receiving -------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == CONNECTING:
+            self._handshake(data)
+        else:
+            self._frames(data)
+
+    def _frames(self, data: bytes) -> None:
+        # The hot loop: see the module docstring. Locals only, no calls per
+        # delivery except bytes methods and dict get/set.
+        rest = self.rest
+        if rest:
+            data = rest + data
+            self.rest = b""
+        now = time.time_ns() // 1000
+        n = len(data)
+        i = 0
+        last = self.last
+        lat = self.lat
+        delivered = 0
+        pfx = wire.DISPATCH_PREFIX
+        pl = len(pfx)
+        g2s = wire.GID_TO_S
+        s2t = wire.S_TO_TS
+        tsd = wire.TS_DIGITS
+        while n - i >= 2:
+            ln = data[i + 1]
+            if ln < 126:
+                p = i + 2
+            elif ln == 126:
+                if n - i < 4:
+                    break
+                ln = (data[i + 2] << 8) | data[i + 3]
+                p = i + 4
+            elif ln == 127:
+                if n - i < 10:
+                    break
+                ln = int.from_bytes(data[i + 2 : i + 10], "big")
+                p = i + 10
+            else:
+                self._fail("masked server frame")
+                return
+            end = p + ln
+            if end > n:
+                break
+            if data[i] == 0x81 and data.startswith(pfx, p):
+                q = data.find(b'"', p + pl)
+                gid = data[p + pl : q]
+                st = q + g2s
+                se = data.find(b",", st)
+                s = int(data[st:se])
+                prev = last.get(gid)
+                if prev is not None and s == prev + 1:
+                    last[gid] = s
+                else:
+                    self._irregular(gid, s, prev)
+                delivered += 1
+                if lat is not None:
+                    t0 = se + s2t
+                    k = now - int(data[t0 : t0 + tsd])
+                    if k > 2047:  # the histogram's precision: bounds the dict
+                        sh = k.bit_length() - 11
+                        k = k >> sh << sh
+                    lat[k] = lat.get(k, 0) + 1
+            else:
+                self._frame(data[i], data[p:end], now)
+                if self.transport is None or self.state == CLOSING:
+                    break
+            i = end
+        if i < n and self.transport is not None:
+            self.rest = data[i:]
+        f = self.fleet
+        f.delivered += delivered
+        if f.shared is not None:
+            f.shared.value = f.delivered
+
+    def _irregular(self, gid: bytes, s: int, prev: int | None) -> None:
+        f = self.fleet
+        if prev is None:
+            f.unexpected += 1
+        elif s <= prev:
+            f.dups += 1
+        else:
+            f.gaps += 1
+            f.gap_events += s - prev - 1
+            self.last[gid] = s
+
+    def _frame(self, b0: int, payload: bytes, now: int) -> None:
+        # ``now``: microseconds since the epoch, as the events' ``ts``.
+        op = b0 & 0x0F
+        fin = b0 & 0x80
+        if op == wire.OP_TEXT:
+            if fin:
+                self._message(payload, now)
+            else:
+                self._frag = [payload]
+        elif op == wire.OP_CONT:
+            if self._frag is None:
+                self._fail("stray continuation frame")
+                return
+            self._frag.append(payload)
+            if fin:
+                whole = b"".join(self._frag)
+                self._frag = None
+                self._message(whole, now)
+        elif op == wire.OP_CLOSE:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self._closed_by_server(code)
+        elif op == wire.OP_PING:
+            self.send_raw(wire.client_frame(wire.OP_PONG, payload))
+        elif op == wire.OP_PONG:
+            pass
+        else:
+            self._fail(f"unexpected opcode {op}")
+
+    def _message(self, payload: bytes, now: int) -> None:
+        f = self.fleet
+        try:
+            msg = orjson.loads(payload)
+            op = msg["op"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self._fail("undecodable message")
+            return
+        d = msg.get("d")
+        if op == 0:
+            t = msg.get("t")
+            g = msg.get("g")
+            if t == wire.EVENT and isinstance(g, str):
+                # A load-test event the fast path did not match (other key
+                # order or a fragmented frame): same checks, slower.
+                gb = g.encode()
+                s = msg["s"]
+                prev = self.last.get(gb)
+                if prev is not None and s == prev + 1:
+                    self.last[gb] = s
+                else:
+                    self._irregular(gb, s, prev)
+                f.delivered += 1
+                if self.lat is not None and isinstance(d, dict) and "ts" in d:
+                    k = now - int(d["ts"])
+                    if k > 2047:
+                        sh = k.bit_length() - 11
+                        k = k >> sh << sh
+                    self.lat[k] = self.lat.get(k, 0) + 1
+            elif t == "READY":
+                pass
+            elif t == "SUBSCRIBED" and isinstance(g, str) and isinstance(d, dict):
+                self._subscribed(g.encode(), d)
+            elif t == "UNSUBSCRIBED" and isinstance(g, str):
+                self._unsubscribed(g.encode())
+            else:
+                f.other_dispatches += 1
+        elif op == 10:  # HELLO
+            self.hb_interval = float(d["heartbeat_interval"]) / 1000.0 if d else 30.0
+            self.hb_due = time.monotonic() + self.hb_interval * random.uniform(0.5, 0.9)
+            guilds: dict[str, Any] = {}
+            for g, gb in zip(self.gids, self.gids_b, strict=True):
+                guilds[g] = self._position(gb)
+            self.send_raw(wire.message(2, {"token": f.spec.token, "guilds": guilds}))
+        elif op == 11:  # HEARTBEAT_ACK
+            pass
+        elif op == 7:  # RECONNECT: the close (1001) follows
+            f.reconnect_requests += 1
+        elif op == 13:  # ERROR
+            code = d.get("code") if isinstance(d, dict) else None
+            f.errors[code] = f.errors.get(code, 0) + 1
+            if len(f.error_samples) < 10:
+                f.error_samples.append(repr(d)[:200])
+        else:
+            f.other_dispatches += 1
+
+    def _position(self, gb: bytes) -> dict[str, Any] | None:
+        s = self.pos.get(gb)
+        epoch = self.epochs.get(gb)
+        if s is None or epoch is None:
+            return None
+        return {"epoch": epoch, "s": s}
+
+    def _subscribed(self, gb: bytes, d: dict[str, Any]) -> None:
+        f = self.fleet
+        head = int(d["s"])
+        epoch = str(d["epoch"])
+        asked = self.pos.pop(gb, None)
+        if asked is not None and self.epochs.get(gb) is not None:
+            if d.get("recovered") and epoch == self.epochs[gb]:
+                f.recovered += 1
+                self.last[gb] = asked  # the replay asked + 1 .. head follows
+            else:
+                f.unrecovered += 1
+                if epoch == self.epochs[gb] and head > asked:
+                    f.gaps += 1
+                    f.gap_events += head - asked
+                self.last[gb] = head
+        else:
+            self.last[gb] = head
+        self.epochs[gb] = epoch
+        self.subscribed += 1
+        if self.subscribed >= len(self.gids_b):
+            self._go_live()
+
+    def _unsubscribed(self, gb: bytes) -> None:
+        s = self.last.pop(gb, None)
+        if s is not None:
+            self.pos[gb] = s
+        self.unsub_pending -= 1
+        if self.unsub_pending == 0 and self.state == SUBSCRIBING:
+            guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
+            self.send_raw(wire.message(3, {"guilds": guilds}))
+
+    def _go_live(self) -> None:
+        f = self.fleet
+        if self.state != LIVE:
+            self.state = LIVE
+            f.live += 1
+            if not self.was_live:
+                self.was_live = True
+                f.ever_live += 1
+                if f.ever_live == len(f.clients):
+                    f.all_live_at = time.time()
+            if self.role == "churn":
+                lo, hi = f.spec.churn_life
+                self.leave_at = time.monotonic() + f.rng.uniform(lo, hi)
+            if f.slow_paused and self.role == "slow":
+                self.pause()
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_result(True)
+
+    def _closed_by_server(self, code: int) -> None:
+        f = self.fleet
+        f.closes[code] = f.closes.get(code, 0) + 1
+        if self.role == "slow":
+            f.slow_closed[code] = f.slow_closed.get(code, 0) + 1
+        t = self.transport
+        if t is not None and not self.closing_by_us:
+            with contextlib.suppress(RuntimeError):
+                t.write(wire.close_frame(code if code < 5000 and code != 1005 else 1000))
+        self._set_closing()
+        if t is not None:
+            t.close()
+
+    def _set_closing(self) -> None:
+        if self.state == LIVE:
+            self.fleet.live -= 1
+        self.state = CLOSING
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        f = self.fleet
+        was_closing = self.state == CLOSING
+        if self.state == LIVE:
+            f.live -= 1
+        if not was_closing:
+            # Dropped without a close frame: 1006 in RFC 6455 terms.
+            f.closes[1006] = f.closes.get(1006, 0) + 1
+            if self.role == "slow":
+                f.slow_closed[1006] = f.slow_closed.get(1006, 0) + 1
+        self.state = IDLE
+        self.transport = None
+        self.hb_due = float("inf")
+        # Keep a Position for every guild tracked on this connection.
+        for gb, s in self.last.items():
+            self.pos[gb] = s
+        self.last.clear()
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_result(False)
+        gone = self._gone
+        if gone is not None and not gone.done():
+            gone.set_result(None)
+        f.lost(self)
+
+    # --- sending ---------------------------------------------------------------
+
+    def send_raw(self, frame: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(frame)
+
+    def heartbeat(self, now: float) -> None:
+        self.send_raw(wire.text(wire.HEARTBEAT))
+        self.hb_due = now + self.hb_interval
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.paused:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.transport is not None and self.paused:
+            self.transport.resume_reading()
+            self.paused = False
+
+    def leave(self, fresh: bool) -> None:
+        """Close from our side (code 1000) and rejoin once gone; ``fresh``
+        forgets the Positions (a new subscriber), else it recovers."""
+        self.closing_by_us = True
+        self.rejoin = True
+        self.send_raw(wire.close_frame(1000, "bye"))
+        if fresh:
+            self.pos.clear()
+            self.last.clear()
+        self._set_closing()
+        if self.transport is not None:
+            self.transport.close()
+
+    def resubscribe(self) -> None:
+        """UNSUBSCRIBE every guild, then SUBSCRIBE again from the Positions."""
+        self._set_closing_sub()
+        self.unsub_pending = len(self.gids)
+        self.subscribed = 0
+        self.send_raw(wire.message(4, {"guilds": list(self.gids)}))
+
+    def _set_closing_sub(self) -> None:
+        if self.state == LIVE:
+            self.fleet.live -= 1
+        self.state = SUBSCRIBING
+
+    def drop(self) -> None:
+        """Abort the TCP connection (no close frame): the client reconnects."""
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Fleet:
+    """All subscribers of one worker, their connector pool and their timers."""
+
+    def __init__(self, spec: FleetSpec, shared: Any = None) -> None:
+        self.spec = spec
+        #: A ``multiprocessing.RawValue("q")`` mirroring ``delivered`` for the
+        #: controller's flow control (spawned workers only; None inline).
+        self.shared = shared
+        self.rng = random.Random(spec.seed * 1_000_003 + spec.wid)
+        self.lat: dict[int, int] = {}
+        self.hist = new_hist()
+        self.lat_clamped = 0
+        addrs = spec.src_addrs or ["127.0.0.1"]
+        self.clients = [Sub(self, c, addrs[c.cid % len(addrs)]) for c in spec.clients]
+        self.churners = [c for c in self.clients if c.role == "churn"]
+        # Counters (cumulative).
+        self.delivered = 0
+        self.gaps = 0
+        self.gap_events = 0
+        self.dups = 0
+        self.unexpected = 0
+        self.recovered = 0
+        self.unrecovered = 0
+        self.live = 0
+        self.ever_live = 0
+        self.all_live_at: float | None = None
+        self.connects = 0
+        self.connect_failures = 0
+        self.reconnects = 0
+        self.reconnect_requests = 0
+        self.protocol_errors = 0
+        self.other_dispatches = 0
+        self.closes: dict[int, int] = {}
+        self.slow_closed: dict[int, int] = {}
+        self.errors: dict[Any, int] = {}
+        self.connect_errors: dict[str, int] = {}
+        self.error_samples: list[str] = []
+        self.churn_leaves = 0
+        self.churn_resubscribes = 0
+        # Control state.
+        self.churn_on = False
+        self.slow_paused = False
+        self.heads: dict[bytes, int] | None = None
+        self.stopping = False
+        #: Clients waiting to (re)connect. Bounded by the number of clients:
+        #: a client is queued at most once at a time (``_queued``).
+        self._queue: deque[Sub] = deque()
+        self._queued: set[int] = set()
+        self._wake = asyncio.Event()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> Fleet:
+        tg = self._tg = asyncio.TaskGroup()
+        await tg.__aenter__()
+        for k in range(max(1, self.spec.connect_concurrency)):
+            self._tasks.append(tg.create_task(self._connector(), name=f"connector-{k}"))
+        self._tasks.append(tg.create_task(self._ticker(), name="ticker"))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Close every connection and stop every task this fleet owns."""
+        if self._tg is None:
+            return
+        self.stopping = True
+        for h in self._timers:
+            h.cancel()
+        self._timers.clear()
+        for c in self.clients:
+            if c.transport is not None:
+                c.closing_by_us = True
+                c._set_closing()
+                c.transport.abort()
+        tg, self._tg = self._tg, None
+        for task in self._tasks:
+            task.cancel()
+        await tg.__aexit__(None, None, None)
+
+    def connect_all(self) -> None:
+        for c in self.clients:
+            self._enqueue(c)
+
+    def _enqueue(self, c: Sub) -> None:
+        if self.stopping or c.spec.cid in self._queued:
+            return
+        self._queued.add(c.spec.cid)
+        self._queue.append(c)
+        self._wake.set()
+
+    def _enqueue_later(self, c: Sub, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        h: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(h)
+            self._enqueue(c)
+
+        h = loop.call_later(delay, fire)
+        self._timers.add(h)
+
+    async def _connector(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            c = self._queue.popleft()
+            started = time.monotonic()
+            attempt = 0
+            while not self.stopping:
+                if c.state != IDLE:
+                    break
+                if await c.open():
+                    self.connects += 1
+                    break
+                attempt += 1
+                if not self.spec.reconnect or time.monotonic() - started > RECONNECT_DEADLINE:
+                    self.connect_failures += 1
+                    break
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt) * self.rng.uniform(0.5, 1.0))
+            self._queued.discard(c.spec.cid)
+
+    def lost(self, c: Sub) -> None:
+        """A connection ended; reconnect it if the policy says so."""
+        if self.stopping or not c.was_live:
+            return
+        if c.rejoin:
+            c.rejoin = False
+            self._enqueue_later(c, self.rng.uniform(0.0, 0.3))
+            return
+        if c.closing_by_us:
+            return  # churn or shutdown: whoever closed it decides
+        if c.role == "slow":
+            return  # slow consumers stay closed: their loss is expected
+        if self.spec.reconnect:
+            self.reconnects += 1
+            self._enqueue_later(c, self.rng.uniform(0.0, 0.2))
+
+    async def _ticker(self) -> None:
+        """Churn every 50 ms; heartbeats every second.
+        One task for all clients: no timer per connection."""
+        tick = 0
+        while True:
+            await asyncio.sleep(0.05)
+            tick += 1
+            now = time.monotonic()
+            if self.churn_on:
+                for c in self.churners:
+                    if c.state == LIVE and c.leave_at <= now:
+                        self._churn(c)
+            if tick % 20 == 0:
+                for c in self.clients:
+                    if c.hb_due <= now and c.transport is not None:
+                        c.heartbeat(now)
+
+    def _churn(self, c: Sub) -> None:
+        c.cycle += 1
+        kind = c.cycle % 3
+        if kind == 0:
+            self.churn_resubscribes += 1
+            c.leave_at = float("inf")
+            c.resubscribe()
+            return
+        self.churn_leaves += 1
+        c.leave(fresh=kind == 1)
+
+    # --- control ---------------------------------------------------------------
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        name = cmd["cmd"]
+        if name == "connect":
+            self.connect_all()
+        elif name == "slow_pause":
+            self.slow_paused = True
+            for c in self.clients:
+                if c.role == "slow":
+                    c.pause()
+        elif name == "slow_resume":
+            self.slow_paused = False
+            for c in self.clients:
+                if c.role == "slow":
+                    c.resume()
+        elif name == "churn":
+            self.churn_on = bool(cmd["on"])
+        elif name == "drop":
+            for c in self.clients:
+                if c.state == LIVE:
+                    c.drop()
+        elif name == "expect":
+            self.heads = {g.encode(): int(s) for g, s in cmd["heads"].items()}
+        else:
+            raise ValueError(f"unknown command {name!r}")
+
+    def lagging(self) -> int:
+        """(client, guild) pairs behind the expected heads, among non-slow clients."""
+        heads = self.heads
+        if heads is None:
+            return -1
+        n = 0
+        for c in self.clients:
+            if c.role == "slow":
+                continue
+            if c.state != LIVE:
+                n += len(c.gids_b)
+                continue
+            for gb, s in c.last.items():
+                if s < heads.get(gb, 0):
+                    n += 1
+        return n
+
+    def report(self) -> dict[str, Any]:
+        """Cumulative counters plus the latency histogram of the last interval."""
+        self.lat_clamped += fold_latencies(self.lat, self.hist)
+        hist = self.hist
+        self.hist = new_hist()
+        slow = [c for c in self.clients if c.role == "slow"]
+        return {
+            "wid": self.spec.wid,
+            "pid": os.getpid(),
+            "clients": len(self.clients),
+            "live": self.live,
+            "ever_live": self.ever_live,
+            "all_live_at": self.all_live_at,
+            "connects": self.connects,
+            "connect_failures": self.connect_failures,
+            "connect_errors": dict(self.connect_errors),
+            "reconnects": self.reconnects,
+            "reconnect_requests": self.reconnect_requests,
+            "delivered": self.delivered,
+            "gaps": self.gaps,
+            "gap_events": self.gap_events,
+            "dups": self.dups,
+            "unexpected": self.unexpected,
+            "recovered": self.recovered,
+            "unrecovered": self.unrecovered,
+            "protocol_errors": self.protocol_errors,
+            "other_dispatches": self.other_dispatches,
+            "closes": {str(k): v for k, v in self.closes.items()},
+            "errors": {str(k): v for k, v in self.errors.items()},
+            "error_samples": list(self.error_samples),
+            "churn_leaves": self.churn_leaves,
+            "churn_resubscribes": self.churn_resubscribes,
+            "slow_clients": len(slow),
+            "slow_live": sum(1 for c in slow if c.state == LIVE),
+            "slow_closed": {str(k): v for k, v in self.slow_closed.items()},
+            "lagging": self.lagging() if self.heads is not None else None,
+            "lat_clamped": self.lat_clamped,
+            "hist": base64.b64encode(hist.encode()).decode() if hist.get_total_count() else "",
+        }
+
+
+# --- worker process ------------------------------------------------------------
+
+
+def pin_and_raise_limits(cpus: list[int] | None) -> None:
+    """Pin this process to ``cpus`` and raise its open-files soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def worker_main(conn: Any, spec: FleetSpec, shared: Any = None) -> None:
+    """Entry point of a spawned worker: run a fleet, obey the controller's pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller owns Ctrl-C
+    pin_and_raise_limits(spec.cpus)
+    import uvloop
+
+    uvloop.run(_worker(conn, spec, shared))
+
+
+async def _worker(conn: Any, spec: FleetSpec, shared: Any) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    fleet = Fleet(spec, shared)
+
+    def readable() -> None:
+        try:
+            while conn.poll():
+                cmd = conn.recv()
+                if cmd["cmd"] == "close":
+                    stop.set()
+                else:
+                    fleet.command(cmd)
+        except (EOFError, OSError):
+            stop.set()  # the controller is gone: clean up and exit
+
+    loop.add_reader(conn.fileno(), readable)
+    try:
+        async with fleet:
+            conn.send({"cmd": "started", "pid": os.getpid()})
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), spec.report_interval)
+                if not stop.is_set():
+                    conn.send(fleet.report())
+            await fleet.shutdown()
+            final = fleet.report()
+            final["final"] = True
+            conn.send(final)
+    except (BrokenPipeError, EOFError, OSError):
+        pass
+    finally:
+        loop.remove_reader(conn.fileno())
+
+
+#: Type of the callable the controller gets reports through.
+ReportSink = Callable[[dict[str, Any]], None]

@@ -1,0 +1,772 @@
+"""One load-test run, from starting the server to the result.
+
+Owns the run's phases and everything started for it: the target server (via
+:mod:`loadtest.target`), the subscriber workers, the publishers and the
+monitor's ticker. Every one of them is stopped in ``finally`` whatever
+happened (an error, a timeout, Ctrl-C), in the reverse order of starting.
+
+Phases, each bounded in time:
+
+1. connect: every client connects, identifies and subscribes
+   (``--connect-timeout``);
+2. publish (or, for ``connect``, idle then one probe event per guild):
+   ``--duration`` seconds, with the scenario's action (slow consumers stop
+   reading, churn, sessions dropped at ``--reconnect-at``);
+3. drain: publishers stop and collect their last ACKs; every client that
+   should be connected is; every subscriber must reach the highest
+   acknowledged ``s`` of its guild (``--drain-timeout``); slow consumers
+   then read again and their close codes are counted.
+
+The result is a plain dict (the ``--json`` output); ``checks`` holds the
+scenario's invariants and ``ok`` is true only if all of them hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import platform
+import signal
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from loadtest import target as tgt
+from loadtest.fleet import FleetSpec
+from loadtest.monitor import TICK, Mark, Monitor, ProcSampler, percentiles
+from loadtest.publish import GatewayPublisher, HttpPublisher, PubStats, ack_hist
+from loadtest.report import Progress
+from loadtest.scenarios import Plan, assign
+from loadtest.workers import InlineWorker, ProcessWorker
+
+#: A harness process above this share of one core is the bottleneck.
+SATURATED_PCT = 90.0
+#: A process that waited longer than this share of the time for a CPU was
+#: competing with other load (Linux schedstat run delay).
+CONTENDED_PCT = 20.0
+#: Seconds slow consumers get, once reading again, to show how they were closed.
+SLOW_RESUME_TIMEOUT = 8.0
+#: Extra server RSS allowed over slow consumers x max_buffer (allocator
+#: slack, history, fast clients' in-flight bytes) before "bounded" fails.
+RSS_SLACK = 96 * 1024 * 1024
+#: File descriptors a process needs besides its connections.
+FD_MARGIN = 64
+
+
+@dataclass
+class TargetOptions:
+    server: str = "process"  # embedded | process | external
+    url: str | None = None
+    api_url: str | None = None
+    secret: str | None = None
+    token: str | None = None
+    api_key: str | None = None
+    server_pid: int | None = None
+    server_cpus: list[int] | None = None
+    client_cpus: list[int] | None = None
+    server_opts: dict[str, Any] = field(default_factory=dict)
+    spawn: bool = False
+
+
+def mint(secret: str, sub: str, guilds: list[str], pub: list[str], pub_rate: float | None) -> str:
+    """An HS256 token as PROTOCOL.md "Tokens" describes (valid for one day)."""
+    claims: dict[str, Any] = {"sub": sub, "guilds": guilds, "pub": pub}
+    if pub_rate is not None:
+        claims["pub_rate"] = pub_rate
+    claims["exp"] = int(time.time()) + 24 * 3600
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+class Run:
+    def __init__(self, plan: Plan, topts: TargetOptions, progress: Progress, command: str) -> None:
+        self.plan = plan
+        self.topts = topts
+        self.ui = progress
+        self.command = command
+        self.monitor = Monitor()
+        self.pubstats = PubStats()
+        self.target: tgt.Target | None = None
+        self.workers: list[InlineWorker | ProcessWorker] = []
+        self.finals: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.aborted: str | None = None
+        self.phase = "setup"
+        self._tick_ev = asyncio.Event()
+        self.nofile = (0, 0)
+        self.connect_wall = 0.0
+        self.tcp_established: int | None = None
+        self.drop_mode: str | None = None
+        self.server_stats: dict[str, Any] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self.slow_count = sum(1 for w in assign(plan) for c in w if c.role == "slow")
+
+    # --- top level ---------------------------------------------------------------
+
+    async def execute(self) -> dict[str, Any]:
+        p = self.plan
+        bound = p.connect_timeout + p.duration + 3 * p.drain_timeout + SLOW_RESUME_TIMEOUT + 120
+        # The Run owns its ticker: cancelled and awaited before teardown.
+        loop = asyncio.get_running_loop()
+        ticker = loop.create_task(self._tick_loop(), name="monitor")
+        main = asyncio.current_task()
+        assert main is not None
+        # SIGTERM ends a run like Ctrl-C does (asyncio.Runner cancels on SIGINT):
+        # the main task is cancelled and teardown still runs.
+        loop.add_signal_handler(signal.SIGTERM, main.cancel)
+        try:
+            async with asyncio.timeout(bound):
+                await self._setup()
+                await self._connect_phase()
+                if p.publishes:
+                    await self._publish_phase()
+                else:
+                    await self._idle_phase()
+                await self._drain_phase()
+        except TimeoutError:
+            self.aborted = f"the run passed its time bound ({bound:.0f} s)"
+        except RuntimeError as e:
+            self.aborted = str(e)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await self._teardown()
+        return self._result()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self._collect()
+            row = self.monitor.tick(self.pubstats.sent, self.pubstats.acked, self.phase)
+            p99 = None
+            if not self.ui.quiet and len(self.monitor.timeline) % 4 == 0:
+                p99 = percentiles(self.monitor.total).get("p99")
+            self.ui.update(row, self.plan.clients, p99)
+            self._tick_ev.set()
+
+    def _collect(self) -> None:
+        for w in self.workers:
+            self.monitor.absorb(w.collect())
+
+    async def _until(self, pred: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._tick_ev.clear()
+            if pred(self.monitor.counters()):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tick_ev.wait(), min(left, 2 * TICK))
+
+    # --- setup -------------------------------------------------------------------
+
+    def _make_target(self) -> tgt.Target:
+        p, o = self.plan, self.topts
+        conf: dict[str, Any] = {}
+        if p.max_buffer is not None:
+            conf["max_buffer"] = p.max_buffer
+        if p.history_size is not None:
+            conf["history_size"] = p.history_size
+        conf.update(o.server_opts)
+        if o.server == "external":
+            if not o.url:
+                raise tgt.TargetError("give --url (or --server embedded|process)")
+            host, port, path = tgt.loopback_host(o.url, "--url")
+            t: tgt.Target = tgt.ExternalTarget("external", host, port, path)
+            t.secret, t.token, t.api_key = o.secret, o.token, o.api_key
+            t.pid = o.server_pid
+            if conf:
+                self.notes.append(f"server settings {conf} not applied: the server is external")
+        else:
+            # Room for every subscriber and publisher, whatever the default.
+            conf.setdefault("max_connections", p.clients + p.publishers * max(1, p.inflight) + 64)
+            if o.server == "embedded":
+                t = tgt.EmbeddedTarget("embedded", config={"host": "127.0.0.1", "port": 0, **conf})
+            else:
+                t = tgt.ProcessTarget("process", flags=conf, cpus=o.server_cpus)
+                if p.scenario == "reconnect":
+                    self._tmp = tempfile.TemporaryDirectory(prefix="guildcast-loadtest-")
+                    t.data_dir = self._tmp.name
+            t.settings = dict(conf)
+            t.want_api = p.via == "http"
+        if o.api_url:
+            ah, ap, _ = tgt.loopback_host(o.api_url, "--api-url")
+            t.api_host, t.api_port = ah, ap
+        if o.api_key:
+            t.api_key = o.api_key
+        return t
+
+    def _preflight(self) -> None:
+        p, o = self.plan, self.topts
+        self.nofile = tgt.raise_nofile()
+        hard = self.nofile[1]
+        pubs = p.publishers * (p.inflight if p.via == "http" else 1)
+        inline = p.workers == 1 and not o.spawn
+        need = (p.clients if inline else 0) + pubs + FD_MARGIN
+        if o.server == "embedded":
+            need += p.clients + pubs
+        if need > hard:
+            raise tgt.TargetError(
+                f"this run needs about {need} open files in the harness process and the hard "
+                f"limit is {hard}: use --server process and/or more --workers"
+            )
+        if not inline and p.clients // p.workers + FD_MARGIN > hard:
+            raise tgt.TargetError(f"{p.clients // p.workers} connections per worker > {hard}")
+
+    async def _setup(self) -> None:
+        p, o = self.plan, self.topts
+        self._preflight()
+        if o.client_cpus:
+            os.sched_setaffinity(0, o.client_cpus)
+        self.target = t = self._make_target()
+        self.ui.log(f"starting the server ({t.mode})")
+        await t.start()
+        if t.secret:
+            self.sub_token = mint(t.secret, "lt-sub", ["*"], [], None)
+            self.pub_token = mint(t.secret, "lt-pub", [], ["*"], 0)
+        elif t.token:
+            self.sub_token = self.pub_token = t.token
+        else:
+            raise tgt.TargetError("give --secret (to mint tokens) or --token for this server")
+        if p.via == "http" and t.api_port is None:
+            raise tgt.TargetError(
+                "--via http needs the server's HTTP API: give --api-url, or use a server "
+                "with --api-port"
+            )
+        mon = self.monitor
+        if t.mode == "embedded":
+            mon.server = ProcSampler(os.getpid())
+        elif t.pid is not None:
+            mon.server = ProcSampler(t.pid)
+        src = ["127.0.0.1"]
+        if t.host.startswith("127."):
+            src = [f"127.0.0.{k}" for k in range(1, p.source_addrs + 1)]
+        per = assign(p)
+        inline = p.workers == 1 and not o.spawn
+        for wid, clients in enumerate(per):
+            spec = FleetSpec(
+                wid=wid,
+                host=t.host,
+                port=t.port,
+                path=t.path,
+                token=self.sub_token,
+                clients=clients,
+                src_addrs=src,
+                connect_concurrency=max(8, p.connect_concurrency // p.workers),
+                slow_rcvbuf=p.slow_rcvbuf,
+                churn_life=p.churn_life,
+                seed=p.seed,
+                cpus=o.client_cpus,
+            )
+            self.workers.append(InlineWorker(spec) if inline else ProcessWorker(spec))
+        self.ui.log(f"starting {len(self.workers)} worker(s) ({'inline' if inline else 'spawned'})")
+        await asyncio.gather(*(w.start() for w in self.workers))
+        role = "controller+fleet" if inline else "controller"
+        if t.mode == "embedded":
+            role += "+server"
+        mon.add_harness(os.getpid(), role)
+        workers = self.workers
+        mon.delivered_fn = lambda: sum(w.delivered_now() for w in workers)
+        mon.pub_fn = lambda: (self.pubstats.sent, self.pubstats.acked)
+        for w in self.workers:
+            if w.pid is not None and w.pid != os.getpid():
+                mon.add_harness(w.pid, f"worker{w.spec.wid}")
+
+    # --- phases ------------------------------------------------------------------
+
+    async def _connect_phase(self) -> None:
+        p = self.plan
+        self.phase = "connect"
+        self.ui.log(f"connecting {p.clients} clients")
+        self.monitor.mark("connect")
+        self.connect_wall = time.time()
+        for w in self.workers:
+            w.send({"cmd": "connect"})
+        ok = await self._until(
+            lambda c: (
+                c["ever_live"] >= p.clients or c["ever_live"] + c["connect_failures"] >= p.clients
+            ),
+            p.connect_timeout,
+        )
+        self._collect()
+        self.monitor.mark("connected")
+        if not ok:
+            c = self.monitor.counters()
+            raise RuntimeError(
+                f"only {c['ever_live']}/{p.clients} clients connected within "
+                f"{p.connect_timeout:.0f} s (errors: {c['connect_errors']})"
+            )
+        t = self.target
+        if t is not None and t.mode == "process" and self.monitor.server is not None:
+            self.tcp_established = await asyncio.to_thread(self.monitor.server.tcp_established)
+
+    def _publishers(self) -> list[GatewayPublisher | HttpPublisher]:
+        p, t = self.plan, self.target
+        assert t is not None
+        gids = p.gids()
+        rate = p.rate / p.publishers
+        out: list[GatewayPublisher | HttpPublisher] = []
+        for k in range(p.publishers):
+            seed = p.seed * 7919 + k
+            if p.via == "http":
+                assert t.api_port is not None
+                out.append(
+                    HttpPublisher(
+                        t.api_host or t.host,
+                        t.api_port,
+                        t.api_key,
+                        gids,
+                        rate,
+                        p.inflight,
+                        p.size,
+                        self.pubstats,
+                        seed,
+                    )
+                )
+            else:
+                out.append(
+                    GatewayPublisher(
+                        t.host,
+                        t.port,
+                        t.path,
+                        self.pub_token,
+                        gids,
+                        rate,
+                        p.inflight,
+                        p.size,
+                        self.pubstats,
+                        seed,
+                    )
+                )
+        if p.max_lag:
+            gate = self._gate()
+            for pub in out:
+                pub.gate = gate
+        return out
+
+    def _gate(self) -> Callable[[], int]:
+        """Events publishers may still send before being ``max_lag`` ahead of
+        the average subscriber (see loadtest/publish.py, flow control)."""
+        p = self.plan
+        per_event = max(1e-9, (p.clients - self.slow_count) / p.guilds)
+        workers = self.workers
+        stats = self.pubstats
+
+        def gate() -> int:
+            delivered = sum(w.delivered_now() for w in workers)
+            return int(p.max_lag - (stats.sent - delivered / per_event))
+
+        return gate
+
+    async def _publish_phase(self) -> None:
+        p = self.plan
+        pubs = self._publishers()
+        stop = asyncio.Event()
+        if p.slow_fraction:
+            self._send_all({"cmd": "slow_pause"})
+        if p.churn_fraction:
+            self._send_all({"cmd": "churn", "on": True})
+        self.phase = "publish"
+        self.ui.log(f"publishing for {p.duration:.0f} s at {p.rate or 'max'} events/s via {p.via}")
+        self.monitor.mark("publish")
+        async with asyncio.TaskGroup() as tg:
+            for k, pub in enumerate(pubs):
+                tg.create_task(pub.run(stop), name=f"publisher-{k}")
+            dropper = None
+            if p.scenario == "reconnect":
+                dropper = tg.create_task(self._drop_later(), name="dropper")
+            await asyncio.sleep(p.duration)
+            stop.set()
+            for pub in pubs:
+                pub.wake()
+            self.phase = "finish"
+            if dropper is not None:
+                await dropper
+        self.monitor.mark("publish_end")
+        if p.churn_fraction:
+            self._send_all({"cmd": "churn", "on": False})
+
+    async def _drop_later(self) -> None:
+        p, t = self.plan, self.target
+        assert t is not None
+        await asyncio.sleep(p.duration * p.reconnect_at)
+        mode = p.reconnect_mode
+        if mode == "auto":
+            mode = t.drop_modes[0]
+        elif mode == "disconnect":
+            mode = "disconnect_all"
+        if mode not in t.drop_modes:
+            raise RuntimeError(
+                f"--reconnect-mode {p.reconnect_mode}: this {t.mode} server allows "
+                f"{', '.join(t.drop_modes)}"
+            )
+        self.drop_mode = mode
+        self.monitor.mark("drop")
+        before = self.monitor.counters()["reconnects"]
+        self.ui.log(f"dropping every session ({mode})")
+        if mode == "disconnect_all":
+            t.disconnect_all(4000)
+        elif mode == "restart":
+            await t.restart()
+            if self.monitor.server is not None and t.pid is not None:
+                self.monitor.server.switch(t.pid)
+        else:
+            self._send_all({"cmd": "drop"})
+        n = p.clients
+        ok = await self._until(
+            lambda c: c["reconnects"] - before >= n and c["live"] >= n, p.drain_timeout
+        )
+        self.monitor.mark("recovered" if ok else "recovery_timeout")
+
+    async def _idle_phase(self) -> None:
+        p, t = self.plan, self.target
+        assert t is not None
+        self.phase = "idle"
+        self.ui.log(f"holding {p.clients} idle connections for {p.duration:.0f} s")
+        self.monitor.mark("publish")
+        await asyncio.sleep(p.duration)
+        self.monitor.mark("idle_end")
+        # One probe event per guild: every idle connection must still deliver.
+        self.phase = "probe"
+        pub = GatewayPublisher(
+            t.host, t.port, t.path, self.pub_token, p.gids(), 0, 64, p.size, self.pubstats, p.seed
+        )
+        if not await pub.open():
+            raise RuntimeError("the probe publisher could not connect")
+        for gid in p.gids():
+            pub.gids, pub.gids_b = [gid], [gid.encode()]
+            while len(pub.inflight) >= pub.window:
+                pub.room.clear()
+                await asyncio.wait_for(pub.room.wait(), 10)
+            pub._send(1)
+        await pub.finish()
+        self.monitor.mark("publish_end")
+
+    async def _drain_phase(self) -> None:
+        p = self.plan
+        self.phase = "drain"
+        want = p.clients - self.slow_count
+        ok = await self._until(lambda c: c["live"] - c["slow_live"] >= want, p.drain_timeout)
+        if not ok:
+            self.notes.append("not every non-slow client was connected at the end of the run")
+        heads = dict(self.pubstats.heads)
+        self._send_all({"cmd": "expect", "heads": heads})
+        self.ui.log(
+            f"draining: every subscriber must reach the last acknowledged s ({len(heads)} guilds)"
+        )
+        await self._until(lambda c: c["lagging"] == 0, p.drain_timeout)
+        self._collect()
+        self.monitor.mark("drained")
+        if self.slow_count:
+            self.phase = "slow-resume"
+            self._send_all({"cmd": "slow_resume"})
+            await self._until(lambda c: c["slow_live"] == 0, SLOW_RESUME_TIMEOUT)
+            self._collect()
+            self.monitor.mark("slow_resumed")
+        self.phase = "done"
+
+    def _send_all(self, cmd: dict[str, Any]) -> None:
+        for w in self.workers:
+            w.send(cmd)
+
+    # --- teardown ----------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        self.ui.close()
+        for w in self.workers:
+            try:
+                final = await w.close()
+                self.monitor.absorb(w.collect() if isinstance(w, ProcessWorker) else [])
+                self.monitor.absorb([final])
+                self.finals.append(final)
+            except Exception as e:
+                self.notes.append(f"worker {w.spec.wid}: {e}")
+                if isinstance(w, ProcessWorker):
+                    await w.kill()
+        t = self.target
+        if t is not None:
+            with contextlib.suppress(Exception):
+                self.server_stats = t.server_stats()
+            await t.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    # --- result ------------------------------------------------------------------
+
+    def _result(self) -> dict[str, Any]:
+        p, mon, t = self.plan, self.monitor, self.target
+        final = mon.counters()
+        m_conn, m_conned = mon.get_mark("connect"), mon.get_mark("connected")
+        m_pub, m_drained = mon.get_mark("publish"), mon.get_mark("drained")
+        m_pub_end = mon.get_mark("publish_end")
+        m_drop, m_rec = mon.get_mark("drop"), mon.get_mark("recovered")
+        connected = m_conned.counters["ever_live"] if m_conned else 0
+        all_live_at = m_conned.counters.get("all_live_at") if m_conned else None
+        if all_live_at and self.connect_wall:
+            conn_s = max(1e-6, all_live_at - self.connect_wall)
+        elif m_conn and m_conned:
+            conn_s = m_conned.t - m_conn.t
+        else:
+            conn_s = 0.0
+        rss_per_conn = None
+        if m_conn and m_conned and m_conn.server and m_conned.server and connected:
+            rss_per_conn = (m_conned.server["rss"] - m_conn.server["rss"]) / connected
+
+        window = _window(m_pub, m_drained)
+        delivered_w = _delta(m_pub, m_drained, "delivered")
+        srv_cpu = None
+        if m_pub and m_drained and m_pub.server and m_drained.server:
+            srv_cpu = (m_drained.server["user"] + m_drained.server["system"]) - (
+                m_pub.server["user"] + m_pub.server["system"]
+            )
+        pub_rows = [r for r in mon.timeline if r["phase"] == "publish"]
+        steady = pub_rows[1:-1] or pub_rows
+        shared = t is None or t.mode == "embedded"
+        harness: list[dict[str, Any]] = []
+        if m_pub and m_drained and window:
+            for pid, role in mon.harness_roles.items():
+                a, b = m_pub.harness.get(pid), m_drained.harness.get(pid)
+                if a is not None and b is not None:
+                    harness.append(
+                        {
+                            "pid": pid,
+                            "role": role,
+                            "cpu_percent": round(100 * (b[0] - a[0]) / window, 1),
+                            "wait_percent": round(100 * (b[1] - a[1]) / window, 1),
+                        }
+                    )
+        saturated = any(float(h["cpu_percent"]) > SATURATED_PCT for h in harness)
+        srv_wait = None
+        if m_pub and m_drained and m_pub.server and m_drained.server and window:
+            srv_wait = round(100 * (m_drained.server["wait"] - m_pub.server["wait"]) / window, 1)
+        waits = [h["wait_percent"] for h in harness] + ([srv_wait] if srv_wait else [])
+        contended = any(w > CONTENDED_PCT for w in waits)
+        rss_start = m_pub.server["rss"] if m_pub and m_pub.server else None
+        rss_end = m_drained.server["rss"] if m_drained and m_drained.server else None
+        lat = percentiles(mon.total, mean=True)
+        pub_s = _window(m_pub, m_pub_end) if m_pub_end else window
+        result: dict[str, Any] = {
+            "scenario": p.scenario,
+            "ok": False,
+            "date": self.date,
+            "command": self.command,
+            "aborted": self.aborted,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "affinity_harness": sorted(os.sched_getaffinity(0)),
+                "kernel": platform.release(),
+                "python": platform.python_version(),
+                "host": socket.gethostname(),
+                "nofile": list(self.nofile),
+                "load_avg": list(os.getloadavg()),
+            },
+            "params": p.to_json(),
+            "server": {
+                "mode": t.mode if t else None,
+                "pid": t.pid if t else None,
+                "url": t.url if t else None,
+                "cpus": self.topts.server_cpus,
+                "settings": t.settings if t else {},
+                "shared_with_harness": shared,
+                "measured": mon.server is not None,
+                "stats": self.server_stats,
+            },
+            "connect": {
+                "connected": connected,
+                "seconds": round(conn_s, 3),
+                "per_s": round(connected / conn_s, 1) if conn_s else 0.0,
+                "rss_per_connection": round(rss_per_conn, 1) if rss_per_conn else None,
+                "server_tcp_established": self.tcp_established,
+                "failures": m_conned.counters["connect_failures"] if m_conned else None,
+                "errors": m_conned.counters["connect_errors"] if m_conned else None,
+            },
+            "publish": {
+                "via": p.via,
+                "rate_target": p.rate,
+                "seconds": round(pub_s, 3),
+                "per_s": round(_delta(m_pub, m_pub_end, "pub_acked") / p.duration, 1),
+                "ack_latency_us": percentiles(ack_hist(self.pubstats)),
+                **self.pubstats.snapshot(),
+            },
+            "delivery": {
+                "delivered": final["delivered"],
+                "window_seconds": round(window, 3),
+                "per_s": round(delivered_w / window, 1) if window else 0.0,
+                "per_s_peak": max((r["delivered_per_s"] for r in pub_rows), default=0.0),
+                "per_s_median": statistics.median([r["delivered_per_s"] for r in steady])
+                if steady
+                else 0.0,
+                "gaps": final["gaps"],
+                "gap_events": final["gap_events"],
+                "dups": final["dups"],
+                "unexpected": final["unexpected"],
+                "lagging": m_drained.counters["lagging"] if m_drained else None,
+                "recovered": final["recovered"],
+                "unrecovered": final["unrecovered"],
+            },
+            "latency_us": lat,
+            "server_usage": {
+                "cpu_seconds": round(srv_cpu, 3) if srv_cpu is not None else None,
+                "cpu_percent": round(100 * srv_cpu / window, 1) if srv_cpu and window else None,
+                # Only where deliveries are the work (connect idles; a restart
+                # adds a start-up).
+                "cpu_per_delivery_us": round(srv_cpu / delivered_w * 1e6, 3)
+                if srv_cpu and delivered_w and p.publishes and self.drop_mode != "restart"
+                else None,
+                "wait_percent": srv_wait,
+                "rss_start": rss_start,
+                "rss_peak": mon.server_peak_rss or None,
+                "rss_end": rss_end,
+                "fds_peak": mon.server_peak_fds or None,
+            },
+            "harness": {"processes": harness, "saturated": saturated, "contended": contended},
+            "clients": {
+                "closes": final["closes"],
+                "errors": final["errors"],
+                "error_samples": final["error_samples"],
+                "reconnects": final["reconnects"],
+                "reconnect_requests": final["reconnect_requests"],
+                "protocol_errors": final["protocol_errors"],
+                "lat_clamped": final["lat_clamped"],
+            },
+            "slow": {
+                "clients": self.slow_count,
+                "closed": final["slow_closed"],
+                "still_live": final["slow_live"] if self.slow_count else 0,
+            },
+            "churn": {"leaves": final["churn_leaves"], "resubscribes": final["churn_resubscribes"]},
+            "reconnect": {
+                "mode": self.drop_mode,
+                # From the drop until every client was subscribed again.
+                "recovery_seconds": round(m_rec.t - m_drop.t, 3) if m_drop and m_rec else None,
+                "connect_errors_after_connect": {
+                    k: v - (m_conned.counters["connect_errors"].get(k, 0) if m_conned else 0)
+                    for k, v in final["connect_errors"].items()
+                },
+            },
+            "marks": [{"name": m.name, "t": round(m.t - mon.started, 3)} for m in mon.marks],
+            "timeline": mon.timeline,
+            "notes": self.notes,
+        }
+        if shared:
+            result["notes"].append(
+                "embedded server: server and harness share one process, so the server's CPU "
+                "and RSS include the harness; use --server process for real numbers"
+            )
+        if contended:
+            result["notes"].append(
+                "contended: a measured process waited more than "
+                f"{CONTENDED_PCT:.0f}% of the time for a CPU (other load on the machine); "
+                "its figures are lower than an idle machine would give"
+            )
+        if saturated:
+            result["notes"].append(
+                "harness-saturated: a harness process used more than 90% of a core; the "
+                "figures are the harness's limit, not necessarily the server's"
+            )
+        result["checks"] = self._checks(result, final)
+        result["ok"] = all(c["ok"] for c in result["checks"])
+        return result
+
+    def _checks(self, r: dict[str, Any], final: dict[str, Any]) -> list[dict[str, Any]]:
+        p = self.plan
+        out: list[dict[str, Any]] = []
+
+        def check(name: str, ok: bool, detail: str) -> None:
+            out.append({"name": name, "ok": bool(ok), "detail": detail})
+
+        d = r["delivery"]
+        check("run completed", self.aborted is None, self.aborted or "every phase finished")
+        check(
+            "all clients connected",
+            r["connect"]["connected"] == p.clients,
+            f"{r['connect']['connected']}/{p.clients}",
+        )
+        check("no gaps", d["gaps"] == 0 and d["gap_events"] == 0, f"{d['gap_events']} missing")
+        check("no duplicates", d["dups"] == 0, f"{d['dups']}")
+        check("no unexpected events", d["unexpected"] == 0, f"{d['unexpected']}")
+        check(
+            "no protocol errors",
+            final["protocol_errors"] == 0 and not final["errors"],
+            f"{final['protocol_errors']} protocol, ERROR frames {final['errors']}",
+        )
+        check(
+            "every subscriber reached the last acknowledged s",
+            d["lagging"] == 0,
+            f"{d['lagging']} (client, guild) pairs behind",
+        )
+        pub = r["publish"]
+        check("events were acknowledged", pub["acked"] > 0, f"{pub['acked']} acked")
+        bad_pub = {
+            k: v
+            for k, v in pub["errors"].items()
+            if not (p.scenario == "reconnect" and k.split(":")[0] in ("close", "connect"))
+        }
+        check("no publish refused", not bad_pub, str(bad_pub or "none"))
+        if p.publishes:
+            check(
+                "latency recorded",
+                r["latency_us"].get("count", 0) > 0,
+                f"{r['latency_us'].get('count', 0)} samples",
+            )
+        if p.scenario == "reconnect":
+            check(
+                "every client reconnected",
+                final["reconnects"] >= p.clients,
+                f"{final['reconnects']} reconnects for {p.clients} clients",
+            )
+            check(
+                "every subscription recovered",
+                final["recovered"] >= p.clients and final["unrecovered"] == 0,
+                f"{final['recovered']} recovered, {final['unrecovered']} not",
+            )
+        if p.scenario == "churn":
+            check(
+                "clients churned",
+                final["churn_leaves"] > 0 and final["churn_resubscribes"] > 0,
+                f"{final['churn_leaves']} left and came back, "
+                f"{final['churn_resubscribes']} resubscribed",
+            )
+        if self.slow_count:
+            closed = sum(r["slow"]["closed"].values())
+            check(
+                "slow consumers were closed",
+                closed == self.slow_count,
+                f"{closed}/{self.slow_count} closed {r['slow']['closed']}",
+            )
+            fast_closed = sum(final["closes"].values()) - closed
+            check("no other client was closed", fast_closed == 0, f"{fast_closed}")
+            su = r["server_usage"]
+            mb = r["server"]["settings"].get("max_buffer") or p.max_buffer or 4 * 1024 * 1024
+            bound = self.slow_count * mb + RSS_SLACK
+            if su["rss_peak"] and su["rss_start"]:
+                growth = su["rss_peak"] - su["rss_start"]
+                check(
+                    "server memory bounded",
+                    growth <= bound,
+                    f"grew {growth / 1048576:.1f} MiB <= {bound / 1048576:.1f} MiB "
+                    f"(slow x max_buffer + {RSS_SLACK >> 20} MiB)",
+                )
+        return out
+
+
+def _window(a: Mark | None, b: Mark | None) -> float:
+    return (b.t - a.t) if a and b else 0.0
+
+
+def _delta(a: Mark | None, b: Mark | None, key: str) -> int:
+    if not a or not b:
+        return 0
+    return int(b.counters.get(key, 0)) - int(a.counters.get(key, 0))

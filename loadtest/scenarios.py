@@ -1,0 +1,195 @@
+"""Scenario names, their defaults, and the plan a run is built from.
+
+Owns the defaults documented in ``loadtest/README.md`` (keep both in step)
+and the assignment of clients to guilds, roles and workers. Pure data: no
+I/O. A :class:`Plan` is fully resolved (no None left but the target fields),
+so a run's JSON records exactly what ran.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from loadtest.fleet import ClientSpec
+
+#: Scenario defaults; any option given on the command line wins.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    # One guild, everyone in it, publish as fast as ACKs allow.
+    "bigguild": {"clients": 5000, "guilds": 1, "rate": 0.0, "inflight": 8},
+    # One guild at a fixed rate: latency percentiles.
+    "latency": {"clients": 5000, "guilds": 1, "rate": 20.0},
+    # 10,000 clients in 1,000 guilds of 10, random guild per publish, max rate.
+    "manyguilds": {"clients": 10_000, "guilds": 1000, "rate": 0.0, "inflight": 64},
+    # Idle subscribed connections: connect rate and RSS per connection. One
+    # server process can hold at most the open-files hard limit (20,000 here).
+    "connect": {"clients": 19_000, "guilds": 100, "duration": 10.0},
+    # Half the clients come and go (reconnect fresh, reconnect with Position,
+    # or unsubscribe + resubscribe) every 0.5-2 s while events flow.
+    "churn": {"clients": 2000, "guilds": 10, "rate": 200.0, "churn_fraction": 0.5},
+    # Every session dropped mid-stream; every client recovers with its Position.
+    "reconnect": {"clients": 2000, "guilds": 20, "rate": 200.0},
+    # 10% of clients stop reading; the server closes them (4010) and the rest
+    # keep their latency; the server's memory stays bounded.
+    "slowconsumers": {
+        "clients": 1000,
+        "guilds": 1,
+        "rate": 200.0,
+        "size": 4096,
+        "slow_fraction": 0.1,
+        "max_buffer": 1024 * 1024,
+    },
+}
+
+#: Defaults shared by every scenario.
+COMMON: dict[str, Any] = {
+    "duration": 15.0,
+    "rate": 0.0,
+    "size": 200,
+    "publishers": 1,
+    "workers": 1,
+    "via": "gateway",
+    "slow_fraction": 0.0,
+    "churn_fraction": 0.0,
+    "churn_life": (0.5, 2.0),
+    "reconnect_at": 0.5,
+    "reconnect_mode": "auto",
+    "lat_sample": 1.0,
+    #: Flow control for rate 0 (see loadtest/publish.py): None picks
+    #: inflight x publishers at rate 0 (events in flight = published and not
+    #: yet received by the average subscriber) and off (0) at a fixed rate.
+    "max_lag": None,
+    "max_buffer": None,
+    "history_size": None,
+    "source_addrs": 16,
+    "connect_concurrency": 256,
+    "connect_timeout": 120.0,
+    "drain_timeout": 20.0,
+    "seed": 1,
+    #: Small receive buffer for slow consumers, so they stop the server's
+    #: writes soon (a phone on a bad link has a small window too).
+    "slow_rcvbuf": 16384,
+}
+
+SCENARIOS = tuple(DEFAULTS)
+
+#: Longest run the harness accepts (runs are bounded in time).
+MAX_DURATION = 3600.0
+#: Most clients per run (bounded in count).
+MAX_CLIENTS = 1_000_000
+
+
+@dataclass
+class Plan:
+    scenario: str
+    clients: int
+    guilds: int
+    duration: float
+    rate: float
+    inflight: int
+    size: int
+    publishers: int
+    workers: int
+    via: str
+    slow_fraction: float
+    churn_fraction: float
+    churn_life: tuple[float, float]
+    reconnect_at: float
+    reconnect_mode: str
+    lat_sample: float
+    max_lag: int
+    max_buffer: int | None
+    history_size: int | None
+    source_addrs: int
+    connect_concurrency: int
+    connect_timeout: float
+    drain_timeout: float
+    seed: int
+    slow_rcvbuf: int
+    server_opts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def publishes(self) -> bool:
+        """False for ``connect``: it only publishes one probe event per guild."""
+        return self.scenario != "connect"
+
+    def gids(self) -> list[str]:
+        return [f"lt-{k}" for k in range(self.guilds)]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_plan(scenario: str, given: dict[str, Any]) -> Plan:
+    """Resolve ``given`` (None = not given) over the scenario's defaults."""
+    if scenario not in DEFAULTS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+    values: dict[str, Any] = {**COMMON, **DEFAULTS[scenario]}
+    for k, v in given.items():
+        if v is not None:
+            values[k] = v
+    if values.get("inflight") is None:
+        # Rate 0 keeps a small window (latency stays honest); a fixed rate
+        # gets a large one so pacing, not the window, sets the rate. Over
+        # HTTP the window is a number of connections: keep it small.
+        if values["via"] == "http":
+            values["inflight"] = 8 if values["rate"] <= 0 else 32
+        else:
+            values["inflight"] = 8 if values["rate"] <= 0 else 1024
+    if values.get("max_lag") is None:
+        values["max_lag"] = values["inflight"] * values["publishers"] if values["rate"] <= 0 else 0
+    values["scenario"] = scenario
+    plan = Plan(**{k: values[k] for k in Plan.__dataclass_fields__ if k in values})
+    _validate(plan)
+    return plan
+
+
+def _validate(p: Plan) -> None:
+    if not 1 <= p.clients <= MAX_CLIENTS:
+        raise ValueError(f"--clients must be 1..{MAX_CLIENTS}")
+    if not 1 <= p.guilds <= p.clients:
+        raise ValueError("--guilds must be 1..clients")
+    if not 0 < p.duration <= MAX_DURATION:
+        raise ValueError(f"--duration must be in (0, {MAX_DURATION:.0f}] seconds")
+    if p.rate < 0 or p.inflight < 1 or p.size < 0 or p.publishers < 1 or p.workers < 1:
+        raise ValueError(
+            "--rate >= 0, --inflight >= 1, --size >= 0, --publishers >= 1, --workers >= 1"
+        )
+    if not 0 <= p.slow_fraction < 1 or not 0 <= p.churn_fraction < 1:
+        raise ValueError("--slow-fraction and --churn-fraction must be in [0, 1)")
+    if p.slow_fraction + p.churn_fraction >= 1:
+        raise ValueError("some clients must neither churn nor be slow")
+    if not 0 < p.reconnect_at < 1:
+        raise ValueError("--reconnect-at is a fraction of the duration, in (0, 1)")
+    if p.max_lag < 0:
+        raise ValueError("--max-lag must be >= 0 (0: no flow control)")
+    if not 0 < p.lat_sample <= 1:
+        raise ValueError("--lat-sample must be in (0, 1]")
+    if not 1 <= p.source_addrs <= 254:
+        raise ValueError("--source-addrs must be 1..254")
+    if p.via not in ("gateway", "http"):
+        raise ValueError("--via is gateway or http")
+
+
+def assign(plan: Plan) -> list[list[ClientSpec]]:
+    """Clients per worker: client ``i`` is in guild ``i % guilds`` and on worker
+    ``i % workers``; roles and latency sampling are drawn with the seed."""
+    rng = random.Random(plan.seed)
+    ids = list(range(plan.clients))
+    rng.shuffle(ids)
+    n_slow = round(plan.slow_fraction * plan.clients)
+    n_churn = round(plan.churn_fraction * plan.clients)
+    role = ["stay"] * plan.clients
+    for i in ids[:n_slow]:
+        role[i] = "slow"
+    for i in ids[n_slow : n_slow + n_churn]:
+        role[i] = "churn"
+    lat_rng = random.Random(plan.seed + 1)
+    per: list[list[ClientSpec]] = [[] for _ in range(plan.workers)]
+    for i in range(plan.clients):
+        spec = ClientSpec(
+            i, (f"lt-{i % plan.guilds}",), role[i], lat=lat_rng.random() < plan.lat_sample
+        )
+        per[i % plan.workers].append(spec)
+    return per

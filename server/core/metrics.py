@@ -1,0 +1,133 @@
+"""Node counters as plain ints, and the snapshot the HTTP API exports.
+
+The hot path only ever adds to plain attributes of one :class:`NodeStats`
+per node (a guild per fanout run, a partition per flush); nothing here
+takes a lock or allocates per event. ``/metrics`` reads everything at
+scrape time through :class:`MetricsSnapshot`, so the Prometheus library
+stays out of the actors (DESIGN.md, hot-path rules).
+
+Consistency model: single event loop, single writer per attribute at a
+time, so a snapshot is exact for its moment; counters only grow for the
+life of the node (they are not persisted across restarts).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+#: Upper bounds (seconds) of the publish-to-write latency buckets: from well
+#: under a millisecond (an idle node) to seconds (a node far behind).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+class LatencyHistogram:
+    """A fixed-bucket histogram of plain ints (one extra bucket for +Inf)."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        if list(bounds) != sorted(bounds):
+            raise ValueError("bucket bounds must be sorted")
+        self.bounds = bounds
+        #: Non-cumulative counts; ``counts[len(bounds)]`` is the +Inf bucket.
+        self.counts = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound falls in that bound's bucket (le).
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= bound)`` pairs, +Inf last."""
+        out: list[tuple[float, int]] = []
+        acc = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            acc += n
+            out.append((bound, acc))
+        return out
+
+
+class NodeStats:
+    """Counters the actors add to; one per node, shared by reference."""
+
+    __slots__ = (
+        "bytes_out",
+        "deliveries",
+        "journal_bytes",
+        "journal_fsyncs",
+        "journal_repairs",
+        "latency",
+        "published",
+    )
+
+    def __init__(self) -> None:
+        #: Events sequenced by this node's guilds.
+        self.published = 0
+        #: Events written to sessions (one per event per recipient).
+        self.deliveries = 0
+        #: Bytes of event frames written to sessions by partitions.
+        self.bytes_out = 0
+        #: Bytes appended to guild journals (``--data-dir``), and fsync calls.
+        self.journal_bytes = 0
+        self.journal_fsyncs = 0
+        #: Journals found with a torn or corrupt tail and repaired on load.
+        self.journal_repairs = 0
+        #: Publish accepted by the node -> frames written by a partition.
+        self.latency = LatencyHistogram()
+
+
+@dataclass(slots=True)
+class MailboxDepth:
+    """Messages waiting in the mailboxes of one kind of actor."""
+
+    total: int = 0
+    max: int = 0
+
+
+@dataclass(slots=True)
+class MetricsSnapshot:
+    """Everything ``/metrics`` exports, read at one moment."""
+
+    connections: int = 0
+    connections_pending: int = 0
+    connections_accepted: int = 0
+    connections_refused: int = 0
+    sessions_identified: int = 0
+    subscriptions: int = 0
+    guilds_alive: int = 0
+    guilds_started: int = 0
+    slow_consumers: int = 0
+    close_codes: dict[int, int] = field(default_factory=dict)
+    ready: bool = True
+    published: int = 0
+    deliveries: int = 0
+    bytes_out: int = 0
+    journal_bytes: int = 0
+    journal_fsyncs: int = 0
+    journal_repairs: int = 0
+    #: Cumulative ``(upper bound, count)`` pairs, +Inf last, then sum and count.
+    latency_buckets: list[tuple[float, int]] = field(default_factory=list)
+    latency_sum: float = 0.0
+    latency_count: int = 0
+    #: Keyed by actor kind: ``"guild"``, ``"partition"``.
+    mailboxes: dict[str, MailboxDepth] = field(default_factory=dict)

@@ -1,0 +1,610 @@
+"""The HTTP API: publish from a backend, read guilds, watch the node.
+
+Served with aiohttp (the only importer of aiohttp) on its own port, in the
+node's event loop, next to the gateway. It reaches the guilds only through
+:class:`~server.core.host.ApiHost`. Routes (``openapi.py`` has the contract,
+served at ``/openapi.json``):
+
+==========================  =====  ==================================================
+``POST /v1/publish``        key    one event or a batch (PROTOCOL.md "Publishing")
+``GET /v1/guilds/{gid}``    key    head ``s``, epoch, local subscribers, history bounds
+``GET /v1/guilds/{gid}/history?after=S&limit=N``  key  stored events after ``S``
+``GET /healthz``            open   liveness
+``GET /readyz``             open   readiness: 503 while draining
+``GET /metrics``            key*   Prometheus text (*open with ``--metrics-open``)
+``GET /openapi.json``       open   the OpenAPI 3.1 document
+==========================  =====  ==================================================
+
+Consistency: a publish is answered after every event in it is sequenced
+(and stored, with a durable broker); a batch is handed to the guilds in its
+order, so events of one guild get increasing ``s`` in batch order. A batch
+is not atomic: when the node refuses an event midway (a guild busy), the
+503 answer lists what became of each event.
+
+Bounds and overflow policy: request bodies up to ``max_body`` bytes (413
+past it, before reading when Content-Length says so); at most ``max_batch``
+events per request (400); each event's ``d`` up to ``max_payload`` bytes as
+JSON (413); publish rate per key by token bucket (429 with Retry-After), one
+bucket per configured key; a publish waits at most ``PUBLISH_TIMEOUT`` for
+its guild (then 503). Errors are ``{"error": code, "detail": text}`` JSON; a
+client mistake is never a 500 (a 500 is a bug, logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from server.core.host import ApiHost, Overloaded
+from server.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
+from server.protocol import wire
+from server.protocol.codes import RESERVED_EVENTS
+from server.transport import openapi
+
+log = logging.getLogger("guildcast.api")
+_flood = RateLimitedLog(log)
+
+#: Seconds a publish waits for its guilds before 503: far above a healthy
+#: answer (microseconds; an fsync with ``--fsync always``), short enough that
+#: a stuck guild does not pile up requests.
+PUBLISH_TIMEOUT = 30.0
+#: Largest ``limit`` of a history page: one guild step, one response.
+HISTORY_PAGE_MAX = 1000
+HISTORY_PAGE_DEFAULT = 100
+#: Seconds ``stop`` lets in-flight requests finish.
+SHUTDOWN_TIMEOUT = 5.0
+#: Digits of a non-negative 64-bit ``after``; ``int()`` alone would take "+1", " 1", "1_0".
+_UINT = re.compile(r"[0-9]{1,19}")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse at ERROR with a traceback. That
+    is a client's mistake: one INFO line at most every few seconds instead.
+    Other records pass unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -DEFAULT_INTERVAL
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < DEFAULT_INTERVAL or not log.isEnabledFor(logging.INFO):
+            self.suppressed += 1
+            return False
+        self._last = now
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        record.msg = "HTTP API: malformed request: %s (%d more since the last line)"
+        record.args = (first, self.suppressed)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        self.suppressed = 0
+        return True
+
+
+#: aiohttp's protocol-level log (unparseable requests), filtered as above.
+_protocol_log = logging.getLogger("guildcast.api.protocol")
+_protocol_log.addFilter(_MalformedRequests())
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """The API's limits (``Config.api_*``, ``Config.max_payload``)."""
+
+    #: Accepted bearer keys; must not be empty (the node generates one).
+    keys: tuple[str, ...]
+    metrics_open: bool = False
+    max_body: int = 1024 * 1024
+    max_batch: int = 1000
+    #: Largest ``d`` of one event, as JSON bytes (the gateway's PUBLISH bound).
+    max_payload: int = 32 * 1024
+    #: Events/s per key with a burst of one second's worth; 0 = unlimited.
+    publish_rate: float = 1000.0
+    reuse_port: bool = False
+
+
+class ApiError(Exception):
+    """An answer other than 200: ``status`` with ``{"error", "detail", ...}``."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers
+        self.extra = extra
+
+    def response(self) -> web.Response:
+        body = {"error": self.error, "detail": self.detail, **(self.extra or {})}
+        return _json(body, self.status, self.headers)
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=wire.encode(obj), status=status, headers=headers, content_type="application/json"
+    )
+
+
+class _Bucket:
+    """Token bucket: ``rate`` per second, burst ``max(rate, 1)``.
+
+    A request for more than the burst (a big batch) is let through when the
+    bucket is full and leaves it in debt, so the average rate still holds.
+    """
+
+    __slots__ = ("at", "cap", "rate", "tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.cap = max(rate, 1.0)
+        self.tokens = self.cap
+        self.at = now
+
+    def take(self, n: int, now: float) -> float:
+        """Take ``n`` tokens: 0.0 if granted, else seconds until it would be."""
+        self.tokens = min(self.cap, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        need = min(float(n), self.cap)
+        if self.tokens >= need:
+            self.tokens -= n
+            return 0.0
+        return (need - self.tokens) / self.rate
+
+
+class _NodeCollector(Collector):
+    """Reads the node's plain counters at scrape time (nothing on the hot path)."""
+
+    def __init__(self, host: ApiHost) -> None:
+        self._host = host
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._host.metrics()
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        yield gauge("guildcast_ready", "1 when accepting clients, 0 while draining", m.ready)
+        yield gauge("guildcast_connections", "Open WebSocket connections", m.connections)
+        yield gauge(
+            "guildcast_connections_pending",
+            "Connections still in the WebSocket handshake",
+            m.connections_pending,
+        )
+        yield counter(
+            "guildcast_connections_accepted",
+            "WebSocket connections accepted",
+            m.connections_accepted,
+        )
+        yield counter(
+            "guildcast_connections_refused",
+            "Connections refused with 1013 (max_connections)",
+            m.connections_refused,
+        )
+        yield gauge(
+            "guildcast_sessions_identified", "Sessions past IDENTIFY", m.sessions_identified
+        )
+        yield gauge(
+            "guildcast_subscriptions", "Guild subscriptions of local sessions", m.subscriptions
+        )
+        yield gauge("guildcast_guild_actors", "Guild actors alive", m.guilds_alive)
+        yield counter("guildcast_guild_actors_started", "Guild actors started", m.guilds_started)
+        yield counter("guildcast_events_published", "Events sequenced by this node", m.published)
+        yield counter(
+            "guildcast_deliveries", "Events written to sessions (per recipient)", m.deliveries
+        )
+        yield counter("guildcast_bytes_written", "Event bytes written to sessions", m.bytes_out)
+        yield counter(
+            "guildcast_slow_consumers",
+            "Sessions closed with 4010 (unsent bytes over max_buffer)",
+            m.slow_consumers,
+        )
+        closes = CounterMetricFamily(
+            "guildcast_closes", "Connections closed by the server, by close code", labels=["code"]
+        )
+        for code, n in sorted(m.close_codes.items()):
+            closes.add_metric([str(code)], n)
+        yield closes
+        yield counter(
+            "guildcast_journal_bytes", "Bytes appended to guild journals", m.journal_bytes
+        )
+        yield counter("guildcast_journal_fsyncs", "Journal fsyncs", m.journal_fsyncs)
+        yield counter(
+            "guildcast_journal_repairs",
+            "Journals found with a torn or corrupt tail and repaired",
+            m.journal_repairs,
+        )
+        if m.latency_buckets:
+            yield HistogramMetricFamily(
+                "guildcast_publish_to_write_seconds",
+                "Seconds from an event's publish (sequencing) to a partition writing it "
+                "to its sessions; one observation per event per partition",
+                buckets=[(_le(b), n) for b, n in m.latency_buckets],
+                sum_value=m.latency_sum,
+            )
+        depth = GaugeMetricFamily(
+            "guildcast_mailbox_messages", "Messages waiting in actor mailboxes", labels=["actor"]
+        )
+        deepest = GaugeMetricFamily(
+            "guildcast_mailbox_messages_max",
+            "The deepest actor mailbox of each kind",
+            labels=["actor"],
+        )
+        for kind, d in sorted(m.mailboxes.items()):
+            depth.add_metric([kind], d.total)
+            deepest.add_metric([kind], d.max)
+        yield depth
+        yield deepest
+
+
+class HttpApi:
+    """The API server. ``await start(host, port)``, later ``await stop()``."""
+
+    def __init__(self, host: ApiHost, settings: ApiSettings) -> None:
+        if not settings.keys:
+            raise ValueError("the HTTP API needs at least one API key")
+        self.host = host
+        self.settings = settings
+        #: sha256(key) -> its publish bucket. Digests, so lookups do not leak
+        #: how much of a key matched through timing.
+        now = time.monotonic()
+        self._keys: dict[bytes, _Bucket | None] = {
+            _digest(k): (_Bucket(settings.publish_rate, now) if settings.publish_rate else None)
+            for k in settings.keys
+        }
+        #: One registry per node: several embedded nodes in a process never clash.
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_NodeCollector(host))
+        self._requests = Counter(
+            "guildcast_http_requests",
+            "HTTP API requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self._openapi = wire.encode(
+            openapi.document(max_batch=settings.max_batch, history_limit=HISTORY_PAGE_MAX)
+        )
+
+        @web.middleware
+        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await self._middleware(request, handler)
+
+        app = web.Application(middlewares=[middleware], client_max_size=settings.max_body)
+        app.router.add_post("/v1/publish", self._publish)
+        app.router.add_get("/v1/guilds/{gid}", self._guild_info)
+        app.router.add_get("/v1/guilds/{gid}/history", self._guild_history)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/openapi.json", self._openapi_json)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            logger=_protocol_log,
+        )
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: a free port); returns the bound port."""
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, host, port, backlog=1024, reuse_port=self.settings.reuse_port or None
+        )
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening; requests in flight get ``SHUTDOWN_TIMEOUT`` s to finish."""
+        await self._runner.cleanup()
+
+    # --- plumbing ----------------------------------------------------------------
+
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            resp = await handler(request)
+        except ApiError as e:
+            resp = e.response()
+        except web.HTTPException as e:
+            # aiohttp's own answers (no route, wrong method, body too large),
+            # in our error shape; keep their headers (Allow for 405).
+            code = _HTTP_ERRORS.get(e.status, "http_error")
+            headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+            resp = _json({"error": code, "detail": e.reason}, e.status, headers)
+        except Exception:
+            log.exception("HTTP API: %s %s failed", request.method, request.path)
+            resp = _json({"error": "internal_error", "detail": "see the server log"}, 500)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        self._requests.labels(route, str(resp.status)).inc()
+        return resp
+
+    def _authorize(self, request: web.Request) -> _Bucket | None:
+        """The caller's publish bucket; raises 401/403 (RFC 6750 section 3)."""
+        header = request.headers.get("Authorization")
+        if header is None:
+            self._auth_failed(request, "no Authorization header")
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <API key>",
+                headers={"WWW-Authenticate": 'Bearer realm="guildcast"'},
+            )
+        scheme, _, key = header.strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            self._auth_failed(request, "not a Bearer credential")
+            raise ApiError(
+                401,
+                "unauthorized",
+                "the Authorization scheme must be Bearer",
+                headers={"WWW-Authenticate": 'Bearer realm="guildcast", error="invalid_request"'},
+            )
+        digest = _digest(key)
+        if digest not in self._keys:
+            self._auth_failed(request, "unknown API key")
+            raise ApiError(403, "forbidden", "unknown API key")
+        return self._keys[digest]
+
+    def _auth_failed(self, request: web.Request, why: str) -> None:
+        _flood.log(
+            logging.INFO,
+            "api_auth_failed",
+            "HTTP API: authentication failed from %s: %s",
+            request.remote,
+            why,
+            extra={"peer": request.remote, "path": request.path},
+        )
+
+    # --- routes ------------------------------------------------------------------
+
+    async def _publish(self, request: web.Request) -> web.StreamResponse:
+        bucket = self._authorize(request)
+        if not self.host.ready():
+            raise ApiError(503, "unavailable", "the node is draining; publish to another node")
+        if request.content_type != "application/json":
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"the body must be application/json, not {request.content_type}",
+            )
+        limit = self.settings.max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+        body = await request.read()
+        try:
+            doc = wire.decode(body)
+        except wire.JSONDecodeError as e:
+            raise ApiError(400, "bad_json", f"the body is not JSON: {e}") from None
+        events, batch = self._events(doc)
+        if bucket is not None:
+            wait = bucket.take(len(events), time.monotonic())
+            if wait > 0:
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"this key may publish {self.settings.publish_rate:g} events/s",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        results = await self._sequence(events)
+        out: list[dict[str, Any]] = []
+        failed: ApiError | None = None
+        for (gid, _, _), r in zip(events, results, strict=True):
+            if isinstance(r, ApiError):
+                failed = failed or r
+                out.append({"g": gid, "error": r.error, "detail": r.detail})
+            else:
+                out.append({"g": gid, "s": r[0], "epoch": r[1]})
+        if failed is None:
+            return _json(out if batch else out[0])
+        if not batch:
+            raise failed
+        raise ApiError(
+            503,
+            "unavailable",
+            "some events were not published; see results",
+            extra={"results": out},
+        )
+
+    def _events(self, doc: Any) -> tuple[list[tuple[str, str, Any]], bool]:
+        """Validated ``(guild, t, d)`` of a publish body and whether it was a batch."""
+        if type(doc) is not dict:
+            raise ApiError(400, "bad_shape", 'the body must be an event or {"events": [...]}')
+        if "events" not in doc:
+            return [self._event(doc, "")], False
+        if len(doc) != 1:
+            extra = sorted(set(doc) - {"events"})
+            raise ApiError(400, "bad_shape", f"unknown fields beside events: {extra}")
+        evs = doc["events"]
+        if type(evs) is not list or not evs:
+            raise ApiError(400, "bad_shape", "events must be a non-empty list of events")
+        if len(evs) > self.settings.max_batch:
+            raise ApiError(
+                400, "batch_too_large", f"at most {self.settings.max_batch} events per batch"
+            )
+        return [self._event(e, f"events[{i}]: ") for i, e in enumerate(evs)], True
+
+    def _event(self, e: Any, where: str) -> tuple[str, str, Any]:
+        if type(e) is not dict:
+            raise ApiError(400, "bad_shape", f'{where}an event is {{"guild", "t", "d"}}')
+        unknown = set(e) - {"guild", "t", "d"}
+        if unknown:
+            raise ApiError(400, "bad_shape", f"{where}unknown fields {sorted(unknown)}")
+        gid, t, d = e.get("guild"), e.get("t"), e.get("d")
+        if not wire.valid_guild(gid):
+            raise ApiError(
+                400, "invalid_guild", f"{where}guild must be 1-128 characters of [A-Za-z0-9_.:-]"
+            )
+        if not wire.valid_event(t):
+            raise ApiError(400, "invalid_event", f"{where}t must be 1-64 characters of [A-Z0-9_]")
+        if t in RESERVED_EVENTS:
+            raise ApiError(400, "reserved_event", f"{where}{t} is a reserved event name")
+        size = len(wire.encode(d))
+        if size > self.settings.max_payload:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"{where}d is {size} bytes of JSON, over {self.settings.max_payload}",
+            )
+        return gid, t, d
+
+    async def _sequence(
+        self, events: list[tuple[str, str, Any]]
+    ) -> list[tuple[int, str] | ApiError]:
+        """Hand the events to their guilds in order; each one's ``(s, epoch)`` or error."""
+        futs: list[asyncio.Future[tuple[int, str]]] = []
+        refused: ApiError | None = None
+        for gid, t, d in events:
+            try:
+                futs.append(self.host.publish(gid, t, d))
+            except Overloaded as e:
+                refused = ApiError(503, "unavailable", str(e))
+                break
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                done = await asyncio.gather(*futs, return_exceptions=True)
+        except TimeoutError:
+            done = [ApiError(503, "timeout", f"no answer in {PUBLISH_TIMEOUT:g} s")] * len(futs)
+        out: list[tuple[int, str] | ApiError] = []
+        for r in done:
+            if isinstance(r, ApiError):
+                out.append(r)
+            elif isinstance(r, Overloaded):
+                out.append(ApiError(503, "unavailable", str(r)))
+            elif isinstance(r, ValueError):
+                out.append(ApiError(400, "bad_shape", str(r)))
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out.append(r)
+        skipped = ApiError(503, "not_published", "not queued: an earlier event was refused")
+        while len(out) < len(events):
+            out.append(refused if len(out) == len(futs) and refused is not None else skipped)
+        return out
+
+    def _gid(self, request: web.Request) -> str:
+        gid = request.match_info["gid"]
+        if not wire.valid_guild(gid):
+            raise ApiError(
+                400, "invalid_guild", "guild ids are 1-128 characters of [A-Za-z0-9_.:-]"
+            )
+        return gid
+
+    async def _guild_info(self, request: web.Request) -> web.StreamResponse:
+        self._authorize(request)
+        gid = self._gid(request)
+        try:
+            info = await self.host.info(gid)
+        except Overloaded as e:
+            raise ApiError(503, "unavailable", str(e)) from None
+        return _json(info)
+
+    async def _guild_history(self, request: web.Request) -> web.StreamResponse:
+        self._authorize(request)
+        gid = self._gid(request)
+        after = _query_int(request, "after", 0, 0, 2**63 - 1)
+        limit = _query_int(request, "limit", HISTORY_PAGE_DEFAULT, 1, HISTORY_PAGE_MAX)
+        try:
+            page = await self.host.history(gid, after, limit)
+        except Overloaded as e:
+            raise ApiError(503, "unavailable", str(e)) from None
+        if after >= page.head:
+            complete = after == page.head
+        else:
+            complete = page.first is not None and page.first <= after + 1
+        head = wire.encode(
+            {
+                "guild": page.guild,
+                "epoch": page.epoch,
+                "s": page.head,
+                "first": page.first,
+                "complete": complete,
+            }
+        )
+        # The stored envelopes go out as they are: no decode, no re-encode.
+        body = b"".join([head[:-1], b',"events":[', b",".join(page.events), b"]}"])
+        return web.Response(body=body, content_type="application/json")
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        return _json({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.StreamResponse:
+        if self.host.ready():
+            return _json({"ready": True})
+        return _json({"ready": False, "detail": "draining"}, 503)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        if not self.settings.metrics_open:
+            self._authorize(request)
+        resp = web.Response(body=generate_latest(self.registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def _openapi_json(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+
+#: aiohttp's own error statuses -> our error codes.
+_HTTP_ERRORS = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it (``le`` label)."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if _UINT.fullmatch(raw) is None or not low <= int(raw) <= high:
+        raise ApiError(400, "bad_query", f"{name} must be an integer from {low} to {high}")
+    return int(raw)

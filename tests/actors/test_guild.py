@@ -1,0 +1,367 @@
+"""Guild and partition actors with an in-memory Sink (a test double of the socket).
+
+The guild runs for real on the memory broker; only the connection is
+replaced by :class:`FakeSink`, which records the bytes it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from server.actors.actor import CallTimeout
+from server.actors.groups import Groups
+from server.actors.guild import (
+    Feed,
+    Guild,
+    GuildSettings,
+    HistoryMsg,
+    InfoMsg,
+    PublishMsg,
+    Subscribe,
+    Unsubscribe,
+)
+from server.broker.memory import MemoryBroker
+from server.protocol.codes import Close
+from tests.actors.support import scope
+from tests.protocol.framing import unframe
+
+
+class FakeSink:
+    """Records what the fanout path writes; closes like a connection would."""
+
+    def __init__(self, name: str, events: frozenset[str] | None = None) -> None:
+        self.name = name
+        self.events = events
+        self.buf = bytearray()
+        self.writes = 0
+        self.closed_with: tuple[int, str] | None = None
+        self.fail = False
+        self._changed = asyncio.Event()
+        self._hooks: list[Callable[[object], None]] = []
+
+    def __repr__(self) -> str:
+        return f"<FakeSink {self.name}>"
+
+    def send(self, data: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("socket exploded")
+        if self.closed_with is not None:
+            return
+        self.buf += data
+        self.writes += 1
+        self._changed.set()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closed_with is None:
+            self.closed_with = (code, reason)
+            self._changed.set()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed_with is not None
+
+    def add_exit_hook(self, hook: Callable[[object], None]) -> None:
+        self._hooks.append(hook)
+
+    def messages(self) -> list[dict[str, Any]]:
+        return unframe(self.buf)
+
+    def events_s(self) -> list[int]:
+        return [m["s"] for m in self.messages() if "s" in m and m.get("t") != "SUBSCRIBED"]
+
+    async def wait_for(self, pred: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+        while True:
+            msgs = self.messages()
+            if pred(msgs):
+                return msgs
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def wait_count(self, n: int) -> list[dict[str, Any]]:
+        return await self.wait_for(lambda m: len(m) >= n)
+
+    async def wait_closed(self) -> tuple[int, str]:
+        await self.wait_for(lambda _m: self.closed_with is not None)
+        assert self.closed_with is not None
+        return self.closed_with
+
+
+@dataclass
+class Env:
+    guild: Guild
+    broker: MemoryBroker
+    groups: Groups
+
+    async def publish(self, t: str, d: Any = None) -> tuple[int, str]:
+        result: tuple[int, str] = await self.guild.call(PublishMsg(t, d), timeout=10)
+        return result
+
+    def subscribe(self, sink: FakeSink, position: tuple[str, int] | None = None) -> None:
+        self.groups.join(self.guild.gid, sink)
+        self.guild.cast_system(Subscribe(sink, position))
+
+
+@asynccontextmanager
+async def guild_env(
+    history_size: int = 1000,
+    history_ttl: float = 300.0,
+    partition_size: int = 512,
+    idle_timeout: float = 300.0,
+) -> AsyncIterator[Env]:
+    async with scope() as tg:
+        broker = MemoryBroker(history_size, history_ttl)
+        groups = Groups("guilds")
+        settings = GuildSettings(partition_size=partition_size, idle_timeout=idle_timeout)
+        guild = Guild("g-1", settings, groups, tg, broker)
+        broker.set_feed(lambda gid, recs: guild.cast_system(Feed(recs)))
+        guild.start(tg)
+        yield Env(guild, broker, groups)
+
+
+def event(s: int, t: str = "E", d: Any = None) -> dict[str, Any]:
+    return {"op": 0, "t": t, "g": "g-1", "s": s, "d": d}
+
+
+def subscribed(epoch: str, head: int, recovered: bool) -> dict[str, Any]:
+    return {
+        "op": 0,
+        "t": "SUBSCRIBED",
+        "g": "g-1",
+        "d": {"epoch": epoch, "s": head, "recovered": recovered},
+    }
+
+
+async def test_sequencing_and_fanout() -> None:
+    async with guild_env() as env:
+        sink = FakeSink("a")
+        env.subscribe(sink)
+        (first,) = await sink.wait_count(1)
+        epoch = first["d"]["epoch"]
+        assert first == subscribed(epoch, 0, False)
+        replies = [await env.publish("E", {"i": i}) for i in range(3)]
+        assert replies == [(1, epoch), (2, epoch), (3, epoch)]
+        msgs = await sink.wait_count(4)
+        assert msgs[1:] == [event(i + 1, d={"i": i}) for i in range(3)]
+
+
+async def test_concurrent_publishes_get_distinct_consecutive_s() -> None:
+    async with guild_env() as env:
+        sink = FakeSink("a")
+        env.subscribe(sink)
+        await sink.wait_count(1)
+        results = await asyncio.gather(*(env.publish("E", i) for i in range(500)))
+        assert sorted(s for s, _e in results) == list(range(1, 501))
+        msgs = await sink.wait_count(501)
+        assert [m["s"] for m in msgs[1:]] == list(range(1, 501))
+        # Each event carries the data of the publish that was given its s.
+        by_s = {s: i for i, (s, _e) in enumerate(results)}
+        assert all(m["d"] == by_s[m["s"]] for m in msgs[1:])
+
+
+async def test_history_is_bounded_by_count() -> None:
+    async with guild_env(history_size=5) as env:
+        for i in range(20):
+            await env.publish("E", i)
+        epoch, recs = await env.guild.call(HistoryMsg(0, 100), timeout=10)
+        assert [r.s for r in recs] == [16, 17, 18, 19, 20]
+        _, head = await env.broker.head("g-1")
+        assert epoch == (await env.broker.head("g-1"))[0] and head == 20
+        # A Position inside the window recovers; one just outside does not.
+        inside, outside = FakeSink("in"), FakeSink("out")
+        env.subscribe(inside, (epoch, 15))
+        env.subscribe(outside, (epoch, 14))
+        msgs = await inside.wait_count(6)
+        assert msgs == [subscribed(epoch, 20, True), *[event(s, d=s - 1) for s in range(16, 21)]]
+        assert await outside.wait_count(1) == [subscribed(epoch, 20, False)]
+
+
+async def test_history_is_bounded_by_age() -> None:
+    async with guild_env(history_ttl=0.05) as env:
+        _s, epoch = await env.publish("E")
+        fresh = FakeSink("fresh")
+        env.subscribe(fresh, (epoch, 0))
+        assert (await fresh.wait_count(2))[0] == subscribed(epoch, 1, True)
+        await asyncio.sleep(0.2)  # the event ages past history_ttl
+        late = FakeSink("late")
+        env.subscribe(late, (epoch, 0))
+        assert (await late.wait_count(1))[0] == subscribed(epoch, 1, False)
+
+
+async def test_subscribe_with_position_replays_then_live() -> None:
+    async with guild_env() as env:
+        epoch = ""
+        for i in range(10):
+            _s, epoch = await env.publish("E", i)
+        sink = FakeSink("a")
+        env.subscribe(sink, (epoch, 4))
+        msgs = await sink.wait_count(7)
+        assert msgs == [subscribed(epoch, 10, True), *[event(s, d=s - 1) for s in range(5, 11)]]
+        await env.publish("LIVE", "x")
+        msgs = await sink.wait_count(8)
+        assert msgs[7] == event(11, "LIVE", "x")
+
+
+async def test_position_at_head_recovers_nothing_missing() -> None:
+    async with guild_env() as env:
+        _s, epoch = await env.publish("E")
+        sink = FakeSink("a")
+        env.subscribe(sink, (epoch, 1))
+        await env.publish("E", 2)
+        assert await sink.wait_count(2) == [subscribed(epoch, 1, True), event(2, d=2)]
+
+
+@pytest.mark.parametrize("position", [("another-epoch", 0), ("another-epoch", 1), (None, 5)])
+async def test_unrecoverable_position_gets_recovered_false_and_no_replay(
+    position: tuple[str | None, int],
+) -> None:
+    async with guild_env() as env:
+        for _ in range(2):
+            _s, epoch = await env.publish("E")
+        # (None, 5): the right epoch but a position from the future.
+        pos = (position[0] or epoch, position[1])
+        sink = FakeSink("a")
+        env.subscribe(sink, pos)
+        await env.publish("E", "live")
+        assert await sink.wait_count(2) == [subscribed(epoch, 2, False), event(3, d="live")]
+
+
+async def test_events_filter_applies_to_replay_and_live() -> None:
+    async with guild_env() as env:
+        epoch = ""
+        for t in ("A", "B", "A"):
+            _s, epoch = await env.publish(t)
+        picky, everyone = FakeSink("picky", frozenset({"A"})), FakeSink("all")
+        env.subscribe(picky, (epoch, 0))
+        env.subscribe(everyone, (epoch, 0))
+        for t in ("B", "A", "C", "B"):
+            await env.publish(t)
+        msgs = await everyone.wait_count(8)
+        assert [m.get("s") for m in msgs[1:]] == [1, 2, 3, 4, 5, 6, 7]
+        # ``everyone`` shares picky's partition and is handled in the same
+        # batches, so picky has been given everything it will get.
+        assert [(m["s"], m["t"]) for m in picky.messages()[1:]] == [(1, "A"), (3, "A"), (5, "A")]
+
+
+async def test_partition_size_is_respected() -> None:
+    async with guild_env(partition_size=3) as env:
+        sinks = [FakeSink(f"s{i}") for i in range(10)]
+        for sink in sinks:
+            env.subscribe(sink)
+        for sink in sinks:
+            await sink.wait_count(1)
+        assert len(env.guild.partitions) == 4
+        assert sorted(len(p) for p in env.guild.partitions) == [1, 3, 3, 3]
+        assert sorted(env.guild.load.values()) == [1, 3, 3, 3]
+        for p in env.guild.partitions:
+            assert len(p.sinks()) <= 3
+        await env.publish("E", "all")
+        for sink in sinks:
+            assert (await sink.wait_count(2))[1] == event(1, d="all")
+        # Freed room is reused before a new partition is made.
+        env.guild.cast_system(Unsubscribe(sinks[0]))
+        await sinks[0].wait_count(3)
+        extra = FakeSink("extra")
+        env.subscribe(extra)
+        await extra.wait_count(1)
+        assert len(env.guild.partitions) == 4
+
+
+async def test_unsubscribe_answers_last_and_stops_events() -> None:
+    async with guild_env(partition_size=10) as env:
+        leaver, stayer = FakeSink("leaver"), FakeSink("stayer")
+        env.subscribe(leaver)
+        env.subscribe(stayer)
+        await env.publish("E", 1)
+        await leaver.wait_count(2)
+        env.guild.cast_system(Unsubscribe(leaver))
+        env.groups.leave("g-1", leaver)
+        await env.publish("E", 2)
+        await stayer.wait_count(3)  # same partition: the Remove came first
+        msgs = leaver.messages()
+        assert [m["t"] for m in msgs] == ["SUBSCRIBED", "E", "UNSUBSCRIBED"]
+        assert msgs[2] == {"op": 0, "t": "UNSUBSCRIBED", "g": "g-1", "d": None}
+
+
+async def test_group_leave_removes_the_session() -> None:
+    async with guild_env(partition_size=10) as env:
+        gone, stayer = FakeSink("gone"), FakeSink("stayer")
+        env.subscribe(gone)
+        env.subscribe(stayer)
+        await gone.wait_count(1)
+        env.groups.leave("g-1", gone)  # what a disconnect does
+        await env.publish("E")
+        await stayer.wait_count(2)
+        assert [m["t"] for m in gone.messages()] == ["SUBSCRIBED"]
+        info = await env.guild.call(InfoMsg(), timeout=10)
+        assert info["subscribers"] == 1
+
+
+async def test_closed_sink_is_not_subscribed() -> None:
+    async with guild_env() as env:
+        dead = FakeSink("dead")
+        dead.close(4000, "gone")
+        env.subscribe(dead)
+        assert (await env.guild.call(InfoMsg(), timeout=10))["subscribers"] == 0
+        assert dead.buf == b""
+
+
+async def test_idle_guild_stops_only_without_sessions() -> None:
+    async with guild_env(idle_timeout=0.02) as env:
+        sink = FakeSink("a")
+        env.subscribe(sink)
+        await sink.wait_count(1)
+        # Many idle periods pass; a guild with a session must not stop.
+        await asyncio.sleep(0.3)
+        assert env.guild.alive
+        env.groups.leave("g-1", sink)
+        await env.guild.wait()
+        assert env.guild.exit_reason is None
+
+
+async def test_abandoned_call_does_not_crash_the_guild() -> None:
+    async with guild_env() as env:
+        with pytest.raises(CallTimeout):
+            await env.guild.call(InfoMsg(), timeout=0)
+        with pytest.raises(CallTimeout):
+            await env.guild.call(HistoryMsg(0, 10), timeout=0)
+        with pytest.raises(CallTimeout):
+            await env.guild.call(PublishMsg("E", 1), timeout=0)
+        assert await env.publish("E", 2) == (2, (await env.broker.head("g-1"))[0])
+        assert env.guild.alive
+
+
+async def test_non_json_data_is_refused_without_using_a_sequence_number() -> None:
+    async with guild_env() as env:
+        with pytest.raises(ValueError):
+            await env.publish("E", {1, 2})
+        s, _epoch = await env.publish("E", "ok")
+        assert s == 1 and env.guild.alive
+
+
+async def test_a_crashing_partition_takes_the_guild_down_and_closes_sessions() -> None:
+    async with guild_env(partition_size=1) as env:
+        bad, good = FakeSink("bad"), FakeSink("good")
+        env.subscribe(bad)
+        env.subscribe(good)
+        await bad.wait_count(1)
+        await good.wait_count(1)
+        bad.fail = True
+        await env.publish("E")
+        await env.guild.wait()
+        assert isinstance(env.guild.exit_reason, RuntimeError)
+        assert await good.wait_closed() == (Close.UNKNOWN_ERROR, "guild failed")
+
+
+async def test_stopped_guild_refuses_calls() -> None:
+    async with guild_env() as env:
+        env.guild.stop()
+        await env.guild.wait()
+        with pytest.raises(Exception) as info:
+            await env.publish("E")
+        assert type(info.value).__name__ == "ActorExited"

@@ -1,0 +1,210 @@
+"""The disk broker (server/broker/disk.py) beyond the shared contract:
+restarts, repair on load, compaction and its resource bounds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from server.broker.base import Record
+from server.broker.disk import COMPACT_SLACK, GUILDS_DIR, DiskBroker
+from server.core import journal
+from tests.apihelp import until
+
+
+def jpath(data: Path, gid: str) -> Path:
+    return journal.journal_path(data / GUILDS_DIR, gid)
+
+
+async def test_a_restarted_broker_continues_epoch_s_and_history(tmp_path: Path) -> None:
+    b = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b.start()
+    epoch, ss = await b.append("g", [("A", b"1"), ("B", b'{"x":2}')])
+    _, ss2 = await b.append("g", [("C", b"3")])
+    assert ss + ss2 == [1, 2, 3]
+    await b.close()
+
+    b2 = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b2.start()
+    assert await b2.head("g") == (epoch, 3)
+    e, recs = await b2.read("g", 0, 10)
+    assert e == epoch and [(r.s, r.t) for r in recs] == [(1, "A"), (2, "B"), (3, "C")]
+    assert orjson.loads(recs[1].payload) == {"op": 0, "t": "B", "g": "g", "s": 2, "d": {"x": 2}}
+    assert await b2.append("g", [("D", b"4")]) == (epoch, [4])
+    await b2.close()
+
+
+async def test_a_guild_never_written_leaves_no_file(tmp_path: Path) -> None:
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+    await b.start()
+    await b.head("read-only")
+    await b.read("read-only", 0, 10)
+    assert not jpath(tmp_path, "read-only").exists()
+    await b.close()
+
+
+async def test_torn_tail_repaired_on_load_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b.start()
+    epoch, _ = await b.append("g", [("E", orjson.dumps(i)) for i in range(1, 6)])
+    await b.close()
+    path = jpath(tmp_path, "g")
+    os.truncate(path, path.stat().st_size - 3)
+
+    b2 = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b2.start()
+    with caplog.at_level(logging.WARNING, logger="guildcast.journal"):
+        head = await b2.head("g")
+    assert head == (epoch, 4)  # event 5 was torn: never acknowledged, same epoch
+    warnings = [r for r in caplog.records if r.name == "guildcast.journal"]
+    assert len(warnings) == 1 and "torn tail" in warnings[0].getMessage()
+    assert b2.repairs == 1
+    _, recs = await b2.read("g", 0, 10)
+    assert [orjson.loads(r.payload)["d"] for r in recs] == [1, 2, 3, 4]
+    await b2.close()
+
+
+async def test_corruption_starts_a_new_epoch_and_keeps_the_good_events(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b.start()
+    epoch, _ = await b.append("g", [("E", orjson.dumps(i)) for i in range(1, 6)])
+    await b.close()
+    path = jpath(tmp_path, "g")
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x20  # inside event 5's payload
+    path.write_bytes(bytes(data))
+
+    b2 = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b2.start()
+    with caplog.at_level(logging.WARNING, logger="guildcast.journal"):
+        new_epoch, head = await b2.head("g")
+    assert new_epoch != epoch and head == 4
+    assert any("new epoch" in r.getMessage() for r in caplog.records)
+    _, recs = await b2.read("g", 0, 10)
+    assert [orjson.loads(r.payload)["d"] for r in recs] == [1, 2, 3, 4]
+    assert await b2.append("g", [("E", b"5")]) == (new_epoch, [5])
+    await b2.close()
+    # the file was rewritten under the new epoch: the next load is clean
+    again = journal.load(path, "g")
+    assert again.repair is None and again.epoch == new_epoch and again.head == 5
+
+
+async def test_compaction_bounds_the_file(tmp_path: Path) -> None:
+    size = 10
+    b = DiskBroker(tmp_path, history_size=size, history_ttl=300, fsync="never")
+    await b.start()
+    total = 3 * (2 * size + COMPACT_SLACK)
+    for i in range(total):
+        await b.append("g", [("E", orjson.dumps(i))])
+    got = journal.load(jpath(tmp_path, "g"), "g")
+    assert got.head == total
+    assert got.count <= 2 * size + COMPACT_SLACK
+    assert got.base == got.head - got.count
+    epoch, recs = await b.read("g", 0, 100)
+    assert [r.s for r in recs] == list(range(total - size + 1, total + 1))
+    await b.close()
+    b2 = DiskBroker(tmp_path, history_size=size, history_ttl=300)
+    await b2.start()
+    assert await b2.head("g") == (epoch, total)
+    _, recs2 = await b2.read("g", 0, 100)
+    assert recs2 == recs
+    await b2.close()
+
+
+async def test_age_compaction_drops_expired_events_from_the_file(tmp_path: Path) -> None:
+    b = DiskBroker(tmp_path, history_size=100, history_ttl=1.0, fsync="never")
+    await b.start()
+    await b.append("g", [("E", b"1"), ("E", b"2")])
+    lg = b._glogs["g"]
+    # As if more than COMPACT_MIN_AGE had passed: history drops them by age,
+    # and the next write rewrites the file without them.
+    later = time.time() + 3600
+    b._prune_log(lg, later)
+    await b._maybe_compact("g", lg, later)
+    got = journal.load(jpath(tmp_path, "g"), "g")
+    assert (got.count, got.base, got.head) == (0, 2, 2)
+    await b.close()
+
+
+async def test_fsync_always_syncs_every_append(tmp_path: Path) -> None:
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=300, fsync="always")
+    await b.start()
+    await b.append("g", [("E", b"1")])  # creates the file (temp + fsync + rename)
+    before = b.fsyncs
+    for _ in range(3):
+        await b.append("g", [("E", b"1")])
+        assert not b._glogs["g"].journal.dirty
+    assert b.fsyncs == before + 3
+    await b.close()
+
+
+async def test_fsync_interval_syncs_in_the_background(tmp_path: Path) -> None:
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=300, fsync_interval=0.05)
+    await b.start()
+    await b.append("g", [("E", b"1")])
+    await b.append("g", [("E", b"2")])
+    j = b._glogs["g"].journal
+    assert j.dirty
+    # the file's creation, then one background fsync
+    await until(lambda: b.fsyncs >= 2, "the background fsync")
+    assert not j.dirty
+    await b.close()
+
+
+async def test_open_files_and_cached_guilds_are_bounded(tmp_path: Path) -> None:
+    b = DiskBroker(
+        tmp_path, history_size=10, history_ttl=300, fsync="never", max_open=2, max_cached=3
+    )
+    await b.start()
+    for round_ in range(2):
+        for k in range(8):
+            await b.append(f"g{k}", [("E", orjson.dumps([round_, k]))])
+            assert sum(lg.journal.is_open for lg in b._glogs.values()) <= 2
+            assert len(b._glogs) <= 3
+    # evicted guilds reload from their files, whole
+    for k in range(8):
+        _, recs = await b.read(f"g{k}", 0, 10)
+        assert [orjson.loads(r.payload)["d"] for r in recs] == [[0, k], [1, k]]
+    await b.close()
+
+
+async def test_the_feed_gets_records_only_after_they_are_written(tmp_path: Path) -> None:
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=300, fsync="always")
+    seen: list[tuple[int, int]] = []
+
+    def feed(gid: str, recs: list[Record] | None) -> None:
+        assert recs is not None
+        for r in recs:
+            seen.append((r.s, journal.load(jpath(tmp_path, gid), gid).head))
+
+    b.set_feed(feed)
+    await b.start()
+    await b.listen("g")
+    for i in range(3):
+        await b.append("g", [("E", orjson.dumps(i))])
+    assert seen == [(1, 1), (2, 2), (3, 3)]  # each record was on disk when fed
+    await b.close()
+
+
+async def test_unwritable_data_dir_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    b = DiskBroker(blocker, history_size=10, history_ttl=300)
+    with pytest.raises(Exception, match="data dir"):
+        await b.start()
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        DiskBroker(tmp_path, 10, 300, fsync="sometimes")
+    with pytest.raises(ValueError):
+        DiskBroker(tmp_path, 10, 300, fsync_interval=0)

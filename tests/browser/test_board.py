@@ -1,0 +1,307 @@
+"""The live board demo in a real headless browser: Debian's chromium driven
+by Playwright. Two pages on one board; a card published in one shows up in
+the other; the server is killed and restarted on the same port and both pages
+reconnect by themselves. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients import Client
+from server.core.tokens import make_token
+from tests.clients._support import serve_accepts
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+SECRET = "browser-tests-secret-0123456789abcdef01234"
+#: Flags for a sandboxed root environment with no network but loopback
+#: (without the background-networking ones chromium keeps dialling out).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+#: Generous: a browser on two shared cores can be slow to start.
+WAIT_MS = 30_000
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+except ImportError:  # pragma: no cover - depends on the environment
+    async_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} missing: apt-get install chromium"
+    ),
+    pytest.mark.skipif(
+        async_playwright is None, reason="playwright missing: pip install -e '.[test]'"
+    ),
+]
+
+
+#: No HTTP API for these tests: its fixed default port would collide with
+#: concurrent test runs, and the board does not use it.
+NO_API = ["--api-port", "-1"] if serve_accepts("--api-port", "-1") else []
+
+
+class ServeProcess:
+    """``guildcast serve`` as a real subprocess, restartable on the same port."""
+
+    def __init__(self, log: Path, extra: list[str]) -> None:
+        self.log = log
+        self.extra = extra
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--secret",
+                SECRET,
+                "--heartbeat-interval-ms",
+                "5000",
+                "--drain-timeout",
+                "5",
+                *NO_API,
+                *self.extra,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                cwd=ROOT,
+            )
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(30):
+            while True:
+                line = (await self.proc.stdout.readline()).decode()
+                assert line, f"serve exited early; see {self.log}"
+                m = re.search(r"gateway on ws://127\.0\.0\.1:(\d+)/gateway", line)
+                if m:
+                    self.port = int(m.group(1))
+                    return
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    def token(self, sub: str) -> str:
+        return make_token(SECRET, sub, ["*"], ["*"], None, 3600)
+
+    def page_url(self, sub: str, guild: str) -> str:
+        return f"http://127.0.0.1:{self.port}/#token={self.token(sub)}&guild={guild}"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    assert async_playwright is not None
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def open_board(browser: Browser, url: str, errors: list[str]) -> Page:
+    ctx = await browser.new_context(viewport={"width": 900, "height": 640})
+    page = await ctx.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(url)
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=WAIT_MS
+    )
+    return page
+
+
+async def publish_card(page: Page, text: str) -> None:
+    await page.fill("#card-text", text)
+    await page.click("#publish")
+
+
+async def cards(page: Page) -> list[str]:
+    texts: list[str] = await page.locator("#cards .card").evaluate_all(
+        "els => els.map(e => e.firstChild.textContent)"
+    )
+    return texts
+
+
+async def expect_cards(page: Page, texts: list[str]) -> None:
+    loc = page.locator("#cards .card")
+    await expect(loc).to_have_count(len(texts), timeout=WAIT_MS)
+    assert await cards(page) == texts
+
+
+async def sessions(page: Page) -> int:
+    n: Any = await page.evaluate("window.guildcastClient.sessions")
+    return int(n)
+
+
+async def wait_reconnected(page: Page) -> None:
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=WAIT_MS
+    )
+    for _ in range(WAIT_MS // 50):  # bounded poll
+        if await sessions(page) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert await sessions(page) >= 2, "the page did not reconnect"
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=WAIT_MS
+    )
+
+
+async def test_board_live_across_tabs_and_a_restart(browser: Browser, tmp_path: Path) -> None:
+    """Without --data-dir a restart starts a new history: both pages reconnect,
+    are told (the resync notice), and keep working live."""
+    srv = ServeProcess(tmp_path / "serve.log", [])
+    await srv.start()
+    errors: list[str] = []
+    try:
+        a = await open_board(browser, srv.page_url("alice", "board-1"), errors)
+        b = await open_board(browser, srv.page_url("bob", "board-1"), errors)
+        await publish_card(a, "hello from alice")
+        await expect_cards(b, ["hello from alice"])
+        await publish_card(b, "hi alice, bob here")
+        await expect_cards(a, ["hello from alice", "hi alice, bob here"])
+        await expect(b.locator("#cards .card").nth(1)).to_contain_text("by bob")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await a.screenshot(path=str(ARTIFACTS / "board-two-tabs.png"), full_page=True)
+
+        await srv.restart()
+        for page in (a, b):
+            await wait_reconnected(page)
+            await expect(page.locator("#notice")).to_be_visible(timeout=WAIT_MS)
+            await expect(page.locator("#cards .card.stale")).to_have_count(2)
+        await publish_card(a, "after the restart")
+        await expect_cards(b, ["hello from alice", "hi alice, bob here", "after the restart"])
+        await expect_cards(a, ["hello from alice", "hi alice, bob here", "after the restart"])
+        await b.screenshot(path=str(ARTIFACTS / "board-after-restart.png"), full_page=True)
+    finally:
+        await srv.stop()
+    assert errors == []
+
+
+@pytest.mark.skipif(not serve_accepts("--data-dir", "x"), reason="--data-dir is not built yet")
+async def test_board_recovers_across_a_restart_with_data_dir(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """With --data-dir the restarted server continues the board's history:
+    both pages reconnect and recover, including a card published while they
+    were away, without a duplicate and without a resync."""
+    srv = ServeProcess(tmp_path / "serve.log", ["--data-dir", str(tmp_path / "data")])
+    await srv.start()
+    errors: list[str] = []
+    try:
+        a = await open_board(browser, srv.page_url("alice", "board-1"), errors)
+        b = await open_board(browser, srv.page_url("bob", "board-1"), errors)
+        await publish_card(a, "one")
+        await expect_cards(b, ["one"])
+        await publish_card(b, "two")
+        await expect_cards(a, ["one", "two"])
+
+        await srv.restart()
+        async with Client(f"ws://127.0.0.1:{srv.port}/gateway", srv.token("carol")) as c:
+            await c.publish("board-1", "CARD_ADDED", {"text": "while away", "author": "carol"})
+        for page in (a, b):
+            await wait_reconnected(page)
+            await expect_cards(page, ["one", "two", "while away"])
+        await publish_card(b, "three")
+        for page in (a, b):
+            await expect_cards(page, ["one", "two", "while away", "three"])
+            await expect(page.locator("#notice")).to_be_hidden()
+        await a.screenshot(path=str(ARTIFACTS / "board-data-dir-restart.png"), full_page=True)
+    finally:
+        await srv.stop()
+    assert errors == []
+
+
+async def serve_html(html: bytes) -> asyncio.Server:
+    """A minimal HTTP server on loopback answering every GET with ``html``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(html), html)
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def readme_browser_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"```html\n(<script type=\"module\">.*?</script>)\n```", text, re.S)
+    assert m, "README.md has no ```html browser example"
+    assert len([ln for ln in m.group(1).splitlines() if ln.strip()]) <= 10  # ten lines
+    return m.group(1)
+
+
+async def test_readme_browser_example_works(browser: Browser, tmp_path: Path) -> None:
+    srv = ServeProcess(tmp_path / "serve.log", [])
+    await srv.start()
+    try:
+        snippet = (
+            readme_browser_example()
+            .replace("127.0.0.1:8080", f"127.0.0.1:{srv.port}")
+            .replace("TOKEN", srv.token("reader"))
+        )
+        ctx = await browser.new_context()
+        page = await ctx.new_page()
+        logs: list[str] = []
+        errors: list[str] = []
+        page.on("console", lambda msg: logs.append(msg.text))
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        # The application's own page, on another origin (port) than the
+        # server: the module import must work cross-origin.
+        html = f"<!doctype html><title>example</title>{snippet}".encode()
+        app_page = await serve_html(html)
+        try:
+            await page.goto(f"http://127.0.0.1:{app_page.sockets[0].getsockname()[1]}/")
+            for _ in range(WAIT_MS // 50):  # bounded poll
+                if errors or any("CARD_ADDED" in line for line in logs):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            app_page.close()
+            await app_page.wait_closed()
+        assert errors == []
+        assert any(line.startswith('board-1 CARD_ADDED 1 {"text":"hi"}') for line in logs), logs
+    finally:
+        await srv.stop()

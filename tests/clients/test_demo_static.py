@@ -1,0 +1,102 @@
+"""The demo page and guildcast.js are served from the gateway's own port
+(server/transport/static.py), and ``guildcast serve`` prints the demo URL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+from clients import Client
+from server import Server
+from tests.clients._support import serve_accepts
+
+ROOT = Path(__file__).resolve().parents[2]
+#: No HTTP API: its fixed default port would collide with concurrent runs.
+NO_API = ["--api-port", "-1"] if serve_accepts("--api-port", "-1") else []
+
+
+async def http_get(port: int, path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+        async with asyncio.timeout(20):
+            raw = await reader.read()  # the server closes after one response
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return status, hdrs, body
+
+
+async def test_page_and_script_are_served(server: Server) -> None:
+    source = (ROOT / "clients" / "js" / "guildcast.js").read_bytes()
+    status, hdrs, body = await http_get(server.port, "/guildcast.js")
+    assert status == 200 and hdrs["content-type"].startswith("text/javascript")
+    assert body == source  # the served copy is the client, byte for byte
+    assert int(hdrs["content-length"]) == len(source)
+    for path in ("/", "/demo", "/?x=1"):
+        status, hdrs, body = await http_get(server.port, path)
+        assert status == 200 and hdrs["content-type"].startswith("text/html")
+        assert b'import { GuildcastClient } from "/guildcast.js"' in body
+    status, _, _ = await http_get(server.port, "/nope")
+    assert status == 404
+    # An upgrade request for a page path is not a page request.
+    status, _, _ = await http_get(server.port, "/", "Upgrade: websocket\r\nConnection: Upgrade\r\n")
+    assert status == 404
+    # The gateway still works for WebSocket clients; nothing leaked.
+    async with Client(server.url, server.token("x")) as c:
+        assert c.connected
+    assert len(server.gateway.pending) == 0
+
+
+def test_package_copy_matches_the_client() -> None:
+    served = ROOT / "server" / "transport" / "static" / "guildcast.js"
+    assert served.read_bytes() == (ROOT / "clients" / "js" / "guildcast.js").read_bytes(), (
+        "copy clients/js/guildcast.js to server/transport/static/guildcast.js"
+    )
+
+
+async def test_serve_prints_a_working_demo_url() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--port",
+        "0",
+        *NO_API,
+        "--no-uvloop",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        # No secret given: serve generates one and prints the demo token and URL.
+        env={k: v for k, v in os.environ.items() if not k.startswith("GUILDCAST_")},
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "serve exited without printing the demo URL"
+                m = re.search(
+                    r"live demo board: http://127\.0\.0\.1:(\d+)/#token=([^&\s]+)&guild=demo", line
+                )
+                if m:
+                    break
+        port, token = int(m.group(1)), m.group(2)
+        status, _, body = await http_get(port, "/")
+        assert status == 200 and b"Guildcast board" in body
+        async with Client(f"ws://127.0.0.1:{port}/gateway", token) as c:
+            assert c.user == "demo"
+            assert await c.publish("demo", "CARD_ADDED", {"text": "hi"}) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await proc.wait()
+    assert proc.returncode == 0

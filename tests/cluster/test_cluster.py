@@ -1,0 +1,187 @@
+"""Cluster mode end to end: real node processes over a real redis-server.
+
+Every test here starts its own redis-server on a free loopback port and
+``guildcast serve --redis`` processes, and checks the protocol's guarantee
+across nodes: each client gets every event of its guilds in ``s`` order,
+with no gap and no duplicate, across node deaths and Redis restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.broker.redis import RedisBroker
+from server.core.tokens import make_token
+from tests.cluster.nodes import Follower, NodeProc, Publisher
+from tests.redisproc import RedisProc
+from tests.util import eventually
+
+SECRET = "cluster-test-secret-0123456789abcdef"
+GUILDS = ["alpha", "beta"]
+
+
+def token(user: str) -> str:
+    return make_token(SECRET, user, ["*"], ["*"], pub_rate=0)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisProc]:
+    r = RedisProc(tmp_path, persist=True)
+    r.start()
+    yield r
+    r.stop()
+
+
+@contextlib.contextmanager
+def nodes(redis: RedisProc, n: int) -> Iterator[list[NodeProc]]:
+    procs = [NodeProc(redis.url, SECRET, f"node{i}") for i in range(n)]
+    try:
+        for p in procs:
+            p.start()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@contextlib.asynccontextmanager
+async def following(followers: list[Follower]) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(f.run()) for f in followers]
+    try:
+        async with asyncio.timeout(60):
+            for f in followers:
+                await f.subscribed.wait()
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def check_complete(followers: list[Follower], acked: dict[str, set[int]]) -> None:
+    """Every follower has 1..head of each guild, in order, identical across followers."""
+    reference: dict[str, list[tuple[int, object]]] = {}
+    for f in followers:
+        assert f.violations == [], f.violations
+        for g in GUILDS:
+            got = f.events.get(g, [])
+            assert [s for s, _ in got] == list(range(1, len(got) + 1))
+            assert acked[g] <= {s for s, _ in got}, "an acknowledged event is missing"
+            ref = reference.setdefault(g, got)
+            assert got == ref, "two clients saw different events for one s"
+
+
+async def test_three_nodes_every_client_gets_every_event_in_one_order(redis: RedisProc) -> None:
+    with nodes(redis, 3) as ns:
+        followers = [Follower([ns[i % 3].url], token(f"u{i}"), GUILDS) for i in range(24)]
+        async with following(followers):
+            pubs = [Publisher(n.url, token(f"p{i}")) for i, n in enumerate(ns)]
+            async with contextlib.AsyncExitStack() as stack:
+                for p in pubs:
+                    await stack.enter_async_context(p)
+
+                async def stream(p: Publisher, k: int) -> None:
+                    for i in range(60):
+                        for g in GUILDS:
+                            assert await p.publish(g, {"from": k, "i": i}) is not None
+
+                await asyncio.gather(*(stream(p, k) for k, p in enumerate(pubs)))
+            total = 3 * 60
+
+            async def all_in() -> bool:
+                return all(f.count(g) >= total for f in followers for g in GUILDS)
+
+            await eventually(all_in, 60)
+            acked = {g: {s for p in pubs for gg, s, _ in p.acked if gg == g} for g in GUILDS}
+            assert all(len(acked[g]) == total for g in GUILDS)
+            check_complete(followers, acked)
+
+
+async def test_kill9_node_clients_recover_elsewhere_and_presence_drops_it(
+    redis: RedisProc,
+) -> None:
+    with nodes(redis, 3) as ns:
+        victim = ns[2]
+        followers = [
+            Follower([ns[i % 3].url, ns[(i + 1) % 3].url], token(f"u{i}"), GUILDS)
+            for i in range(12)
+        ]
+        on_victim = [f for i, f in enumerate(followers) if i % 3 == 2]
+        async with following(followers):
+            probe = RedisBroker(redis.url, 10, 60, node_id="probe", presence_timeout=2.0)
+            await probe.start()
+            try:
+
+                async def victim_present() -> bool:
+                    return any(m.node == victim.node_id for m in await probe.presence("alpha"))
+
+                await eventually(victim_present)
+                async with Publisher(ns[0].url, token("pub")) as pub:
+                    for i in range(200):
+                        if i == 80:
+                            victim.kill9()
+                        for g in GUILDS:
+                            assert await pub.publish(g, i) is not None
+
+                async def all_in() -> bool:
+                    return all(f.count(g) >= 200 for f in followers for g in GUILDS)
+
+                await eventually(all_in, 60)
+                acked = {g: {s for gg, s, _ in pub.acked if gg == g} for g in GUILDS}
+                check_complete(followers, acked)
+                assert all(f.reconnects >= 1 for f in on_victim)
+                assert all(f.unrecovered == 0 for f in followers)
+
+                async def victim_gone() -> bool:
+                    ms = await probe.presence("alpha")
+                    return bool(ms) and all(m.node != victim.node_id for m in ms)
+
+                # presence_timeout is 2 s; allow generous slack on a shared CI box.
+                await eventually(victim_gone, 30)
+            finally:
+                await probe.close()
+
+
+async def test_redis_restart_publishes_fail_loudly_and_nothing_acked_is_lost(
+    redis: RedisProc,
+) -> None:
+    with nodes(redis, 2) as ns:
+        followers = [Follower([ns[i % 2].url], token(f"u{i}"), GUILDS) for i in range(6)]
+        async with following(followers), Publisher(ns[0].url, token("pub")) as pub:
+            for i in range(50):
+                for g in GUILDS:
+                    assert await pub.publish(g, i) is not None
+            redis.stop()
+            # While Redis is down a publish is refused with an ERROR, never
+            # acknowledged and silently dropped.
+            for i in range(5):
+                assert await pub.publish("alpha", ("down", i)) is None
+            assert {f["code"] for f in pub.failed} == {1013}
+            redis.start()
+            # Publishes succeed again by themselves once Redis is back.
+
+            async def publishes_again() -> bool:
+                return await pub.publish("beta", "probe") is not None
+
+            await eventually(publishes_again, 60)
+            for i in range(50, 100):
+                for g in GUILDS:
+                    assert await pub.publish(g, i) is not None
+            acked = {g: {s for gg, s, _ in pub.acked if gg == g} for g in GUILDS}
+
+            async def all_in() -> bool:
+                return all(
+                    acked[g] <= {s for s, _ in f.events.get(g, [])}
+                    for f in followers
+                    for g in GUILDS
+                )
+
+            await eventually(all_in, 60)
+            check_complete(followers, acked)
+            # Redis kept its data (AOF): the epochs did not change.
+            assert len({f.epochs["alpha"] for f in followers}) == 1

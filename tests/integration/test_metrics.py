@@ -1,0 +1,133 @@
+"""/metrics: Prometheus text that parses, counters that move with traffic,
+one registry per node, and the key rule (open only with ``metrics_open``)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+
+from tests.apihelp import TIMEOUT, Api, api_server, recv_json, subscribe, until
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(api: Api) -> tuple[Samples, set[str]]:
+    status, body, headers = await api.get("/metrics")
+    assert status == 200, body
+    assert headers["Content-Type"].startswith("text/plain")
+    samples: Samples = {}
+    families = set()
+    for fam in text_string_to_metric_families(body.decode()):
+        families.add(fam.name)
+        for s in fam.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples, families
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_parse_and_move_with_traffic() -> None:
+    async with api_server() as srv, Api(srv.api_url) as api:
+        m0, families = await scrape(api)
+        assert {
+            "guildcast_connections",
+            "guildcast_sessions_identified",
+            "guildcast_subscriptions",
+            "guildcast_guild_actors",
+            "guildcast_events_published",
+            "guildcast_deliveries",
+            "guildcast_bytes_written",
+            "guildcast_slow_consumers",
+            "guildcast_closes",
+            "guildcast_publish_to_write_seconds",
+            "guildcast_mailbox_messages",
+            "guildcast_mailbox_messages_max",
+            "guildcast_ready",
+        } <= families
+        assert value(m0, "guildcast_ready") == 1
+
+        tok = srv.token("u", guilds=["*"])
+        ws1, _ = await subscribe(srv.url, tok, "mx")
+        ws2, _ = await subscribe(srv.url, tok, "mx")
+        events = [{"guild": "mx", "t": "N", "d": {"i": i}} for i in range(10)]
+        status, _, _ = await api.publish({"events": events})
+        assert status == 200
+        frames = 0
+        for ws in (ws1, ws2):
+            for _ in range(10):
+                msg = await recv_json(ws)
+                frames += len(orjson.dumps(msg))
+        # a bad token: closed with 4004
+        bad = await connect(srv.url, proxy=None, open_timeout=TIMEOUT)
+        await recv_json(bad)
+        await bad.send(orjson.dumps({"op": 2, "d": {"token": "nope", "guilds": {}}}).decode())
+        async with asyncio.timeout(TIMEOUT):
+            await bad.wait_closed()
+        assert bad.close_code == 4004
+        await until(lambda: len(srv.gateway.connections) == 2, "the refused session to go")
+
+        m1, _ = await scrape(api)
+        assert (
+            value(m1, "guildcast_events_published_total")
+            - value(m0, "guildcast_events_published_total")
+            == 10
+        )
+        assert (
+            value(m1, "guildcast_deliveries_total") - value(m0, "guildcast_deliveries_total") == 20
+        )
+        # every frame: the JSON plus at least its 2-byte header
+        assert value(m1, "guildcast_bytes_written_total") >= frames + 2 * 20
+        assert value(m1, "guildcast_connections") == 2
+        assert value(m1, "guildcast_connections_accepted_total") == 3
+        assert value(m1, "guildcast_sessions_identified") == 2
+        assert value(m1, "guildcast_subscriptions") == 2
+        assert value(m1, "guildcast_guild_actors") >= 1
+        assert value(m1, "guildcast_closes_total", code="4004") == 1
+        # one guild, one partition: ten observations, all in some bucket
+        count = value(m1, "guildcast_publish_to_write_seconds_count")
+        assert count - value(m0, "guildcast_publish_to_write_seconds_count") == 10
+        assert value(m1, "guildcast_publish_to_write_seconds_bucket", le="+Inf") == count
+        assert value(m1, "guildcast_publish_to_write_seconds_sum") > 0
+        assert value(m1, "guildcast_http_requests_total", route="/v1/publish", status="200") == 1
+        assert value(m1, "guildcast_http_requests_total", route="/metrics", status="200") >= 1
+        assert (
+            "guildcast_mailbox_messages",
+            frozenset({("actor", "guild")}),
+        ) in m1
+        await ws1.close()
+        await ws2.close()
+        await until(lambda: not srv.gateway.connections, "clients to go")
+        m2, _ = await scrape(api)
+        assert value(m2, "guildcast_connections") == 0
+        assert value(m2, "guildcast_subscriptions") == 0
+        assert value(m2, "guildcast_closes_total", code="4004") == 1
+
+
+async def test_metrics_key_rule_and_one_registry_per_node() -> None:
+    async with api_server() as closed, api_server(metrics_open=True) as opened:
+        async with Api(closed.api_url, key=None) as anon:
+            assert (await anon.get("/metrics"))[0] == 401
+        async with Api(opened.api_url, key=None) as anon:
+            await opened.publish("only-here", "E")
+            samples, _ = await scrape(anon)
+            assert value(samples, "guildcast_events_published_total") == 1
+        async with Api(closed.api_url) as api:
+            samples, _ = await scrape(api)
+            assert value(samples, "guildcast_events_published_total") == 0
+
+
+async def test_journal_metrics_with_data_dir(tmp_path: Path) -> None:
+    async with api_server(data_dir=str(tmp_path), fsync="always") as srv:
+        async with Api(srv.api_url) as api:
+            for i in range(3):
+                assert (await api.publish({"guild": "j", "t": "E", "d": i}))[0] == 200
+            samples, _ = await scrape(api)
+        assert value(samples, "guildcast_journal_bytes_total") > 0
+        assert value(samples, "guildcast_journal_fsyncs_total") >= 3
+        assert value(samples, "guildcast_journal_repairs_total") == 0

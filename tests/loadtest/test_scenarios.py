@@ -1,0 +1,171 @@
+"""Every load-test scenario end to end, in a short smoke form.
+
+Each test runs the real harness (``loadtest.cli.main``, the code behind
+``guildcast loadtest``) against a real server, embedded unless said
+otherwise, with a few dozen clients for a few seconds, reads the ``--json``
+result back and asserts the scenario's invariants: every client connected,
+no gap, no duplicate, every subscriber reached the last acknowledged event,
+latency recorded, and what the scenario is about (recovery, slow consumers
+closed and memory bounded, churn). Never its speed: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.cli import main
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def run(tmp_path: Path, args: str, expect: int = 0) -> dict[str, Any]:
+    """``guildcast loadtest ARGS --quiet --json PATH``; returns the parsed result."""
+    out = tmp_path / "result.json"
+    code = main([*args.split(), "--quiet", "--json", str(out)])
+    result: dict[str, Any] = json.loads(out.read_text())
+    failed = [c for c in result["checks"] if not c["ok"]]
+    assert code == expect, f"exit {code}; failed checks: {failed}; notes: {result['notes']}"
+    return result
+
+
+def check(result: dict[str, Any], name: str) -> dict[str, Any]:
+    for c in result["checks"]:
+        if c["name"] == name:
+            assert c["ok"], c
+            return c
+    raise AssertionError(f"no check {name!r} in {[c['name'] for c in result['checks']]}")
+
+
+def assert_clean(result: dict[str, Any], clients: int) -> None:
+    """The invariants every scenario shares."""
+    assert result["ok"], [c for c in result["checks"] if not c["ok"]]
+    assert result["connect"]["connected"] == clients
+    d = result["delivery"]
+    assert d["gaps"] == d["gap_events"] == d["dups"] == d["unexpected"] == 0
+    assert d["lagging"] == 0
+    assert d["delivered"] > 0
+    assert result["publish"]["acked"] > 0
+    for name in ("no gaps", "no duplicates", "every subscriber reached the last acknowledged s"):
+        check(result, name)
+
+
+def test_bigguild(tmp_path: Path) -> None:
+    r = run(tmp_path, "bigguild --server embedded --clients 30 --duration 2")
+    assert_clean(r, 30)
+    assert r["params"]["guilds"] == 1 and r["params"]["rate"] == 0
+    # One guild: every client got every acknowledged event.
+    assert r["delivery"]["delivered"] >= 30 * r["publish"]["acked"]
+    assert r["latency_us"]["count"] == r["delivery"]["delivered"]
+    assert r["server"]["shared_with_harness"] is True
+    assert r["timeline"] and r["harness"]["processes"]
+
+
+def test_latency_over_http(tmp_path: Path) -> None:
+    r = run(tmp_path, "latency --server embedded --clients 30 --rate 50 --duration 2 --via http")
+    assert_clean(r, 30)
+    assert r["publish"]["via"] == "http"
+    lat = r["latency_us"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    assert r["publish"]["ack_latency_us"]["count"] == r["publish"]["acked"]
+
+
+def test_manyguilds(tmp_path: Path) -> None:
+    r = run(tmp_path, "manyguilds --server embedded --clients 40 --guilds 10 --duration 2")
+    assert_clean(r, 40)
+    check(r, "latency recorded")
+
+
+def test_connect(tmp_path: Path) -> None:
+    r = run(tmp_path, "connect --server embedded --clients 50 --guilds 5 --duration 1")
+    assert_clean(r, 50)
+    # The probe: one event per guild reached every idle connection.
+    assert r["publish"]["acked"] == 5
+    assert r["delivery"]["delivered"] == 50
+    assert r["connect"]["per_s"] > 0
+    assert r["connect"]["rss_per_connection"] is not None
+
+
+def test_churn(tmp_path: Path) -> None:
+    r = run(
+        tmp_path,
+        "churn --server embedded --clients 40 --guilds 4 --rate 100 --duration 3 "
+        "--churn-life 0.2,0.5",
+    )
+    assert_clean(r, 40)
+    c = check(r, "clients churned")
+    assert r["churn"]["leaves"] > 0 and r["churn"]["resubscribes"] > 0, c
+
+
+def test_reconnect_embedded_disconnect_all(tmp_path: Path) -> None:
+    r = run(tmp_path, "reconnect --server embedded --clients 30 --guilds 3 --rate 100 --duration 2")
+    assert_clean(r, 30)
+    assert r["reconnect"]["mode"] == "disconnect_all"
+    assert r["reconnect"]["recovery_seconds"] > 0
+    assert r["clients"]["closes"].get("4000") == 30
+    check(r, "every client reconnected")
+    check(r, "every subscription recovered")
+    assert r["delivery"]["unrecovered"] == 0
+
+
+def test_reconnect_server_process_restart(tmp_path: Path) -> None:
+    """A real server process, restarted mid-stream with its data directory:
+    every client recovers from its Position across the restart."""
+    r = run(tmp_path, "reconnect --server process --clients 20 --guilds 2 --rate 100 --duration 3")
+    assert_clean(r, 20)
+    assert r["reconnect"]["mode"] == "restart"
+    assert r["server"]["shared_with_harness"] is False and r["server"]["measured"]
+    assert r["server_usage"]["rss_peak"] > 0
+    check(r, "every subscription recovered")
+
+
+def test_slowconsumers(tmp_path: Path) -> None:
+    r = run(
+        tmp_path,
+        "slowconsumers --server embedded --clients 20 --rate 1000 --size 4096 "
+        f"--max-buffer {256 * 1024} --duration 3",
+    )
+    assert_clean(r, 20)
+    assert r["slow"]["clients"] == 2
+    assert sum(r["slow"]["closed"].values()) == 2
+    check(r, "slow consumers were closed")
+    check(r, "no other client was closed")
+    check(r, "server memory bounded")
+    assert r["server"]["stats"]["close_codes"].get("4010") == 2
+
+
+def test_spawned_workers_and_plot(tmp_path: Path) -> None:
+    png = tmp_path / "plot.png"
+    r = run(
+        tmp_path, f"bigguild --server embedded --clients 40 --workers 2 --duration 2 --plot {png}"
+    )
+    assert_clean(r, 40)
+    roles = {p["role"] for p in r["harness"]["processes"]}
+    assert {"worker0", "worker1"} <= roles
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every worker process it spawned is gone.
+    for p in r["harness"]["processes"]:
+        if p["role"].startswith("worker"):
+            with pytest.raises(ProcessLookupError):
+                os.kill(p["pid"], 0)
+
+
+def test_refuses_non_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["latency", "--url", "ws://192.0.2.1:8080/gateway", "--secret", "x", "--quiet"])
+    assert code == 2
+    assert "not a loopback address" in capsys.readouterr().err
+
+
+def test_guildcast_cli_delegates(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main as guildcast
+
+    with pytest.raises(SystemExit) as e:
+        guildcast(["loadtest", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "guildcast loadtest" in out and "--clients" in out
+    assert guildcast(["loadtest", "bigguild", "--url", "ws://example.com/gateway"]) == 2

@@ -1,0 +1,102 @@
+"""Server framing and envelope validation (PROTOCOL.md "Transport", "Envelope")."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from websockets.frames import Frame, Opcode
+
+from server.protocol import wire
+from server.protocol.codes import Op
+from tests.protocol.framing import one, unframe
+
+
+@pytest.mark.parametrize("n", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_is_what_websockets_would_send(n: int) -> None:
+    data = bytes((i * 7) % 256 for i in range(n))
+    expected = Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])
+    assert wire.text_frame(data) == expected
+
+
+def test_frames_concatenate_into_a_stream() -> None:
+    a = wire.dispatch_payload("g", "A", 1, {"x": 1})
+    b = wire.dispatch_payload("g", "B", 2, "y" * 300)
+    assert unframe(wire.text_frame(a) + wire.text_frame(b)) == [
+        {"op": 0, "t": "A", "g": "g", "s": 1, "d": {"x": 1}},
+        {"op": 0, "t": "B", "g": "g", "s": 2, "d": "y" * 300},
+    ]
+
+
+@pytest.mark.parametrize(
+    "gid",
+    ["a", "A" * 128, "guild-42", "team_1.board:7", "a-b_c.d:e", "0", "...", "-", "Z9"],
+)
+def test_valid_guild_ids(gid: str) -> None:
+    assert wire.valid_guild(gid)
+
+
+@pytest.mark.parametrize(
+    "gid",
+    [
+        "",
+        "a" * 129,
+        "a b",
+        "a/b",
+        "a\n",
+        "\na",
+        "é",
+        "g*",
+        "g?",
+        "g#",
+        "guild\x00",
+        1,
+        None,
+        b"guild",
+        ["g"],
+    ],
+)
+def test_invalid_guild_ids(gid: object) -> None:
+    assert not wire.valid_guild(gid)
+
+
+@pytest.mark.parametrize("t", ["A", "Z" * 64, "MESSAGE_CREATE", "E_1", "0", "_"])
+def test_valid_event_names(t: str) -> None:
+    assert wire.valid_event(t)
+
+
+@pytest.mark.parametrize(
+    "t", ["", "A" * 65, "lower", "Mixed", "A-B", "A B", "A\n", "É", 1, None, b"A"]
+)
+def test_invalid_event_names(t: object) -> None:
+    assert not wire.valid_event(t)
+
+
+def test_dispatch_and_control_messages() -> None:
+    assert orjson.loads(wire.dispatch_payload("g", "T", 5, None)) == {
+        "op": 0,
+        "t": "T",
+        "g": "g",
+        "s": 5,
+        "d": None,
+    }
+    assert one(wire.subscribed_frame("g", "ep", 9, True)) == {
+        "op": Op.DISPATCH,
+        "t": "SUBSCRIBED",
+        "g": "g",
+        "d": {"epoch": "ep", "s": 9, "recovered": True},
+    }
+    assert one(wire.unsubscribed_frame("g")) == {
+        "op": 0,
+        "t": "UNSUBSCRIBED",
+        "g": "g",
+        "d": None,
+    }
+    assert one(wire.HEARTBEAT_ACK_FRAME) == {"op": Op.HEARTBEAT_ACK, "d": None}
+    assert one(wire.RECONNECT_FRAME) == {"op": Op.RECONNECT, "d": None}
+
+
+def test_decode_rejects_bad_json_and_utf8() -> None:
+    for bad in (b"", b"{", b"\xff", b'"\xed\xa0\x80"'):
+        with pytest.raises(wire.JSONDecodeError):
+            wire.decode(bad)
+    assert wire.decode(b'{"op": 1}') == {"op": 1}
