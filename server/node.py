@@ -267,8 +267,18 @@ class Server:
 
     @property
     def ready(self) -> bool:
-        """True while started and not draining (``/readyz``)."""
-        return self._started and not self.draining
+        """True while started, not draining and with a reachable broker (``/readyz``)."""
+        return self._started and not self.draining and self.broker.healthy
+
+    @property
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "draining"
+        if not self._started:
+            return "not started"
+        if not self.broker.healthy:
+            return "broker unavailable"
+        return ""
 
     def metrics(self) -> MetricsSnapshot:
         """Everything ``/metrics`` exports, read now (O(connections + guilds))."""
@@ -282,6 +292,7 @@ class Server:
             slow_consumers=gw.slow_consumers,
             close_codes=dict(gw.close_codes),
             ready=self.ready,
+            broker_up=self.broker.healthy,
             guilds_alive=len(self.registry),
             guilds_started=self.registry.started,
             published=st.published,
@@ -352,6 +363,16 @@ class NodeApi:
 
     def ready(self) -> bool:
         return self._srv.ready
+
+    def not_ready_reason(self) -> str:
+        return self._srv.not_ready_reason
+
+    async def presence(self, gid: str) -> list[dict[str, str]]:
+        try:
+            members = await self._srv.broker.presence(gid)
+        except BrokerUnavailable as e:
+            raise Overloaded(str(e)) from None
+        return [m.as_dict() for m in members]
 
     def metrics(self) -> MetricsSnapshot:
         return self._srv.metrics()

@@ -88,7 +88,13 @@ class ApiHost(Protocol):
         """At most ``limit`` stored events of ``gid`` with ``s > after``."""
 
     def ready(self) -> bool:
-        """False while the node is starting or draining (``/readyz``)."""
+        """False while the node is starting, draining or without its broker."""
+
+    def not_ready_reason(self) -> str:
+        """Why :meth:`ready` is false ("draining", "broker unavailable", …)."""
+
+    async def presence(self, gid: str) -> list[dict[str, str]]:
+        """The sessions subscribed to ``gid`` on every node: user, session, node."""
 
     def metrics(self) -> MetricsSnapshot:
         """The node's counters and gauges now (``/metrics``)."""

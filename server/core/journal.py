@@ -2,10 +2,12 @@
 
 Owns the on-disk format, its loading and its repair. The guild actor that
 owns a guild is the only writer of that guild's file (DESIGN.md,
-"Durability"); a :class:`Journal` is never shared and has no locks. Blocking
-calls (``load``, ``rewrite``, ``sync``) are plain functions: the guild runs
-them with ``asyncio.to_thread`` and awaits them, so it is still the only one
-touching the file while they run.
+"Durability"): its appends go through the disk broker
+(``server.broker.disk``), one write per mailbox batch. A :class:`Journal`
+has no locks. Blocking calls (``load``, ``rewrite``, ``sync``) are plain
+functions that the broker runs with ``asyncio.to_thread`` and awaits; the
+only call that may overlap the writer is a background ``sync`` (an fsync
+never changes the file).
 
 File name: ``g-<base32(guild id)>.log`` in lower case without padding. Guild
 ids may be ``..`` or contain ``:``, so they are never used raw; base32 is
@@ -263,7 +265,7 @@ def _parse_header(body: memoryview, gid: str) -> dict[str, Any]:
 
 
 class Journal:
-    """The appendable journal of one guild. Owned and used by its guild actor only.
+    """The appendable journal of one guild, written only on behalf of its guild actor.
 
     The file is opened on the first write (a guild that is only read leaves
     no file behind) and always starts with its header: :meth:`rewrite`

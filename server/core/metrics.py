@@ -119,6 +119,8 @@ class MetricsSnapshot:
     slow_consumers: int = 0
     close_codes: dict[int, int] = field(default_factory=dict)
     ready: bool = True
+    #: False while the broker (Redis) is unreachable.
+    broker_up: bool = True
     published: int = 0
     deliveries: int = 0
     bytes_out: int = 0

@@ -198,6 +198,7 @@ class _NodeCollector(Collector):
             return CounterMetricFamily(name, doc, value=value)
 
         yield gauge("guildcast_ready", "1 when accepting clients, 0 while draining", m.ready)
+        yield gauge("guildcast_broker_up", "1 while the broker (Redis) is reachable", m.broker_up)
         yield gauge("guildcast_connections", "Open WebSocket connections", m.connections)
         yield gauge(
             "guildcast_connections_pending",
@@ -306,6 +307,7 @@ class HttpApi:
         app.router.add_post("/v1/publish", self._publish)
         app.router.add_get("/v1/guilds/{gid}", self._guild_info)
         app.router.add_get("/v1/guilds/{gid}/history", self._guild_history)
+        app.router.add_get("/v1/guilds/{gid}/presence", self._guild_presence)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -400,7 +402,10 @@ class HttpApi:
     async def _publish(self, request: web.Request) -> web.StreamResponse:
         bucket = self._authorize(request)
         if not self.host.ready():
-            raise ApiError(503, "unavailable", "the node is draining; publish to another node")
+            why = self.host.not_ready_reason()
+            raise ApiError(
+                503, "unavailable", f"the node is not ready ({why}); retry or use another"
+            )
         if request.content_type != "application/json":
             raise ApiError(
                 415,
@@ -538,6 +543,15 @@ class HttpApi:
             raise ApiError(503, "unavailable", str(e)) from None
         return _json(info)
 
+    async def _guild_presence(self, request: web.Request) -> web.StreamResponse:
+        self._authorize(request)
+        gid = self._gid(request)
+        try:
+            members = await self.host.presence(gid)
+        except Overloaded as e:
+            raise ApiError(503, "unavailable", str(e)) from None
+        return _json({"guild": gid, "members": members})
+
     async def _guild_history(self, request: web.Request) -> web.StreamResponse:
         self._authorize(request)
         gid = self._gid(request)
@@ -570,7 +584,7 @@ class HttpApi:
     async def _readyz(self, request: web.Request) -> web.StreamResponse:
         if self.host.ready():
             return _json({"ready": True})
-        return _json({"ready": False, "detail": "draining"}, 503)
+        return _json({"ready": False, "detail": self.host.not_ready_reason()}, 503)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         if not self.settings.metrics_open:

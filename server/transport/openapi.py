@@ -116,6 +116,21 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                     },
                 }
             },
+            "/v1/guilds/{gid}/presence": {
+                "get": {
+                    "operationId": "guildPresence",
+                    "summary": "The sessions subscribed to a guild, on every node",
+                    "parameters": [gid_param],
+                    "responses": {
+                        "200": _json(_ref("Presence"), "Who is here now."),
+                        "400": _BAD_GUILD,
+                        "401": _UNAUTHORIZED,
+                        "403": _FORBIDDEN,
+                        "404": _NO_ROUTE,
+                        "503": _UNAVAILABLE,
+                    },
+                }
+            },
             "/v1/guilds/{gid}/history": {
                 "get": {
                     "operationId": "guildHistory",
@@ -282,6 +297,25 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                                         },
                                     },
                                 ]
+                            },
+                        },
+                    },
+                },
+                "Presence": {
+                    "type": "object",
+                    "required": ["guild", "members"],
+                    "properties": {
+                        "guild": _ref("GuildId"),
+                        "members": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["user", "session", "node"],
+                                "properties": {
+                                    "user": {"type": "string"},
+                                    "session": {"type": "string"},
+                                    "node": {"type": "string"},
+                                },
                             },
                         },
                     },

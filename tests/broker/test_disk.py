@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from server.broker.base import Record
-from server.broker.disk import COMPACT_SLACK, GUILDS_DIR, DiskBroker
+from server.broker.base import BrokerUnavailable, Record
+from server.broker.disk import COMPACT_SLACK, GUILDS_DIR, STATE_FILE, DiskBroker
 from server.core import journal
 from tests.apihelp import until
 
@@ -208,3 +208,67 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
         DiskBroker(tmp_path, 10, 300, fsync="sometimes")
     with pytest.raises(ValueError):
         DiskBroker(tmp_path, 10, 300, fsync_interval=0)
+
+
+def edit_state(data: Path, **changes: object) -> None:
+    path = data / STATE_FILE
+    state = orjson.loads(path.read_bytes())
+    state.update(changes)
+    path.write_bytes(orjson.dumps(state))
+
+
+async def run(data: Path, fsync: str = "interval", **appends: int) -> dict[str, str]:
+    """Start a broker on ``data``, append to the given guilds, stop cleanly;
+    returns each guild's epoch."""
+    b = DiskBroker(data, history_size=10, history_ttl=300, fsync=fsync)
+    await b.start()
+    epochs = {}
+    for gid, n in appends.items():
+        for _ in range(n):
+            epochs[gid], _ = await b.append(gid, [("E", b"0")])
+    for gid in ("a", "b"):
+        epochs.setdefault(gid, (await b.head(gid))[0])
+    await b.close()
+    return epochs
+
+
+async def test_after_a_possible_power_failure_every_guild_gets_a_new_epoch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await run(tmp_path, a=3, b=2)
+    # The last run did not stop cleanly and the machine has rebooted since:
+    # under --fsync interval its last second of acknowledged events may be gone.
+    edit_state(tmp_path, clean=False, boot_id="another-boot")
+    with caplog.at_level(logging.WARNING, logger="guildcast.journal"):
+        b = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+        await b.start()
+        epoch_a, head_a = await b.head("a")
+        await b.close()
+    assert epoch_a != first["a"] and head_a == 3  # events kept, under a new epoch
+    assert any("power failure" in r.getMessage() for r in caplog.records)
+    # A guild not loaded during that run is reset when it is, later.
+    second = await run(tmp_path)
+    assert second["a"] == epoch_a
+    assert second["b"] != first["b"]
+    third = await run(tmp_path)
+    assert third == second  # reset once, then stable
+
+
+async def test_a_kill_9_or_fsync_always_keeps_the_epochs(tmp_path: Path) -> None:
+    first = await run(tmp_path, a=2)
+    edit_state(tmp_path, clean=False)  # same boot: the process died, the page cache did not
+    assert (await run(tmp_path))["a"] == first["a"]
+    await run(tmp_path, fsync="always", a=1)
+    edit_state(tmp_path, clean=False, boot_id="another-boot")  # nothing acknowledged was lost
+    assert (await run(tmp_path))["a"] == first["a"]
+
+
+async def test_one_node_per_data_dir(tmp_path: Path) -> None:
+    a = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+    await a.start()
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+    with pytest.raises(BrokerUnavailable, match="in use"):
+        await b.start()
+    await a.close()
+    await b.start()  # released on close
+    await b.close()

@@ -13,11 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 from tests.redisproc import free_port
+
+API_KEY = "cluster-test-api-key"
 
 
 class NodeProc:
@@ -56,6 +59,8 @@ class NodeProc:
             self.node_id,
             "--presence-timeout",
             "2",
+            "--api-key",
+            API_KEY,
             "--log-level",
             "WARNING",
             *self.extra,
@@ -72,6 +77,18 @@ class NodeProc:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"node {self.node_id} did not listen within 60 s")
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        """GET an API path with the test key; returns (status, JSON or text body)."""
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with aiohttp.ClientSession() as http, http.get(self.api + path, headers=headers) as r:
+            if r.content_type == "application/json":
+                return r.status, await r.json()
+            return r.status, await r.text()
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+import websockets
 
-from server.broker.redis import RedisBroker
 from server.core.tokens import make_token
-from tests.cluster.nodes import Follower, NodeProc, Publisher
+from tests.cluster.nodes import Follower, NodeProc, Publisher, send
 from tests.redisproc import RedisProc
 from tests.util import eventually
 
@@ -112,39 +114,40 @@ async def test_kill9_node_clients_recover_elsewhere_and_presence_drops_it(
             for i in range(12)
         ]
         on_victim = [f for i, f in enumerate(followers) if i % 3 == 2]
+
+        async def presence_nodes() -> set[str]:
+            status, body = await ns[0].get("/v1/guilds/alpha/presence")
+            assert status == 200, body
+            return {m["node"] for m in body["members"]}
+
         async with following(followers):
-            probe = RedisBroker(redis.url, 10, 60, node_id="probe", presence_timeout=2.0)
-            await probe.start()
-            try:
 
-                async def victim_present() -> bool:
-                    return any(m.node == victim.node_id for m in await probe.presence("alpha"))
+            async def victim_present() -> bool:
+                return victim.node_id in await presence_nodes()
 
-                await eventually(victim_present)
-                async with Publisher(ns[0].url, token("pub")) as pub:
-                    for i in range(200):
-                        if i == 80:
-                            victim.kill9()
-                        for g in GUILDS:
-                            assert await pub.publish(g, i) is not None
+            await eventually(victim_present)
+            async with Publisher(ns[0].url, token("pub")) as pub:
+                for i in range(200):
+                    if i == 80:
+                        victim.kill9()
+                    for g in GUILDS:
+                        assert await pub.publish(g, i) is not None
 
-                async def all_in() -> bool:
-                    return all(f.count(g) >= 200 for f in followers for g in GUILDS)
+            async def all_in() -> bool:
+                return all(f.count(g) >= 200 for f in followers for g in GUILDS)
 
-                await eventually(all_in, 60)
-                acked = {g: {s for gg, s, _ in pub.acked if gg == g} for g in GUILDS}
-                check_complete(followers, acked)
-                assert all(f.reconnects >= 1 for f in on_victim)
-                assert all(f.unrecovered == 0 for f in followers)
+            await eventually(all_in, 60)
+            acked = {g: {s for gg, s, _ in pub.acked if gg == g} for g in GUILDS}
+            check_complete(followers, acked)
+            assert all(f.reconnects >= 1 for f in on_victim)
+            assert all(f.unrecovered == 0 for f in followers)
 
-                async def victim_gone() -> bool:
-                    ms = await probe.presence("alpha")
-                    return bool(ms) and all(m.node != victim.node_id for m in ms)
+            async def victim_gone() -> bool:
+                nodes = await presence_nodes()
+                return bool(nodes) and victim.node_id not in nodes
 
-                # presence_timeout is 2 s; allow generous slack on a shared CI box.
-                await eventually(victim_gone, 30)
-            finally:
-                await probe.close()
+            # presence_timeout is 2 s; allow generous slack on a shared CI box.
+            await eventually(victim_gone, 30)
 
 
 async def test_redis_restart_publishes_fail_loudly_and_nothing_acked_is_lost(
@@ -158,17 +161,30 @@ async def test_redis_restart_publishes_fail_loudly_and_nothing_acked_is_lost(
                     assert await pub.publish(g, i) is not None
             redis.stop()
             # While Redis is down a publish is refused with an ERROR, never
-            # acknowledged and silently dropped.
+            # acknowledged and silently dropped; readiness and metrics say so.
             for i in range(5):
                 assert await pub.publish("alpha", ("down", i)) is None
             assert {f["code"] for f in pub.failed} == {1013}
-            redis.start()
-            # Publishes succeed again by themselves once Redis is back.
 
+            async def not_ready() -> bool:
+                status, body = await ns[0].get("/readyz")
+                return status == 503 and body["detail"] == "broker unavailable"
+
+            await eventually(not_ready)
+            _, metrics = await ns[0].get("/metrics")
+            assert "guildcast_broker_up 0.0" in metrics
+            redis.start()
+
+            # Publishes succeed again by themselves once Redis is back.
             async def publishes_again() -> bool:
                 return await pub.publish("beta", "probe") is not None
 
             await eventually(publishes_again, 60)
+
+            async def ready_again() -> bool:
+                return (await ns[0].get("/readyz"))[0] == 200
+
+            await eventually(ready_again)
             for i in range(50, 100):
                 for g in GUILDS:
                     assert await pub.publish(g, i) is not None
@@ -185,3 +201,35 @@ async def test_redis_restart_publishes_fail_loudly_and_nothing_acked_is_lost(
             check_complete(followers, acked)
             # Redis kept its data (AOF): the epochs did not change.
             assert len({f.epochs["alpha"] for f in followers}) == 1
+
+
+async def test_presence_dispatches_cross_nodes(redis: RedisProc) -> None:
+    with nodes(redis, 2) as ns:
+        async with contextlib.AsyncExitStack() as stack:
+            watcher = await stack.enter_async_context(websockets.connect(ns[0].url))
+            await watcher.recv()
+            await send(
+                watcher, 2, {"token": token("w"), "guilds": {"room": None}, "presence": True}
+            )
+
+            async def next_presence() -> dict[str, Any]:
+                async with asyncio.timeout(30):
+                    while True:
+                        m = orjson.loads(await watcher.recv())
+                        if m.get("t", "").startswith("PRESENCE_"):
+                            return dict(m)
+
+            assert (await next_presence())["d"]["user"] == "w"  # its own join
+            other = await websockets.connect(ns[1].url)
+            await other.recv()
+            await send(other, 2, {"token": token("far"), "guilds": {"room": None}})
+            joined = await next_presence()
+            assert joined["t"] == "PRESENCE_JOIN"
+            assert joined["d"] == {
+                "user": "far",
+                "session": joined["d"]["session"],
+                "node": ns[1].node_id,
+            }
+            await other.close()
+            left = await next_presence()
+            assert left["t"] == "PRESENCE_LEAVE" and left["d"]["user"] == "far"
