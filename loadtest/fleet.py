@@ -119,8 +119,12 @@ class FleetSpec:
     host: str
     port: int
     path: str
+    #: The token every client presents, unless ``secret`` is given.
     token: str
     clients: list[ClientSpec]
+    #: With the server's secret, each client gets its own token (``sub`` =
+    #: ``lt-<cid>``, minted once, at its first connect).
+    secret: str | None = None
     #: Source addresses connections are spread over (IPv4 loopback only).
     src_addrs: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     #: Connections opening at once (TCP connect to last SUBSCRIBED).
@@ -165,6 +169,7 @@ class Sub(asyncio.Protocol):
         "src",
         "state",
         "subscribed",
+        "token",
         "transport",
         "unsub_pending",
         "was_live",
@@ -202,6 +207,7 @@ class Sub(asyncio.Protocol):
         #: Set by :meth:`leave`: the fleet reconnects this client once it is gone.
         self.rejoin = False
         self._gone: asyncio.Future[None] | None = None
+        self.token: str | None = None
         #: The fleet's latency dict, or None for clients whose latency is not
         #: representative (slow consumers).
         self.lat: dict[int, int] | None = fleet.lat if spec.lat and spec.role != "slow" else None
@@ -212,15 +218,17 @@ class Sub(asyncio.Protocol):
         """Connect, identify and subscribe; True once every guild is SUBSCRIBED."""
         fleet = self.fleet
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        v6 = ":" in fleet.spec.host
+        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.role == "slow" and fleet.spec.slow_rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, fleet.spec.slow_rcvbuf)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.bind((self.src, 0))
+            if not v6:  # ::1 is one address: nothing to spread over
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.src, 0))
             self.state = CONNECTING
             async with asyncio.timeout(OPEN_TIMEOUT):
                 await loop.sock_connect(sock, (fleet.spec.host, fleet.spec.port))
@@ -442,7 +450,7 @@ class Sub(asyncio.Protocol):
             guilds: dict[str, Any] = {}
             for g, gb in zip(self.gids, self.gids_b, strict=True):
                 guilds[g] = self._position(gb)
-            self.send_raw(wire.message(2, {"token": f.spec.token, "guilds": guilds}))
+            self.send_raw(wire.message(2, {"token": self._token(), "guilds": guilds}))
         elif op == 11:  # HEARTBEAT_ACK
             pass
         elif op == 7:  # RECONNECT: the close (1001) follows
@@ -454,6 +462,17 @@ class Sub(asyncio.Protocol):
                 f.error_samples.append(repr(d)[:200])
         else:
             f.other_dispatches += 1
+
+    def _token(self) -> str:
+        if self.token is None:
+            spec = self.fleet.spec
+            if spec.secret:
+                self.token = wire.mint(
+                    spec.secret, f"lt-{self.spec.cid}", list(self.gids), [], None
+                )
+            else:
+                self.token = spec.token
+        return self.token
 
     def _position(self, gb: bytes) -> dict[str, Any] | None:
         s = self.pos.get(gb)

@@ -136,8 +136,9 @@ def summary(result: dict[str, Any], console: Console | None = None) -> None:
     if su.get("wait_percent") is not None:
         waits.insert(0, f"server {su['wait_percent']:.0f}%")
     t.add_row("waiting for a CPU (other load)", ", ".join(waits))
+    t.add_row("limit", result["limit"])
     if h["saturated"]:
-        t.add_row("[bold yellow]harness-saturated[/]", "a harness process used > 90% of a core")
+        t.add_row("[bold yellow]harness-saturated[/]", "a harness process was busy > 90%")
     for chk in result["checks"]:
         mark = "[green]ok[/]" if chk["ok"] else "[bold red]FAIL[/]"
         t.add_row(f"check: {chk['name']}", f"{mark} {chk['detail']}")

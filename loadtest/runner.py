@@ -37,17 +37,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
-
 from loadtest import target as tgt
 from loadtest.fleet import FleetSpec
 from loadtest.monitor import TICK, Mark, Monitor, ProcSampler, percentiles
 from loadtest.publish import GatewayPublisher, HttpPublisher, PubStats, ack_hist
 from loadtest.report import Progress
 from loadtest.scenarios import Plan, assign
+from loadtest.wire import mint
 from loadtest.workers import InlineWorker, ProcessWorker
 
-#: A harness process above this share of one core is the bottleneck.
+#: A process runnable (on a CPU, or waiting for one) more than this share of
+#: the time always had work: it is the bottleneck. On a machine with other
+#: load its CPU share alone stays lower, so CPU + run-queue wait is the test.
 SATURATED_PCT = 90.0
 #: A process that waited longer than this share of the time for a CPU was
 #: competing with other load (Linux schedstat run delay).
@@ -74,15 +75,6 @@ class TargetOptions:
     client_cpus: list[int] | None = None
     server_opts: dict[str, Any] = field(default_factory=dict)
     spawn: bool = False
-
-
-def mint(secret: str, sub: str, guilds: list[str], pub: list[str], pub_rate: float | None) -> str:
-    """An HS256 token as PROTOCOL.md "Tokens" describes (valid for one day)."""
-    claims: dict[str, Any] = {"sub": sub, "guilds": guilds, "pub": pub}
-    if pub_rate is not None:
-        claims["pub_rate"] = pub_rate
-    claims["exp"] = int(time.time()) + 24 * 3600
-    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 class Run:
@@ -148,6 +140,10 @@ class Run:
             await asyncio.sleep(TICK)
             self._collect()
             row = self.monitor.tick(self.pubstats.sent, self.pubstats.acked, self.phase)
+            stats = self.target.server_stats() if self.target is not None else None
+            if stats is not None:  # embedded: what the server itself counts
+                row["server_slow_consumers"] = stats.get("slow_consumers")
+                row["server_connections"] = stats.get("connections")
             p99 = None
             if not self.ui.quiet and len(self.monitor.timeline) % 4 == 0:
                 p99 = percentiles(self.monitor.total).get("p99")
@@ -262,6 +258,9 @@ class Run:
                 port=t.port,
                 path=t.path,
                 token=self.sub_token,
+                # One token per client (its own ``sub``), as real users have:
+                # a server that caches verified tokens gains nothing here.
+                secret=t.secret,
                 clients=clients,
                 src_addrs=src,
                 connect_concurrency=max(8, p.connect_concurrency // p.workers),
@@ -520,6 +519,19 @@ class Run:
             conn_s = m_conned.t - m_conn.t
         else:
             conn_s = 0.0
+        conn_busy: dict[str, float | None] = {"server": None, "harness": None}
+        if m_conn and m_conned and m_conned.t > m_conn.t:
+            span = m_conned.t - m_conn.t
+            sa, sb = m_conn.server, m_conned.server
+            if sa and sb and not (t is None or t.mode == "embedded"):
+                used = sum(sb[k] - sa[k] for k in ("user", "system", "wait"))
+                conn_busy["server"] = round(100 * used / span, 1)
+            hb = [
+                100 * ((m_conned.harness[k][0] + m_conned.harness[k][1]) - (v[0] + v[1])) / span
+                for k, v in m_conn.harness.items()
+                if k in m_conned.harness
+            ]
+            conn_busy["harness"] = round(max(hb), 1) if hb else None
         rss_per_conn = None
         if m_conn and m_conned and m_conn.server and m_conned.server and connected:
             rss_per_conn = (m_conned.server["rss"] - m_conn.server["rss"]) / connected
@@ -547,12 +559,27 @@ class Run:
                             "wait_percent": round(100 * (b[1] - a[1]) / window, 1),
                         }
                     )
-        saturated = any(float(h["cpu_percent"]) > SATURATED_PCT for h in harness)
-        srv_wait = None
+        for h in harness:
+            h["busy_percent"] = round(h["cpu_percent"] + h["wait_percent"], 1)
+        saturated = any(float(h["busy_percent"]) > SATURATED_PCT for h in harness)
+        srv_wait = srv_busy = None
         if m_pub and m_drained and m_pub.server and m_drained.server and window:
             srv_wait = round(100 * (m_drained.server["wait"] - m_pub.server["wait"]) / window, 1)
+            if srv_cpu is not None:
+                srv_busy = round(100 * srv_cpu / window + srv_wait, 1)
         waits = [h["wait_percent"] for h in harness] + ([srv_wait] if srv_wait else [])
         contended = any(w > CONTENDED_PCT for w in waits)
+        server_saturated = not shared and srv_busy is not None and srv_busy > SATURATED_PCT
+        if saturated and server_saturated:
+            limit = "both"
+        elif saturated:
+            limit = "harness"
+        elif server_saturated:
+            limit = "server"
+        elif shared:
+            limit = "unknown (embedded: one process)"
+        else:
+            limit = "neither (the load was below both)"
         rss_start = m_pub.server["rss"] if m_pub and m_pub.server else None
         rss_end = m_drained.server["rss"] if m_drained and m_drained.server else None
         lat = percentiles(mon.total, mean=True)
@@ -589,6 +616,9 @@ class Run:
                 "per_s": round(connected / conn_s, 1) if conn_s else 0.0,
                 "rss_per_connection": round(rss_per_conn, 1) if rss_per_conn else None,
                 "server_tcp_established": self.tcp_established,
+                # Runnable share (CPU + waiting for one) while connecting.
+                "server_busy_percent": conn_busy["server"],
+                "harness_busy_percent": conn_busy["harness"],
                 "failures": m_conned.counters["connect_failures"] if m_conned else None,
                 "errors": m_conned.counters["connect_errors"] if m_conned else None,
             },
@@ -626,12 +656,16 @@ class Run:
                 if srv_cpu and delivered_w and p.publishes and self.drop_mode != "restart"
                 else None,
                 "wait_percent": srv_wait,
+                "busy_percent": srv_busy,
+                "saturated": server_saturated,
                 "rss_start": rss_start,
                 "rss_peak": mon.server_peak_rss or None,
                 "rss_end": rss_end,
                 "fds_peak": mon.server_peak_fds or None,
             },
             "harness": {"processes": harness, "saturated": saturated, "contended": contended},
+            #: What set the pace: "harness", "server", "both" or "neither".
+            "limit": limit,
             "clients": {
                 "closes": final["closes"],
                 "errors": final["errors"],
@@ -673,8 +707,9 @@ class Run:
             )
         if saturated:
             result["notes"].append(
-                "harness-saturated: a harness process used more than 90% of a core; the "
-                "figures are the harness's limit, not necessarily the server's"
+                "harness-saturated: a harness process was runnable (on a CPU or waiting for "
+                f"one) more than {SATURATED_PCT:.0f}% of the time; the figures are the "
+                "harness's limit, not necessarily the server's"
             )
         result["checks"] = self._checks(result, final)
         result["ok"] = all(c["ok"] for c in result["checks"])

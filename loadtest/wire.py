@@ -25,6 +25,7 @@ import base64
 import hashlib
 import os
 import random
+import time
 from typing import Any
 
 import orjson
@@ -101,6 +102,17 @@ def check_handshake(head: bytes, accept: bytes) -> str | None:
                 return None
             return "bad Sec-WebSocket-Accept"
     return "no Sec-WebSocket-Accept"
+
+
+def mint(secret: str, sub: str, guilds: list[str], pub: list[str], pub_rate: float | None) -> str:
+    """An HS256 token as PROTOCOL.md "Tokens" describes (valid for one day)."""
+    import jwt
+
+    claims: dict[str, Any] = {"sub": sub, "guilds": guilds, "pub": pub}
+    if pub_rate is not None:
+        claims["pub_rate"] = pub_rate
+    claims["exp"] = int(time.time()) + 24 * 3600
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def _mask_key() -> bytes:
