@@ -614,7 +614,9 @@ class Run:
                 "connected": connected,
                 "seconds": round(conn_s, 3),
                 "per_s": round(connected / conn_s, 1) if conn_s else 0.0,
-                "rss_per_connection": round(rss_per_conn, 1) if rss_per_conn else None,
+                # 0.0 is a measurement (RSS did not grow: an embedded server
+                # reusing freed memory), not "unknown".
+                "rss_per_connection": None if rss_per_conn is None else round(rss_per_conn, 1),
                 "server_tcp_established": self.tcp_established,
                 # Runnable share (CPU + waiting for one) while connecting.
                 "server_busy_percent": conn_busy["server"],

@@ -4,7 +4,9 @@ Every ``serve`` flag may also come from an environment variable named
 ``GUILDCAST_`` plus the flag in upper case with ``-`` as ``_`` (for example
 ``--history-size`` and ``GUILDCAST_HISTORY_SIZE``). A flag wins over the
 environment. API keys: ``--api-key KEY`` (repeatable) or
-``GUILDCAST_API_KEYS=k1,k2``.
+``GUILDCAST_API_KEYS=k1,k2``; earlier token secrets still accepted during a
+rotation: ``--previous-secret S`` (repeatable) or
+``GUILDCAST_PREVIOUS_SECRETS=s1,s2``.
 
 ``serve`` prints one line per listener, for people and for scripts that
 start it with port 0::
@@ -52,6 +54,10 @@ _SERVE_FLAGS: dict[str, str] = {
     "api_max_body": "largest HTTP API request body in bytes (413 past it)",
     "api_max_batch": "events per HTTP batch publish (400 past it)",
     "api_publish_rate": "HTTP publish events/s per API key (0: unlimited; 429 past it)",
+    "api_body_timeout": "seconds an HTTP request body may take to arrive (408 past it)",
+    "api_idle_timeout": "seconds an HTTP connection may stay without a complete request",
+    "handshake_timeout": "seconds to complete the WebSocket upgrade after connecting",
+    "identify_timeout": "seconds to send IDENTIFY after HELLO (close 4003 past it)",
     "data_dir": "directory for durable guild history (default: memory only)",
     "fsync": "journal fsync policy: always, interval or never",
     "fsync_interval": "seconds between journal fsyncs with --fsync interval",
@@ -117,6 +123,16 @@ def _serve_parser(sub: Any) -> None:
         "comma-separated, else one generated and printed)",
     )
     p.set_defaults(env_api_keys=[k for k in env_keys if k])
+    env_prev = [k.strip() for k in os.environ.get("GUILDCAST_PREVIOUS_SECRETS", "").split(",")]
+    p.add_argument(
+        "--previous-secret",
+        dest="previous_secrets",
+        action="append",
+        default=None,
+        help="an earlier token secret still accepted, never used to sign (repeat for more; "
+        "default: env GUILDCAST_PREVIOUS_SECRETS, comma-separated)",
+    )
+    p.set_defaults(env_previous_secrets=[k for k in env_prev if k])
     p.add_argument(
         "--metrics-open",
         action="store_true",
@@ -228,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = Config(**{name: getattr(args, name) for name in _SERVE_FLAGS})
     cfg.api_port = args.api_port if args.api_port >= 0 else None
     cfg.api_keys = api_keys
+    cfg.previous_secrets = tuple(args.previous_secrets or args.env_previous_secrets)
     cfg.metrics_open = bool(args.metrics_open)
     cfg.reuse_port = os.environ.get("GUILDCAST_REUSE_PORT") == "1"
     coro = _serve(cfg, print_token=cfg.secret is None)

@@ -17,6 +17,9 @@ class Config:
     port: int = 8080
     #: HS256 secret for tokens; None generates one for this run.
     secret: str | None = None
+    #: Earlier secrets still accepted when verifying tokens (never used to
+    #: sign): a secret rotation without refusing live tokens (docs/SECURITY.md).
+    previous_secrets: tuple[str, ...] = ()
 
     # Session (PROTOCOL.md "Session flow", "Rate limits")
     heartbeat_interval_ms: int = 30_000
@@ -81,6 +84,11 @@ class Config:
     #: Publish rate per API key, events/s with a burst of one second's worth
     #: (429 past it); 0 means unlimited.
     api_publish_rate: float = 1000.0
+    #: Seconds an HTTP request body may take to arrive (408 past it).
+    api_body_timeout: float = 10.0
+    #: Seconds an HTTP connection may stay without a complete request
+    #: (idle keep-alive, or headers sent slowly) before it is closed.
+    api_idle_timeout: float = 60.0
 
     # Durability (server/broker/disk.py; README "Operations")
     #: Directory for guild journals; None keeps history in memory only (each

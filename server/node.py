@@ -42,6 +42,10 @@ from server.transport.gateway import Gateway, GatewayLimits
 from server.transport.http_api import ApiSettings, HttpApi
 
 log = logging.getLogger("guildcast.node")
+#: Longest pause between two broker sweeps (seconds): a sweep walks every
+#: guild log, so not more often than the history can age out, and at least
+#: once a minute so forgotten guilds do not pile up.
+BROKER_SWEEP_MAX = 60.0
 
 
 class Server:
@@ -68,6 +72,8 @@ class Server:
         self.draining = False
         self._tg: asyncio.TaskGroup | None = None
         self._started = False
+        #: Forgets aged-out guild logs of an in-process broker (``_sweep_broker``).
+        self._broker_sweeper: asyncio.Task[None] | None = None
         self.groups: Groups
         self.registry: Registry[Guild]
         self.hub: Hub
@@ -115,7 +121,7 @@ class Server:
         self.hub = Hub(self.registry, self.groups)
         self.gateway = Gateway(
             self.hub,
-            TokenVerifier(self.secret),
+            TokenVerifier(self.secret, previous=cfg.previous_secrets),
             Limits(
                 heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                 identify_timeout=cfg.identify_timeout,
@@ -149,6 +155,8 @@ class Server:
                     max_batch=cfg.api_max_batch,
                     max_payload=cfg.max_payload,
                     publish_rate=cfg.api_publish_rate,
+                    body_timeout=cfg.api_body_timeout,
+                    idle_timeout=cfg.api_idle_timeout,
                     reuse_port=cfg.reuse_port,
                 ),
             )
@@ -159,6 +167,10 @@ class Server:
                 await self.broker.close()
                 await tg.__aexit__(None, None, None)
                 raise
+        if isinstance(self.broker, MemoryBroker):
+            self._broker_sweeper = tg.create_task(
+                self._sweep_broker(self.broker), name="broker-sweeper"
+            )
         self._started = True
         log.info("gateway listening on %s", self.url, extra={"url": self.url})
         if self.api is not None:
@@ -181,6 +193,17 @@ class Server:
                 cfg.data_dir, cfg.history_size, cfg.history_ttl, cfg.fsync, cfg.fsync_interval
             )
         return MemoryBroker(cfg.history_size, cfg.history_ttl)
+
+    async def _sweep_broker(self, broker: MemoryBroker) -> None:
+        """Every ``history_ttl`` (1 s to ``BROKER_SWEEP_MAX``), forget the guild
+        logs whose history has aged out and that no guild listens to
+        (``MemoryBroker.sweep``): without it every guild id ever used keeps
+        its log for the life of the process, a leak one client can drive."""
+        interval = min(BROKER_SWEEP_MAX, max(1.0, self.config.history_ttl))
+        while True:
+            await asyncio.sleep(interval)
+            if n := broker.sweep():
+                log.debug("forgot %d idle guild logs", n)
 
     def _presence_feed(self, gid: str, kind: str, member: Presence) -> None:
         """Broker presence change -> the guild's mailbox."""
@@ -211,6 +234,8 @@ class Server:
                 await self.api.stop()
             await self.registry.stop_all()
             await self.gateway.close()
+            if self._broker_sweeper is not None:
+                self._broker_sweeper.cancel()
             await self.broker.close()
         finally:
             await self._tg.__aexit__(None, None, None)

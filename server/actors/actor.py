@@ -60,6 +60,13 @@ class _Stop:
 
 _STOP = _Stop()
 
+#: What the idle timer resolves an idle actor's waiter with (``cast`` uses None).
+_IDLE = object()
+#: Timers may fire up to the loop's clock resolution (uvloop: 1 ms) early;
+#: an idle check this close to ``_idle_at`` counts as on time, not as a
+#: reason to set the timer again.
+_IDLE_SLACK = 0.001
+
 #: ``monitor(actor, reason)``: reason is None for a normal exit, else the exception.
 Monitor = Callable[["Actor", BaseException | None], None]
 
@@ -78,7 +85,12 @@ class Actor:
         self.mailbox_bound = mailbox_bound
         self.idle_timeout = idle_timeout
         self._mailbox: deque[Any] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[object] | None = None
+        #: Idle detection (``idle_timeout``): one timer per idle period, not one
+        #: per wait. Each wait moves ``_idle_at``; when the timer fires early
+        #: (messages came since) it is set again for the new ``_idle_at``.
+        self._idle_at = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._exited = False
         self._exit_hooks: list[Callable[[object], None]] = []
@@ -186,6 +198,22 @@ class Actor:
             self._waiter = None
             w.set_result(None)
 
+    def _idle_check(self) -> None:
+        """The idle timer: wake the actor with ``_IDLE`` if it has been waiting
+        since ``_idle_at``; else (busy, or woken since) check again later."""
+        self._idle_timer = None
+        if self._exited or self.idle_timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        w = self._waiter
+        if w is None or now < self._idle_at - _IDLE_SLACK:
+            at = self._idle_at if w is not None else now + self.idle_timeout
+            self._idle_timer = loop.call_at(at, self._idle_check)
+            return
+        self._waiter = None
+        w.set_result(_IDLE)
+
     # --- to override ---------------------------------------------------------
 
     async def on_start(self) -> None:
@@ -229,17 +257,14 @@ class Actor:
             while True:
                 if not self._mailbox:
                     w = self._waiter = loop.create_future()
-                    if self.idle_timeout is None:
-                        await w
-                    else:
-                        try:
-                            async with asyncio.timeout(self.idle_timeout):
-                                await w
-                        except TimeoutError:
-                            self._waiter = None
-                            if not self._mailbox and self.on_idle():
-                                break
-                            continue
+                    if self.idle_timeout is not None:
+                        self._idle_at = loop.time() + self.idle_timeout
+                        if self._idle_timer is None:
+                            self._idle_timer = loop.call_at(self._idle_at, self._idle_check)
+                    if await w is _IDLE:
+                        if not self._mailbox and self.on_idle():
+                            break
+                        continue
                 batch = self._mailbox
                 self._mailbox = deque()
                 stop = _take_control(batch, self._mailbox)
@@ -258,6 +283,9 @@ class Actor:
         finally:
             self._exited = True
             self.exit_reason = reason
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
             try:
                 await self.on_stop(reason)
             except Exception:

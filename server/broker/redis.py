@@ -139,6 +139,10 @@ return removed
 #: is advisory, and a Redis outage must not grow memory without bound.
 MAX_QUEUED_PRESENCE = 100_000
 
+#: Connections per node to Redis (plus one for pub/sub): appends share one
+#: pipeline, so these serve reads, heads and presence queries in parallel.
+MAX_REDIS_CONNECTIONS = 32
+
 #: Appends queued across guilds before a pipeline is sent regardless.
 MAX_PIPELINE = 512
 #: Bound on queued appends; past it appends fail at once (try again later).
@@ -171,13 +175,19 @@ class RedisBroker:
         self.history_size = history_size
         self.history_ttl_ms = int(history_ttl * 1000)
         self.health_interval = health_interval
-        self._r: aioredis.Redis = aioredis.Redis.from_url(
+        # A blocking pool: past MAX_REDIS_CONNECTIONS commands wait (up to
+        # op_timeout) for a connection instead of failing, so a burst of
+        # subscriptions to many guilds queues rather than looking like an outage.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_REDIS_CONNECTIONS,
+            timeout=op_timeout,
             decode_responses=False,
             socket_timeout=op_timeout,
             socket_connect_timeout=op_timeout,
             retry_on_timeout=False,
         )
+        self._r: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._append_script = self._r.register_script(_APPEND)
         self._head_script = self._r.register_script(_HEAD)
         self._join_script = self._r.register_script(_PRESENCE_JOIN)
@@ -245,7 +255,7 @@ class RedisBroker:
             _, _, fut = self._queue.popleft()
             if not fut.done():
                 fut.set_exception(BrokerUnavailable("broker closed"))
-        await self._r.aclose()
+        await self._r.aclose(close_connection_pool=True)
 
     # --- sequencing and history --------------------------------------------------
 

@@ -1,9 +1,28 @@
-"""Token verification and minting (PROTOCOL.md, "Tokens"): JWT, HS256 only."""
+"""Token verification and minting (PROTOCOL.md, "Tokens"): JWT, HS256 only.
+
+:class:`TokenVerifier` keeps a bounded cache of tokens it has verified
+(exact token string -> :class:`Grant` and the token's ``exp``, ``nbf`` and
+``iat``), so a client that reconnects with the same token skips the
+signature check and the JSON decode. Consistency: a hit is re-checked
+against the clock on every use exactly as PyJWT checks it (whole seconds,
+no leeway: expired once ``exp <= now``, not yet valid while ``nbf > now`` or
+``iat > now``), so an expired token is refused exactly as without the
+cache; failures are never cached;
+the cached claims are those of a token whose signature was verified with
+one of this verifier's secrets, and a token string fixes its claims, so a
+hit can never grant more than verifying again would.
+
+Secret rotation: a verifier accepts tokens signed with its secret or with
+any of its ``previous`` secrets (``Config.previous_secrets``), so nodes can
+accept a new secret before the token issuer signs with it, and an old one
+until the tokens signed with it have expired (docs/SECURITY.md).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jwt
@@ -13,6 +32,11 @@ from server.protocol.session import AuthError, Grant
 #: Longest token accepted before any parsing; real tokens are a few hundred bytes.
 MAX_TOKEN_BYTES = 8192
 ALGORITHM = "HS256"
+#: Verified tokens remembered (least recently used dropped first): about
+#: 400 bytes each with the key and grant (measured), so at most ~1.6 MiB;
+#: enough for clients that come back after a network blip (the cache does
+#: not survive a restart), small enough not to count per idle connection.
+CACHE_SIZE = 4096
 
 
 class TokenVerifier:
@@ -23,26 +47,74 @@ class TokenVerifier:
     checked when present; ``sub`` is required. Raises :class:`AuthError`.
     """
 
-    __slots__ = ("_secret",)
+    __slots__ = ("_cache", "_cache_size", "_clock", "_secret", "_secrets", "hits")
 
-    def __init__(self, secret: str) -> None:
-        if not secret:
+    def __init__(
+        self,
+        secret: str,
+        cache_size: int = CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
+        previous: Sequence[str] = (),
+    ) -> None:
+        if not secret or not all(previous):
             raise ValueError("an empty secret would accept forged tokens")
         self._secret = secret
+        #: Every secret a signature may be made with: the current one first.
+        self._secrets = tuple(dict.fromkeys((secret, *previous)))
+        self._clock = clock
+        self._cache_size = cache_size
+        #: token -> (grant, exp or None, not-before: the later of nbf and iat,
+        #: or None); bound ``cache_size``, least recently used dropped first.
+        self._cache: OrderedDict[str, tuple[Grant, int | None, int | None]] = OrderedDict()
+        #: Verifications answered from the cache (for tests and stats).
+        self.hits = 0
 
     def __call__(self, token: str) -> Grant:
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("token too long")
-        try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                options={"require": ["sub"]},
+        cached = self._cache.get(token)
+        if cached is not None:
+            grant, exp, nbf = cached
+            now = self._clock()
+            if exp is not None and exp <= now:
+                del self._cache[token]
+                raise AuthError("Signature has expired")
+            if nbf is not None and nbf > now:
+                raise AuthError("The token is not yet valid (nbf)")
+            self._cache.move_to_end(token)
+            self.hits += 1
+            return grant
+        claims = self._decode(token)
+        grant = grant_from_claims(claims)
+        if self._cache_size > 0:
+            # PyJWT has checked these are numbers (when present) and passed
+            # them, comparing int() of each with the clock, as the hit path does.
+            exp = claims.get("exp")
+            starts = [int(claims[k]) for k in ("nbf", "iat") if k in claims]
+            self._cache[token] = (
+                grant,
+                None if exp is None else int(exp),
+                max(starts) if starts else None,
             )
-        except jwt.PyJWTError as e:
-            raise AuthError(str(e) or type(e).__name__) from None
-        return grant_from_claims(claims)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return grant
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        """The claims of ``token`` if signed with one of the secrets (PyJWT
+        checks the signature before the claims, so only a wrong signature
+        moves on to the next secret)."""
+        for key in self._secrets:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token, key, algorithms=[ALGORITHM], options={"require": ["sub"]}
+                )
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError as e:
+                raise AuthError(str(e) or type(e).__name__) from None
+            return claims
+        raise AuthError("Signature verification failed")
 
 
 def _patterns(claims: dict[str, Any], key: str) -> tuple[str, ...]:

@@ -26,8 +26,11 @@ past it, before reading when Content-Length says so); at most ``max_batch``
 events per request (400); each event's ``d`` up to ``max_payload`` bytes as
 JSON (413); publish rate per key by token bucket (429 with Retry-After), one
 bucket per configured key; a publish waits at most ``PUBLISH_TIMEOUT`` for
-its guild (then 503). Errors are ``{"error": code, "detail": text}`` JSON; a
-client mistake is never a 500 (a 500 is a bug, logged with its traceback).
+its guild (then 503); a body must arrive within ``body_timeout`` (408) and
+a connection without a complete request is closed after ``idle_timeout``
+(slow or idle clients hold a socket for a bounded time). Errors are
+``{"error": code, "detail": text}`` JSON; a client mistake is never a 500
+(a 500 is a bug, logged with its traceback).
 """
 
 from __future__ import annotations
@@ -125,6 +128,12 @@ class ApiSettings:
     #: Events/s per key with a burst of one second's worth; 0 = unlimited.
     publish_rate: float = 1000.0
     reuse_port: bool = False
+    #: Seconds a request body may take to arrive (408 past it): a client
+    #: trickling a body holds a connection and a task, never for long.
+    body_timeout: float = 10.0
+    #: Seconds a connection may stay without a complete request (idle
+    #: keep-alive, or headers trickled slowly) before it is closed.
+    idle_timeout: float = 60.0
 
 
 class ApiError(Exception):
@@ -318,6 +327,9 @@ class HttpApi:
             handle_signals=False,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
             logger=_protocol_log,
+            # aiohttp's default (an hour) would let idle or slow-header
+            # connections pile up; it also bounds the wait for the first request.
+            keepalive_timeout=settings.idle_timeout,
         )
         self.port = 0
 
@@ -415,7 +427,15 @@ class HttpApi:
         limit = self.settings.max_body
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
-        body = await request.read()
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                body = await request.read()
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the body did not arrive within {self.settings.body_timeout:g} s",
+            ) from None
         try:
             doc = wire.decode(body)
         except wire.JSONDecodeError as e:
@@ -483,7 +503,10 @@ class HttpApi:
             raise ApiError(400, "invalid_event", f"{where}t must be 1-64 characters of [A-Z0-9_]")
         if t in RESERVED_EVENTS:
             raise ApiError(400, "reserved_event", f"{where}{t} is a reserved event name")
-        size = len(wire.encode(d))
+        try:
+            size = len(wire.encode(d))
+        except TypeError as e:  # decodable but not encodable: nested past 254 levels
+            raise ApiError(400, "bad_shape", f"{where}d cannot be re-encoded: {e}") from None
         if size > self.settings.max_payload:
             raise ApiError(
                 413,
