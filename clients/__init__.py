@@ -1,5 +1,6 @@
 """Guildcast clients: the asyncio Python client (``from clients import Client``)
-and, in ``clients/js/``, the browser/Node ES module ``guildcast.js``."""
+and, in ``clients/js/``, the browser/Node ES module ``guildcast.js`` (a symlink to
+the one real file, the server's package data ``server/transport/static/guildcast.js``)."""
 
 from clients.backoff import Backoff, full_jitter, window
 from clients.client import (

@@ -46,6 +46,7 @@ _SERVE_FLAGS: dict[str, str] = {
     "publish_rate": "default PUBLISH events/s per connection (0: unlimited)",
     "max_connections": "connections before close 1013",
     "max_subscriptions": "guilds per session",
+    "max_pending_publishes": "PUBLISHes awaiting an answer per session (close 4008 past it)",
     "max_guilds": "guild actors alive at once",
     "idle_timeout": "seconds before an unused guild actor stops",
     "drain_timeout": "seconds a graceful shutdown waits for clients",

@@ -31,6 +31,8 @@ class Config:
     #: Largest PUBLISH message (bytes); larger ones get ERROR 4413.
     max_payload: int = 32 * 1024
     max_subscriptions: int = 1000
+    #: PUBLISHes one session may have awaiting an answer; one more closes 4008.
+    max_pending_publishes: int = 4096
 
     # Guilds and fanout
     #: Events kept per guild for recovery, by count and by age (seconds).

@@ -130,6 +130,7 @@ class Server:
                 publish_rate=cfg.publish_rate,
                 max_payload=cfg.max_payload,
                 max_subscriptions=cfg.max_subscriptions,
+                max_pending_publishes=cfg.max_pending_publishes,
             ),
             GatewayLimits(
                 max_frame=cfg.max_frame,

@@ -23,7 +23,7 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test runs on uvloop, the loop ``guildcast serve`` uses; the
-    smoke tests also run on the stock loop that embedding applications may use."""
-    if item.path.name == "test_smoke.py":
+    smoke and TCP_NODELAY tests also run on the stock loop that embedding applications may use."""
+    if item.path.name in ("test_smoke.py", "test_nodelay.py"):
         return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}

@@ -116,6 +116,13 @@ class Actor:
     def mailbox_depth(self) -> int:
         return len(self._mailbox)
 
+    @property
+    def parked(self) -> bool:
+        """True while the actor waits for mail with nothing queued (and so
+        is in no batch): a message handled for it now, synchronously, is
+        handled exactly as its next batch would handle it."""
+        return self._waiter is not None and not self._mailbox and not self._exited
+
     def stop(self) -> None:
         """Ask the actor to exit normally after what is already queued."""
         if not self._exited:

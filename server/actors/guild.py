@@ -338,7 +338,14 @@ class Guild(Actor):
         self._names = []
         self._stamps = []
         self.delivered += len(run.frames)
-        for p in self.partitions:
+        parts = self.partitions
+        if len(parts) == 1 and parts[0].parked:
+            # A small guild whose one partition has nothing queued: write in
+            # this step rather than wake the partition for it (one task step
+            # less per event; the same writes, in the same order).
+            parts[0].write_now(run)
+            return
+        for p in parts:
             try:
                 p.cast(run)
             except MailboxFull:

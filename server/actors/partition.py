@@ -129,6 +129,14 @@ class Partition(Actor):
         if frames:
             self._flush(frames, names)
 
+    def write_now(self, run: Frames) -> None:
+        """Write ``run`` from the caller's step; only while :attr:`parked`
+        (nothing queued ahead of it, so the order is the mailbox's)."""
+        assert self.parked
+        if run.stamps:
+            self._stamps += run.stamps
+        self._flush(run.frames, run.names)
+
     def _add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
         self.presence.discard(sink)
         self.plain.pop(sink, None)

@@ -84,6 +84,10 @@ class Limits:
     max_subscriptions: int = 1000
     #: Longest accepted ``nonce``; longer is a decode error.
     max_nonce: int = 128
+    #: PUBLISHes awaiting their answer (ACK or ERROR, sent in order); one
+    #: more closes with 4008. Refusals queue behind an unanswered PUBLISH,
+    #: so without this a client could grow the queue without end.
+    max_pending_publishes: int = 4096
 
 
 # --- effects -----------------------------------------------------------------
@@ -119,6 +123,17 @@ class Unsubscribe:
     gid: str
 
 
+@dataclass(slots=True)
+class Forbidden:
+    """A SUBSCRIBE or PUBLISH was refused with ERROR 4403 (outside the token's
+    patterns, or a reserved event name): a security event the host logs. The
+    ERROR itself is a :class:`Send` of its own (a PUBLISH's may come later,
+    in answer order)."""
+
+    gid: str
+    message: str
+
+
 @dataclass(slots=True, eq=False)
 class Publish:
     """Sequence this event; answer with :meth:`Session.publish_done` or ``publish_failed``."""
@@ -131,7 +146,7 @@ class Publish:
     answer: bytes | None = field(default=None)
 
 
-Effect = Send | CloseConn | Subscribe | Unsubscribe | Publish
+Effect = Send | CloseConn | Subscribe | Unsubscribe | Publish | Forbidden
 
 
 class State(Enum):
@@ -257,6 +272,9 @@ class Session:
 
     # --- internals -----------------------------------------------------------
 
+    def _forbid(self, p: Publish, message: str) -> list[Effect]:
+        return [Forbidden(p.gid, message), *self.publish_failed(p, Err.FORBIDDEN, message)]
+
     def _close(self, code: int, reason: str) -> list[Effect]:
         self.state = State.CLOSED
         if self._pending is not None:
@@ -364,6 +382,7 @@ class Session:
         subs = self.subscriptions
         for gid, pos in guilds.items():
             if not grant.may_subscribe(gid):
+                out.append(Forbidden(gid, "guild not allowed"))
                 out.append(Send(error_frame(Err.FORBIDDEN, "guild not allowed", g=gid)))
                 continue
             if gid not in subs and len(subs) >= self.limits.max_subscriptions:
@@ -396,17 +415,19 @@ class Session:
             raise _Reject(Close.DECODE_ERROR, "PUBLISH needs a valid event name t")
         if nonce is not None and (type(nonce) is not str or len(nonce) > self.limits.max_nonce):
             raise _Reject(Close.DECODE_ERROR, "nonce must be a short string")
-        p = Publish(gid, t, d.get("d"), nonce)
         pending = self._pending
         if pending is None:
             pending = self._pending = deque()
+        elif len(pending) >= self.limits.max_pending_publishes:
+            raise _Reject(Close.RATE_LIMITED, "too many PUBLISH awaiting an answer")
+        p = Publish(gid, t, d.get("d"), nonce)
         pending.append(p)
         grant = self.grant
         assert grant is not None
         if t in RESERVED_EVENTS:
-            return self.publish_failed(p, Err.FORBIDDEN, f"{t} is a reserved event name")
+            return self._forbid(p, f"{t} is a reserved event name")
         if not grant.may_publish(gid):
-            return self.publish_failed(p, Err.FORBIDDEN, "publishing to this guild not allowed")
+            return self._forbid(p, "publishing to this guild not allowed")
         if size > self.limits.max_payload:
             return self.publish_failed(p, Err.PAYLOAD_TOO_LARGE, "payload too large")
         rate = self._pub_rate

@@ -28,7 +28,6 @@ import asyncio
 import logging
 import math
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,11 +41,12 @@ from websockets.server import ServerProtocol
 from server.core.host import GatewayHost, Overloaded
 from server.core.ratelog import RateLimitedLog
 from server.protocol import wire
-from server.protocol.codes import Close, Err, Op
+from server.protocol.codes import Close, Err
 from server.protocol.session import (
     Authenticator,
     CloseConn,
     Effect,
+    Forbidden,
     Limits,
     Publish,
     Send,
@@ -72,7 +72,6 @@ _LOGGED_CLOSES: dict[int, tuple[str, int]] = {
 #: The start of an ERROR 4403 frame's JSON (``wire.message`` writes ``op``,
 #: then ``d`` with ``code`` first): how ``_run`` spots a guild or publish the
 #: token does not allow, to log it, without decoding every frame it sends.
-_FORBIDDEN = wire.encode({"op": Op.ERROR, "d": {"code": Err.FORBIDDEN}})[:-2]
 
 GATEWAY_PATH = "/gateway"
 
@@ -197,27 +196,20 @@ class Connection(asyncio.Protocol):
             extra={"code": code, "reason": reason, "peer": str(peer)},
         )
 
-    def _log_forbidden(self, frame: bytes) -> None:
+    def _log_forbidden(self, gid: str, message: str) -> None:
         """ERROR 4403 (a guild or publish outside the token's patterns): a
         security event, logged like auth failures (a few lines per flood)."""
         t = self._transport
         peer = t.get_extra_info("peername") if t is not None else None
-        # Server frames are unmasked; an ERROR is far below 64 KiB: 2 or 4 header bytes.
-        d = wire.decode(frame[2 if frame[1] < 126 else 4 :])["d"]
         _flood.log(
             logging.INFO,
             "forbidden",
             "gateway: user %r from %s: %s (guild %s, ERROR 4403)",
             self.user,
             peer,
-            d.get("message"),
-            d.get("g"),
-            extra={
-                "code": Err.FORBIDDEN,
-                "user": self.user,
-                "guild": d.get("g"),
-                "peer": str(peer),
-            },
+            message,
+            gid,
+            extra={"code": Err.FORBIDDEN, "user": self.user, "guild": gid, "peer": str(peer)},
         )
 
     def add_exit_hook(self, hook: Callable[[object], None]) -> None:
@@ -233,10 +225,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
+        # TCP_NODELAY: both uvloop and asyncio set it on every TCP transport
+        # (tests/transport/test_nodelay.py checks), so small frames leave at once.
         self._transport = cast(asyncio.Transport, transport)
-        sock = self._transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._gw.pending.add(self)
         self._gw._file(self, self.deadline)
 
@@ -275,18 +266,35 @@ class Connection(asyncio.Protocol):
 
     # --- internals -----------------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, tail: bytes = b"") -> None:
+        """Write what websockets has queued (and ``tail``, one of our frames)
+        in as few writes as possible: one, unless websockets is done with
+        the connection (then the FIN follows what it queued)."""
         t = self._transport
         if t is None:
             return
-        for chunk in self.proto.data_to_send():
+        chunks = self.proto.data_to_send()
+        if tail:
+            chunks.append(tail)
+        if not chunks:
+            return
+        if len(chunks) == 1 and chunks[0]:
+            t.write(chunks[0])
+            return
+        out: list[bytes] = []
+        for chunk in chunks:
             if chunk:
-                t.write(chunk)
-            else:
-                # SEND_EOF: websockets is done with this connection (after a
-                # close handshake either side began, or a refused upgrade).
-                self.closing = True
-                self._linger(t)
+                out.append(chunk)
+                continue
+            # SEND_EOF: websockets is done with this connection (after a
+            # close handshake either side began, or a refused upgrade).
+            if out:
+                t.write(b"".join(out))
+                out = []
+            self.closing = True
+            self._linger(t)
+        if out:
+            t.write(b"".join(out))
 
     def _linger(self, t: asyncio.Transport) -> None:
         """Half-close: FIN after what is already written, then keep reading
@@ -332,8 +340,8 @@ class Connection(asyncio.Protocol):
         self.session = Session(gw.authenticate, gw.session_limits, secrets.token_hex(8), now)
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
-        self._flush()
-        self.send(self.session.hello())
+        # The 101 response and HELLO leave in one write.
+        self._flush(self.session.hello())
 
     def _on_frame(self, frame: Frame) -> None:
         op = frame.opcode
@@ -372,10 +380,10 @@ class Connection(asyncio.Protocol):
         for e in effects:
             tp = type(e)
             if tp is Send:
-                data: bytes = e.data  # type: ignore[union-attr]
-                self.send(data)
-                if data.find(_FORBIDDEN, 0, 48) >= 0:
-                    self._log_forbidden(data)
+                self.send(e.data)  # type: ignore[union-attr]
+            elif tp is Forbidden:
+                assert isinstance(e, Forbidden)
+                self._log_forbidden(e.gid, e.message)
             elif tp is Subscribe:
                 assert isinstance(e, Subscribe)
                 try:

@@ -1,9 +1,11 @@
 """The demo page, served from the gateway's own port.
 
 Owns the few static files a newcomer needs to see Guildcast work with nothing
-else installed: the live board page and the browser client ``guildcast.js``
-(a copy of ``clients/js/guildcast.js``; a test keeps them identical). They are
-read once at import from the package data directory ``static/`` and never
+else installed: the live board page and the browser client ``guildcast.js``.
+``static/guildcast.js`` is the one real file of that client (so the wheel
+ships it as package data and the server does not depend on ``clients``);
+``clients/js/guildcast.js`` is a relative symlink to it, not a copy. The files
+are read once at import from the package data directory ``static/`` and never
 change afterwards, so serving is a dictionary lookup.
 
 A plain HTTP GET (no ``Upgrade`` header) for a path in :data:`PAGES` is

@@ -237,3 +237,20 @@ async def test_on_idle_may_keep_the_actor_alive() -> None:
         assert await a.call("still here") == ("reply", "still here")
         a.stop()
         await a.wait()
+
+
+async def test_parked_only_while_waiting_with_an_empty_mailbox() -> None:
+    async with scope() as tg:
+        a = Recorder()
+        assert not a.parked  # not started
+        a.start(tg)
+        await asyncio.sleep(0)
+        assert a.parked
+        a.cast("x")
+        assert not a.parked  # mail queued
+        assert await a.call("y") == ("reply", "y")
+        await asyncio.sleep(0)
+        assert a.parked
+        a.stop()
+        await a.wait()
+        assert not a.parked  # exited

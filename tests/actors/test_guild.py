@@ -365,3 +365,57 @@ async def test_stopped_guild_refuses_calls() -> None:
         with pytest.raises(Exception) as info:
             await env.publish("E")
         assert type(info.value).__name__ == "ActorExited"
+
+
+async def test_small_guild_writes_in_its_own_step_when_its_partition_is_parked() -> None:
+    """One partition with nothing queued: the guild writes the event in the
+    step that sequenced it, so it is on the socket before the publisher's
+    ACK is even seen (through the partition's mailbox it would come a step
+    later)."""
+    async with guild_env() as env:
+        sink = FakeSink("a")
+        env.subscribe(sink)
+        await sink.wait_count(1)  # SUBSCRIBED
+        (p,) = env.guild.partitions
+        await asyncio.sleep(0)  # let the partition park after its Add
+        assert p.parked
+        for n in range(1, 4):
+            fut = env.guild.call_nowait(PublishMsg("E", n))
+            s, _epoch = await fut
+            assert s == n
+            assert sink.events_s() == list(range(1, n + 1))
+        assert p.deliveries == 3
+
+
+async def test_small_guild_queues_behind_a_pending_add() -> None:
+    """An Add still in the partition's mailbox comes first: the new session
+    gets SUBSCRIBED, then exactly the events after its head."""
+    async with guild_env() as env:
+        first, late = FakeSink("first"), FakeSink("late")
+        env.subscribe(first)
+        await first.wait_count(1)
+        await env.publish("E", 1)
+        env.subscribe(late)
+        fut = env.guild.call_nowait(PublishMsg("E", 2))  # same guild batch as the Add
+        await fut
+        msgs = await late.wait_count(2)
+        assert [m.get("t") for m in msgs] == ["SUBSCRIBED", "E"]
+        assert msgs[0]["d"]["s"] == 1 and late.events_s() == [2]
+        await first.wait_count(3)
+        assert first.events_s() == [1, 2]
+
+
+async def test_a_sink_failing_in_a_small_guilds_own_step_crashes_the_guild() -> None:
+    async with guild_env() as env:
+        bad, good = FakeSink("bad"), FakeSink("good")
+        env.subscribe(bad)
+        env.subscribe(good)
+        await bad.wait_count(1)
+        await good.wait_count(1)
+        assert len(env.guild.partitions) == 1
+        bad.fail = True
+        # Sequenced (and answered) first, then written: the write fails.
+        assert await env.publish("E") == (1, (await env.broker.head("g-1"))[0])
+        await env.guild.wait()
+        assert isinstance(env.guild.exit_reason, RuntimeError)
+        assert await good.wait_closed() == (Close.UNKNOWN_ERROR, "guild failed")

@@ -1,5 +1,9 @@
 """The demo page and guildcast.js are served from the gateway's own port
-(server/transport/static.py), and ``guildcast serve`` prints the demo URL."""
+(server/transport/static.py), and ``guildcast serve`` prints the demo URL.
+
+There is one guildcast.js: the package data file
+``server/transport/static/guildcast.js``; ``clients/js/guildcast.js`` is a
+relative symlink to it."""
 
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from server import Server
 from tests.clients._support import serve_accepts
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The one browser client: package data, served at /guildcast.js.
+SERVED_JS = ROOT / "server" / "transport" / "static" / "guildcast.js"
+#: Where the JS tests and the docs find it: a symlink to SERVED_JS.
+CLIENT_JS = ROOT / "clients" / "js" / "guildcast.js"
 #: No HTTP API: its fixed default port would collide with concurrent runs.
 NO_API = ["--api-port", "-1"] if serve_accepts("--api-port", "-1") else []
 
@@ -35,10 +43,11 @@ async def http_get(port: int, path: str, headers: str = "") -> tuple[int, dict[s
 
 
 async def test_page_and_script_are_served(server: Server) -> None:
-    source = (ROOT / "clients" / "js" / "guildcast.js").read_bytes()
+    source = SERVED_JS.read_bytes()
     status, hdrs, body = await http_get(server.port, "/guildcast.js")
     assert status == 200 and hdrs["content-type"].startswith("text/javascript")
-    assert body == source  # the served copy is the client, byte for byte
+    assert body == source  # the package data file, byte for byte
+    assert body == CLIENT_JS.read_bytes()  # which is what clients/js/ imports
     assert int(hdrs["content-length"]) == len(source)
     for path in ("/", "/demo", "/?x=1"):
         status, hdrs, body = await http_get(server.port, path)
@@ -55,11 +64,14 @@ async def test_page_and_script_are_served(server: Server) -> None:
     assert len(server.gateway.pending) == 0
 
 
-def test_package_copy_matches_the_client() -> None:
-    served = ROOT / "server" / "transport" / "static" / "guildcast.js"
-    assert served.read_bytes() == (ROOT / "clients" / "js" / "guildcast.js").read_bytes(), (
-        "copy clients/js/guildcast.js to server/transport/static/guildcast.js"
-    )
+def test_client_js_is_a_link_to_the_served_file() -> None:
+    # One file, not two copies that can drift: clients/js/guildcast.js is a
+    # relative symlink (so it survives a clone anywhere) to the package data.
+    assert SERVED_JS.is_file() and not SERVED_JS.is_symlink()
+    assert CLIENT_JS.is_symlink(), "clients/js/guildcast.js must be a symlink, not a copy"
+    target = os.readlink(CLIENT_JS)
+    assert not os.path.isabs(target), target
+    assert CLIENT_JS.resolve() == SERVED_JS.resolve()
 
 
 async def test_serve_prints_a_working_demo_url() -> None:

@@ -27,7 +27,7 @@ import psutil  # type: ignore[import-untyped]
 from server.core.tokens import make_token
 from tests.apihelp import KEY, SECRET, serve_process
 from tests.hardening import support
-from tests.hardening.support import TEXT, frame, good_stream, node, wait_eof
+from tests.hardening.support import TEXT, frame, good_stream, node, text, wait_eof
 from tests.integration import gw
 from tests.integration.raw import RawWs
 
@@ -177,6 +177,33 @@ async def test_subscription_flood_is_answered_and_cleaned_up() -> None:
 
         await ws.close()
         await gw.wait_until(lambda: srv.stats()["guilds"] == 1)
+
+
+async def test_publish_pipeline_past_the_pending_bound_gets_4008() -> None:
+    """2,000 PUBLISHes in one write, most of them refused (4403) and so
+    queued behind the first, still unanswered: past ``max_pending_publishes``
+    the session closes with 4008; the answers sent before the close are the
+    first PUBLISHes', in order; the good clients' stream is untouched."""
+    async with node(max_pending_publishes=16) as srv, good_stream(srv):
+        token = srv.token("piper", guilds=[], pub=["p-1"], pub_rate=0)
+        c = await RawWs.open(srv.port)
+        try:
+            assert await c.handshake() == 101
+            await c.send_json({"op": gw.IDENTIFY, "d": {"token": token, "guilds": {}}})
+            burst = [text({"op": gw.PUBLISH, "d": {"guild": "p-1", "t": "E", "nonce": "0"}})]
+            burst += [
+                text({"op": gw.PUBLISH, "d": {"guild": "no", "t": "E", "nonce": str(i)}})
+                for i in range(1, 2000)
+            ]
+            await c.sendall(b"".join(burst))
+            code, frames = await c.read_until_close()
+        finally:
+            c.close()
+        assert code == 4008
+        answers = [orjson.loads(p) for op, p in frames if op == TEXT]
+        nonces = [m["d"]["nonce"] for m in answers if m["op"] in (gw.ACK, gw.ERROR)]
+        assert nonces == [str(i) for i in range(len(nonces))]
+        assert len(nonces) < 2000
 
 
 async def test_guild_ids_used_once_do_not_pile_up() -> None:

@@ -45,6 +45,7 @@ from server.protocol.codes import RESERVED_EVENTS, Close, Err, Op
 from server.protocol.session import (
     CloseConn,
     Effect,
+    Forbidden,
     Limits,
     Publish,
     Send,
@@ -177,6 +178,8 @@ def norm(effects: list[Effect]) -> list[tuple[Any, ...]]:
             out.append(("unsub", e.gid))
         elif isinstance(e, Publish):
             out.append(("pub", e.gid, e.t, e.nonce))
+        elif isinstance(e, Forbidden):
+            out.append(("forbidden", e.gid))
         else:
             out.append(("unknown", e))
     return out
@@ -280,6 +283,7 @@ class SessionMachine(RuleBasedStateMachine):
         out: list[tuple[Any, ...]] = []
         for gid, pos in guilds.items():
             if not _match(self.tok.guilds, gid):
+                out.append(("forbidden", gid))
                 out.append(("error", Err.FORBIDDEN, gid, None))
             elif gid not in self.subs and len(self.subs) >= LIMITS.max_subscriptions:
                 out.append(("error", Err.TOO_MANY_SUBSCRIPTIONS, gid, None))
@@ -412,7 +416,9 @@ class SessionMachine(RuleBasedStateMachine):
                     self.bucket -= 1.0
             if code is not None:
                 entry.answer = ("error", code, gid, nonce)
-                expected = self.flush()
+                # A 4403 is reported to the host at once, whenever it is answered.
+                expected = [("forbidden", gid)] if code == Err.FORBIDDEN else []
+                expected += self.flush()
             else:
                 expected = [("pub", gid, t, nonce)]
                 (p,) = [e for e in effects if isinstance(e, Publish)] or [None]

@@ -17,6 +17,7 @@ from server.protocol.codes import Close, Err, Op
 from server.protocol.session import (
     CloseConn,
     Effect,
+    Forbidden,
     Limits,
     Publish,
     Send,
@@ -630,12 +631,54 @@ def test_acks_come_in_publish_order() -> None:
     assert s.pending_publishes == 0
 
 
+def test_forbidden_effects_name_the_guild_for_the_hosts_log() -> None:
+    s = ready(guilds=["ok"], pub=["ok"], pub_rate=0)
+    sub = s.receive(msg(Op.SUBSCRIBE, {"guilds": {"no": None}}), T0)
+    assert [e for e in sub if isinstance(e, Forbidden)] == [Forbidden("no", "guild not allowed")]
+    out = pub(s, guild="no", nonce="x")
+    assert out[0] == Forbidden("no", "publishing to this guild not allowed")
+    assert [m["d"]["code"] for m in sent(out)] == [Err.FORBIDDEN]
+    reserved = pub(s, guild="ok", t="READY")
+    assert reserved[0] == Forbidden("ok", "READY is a reserved event name")
+    # Other refusals are not security events.
+    (p,) = pub(s, guild="ok")
+    assert isinstance(p, Publish)
+    assert not [
+        e for e in s.publish_failed(p, Err.TRY_AGAIN_LATER, "busy") if isinstance(e, Forbidden)
+    ]
+
+
+def test_publishes_awaiting_an_answer_are_bounded() -> None:
+    s = ready(pub=["ok"], pub_rate=0, limits=Limits(max_pending_publishes=3))
+    (p1,) = pub(s, guild="ok")
+    assert isinstance(p1, Publish)
+    # Refusals queue behind the unanswered first PUBLISH...
+    pub(s, guild="no")
+    pub(s, guild="no")
+    assert s.pending_publishes == 3
+    # ...up to the bound; one more closes the connection.
+    assert close_code(pub(s, guild="no")) == Close.RATE_LIMITED
+    assert s.state is State.CLOSED
+
+
+def test_answered_publishes_free_their_place_in_the_bound() -> None:
+    s = ready(pub=["ok"], pub_rate=0, limits=Limits(max_pending_publishes=2))
+    for i in range(10):
+        (p,) = pub(s, guild="ok", nonce=str(i))
+        assert isinstance(p, Publish)
+        assert [m["d"]["s"] for m in sent(s.publish_done(p, "ok", i + 1, "e"))] == [i + 1]
+    assert s.pending_publishes == 0
+
+
 def test_errors_wait_their_turn_behind_pending_publishes() -> None:
     s = ready(pub=["ok"], pub_rate=0)
     (p1,) = pub(s, guild="ok", nonce="a")
     assert isinstance(p1, Publish)
-    # Rejected at once, but answered only after the PUBLISH sent before it.
-    assert pub(s, guild="forbidden", nonce="b") == []
+    # Rejected (and reported to the host) at once, but answered only after
+    # the PUBLISH sent before it.
+    assert pub(s, guild="forbidden", nonce="b") == [
+        Forbidden("forbidden", "publishing to this guild not allowed")
+    ]
     (p3,) = pub(s, guild="ok", nonce="c")
     assert isinstance(p3, Publish)
     assert s.publish_failed(p3, Err.TRY_AGAIN_LATER, "busy") == []
