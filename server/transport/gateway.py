@@ -69,9 +69,6 @@ _LOGGED_CLOSES: dict[int, tuple[str, int]] = {
     Close.SLOW_CONSUMER: ("slow_consumer", logging.INFO),
     Close.AUTH_FAILED: ("auth_failed", logging.INFO),
 }
-#: The start of an ERROR 4403 frame's JSON (``wire.message`` writes ``op``,
-#: then ``d`` with ``code`` first): how ``_run`` spots a guild or publish the
-#: token does not allow, to log it, without decoding every frame it sends.
 
 GATEWAY_PATH = "/gateway"
 
@@ -267,9 +264,9 @@ class Connection(asyncio.Protocol):
     # --- internals -----------------------------------------------------------
 
     def _flush(self, tail: bytes = b"") -> None:
-        """Write what websockets has queued (and ``tail``, one of our frames)
-        in as few writes as possible: one, unless websockets is done with
-        the connection (then the FIN follows what it queued)."""
+        """Write what websockets has queued (and then ``tail``, one of our
+        frames) in one write; if websockets is done with the connection, the
+        FIN follows what it queued and nothing else is written."""
         t = self._transport
         if t is None:
             return
@@ -290,9 +287,9 @@ class Connection(asyncio.Protocol):
             # close handshake either side began, or a refused upgrade).
             if out:
                 t.write(b"".join(out))
-                out = []
             self.closing = True
             self._linger(t)
+            return  # nothing follows the FIN (``tail`` included)
         if out:
             t.write(b"".join(out))
 
