@@ -162,8 +162,14 @@ class TokenVerifier:
         if _SEGMENT.fullmatch(payload) is None:
             return None
         try:
-            claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
         except (ValueError, binascii.Error):
+            return None
+        if _b64(raw) != payload:
+            return None  # a non-canonical encoding (unused low bits set): PyJWT refuses it
+        try:
+            claims = orjson.loads(raw)
+        except ValueError:
             return None
         if type(claims) is not dict or "sub" not in claims or not claims.keys() <= _FAST_CLAIMS:
             return None

@@ -268,6 +268,8 @@ class Session:
     def publish_failed(self, p: Publish, code: int, message: str) -> list[Effect]:
         """A PUBLISH could not be sequenced; answer it with ERROR ``code``."""
         p.answer = error_frame(code, message, p.nonce, p.gid)
+        # It may wait behind earlier PUBLISHes for its turn: keep only the answer.
+        p.d = None
         return self._flush_answers()
 
     # --- internals -----------------------------------------------------------

@@ -689,3 +689,15 @@ def test_errors_wait_their_turn_behind_pending_publishes() -> None:
         (Op.ERROR, "c"),
     ]
     assert [m["d"].get("code") for m in out] == [None, Err.FORBIDDEN, Err.TRY_AGAIN_LATER]
+
+
+def test_a_refused_publish_waiting_its_turn_keeps_only_its_answer() -> None:
+    s = ready(pub=["ok"], pub_rate=0, limits=Limits(max_payload=64))
+    (p1,) = pub(s, guild="ok", nonce="a")
+    assert isinstance(p1, Publish)
+    assert pub(s, guild="ok", nonce="b", d="x" * 200) == []  # 4413, queued behind p1
+    assert s._pending is not None
+    waiting = s._pending[-1]
+    assert waiting.answer is not None and waiting.d is None
+    out = sent(s.publish_done(p1, "ok", 1, "e"))
+    assert [m["d"].get("code") for m in out] == [None, Err.PAYLOAD_TOO_LARGE]
