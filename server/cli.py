@@ -70,6 +70,11 @@ _SERVE_FLAGS: dict[str, str] = {
 DEFAULT_API_PORT = 8081
 
 
+def _env_list(name: str) -> list[str]:
+    """A comma-separated environment variable as a list, blanks dropped."""
+    return [v for v in (part.strip() for part in os.environ.get(name, "").split(",")) if v]
+
+
 def _env_default(name: str, default: Any) -> Any:
     raw = os.environ.get("GUILDCAST_" + name.upper())
     if raw is None:
@@ -114,7 +119,6 @@ def _serve_parser(sub: Any) -> None:
         help=f"HTTP API port (0: any free port; -1: no API; default {DEFAULT_API_PORT}; "
         "env GUILDCAST_API_PORT)",
     )
-    env_keys = [k.strip() for k in os.environ.get("GUILDCAST_API_KEYS", "").split(",")]
     p.add_argument(
         "--api-key",
         dest="api_keys",
@@ -123,8 +127,7 @@ def _serve_parser(sub: Any) -> None:
         help="an HTTP API key (repeat for more; default: env GUILDCAST_API_KEYS, "
         "comma-separated, else one generated and printed)",
     )
-    p.set_defaults(env_api_keys=[k for k in env_keys if k])
-    env_prev = [k.strip() for k in os.environ.get("GUILDCAST_PREVIOUS_SECRETS", "").split(",")]
+    p.set_defaults(env_api_keys=_env_list("GUILDCAST_API_KEYS"))
     p.add_argument(
         "--previous-secret",
         dest="previous_secrets",
@@ -133,7 +136,7 @@ def _serve_parser(sub: Any) -> None:
         help="an earlier token secret still accepted, never used to sign (repeat for more; "
         "default: env GUILDCAST_PREVIOUS_SECRETS, comma-separated)",
     )
-    p.set_defaults(env_previous_secrets=[k for k in env_prev if k])
+    p.set_defaults(env_previous_secrets=_env_list("GUILDCAST_PREVIOUS_SECRETS"))
     p.add_argument(
         "--metrics-open",
         action="store_true",

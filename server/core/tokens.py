@@ -110,12 +110,10 @@ class TokenVerifier:
         cached = self._cache.get(token)
         if cached is not None:
             grant, exp, nbf = cached
-            try:
-                self._check_clock(exp, nbf)
-            except AuthError:
-                if exp is not None and exp <= self._clock():
-                    del self._cache[token]
-                raise
+            now = self._clock()
+            if exp is not None and exp <= now:
+                del self._cache[token]  # expired for good
+            self._check_clock(exp, nbf, now)
             self._cache.move_to_end(token)
             self.hits += 1
             return grant
@@ -128,17 +126,17 @@ class TokenVerifier:
         exp = claims.get("exp")
         starts = [int(claims[k]) for k in ("nbf", "iat") if k in claims]
         entry = (grant, None if exp is None else int(exp), max(starts) if starts else None)
-        self._check_clock(entry[1], entry[2])
+        self._check_clock(entry[1], entry[2], self._clock())
         if self._cache_size > 0:
             self._cache[token] = entry
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return grant
 
-    def _check_clock(self, exp: int | None, nbf: int | None) -> None:
+    @staticmethod
+    def _check_clock(exp: int | None, nbf: int | None, now: float) -> None:
         """PyJWT's time checks (whole seconds, no leeway): expired once
         ``exp <= now``, not yet valid while ``nbf`` or ``iat`` ``> now``."""
-        now = self._clock()
         if exp is not None and exp <= now:
             raise AuthError("Signature has expired")
         if nbf is not None and nbf > now:

@@ -273,11 +273,6 @@ class Connection(asyncio.Protocol):
         chunks = self.proto.data_to_send()
         if tail:
             chunks.append(tail)
-        if not chunks:
-            return
-        if len(chunks) == 1 and chunks[0]:
-            t.write(chunks[0])
-            return
         out: list[bytes] = []
         for chunk in chunks:
             if chunk:

@@ -260,6 +260,17 @@ class SessionMachine(RuleBasedStateMachine):
             if item[0] == "error":
                 assert item[1] in ERROR_CODES, item
 
+    def malformed_after_identify(self) -> list[tuple[Any, ...]]:
+        """The model's answer to a malformed SUBSCRIBE or UNSUBSCRIBE (``{}``,
+        no guilds at all, included): 4003 before IDENTIFY, else 4002, or
+        4008 when it is one command too many."""
+        if self.state is State.CLOSED:
+            return []
+        if self.state is State.AWAIT_IDENTIFY:
+            return self.close(Close.NOT_IDENTIFIED)
+        self.alive()
+        return self.close(Close.RATE_LIMITED if self.count() else Close.DECODE_ERROR)
+
     def close(self, code: int) -> list[tuple[Any, ...]]:
         self.state = State.CLOSED
         self.pending.clear()
@@ -526,14 +537,7 @@ class SessionMachine(RuleBasedStateMachine):
     )
     def bad_subscribe(self, d: Any) -> None:
         effects = self.send({"op": Op.SUBSCRIBE, "d": d})
-        if self.state is State.CLOSED:
-            expected: list[tuple[Any, ...]] = []
-        elif self.state is State.AWAIT_IDENTIFY:
-            expected = self.close(Close.NOT_IDENTIFIED)
-        else:
-            # ``{}`` (no guilds at all) is a decode error too.
-            self.alive()
-            expected = self.close(Close.RATE_LIMITED if self.count() else Close.DECODE_ERROR)
+        expected = self.malformed_after_identify()
         self.step(effects, expected)
 
     @precondition(lambda self: self.hostile())
@@ -543,13 +547,7 @@ class SessionMachine(RuleBasedStateMachine):
     )
     def bad_unsubscribe(self, d: Any) -> None:
         effects = self.send({"op": Op.UNSUBSCRIBE, "d": d})
-        if self.state is State.CLOSED:
-            expected: list[tuple[Any, ...]] = []
-        elif self.state is State.AWAIT_IDENTIFY:
-            expected = self.close(Close.NOT_IDENTIFIED)
-        else:
-            self.alive()
-            expected = self.close(Close.RATE_LIMITED if self.count() else Close.DECODE_ERROR)
+        expected = self.malformed_after_identify()
         self.step(effects, expected)
 
     @precondition(lambda self: self.hostile())
