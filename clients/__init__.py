@@ -1,9 +1,9 @@
-"""Guildcast clients: the asyncio Python client (``from clients import Client``)
+"""Guildcast clients: the asyncio Python client (``from guildcast.client import Client``)
 and, in ``clients/js/``, the browser/Node ES module ``guildcast.js`` (a symlink to
 the one real file, the server's package data ``server/transport/static/guildcast.js``)."""
 
-from clients.backoff import Backoff, full_jitter, window
-from clients.client import (
+from guildcast.client.backoff import Backoff, full_jitter, window
+from guildcast.client.client import (
     AuthenticationFailed,
     Client,
     ClientClosed,

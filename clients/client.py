@@ -51,7 +51,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
-from clients.backoff import Backoff
+from guildcast.client.backoff import Backoff
 
 log = logging.getLogger("guildcast.client")
 

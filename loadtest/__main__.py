@@ -1,10 +1,10 @@
-"""``python -m loadtest SCENARIO [options]``: see ``loadtest/README.md``."""
+"""``python -m guildcast.loadtest SCENARIO [options]``: see ``loadtest/README.md``."""
 
 from __future__ import annotations
 
 import sys
 
-from loadtest.cli import main
+from guildcast.loadtest.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""``python -m loadtest`` and ``guildcast loadtest``: options, then one run.
+"""``python -m guildcast.loadtest`` and ``guildcast loadtest``: options, then one run.
 
 Exit status: 0 when every check of the scenario holds, 1 when one fails,
 2 for a usage or target error (bad option, non-loopback URL, a server that
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from loadtest.scenarios import COMMON, DEFAULTS, SCENARIOS, make_plan
+from guildcast.loadtest.scenarios import COMMON, DEFAULTS, SCENARIOS, make_plan
 
 
 def _kv(s: str) -> tuple[str, Any]:
@@ -36,7 +36,7 @@ def _life(s: str) -> tuple[float, float]:
     return float(a), float(b or a)
 
 
-def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.ArgumentParser:
     desc = "Drive a Guildcast server hard and show what it does. Scenarios: " + ", ".join(
         f"{name} ({', '.join(f'{k}={v}' for k, v in d.items())})" for name, d in DEFAULTS.items()
     )
@@ -94,7 +94,7 @@ def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
     s.add_argument(
         "--server",
         choices=("embedded", "process"),
-        help="start one: in this process, or `python -m server.cli serve` pinned to "
+        help="start one: in this process, or `python -m guildcast.cli serve` pinned to "
         "--server-cpus (default: process, unless --url is given)",
     )
     s.add_argument("--server-cpus", help="CPUs of the server process, e.g. 0 or 0-1")
@@ -150,10 +150,10 @@ PLAN_KEYS = (
 )
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m loadtest") -> int:
-    from loadtest import report
-    from loadtest.runner import Run, TargetOptions
-    from loadtest.target import TargetError, loopback_host, parse_cpus
+def main(argv: Sequence[str] | None = None, prog: str = "python -m guildcast.loadtest") -> int:
+    from guildcast.loadtest import report
+    from guildcast.loadtest.runner import Run, TargetOptions
+    from guildcast.loadtest.target import TargetError, loopback_host, parse_cpus
 
     args = build_parser(prog).parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)

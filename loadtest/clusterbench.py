@@ -1,6 +1,6 @@
 """Cluster scaling benchmark: one scenario against 1 and 2 Redis-backed workers.
 
-    python -m loadtest.clusterbench [--duration 15] [--scenario manyguilds] [-- HARNESS ARGS]
+    python -m guildcast.loadtest.clusterbench [--duration 15] [--scenario S] [-- HARNESS ARGS]
 
 For each worker count it starts its own redis-server (no persistence) on a
 free loopback port and ``guildcast serve --redis … --workers W``, runs the
@@ -82,7 +82,7 @@ def run_one(workers: int, scenario: str, duration: int, extra: list[str]) -> dic
             [
                 sys.executable,
                 "-m",
-                "server.cli",
+                "guildcast.cli",
                 "serve",
                 "--port",
                 str(port),
@@ -161,7 +161,9 @@ def run_one(workers: int, scenario: str, duration: int, extra: list[str]) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.clusterbench", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m guildcast.loadtest.clusterbench", description=__doc__
+    )
     ap.add_argument("--duration", type=int, default=15)
     ap.add_argument("--scenario", default="manyguilds")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more harness options")

@@ -14,7 +14,7 @@ without double counting.
 Per-delivery work is kept to a few bytecodes (the harness must not be the
 bottleneck before the server is): frames are split by hand, a DISPATCH of a
 load-test event has its guild, ``s`` and publish time read at fixed offsets
-(``loadtest.wire``), ``s`` is checked against the last one seen for that
+(``guildcast.loadtest.wire``), ``s`` is checked against the last one seen for that
 guild on this connection, and the latency goes into a plain dict keyed by
 microseconds, reduced to the HDR histogram's precision (3 significant
 digits: exact below 2048 us), so the dict holds at most about 2048 keys per
@@ -48,9 +48,9 @@ from typing import Any, cast
 import orjson
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
-from loadtest import wire
+from guildcast.loadtest import wire
 
-log = logging.getLogger("loadtest.fleet")
+log = logging.getLogger("guildcast.loadtest.fleet")
 
 #: HDR histogram range in microseconds: 1 us to 60 s, 3 significant digits.
 HIST_MIN_US, HIST_MAX_US, HIST_DIGITS = 1, 60_000_000, 3

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
-from loadtest.fleet import new_hist
+from guildcast.loadtest.fleet import new_hist
 
 #: Seconds between ticks (reports, samples, progress).
 TICK = 0.5

@@ -45,8 +45,8 @@ from typing import Any, cast
 
 import orjson
 
-from loadtest import wire
-from loadtest.fleet import new_hist
+from guildcast.loadtest import wire
+from guildcast.loadtest.fleet import new_hist
 
 #: Seconds a publisher waits for its connection to open (handshake to READY).
 OPEN_TIMEOUT = 30.0
@@ -448,7 +448,7 @@ async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
 
 def ack_hist(stats: PubStats) -> Any:
     """The publish-to-ACK latency histogram (microseconds)."""
-    from loadtest.fleet import fold_latencies
+    from guildcast.loadtest.fleet import fold_latencies
 
     h = new_hist()
     fold_latencies(dict(stats.ack_lat), h)

@@ -37,14 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest import target as tgt
-from loadtest.fleet import FleetSpec
-from loadtest.monitor import TICK, Mark, Monitor, ProcSampler, percentiles
-from loadtest.publish import GatewayPublisher, HttpPublisher, PubStats, ack_hist
-from loadtest.report import Progress
-from loadtest.scenarios import Plan, assign
-from loadtest.wire import mint
-from loadtest.workers import InlineWorker, ProcessWorker
+from guildcast.loadtest import target as tgt
+from guildcast.loadtest.fleet import FleetSpec
+from guildcast.loadtest.monitor import TICK, Mark, Monitor, ProcSampler, percentiles
+from guildcast.loadtest.publish import GatewayPublisher, HttpPublisher, PubStats, ack_hist
+from guildcast.loadtest.report import Progress
+from guildcast.loadtest.scenarios import Plan, assign
+from guildcast.loadtest.wire import mint
+from guildcast.loadtest.workers import InlineWorker, ProcessWorker
 
 #: A process runnable (on a CPU, or waiting for one) more than this share of
 #: the time always had work: it is the bottleneck. On a machine with other

@@ -12,7 +12,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtest.fleet import ClientSpec
+from guildcast.loadtest.fleet import ClientSpec
 
 #: Scenario defaults; any option given on the command line wins.
 DEFAULTS: dict[str, dict[str, Any]] = {

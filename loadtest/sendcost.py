@@ -16,7 +16,7 @@ the other CPU drains every connection. Two modes:
 It prints the writer's CPU time (user + system) per write in each mode.
 Loopback only, bounded in time (``--seconds`` per mode), stops by itself:
 
-    .venv/bin/python -m loadtest.sendcost
+    .venv/bin/python -m guildcast.loadtest.sendcost
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ async def _measure(args: argparse.Namespace, children: list[int]) -> dict[str, f
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m loadtest.sendcost", description=__doc__.split("\n\n")[0]
+        prog="python -m guildcast.loadtest.sendcost", description=__doc__.split("\n\n")[0]
     )
     ap.add_argument("--conns", type=int, default=2000, help="loopback connections (default 2000)")
     ap.add_argument(

@@ -1,11 +1,11 @@
 """The soak: a long ``churn`` run against a server process, sampled for leaks.
 
-    python -m loadtest.soak --duration 1800 --json soak.json
+    python -m guildcast.loadtest.soak --duration 1800 --json soak.json
 
-Owns one server process (``python -m server.cli serve`` with durable history
+Owns one server process (``python -m guildcast.cli serve`` with durable history
 in a temporary ``--data-dir`` and its HTTP API with open ``/metrics``), one
 load-test harness process running the ``churn`` scenario against it
-(``python -m loadtest churn --url ... --server-pid ...``), and a sampler that
+(``python -m guildcast.loadtest churn --url ... --server-pid ...``), and a sampler that
 every ``--interval`` seconds records the server's RSS, open file
 descriptors, threads and CPU (psutil) and its ``/metrics`` gauges (guild
 actors alive and started, connections, sessions, mailbox depths). Besides
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil  # type: ignore[import-untyped]
+import psutil
 
 #: Longest soak accepted (seconds): the harness's own bound.
 MAX_DURATION = 3600.0
@@ -153,7 +153,7 @@ class Soak:
         argv = [
             sys.executable,
             "-m",
-            "server.cli",
+            "guildcast.cli",
             "serve",
             "--host",
             "127.0.0.1",
@@ -393,7 +393,7 @@ class Soak:
             "guild_actors_bounded": bool(guilds) and max(guilds) <= guild_bound,
         }
         return {
-            "command": " ".join(["python", "-m", "loadtest.soak", *sys.argv[1:]]),
+            "command": " ".join(["python", "-m", "guildcast.loadtest.soak", *sys.argv[1:]]),
             "params": {k: v for k, v in vars(a).items()},
             "duration_run_s": self.samples[-1].t if self.samples else 0.0,
             "ok": all(verdict.values()),
@@ -459,7 +459,9 @@ def _error_lines(path: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m guildcast.loadtest.soak", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--duration", type=float, default=1800.0, help="seconds of churn (1800)")
     ap.add_argument("--warmup", type=float, default=300.0, help="seconds left out of slopes (300)")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples (5)")

@@ -141,7 +141,7 @@ class EmbeddedTarget(Target):
     srv: Any = None
 
     async def start(self) -> None:
-        from server import Config, Server
+        from guildcast import Config, Server
 
         conf = dict(self.config)
         if self.want_api:
@@ -177,7 +177,7 @@ class EmbeddedTarget(Target):
 def server_flags(python: str = sys.executable) -> set[str]:
     """The ``--flags`` this checkout's ``guildcast serve`` accepts."""
     out = subprocess.run(
-        [python, "-m", "server.cli", "serve", "--help"],
+        [python, "-m", "guildcast.cli", "serve", "--help"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -208,7 +208,7 @@ def _repo_root() -> str:
 
 @dataclass
 class ProcessTarget(Target):
-    """``python -m server.cli serve`` as a child process, pinned to ``cpus``."""
+    """``python -m guildcast.cli serve`` as a child process, pinned to ``cpus``."""
 
     flags: dict[str, Any] = field(default_factory=dict)
     cpus: list[int] | None = None
@@ -236,7 +236,7 @@ class ProcessTarget(Target):
         argv = [
             sys.executable,
             "-m",
-            "server.cli",
+            "guildcast.cli",
             "serve",
             "--host",
             self.host,

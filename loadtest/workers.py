@@ -23,7 +23,7 @@ import multiprocessing
 import time
 from typing import Any
 
-from loadtest.fleet import Fleet, FleetSpec, worker_main
+from guildcast.loadtest.fleet import Fleet, FleetSpec, worker_main
 
 #: Seconds a worker process has to start and say so.
 START_TIMEOUT = 60.0

@@ -1,27 +1,36 @@
 """Guildcast: a real-time notification fanout server.
 
-``from server import Server, Config`` gives the embedded node; the imports
-are lazy so that ``server.protocol`` stays light for clients.
+``from guildcast import Server, Config`` gives the embedded node; the imports
+are lazy so that ``guildcast.protocol`` and ``guildcast.client`` stay light.
+The repository's ``server/`` folder is this package; ``clients/`` is
+``guildcast.client`` and ``loadtest/`` is ``guildcast.loadtest``
+(``pyproject.toml`` maps them).
 """
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.config import Config
-    from server.node import Server
+    from guildcast.config import Config
+    from guildcast.node import Server
 
-__all__ = ["Config", "Server"]
+try:
+    __version__ = version("guildcast")
+except PackageNotFoundError:  # running from a tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["Config", "Server", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "Server":
-        from server.node import Server
+        from guildcast.node import Server
 
         return Server
     if name == "Config":
-        from server.config import Config
+        from guildcast.config import Config
 
         return Config
     raise AttributeError(name)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from server.config import Config
+from guildcast.config import Config
 
 log = logging.getLogger("guildcast")
 
@@ -164,7 +164,10 @@ def _token_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from guildcast import __version__
+
     parser = argparse.ArgumentParser(prog="guildcast", description="Guildcast fanout server")
+    parser.add_argument("--version", action="version", version=f"guildcast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _token_parser(sub)
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(cfg: Config, print_token: bool) -> int:
-    from server.node import Server
+    from guildcast.node import Server
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -201,12 +204,19 @@ async def _serve(cfg: Config, print_token: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     rest = list(sys.argv[1:] if argv is None else argv)
     if rest[:1] == ["loadtest"]:
-        from loadtest.cli import main as loadtest_main  # lazy: server/ never needs loadtest
-
+        try:  # lazy: the server never needs the harness's extra dependencies
+            from guildcast.loadtest.cli import main as loadtest_main
+        except ImportError as exc:
+            print(
+                f"guildcast loadtest: {exc.name or exc} is missing; "
+                "install the harness with: pip install 'guildcast[loadtest]'",
+                file=sys.stderr,
+            )
+            return 2
         return loadtest_main(rest[1:], prog="guildcast loadtest")
     args = build_parser().parse_args(argv)
     if args.command == "token":
-        from server.core.tokens import make_token
+        from guildcast.core.tokens import make_token
 
         if not args.secret:
             print("guildcast token: give --secret or set GUILDCAST_SECRET", file=sys.stderr)
@@ -222,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
-    from server import logs
-    from server.core.journal import FSYNC_POLICIES
+    from guildcast import logs
+    from guildcast.core.journal import FSYNC_POLICIES
 
     try:
         logs.setup(args.log_level, args.log_format)
@@ -242,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["GUILDCAST_API_KEYS"] = key
         print(f"guildcast: generated API key for this run: {key}", flush=True)
     if args.workers > 1:
-        from server.workers import run_workers
+        from guildcast.workers import run_workers
 
         return run_workers(args.workers, args, list(argv) if argv is not None else sys.argv[1:])
     cfg = Config(**{name: getattr(args, name) for name in _SERVE_FLAGS})

@@ -1,7 +1,7 @@
 """Node configuration: one dataclass, every setting with its default and reason.
 
 ``guildcast serve`` fills it from flags and ``GUILDCAST_*`` environment
-variables (see ``server.cli``); embedding applications build it directly.
+variables (see ``guildcast.cli``); embedding applications build it directly.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Embedding applications keep their own logging; nothing here runs on import.
 What is logged: starts and stops, drains, refused connections, slow
 consumers, authentication failures (gateway and API), guild crashes,
 journal repairs and storage errors, each at most once per few seconds per
-kind when they come in floods (``server.core.ratelog``); never a line per
+kind when they come in floods (``guildcast.core.ratelog``); never a line per
 message or per event.
 """
 

@@ -24,22 +24,22 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from server.actors.actor import ActorExited, CallTimeout, MailboxFull
-from server.actors.groups import Groups
-from server.actors.guild import Feed, Guild, GuildSettings, PresenceMsg
-from server.actors.hub import Hub
-from server.actors.registry import Registry
-from server.broker.base import Broker, BrokerUnavailable, Presence, Record
-from server.broker.disk import DiskBroker
-from server.broker.memory import MemoryBroker
-from server.config import Config
-from server.core.host import HistoryPage, Overloaded
-from server.core.journal import FSYNC_POLICIES
-from server.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
-from server.core.tokens import TokenVerifier, make_token
-from server.protocol.session import Limits, State
-from server.transport.gateway import Gateway, GatewayLimits
-from server.transport.http_api import ApiSettings, HttpApi
+from guildcast.actors.actor import ActorExited, CallTimeout, MailboxFull
+from guildcast.actors.groups import Groups
+from guildcast.actors.guild import Feed, Guild, GuildSettings, PresenceMsg
+from guildcast.actors.hub import Hub
+from guildcast.actors.registry import Registry
+from guildcast.broker.base import Broker, BrokerUnavailable, Presence, Record
+from guildcast.broker.disk import DiskBroker
+from guildcast.broker.memory import MemoryBroker
+from guildcast.config import Config
+from guildcast.core.host import HistoryPage, Overloaded
+from guildcast.core.journal import FSYNC_POLICIES
+from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
+from guildcast.core.tokens import TokenVerifier, make_token
+from guildcast.protocol.session import Limits, State
+from guildcast.transport.gateway import Gateway, GatewayLimits
+from guildcast.transport.http_api import ApiSettings, HttpApi
 
 log = logging.getLogger("guildcast.node")
 #: Longest pause between two broker sweeps (seconds): a sweep walks every
@@ -180,7 +180,7 @@ class Server:
     def _make_broker(self) -> Broker:
         cfg = self.config
         if cfg.redis:
-            from server.broker.redis import RedisBroker
+            from guildcast.broker.redis import RedisBroker
 
             return RedisBroker(
                 cfg.redis,
@@ -248,7 +248,7 @@ class Server:
         """Publish event ``t`` with data ``d`` to guild ``gid``; returns its ``s``.
 
         Raises ValueError for a bad guild id, event name or non-JSON ``d``, and
-        :class:`server.core.host.Overloaded` when the guild is busy.
+        :class:`guildcast.core.host.Overloaded` when the guild is busy.
         """
         s, _epoch = await self.hub.publish(gid, t, d)
         return s
@@ -352,7 +352,7 @@ class Server:
 
 
 class NodeApi:
-    """The HTTP API's way into a node (implements ``server.core.host.ApiHost``).
+    """The HTTP API's way into a node (implements ``guildcast.core.host.ApiHost``).
 
     It turns the actors' and brokers' "try later" errors (full mailbox, actor
     gone, call timeout, broker unavailable) into :class:`Overloaded`, so the

@@ -1,7 +1,7 @@
 """``guildcast serve --workers N``: N nodes on one machine, one port.
 
 A small supervisor in the manner of an Erlang ``one_for_one`` supervisor:
-it starts N worker processes (``python -m server.cli serve …``) that share
+it starts N worker processes (``python -m guildcast.cli serve …``) that share
 the gateway port with SO_REUSEPORT (the kernel spreads connections over
 them), restarts a worker that dies (at most ``MAX_RESTARTS`` in
 ``RESTART_WINDOW`` seconds, else it gives up and stops everything), and on
@@ -63,9 +63,10 @@ def run_workers(n: int, args: argparse.Namespace, argv: list[str]) -> int:
         secret = secrets.token_urlsafe(32)
     env = dict(os.environ)
     env.update(GUILDCAST_SECRET=secret, GUILDCAST_WORKERS="1", GUILDCAST_REUSE_PORT="1")
-    cmd = [sys.executable, "-m", "server.cli", *_child_argv(argv)]
+    # -P: nothing in the current directory (a user's own server.py) can shadow the package.
+    cmd = [sys.executable, "-P", "-m", "guildcast.cli", *_child_argv(argv)]
     if generated:
-        from server.core.tokens import make_token
+        from guildcast.core.tokens import make_token
 
         print(f"guildcast: generated secret for this run: {secret}", flush=True)
         tok = make_token(secret, "demo", ["*"], ["*"], None, 24 * 3600)

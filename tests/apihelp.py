@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
-from server import Config, Server
+from guildcast import Config, Server
 
 SECRET = "api-test-secret-0123456789abcdef0123456789"
 KEY = "test-api-key-1"
@@ -117,7 +117,7 @@ async def subscribe(
 
 
 class ServeProcess:
-    """``python -m server.cli serve`` as a child process, ports learned from its output.
+    """``python -m guildcast.cli serve`` as a child process, ports learned from its output.
 
     stderr (the log) goes to ``log_path``; stdout is read for the
     ``guildcast: gateway on ...`` and ``guildcast: api on ...`` lines.
@@ -140,7 +140,7 @@ class ServeProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "server.cli",
+                "guildcast.cli",
                 "serve",
                 "--host",
                 "127.0.0.1",

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import uvloop
 
-from server import Config, Server
+from guildcast import Config, Server
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server import logs
+from guildcast import logs
 
 
 @pytest.fixture

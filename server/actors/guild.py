@@ -1,6 +1,6 @@
 """Guild actor: one guild's subscriptions, delivery cursor and fanout on this node.
 
-It sequences through the broker (``server.broker``): publishes queued in its
+It sequences through the broker (``guildcast.broker``): publishes queued in its
 mailbox are appended in one batch (the broker assigns ``s``; in memory mode
 that is this actor's own log, in cluster mode one Redis script), and the
 publishers are answered with ``(s, epoch)``. While the guild has local
@@ -33,14 +33,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from server.actors.actor import Actor, MailboxFull, _Call
-from server.actors.groups import GroupEvent, Groups
-from server.actors.partition import Add, Frames, Partition, PresenceFrame, Remove
-from server.broker.base import Broker, BrokerUnavailable, Presence, Record
-from server.core.metrics import NodeStats
-from server.core.sink import Sink
-from server.protocol import wire
-from server.protocol.codes import Close
+from guildcast.actors.actor import Actor, MailboxFull, _Call
+from guildcast.actors.groups import GroupEvent, Groups
+from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove
+from guildcast.broker.base import Broker, BrokerUnavailable, Presence, Record
+from guildcast.core.metrics import NodeStats
+from guildcast.core.sink import Sink
+from guildcast.protocol import wire
+from guildcast.protocol.codes import Close
 
 log = logging.getLogger("guildcast.guild")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.actors.actor import ActorExited, MailboxFull
-from server.actors.groups import Groups
-from server.actors.guild import (
+from guildcast.actors.actor import ActorExited, MailboxFull
+from guildcast.actors.groups import Groups
+from guildcast.actors.guild import (
     Guild,
     HistoryMsg,
     InfoMsg,
@@ -20,11 +20,11 @@ from server.actors.guild import (
     Subscribe,
     Unsubscribe,
 )
-from server.actors.registry import Registry, RegistryFull
-from server.broker.base import Presence, Record
-from server.core.host import HistoryPage, Overloaded, Subscriber
-from server.protocol import wire
-from server.protocol.codes import RESERVED_EVENTS
+from guildcast.actors.registry import Registry, RegistryFull
+from guildcast.broker.base import Presence, Record
+from guildcast.core.host import HistoryPage, Overloaded, Subscriber
+from guildcast.protocol import wire
+from guildcast.protocol.codes import RESERVED_EVENTS
 
 
 class Hub:

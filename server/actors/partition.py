@@ -22,9 +22,9 @@ import time
 from collections import deque
 from typing import Any
 
-from server.actors.actor import Actor
-from server.core.metrics import NodeStats
-from server.core.sink import Sink
+from guildcast.actors.actor import Actor
+from guildcast.core.metrics import NodeStats
+from guildcast.core.sink import Sink
 
 
 class Frames:

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from server.actors.actor import Actor
+from guildcast.actors.actor import Actor
 
 A = TypeVar("A", bound=Actor)
 

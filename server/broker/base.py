@@ -12,7 +12,7 @@ is lost; a reader seeing a new epoch must treat every old Position as lost.
 Live feeds may repeat or skip records across a broker reconnect; listeners
 dedupe by ``s`` and fill gaps with ``read`` (the guild actor does).
 
-Implementations: ``server.broker.redis.RedisBroker`` (cluster). The shared
+Implementations: ``guildcast.broker.redis.RedisBroker`` (cluster). The shared
 test suite in ``tests/broker/`` runs against every implementation.
 """
 

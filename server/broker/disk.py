@@ -2,7 +2,7 @@
 
 The memory broker's job (per guild: epoch, last ``s``, bounded history, the
 live feed to this node's guild actor) plus one append-only journal file per
-guild (``server.core.journal``), so a restarted node continues every
+guild (``guildcast.core.journal``), so a restarted node continues every
 guild's ``s`` and epoch and clients recover across the restart (DESIGN.md,
 "Durability").
 
@@ -59,11 +59,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from server.broker.base import Broker, BrokerUnavailable, Record
-from server.broker.memory import MemoryBroker, envelope
-from server.core import journal
-from server.core.journal import FSYNC_POLICIES, Journal, Loaded, event_prefix
-from server.protocol import wire
+from guildcast.broker.base import Broker, BrokerUnavailable, Record
+from guildcast.broker.memory import MemoryBroker, envelope
+from guildcast.core import journal
+from guildcast.core.journal import FSYNC_POLICIES, Journal, Loaded, event_prefix
+from guildcast.protocol import wire
 
 log = logging.getLogger("guildcast.journal")
 

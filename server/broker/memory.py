@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 
-from server.broker.base import Broker, Feed, Presence, PresenceFeed, Record
+from guildcast.broker.base import Broker, Feed, Presence, PresenceFeed, Record
 
 
 def envelope(gid: str, t: str, s: int, d_json: bytes) -> bytes:

@@ -36,7 +36,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.broker.base import Broker, BrokerUnavailable, Feed, Presence, PresenceFeed, Record
+from guildcast.broker.base import Broker, BrokerUnavailable, Feed, Presence, PresenceFeed, Record
 
 log = logging.getLogger("guildcast.broker.redis")
 

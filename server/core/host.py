@@ -1,9 +1,9 @@
 """What the transports ask of the layer that owns guilds.
 
 The transport (``server/transport``) may not import the actors; the node
-wires an implementation of :class:`GatewayHost` (``server.actors.hub.Hub``)
+wires an implementation of :class:`GatewayHost` (``guildcast.actors.hub.Hub``)
 into the gateway, whose methods return without awaiting (DESIGN.md rule 3),
-and one of :class:`ApiHost` (``server.node.NodeApi``) into the HTTP API.
+and one of :class:`ApiHost` (``guildcast.node.NodeApi``) into the HTTP API.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from server.core.metrics import MetricsSnapshot
-from server.core.sink import Member, Sink
+from guildcast.core.metrics import MetricsSnapshot
+from guildcast.core.sink import Member, Sink
 
 
 class Subscriber(Sink, Member, Protocol):

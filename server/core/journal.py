@@ -3,7 +3,7 @@
 Owns the on-disk format, its loading and its repair. The guild actor that
 owns a guild is the only writer of that guild's file (DESIGN.md,
 "Durability"): its appends go through the disk broker
-(``server.broker.disk``), one write per mailbox batch. A :class:`Journal`
+(``guildcast.broker.disk``), one write per mailbox batch. A :class:`Journal`
 has no locks. Blocking calls (``load``, ``rewrite``, ``sync``) are plain
 functions that the broker runs with ``asyncio.to_thread`` and awaits; the
 only call that may overlap the writer is a background ``sync`` (an fsync
@@ -26,7 +26,7 @@ The header record (``H``) comes first and exactly once; ``base`` is the
 compaction). Event records (``E``) follow with ``s = base + 1, base + 2,
 ...``; ``payload`` is the DISPATCH JSON exactly as sent to subscribers
 (encoded once, DESIGN.md rule 1). ``gen`` is the data directory's
-generation when the header was written (``server.broker.disk``: a start
+generation when the header was written (``guildcast.broker.disk``: a start
 after a possible power failure raises the generation below which epochs
 are no longer trusted).
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.protocol import wire
+from guildcast.protocol import wire
 
 FORMAT_VERSION = 1
 _HEAD = struct.Struct(">II")  # length, crc32(body)

@@ -44,7 +44,7 @@ from typing import Any
 import jwt
 import orjson
 
-from server.protocol.session import AuthError, Grant
+from guildcast.protocol.session import AuthError, Grant
 
 #: Longest token accepted before any parsing; real tokens are a few hundred bytes.
 MAX_TOKEN_BYTES = 8192

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from server.protocol import wire
-from server.protocol.codes import CLIENT_OPS, RESERVED_EVENTS, Close, Err, Op
+from guildcast.protocol import wire
+from guildcast.protocol.codes import CLIENT_OPS, RESERVED_EVENTS, Close, Err, Op
 
 
 class AuthError(Exception):

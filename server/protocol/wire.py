@@ -13,7 +13,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
-from server.protocol.codes import Op
+from guildcast.protocol.codes import Op
 
 JSONDecodeError = orjson.JSONDecodeError
 

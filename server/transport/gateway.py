@@ -3,7 +3,7 @@ websockets' Sans-I/O ``ServerProtocol`` (DESIGN.md rule 5).
 
 websockets does the opening handshake, frame parsing, ping/pong, UTF-8
 and size checks, and the close handshake. We assemble fragmented messages,
-drive the gateway :class:`~server.protocol.session.Session` straight from
+drive the gateway :class:`~guildcast.protocol.session.Session` straight from
 ``data_received`` and carry out its effects. There is no task per
 connection: one sweeper task per gateway enforces every deadline
 (handshake, IDENTIFY, heartbeat, close handshake) every ``sweep_interval``.
@@ -16,7 +16,7 @@ enforced at most one ``sweep_interval`` (plus loop delay) late, and an idle
 connection heartbeating every 30 s costs one visit per 45 s instead of two
 per second.
 
-A :class:`Connection` is the :class:`~server.core.sink.Sink` the fanout path
+A :class:`Connection` is the :class:`~guildcast.core.sink.Sink` the fanout path
 writes to: ``send`` is one ``transport.write`` plus the unsent-bytes bound
 (past ``max_buffer`` the connection is closed with 4010 and its backlog is
 discarded after ``close_timeout``).
@@ -38,11 +38,11 @@ from websockets.http11 import Request
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
-from server.core.host import GatewayHost, Overloaded
-from server.core.ratelog import RateLimitedLog
-from server.protocol import wire
-from server.protocol.codes import Close, Err
-from server.protocol.session import (
+from guildcast.core.host import GatewayHost, Overloaded
+from guildcast.core.ratelog import RateLimitedLog
+from guildcast.protocol import wire
+from guildcast.protocol.codes import Close, Err
+from guildcast.protocol.session import (
     Authenticator,
     CloseConn,
     Effect,
@@ -55,7 +55,7 @@ from server.protocol.session import (
     Unsubscribe,
     error_frame,
 )
-from server.transport import static
+from guildcast.transport import static
 
 log = logging.getLogger("guildcast.gateway")
 #: websockets logs every open and close at INFO; that is our job, at our level.

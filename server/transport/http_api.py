@@ -2,7 +2,7 @@
 
 Served with aiohttp (the only importer of aiohttp) on its own port, in the
 node's event loop, next to the gateway. It reaches the guilds only through
-:class:`~server.core.host.ApiHost`. Routes (``openapi.py`` has the contract,
+:class:`~guildcast.core.host.ApiHost`. Routes (``openapi.py`` has the contract,
 served at ``/openapi.json``):
 
 ==========================  =====  ==================================================
@@ -57,11 +57,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from server.core.host import ApiHost, Overloaded
-from server.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
-from server.protocol import wire
-from server.protocol.codes import RESERVED_EVENTS
-from server.transport import openapi
+from guildcast.core.host import ApiHost, Overloaded
+from guildcast.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
+from guildcast.protocol import wire
+from guildcast.protocol.codes import RESERVED_EVENTS
+from guildcast.transport import openapi
 
 log = logging.getLogger("guildcast.api")
 _flood = RateLimitedLog(log)

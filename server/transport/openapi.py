@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.protocol.codes import RESERVED_EVENTS
+from guildcast.protocol.codes import RESERVED_EVENTS
 
 #: PROTOCOL.md "Envelope", as JSON Schema patterns (ECMA-262 regexes).
 GUILD_PATTERN = "^[A-Za-z0-9_.:-]{1,128}$"

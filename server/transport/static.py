@@ -9,7 +9,7 @@ are read once at import from the package data directory ``static/`` and never
 change afterwards, so serving is a dictionary lookup.
 
 A plain HTTP GET (no ``Upgrade`` header) for a path in :data:`PAGES` is
-answered 200 with the file by :meth:`server.transport.gateway.Connection._on_request`;
+answered 200 with the file by :meth:`guildcast.transport.gateway.Connection._on_request`;
 websockets then closes the connection (one request per connection, no
 keep-alive). Every other request goes on to the WebSocket handshake.
 """
@@ -22,7 +22,7 @@ from importlib import resources
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-_STATIC = resources.files("server.transport").joinpath("static")
+_STATIC = resources.files("guildcast.transport").joinpath("static")
 
 #: Request path -> (file in ``static/``, Content-Type).
 PAGES: dict[str, tuple[str, str]] = {

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from server.actors.actor import Actor
+from guildcast.actors.actor import Actor
 
 #: Generous bound on any one actor test; a hang fails instead of blocking the suite.
 TEST_TIMEOUT = 30.0

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from server.actors.actor import Actor, ActorExited, CallTimeout, MailboxFull
-from server.actors.groups import GroupEvent, Groups
-from server.actors.registry import Registry
+from guildcast.actors.actor import Actor, ActorExited, CallTimeout, MailboxFull
+from guildcast.actors.groups import GroupEvent, Groups
+from guildcast.actors.registry import Registry
 from tests.actors.support import Boom, Recorder, scope
 
 

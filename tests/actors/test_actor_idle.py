@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.actors.actor import Actor
+from guildcast.actors.actor import Actor
 from tests.actors.support import scope
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from server.actors.groups import GroupEvent, Groups
+from guildcast.actors.groups import GroupEvent, Groups
 from tests.actors.support import Recorder, scope
 
 JOIN, LEAVE = GroupEvent.JOIN, GroupEvent.LEAVE

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from server.actors.actor import CallTimeout
-from server.actors.groups import Groups
-from server.actors.guild import (
+from guildcast.actors.actor import CallTimeout
+from guildcast.actors.groups import Groups
+from guildcast.actors.guild import (
     Feed,
     Guild,
     GuildSettings,
@@ -26,8 +26,8 @@ from server.actors.guild import (
     Subscribe,
     Unsubscribe,
 )
-from server.broker.memory import MemoryBroker
-from server.protocol.codes import Close
+from guildcast.broker.memory import MemoryBroker
+from guildcast.protocol.codes import Close
 from tests.actors.support import scope
 from tests.protocol.framing import unframe
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.actors.registry import Registry, RegistryFull
+from guildcast.actors.registry import Registry, RegistryFull
 from tests.actors.support import Recorder, scope
 
 

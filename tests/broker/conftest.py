@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from server.broker.base import Broker
-from server.broker.disk import DiskBroker
-from server.broker.memory import MemoryBroker
-from server.broker.redis import RedisBroker
+from guildcast.broker.base import Broker
+from guildcast.broker.disk import DiskBroker
+from guildcast.broker.memory import MemoryBroker
+from guildcast.broker.redis import RedisBroker
 from tests.redisproc import RedisProc
 
 

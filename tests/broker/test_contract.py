@@ -6,7 +6,7 @@ import asyncio
 
 import orjson
 
-from server.broker.base import Broker, Presence, Record
+from guildcast.broker.base import Broker, Presence, Record
 from tests.util import eventually
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from server.broker.base import BrokerUnavailable, Record
-from server.broker.disk import COMPACT_SLACK, GUILDS_DIR, STATE_FILE, DiskBroker
-from server.core import journal
+from guildcast.broker.base import BrokerUnavailable, Record
+from guildcast.broker.disk import COMPACT_SLACK, GUILDS_DIR, STATE_FILE, DiskBroker
+from guildcast.core import journal
 from tests.apihelp import until
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from server.broker.base import Presence
-from server.broker.redis import RedisBroker
+from guildcast.broker.base import Presence
+from guildcast.broker.redis import RedisBroker
 from tests.redisproc import RedisProc
 from tests.util import eventually
 

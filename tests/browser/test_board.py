@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from clients import Client
-from server.core.tokens import make_token
+from guildcast.client import Client
+from guildcast.core.tokens import make_token
 from tests.clients._support import serve_accepts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ class ServeProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "server.cli",
+                "guildcast.cli",
                 "serve",
                 "--port",
                 str(self.port),

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from server import Config, Server
-from server.cli import build_parser
+from guildcast import Config, Server
+from guildcast.cli import build_parser
 
 SECRET = "client-tests-secret-0123456789abcdef0123"
 #: Polling step of :func:`until` (seconds).

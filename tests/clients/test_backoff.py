@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from clients.backoff import Backoff, full_jitter, window
+from guildcast.client.backoff import Backoff, full_jitter, window
 
 
 def test_full_jitter_is_bounded_uniform_and_grows_until_the_cap() -> None:

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from clients import (
+from guildcast import Config, Server
+from guildcast.client import (
     AuthenticationFailed,
     Backoff,
     Client,
@@ -22,7 +23,6 @@ from clients import (
     SubscribeError,
     SubscriptionLost,
 )
-from server import Config, Server
 from tests.clients._support import SECRET, until
 
 FAST = {"base": 0.02, "cap": 0.2}

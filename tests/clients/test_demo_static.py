@@ -14,8 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from clients import Client
-from server import Server
+from guildcast import Server
+from guildcast.client import Client
 from tests.clients._support import serve_accepts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ async def test_serve_prints_a_working_demo_url() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server.cli",
+        "guildcast.cli",
         "serve",
         "--port",
         "0",

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from server import Server
+from guildcast import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def readme_python_client_example() -> str:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    found = [b for b in blocks if "from clients import Client" in b]
+    found = [b for b in blocks if "from guildcast.client import Client" in b]
     assert len(found) == 1, "README.md needs one ```python block using clients.Client"
     return found[0]
 

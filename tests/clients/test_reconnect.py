@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from clients import Backoff, Client, Event, Item, Resync
-from server import Config, Server
+from guildcast import Config, Server
+from guildcast.client import Backoff, Client, Event, Item, Resync
 from tests.clients._support import SECRET, Restartable, restartable, until
 
 FAST = {"base": 0.02, "cap": 0.2}

@@ -43,7 +43,7 @@ class NodeProc:
         cmd = [
             sys.executable,
             "-m",
-            "server.cli",
+            "guildcast.cli",
             "serve",
             "--host",
             "127.0.0.1",

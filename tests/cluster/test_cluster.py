@@ -18,7 +18,7 @@ import orjson
 import pytest
 import websockets
 
-from server.core.tokens import make_token
+from guildcast.core.tokens import make_token
 from tests.cluster.nodes import Follower, NodeProc, Publisher, send
 from tests.redisproc import RedisProc
 from tests.util import eventually

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.core import journal
-from server.core.journal import Journal, event_prefix, file_name, guild_of, load
+from guildcast.core import journal
+from guildcast.core.journal import Journal, event_prefix, file_name, guild_of, load
 
 
 def payload(gid: str, t: str, s: int, d: object) -> bytes:

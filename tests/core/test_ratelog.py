@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from server.core.ratelog import RateLimitedLog
+from guildcast.core.ratelog import RateLimitedLog
 
 
 def test_floods_become_one_line_with_a_count(caplog: pytest.LogCaptureFixture) -> None:

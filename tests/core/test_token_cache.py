@@ -10,8 +10,8 @@ from typing import Any
 import jwt
 import pytest
 
-from server.core.tokens import TokenVerifier, make_token
-from server.protocol.session import AuthError, Grant
+from guildcast.core.tokens import TokenVerifier, make_token
+from guildcast.protocol.session import AuthError, Grant
 
 SECRET = "token-cache-secret-" + "0123456789abcdef" * 4
 

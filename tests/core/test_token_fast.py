@@ -17,8 +17,8 @@ import orjson
 import pytest
 from hypothesis import event, given, settings
 
-from server.core.tokens import TokenVerifier, grant_from_claims, make_token
-from server.protocol.session import AuthError, Grant
+from guildcast.core.tokens import TokenVerifier, grant_from_claims, make_token
+from guildcast.protocol.session import AuthError, Grant
 
 SECRET = "fast-path-secret-" + "0123456789abcdef" * 4
 OLD = "fast-path-old-secret-" + "fedcba9876543210" * 4

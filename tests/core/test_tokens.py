@@ -12,8 +12,8 @@ from typing import Any
 import jwt
 import pytest
 
-from server.core.tokens import MAX_TOKEN_BYTES, TokenVerifier, make_token
-from server.protocol.session import AuthError, Grant
+from guildcast.core.tokens import MAX_TOKEN_BYTES, TokenVerifier, make_token
+from guildcast.protocol.session import AuthError, Grant
 
 SECRET = "core-token-secret-" + "0123456789abcdef" * 4
 verify = TokenVerifier(SECRET)

@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.utils import apply_mask
 
-from server import Config, Server
+from guildcast import Config, Server
 from tests.conftest import SECRET
 from tests.integration import gw
 from tests.integration.raw import RawWs

@@ -24,11 +24,11 @@ from typing import Any
 import jwt
 import pytest
 
-from server import Server
-from server.core import journal
-from server.core.ratelog import RateLimitedLog
-from server.core.tokens import MAX_TOKEN_BYTES
-from server.transport import gateway
+from guildcast import Server
+from guildcast.core import journal
+from guildcast.core.ratelog import RateLimitedLog
+from guildcast.core.tokens import MAX_TOKEN_BYTES
+from guildcast.transport import gateway
 from tests.apihelp import KEY, Api, api_server
 from tests.conftest import SECRET
 from tests.hardening import support

@@ -41,7 +41,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from server.core.tokens import make_token
+from guildcast.core.tokens import make_token
 from tests.apihelp import SECRET, serve_process
 from tests.hardening import support
 from tests.hardening.support import (

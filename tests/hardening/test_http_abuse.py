@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 import pytest
 
-from server import Server
+from guildcast import Server
 from tests.apihelp import KEY, api_server
 from tests.hardening import support
 from tests.hardening.support import nested

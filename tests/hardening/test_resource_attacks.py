@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 import psutil  # type: ignore[import-untyped]
 
-from server.core.tokens import make_token
+from guildcast.core.tokens import make_token
 from tests.apihelp import KEY, SECRET, serve_process
 from tests.hardening import support
 from tests.hardening.support import TEXT, frame, good_stream, node, text, wait_eof

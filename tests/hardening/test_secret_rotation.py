@@ -18,10 +18,10 @@ from typing import Any
 import jwt
 import pytest
 
-from server import Config, Server
-from server.cli import build_parser
-from server.core.tokens import TokenVerifier, make_token
-from server.protocol.session import AuthError
+from guildcast import Config, Server
+from guildcast.cli import build_parser
+from guildcast.core.tokens import TokenVerifier, make_token
+from guildcast.protocol.session import AuthError
 from tests.apihelp import serve_process
 from tests.integration import gw
 

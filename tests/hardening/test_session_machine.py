@@ -40,9 +40,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from server.core.tokens import TokenVerifier, make_token
-from server.protocol.codes import RESERVED_EVENTS, Close, Err, Op
-from server.protocol.session import (
+from guildcast.core.tokens import TokenVerifier, make_token
+from guildcast.protocol.codes import RESERVED_EVENTS, Close, Err, Op
+from guildcast.protocol.session import (
     CloseConn,
     Effect,
     Forbidden,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from loadtest.soak import build_parser, parse_metrics, slope_per_hour
+from guildcast.loadtest.soak import build_parser, parse_metrics, slope_per_hour
 from tests.apihelp import KEY, api_server
 from tests.integration import gw
 

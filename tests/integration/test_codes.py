@@ -13,8 +13,8 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from server import Config, Server
-from server.core.tokens import make_token
+from guildcast import Config, Server
+from guildcast.core.tokens import make_token
 from tests.conftest import SECRET
 from tests.integration import gw
 

@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 from websockets.exceptions import ConnectionClosed
 
-from server.broker.disk import GUILDS_DIR
-from server.core import journal
-from server.core.tokens import make_token
+from guildcast.broker.disk import GUILDS_DIR
+from guildcast.core import journal
+from guildcast.core.tokens import make_token
 from tests.apihelp import (
     SECRET,
     TIMEOUT,

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from server import Config, Server
+from guildcast import Config, Server
 from tests.conftest import SECRET
 from tests.integration import gw
 

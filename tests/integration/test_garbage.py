@@ -16,7 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from server import Server
+from guildcast import Server
 from tests.integration import gw
 from tests.integration.raw import RawWs
 

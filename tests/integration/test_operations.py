@@ -12,7 +12,7 @@ import orjson
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from server.core.tokens import make_token
+from guildcast.core.tokens import make_token
 from tests.apihelp import (
     SECRET,
     TIMEOUT,

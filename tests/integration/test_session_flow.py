@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server import Config, Server
+from guildcast import Config, Server
 from tests.conftest import SECRET
 from tests.integration import gw
 

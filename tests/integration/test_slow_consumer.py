@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import psutil  # type: ignore[import-untyped]
 
-from server import Config, Server
+from guildcast import Config, Server
 from tests.conftest import SECRET
 from tests.integration import gw
 from tests.integration.raw import RawWs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import websockets
 
-from server import Server
+from guildcast import Server
 
 
 async def recv_json(ws: websockets.ClientConnection) -> dict:  # type: ignore[type-arg]

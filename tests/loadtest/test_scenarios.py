@@ -1,6 +1,6 @@
 """Every load-test scenario end to end, in a short smoke form.
 
-Each test runs the real harness (``loadtest.cli.main``, the code behind
+Each test runs the real harness (``guildcast.loadtest.cli.main``, the code behind
 ``guildcast loadtest``) against a real server, embedded unless said
 otherwise, with a few dozen clients for a few seconds, reads the ``--json``
 result back and asserts the scenario's invariants: every client connected,
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.cli import main
+from guildcast.loadtest.cli import main
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -161,7 +161,7 @@ def test_refuses_non_loopback(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_guildcast_cli_delegates(capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import main as guildcast
+    from guildcast.cli import main as guildcast
 
     with pytest.raises(SystemExit) as e:
         guildcast(["loadtest", "--help"])

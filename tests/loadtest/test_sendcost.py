@@ -1,4 +1,4 @@
-"""``python -m loadtest.sendcost`` (the per-write floor quoted in
+"""``python -m guildcast.loadtest.sendcost`` (the per-write floor quoted in
 docs/BENCHMARKS.md) runs end to end on loopback, small and short, and
 reports a positive CPU cost per write for both modes."""
 
@@ -12,7 +12,7 @@ import sys
 def test_sendcost_reports_both_modes() -> None:
     args = ["--conns", "20", "--group", "5", "--seconds", "0.2", "--pace-us", "50"]
     out = subprocess.run(
-        [sys.executable, "-m", "loadtest.sendcost", *args],
+        [sys.executable, "-m", "guildcast.loadtest.sendcost", *args],
         capture_output=True,
         text=True,
         timeout=120,

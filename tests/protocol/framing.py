@@ -1,6 +1,6 @@
 """Test helper: split a byte stream of unmasked server frames into JSON messages.
 
-Written from RFC 6455 section 5.2, independently of ``server.protocol.wire``,
+Written from RFC 6455 section 5.2, independently of ``guildcast.protocol.wire``,
 so the unit tests check the server's framing instead of trusting it.
 """
 

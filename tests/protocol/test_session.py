@@ -2,7 +2,7 @@
 
 Every state transition, close code and ERROR code that ``Session`` can
 produce (PROTOCOL.md "Session flow", "Rate limits", "Close codes"), with
-real HS256 tokens from ``server.core.tokens``.
+real HS256 tokens from ``guildcast.core.tokens``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from server.core.tokens import TokenVerifier, make_token
-from server.protocol.codes import Close, Err, Op
-from server.protocol.session import (
+from guildcast.core.tokens import TokenVerifier, make_token
+from guildcast.protocol.codes import Close, Err, Op
+from guildcast.protocol.session import (
     CloseConn,
     Effect,
     Forbidden,

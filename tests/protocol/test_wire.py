@@ -6,8 +6,8 @@ import orjson
 import pytest
 from websockets.frames import Frame, Opcode
 
-from server.protocol import wire
-from server.protocol.codes import Op
+from guildcast.protocol import wire
+from guildcast.protocol.codes import Op
 from tests.protocol.framing import one, unframe
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
-from server import Config, Server
+from guildcast import Config, Server
 from tests.conftest import SECRET
 from tests.integration import gw
 from tests.integration.raw import RawWs

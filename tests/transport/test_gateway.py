@@ -10,7 +10,7 @@ import orjson
 import pytest
 from websockets.frames import Opcode
 
-from server import Server
+from guildcast import Server
 from tests.integration import gw
 from tests.integration.raw import RawWs
 

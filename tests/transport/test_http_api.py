@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server import Server
+from guildcast import Server
 from tests.apihelp import KEY, TIMEOUT, Api, api_server, recv_json, subscribe
 
 

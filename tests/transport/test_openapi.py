@@ -10,7 +10,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from server.transport import openapi
+from guildcast.transport import openapi
 from tests.apihelp import KEY, serve_process
 
 #: Examples per operation and phase, and a fixed seed: a bounded,
