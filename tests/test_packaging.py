@@ -27,9 +27,9 @@ TIMEOUT = 60.0
 def test_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
     """The built wheel holds ``guildcast`` and its metadata, and nothing else:
     no ``server``, ``clients`` or ``loadtest`` beside it."""
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path]
-        + [str(ROOT)],
+        [*pip, "-w", str(tmp_path), str(ROOT)],
         capture_output=True,
         text=True,
         timeout=300,
