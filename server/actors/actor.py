@@ -93,6 +93,10 @@ class Actor:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._exited = False
+        #: True once ``on_stop`` has returned and the exit hooks have run (or
+        #: are running): the actor is gone, not merely exiting.
+        self._finished = False
+        self._finished_waiter: asyncio.Future[None] | None = None
         self._exit_hooks: list[Callable[[object], None]] = []
         self._monitors: list[Monitor] = []
         self.exit_reason: BaseException | None = None
@@ -110,7 +114,19 @@ class Actor:
 
     @property
     def alive(self) -> bool:
+        """False from the moment the actor stops taking messages (while its
+        ``on_stop`` still runs, too)."""
         return not self._exited
+
+    @property
+    def has_finished(self) -> bool:
+        """True once ``on_stop`` has returned and the exit hooks have run."""
+        return self._finished
+
+    @property
+    def has_started(self) -> bool:
+        """True once :meth:`start` has been called."""
+        return self._task is not None
 
     @property
     def mailbox_depth(self) -> int:
@@ -136,20 +152,39 @@ class Actor:
             self._wake()
 
     async def wait(self) -> None:
-        """Wait until the actor has exited."""
+        """Wait until the actor has exited and its ``on_stop`` has returned.
+
+        An actor that is never started never exits: only wait for one that was
+        started, or that a :class:`~guildcast.actors.registry.Registry` will start.
+        """
+        if self._finished:
+            return
+        if self._finished_waiter is None:
+            self._finished_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._finished_waiter)
+
+    def discard(self, reason: BaseException) -> None:
+        """End an actor that was never started (its owner could not start it):
+        queued calls fail with :class:`ActorExited`, exit hooks and monitors run."""
         if self._task is not None:
-            await asyncio.shield(self._task)
+            raise RuntimeError(f"{self!r} was started; stop or kill it instead")
+        if not self._finished:
+            self._exited = True
+            self.exit_reason = reason
+            self._finish(reason)
 
     def add_exit_hook(self, hook: Callable[[object], None]) -> None:
-        """Call ``hook(self)`` when the actor exits (at once if it has)."""
-        if self._exited:
+        """Call ``hook(self)`` once the actor has exited and its ``on_stop``
+        has returned (at once if that has happened)."""
+        if self._finished:
             hook(self)
         else:
             self._exit_hooks.append(hook)
 
     def monitor(self, fn: Monitor) -> None:
-        """Call ``fn(self, reason)`` when the actor exits (at once if it has)."""
-        if self._exited:
+        """Call ``fn(self, reason)`` once the actor has exited and its
+        ``on_stop`` has returned (at once if that has happened)."""
+        if self._finished:
             fn(self, self.exit_reason)
         else:
             self._monitors.append(fn)
@@ -303,6 +338,9 @@ class Actor:
             self._finish(reason)
 
     def _finish(self, reason: BaseException | None) -> None:
+        self._finished = True
+        if self._finished_waiter is not None and not self._finished_waiter.done():
+            self._finished_waiter.set_result(None)
         for item in self._mailbox:
             if type(item) is _Call and not item.future.done():
                 item.future.set_exception(ActorExited(self.name))

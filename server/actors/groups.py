@@ -7,9 +7,11 @@ calls ``fn(event, group, member)`` on every join and leave of that group,
 synchronously and in order, so a monitor that forwards into an actor's
 mailbox sees changes in the order they happened.
 
-Consistency model: single node, single loop, so ``members`` is exact.
-Cluster mode implements the same interface over Redis, where ``members``
-spans nodes and ``local_members`` is this node's share.
+Consistency model: one scope is local to one node and one event loop, so
+``members`` is exact and equals ``local_members``. There is no cluster
+implementation of this interface: in cluster mode the groups stay local to
+each node (a node's guild actor fans out to its own sessions) and what spans
+nodes is presence, kept by the Redis broker (``guildcast.broker.redis``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ GroupMonitor = Callable[[GroupEvent, str, Any], None]
 
 
 class GroupScope(Protocol):
-    """The interface every implementation (memory, Redis) provides."""
+    """The interface of a group scope (:class:`Groups` is the one implementation)."""
 
     scope: str
 

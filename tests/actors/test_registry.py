@@ -130,7 +130,8 @@ class SlowStop(Recorder):
 
 async def test_an_exiting_actor_is_not_handed_out() -> None:
     """Between its last message and its exit hooks an actor is already dead
-    (casts to it are dropped): lookups must not return it."""
+    (casts to it are dropped): lookups must not return it. They get the
+    successor, which answers only once the predecessor has finished."""
     async with scope() as tg:
         reg: Registry[SlowStop] = Registry(SlowStop, tg)
         old = reg.lookup_or_start("g")
@@ -140,9 +141,13 @@ async def test_an_exiting_actor_is_not_handed_out() -> None:
         assert reg.lookup("g") is None
         new = reg.lookup_or_start("g")
         assert new is not old and new.alive
-        assert await new.call("hello") == ("reply", "hello")
+        assert reg.lookup_or_start("g") is new  # one successor, not one per lookup
+        reply = new.call_nowait("hello")
+        await asyncio.sleep(0)  # give a (wrongly) running successor its chance
+        assert not new.has_started and not reply.done()
         old.release.set()
         await old.wait()
+        assert await reply == ("reply", "hello")
         # The old actor's exit does not unregister its successor.
         assert reg.lookup("g") is new and len(reg) == 1
         new.release.set()
