@@ -38,6 +38,7 @@ from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
 from guildcast.protocol.session import Limits, State
+from guildcast.protocol.wire import valid_guild
 from guildcast.transport.gateway import Gateway, GatewayLimits
 from guildcast.transport.http_api import ApiSettings, HttpApi
 
@@ -256,6 +257,21 @@ class Server:
     async def publish_ex(self, gid: str, t: str, d: Any = None) -> tuple[int, str]:
         """Like :meth:`publish` but returns ``(s, epoch)``."""
         return await self.hub.publish(gid, t, d)
+
+    async def head(self, gid: str) -> tuple[str, int]:
+        """``(epoch, s)`` of guild ``gid``'s last event (``s`` is 0 if none):
+        the Position a client subscribes with to get every event after it.
+
+        Raises ValueError for a bad guild id and
+        :class:`guildcast.core.host.Overloaded` when the guild cannot answer now.
+        """
+        if not valid_guild(gid):
+            raise ValueError(f"invalid guild id {gid!r}")
+        try:
+            info = await self.hub.info(gid)
+        except _RETRY_LATER as e:
+            raise Overloaded(f"guild {gid}: {e!r}") from None
+        return str(info["epoch"]), int(info["s"])
 
     def token(
         self,

@@ -1,0 +1,1 @@
+"""Worked examples that embed Guildcast (``guildcast.examples.kanban``)."""
