@@ -147,7 +147,7 @@ class Soak:
     async def start_harness(self) -> None:
         a, srv = self.args, self.server
         argv = [sys.executable, "-P", "-m", "guildcast.loadtest", "churn", "--url", srv.url]
-        argv += ["--secret", str(srv.secret), "--server-pid", str(srv.pid)]
+        argv += [f"--secret={srv.secret}", "--server-pid", str(srv.pid)]
         argv += ["--duration", str(a.duration), "--clients", str(a.clients)]
         argv += ["--guilds", str(a.guilds), "--rate", str(a.rate)]
         argv += ["--json", a.harness_json, "--quiet"]

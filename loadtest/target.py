@@ -301,18 +301,18 @@ class ProcessTarget(Target):
         """The command line of the server (``-P``: nothing in the current
         directory can shadow the package)."""
         argv = [sys.executable, "-P", "-m", "guildcast.cli", "serve", "--host", self.host]
-        argv += ["--port", str(self.port), "--secret", str(self.secret)]
+        # ``--flag=value``: a generated secret may begin with "-".
+        argv += ["--port", str(self.port), f"--secret={self.secret}"]
         for name, value in self.flags.items():
             if value is None or value is False:
                 continue
-            argv.append("--" + name.replace("_", "-"))
-            if value is not True:
-                argv.append(str(value))
+            flag = "--" + name.replace("_", "-")
+            argv.append(flag if value is True else f"{flag}={value}")
         # Always explicit: serve's default API port (8081) may be taken.
         if not self.want_api:
             argv += ["--api-port", "-1"]
         else:
-            argv += ["--api-port", str(self.api_port or 0), "--api-key", str(self.api_key)]
+            argv += ["--api-port", str(self.api_port or 0), f"--api-key={self.api_key}"]
         if self.data_dir:
             argv += ["--data-dir", self.data_dir]
         return argv

@@ -1,12 +1,16 @@
-"""The soak's own arithmetic and its reading of ``/metrics`` (loadtest/soak.py),
-so the long run documented in docs/RELIABILITY.md reports what it says."""
+"""The soak (``guildcast loadtest soak``, loadtest/soak.py): its arithmetic,
+its reading of ``/metrics`` and a seconds-long run end to end, so the long
+run documented in docs/RELIABILITY.md reports what it says."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from guildcast.loadtest.soak import build_parser, parse_metrics, slope_per_hour
+from guildcast.loadtest.soak import build_parser, main, parse_metrics, slope_per_hour
 from tests.apihelp import KEY, api_server
 from tests.integration import gw
 
@@ -42,3 +46,25 @@ def test_defaults_are_the_documented_command() -> None:
     a = build_parser().parse_args([])
     assert (a.duration, a.warmup, a.clients, a.guilds, a.rate) == (1800.0, 300.0, 1000, 10, 40.0)
     assert (a.transient, a.prefill, a.idle_timeout, a.interval) == (20, 12_000, 30.0, 5.0)
+
+
+def test_a_short_soak_end_to_end(tmp_path: Path) -> None:
+    """``guildcast loadtest soak``, seconds long: its own server process and
+    harness process, samples, transient guilds, and a clean verdict (the
+    growth bounds are opened: seconds of samples give no meaningful slope)."""
+    out = tmp_path / "soak.json"
+    args = "--duration 4 --warmup 0 --interval 1 --clients 6 --guilds 2 --rate 5 --prefill 10"
+    args += " --transient 2 --idle-timeout 2 --max-rss-slope 1e9 --max-fd-growth 1e6 --quiet"
+    assert main([*args.split(), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ok"] and all(r["verdict"].values()), r["verdict"]
+    assert r["command"].startswith("guildcast loadtest soak --duration 4")
+    assert r["harness"]["rc"] == 0 and r["harness"]["delivered"] > 0
+    assert r["harness"]["gaps"] == r["harness"]["dups"] == 0
+    assert r["transient"]["guilds"] >= 10 and r["transient"]["failed"] == 0
+    assert r["scrape_failures"] == 0
+    assert r["server"]["rc"] == 0 and r["server"]["log_errors"] == []
+    assert len(r["samples"]) >= 2
+    s = r["samples"][-1]
+    assert s["rss"] > 0 and s["fds"] > 0 and s["threads"] >= 1
+    assert s["metrics"]["guild_actors_started"] >= 10
