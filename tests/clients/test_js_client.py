@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients._support import control_endpoint, restartable
+from tests.support.node import control_endpoint, restartable
 
 ROOT = Path(__file__).resolve().parents[2]
 JS_TESTS = ROOT / "clients" / "js" / "test"

@@ -25,9 +25,10 @@ import orjson
 import pytest
 
 from guildcast import Server
-from tests.apihelp import KEY, api_server
 from tests.hardening import support
 from tests.hardening.support import nested
+from tests.support.api import KEY
+from tests.support.node import api_server
 
 TIMEOUT = support.TIMEOUT
 

@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 
 from guildcast.loadtest.soak import build_parser, main, parse_metrics, slope_per_hour
-from tests.apihelp import KEY, api_server
-from tests.integration import gw
+from tests.support import gateway as gw
+from tests.support.api import KEY
+from tests.support.node import api_server
 
 
 def test_slope_per_hour() -> None:

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from guildcast.transport import openapi
-from tests.apihelp import KEY, serve_process
+from tests.support.api import KEY
+from tests.support.node import serve_process
 
 #: Examples per operation and phase, and a fixed seed: a bounded,
 #: reproducible run (about ten seconds on a shared machine).
