@@ -242,6 +242,30 @@ class Stream:
         tasks.append(tg.create_task(self._heartbeat(heartbeat)))
         return tasks
 
+    @asynccontextmanager
+    async def feeding(
+        self, publish: Callable[[dict[str, Any]], Awaitable[int]], rate: float, warm: int = 0
+    ) -> AsyncIterator[None]:
+        """The readers and a publisher of about ``rate`` events/s (``publish``,
+        :func:`paced`, phase "attack") run for as long as the block does, from
+        when every reader has seen ``warm``; on exit every reader must have
+        every event, in order, and nothing else (:meth:`check`)."""
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            readers = self.run(tg)
+            publisher = tg.create_task(paced(publish, rate, lambda: "attack", stop))
+            if warm:
+                await self.reached(warm)
+            try:
+                yield
+            finally:
+                stop.set()
+            last = await publisher
+            await self.reached(last)
+            for t in readers:
+                t.cancel()
+        self.check(last)
+
     async def reached(self, s: int, timeout: float = TIMEOUT) -> None:
         """Wait until every reader has seen ``s`` (or stopped: checked after)."""
         async with asyncio.timeout(timeout):
@@ -327,23 +351,12 @@ async def good_stream(
     event, in order, with p99 latency under :data:`P99_BOUND`."""
     stream = Stream(srv.url, srv.token("good", guilds=[gid]), gid, n)
     await stream.connect()
-    stop = asyncio.Event()
 
     async def publish(d: dict[str, Any]) -> int:
         return await srv.publish(gid, "TICK", d)
 
-    async with asyncio.TaskGroup() as tg:
-        readers = stream.run(tg)
-        publisher = tg.create_task(paced(publish, rate, lambda: "attack", stop))
-        try:
-            yield stream
-        finally:
-            stop.set()
-        last = await publisher
-        await stream.reached(last)
-        for t in readers:
-            t.cancel()
-    stream.check(last)
+    async with stream.feeding(publish, rate):
+        yield stream
     p99 = percentile(stream.latency.get("attack", []), 0.99)
     assert p99 < P99_BOUND, (p99, len(stream.latency.get("attack", [])))
     await stream.close()

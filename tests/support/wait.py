@@ -38,3 +38,16 @@ async def until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(step)
+
+
+async def output(proc: asyncio.subprocess.Process, timeout: float = TIMEOUT) -> str:
+    """Everything ``proc`` writes to its stdout pipe, once it exits within
+    ``timeout`` seconds (TimeoutError otherwise); it never outlives the call."""
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return out.decode(errors="replace")
