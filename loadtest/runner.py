@@ -40,7 +40,13 @@ from typing import Any
 from guildcast.loadtest import target as tgt
 from guildcast.loadtest.fleet import FleetSpec
 from guildcast.loadtest.monitor import TICK, Mark, Monitor, ProcSampler, percentiles
-from guildcast.loadtest.publish import GatewayPublisher, HttpPublisher, PubStats, ack_hist
+from guildcast.loadtest.publish import (
+    GatewayPublisher,
+    HttpPublisher,
+    Load,
+    PubStats,
+    ack_hist,
+)
 from guildcast.loadtest.report import Progress
 from guildcast.loadtest.scenarios import Plan, assign
 from guildcast.loadtest.wire import mint
@@ -318,37 +324,12 @@ class Run:
         rate = p.rate / p.publishers
         out: list[GatewayPublisher | HttpPublisher] = []
         for k in range(p.publishers):
-            seed = p.seed * 7919 + k
+            load = Load(gids, rate, p.inflight, p.size, self.pubstats, p.seed * 7919 + k)
             if p.via == "http":
                 assert t.api_port is not None
-                out.append(
-                    HttpPublisher(
-                        t.api_host or t.host,
-                        t.api_port,
-                        t.api_key,
-                        gids,
-                        rate,
-                        p.inflight,
-                        p.size,
-                        self.pubstats,
-                        seed,
-                    )
-                )
+                out.append(HttpPublisher(t.api_host or t.host, t.api_port, t.api_key, load))
             else:
-                out.append(
-                    GatewayPublisher(
-                        t.host,
-                        t.port,
-                        t.path,
-                        self.pub_token,
-                        gids,
-                        rate,
-                        p.inflight,
-                        p.size,
-                        self.pubstats,
-                        seed,
-                    )
-                )
+                out.append(GatewayPublisher(t.host, t.port, t.path, self.pub_token, load))
         if p.max_lag:
             gate = self._gate()
             for pub in out:
@@ -439,9 +420,8 @@ class Run:
         self.monitor.mark("idle_end")
         # One probe event per guild: every idle connection must still deliver.
         self.phase = "probe"
-        pub = GatewayPublisher(
-            t.host, t.port, t.path, self.pub_token, p.gids(), 0, 64, p.size, self.pubstats, p.seed
-        )
+        load = Load(p.gids(), 0, 64, p.size, self.pubstats, p.seed)
+        pub = GatewayPublisher(t.host, t.port, t.path, self.pub_token, load)
         if not await pub.open():
             raise RuntimeError("the probe publisher could not connect")
         for gid in p.gids():
