@@ -1,4 +1,4 @@
-"""``python -m guildcast.loadtest SCENARIO [options]``: see ``loadtest/README.md``."""
+"""``python -m guildcast.loadtest SCENARIO|COMMAND [options]``: see ``loadtest/README.md``."""
 
 from __future__ import annotations
 

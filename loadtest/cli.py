@@ -1,20 +1,47 @@
-"""``python -m guildcast.loadtest`` and ``guildcast loadtest``: options, then one run.
+"""``guildcast loadtest`` (and ``python -m guildcast.loadtest``): one harness.
 
-Exit status: 0 when every check of the scenario holds, 1 when one fails,
-2 for a usage or target error (bad option, non-loopback URL, a server that
-would not start), 130 on Ctrl-C (after cleaning up).
+``guildcast loadtest SCENARIO [options]`` runs one scenario (options, then
+one :class:`~guildcast.loadtest.runner.Run`); ``guildcast loadtest COMMAND
+...`` hands the rest of the command line to a subcommand registered in
+:data:`COMMANDS` (each parses its own options).
+
+Exit status of a scenario: 0 when every check holds, 1 when one fails, 2
+for a usage or target error (bad option, non-loopback URL, a server that
+would not start), 130 on Ctrl-C (after cleaning up). A subcommand's is its
+``main``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 from guildcast.loadtest.scenarios import COMMON, DEFAULTS, SCENARIOS, make_plan
+
+
+class Command(Protocol):
+    """A subcommand module: ``main(argv) -> exit status``."""
+
+    def main(self, argv: Sequence[str] | None = None) -> int: ...
+
+
+#: Subcommands besides the scenarios: name -> module with ``main(argv) -> int``.
+#: Registering one is one line here (modules load only when their command runs).
+COMMANDS: dict[str, str] = {
+    "soak": "guildcast.loadtest.soak",
+    "clusterbench": "guildcast.loadtest.clusterbench",
+    "sendcost": "guildcast.loadtest.sendcost",
+}
+
+
+def subcommand(name: str) -> Command:
+    """The subcommand module registered as ``name``."""
+    return cast(Command, importlib.import_module(COMMANDS[name]))
 
 
 def _kv(s: str) -> tuple[str, Any]:
@@ -40,6 +67,7 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
     desc = "Drive a Guildcast server hard and show what it does. Scenarios: " + ", ".join(
         f"{name} ({', '.join(f'{k}={v}' for k, v in d.items())})" for name, d in DEFAULTS.items()
     )
+    desc += f". Subcommands (each with its own --help): {', '.join(COMMANDS)}."
     ap = argparse.ArgumentParser(prog=prog, description=desc)
     ap.add_argument("scenario", choices=SCENARIOS)
     g = ap.add_argument_group("load (defaults depend on the scenario; see loadtest/README.md)")
@@ -94,7 +122,7 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
     s.add_argument(
         "--server",
         choices=("embedded", "process"),
-        help="start one: in this process, or `python -m guildcast.cli serve` pinned to "
+        help="start one: in this process, or `guildcast serve` pinned to "
         "--server-cpus (default: process, unless --url is given)",
     )
     s.add_argument("--server-cpus", help="CPUs of the server process, e.g. 0 or 0-1")
@@ -107,7 +135,7 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any other server setting (Config field / serve flag), repeatable",
+        help="any other server setting (a `guildcast serve` flag by its Config name), repeatable",
     )
     s.add_argument("--url", help="gateway of a running server (loopback only)")
     s.add_argument("--api-url", help="HTTP API of a running server, for --via http")
@@ -151,12 +179,14 @@ PLAN_KEYS = (
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m guildcast.loadtest") -> int:
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if argv_list[:1] and argv_list[0] in COMMANDS:
+        return subcommand(argv_list[0]).main(argv_list[1:])
     from guildcast.loadtest import report
     from guildcast.loadtest.runner import Run, TargetOptions
     from guildcast.loadtest.target import TargetError, loopback_host, parse_cpus
 
-    args = build_parser(prog).parse_args(argv)
-    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv_list)
     command = f"{prog} {shlex.join(argv_list)}"
     try:
         plan = make_plan(args.scenario, {k: getattr(args, k) for k in PLAN_KEYS})

@@ -104,16 +104,17 @@ class ProcSampler:
             self.proc = None
 
     def sample(self, full: bool = True, fds: bool = True) -> dict[str, float] | None:
-        """CPU seconds, and with ``full`` RSS and (with ``fds``) open fds;
-        listing fds costs time in proportion to connections."""
+        """CPU seconds, and with ``full`` RSS, threads and (with ``fds``) open
+        fds; listing fds costs time in proportion to connections."""
         if self.proc is None:
             return None
-        rss = nfds = 0
+        rss = nfds = threads = 0
         try:
             with self.proc.oneshot():
                 ct = self.proc.cpu_times()
                 if full:
                     rss = self.proc.memory_info().rss
+                    threads = self.proc.num_threads()
                     if fds:
                         nfds = self.proc.num_fds()
         except psutil.Error:
@@ -126,6 +127,7 @@ class ProcSampler:
             "wait": self.base_wait + self.last_wait,
             "rss": float(rss),
             "fds": float(nfds),
+            "threads": float(threads),
         }
 
     def _wait(self) -> float:

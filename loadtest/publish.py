@@ -41,6 +41,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
@@ -112,30 +113,43 @@ class Pacer:
         return max(0.0005, self.t0 + (self.sent + 1) / self.rate - time.monotonic())
 
 
-class GatewayPublisher(asyncio.Protocol):
+@dataclass(frozen=True)
+class Load:
+    """What one publisher sends, whichever way: events to ``gids`` (a random
+    one each, drawn with ``seed``) at ``rate``/s (0: as fast as the window
+    allows), at most ``window`` unanswered, ``size`` bytes of ``d`` each,
+    counted in ``stats``."""
+
+    gids: Sequence[str]
+    rate: float
+    window: int
+    size: int
+    stats: PubStats
+    seed: int
+
+
+class Sender:
+    """The load state both publishers share (what to send, how fast, the
+    window, flow control), set from a :class:`Load`."""
+
+    def __init__(self, load: Load) -> None:
+        self.gids = list(load.gids)
+        self.window = max(1, load.window)
+        self.pad = wire.pad_for(load.size)
+        self.stats = load.stats
+        self.rng = random.Random(load.seed)
+        self.pacer = Pacer(load.rate)
+        #: Flow control: how many more events may be sent now (None: no limit).
+        self.gate: Callable[[], int] | None = None
+
+
+class GatewayPublisher(Sender, asyncio.Protocol):
     """One gateway connection publishing with op 5 and reading ACKs."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        path: str,
-        token: str,
-        gids: Sequence[str],
-        rate: float,
-        window: int,
-        size: int,
-        stats: PubStats,
-        seed: int,
-    ) -> None:
+    def __init__(self, host: str, port: int, path: str, token: str, load: Load) -> None:
+        super().__init__(load)
         self.host, self.port, self.path, self.token = host, port, path, token
-        self.gids = list(gids)
-        self.gids_b = [g.encode() for g in gids]
-        self.window = max(1, window)
-        self.pad = wire.pad_for(size)
-        self.stats = stats
-        self.rng = random.Random(seed)
-        self.pacer = Pacer(rate)
+        self.gids_b = [g.encode() for g in self.gids]
         self.transport: asyncio.Transport | None = None
         #: (gid, publish time in ns) of every unanswered PUBLISH, in send order.
         self.inflight: deque[tuple[str, int]] = deque()
@@ -147,8 +161,6 @@ class GatewayPublisher(asyncio.Protocol):
         self.upgraded = False
         self.hb_interval = 30.0
         self.hb_due = float("inf")
-        #: Flow control: how many more events may be sent now (None: no limit).
-        self.gate: Callable[[], int] | None = None
 
     # --- connection --------------------------------------------------------------
 
@@ -318,29 +330,12 @@ class GatewayPublisher(asyncio.Protocol):
             self.transport.close()
 
 
-class HttpPublisher:
+class HttpPublisher(Sender):
     """``window`` keep-alive HTTP/1.1 connections posting to ``/v1/publish``."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        api_key: str | None,
-        gids: Sequence[str],
-        rate: float,
-        window: int,
-        size: int,
-        stats: PubStats,
-        seed: int,
-    ) -> None:
+    def __init__(self, host: str, port: int, api_key: str | None, load: Load) -> None:
+        super().__init__(load)
         self.host, self.port, self.api_key = host, port, api_key
-        self.gids = list(gids)
-        self.window = max(1, window)
-        self.pad = wire.pad_for(size)
-        self.stats = stats
-        self.rng = random.Random(seed)
-        self.pacer = Pacer(rate)
-        self.gate: Callable[[], int] | None = None
 
     def _request(self, gid: str, ts: int) -> bytes:
         body = (

@@ -40,7 +40,13 @@ from typing import Any
 from guildcast.loadtest import target as tgt
 from guildcast.loadtest.fleet import FleetSpec
 from guildcast.loadtest.monitor import TICK, Mark, Monitor, ProcSampler, percentiles
-from guildcast.loadtest.publish import GatewayPublisher, HttpPublisher, PubStats, ack_hist
+from guildcast.loadtest.publish import (
+    GatewayPublisher,
+    HttpPublisher,
+    Load,
+    PubStats,
+    ack_hist,
+)
 from guildcast.loadtest.report import Progress
 from guildcast.loadtest.scenarios import Plan, assign
 from guildcast.loadtest.wire import mint
@@ -318,37 +324,12 @@ class Run:
         rate = p.rate / p.publishers
         out: list[GatewayPublisher | HttpPublisher] = []
         for k in range(p.publishers):
-            seed = p.seed * 7919 + k
+            load = Load(gids, rate, p.inflight, p.size, self.pubstats, p.seed * 7919 + k)
             if p.via == "http":
                 assert t.api_port is not None
-                out.append(
-                    HttpPublisher(
-                        t.api_host or t.host,
-                        t.api_port,
-                        t.api_key,
-                        gids,
-                        rate,
-                        p.inflight,
-                        p.size,
-                        self.pubstats,
-                        seed,
-                    )
-                )
+                out.append(HttpPublisher(t.api_host or t.host, t.api_port, t.api_key, load))
             else:
-                out.append(
-                    GatewayPublisher(
-                        t.host,
-                        t.port,
-                        t.path,
-                        self.pub_token,
-                        gids,
-                        rate,
-                        p.inflight,
-                        p.size,
-                        self.pubstats,
-                        seed,
-                    )
-                )
+                out.append(GatewayPublisher(t.host, t.port, t.path, self.pub_token, load))
         if p.max_lag:
             gate = self._gate()
             for pub in out:
@@ -439,9 +420,8 @@ class Run:
         self.monitor.mark("idle_end")
         # One probe event per guild: every idle connection must still deliver.
         self.phase = "probe"
-        pub = GatewayPublisher(
-            t.host, t.port, t.path, self.pub_token, p.gids(), 0, 64, p.size, self.pubstats, p.seed
-        )
+        load = Load(p.gids(), 0, 64, p.size, self.pubstats, p.seed)
+        pub = GatewayPublisher(t.host, t.port, t.path, self.pub_token, load)
         if not await pub.open():
             raise RuntimeError("the probe publisher could not connect")
         for gid in p.gids():
@@ -570,16 +550,7 @@ class Run:
         waits = [h["wait_percent"] for h in harness] + ([srv_wait] if srv_wait else [])
         contended = any(w > CONTENDED_PCT for w in waits)
         server_saturated = not shared and srv_busy is not None and srv_busy > SATURATED_PCT
-        if saturated and server_saturated:
-            limit = "both"
-        elif saturated:
-            limit = "harness"
-        elif server_saturated:
-            limit = "server"
-        elif shared:
-            limit = "unknown (embedded: one process)"
-        else:
-            limit = "neither (the load was below both)"
+        limit = limit_of(saturated, server_saturated, shared)
         rss_start = m_pub.server["rss"] if m_pub and m_pub.server else None
         rss_end = m_drained.server["rss"] if m_drained and m_drained.server else None
         lat = percentiles(mon.total, mean=True)
@@ -713,90 +684,107 @@ class Run:
                 f"one) more than {SATURATED_PCT:.0f}% of the time; the figures are the "
                 "harness's limit, not necessarily the server's"
             )
-        result["checks"] = self._checks(result, final)
+        result["checks"] = checks(p, result, final, self.aborted, self.slow_count)
         result["ok"] = all(c["ok"] for c in result["checks"])
         return result
 
-    def _checks(self, r: dict[str, Any], final: dict[str, Any]) -> list[dict[str, Any]]:
-        p = self.plan
-        out: list[dict[str, Any]] = []
 
-        def check(name: str, ok: bool, detail: str) -> None:
-            out.append({"name": name, "ok": bool(ok), "detail": detail})
+def limit_of(harness_saturated: bool, server_saturated: bool, shared: bool) -> str:
+    """What set the pace of a run: "harness", "server", "both" or neither."""
+    if harness_saturated and server_saturated:
+        return "both"
+    if harness_saturated:
+        return "harness"
+    if server_saturated:
+        return "server"
+    if shared:
+        return "unknown (embedded: one process)"
+    return "neither (the load was below both)"
 
-        d = r["delivery"]
-        check("run completed", self.aborted is None, self.aborted or "every phase finished")
+
+def checks(
+    p: Plan, r: dict[str, Any], final: dict[str, Any], aborted: str | None, slow_count: int
+) -> list[dict[str, Any]]:
+    """The scenario's invariants over a result ``r`` (the ``--json`` dict
+    without ``checks``) and the final merged counters: pure arithmetic."""
+    out: list[dict[str, Any]] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        out.append({"name": name, "ok": bool(ok), "detail": detail})
+
+    d = r["delivery"]
+    check("run completed", aborted is None, aborted or "every phase finished")
+    check(
+        "all clients connected",
+        r["connect"]["connected"] == p.clients,
+        f"{r['connect']['connected']}/{p.clients}",
+    )
+    check("no gaps", d["gaps"] == 0 and d["gap_events"] == 0, f"{d['gap_events']} missing")
+    check("no duplicates", d["dups"] == 0, f"{d['dups']}")
+    check("no unexpected events", d["unexpected"] == 0, f"{d['unexpected']}")
+    check(
+        "no protocol errors",
+        final["protocol_errors"] == 0 and not final["errors"],
+        f"{final['protocol_errors']} protocol, ERROR frames {final['errors']}",
+    )
+    check(
+        "every subscriber reached the last acknowledged s",
+        d["lagging"] == 0,
+        f"{d['lagging']} (client, guild) pairs behind",
+    )
+    pub = r["publish"]
+    check("events were acknowledged", pub["acked"] > 0, f"{pub['acked']} acked")
+    bad_pub = {
+        k: v
+        for k, v in pub["errors"].items()
+        if not (p.scenario == "reconnect" and k.split(":")[0] in ("close", "connect"))
+    }
+    check("no publish refused", not bad_pub, str(bad_pub or "none"))
+    if p.publishes:
         check(
-            "all clients connected",
-            r["connect"]["connected"] == p.clients,
-            f"{r['connect']['connected']}/{p.clients}",
+            "latency recorded",
+            r["latency_us"].get("count", 0) > 0,
+            f"{r['latency_us'].get('count', 0)} samples",
         )
-        check("no gaps", d["gaps"] == 0 and d["gap_events"] == 0, f"{d['gap_events']} missing")
-        check("no duplicates", d["dups"] == 0, f"{d['dups']}")
-        check("no unexpected events", d["unexpected"] == 0, f"{d['unexpected']}")
+    if p.scenario == "reconnect":
         check(
-            "no protocol errors",
-            final["protocol_errors"] == 0 and not final["errors"],
-            f"{final['protocol_errors']} protocol, ERROR frames {final['errors']}",
+            "every client reconnected",
+            final["reconnects"] >= p.clients,
+            f"{final['reconnects']} reconnects for {p.clients} clients",
         )
         check(
-            "every subscriber reached the last acknowledged s",
-            d["lagging"] == 0,
-            f"{d['lagging']} (client, guild) pairs behind",
+            "every subscription recovered",
+            final["recovered"] >= p.clients and final["unrecovered"] == 0,
+            f"{final['recovered']} recovered, {final['unrecovered']} not",
         )
-        pub = r["publish"]
-        check("events were acknowledged", pub["acked"] > 0, f"{pub['acked']} acked")
-        bad_pub = {
-            k: v
-            for k, v in pub["errors"].items()
-            if not (p.scenario == "reconnect" and k.split(":")[0] in ("close", "connect"))
-        }
-        check("no publish refused", not bad_pub, str(bad_pub or "none"))
-        if p.publishes:
+    if p.scenario == "churn":
+        check(
+            "clients churned",
+            final["churn_leaves"] > 0 and final["churn_resubscribes"] > 0,
+            f"{final['churn_leaves']} left and came back, "
+            f"{final['churn_resubscribes']} resubscribed",
+        )
+    if slow_count:
+        closed = sum(r["slow"]["closed"].values())
+        check(
+            "slow consumers were closed",
+            closed == slow_count,
+            f"{closed}/{slow_count} closed {r['slow']['closed']}",
+        )
+        fast_closed = sum(final["closes"].values()) - closed
+        check("no other client was closed", fast_closed == 0, f"{fast_closed}")
+        su = r["server_usage"]
+        mb = r["server"]["settings"].get("max_buffer") or p.max_buffer or 4 * 1024 * 1024
+        bound = slow_count * mb + RSS_SLACK
+        if su["rss_peak"] and su["rss_start"]:
+            growth = su["rss_peak"] - su["rss_start"]
             check(
-                "latency recorded",
-                r["latency_us"].get("count", 0) > 0,
-                f"{r['latency_us'].get('count', 0)} samples",
+                "server memory bounded",
+                growth <= bound,
+                f"grew {growth / 1048576:.1f} MiB <= {bound / 1048576:.1f} MiB "
+                f"(slow x max_buffer + {RSS_SLACK >> 20} MiB)",
             )
-        if p.scenario == "reconnect":
-            check(
-                "every client reconnected",
-                final["reconnects"] >= p.clients,
-                f"{final['reconnects']} reconnects for {p.clients} clients",
-            )
-            check(
-                "every subscription recovered",
-                final["recovered"] >= p.clients and final["unrecovered"] == 0,
-                f"{final['recovered']} recovered, {final['unrecovered']} not",
-            )
-        if p.scenario == "churn":
-            check(
-                "clients churned",
-                final["churn_leaves"] > 0 and final["churn_resubscribes"] > 0,
-                f"{final['churn_leaves']} left and came back, "
-                f"{final['churn_resubscribes']} resubscribed",
-            )
-        if self.slow_count:
-            closed = sum(r["slow"]["closed"].values())
-            check(
-                "slow consumers were closed",
-                closed == self.slow_count,
-                f"{closed}/{self.slow_count} closed {r['slow']['closed']}",
-            )
-            fast_closed = sum(final["closes"].values()) - closed
-            check("no other client was closed", fast_closed == 0, f"{fast_closed}")
-            su = r["server_usage"]
-            mb = r["server"]["settings"].get("max_buffer") or p.max_buffer or 4 * 1024 * 1024
-            bound = self.slow_count * mb + RSS_SLACK
-            if su["rss_peak"] and su["rss_start"]:
-                growth = su["rss_peak"] - su["rss_start"]
-                check(
-                    "server memory bounded",
-                    growth <= bound,
-                    f"grew {growth / 1048576:.1f} MiB <= {bound / 1048576:.1f} MiB "
-                    f"(slow x max_buffer + {RSS_SLACK >> 20} MiB)",
-                )
-        return out
+    return out
 
 
 def _window(a: Mark | None, b: Mark | None) -> float:

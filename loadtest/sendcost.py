@@ -13,10 +13,14 @@ the other CPU drains every connection. Two modes:
   groups (as the server does between events), so the reader drains
   everything, goes back to sleep, and each write must wake it again.
 
-It prints the writer's CPU time (user + system) per write in each mode.
-Loopback only, bounded in time (``--seconds`` per mode), stops by itself:
+It prints the writer's CPU time (user + system) per write in each mode:
+the writer thread's own CPU clock (``time.thread_time``) over the mode,
+minus the same clock over the pacing spins. Both are CPU time of one
+thread, so other load on the machine (which stretches wall time, not the
+thread's CPU time) cannot make the figure negative or inflate it. Loopback
+only, bounded in time (``--seconds`` per mode), stops by itself:
 
-    .venv/bin/python -m guildcast.loadtest.sendcost
+    guildcast loadtest sendcost
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ import resource
 import selectors
 import socket
 import time
+from collections.abc import Sequence
 
 import uvloop
+
+PROG = "guildcast loadtest sendcost"
 
 FRAME = b"\x81\x7e\x00\xc8" + b"x" * 200
 
@@ -61,6 +68,17 @@ def _reader(port: int, conns: int, cpu: int | None) -> None:
                 open_ -= 1
 
 
+def per_write_us(cpu: float, spun: float, writes: int) -> float:
+    """Microseconds of writer CPU per write: the thread's CPU seconds over a
+    mode (``cpu``) less those it spent pacing (``spun``, a sub-interval of
+    the same clock, so never larger), over the writes."""
+    if writes <= 0:
+        raise ValueError("no write was made")
+    if not 0.0 <= spun <= cpu:
+        raise ValueError(f"pacing CPU {spun} s is not within the mode's CPU {cpu} s")
+    return (cpu - spun) / writes * 1e6
+
+
 async def _measure(args: argparse.Namespace, children: list[int]) -> dict[str, float]:
     if args.writer_cpu is not None:
         os.sched_setaffinity(0, {args.writer_cpu})
@@ -88,8 +106,8 @@ async def _measure(args: argparse.Namespace, children: list[int]) -> dict[str, f
         out: dict[str, float] = {}
         for mode, pace in (("busy", 0.0), ("paced", args.pace_us / 1e6)):
             writes = 0
-            spun = 0.0
-            cpu0 = time.process_time()
+            spun = 0.0  # CPU seconds of this thread spent pacing, not writing
+            cpu0 = time.thread_time()
             end = time.monotonic() + args.seconds
             while time.monotonic() < end:
                 for g in range(0, args.conns, args.group):
@@ -97,14 +115,14 @@ async def _measure(args: argparse.Namespace, children: list[int]) -> dict[str, f
                         t.write(FRAME)
                     writes += len(transports[g : g + args.group])
                     if pace:
-                        s0 = time.perf_counter()
-                        stop = s0 + pace
+                        s0 = time.thread_time()
+                        stop = time.perf_counter() + pace
                         while time.perf_counter() < stop:
                             pass
-                        spun += time.perf_counter() - s0
+                        spun += time.thread_time() - s0
                     if writes % 2000 < args.group:
                         await asyncio.sleep(0)  # let uvloop flush what the kernel refused
-            out[mode] = (time.process_time() - cpu0 - spun) / writes * 1e6
+            out[mode] = per_write_us(time.thread_time() - cpu0, spun, writes)
             await asyncio.sleep(0.5)  # the reader drains
         return out
     finally:
@@ -113,10 +131,9 @@ async def _measure(args: argparse.Namespace, children: list[int]) -> dict[str, f
         server.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="python -m guildcast.loadtest.sendcost", description=__doc__.split("\n\n")[0]
-    )
+def main(argv: Sequence[str] | None = None) -> int:
+    """``guildcast loadtest sendcost``: prints one line per mode; 0."""
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--conns", type=int, default=2000, help="loopback connections (default 2000)")
     ap.add_argument(
         "--group", type=int, default=10, help="writes per group (default 10: a guild of 10)"
@@ -141,7 +158,4 @@ def main(argv: list[str] | None = None) -> None:
                 os.waitpid(pid, 0)
     for mode, us in result.items():
         print(f"{mode:6s} writer CPU per write: {us:6.2f} us")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,11 +1,12 @@
 """The soak: a long ``churn`` run against a server process, sampled for leaks.
 
-    python -m guildcast.loadtest.soak --duration 1800 --json soak.json
+    guildcast loadtest soak --duration 1800 --json soak.json
 
-Owns one server process (``python -m guildcast.cli serve`` with durable history
-in a temporary ``--data-dir`` and its HTTP API with open ``/metrics``), one
-load-test harness process running the ``churn`` scenario against it
-(``python -m guildcast.loadtest churn --url ... --server-pid ...``), and a sampler that
+Owns one server process (a :class:`~guildcast.loadtest.target.ProcessTarget`:
+``guildcast serve`` with durable history in a temporary ``--data-dir`` and its
+HTTP API with open ``/metrics``), one load-test harness process running the
+``churn`` scenario against it (``guildcast loadtest churn --url ...
+--server-pid ...``), and a sampler (:class:`~guildcast.loadtest.monitor.ProcSampler`) that
 every ``--interval`` seconds records the server's RSS, open file
 descriptors, threads and CPU (psutil) and its ``/metrics`` gauges (guild
 actors alive and started, connections, sessions, mailbox depths). Besides
@@ -24,7 +25,7 @@ idle timeout allows) and the server survived; 1 otherwise.
 
 Bounds: one sample per interval, at most ``duration / interval + 1`` kept;
 every process it starts is stopped on exit (SIGTERM, then SIGKILL after
-``STOP_TIMEOUT``); the server also dies with this process
+``target.STOP_TIMEOUT``); both also die with this process
 (``PR_SET_PDEATHSIG``); runs are bounded by ``--duration`` (at most
 ``MAX_DURATION``). Loopback only.
 """
@@ -34,28 +35,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import re
-import secrets
-import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 
+from guildcast.loadtest.monitor import ProcSampler
+from guildcast.loadtest.target import ProcessTarget, TargetError, die_with_parent, stop_process
+
+PROG = "guildcast loadtest soak"
 #: Longest soak accepted (seconds): the harness's own bound.
 MAX_DURATION = 3600.0
-#: Seconds a started server has to print its URLs.
-START_TIMEOUT = 30.0
-#: Seconds between SIGTERM and SIGKILL when stopping a child.
-STOP_TIMEOUT = 30.0
 #: Seconds the harness may take beyond the run's duration (connect, drain,
 #: report); past it the soak is stopped as failed.
 HARNESS_SLACK = 300.0
@@ -121,23 +119,23 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return num / den * 3600.0
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if this process dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class Soak:
     def __init__(self, args: argparse.Namespace, data_dir: str) -> None:
         self.args = args
-        self.data_dir = data_dir
-        self.secret = secrets.token_urlsafe(32)
-        self.key = secrets.token_urlsafe(16)
-        self.server: asyncio.subprocess.Process | None = None
+        self.server = ProcessTarget(
+            "process",
+            flags={
+                "metrics_open": True,
+                "api_publish_rate": 0,
+                "idle_timeout": args.idle_timeout,
+                "history_ttl": args.history_ttl,
+                "log_level": "WARNING",
+            },
+            data_dir=None if args.memory else data_dir,
+            log_path=args.server_log,
+            want_api=True,
+        )
         self.harness: asyncio.subprocess.Process | None = None
-        self.url = ""
-        self.api_url = ""
         self.samples: list[Sample] = []
         self.transient_sent = 0
         self.transient_failed = 0
@@ -146,130 +144,44 @@ class Soak:
 
     # --- processes ------------------------------------------------------------
 
-    async def start_server(self) -> None:
-        a = self.args
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GUILDCAST_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [
-            sys.executable,
-            "-m",
-            "guildcast.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--api-port",
-            "0",
-            "--secret",
-            self.secret,
-            "--api-key",
-            self.key,
-            "--metrics-open",
-            "--api-publish-rate",
-            "0",
-            "--idle-timeout",
-            str(a.idle_timeout),
-            "--history-ttl",
-            str(a.history_ttl),
-            "--log-level",
-            "WARNING",
-        ]
-        if not a.memory:
-            argv += ["--data-dir", self.data_dir]
-        # Opened once before the child starts (a local file, no waiting).
-        log = open(a.server_log, "ab")  # noqa: ASYNC230
-        try:
-            self.server = await asyncio.create_subprocess_exec(
-                *argv,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-        finally:
-            log.close()
-        assert self.server.stdout is not None
-        async with asyncio.timeout(START_TIMEOUT):
-            while not (self.url and self.api_url):
-                line = (await self.server.stdout.readline()).decode()
-                if not line:
-                    raise RuntimeError(f"the server exited at start; see {a.server_log}")
-                if m := re.match(r"guildcast: gateway on (\S+)", line):
-                    self.url = m.group(1)
-                elif m := re.match(r"guildcast: api on (\S+)", line):
-                    self.api_url = m.group(1)
-
     async def start_harness(self) -> None:
-        a = self.args
-        assert self.server is not None
-        argv = [
-            sys.executable,
-            "-m",
-            "loadtest",
-            "churn",
-            "--url",
-            self.url,
-            "--secret",
-            self.secret,
-            "--server-pid",
-            str(self.server.pid),
-            "--duration",
-            str(a.duration),
-            "--clients",
-            str(a.clients),
-            "--guilds",
-            str(a.guilds),
-            "--rate",
-            str(a.rate),
-            "--json",
-            a.harness_json,
-            "--quiet",
-        ]
+        a, srv = self.args, self.server
+        argv = [sys.executable, "-P", "-m", "guildcast.loadtest", "churn", "--url", srv.url]
+        argv += [f"--secret={srv.secret}", "--server-pid", str(srv.pid)]
+        argv += ["--duration", str(a.duration), "--clients", str(a.clients)]
+        argv += ["--guilds", str(a.guilds), "--rate", str(a.rate)]
+        argv += ["--json", a.harness_json, "--quiet"]
         self.harness = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent
+            *argv, stdout=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent
         )
-
-    @staticmethod
-    async def stop(proc: asyncio.subprocess.Process | None) -> int | None:
-        if proc is None:
-            return None
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        return proc.returncode
 
     # --- sampling ---------------------------------------------------------------
 
-    async def sample(self, http: aiohttp.ClientSession, ps: psutil.Process) -> None:
+    async def sample(self, http: aiohttp.ClientSession, ps: ProcSampler) -> bool:
+        """One sample; False if the server process is gone."""
         metrics: dict[str, float] = {}
         mailbox: dict[str, float] = {}
         try:
-            async with http.get(self.api_url + "/metrics") as r:
+            async with http.get(self.server.api_url + "/metrics") as r:
                 metrics, mailbox = parse_metrics(await r.text())
         except (aiohttp.ClientError, TimeoutError):
             self.scrape_failures += 1
-        with ps.oneshot():
-            cpu = ps.cpu_times()
-            self.samples.append(
-                Sample(
-                    t=round(time.monotonic() - self.t0, 2),
-                    rss=ps.memory_info().rss,
-                    fds=ps.num_fds(),
-                    threads=ps.num_threads(),
-                    cpu_s=round(cpu.user + cpu.system, 2),
-                    metrics=metrics,
-                    mailbox_guild=mailbox.get("guild", 0.0),
-                    mailbox_partition=mailbox.get("partition", 0.0),
-                )
+        x = ps.sample()
+        if x is None:
+            return False
+        self.samples.append(
+            Sample(
+                t=round(time.monotonic() - self.t0, 2),
+                rss=int(x["rss"]),
+                fds=int(x["fds"]),
+                threads=int(x["threads"]),
+                cpu_s=round(x["user"] + x["system"], 2),
+                metrics=metrics,
+                mailbox_guild=mailbox.get("guild", 0.0),
+                mailbox_partition=mailbox.get("partition", 0.0),
             )
+        )
+        return True
 
     async def prefill(self, http: aiohttp.ClientSession) -> None:
         """``--prefill`` brand-new guilds, one event each, in batches of the
@@ -294,9 +206,9 @@ class Soak:
         ]
         try:
             async with http.post(
-                self.api_url + "/v1/publish",
+                self.server.api_url + "/v1/publish",
                 json={"events": events},
-                headers={"Authorization": f"Bearer {self.key}"},
+                headers={"Authorization": f"Bearer {self.server.api_key}"},
             ) as r:
                 await r.read()
                 if r.status != 200:
@@ -306,32 +218,28 @@ class Soak:
         self.transient_sent += n
 
     async def run(self) -> dict[str, Any]:
-        a = self.args
-        await self.start_server()
-        assert self.server is not None
-        ps = psutil.Process(self.server.pid)
+        a, srv = self.args, self.server
+        await srv.start()
+        assert srv.pid is not None
+        ps = ProcSampler(srv.pid)
         self.t0 = time.monotonic()
         await self.start_harness()
         assert self.harness is not None
         deadline = self.t0 + a.duration + HARNESS_SLACK
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
-        harness_rc: int | None = None
         server_died = False
         async with aiohttp.ClientSession(timeout=timeout) as http:
             await self.prefill(http)
             next_at = time.monotonic()
             while True:
-                if self.server.returncode is not None:
+                if srv.returncode is not None:
                     server_died = True
                     break
                 if self.harness.returncode is not None:
-                    harness_rc = self.harness.returncode
                     break
                 if time.monotonic() > deadline:
                     break
-                try:
-                    await self.sample(http, ps)
-                except psutil.Error:
+                if not await self.sample(http, ps):
                     server_died = True
                     break
                 if time.monotonic() - self.t0 < a.duration:
@@ -348,11 +256,9 @@ class Soak:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, next_at - time.monotonic())):
                         await self.harness.wait()
-        if harness_rc is None and self.harness.returncode is None:
-            await self.stop(self.harness)
-        harness_rc = self.harness.returncode
-        server_rc = await self.stop(self.server)
-        return self.report(harness_rc, server_rc, server_died)
+        harness_rc = await stop_process(self.harness)
+        await srv.stop()
+        return self.report(harness_rc, srv.returncode, server_died)
 
     # --- report -------------------------------------------------------------------
 
@@ -393,8 +299,8 @@ class Soak:
             "guild_actors_bounded": bool(guilds) and max(guilds) <= guild_bound,
         }
         return {
-            "command": " ".join(["python", "-m", "guildcast.loadtest.soak", *sys.argv[1:]]),
-            "params": {k: v for k, v in vars(a).items()},
+            "command": " ".join([PROG, *a.argv]),
+            "params": {k: v for k, v in vars(a).items() if k != "argv"},
             "duration_run_s": self.samples[-1].t if self.samples else 0.0,
             "ok": all(verdict.values()),
             "verdict": verdict,
@@ -459,9 +365,7 @@ def _error_lines(path: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m guildcast.loadtest.soak", description=__doc__.split("\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=1800.0, help="seconds of churn (1800)")
     ap.add_argument("--warmup", type=float, default=300.0, help="seconds left out of slopes (300)")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples (5)")
@@ -501,8 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``guildcast loadtest soak [options]``: the exit status (0: every bound held)."""
     a = build_parser().parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     if not 0 < a.duration <= MAX_DURATION:
         print(f"--duration must be in (0, {MAX_DURATION:.0f}]", file=sys.stderr)
         return 2
@@ -529,11 +435,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return await soak.run()
             finally:
-                await soak.stop(soak.harness)
-                await soak.stop(soak.server)
+                await stop_process(soak.harness)
+                await soak.server.stop()
 
         try:
             report = asyncio.run(go())
+        except TargetError as e:
+            print(f"soak: {e}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             return 130
         summary = {k: v for k, v in report.items() if k != "samples"}
@@ -541,7 +450,3 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.json).write_text(json.dumps(report, indent=1))
         print(json.dumps(summary, indent=1))
         return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import ipaddress
 import os
 import re
 import resource
 import secrets
+import shutil
 import signal
-import subprocess
+import socket
 import sys
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 #: Seconds a started server has to print its gateway URL.
@@ -37,6 +36,8 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 #: Lines of server output kept to explain a failure (bounded, oldest dropped).
 OUTPUT_LINES = 200
+#: Seconds a started redis-server has to accept connections.
+REDIS_START_TIMEOUT = 30.0
 
 
 class TargetError(Exception):
@@ -145,8 +146,6 @@ class EmbeddedTarget(Target):
 
         conf = dict(self.config)
         if self.want_api:
-            if "api_port" not in Config.field_names():
-                raise TargetError("this server has no HTTP API (Config.api_port)")
             self.api_key = self.api_key or secrets.token_urlsafe(16)
             conf.update(api_port=0, api_keys=(self.api_key,), api_publish_rate=0.0)
         cfg = Config(**conf)
@@ -154,9 +153,8 @@ class EmbeddedTarget(Target):
         await self.srv.start()
         self.port = self.srv.port
         self.secret = self.srv.secret
-        api_port = getattr(self.srv, "api_port", None)
-        if self.want_api and api_port:
-            self.api_host, self.api_port = cfg.host, int(api_port)
+        if self.want_api and self.srv.api_port:
+            self.api_host, self.api_port = cfg.host, int(self.srv.api_port)
         self.settings = {k: getattr(cfg, k) for k in Config.field_names()}
         self.settings.pop("secret", None)
         self.pid = None  # our own process: not separable from the harness
@@ -174,22 +172,17 @@ class EmbeddedTarget(Target):
         return dict(self.srv.stats()) if self.srv is not None else None
 
 
-def server_flags(python: str = sys.executable) -> set[str]:
-    """The ``--flags`` this checkout's ``guildcast serve`` accepts."""
-    out = subprocess.run(
-        [python, "-m", "guildcast.cli", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=_repo_root(),
-        check=False,
-    ).stdout
-    return set(re.findall(r"(--[a-z][a-z0-9-]*)", out))
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers that need a fixed one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this (child) process if the harness dies without cleaning
-    up (SIGKILL, a crash), so no server outlives it. Best effort elsewhere."""
+def die_with_parent() -> None:
+    """Linux, in a child between fork and exec: SIGTERM it if the harness dies
+    without cleaning up (SIGKILL, a crash), so nothing it started outlives it.
+    Best effort elsewhere."""
     try:
         import ctypes
 
@@ -199,86 +192,163 @@ def _die_with_parent() -> None:
         pass
 
 
-def _repo_root() -> str:
-    spec = importlib.util.find_spec("server")
-    if spec is None or not spec.submodule_search_locations:
-        raise TargetError("the server package is not importable; install guildcast first")
-    return str(Path(next(iter(spec.submodule_search_locations))).parent)
+async def stop_process(proc: asyncio.subprocess.Process | None) -> int | None:
+    """SIGTERM (a graceful drain), SIGKILL after :data:`STOP_TIMEOUT`; the exit status."""
+    if proc is None:
+        return None
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    return proc.returncode
+
+
+async def wait_port(port: int, timeout: float, proc: asyncio.subprocess.Process) -> None:
+    """Until something accepts on 127.0.0.1:``port``; TargetError if ``proc``
+    exits first or ``timeout`` passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            pass
+        if proc.returncode is not None:
+            raise TargetError(f"the process on port {port} exited with {proc.returncode}")
+        if loop.time() > deadline:
+            raise TargetError(f"nothing listens on port {port} after {timeout:.0f} s")
+        await asyncio.sleep(0.05)  # polling a port: nothing to be notified by
+
+
+@dataclass
+class RedisProcess:
+    """A throwaway ``redis-server`` (no persistence) on a free loopback port,
+    for cluster runs; stopped like the server (:func:`stop_process`)."""
+
+    port: int = field(default_factory=free_port)
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise TargetError("redis-server is not installed (apt-get install redis-server)")
+        self.proc = await asyncio.create_subprocess_exec(
+            exe,
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no"),
+            stdout=asyncio.subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        await wait_port(self.port, REDIS_START_TIMEOUT, self.proc)
+
+    async def stop(self) -> None:
+        await stop_process(self.proc)
 
 
 @dataclass
 class ProcessTarget(Target):
-    """``python -m guildcast.cli serve`` as a child process, pinned to ``cpus``."""
+    """``python -P -m guildcast.cli serve`` as a child process, pinned to ``cpus``.
+
+    ``flags`` are ``serve`` options by Config name (``max_buffer=...`` is
+    ``--max-buffer ...``; True is a bare flag, False or None leaves it out):
+    the harness ships with the server, so it passes them as they are and
+    ``serve`` refuses an unknown one (reported with its output). Its output
+    is kept (the last :data:`OUTPUT_LINES` lines) and, with ``log_path``,
+    appended to that file in full. With ``--workers N`` in ``flags`` give
+    ``gateways=N`` and a fixed ``port``: the start waits for every worker.
+    """
 
     flags: dict[str, Any] = field(default_factory=dict)
     cpus: list[int] | None = None
     data_dir: str | None = None
+    log_path: str | None = None
+    #: "gateway on" lines to wait for: one per worker process.
+    gateways: int = 1
     proc: asyncio.subprocess.Process | None = None
     output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES))
     _reader: asyncio.Task[None] | None = None
-    available: set[str] = field(default_factory=set)
+    _log: IO[str] | None = None
     starts: int = 0
 
     async def start(self) -> None:
-        self.available = await asyncio.to_thread(server_flags)
-        if "--secret" not in self.available:
-            raise TargetError("this server's `serve` has no --secret flag")
         self.secret = self.secret or secrets.token_urlsafe(24)
-        self.drop_modes = ("restart", "client") if "--data-dir" in self.available else ("client",)
+        self.drop_modes = ("restart", "client")
         if self.want_api:
-            if "--api-port" not in self.available:
-                raise TargetError("this server's `serve` has no --api-port (no HTTP API)")
             self.api_key = self.api_key or secrets.token_urlsafe(16)
             self.flags.setdefault("api_publish_rate", 0)
         await self._spawn()
 
-    def _argv(self) -> list[str]:
-        argv = [
-            sys.executable,
-            "-m",
-            "guildcast.cli",
-            "serve",
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--secret",
-            str(self.secret),
-        ]
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host or self.host}:{self.api_port}"
+
+    def argv(self) -> list[str]:
+        """The command line of the server (``-P``: nothing in the current
+        directory can shadow the package)."""
+        argv = [sys.executable, "-P", "-m", "guildcast.cli", "serve", "--host", self.host]
+        # ``--flag=value``: a generated secret may begin with "-".
+        argv += ["--port", str(self.port), f"--secret={self.secret}"]
         for name, value in self.flags.items():
+            if value is None or value is False:
+                continue
             flag = "--" + name.replace("_", "-")
-            if flag not in self.available:
-                raise TargetError(f"this server's `serve` has no {flag} flag")
-            argv += [flag, str(value)]
-        if "--api-port" in self.available:
-            # Always explicit: serve's default API port (8081) may be taken.
-            if not self.want_api:
-                argv += ["--api-port", "-1"]
-            else:
-                argv += ["--api-port", str(self.api_port or 0), "--api-key", str(self.api_key)]
-        if self.data_dir and "--data-dir" in self.available:
+            argv.append(flag if value is True else f"{flag}={value}")
+        # Always explicit: serve's default API port (8081) may be taken.
+        if not self.want_api:
+            argv += ["--api-port", "-1"]
+        else:
+            argv += ["--api-port", str(self.api_port or 0), f"--api-key={self.api_key}"]
+        if self.data_dir:
             argv += ["--data-dir", self.data_dir]
         return argv
+
+    def _keep(self, line: bytes) -> str:
+        text = line.decode("utf-8", "replace").rstrip()
+        self.output.append(text)
+        if self._log is not None:
+            self._log.write(text + "\n")
+            self._log.flush()
+        return text
 
     async def _spawn(self) -> None:
         cpus = self.cpus
 
         def preexec() -> None:  # runs in the child between fork and exec
-            _die_with_parent()
+            die_with_parent()
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             if soft < hard:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
-        env = dict(os.environ)
-        env.setdefault("GUILDCAST_LOG_LEVEL", "WARNING")
+        # The server is configured by its flags alone, not by the caller's
+        # GUILDCAST_* environment.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GUILDCAST_")}
+        env["GUILDCAST_LOG_LEVEL"] = os.environ.get("GUILDCAST_LOG_LEVEL", "WARNING")
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.log_path and self._log is None:
+            # A local file opened once per start (no waiting on it).
+            self._log = open(self.log_path, "a")  # noqa: ASYNC230
         self.proc = await asyncio.create_subprocess_exec(
-            *self._argv(),
+            *self.argv(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            cwd=_repo_root(),
             env=env,
             preexec_fn=preexec,
             start_new_session=True,
@@ -288,59 +358,51 @@ class ProcessTarget(Target):
         assert self.proc.stdout is not None
         url_re = re.compile(r"gateway on ws://([^:/]+|\[[^\]]+\]):(\d+)(/\S*)")
         api_re = re.compile(r"api on http://([^:/]+|\[[^\]]+\]):(\d+)")
-        gateway_seen = False
+        gateways_seen = 0
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                while not gateway_seen or (self.want_api and not self.api_port):
+                while gateways_seen < self.gateways or (self.want_api and not self.api_port):
                     line = await self.proc.stdout.readline()
                     if not line:
                         raise TargetError(
                             "the server exited before listening:\n" + "\n".join(self.output)
                         )
-                    text = line.decode("utf-8", "replace").rstrip()
-                    self.output.append(text)
+                    text = self._keep(line)
                     m = url_re.search(text)
                     if m:
                         self.port = int(m.group(2))
                         self.path = m.group(3)
-                        gateway_seen = True
+                        gateways_seen += 1
                     m = api_re.search(text)
                     if m:
                         self.api_host = self.host
                         self.api_port = int(m.group(2))
         except TimeoutError:
-            await self._kill()
+            await stop_process(self.proc)
             raise TargetError(
                 f"the server printed no gateway URL within {START_TIMEOUT:.0f} s:\n"
                 + "\n".join(self.output)
             ) from None
+        except TargetError:
+            await stop_process(self.proc)
+            raise
         self._reader = asyncio.get_running_loop().create_task(self._drain_output())
 
     async def _drain_output(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         while line := await self.proc.stdout.readline():
-            self.output.append(line.decode("utf-8", "replace").rstrip())
-
-    async def _kill(self) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            self._keep(line)
 
     async def stop(self) -> None:
-        await self._kill()
+        await stop_process(self.proc)
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            # The output ends with the process: read it to the end.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reader, STOP_TIMEOUT)
             self._reader = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     async def restart(self) -> None:
         """Stop (graceful: RECONNECT and 1001 to every session) and start again

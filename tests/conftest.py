@@ -1,22 +1,34 @@
-"""Shared fixtures: a real node on 127.0.0.1 and plain websockets clients."""
+"""Shared fixtures: a real node on 127.0.0.1, a real redis-server, and the
+event loops async tests run on. The helpers behind them are in tests/support/."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import uvloop
 
-from guildcast import Config, Server
-
-SECRET = "test-secret-0123456789abcdef0123456789"
+from guildcast import Server
+from tests.support.node import node
+from tests.support.redis import RedisProc
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
-    async with Server(Config(host="127.0.0.1", port=0, secret=SECRET)) as srv:
+    """An embedded node (:func:`tests.support.node.node`) with the defaults."""
+    async with node() as srv:
         yield srv
+
+
+@pytest.fixture
+def redis_proc(tmp_path: Path) -> Iterator[RedisProc]:
+    """A redis-server of the test's own (no persistence), stopped after it."""
+    r = RedisProc(tmp_path)
+    r.start()
+    yield r
+    r.stop()
 
 
 def pytest_asyncio_loop_factories(

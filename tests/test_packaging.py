@@ -17,7 +17,7 @@ import pytest
 import websockets
 
 from guildcast.core.tokens import make_token
-from tests.redisproc import RedisProc, free_port
+from tests.support.redis import RedisProc, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

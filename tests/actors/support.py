@@ -8,14 +8,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from guildcast.actors.actor import Actor
-
-#: Generous bound on any one actor test; a hang fails instead of blocking the suite.
-TEST_TIMEOUT = 30.0
+from tests.support.wait import TIMEOUT
 
 
 @asynccontextmanager
-async def scope(timeout: float = TEST_TIMEOUT) -> AsyncIterator[asyncio.TaskGroup]:
-    """A task group that owns the test's actors; on exit every actor task
+async def scope(timeout: float = TIMEOUT) -> AsyncIterator[asyncio.TaskGroup]:
+    """A task group that owns the test's actors, bounded by ``timeout`` (a
+    hang fails instead of blocking the suite); on exit every actor task
     still running is cancelled, so a test never waits on a forgotten actor."""
     async with asyncio.timeout(timeout), asyncio.TaskGroup() as tg:
         try:

@@ -1,6 +1,8 @@
+"""The broker contract's fixture: every broker implementation in turn."""
+
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -9,15 +11,7 @@ from guildcast.broker.base import Broker
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.broker.redis import RedisBroker
-from tests.redisproc import RedisProc
-
-
-@pytest.fixture
-def redis_proc(tmp_path: Path) -> Iterator[RedisProc]:
-    r = RedisProc(tmp_path)
-    r.start()
-    yield r
-    r.stop()
+from tests.support.redis import RedisProc
 
 
 @pytest.fixture(params=["memory", "disk", "redis"])

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 
 from guildcast.broker.base import Broker, Presence, Record
-from tests.util import eventually
+from tests.support.wait import until
 
 
 async def test_append_assigns_consecutive_s_from_one(broker: Broker) -> None:
@@ -110,13 +110,13 @@ async def test_presence_join_leave_and_feed(broker: Broker) -> None:
     async def both_present() -> bool:
         return {m.user for m in await broker.presence("room")} == {"alice", "bob"}
 
-    await eventually(both_present)
+    await until(both_present)
     broker.presence_leave("room", a)
 
     async def only_bob() -> bool:
         return [m.user for m in await broker.presence("room")] == ["bob"]
 
-    await eventually(only_bob)
+    await until(only_bob)
     async with asyncio.timeout(30):
         await got_two.wait()
     assert [(g, k, m.user) for g, k, m in seen] == [

@@ -14,7 +14,7 @@ import pytest
 from guildcast.broker.base import BrokerUnavailable, Record
 from guildcast.broker.disk import COMPACT_SLACK, GUILDS_DIR, STATE_FILE, DiskBroker
 from guildcast.core import journal
-from tests.apihelp import until
+from tests.support.wait import until
 
 
 def jpath(data: Path, gid: str) -> Path:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from guildcast.broker.base import Presence
 from guildcast.broker.redis import RedisBroker
-from tests.redisproc import RedisProc
-from tests.util import eventually
+from tests.support.redis import RedisProc
+from tests.support.wait import until
 
 
 async def test_dead_node_members_are_dropped_after_the_timeout(tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ async def test_dead_node_members_are_dropped_after_the_timeout(tmp_path: Path) -
         async def two() -> bool:
             return len(await b.presence("g")) == 2
 
-        await eventually(two)
+        await until(two)
         for t in a._tasks:  # simulate the crash: no graceful close
             t.cancel()
         await a.redis.aclose()
@@ -65,7 +65,7 @@ async def test_graceful_close_removes_own_members(tmp_path: Path) -> None:
         async def one() -> bool:
             return len(await b.presence("g")) == 1
 
-        await eventually(one)
+        await until(one)
         await a.close()
         assert await b.presence("g") == []
         await b.close()

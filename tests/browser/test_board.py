@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +16,11 @@ import pytest
 
 from guildcast.client import Client
 from guildcast.core.tokens import make_token
-from tests.clients._support import serve_accepts
+from tests.support.node import SECRET, ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
-SECRET = "browser-tests-secret-0123456789abcdef01234"
 #: Flags for a sandboxed root environment with no network but loopback
 #: (without the background-networking ones chromium keeps dialling out).
 CHROMIUM_ARGS = [
@@ -54,66 +51,13 @@ pytestmark = [
 ]
 
 
-#: No HTTP API for these tests: its fixed default port would collide with
-#: concurrent test runs, and the board does not use it.
-NO_API = ["--api-port", "-1"] if serve_accepts("--api-port", "-1") else []
-
-
-class ServeProcess:
-    """``guildcast serve`` as a real subprocess, restartable on the same port."""
+class Board(ServeProcess):
+    """``guildcast serve`` whose demo page a browser opens, restartable on its
+    port. No HTTP API: the board does not use it."""
 
     def __init__(self, log: Path, extra: list[str]) -> None:
-        self.log = log
-        self.extra = extra
-        self.port = 0
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "guildcast.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--secret",
-                SECRET,
-                "--heartbeat-interval-ms",
-                "5000",
-                "--drain-timeout",
-                "5",
-                *NO_API,
-                *self.extra,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                cwd=ROOT,
-            )
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await self.proc.stdout.readline()).decode()
-                assert line, f"serve exited early; see {self.log}"
-                m = re.search(r"gateway on ws://127\.0\.0\.1:(\d+)/gateway", line)
-                if m:
-                    self.port = int(m.group(1))
-                    return
-
-    async def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(30):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
+        args = ["--heartbeat-interval-ms", "5000", "--drain-timeout", "5", *extra]
+        super().__init__(args, log, api=False)
 
     def token(self, sub: str) -> str:
         return make_token(SECRET, sub, ["*"], ["*"], None, 3600)
@@ -184,7 +128,7 @@ async def wait_reconnected(page: Page) -> None:
 async def test_board_live_across_tabs_and_a_restart(browser: Browser, tmp_path: Path) -> None:
     """Without --data-dir a restart starts a new history: both pages reconnect,
     are told (the resync notice), and keep working live."""
-    srv = ServeProcess(tmp_path / "serve.log", [])
+    srv = Board(tmp_path / "serve.log", [])
     await srv.start()
     errors: list[str] = []
     try:
@@ -208,18 +152,17 @@ async def test_board_live_across_tabs_and_a_restart(browser: Browser, tmp_path: 
         await expect_cards(a, ["hello from alice", "hi alice, bob here", "after the restart"])
         await b.screenshot(path=str(ARTIFACTS / "board-after-restart.png"), full_page=True)
     finally:
-        await srv.stop()
+        await srv.close()
     assert errors == []
 
 
-@pytest.mark.skipif(not serve_accepts("--data-dir", "x"), reason="--data-dir is not built yet")
 async def test_board_recovers_across_a_restart_with_data_dir(
     browser: Browser, tmp_path: Path
 ) -> None:
     """With --data-dir the restarted server continues the board's history:
     both pages reconnect and recover, including a card published while they
     were away, without a duplicate and without a resync."""
-    srv = ServeProcess(tmp_path / "serve.log", ["--data-dir", str(tmp_path / "data")])
+    srv = Board(tmp_path / "serve.log", ["--data-dir", str(tmp_path / "data")])
     await srv.start()
     errors: list[str] = []
     try:
@@ -242,7 +185,7 @@ async def test_board_recovers_across_a_restart_with_data_dir(
             await expect(page.locator("#notice")).to_be_hidden()
         await a.screenshot(path=str(ARTIFACTS / "board-data-dir-restart.png"), full_page=True)
     finally:
-        await srv.stop()
+        await srv.close()
     assert errors == []
 
 
@@ -274,7 +217,7 @@ def readme_browser_example() -> str:
 
 
 async def test_readme_browser_example_works(browser: Browser, tmp_path: Path) -> None:
-    srv = ServeProcess(tmp_path / "serve.log", [])
+    srv = Board(tmp_path / "serve.log", [])
     await srv.start()
     try:
         snippet = (
@@ -304,4 +247,4 @@ async def test_readme_browser_example_works(browser: Browser, tmp_path: Path) ->
         assert errors == []
         assert any(line.startswith('board-1 CARD_ADDED 1 {"text":"hi"}') for line in logs), logs
     finally:
-        await srv.stop()
+        await srv.close()

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from guildcast import Config, Server
+from guildcast import Server
 from guildcast.client import (
     AuthenticationFailed,
     Backoff,
@@ -23,14 +23,15 @@ from guildcast.client import (
     SubscribeError,
     SubscriptionLost,
 )
-from tests.clients._support import SECRET, until
+from tests.support.node import node
+from tests.support.wait import until
 
 FAST = {"base": 0.02, "cap": 0.2}
 
 
 @pytest.fixture
 async def srv() -> AsyncIterator[Server]:
-    async with Server(Config(host="127.0.0.1", port=0, secret=SECRET)) as s:
+    async with node() as s:
         yield s
 
 
@@ -157,7 +158,7 @@ async def test_close_is_clean_and_ends_events(srv: Server) -> None:
 
 
 async def test_heartbeats_keep_a_session_alive(srv: Server) -> None:
-    async with Server(Config(port=0, secret=SECRET, heartbeat_interval_ms=100)) as fast:
+    async with node(heartbeat_interval_ms=100) as fast:
         async with Client(fast.url, fast.token("gina")) as c:
             # 15 intervals, ten times the 1.5-interval timeout: only heartbeats
             # keep it open. (The duration is what is tested, not a sync point.)

@@ -10,21 +10,18 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
-import sys
 from pathlib import Path
 
 from guildcast import Server
 from guildcast.client import Client
-from tests.clients._support import serve_accepts
+from tests.support.node import serve_process
+from tests.support.wait import until
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The one browser client: package data, served at /guildcast.js.
 SERVED_JS = ROOT / "server" / "transport" / "static" / "guildcast.js"
 #: Where the JS tests and the docs find it: a symlink to SERVED_JS.
 CLIENT_JS = ROOT / "clients" / "js" / "guildcast.js"
-#: No HTTP API: its fixed default port would collide with concurrent runs.
-NO_API = ["--api-port", "-1"] if serve_accepts("--api-port", "-1") else []
 
 
 async def http_get(port: int, path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
@@ -74,41 +71,21 @@ def test_client_js_is_a_link_to_the_served_file() -> None:
     assert CLIENT_JS.resolve() == SERVED_JS.resolve()
 
 
-async def test_serve_prints_a_working_demo_url() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "guildcast.cli",
-        "serve",
-        "--port",
-        "0",
-        *NO_API,
-        "--no-uvloop",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
-        # No secret given: serve generates one and prints the demo token and URL.
-        env={k: v for k, v in os.environ.items() if not k.startswith("GUILDCAST_")},
-    )
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stdout.readline()).decode()
-                assert line, "serve exited without printing the demo URL"
-                m = re.search(
-                    r"live demo board: http://127\.0\.0\.1:(\d+)/#token=([^&\s]+)&guild=demo", line
-                )
-                if m:
-                    break
+async def test_serve_prints_a_working_demo_url(tmp_path: Path) -> None:
+    demo = re.compile(r"live demo board: http://127\.0\.0\.1:(\d+)/#token=([^&\s]+)&guild=demo")
+    # No secret given: serve generates one and prints the demo token and URL.
+    async with serve_process(["--no-uvloop"], tmp_path / "serve.log", api=False, secret=None) as p:
+
+        def printed() -> re.Match[str] | None:
+            return next((m for line in p.stdout if (m := demo.search(line))), None)
+
+        await until(lambda: printed() is not None, "the demo URL")
+        m = printed()
+        assert m is not None
         port, token = int(m.group(1)), m.group(2)
         status, _, body = await http_get(port, "/")
         assert status == 200 and b"Guildcast board" in body
         async with Client(f"ws://127.0.0.1:{port}/gateway", token) as c:
             assert c.user == "demo"
             assert await c.publish("demo", "CARD_ADDED", {"text": "hi"}) == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            await proc.wait()
-    assert proc.returncode == 0
+        assert await p.terminate() == 0

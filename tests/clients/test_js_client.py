@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients._support import control_endpoint, restartable
+from tests.support.node import control_endpoint, restartable
+from tests.support.wait import output
 
 ROOT = Path(__file__).resolve().parents[2]
 JS_TESTS = ROOT / "clients" / "js" / "test"
@@ -56,14 +57,7 @@ async def test_node_suite_against_real_server() -> None:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        try:
-            async with asyncio.timeout(120):
-                out, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    text = out.decode(errors="replace")
+        text = await output(proc, 120)
     assert proc.returncode == 0, text
     passed = re.search(r"^# pass (\d+)$", text, re.M)
     skipped = re.search(r"^# skipped (\d+)$", text, re.M)

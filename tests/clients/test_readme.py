@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from guildcast import Server
+from tests.support.wait import output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,9 +36,7 @@ async def test_readme_python_example(server: Server) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    async with asyncio.timeout(60):
-        out, _ = await proc.communicate()
-    text = out.decode()
+    text = await output(proc, 60)
     assert proc.returncode == 0, text
     assert "published as s = 1" in text
     assert "Event(guild='board-1', name='CARD_ADDED', s=1, data={'text': 'hi'})" in text

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from guildcast import Config, Server
+from guildcast import Server
 from guildcast.client import Backoff, Client, Event, Item, Resync
-from tests.clients._support import SECRET, Restartable, restartable, until
+from tests.support.node import Restartable, node, restartable
+from tests.support.wait import until
 
 FAST = {"base": 0.02, "cap": 0.2}
-HAS_DATA_DIR = "data_dir" in Config.field_names()
 
 
 class App:
@@ -76,7 +76,7 @@ def client(url: str, srv: Server, app_codes: list[int], **kw: object) -> Client:
 
 
 async def test_4009_session_timeout_recovers_everything() -> None:
-    async with Server(Config(port=0, secret=SECRET, heartbeat_interval_ms=200)) as srv:
+    async with node(heartbeat_interval_ms=200) as srv:
         codes: list[int] = []
         async with client(srv.url, srv, codes, guilds=["g"]) as c:
             app = App(c)
@@ -95,7 +95,7 @@ async def test_4009_session_timeout_recovers_everything() -> None:
 
 @pytest.mark.parametrize("code", [4010, 4000, 1013, 1001])
 async def test_server_close_codes_recover_everything(code: int) -> None:
-    async with Server(Config(port=0, secret=SECRET)) as srv:
+    async with node() as srv:
         codes: list[int] = []
         async with client(srv.url, srv, codes, guilds=["g", "h"]) as c:
             app = App(c)
@@ -115,8 +115,7 @@ async def test_real_slow_consumer_4010_loses_nothing() -> None:
     """The application stops reading; backpressure fills the server's buffer
     for this client past max_buffer; the server closes with 4010; the client
     reconnects from its positions and the application still gets everything."""
-    cfg = Config(port=0, secret=SECRET, max_buffer=64 * 1024, history_size=10_000)
-    async with Server(cfg) as srv:
+    async with node(max_buffer=64 * 1024, history_size=10_000) as srv:
         codes: list[int] = []
         async with client(srv.url, srv, codes, guilds=["g"], max_pending_events=8) as c:
             await until(lambda: c.positions["g"] is not None, "SUBSCRIBED")
@@ -143,7 +142,7 @@ async def test_real_slow_consumer_4010_loses_nothing() -> None:
 
 
 async def test_rate_limited_4008_reconnects_with_all_guilds() -> None:
-    async with Server(Config(port=0, secret=SECRET, command_limit=3)) as srv:
+    async with node(command_limit=3) as srv:
         codes: list[int] = []
         async with client(srv.url, srv, codes) as c:  # IDENTIFY is command 1
             await c.subscribe("a")
@@ -164,7 +163,7 @@ async def test_rate_limited_4008_reconnects_with_all_guilds() -> None:
 
 
 async def test_server_full_1013_backs_off_then_gets_in() -> None:
-    async with Server(Config(port=0, secret=SECRET, max_connections=1)) as srv:
+    async with node(max_connections=1) as srv:
         first = Client(srv.url, srv.token("first"))
         await first.connect()
         codes: list[int] = []
@@ -216,7 +215,6 @@ async def test_restart_without_data_dir_resyncs_then_delivers_in_order() -> None
     assert [e.s for e in app.events()][150:] == list(range(1, 151))  # the new epoch
 
 
-@pytest.mark.skipif(not HAS_DATA_DIR, reason="Config.data_dir (--data-dir) is not built yet")
 async def test_restart_with_data_dir_loses_nothing(tmp_path: Path) -> None:
     async with restartable(data_dir=str(tmp_path)) as r:  # type: ignore[arg-type]
         app, codes, c = await restart_stream(r, wait_for_resync=False)
@@ -229,7 +227,7 @@ async def test_restart_with_data_dir_loses_nothing(tmp_path: Path) -> None:
 async def test_no_reconnect_storm() -> None:
     """20 clients cut off at once come back spread over their first backoff
     window (full jitter), not all in the same 50 ms."""
-    async with Server(Config(port=0, secret=SECRET)) as srv:
+    async with node() as srv:
         ready_at: dict[int, list[float]] = {i: [] for i in range(20)}
 
         def make(i: int) -> Client:

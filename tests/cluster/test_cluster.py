@@ -19,11 +19,11 @@ import pytest
 import websockets
 
 from guildcast.core.tokens import make_token
-from tests.cluster.nodes import Follower, NodeProc, Publisher, send
-from tests.redisproc import RedisProc
-from tests.util import eventually
+from tests.support.gateway import Follower, Publisher, send
+from tests.support.node import SECRET, ServeProcess, cluster_node
+from tests.support.redis import RedisProc
+from tests.support.wait import until
 
-SECRET = "cluster-test-secret-0123456789abcdef"
 GUILDS = ["alpha", "beta"]
 
 
@@ -39,16 +39,16 @@ def redis(tmp_path: Path) -> Iterator[RedisProc]:
     r.stop()
 
 
-@contextlib.contextmanager
-def nodes(redis: RedisProc, n: int) -> Iterator[list[NodeProc]]:
-    procs = [NodeProc(redis.url, SECRET, f"node{i}") for i in range(n)]
+@contextlib.asynccontextmanager
+async def nodes(redis: RedisProc, n: int) -> AsyncIterator[list[ServeProcess]]:
+    procs = [cluster_node(redis.url, f"node{i}", redis.dir / f"node{i}.log") for i in range(n)]
     try:
         for p in procs:
-            p.start()
+            await p.start()
         yield procs
     finally:
         for p in procs:
-            p.stop()
+            await p.close()
 
 
 @contextlib.asynccontextmanager
@@ -79,7 +79,7 @@ def check_complete(followers: list[Follower], acked: dict[str, set[int]]) -> Non
 
 
 async def test_three_nodes_every_client_gets_every_event_in_one_order(redis: RedisProc) -> None:
-    with nodes(redis, 3) as ns:
+    async with nodes(redis, 3) as ns:
         followers = [Follower([ns[i % 3].url], token(f"u{i}"), GUILDS) for i in range(24)]
         async with following(followers):
             pubs = [Publisher(n.url, token(f"p{i}")) for i, n in enumerate(ns)]
@@ -98,7 +98,7 @@ async def test_three_nodes_every_client_gets_every_event_in_one_order(redis: Red
             async def all_in() -> bool:
                 return all(f.count(g) >= total for f in followers for g in GUILDS)
 
-            await eventually(all_in, 60)
+            await until(all_in, "every follower to have every event", timeout=60)
             acked = {g: {s for p in pubs for gg, s, _ in p.acked if gg == g} for g in GUILDS}
             assert all(len(acked[g]) == total for g in GUILDS)
             check_complete(followers, acked)
@@ -107,7 +107,7 @@ async def test_three_nodes_every_client_gets_every_event_in_one_order(redis: Red
 async def test_kill9_node_clients_recover_elsewhere_and_presence_drops_it(
     redis: RedisProc,
 ) -> None:
-    with nodes(redis, 3) as ns:
+    async with nodes(redis, 3) as ns:
         victim = ns[2]
         followers = [
             Follower([ns[i % 3].url, ns[(i + 1) % 3].url], token(f"u{i}"), GUILDS)
@@ -125,18 +125,18 @@ async def test_kill9_node_clients_recover_elsewhere_and_presence_drops_it(
             async def victim_present() -> bool:
                 return victim.node_id in await presence_nodes()
 
-            await eventually(victim_present)
+            await until(victim_present, "the victim node in presence")
             async with Publisher(ns[0].url, token("pub")) as pub:
                 for i in range(200):
                     if i == 80:
-                        victim.kill9()
+                        await victim.kill()
                     for g in GUILDS:
                         assert await pub.publish(g, i) is not None
 
             async def all_in() -> bool:
                 return all(f.count(g) >= 200 for f in followers for g in GUILDS)
 
-            await eventually(all_in, 60)
+            await until(all_in, "every follower to have every event", timeout=60)
             acked = {g: {s for gg, s, _ in pub.acked if gg == g} for g in GUILDS}
             check_complete(followers, acked)
             assert all(f.reconnects >= 1 for f in on_victim)
@@ -147,13 +147,13 @@ async def test_kill9_node_clients_recover_elsewhere_and_presence_drops_it(
                 return bool(nodes) and victim.node_id not in nodes
 
             # presence_timeout is 2 s; allow generous slack on a shared CI box.
-            await eventually(victim_gone, 30)
+            await until(victim_gone, "the killed node to leave presence", timeout=30)
 
 
 async def test_redis_restart_publishes_fail_loudly_and_nothing_acked_is_lost(
     redis: RedisProc,
 ) -> None:
-    with nodes(redis, 2) as ns:
+    async with nodes(redis, 2) as ns:
         followers = [Follower([ns[i % 2].url], token(f"u{i}"), GUILDS) for i in range(6)]
         async with following(followers), Publisher(ns[0].url, token("pub")) as pub:
             for i in range(50):
@@ -170,7 +170,7 @@ async def test_redis_restart_publishes_fail_loudly_and_nothing_acked_is_lost(
                 status, body = await ns[0].get("/readyz")
                 return status == 503 and body["detail"] == "broker unavailable"
 
-            await eventually(not_ready)
+            await until(not_ready, "/readyz to fail")
             _, metrics = await ns[0].get("/metrics")
             assert "guildcast_broker_up 0.0" in metrics
             redis.start()
@@ -179,12 +179,12 @@ async def test_redis_restart_publishes_fail_loudly_and_nothing_acked_is_lost(
             async def publishes_again() -> bool:
                 return await pub.publish("beta", "probe") is not None
 
-            await eventually(publishes_again, 60)
+            await until(publishes_again, "publishes to succeed again", timeout=60)
 
             async def ready_again() -> bool:
                 return (await ns[0].get("/readyz"))[0] == 200
 
-            await eventually(ready_again)
+            await until(ready_again, "/readyz to pass again")
             for i in range(50, 100):
                 for g in GUILDS:
                     assert await pub.publish(g, i) is not None
@@ -197,14 +197,14 @@ async def test_redis_restart_publishes_fail_loudly_and_nothing_acked_is_lost(
                     for g in GUILDS
                 )
 
-            await eventually(all_in, 60)
+            await until(all_in, "every follower to have every event", timeout=60)
             check_complete(followers, acked)
             # Redis kept its data (AOF): the epochs did not change.
             assert len({f.epochs["alpha"] for f in followers}) == 1
 
 
 async def test_presence_dispatches_cross_nodes(redis: RedisProc) -> None:
-    with nodes(redis, 2) as ns:
+    async with nodes(redis, 2) as ns:
         async with contextlib.AsyncExitStack() as stack:
             watcher = await stack.enter_async_context(websockets.connect(ns[0].url))
             await watcher.recv()

@@ -1,6 +1,6 @@
 """Helpers for the hardening tests: hand-built WebSocket frames, a random
 JSON generator, and a stream of well-behaved clients that measure what an
-attack does to them.
+attack does to them. Nodes and the plain gateway client are tests/support/.
 
 Everything here talks to the server over real sockets on 127.0.0.1. Every
 wait is bounded (:data:`TIMEOUT`); nothing sleeps for correctness (pacing a
@@ -24,12 +24,12 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.utils import apply_mask
 
-from guildcast import Config, Server
-from tests.conftest import SECRET
-from tests.integration import gw
+from guildcast import Server
 from tests.integration.raw import RawWs
+from tests.support import gateway as gw
+from tests.support.wait import TIMEOUT
 
-TIMEOUT = gw.TIMEOUT
+__all__ = ["TIMEOUT"]
 
 #: PROTOCOL.md close codes plus the RFC 6455 codes websockets answers framing
 #: errors with (1002 protocol error, 1007 invalid UTF-8).
@@ -37,22 +37,6 @@ PROTOCOL_CLOSES = {1001, 1009, 1013, 4000, 4001, 4002, 4003, 4004, 4005, 4008, 4
 RFC_CLOSES = {1000, 1002, 1007}
 #: PROTOCOL.md ERROR codes (docs/PROTOCOL.md "Subscribing", "Publishing").
 ERROR_CODES = {1013, 4002, 4403, 4413, 4429, 4430}
-
-
-@asynccontextmanager
-async def node(**settings: Any) -> AsyncIterator[Server]:
-    """An embedded node on 127.0.0.1 with ``settings`` over the defaults."""
-    async with Server(Config(host="127.0.0.1", port=0, secret=SECRET, **settings)) as srv:
-        yield srv
-
-
-async def still_open(ws: ClientConnection) -> None:
-    """HEARTBEAT is answered: the connection is alive and served."""
-    await gw.send(ws, gw.HEARTBEAT)
-    while True:
-        m = await gw.recv(ws)
-        if m["op"] == gw.HEARTBEAT_ACK:
-            return
 
 
 # --- frames ---------------------------------------------------------------------------
@@ -258,6 +242,30 @@ class Stream:
         tasks.append(tg.create_task(self._heartbeat(heartbeat)))
         return tasks
 
+    @asynccontextmanager
+    async def feeding(
+        self, publish: Callable[[dict[str, Any]], Awaitable[int]], rate: float, warm: int = 0
+    ) -> AsyncIterator[None]:
+        """The readers and a publisher of about ``rate`` events/s (``publish``,
+        :func:`paced`, phase "attack") run for as long as the block does, from
+        when every reader has seen ``warm``; on exit every reader must have
+        every event, in order, and nothing else (:meth:`check`)."""
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            readers = self.run(tg)
+            publisher = tg.create_task(paced(publish, rate, lambda: "attack", stop))
+            if warm:
+                await self.reached(warm)
+            try:
+                yield
+            finally:
+                stop.set()
+            last = await publisher
+            await self.reached(last)
+            for t in readers:
+                t.cancel()
+        self.check(last)
+
     async def reached(self, s: int, timeout: float = TIMEOUT) -> None:
         """Wait until every reader has seen ``s`` (or stopped: checked after)."""
         async with asyncio.timeout(timeout):
@@ -343,23 +351,12 @@ async def good_stream(
     event, in order, with p99 latency under :data:`P99_BOUND`."""
     stream = Stream(srv.url, srv.token("good", guilds=[gid]), gid, n)
     await stream.connect()
-    stop = asyncio.Event()
 
     async def publish(d: dict[str, Any]) -> int:
         return await srv.publish(gid, "TICK", d)
 
-    async with asyncio.TaskGroup() as tg:
-        readers = stream.run(tg)
-        publisher = tg.create_task(paced(publish, rate, lambda: "attack", stop))
-        try:
-            yield stream
-        finally:
-            stop.set()
-        last = await publisher
-        await stream.reached(last)
-        for t in readers:
-            t.cancel()
-    stream.check(last)
+    async with stream.feeding(publish, rate):
+        yield stream
     p99 = percentile(stream.latency.get("attack", []), 0.99)
     assert p99 < P99_BOUND, (p99, len(stream.latency.get("attack", [])))
     await stream.close()

@@ -29,10 +29,9 @@ from guildcast.core import journal
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.tokens import MAX_TOKEN_BYTES
 from guildcast.transport import gateway
-from tests.apihelp import KEY, Api, api_server
-from tests.conftest import SECRET
-from tests.hardening import support
-from tests.integration import gw
+from tests.support import gateway as gw
+from tests.support.api import KEY, Api
+from tests.support.node import SECRET, api_server
 
 
 def _b64(data: bytes) -> str:
@@ -124,7 +123,7 @@ async def test_token_attack_is_4004_with_a_log_line(
     assert why in line.getMessage(), line.getMessage()
     assert "127.0.0.1" in line.getMessage()
     _no_token_in_log(caplog, token)
-    await support.still_open(good)  # others are untouched
+    await gw.still_open(good)  # others are untouched
     await good.close()
 
 
@@ -215,7 +214,7 @@ async def test_subscribe_outside_the_patterns(
         assert m["op"] == gw.ERROR and m["d"]["code"] == 4403 and m["d"]["g"] == gid, m
         (line,) = [r for r in caplog.records if getattr(r, "code", None) == 4403]
         assert gid in line.getMessage() and "'u'" in line.getMessage()
-        await support.still_open(ws)
+        await gw.still_open(ws)
     await ws.close()
 
 

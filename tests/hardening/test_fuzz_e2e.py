@@ -42,7 +42,6 @@ import aiohttp
 import orjson
 
 from guildcast.core.tokens import make_token
-from tests.apihelp import SECRET, serve_process
 from tests.hardening import support
 from tests.hardening.support import (
     BINARY,
@@ -59,6 +58,7 @@ from tests.hardening.support import (
     text,
 )
 from tests.integration.raw import RawWs
+from tests.support.node import SECRET, serve_process
 
 #: Frames to send in total: at least 10,000 in CI; a longer run is
 #: ``GUILDCAST_FUZZ_FRAMES=200000`` (docs/RELIABILITY.md).

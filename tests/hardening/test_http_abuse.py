@@ -25,9 +25,10 @@ import orjson
 import pytest
 
 from guildcast import Server
-from tests.apihelp import KEY, api_server
 from tests.hardening import support
 from tests.hardening.support import nested
+from tests.support.api import KEY
+from tests.support.node import api_server
 
 TIMEOUT = support.TIMEOUT
 
@@ -57,57 +58,45 @@ def post(body: bytes, ctype: str | None = "application/json", key: str | None = 
 
 
 class GoodPublisher:
-    """Publishes over HTTP at a steady rate while a gateway client receives;
-    records each publish's round trip."""
+    """Publishes over HTTP (one session for its life) while gateway clients
+    receive; records each publish's round trip."""
 
     def __init__(self, srv: Server) -> None:
         self.srv = srv
         self.rtts: list[float] = []
-
-    async def run(self, stop: asyncio.Event, rate: float = 40.0) -> int:
-        last = 0
-        async with aiohttp.ClientSession(
+        self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=TIMEOUT),
             headers={"Authorization": f"Bearer {KEY}"},
-        ) as http:
+        )
 
-            async def one(d: dict[str, Any]) -> int:
-                t0 = time.monotonic()
-                async with http.post(
-                    self.srv.api_url + "/v1/publish",
-                    json={"guild": "stream", "t": "TICK", "d": d},
-                ) as r:
-                    assert r.status == 200, (r.status, await r.text())
-                    body = await r.json()
-                self.rtts.append(time.monotonic() - t0)
-                return int(body["s"])
+    async def __aenter__(self) -> GoodPublisher:
+        return self
 
-            last = await support.paced(one, rate, lambda: "attack", stop)
-        return last
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.close()
+
+    async def __call__(self, d: dict[str, Any]) -> int:
+        t0 = time.monotonic()
+        async with self.http.post(
+            self.srv.api_url + "/v1/publish",
+            json={"guild": "stream", "t": "TICK", "d": d},
+        ) as r:
+            assert r.status == 200, (r.status, await r.text())
+            body = await r.json()
+        self.rtts.append(time.monotonic() - t0)
+        return int(body["s"])
 
 
 @asynccontextmanager
 async def serving(srv: Server) -> AsyncIterator[GoodPublisher]:
-    """A good HTTP publisher and 5 gateway readers run during the block; on
-    exit every event reached every reader and the publisher's p99 round trip
-    and the readers' p99 latency are under the bound."""
+    """A good HTTP publisher (40 events/s) and 5 gateway readers run during
+    the block; on exit every event reached every reader and the publisher's
+    p99 round trip and the readers' p99 latency are under the bound."""
     stream = support.Stream(srv.url, srv.token("good", guilds=["stream"]), "stream", 5)
     await stream.connect()
-    good = GoodPublisher(srv)
-    stop = asyncio.Event()
-    async with asyncio.TaskGroup() as tg:
-        readers = stream.run(tg)
-        publisher = tg.create_task(good.run(stop))
-        await stream.reached(2)  # the good path is running before the attack starts
-        try:
-            yield good
-        finally:
-            stop.set()
-        last = await publisher
-        await stream.reached(last)
-        for t in readers:
-            t.cancel()
-    stream.check(last)
+    # The good path is running (2 events everywhere) before the attack starts.
+    async with GoodPublisher(srv) as good, stream.feeding(good, 40.0, warm=2):
+        yield good
     assert len(good.rtts) >= 2, good.rtts
     assert support.percentile(good.rtts, 0.99) < support.P99_BOUND, good.rtts
     assert support.percentile(stream.latency["attack"], 0.99) < support.P99_BOUND

@@ -25,11 +25,13 @@ import orjson
 import psutil  # type: ignore[import-untyped]
 
 from guildcast.core.tokens import make_token
-from tests.apihelp import KEY, SECRET, serve_process
 from tests.hardening import support
-from tests.hardening.support import TEXT, frame, good_stream, node, text, wait_eof
-from tests.integration import gw
+from tests.hardening.support import TEXT, frame, good_stream, text, wait_eof
 from tests.integration.raw import RawWs
+from tests.support import gateway as gw
+from tests.support.api import KEY
+from tests.support.node import SECRET, node, serve_process
+from tests.support.wait import until
 
 TIMEOUT = support.TIMEOUT
 #: Guild idle timeout where a test waits for guild actors to stop: far above
@@ -55,7 +57,7 @@ async def test_tcp_connections_that_never_finish_the_handshake_are_dropped() -> 
         # Not before the timeout; after it, within a few sweeps (a generous
         # bound: the machine is shared; without the timeout they never close).
         assert 0.5 <= took < 0.5 + 15.0, took
-        await gw.wait_until(lambda: srv.gateway.stats()["pending"] == 0)
+        await until(lambda: srv.gateway.stats()["pending"] == 0)
         assert srv.gateway.stats()["connections"] == 10  # the good clients
 
 
@@ -76,7 +78,7 @@ async def test_upgrades_that_never_identify_get_4003() -> None:
         codes = await asyncio.gather(*(silent() for _ in range(100)))
         assert codes == [4003] * 100
         assert time.monotonic() - t0 >= 0.5
-        await gw.wait_until(lambda: srv.gateway.stats()["connections"] == 10)
+        await until(lambda: srv.gateway.stats()["connections"] == 10)
 
 
 async def test_connection_flood_past_max_connections_gets_1013() -> None:
@@ -162,7 +164,7 @@ async def test_subscription_flood_is_answered_and_cleaned_up() -> None:
         # ERRORs come from the session, in order; each SUBSCRIBED from its guild's actor.
         assert sorted(subscribed) == sorted(gids[:100]) and refused == gids[100:]
         assert srv.stats()["guilds"] <= 101  # the flooder's 100 and the stream
-        await support.still_open(ws)
+        await gw.still_open(ws)
 
         spam, _ = await gw.session(srv.url, srv.token("spam", guilds=["f-*"]))
         for _ in range(200):  # IDENTIFY was command 1; the 121st closes
@@ -176,7 +178,7 @@ async def test_subscription_flood_is_answered_and_cleaned_up() -> None:
         assert sum(1 for m in seen if m.get("t") == "SUBSCRIBED") <= 119
 
         await ws.close()
-        await gw.wait_until(lambda: srv.stats()["guilds"] == 1)
+        await until(lambda: srv.stats()["guilds"] == 1)
 
 
 async def test_publish_pipeline_past_the_pending_bound_gets_4008() -> None:
@@ -218,10 +220,10 @@ async def test_guild_ids_used_once_do_not_pile_up() -> None:
             await gw.send(ws, gw.PUBLISH, {"guild": f"n-{i}", "t": "X", "d": i})
         acks = [await gw.recv(ws) for _ in range(2000)]
         assert all(a["op"] == gw.ACK for a in acks)
-        await gw.wait_until(lambda: srv.stats()["guilds"] == 1)
+        await until(lambda: srv.stats()["guilds"] == 1)
         # Only the stream's guild log is left (private state: the broker has
         # no public count).
-        await gw.wait_until(lambda: len(srv.broker._logs) == 1)  # type: ignore[attr-defined]
+        await until(lambda: len(srv.broker._logs) == 1)  # type: ignore[attr-defined]
         await ws.close()
 
 

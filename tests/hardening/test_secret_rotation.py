@@ -22,8 +22,8 @@ from guildcast import Config, Server
 from guildcast.cli import build_parser
 from guildcast.core.tokens import TokenVerifier, make_token
 from guildcast.protocol.session import AuthError
-from tests.apihelp import serve_process
-from tests.integration import gw
+from tests.support import gateway as gw
+from tests.support.node import serve_process
 
 OLD = "old-secret-" + "0123456789abcdef" * 4
 NEW = "new-secret-" + "fedcba9876543210" * 4

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from websockets.frames import Frame, Opcode
 
-from tests.integration.gw import TIMEOUT
+from tests.support.wait import TIMEOUT
 
 
 class RawWs:

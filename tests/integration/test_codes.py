@@ -5,24 +5,17 @@ file: test_slow_consumer.py.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from guildcast import Config, Server
+from guildcast import Server
 from guildcast.core.tokens import make_token
-from tests.conftest import SECRET
-from tests.integration import gw
-
-
-@asynccontextmanager
-async def node(**settings: Any) -> AsyncIterator[Server]:
-    async with Server(Config(host="127.0.0.1", port=0, secret=SECRET, **settings)) as srv:
-        yield srv
+from tests.support import gateway as gw
+from tests.support.node import SECRET, node
+from tests.support.wait import until
 
 
 async def identified(srv: Server, **claims: Any) -> ClientConnection:
@@ -74,7 +67,7 @@ async def test_1013_when_max_connections_reached() -> None:
         assert seen == []  # no HELLO
         await still_open(a)
         await a.close()
-        await gw.wait_until(lambda: len(srv.gateway.connections) < 2)
+        await until(lambda: len(srv.gateway.connections) < 2)
         d = await identified(srv)  # room again
         await still_open(d)
         assert srv.gateway.stats()["refused"] == 1

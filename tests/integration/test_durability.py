@@ -17,16 +17,10 @@ from websockets.exceptions import ConnectionClosed
 from guildcast.broker.disk import GUILDS_DIR
 from guildcast.core import journal
 from guildcast.core.tokens import make_token
-from tests.apihelp import (
-    SECRET,
-    TIMEOUT,
-    Api,
-    api_server,
-    recv_json,
-    serve_process,
-    subscribe,
-    until,
-)
+from tests.support.api import Api
+from tests.support.gateway import recv, subscribe
+from tests.support.node import SECRET, api_server, serve_process
+from tests.support.wait import TIMEOUT, until
 
 TOKEN = make_token(SECRET, "watcher", ["*"], [], None, 3600)
 
@@ -42,9 +36,9 @@ async def test_embedded_restart_continues_s_epoch_and_recovery(tmp_path: Path) -
         ws, sub = await subscribe(srv.url, TOKEN, "g")
         assert sub == {"epoch": epoch, "s": 1, "recovered": False}
         await srv.publish("g", "E", {"n": 2})
-        assert (await recv_json(ws))["s"] == 2
+        assert (await recv(ws))["s"] == 2
         await srv.publish("g", "E", {"n": 3})
-        assert (await recv_json(ws))["s"] == 3
+        assert (await recv(ws))["s"] == 3
         await ws.close()
         for n in (4, 5):
             await srv.publish("g", "E", {"n": n})  # the client misses these
@@ -52,10 +46,10 @@ async def test_embedded_restart_continues_s_epoch_and_recovery(tmp_path: Path) -
         ws, sub = await subscribe(srv.url, TOKEN, "g", {"epoch": epoch, "s": 3})
         try:
             assert sub == {"epoch": epoch, "s": 5, "recovered": True}
-            replay = [await recv_json(ws) for _ in range(2)]
+            replay = [await recv(ws) for _ in range(2)]
             assert [(m["s"], m["d"]) for m in replay] == [(4, {"n": 4}), (5, {"n": 5})]
             assert await srv.publish_ex("g", "E", {"n": 6}) == (6, epoch)
-            assert (await recv_json(ws))["s"] == 6
+            assert (await recv(ws))["s"] == 6
         finally:
             await ws.close()
 
@@ -75,7 +69,7 @@ async def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> 
         async def read() -> None:
             with contextlib.suppress(ConnectionClosed):
                 while True:
-                    seen.append(await recv_json(ws, timeout=TIMEOUT))
+                    seen.append(await recv(ws, timeout=TIMEOUT))
 
         async def publish(k: int) -> None:
             i = k
@@ -108,7 +102,7 @@ async def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> 
             assert sub["epoch"] == epoch and sub["recovered"] is True
             head = sub["s"]
             assert head >= max(acked)
-            replay = [await recv_json(ws) for _ in range(head - last_seen)]
+            replay = [await recv(ws) for _ in range(head - last_seen)]
             assert [m["s"] for m in replay] == list(range(last_seen + 1, head + 1))
             got = {m["s"]: m["d"] for m in [*seen, *replay]}
             # every acknowledged event is there, with its own content
@@ -120,7 +114,7 @@ async def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> 
             async with Api(node.api_url) as api:
                 status, body, _ = await api.publish({"guild": gid, "t": "N", "d": -1})
             assert (status, body["s"], body["epoch"]) == (200, head + 1, epoch)
-            assert (await recv_json(ws))["s"] == head + 1
+            assert (await recv(ws))["s"] == head + 1
         finally:
             await ws.close()
 

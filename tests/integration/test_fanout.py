@@ -10,9 +10,8 @@ from typing import Any
 
 import orjson
 
-from guildcast import Config, Server
-from tests.conftest import SECRET
-from tests.integration import gw
+from tests.support import gateway as gw
+from tests.support.node import node
 
 GUILDS = ["fan-0", "fan-1", "fan-2"]
 CLIENTS = 300
@@ -30,8 +29,7 @@ def guilds_of(i: int) -> list[str]:
 
 
 async def test_300_clients_3_guilds_2000_events() -> None:
-    cfg = Config(host="127.0.0.1", port=0, secret=SECRET, partition_size=16)
-    async with Server(cfg) as srv, asyncio.timeout(120):
+    async with node(partition_size=16) as srv, asyncio.timeout(120):
         token = srv.token("reader", guilds=["fan-*"])
         conns = await asyncio.gather(
             *(gw.session(srv.url, token, dict.fromkeys(guilds_of(i))) for i in range(CLIENTS))

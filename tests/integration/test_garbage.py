@@ -17,8 +17,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from guildcast import Server
-from tests.integration import gw
 from tests.integration.raw import RawWs
+from tests.support import gateway as gw
+from tests.support.wait import until
 
 EVENTS = 600
 
@@ -201,7 +202,7 @@ async def test_garbage_does_not_disturb_a_streaming_client(
     fresh, subs = await gw.session(server.url, token, {"stream": None})
     assert subs["stream"]["s"] == EVENTS
     # Nothing leaked: only the good and the fresh client remain.
-    await gw.wait_until(
+    await until(
         lambda: (
             server.gateway.stats()["connections"] == 2 and server.gateway.stats()["pending"] == 0
         )

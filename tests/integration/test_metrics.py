@@ -10,7 +10,10 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from tests.apihelp import TIMEOUT, Api, api_server, recv_json, subscribe, until
+from tests.support.api import Api
+from tests.support.gateway import recv, subscribe
+from tests.support.node import api_server
+from tests.support.wait import TIMEOUT, until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -61,11 +64,11 @@ async def test_metrics_parse_and_move_with_traffic() -> None:
         frames = 0
         for ws in (ws1, ws2):
             for _ in range(10):
-                msg = await recv_json(ws)
+                msg = await recv(ws)
                 frames += len(orjson.dumps(msg))
         # a bad token: closed with 4004
         bad = await connect(srv.url, proxy=None, open_timeout=TIMEOUT)
-        await recv_json(bad)
+        await recv(bad)
         await bad.send(orjson.dumps({"op": 2, "d": {"token": "nope", "guilds": {}}}).decode())
         async with asyncio.timeout(TIMEOUT):
             await bad.wait_closed()

@@ -13,16 +13,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from guildcast.core.tokens import make_token
-from tests.apihelp import (
-    SECRET,
-    TIMEOUT,
-    Api,
-    api_server,
-    recv_json,
-    serve_process,
-    subscribe,
-    until,
-)
+from tests.support.api import Api
+from tests.support.gateway import recv, subscribe
+from tests.support.node import SECRET, api_server, serve_process
+from tests.support.wait import TIMEOUT, until
 
 TOKEN = make_token(SECRET, "ops", ["*"], [], None, 3600)
 
@@ -53,7 +47,7 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Any) -> None:
         t0 = time.monotonic()
         assert node.proc is not None
         node.proc.terminate()
-        got = await recv_json(ws)
+        got = await recv(ws)
         assert got == {"op": 7, "d": None}  # RECONNECT
         try:
             async with asyncio.timeout(TIMEOUT):
@@ -102,7 +96,7 @@ async def test_json_logs_for_refusals_and_auth_failures(tmp_path: Any) -> None:
                 assert (await api.publish({"guild": "g", "t": "E"}))[0] == 403
         # a bad token on the gateway: 4004
         ws = await connect(node.url, proxy=None, open_timeout=TIMEOUT)
-        await recv_json(ws)
+        await recv(ws)
         await ws.send(orjson.dumps({"op": 2, "d": {"token": "bad", "guilds": {}}}).decode())
         async with asyncio.timeout(TIMEOUT):
             await ws.wait_closed()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from tests.apihelp import Api, api_server
-from tests.integration import gw
+from tests.support import gateway as gw
+from tests.support.api import Api
+from tests.support.node import api_server
 
 PRESENCE_KINDS = ("PRESENCE_JOIN", "PRESENCE_LEAVE")
 

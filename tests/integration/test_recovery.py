@@ -7,9 +7,10 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
-from guildcast import Config, Server
-from tests.conftest import SECRET
-from tests.integration import gw
+from guildcast import Server
+from tests.support import gateway as gw
+from tests.support.node import node
+from tests.support.wait import until
 
 
 async def next_events(ws: ClientConnection, n: int) -> list[dict[str, Any]]:
@@ -92,7 +93,7 @@ async def _expect_unrecovered(srv: Server, gid: str, position: dict[str, Any], h
 
 
 async def test_position_too_old_is_not_recovered() -> None:
-    async with Server(Config(host="127.0.0.1", port=0, secret=SECRET, history_size=10)) as srv:
+    async with node(history_size=10) as srv:
         epoch = ""
         for _ in range(50):
             _s, epoch = await srv.publish_ex("old", "EV", None)
@@ -108,8 +109,7 @@ async def test_position_too_old_is_not_recovered() -> None:
 
 
 async def test_position_aged_out_is_not_recovered() -> None:
-    cfg = Config(host="127.0.0.1", port=0, secret=SECRET, history_ttl=0.1)
-    async with Server(cfg) as srv:
+    async with node(history_ttl=0.1) as srv:
         epoch = ""
         for _ in range(5):
             _s, epoch = await srv.publish_ex("aged", "EV", None)
@@ -169,7 +169,7 @@ async def test_publishes_racing_subscribes_lose_and_double_nothing(server: Serve
 
     async def subscriber(k: int) -> tuple[int, list[int], bool]:
         # Wait (on a condition) until the stream has gone past a point.
-        await gw.wait_until(lambda: progress["s"] >= k * 60)
+        await until(lambda: progress["s"] >= k * 60)
         position: dict[str, Any] | None = None
         if k % 3 != 2:
             position = {"epoch": progress["epoch"], "s": max(0, progress["s"] - k % 40)}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from guildcast import Config, Server
-from tests.conftest import SECRET
-from tests.integration import gw
+from guildcast import Server
+from tests.support import gateway as gw
+from tests.support.node import node
 
 
 async def test_hello_ready_and_heartbeat(server: Server) -> None:
@@ -98,7 +98,7 @@ async def test_events_filter_applies_to_replay(server: Server) -> None:
 async def test_graceful_shutdown_sends_reconnect_then_1001() -> None:
     clients = []
     async with asyncio.timeout(60):
-        async with Server(Config(host="127.0.0.1", port=0, secret=SECRET)) as srv:
+        async with node() as srv:
             token = srv.token("u")
             for i in range(5):
                 ws, _ = await gw.session(srv.url, token, {f"g{i % 2}": None})

@@ -11,10 +11,10 @@ from typing import Any
 import orjson
 import psutil  # type: ignore[import-untyped]
 
-from guildcast import Config, Server
-from tests.conftest import SECRET
-from tests.integration import gw
 from tests.integration.raw import RawWs
+from tests.support import gateway as gw
+from tests.support.node import node
+from tests.support.wait import until
 
 HEALTHY = 50
 #: 16 KiB events: a stalled socket fills its kernel buffers and then the
@@ -37,8 +37,7 @@ MAX_LAG = 10.0
 async def test_stalled_client_is_closed_4010_others_unaffected() -> None:
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
-    cfg = Config(host="127.0.0.1", port=0, secret=SECRET, max_buffer=MAX_BUFFER)
-    async with Server(cfg) as srv, asyncio.timeout(120):
+    async with node(max_buffer=MAX_BUFFER) as srv, asyncio.timeout(120):
         token = srv.token("reader", guilds=["slow"])
         healthy = await asyncio.gather(
             *(gw.session(srv.url, token, {"slow": None}) for _ in range(HEALTHY))
@@ -109,7 +108,7 @@ async def test_stalled_client_is_closed_4010_others_unaffected() -> None:
         ss = [orjson.loads(p)["s"] for op, p in frames if op == 1]
         assert ss == list(range(1, len(ss) + 1)) and len(ss) < end
         stalled.close()
-        await gw.wait_until(lambda: srv.gateway.stats()["connections"] == HEALTHY)
+        await until(lambda: srv.gateway.stats()["connections"] == HEALTHY)
 
         grew = proc.memory_info().rss - rss0
         print(f"\n4010 after {n} events of {len(EVENT_DATA)} B; RSS grew {grew >> 20} MiB")

@@ -7,26 +7,18 @@ when a deadline moves earlier than the one the connection was filed under."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
-from guildcast import Config, Server
-from tests.conftest import SECRET
-from tests.integration import gw
+from guildcast import Server
 from tests.integration.raw import RawWs
+from tests.support import gateway as gw
+from tests.support.node import node
+from tests.support.wait import until
 
 #: Deadlines in these tests are well under a second; a close later than this
 #: means the deadline was missed (the far deadlines they set are 60 s).
 LATE = 8.0
-
-
-@asynccontextmanager
-async def node(**settings: Any) -> AsyncIterator[Server]:
-    async with Server(Config(host="127.0.0.1", port=0, secret=SECRET, **settings)) as srv:
-        yield srv
 
 
 async def identified(srv: Server) -> ClientConnection:
@@ -82,8 +74,8 @@ async def test_handshake_deadline_drops_a_silent_tcp_connection() -> None:
     async with node(handshake_timeout=0.3) as srv:
         c = await RawWs.open(srv.port)
         try:
-            await gw.wait_until(lambda: len(srv.gateway.pending) == 1, timeout=10)
-            await gw.wait_until(lambda: not srv.gateway.pending, timeout=LATE)
+            await until(lambda: len(srv.gateway.pending) == 1, timeout=10)
+            await until(lambda: not srv.gateway.pending, timeout=LATE)
         finally:
             c.close()
 
@@ -94,9 +86,9 @@ async def test_close_deadline_drops_a_client_that_never_answers() -> None:
         try:
             assert await c.handshake("/gateway") == 101
             assert (await c.next_json())["op"] == gw.HELLO
-            await gw.wait_until(lambda: len(srv.gateway.connections) == 1, timeout=10)
+            await until(lambda: len(srv.gateway.connections) == 1, timeout=10)
             # Never read the close frame nor answer it: dropped after close_timeout.
             srv.disconnect_all(4000, "test")
-            await gw.wait_until(lambda: not srv.gateway.connections, timeout=LATE)
+            await until(lambda: not srv.gateway.connections, timeout=LATE)
         finally:
             c.close()

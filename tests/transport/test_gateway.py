@@ -11,8 +11,9 @@ import pytest
 from websockets.frames import Opcode
 
 from guildcast import Server
-from tests.integration import gw
 from tests.integration.raw import RawWs
+from tests.support import gateway as gw
+from tests.support.wait import until
 
 
 async def http(server: Server, request: bytes) -> tuple[int, bytes]:
@@ -112,7 +113,7 @@ async def test_client_close_handshake(server: Server) -> None:
     ws, _ = await gw.session(server.url, server.token("u"), {"cl": None})
     await ws.close(1000, "bye")
     assert ws.close_code == 1000
-    await gw.wait_until(lambda: server.gateway.stats()["connections"] == 0)
+    await until(lambda: server.gateway.stats()["connections"] == 0)
     # Its subscription is gone with it.
     info = await server.hub.info("cl")
     assert info["subscribers"] == 0
@@ -128,8 +129,8 @@ async def test_abrupt_disconnect_cleans_up(server: Server) -> None:
     await c.next_json()  # READY
     await c.next_json()  # SUBSCRIBED
     c.close()  # no close frame
-    await gw.wait_until(lambda: server.gateway.stats()["connections"] == 0)
-    await gw.wait_until(lambda: not server.groups.members("ab"))
+    await until(lambda: server.gateway.stats()["connections"] == 0)
+    await until(lambda: not server.groups.members("ab"))
     await assert_serving(server)
 
 

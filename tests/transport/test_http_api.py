@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 
 from guildcast import Server
-from tests.apihelp import KEY, TIMEOUT, Api, api_server, recv_json, subscribe
+from tests.support.api import KEY, Api
+from tests.support.gateway import recv, subscribe
+from tests.support.node import api_server
+from tests.support.wait import TIMEOUT
 
 
 @pytest.fixture
@@ -32,12 +35,12 @@ async def test_publish_reaches_websocket_subscribers(srv: Server, api: Api) -> N
         status, body, _ = await api.publish({"guild": "room", "t": "MSG", "d": {"text": "hi"}})
         assert status == 200
         assert body == {"g": "room", "s": 1, "epoch": sub["epoch"]}
-        ev = await recv_json(ws)
+        ev = await recv(ws)
         assert ev == {"op": 0, "t": "MSG", "g": "room", "s": 1, "d": {"text": "hi"}}
         # d may be absent (null) or any JSON value
         status, body, _ = await api.publish({"guild": "room", "t": "PING"})
         assert status == 200 and body["s"] == 2
-        assert (await recv_json(ws))["d"] is None
+        assert (await recv(ws))["d"] is None
     finally:
         await ws.close()
 
@@ -54,7 +57,7 @@ async def test_a_batch_keeps_its_order(srv: Server, api: Api) -> None:
         for gid, ws in (("a", wa), ("b", wb)):
             mine = [(a["s"], e["d"]) for a, e in zip(acks, events, strict=True) if a["g"] == gid]
             assert [s for s, _ in mine] == list(range(1, len(mine) + 1))
-            got = [await recv_json(ws) for _ in mine]
+            got = [await recv(ws) for _ in mine]
             assert [(m["s"], m["d"]) for m in got] == mine
     finally:
         await wa.close()

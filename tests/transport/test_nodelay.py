@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import socket
 
-from guildcast import Config, Server
-from tests.conftest import SECRET
-from tests.integration import gw
+from tests.support import gateway as gw
+from tests.support.node import node
 
 
 async def test_accepted_sockets_have_nodelay() -> None:
-    async with Server(Config(host="127.0.0.1", port=0, secret=SECRET)) as srv:
+    async with node() as srv:
         ws, _ = await gw.session(srv.url, srv.token("user", guilds=["*"]))
         try:
             # The handshake and IDENTIFY are done: the server holds the connection.

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from guildcast.transport import openapi
-from tests.apihelp import KEY, serve_process
+from tests.support.api import KEY
+from tests.support.node import serve_process
+from tests.support.wait import output
 
 #: Examples per operation and phase, and a fixed seed: a bounded,
 #: reproducible run (about ten seconds on a shared machine).
@@ -68,14 +70,7 @@ async def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
             stderr=asyncio.subprocess.STDOUT,
             cwd=tmp_path,
         )
-        try:
-            async with asyncio.timeout(120):
-                out, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        text = out.decode(errors="replace")
+        text = await output(proc, 120)
         assert proc.returncode == 0, text
         assert "No issues found" in text, text
         log = node.log()

@@ -2,7 +2,8 @@
 
 Started from Debian's ``redis-server`` (``.ci/run`` installs it); tests that
 need it are skipped with a clear reason only when the binary is missing
-outside CI (in CI a missing binary is a failure).
+outside CI (in CI a missing binary is a failure). The ``redis_proc``
+fixture (tests/conftest.py) gives a test one, stopped after it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.wait import TIMEOUT
+
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -63,7 +67,7 @@ class RedisProc:
         else:
             args += ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
@@ -75,7 +79,7 @@ class RedisProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING within 30 s")
+        raise RuntimeError(f"redis-server did not answer PING within {TIMEOUT} s")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
