@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from guildcast.actors import Actor, ActorExited, Registry
-from tests.actors.support import TEST_TIMEOUT, Boom
+from tests.actors.support import Boom
+from tests.support.wait import TIMEOUT
 
 
 class Card(Actor):
@@ -52,7 +53,7 @@ async def test_a_lookup_during_on_stop_waits_for_the_save(tmp_path: Path) -> Non
     start the second instance at once; it loaded the file before the first
     had saved, and its own save lost the first update.)"""
     gate = asyncio.Event()
-    async with asyncio.timeout(TEST_TIMEOUT), Registry(lambda n: Card(n, tmp_path, gate)) as reg:
+    async with asyncio.timeout(TIMEOUT), Registry(lambda n: Card(n, tmp_path, gate)) as reg:
         first = reg.lookup_or_start("card-1")
         assert await first.call("first note") == 1
         first.stop()
@@ -68,7 +69,7 @@ async def test_a_lookup_during_on_stop_waits_for_the_save(tmp_path: Path) -> Non
 async def test_the_registry_block_ends_with_live_actors_and_saves_them(tmp_path: Path) -> None:
     """Leaving ``async with Registry(...)`` stops every actor (their
     ``on_stop`` runs to the end) even though none was idle."""
-    async with asyncio.timeout(TEST_TIMEOUT):
+    async with asyncio.timeout(TIMEOUT):
         async with Registry(lambda n: Card(n, tmp_path)) as reg:
             for i in range(20):
                 assert await reg.lookup_or_start(f"c{i}").call(f"note {i}") == 1
@@ -82,7 +83,7 @@ async def test_crash_policy_is_restart_on_next_lookup(tmp_path: Path) -> None:
     """A crash is logged, the actor's ``on_stop`` still runs (its state up
     to the crash is saved), monitors see the exception, and the next lookup
     starts a fresh instance from the file."""
-    async with asyncio.timeout(TEST_TIMEOUT), Registry(lambda n: Card(n, tmp_path)) as reg:
+    async with asyncio.timeout(TIMEOUT), Registry(lambda n: Card(n, tmp_path)) as reg:
         a = reg.lookup_or_start("c")
         assert await a.call("kept") == 1
         reasons: list[BaseException | None] = []
@@ -110,7 +111,7 @@ async def test_leaving_the_registry_runs_a_waiting_successor(tmp_path: Path) -> 
     successor runs once it is free (stop_all waits for it) and its queued call
     is answered, not dropped."""
     gate = asyncio.Event()
-    async with asyncio.timeout(TEST_TIMEOUT):
+    async with asyncio.timeout(TIMEOUT):
         async with Registry(lambda n: Card(n, tmp_path, gate)) as reg:
             first = reg.lookup_or_start("x")
             assert await first.call("one") == 1

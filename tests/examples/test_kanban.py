@@ -25,7 +25,8 @@ import websockets
 from aiohttp import web
 
 from guildcast.examples.kanban import Kanban, Settings, make_app
-from tests.redisproc import free_port
+from tests.support.redis import free_port
+from tests.support.wait import until
 
 TIMEOUT = 60.0
 
@@ -58,12 +59,6 @@ async def kanban(data: Path, **kw: Any) -> AsyncIterator[Running]:
                 yield Running(kb, f"http://127.0.0.1:{port}", http)
         finally:
             await runner.cleanup()
-
-
-async def until(cond: Any, what: str, timeout: float = TIMEOUT) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():  # noqa: ASYNC110 - actor state we have no event for
-            await asyncio.sleep(0.02)
 
 
 class Follower:
@@ -286,12 +281,12 @@ async def test_sigkill_keeps_every_acknowledged_and_flushed_write(tmp_path: Path
                     assert r.status == 200
                     states[cid] = (await r.json())["card"]
             for cid, state in states.items():  # wait for the flush each promises
-                async with asyncio.timeout(TIMEOUT):
-                    while True:
-                        async with http.get(f"{base}/api/cards/{cid}") as r:
-                            if (await r.json())["flushed_version"] == state["version"]:
-                                break
-                        await asyncio.sleep(0.02)
+
+                async def flushed(cid: str = cid, version: int = state["version"]) -> bool:
+                    async with http.get(f"{base}/api/cards/{cid}") as r:
+                        return bool((await r.json())["flushed_version"] == version)
+
+                await until(flushed, f"card {cid} flushed", timeout=TIMEOUT)
         await svc.kill()
         await svc.start()
         async with aiohttp.ClientSession() as http:
