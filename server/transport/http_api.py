@@ -361,11 +361,10 @@ class HttpApi:
         """Also serve on ``host:port`` (0: a free port), never shared with
         SO_REUSEPORT: this node's own address when several share ``start``'s
         port (``--workers``). Returns the bound port."""
-        site = web.TCPSite(self._runner, host, port, backlog=128)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        return int(server.sockets[0].getsockname()[1])
+        before = set(map(tuple, self._runner.addresses))
+        await web.TCPSite(self._runner, host, port, backlog=128).start()
+        new = [a for a in self._runner.addresses if tuple(a) not in before]
+        return int(new[0][1])
 
     async def stop(self) -> None:
         """Stop listening; requests in flight get ``SHUTDOWN_TIMEOUT`` s to finish."""

@@ -1,132 +1,142 @@
-"""Operations: graceful drain on SIGTERM (RECONNECT, 1001, exit 0, history
-flushed), readiness false while draining, and structured JSON logs for the
-events an operator needs (refusals, auth failures), never one per message."""
+"""What an operator relies on (issue "First run and operations"): read-only
+API calls that start no guild actor, health and readiness on the gateway
+port, the demo page switched off, ``/favicon.ico``, ``--node-id`` without
+Redis, a per-node API listener and metrics labelled with their node, and the
+README's claim about epochs and idle guilds."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any
+from pathlib import Path
 
 import orjson
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from prometheus_client.parser import text_string_to_metric_families
 
-from guildcast.core.tokens import make_token
-from tests.apihelp import (
-    SECRET,
-    TIMEOUT,
-    Api,
-    api_server,
-    recv_json,
-    serve_process,
-    subscribe,
-    until,
-)
-
-TOKEN = make_token(SECRET, "ops", ["*"], [], None, 3600)
+from guildcast import Config, Server
+from guildcast.client import Client
+from tests.apihelp import SECRET, Api, api_server, subscribe, until
+from tests.clients.test_demo_static import http_get
 
 
-async def stalled_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A WebSocket client that completes the handshake and then never reads or
-    answers again (so a drain has to wait for it)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"GET /gateway HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await writer.drain()
-    async with asyncio.timeout(TIMEOUT):
-        head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return reader, writer
+async def test_read_only_calls_start_no_guild_actor(tmp_path: Path) -> None:
+    for extra in ({}, {"data_dir": str(tmp_path / "data")}):
+        async with api_server(max_guilds=1, **extra) as srv, Api(srv.api_url) as api:
+            for gid in ("never-seen", "also-new", "third"):
+                status, info, _ = await api.get(f"/v1/guilds/{gid}")
+                assert status == 200, info
+                assert info["s"] == 0 and info["subscribers"] == 0
+                assert info["history"]["max_count"] == srv.config.history_size
+                status, page, _ = await api.get(f"/v1/guilds/{gid}/history?after=0")
+                assert status == 200, page
+                assert page["events"] == []
+            # None of them started an actor or took the one max_guilds slot.
+            assert len(srv.registry) == 0 and srv.registry.started == 0
+            status, _, _ = await api.publish({"guild": "live", "t": "E", "d": {"i": 1}})
+            assert status == 200
+            # A guild that is alive answers as before (same epoch, same history).
+            status, live, _ = await api.get("/v1/guilds/live")
+            assert live["s"] == 1
+            await srv.registry.stop_all()
+            assert len(srv.registry) == 0
+            # Gone from the node, its history is still read from the broker.
+            status, page, _ = await api.get("/v1/guilds/live/history?after=0")
+            assert page["epoch"] == live["epoch"] and page["s"] == 1
+            assert [e["d"] for e in page["events"]] == [{"i": 1}]
+            assert len(srv.registry) == 0
 
 
-async def test_sigterm_drains_and_exits_zero(tmp_path: Any) -> None:
-    data = tmp_path / "data"
-    args = ["--data-dir", str(data), "--drain-timeout", "10", "--log-format", "json"]
-    async with serve_process(args, tmp_path / "run1.log") as node:
-        async with Api(node.api_url) as api:
-            for n in range(3):
-                assert (await api.publish({"guild": "d", "t": "N", "d": n}))[0] == 200
-        ws, sub = await subscribe(node.url, TOKEN, "d")
-        t0 = time.monotonic()
-        assert node.proc is not None
-        node.proc.terminate()
-        got = await recv_json(ws)
-        assert got == {"op": 7, "d": None}  # RECONNECT
+async def test_healthz_readyz_favicon_on_the_gateway_port() -> None:
+    async with Server(Config(port=0, secret=SECRET)) as srv:  # no HTTP API at all
+        status, hdrs, body = await http_get(srv.port, "/healthz")
+        assert status == 200 and orjson.loads(body) == {"status": "ok"}
+        assert hdrs["content-type"] == "application/json"
+        status, _, body = await http_get(srv.port, "/readyz")
+        assert status == 200 and orjson.loads(body) == {"ready": True}
+        status, _, body = await http_get(srv.port, "/favicon.ico")
+        assert status == 204 and body == b""
+        status, _, body = await http_get(srv.port, "/")
+        assert status == 200 and b"Guildcast board" in body
+        # While it drains the gateway port says so: a load balancer stops sending.
+        srv.draining = True
+        status, _, body = await http_get(srv.port, "/readyz")
+        assert status == 503 and orjson.loads(body) == {"ready": False, "detail": "draining"}
+        srv.draining = False
+        # The WebSocket path is unchanged.
+        async with Client(srv.url, srv.token("u", guilds=["*"])) as c:
+            assert c.connected
+
+
+async def test_demo_page_can_be_turned_off() -> None:
+    async with Server(Config(port=0, secret=SECRET, demo_page=False)) as srv:
+        for path in ("/", "/demo"):
+            status, _, _ = await http_get(srv.port, path)
+            assert status == 404, path
+        status, hdrs, _ = await http_get(srv.port, "/guildcast.js")  # applications import it
+        assert status == 200 and hdrs["content-type"].startswith("text/javascript")
+        status, _, _ = await http_get(srv.port, "/healthz")
+        assert status == 200
+
+
+async def test_node_id_without_redis_is_the_presence_node() -> None:
+    for node_id, expected in (("edge-7", "edge-7"), (None, "local")):
+        async with api_server(node_id=node_id) as srv, Api(srv.api_url) as api:
+            ws, _ = await subscribe(srv.url, srv.token("ann", guilds=["*"]), "room")
+            try:
+                members: list[dict[str, str]] = []
+
+                async def read() -> None:
+                    nonlocal members
+                    _, body, _ = await api.get("/v1/guilds/room/presence")
+                    members = body["members"]
+
+                for _ in range(2000):  # bounded poll: the join is asynchronous
+                    await read()
+                    if members:
+                        break
+                    await asyncio.sleep(0.01)
+                assert [(m["user"], m["node"]) for m in members] == [("ann", expected)]
+            finally:
+                await ws.close()
+
+
+def samples(text: str) -> list[tuple[str, dict[str, str]]]:
+    return [(s.name, s.labels) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+async def test_node_api_port_and_node_labelled_metrics() -> None:
+    cfg = {"node_id": "worker-a", "node_api_port": 0, "metrics_node_label": True}
+    async with api_server(**cfg) as srv:
+        assert srv.node_api_port not in (0, srv.api_port)
+        own = f"http://127.0.0.1:{srv.node_api_port}"
+        async with Api(srv.api_url) as shared, Api(own) as mine:
+            for api in (shared, mine):
+                status, body, _ = await api.get("/metrics")
+                assert status == 200
+                found = samples(body.decode())
+                assert len(found) > 20
+                assert all(labels.get("node") == "worker-a" for _, labels in found), found
+                status, body, _ = await api.get("/readyz")
+                assert status == 200
+    # Without the setting the series are as before: no node label.
+    async with api_server() as srv, Api(srv.api_url) as api:
+        _, body, _ = await api.get("/metrics")
+        assert all("node" not in labels for _, labels in samples(body.decode()))
+        assert srv.node_api_port == 0
+
+
+async def test_history_outlives_the_guild_actor_same_epoch() -> None:
+    """README: an idle guild's actor stops, its history and epoch stay (within
+    ``history_ttl``): a client coming back recovers what it missed."""
+    async with api_server(idle_timeout=0.2) as srv:
+        tok = srv.token("u", guilds=["*"])
+        ws, sub = await subscribe(srv.url, tok, "quiet")
+        epoch = sub["epoch"]
+        await ws.close()
+        s = await srv.publish("quiet", "E", {"i": 1})
+        await until(lambda: srv.registry.lookup("quiet") is None, "the guild to idle out")
+        ws, sub = await subscribe(srv.url, tok, "quiet", {"epoch": epoch, "s": 0})
         try:
-            async with asyncio.timeout(TIMEOUT):
-                await ws.recv()
-        except ConnectionClosed:
-            pass
-        assert ws.close_code == 1001
-        assert await node.wait() == 0
-        # Bounded: the client closed at once, so well before the drain timeout
-        # (10 s) plus the interpreter's exit, even on a loaded machine.
-        assert time.monotonic() - t0 < 25
-        assert "guildcast: stopped\n" in node.stdout
-        msgs = [r["msg"] for r in node.log_json()]
-        assert any(m.startswith("draining") for m in msgs) and "node stopped" in msgs
-    # the history was flushed: a restart continues it
-    async with serve_process(args, tmp_path / "run2.log") as node:
-        async with Api(node.api_url) as api:
-            status, info, _ = await api.get("/v1/guilds/d")
-        assert status == 200 and info["s"] == 3 and info["epoch"] == sub["epoch"]
-
-
-async def test_not_ready_while_draining() -> None:
-    async with api_server(drain_timeout=TIMEOUT) as srv, Api(srv.api_url) as api:
-        assert (await api.get("/readyz"))[0] == 200
-        _, writer = await stalled_client(srv.port)
-        stopping = asyncio.create_task(srv.stop())
-        await until(lambda: srv.draining, "the drain to start")
-        status, body, _ = await api.get("/readyz")
-        assert (status, body["ready"]) == (503, False)
-        status, err, _ = await api.publish({"guild": "g", "t": "E"})
-        assert (status, err["error"]) == (503, "unavailable")
-        assert "draining" in err["detail"]
-        assert (await api.get("/healthz"))[0] == 200  # alive, just not ready
-        assert not stopping.done()  # it waits for the stalled client
-        writer.close()  # the client goes: the drain ends
-        async with asyncio.timeout(TIMEOUT):
-            await stopping
-
-
-async def test_json_logs_for_refusals_and_auth_failures(tmp_path: Any) -> None:
-    args = ["--log-format", "json", "--max-connections", "1"]
-    async with serve_process(args, tmp_path / "run.log") as node:
-        # three refused API calls: one line, then they are counted, not logged
-        async with Api(node.api_url, key="wrong") as api:
-            for _ in range(3):
-                assert (await api.publish({"guild": "g", "t": "E"}))[0] == 403
-        # a bad token on the gateway: 4004
-        ws = await connect(node.url, proxy=None, open_timeout=TIMEOUT)
-        await recv_json(ws)
-        await ws.send(orjson.dumps({"op": 2, "d": {"token": "bad", "guilds": {}}}).decode())
-        async with asyncio.timeout(TIMEOUT):
-            await ws.wait_closed()
-        assert ws.close_code == 4004
-        # max_connections=1: a second connection gets 1013
-        first, _ = await subscribe(node.url, TOKEN, "g")
-        second = await connect(node.url, proxy=None, open_timeout=TIMEOUT)
-        async with asyncio.timeout(TIMEOUT):
-            await second.wait_closed()
-        assert second.close_code == 1013
-        await first.close()
-        assert await node.terminate() == 0
-        records = node.log_json()
-    for r in records:
-        assert {"ts", "level", "logger", "msg"} <= set(r)
-        assert r["ts"].endswith("Z") and "T" in r["ts"]
-    by_event: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        if "event" in r:
-            by_event.setdefault(r["event"], []).append(r)
-    api_auth = by_event["api_auth_failed"]
-    assert len(api_auth) == 1 and api_auth[0]["level"] == "INFO"
-    assert api_auth[0]["logger"] == "guildcast.api" and api_auth[0]["path"] == "/v1/publish"
-    gw_auth = by_event["auth_failed"]
-    assert len(gw_auth) == 1 and gw_auth[0]["code"] == 4004
-    refused = by_event["connection_refused"]
-    assert len(refused) == 1 and refused[0]["level"] == "WARNING" and refused[0]["code"] == 1013
+            assert sub["epoch"] == epoch and sub["recovered"] is True
+            assert sub["s"] == s
+        finally:
+            await ws.close()
