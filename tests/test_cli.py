@@ -64,10 +64,12 @@ def one_line_error(r: subprocess.CompletedProcess[str], status: int, *words: str
     return lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def exists(path: Path) -> bool:
+    return path.exists()
 
 
 class Serve:
@@ -145,8 +147,8 @@ async def test_generated_secret_and_key_survive_a_restart(tmp_path: Path) -> Non
             assert await s.stop() == 0
     assert seen[0][:2] == seen[1][:2]
     assert len(seen[0][1]) >= 32  # PyJWT's minimum for HS256: no warning
-    assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE(state_file.parent.stat().st_mode) == 0o700
+    assert mode(state_file) == 0o600
+    assert mode(state_file.parent) == 0o700
     # `guildcast token` with no --secret signs with the kept one.
     r = run(tmp_path, "token", "--sub", "me", "--guilds", "demo")
     assert r.returncode == 0, r.stderr
@@ -162,8 +164,8 @@ async def test_state_file_lives_in_the_data_dir(tmp_path: Path) -> None:
         await s.expect(r"gateway on")
         assert await s.stop() == 0
     assert Path(where) == data / "guildcast-state.json"
-    assert stat.S_IMODE(Path(where).stat().st_mode) == 0o600
-    assert not (tmp_path / "state-home").exists()
+    assert mode(Path(where)) == 0o600
+    assert not exists(tmp_path / "state-home")
 
 
 async def test_a_given_secret_and_key_write_no_state(tmp_path: Path) -> None:
@@ -174,7 +176,7 @@ async def test_a_given_secret_and_key_write_no_state(tmp_path: Path) -> None:
         await s.expect(r"api on")
         assert await s.stop() == 0
     assert not any("kept in" in ln or "secret:" in ln for ln in s.lines), s.lines
-    assert not (tmp_path / "state-home").exists()
+    assert not exists(tmp_path / "state-home")
 
 
 @pytest.mark.parametrize(

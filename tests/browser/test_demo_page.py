@@ -21,8 +21,8 @@ except ImportError:  # pragma: no cover - skipped by pytestmark
     pass
 
 
-async def new_page(browser: Browser, url: str, errors: list[str]) -> Page:
-    ctx = await browser.new_context(viewport={"width": 900, "height": 640})
+async def new_page(chromium: Browser, url: str, errors: list[str]) -> Page:
+    ctx = await chromium.new_context(viewport={"width": 900, "height": 640})
     page = await ctx.new_page()
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     await page.goto(url)
