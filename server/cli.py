@@ -13,6 +13,7 @@ start it with port 0::
 
     guildcast: gateway on ws://127.0.0.1:PORT/gateway
     guildcast: api on http://127.0.0.1:PORT
+    guildcast: node NODE own API at http://127.0.0.1:PORT   (--node-api-port, --workers)
 
 Without ``--secret`` (or without an API key) ``serve`` generates one once and
 keeps it in a state file (``guildcast.state``: mode 0600, its path printed),
@@ -332,7 +333,7 @@ async def _serve(cfg: Config, print_token: bool, print_key: bool, state_path: st
             print(f"guildcast: api on {srv.api_url}", flush=True)
         if srv.node_api_port:
             print(
-                f"guildcast: node {srv.node_id} api on "
+                f"guildcast: node {srv.node_id} own API at "
                 f"{srv.api_url.rsplit(':', 1)[0]}:{srv.node_api_port}",
                 flush=True,
             )

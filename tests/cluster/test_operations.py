@@ -127,7 +127,7 @@ async def test_workers_per_node_metrics_and_death_with_the_supervisor(tmp_path: 
             demo_token = m.group(1)
             nodes: dict[str, int] = {}
             while len(nodes) < 2:
-                m = await s.expect(r"node (\S+) api on http://127\.0\.0\.1:(\d+)")
+                m = await s.expect(r"node (\S+) own API at http://127\.0\.0\.1:(\d+)")
                 nodes[m.group(1)] = int(m.group(2))
                 s.lines.remove(m.string)
             assert len(set(nodes.values())) == 2 and api_port not in nodes.values()
