@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -302,6 +303,7 @@ def _die_with_supervisor(stop: asyncio.Event) -> asyncio.Task[None] | None:
 
 
 async def _serve(cfg: Config, print_token: bool, print_key: bool, state_path: str | None) -> int:
+    from guildcast.broker.base import BrokerUnavailable
     from guildcast.node import Server
 
     loop = asyncio.get_running_loop()
@@ -324,9 +326,12 @@ async def _serve(cfg: Config, print_token: bool, print_key: bool, state_path: st
     try:
         starting.result()
     except OSError as e:
-        return _fail(f"cannot listen: {e}", 1)
+        listening = e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+        return _fail(f"cannot listen: {e}" if listening else str(e), 1)
     except ValueError as e:
         return _fail(str(e), 2)
+    except BrokerUnavailable as e:  # a data dir that cannot be used
+        return _fail(str(e), 1)
     try:
         print(f"guildcast: gateway on {srv.url}", flush=True)
         if srv.api is not None:

@@ -302,3 +302,19 @@ def test_loadtest_without_its_extra_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert "pip install 'guildcast[loadtest]'" in r.stderr
     assert re.search(r"guildcast loadtest: (hdrh|rich|psutil|matplotlib) is missing", r.stderr)
+
+
+async def test_a_data_dir_in_use_or_unusable_is_one_line(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    data = tmp_path / "data"
+    common = ["serve", "--port", "0", "--api-port", "-1", "--secret", SECRET]
+    async with serve(env, "--port", "0", "--api-port", "-1", "--secret", SECRET, "--data-dir",
+                     str(data)) as s:  # fmt: skip
+        await s.expect(r"gateway on")
+        r = await asyncio.to_thread(run, tmp_path, *common, "--data-dir", str(data))
+        one_line_error(r, 1, "in use by another node")
+        assert await s.stop() == 0
+    afile = tmp_path / "a-file"
+    afile.write_text("not a directory")
+    r = await asyncio.to_thread(run, tmp_path, *common, "--data-dir", str(afile))
+    one_line_error(r, 1, str(afile))

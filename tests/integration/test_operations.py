@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from guildcast import Config, Server
@@ -140,3 +141,11 @@ async def test_history_outlives_the_guild_actor_same_epoch() -> None:
             assert sub["s"] == s
         finally:
             await ws.close()
+
+
+@pytest.mark.parametrize(
+    "cfg", [Config(port=0, secret=""), Config(port=0, secret=SECRET, api_keys=("",))]
+)
+def test_an_embedded_empty_secret_or_key_is_refused(cfg: Config) -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        Server(cfg)
