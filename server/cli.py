@@ -15,10 +15,12 @@ start it with port 0::
     guildcast: api on http://127.0.0.1:PORT
     guildcast: node NODE own API at http://127.0.0.1:PORT   (--node-api-port, --workers)
 
-Without ``--secret`` (or without an API key) ``serve`` generates one once and
-keeps it in a state file (``guildcast.state``: mode 0600, its path printed),
-so a restart accepts the same tokens; ``token`` signs with that same secret
-when given none. Mistakes an operator makes (an empty secret, a port in use,
+Without ``--secret`` (the embedded default) ``serve`` generates a secret, and
+without ``--api-key`` an API key, once and keeps them in a state file
+(``guildcast.state``: mode 0600, its path printed), so a restart accepts the
+same tokens; ``token`` signs with that same secret when given none. With a
+``--secret`` of one's own and no key, a key is generated for that run only.
+Mistakes an operator makes (an empty secret, a port in use,
 a bad environment variable, a bad ``--redis`` URL) end with one line on
 stderr and a non-zero status (2 for usage, 1 for the rest), not a traceback.
 """
@@ -302,7 +304,7 @@ def _die_with_supervisor(stop: asyncio.Event) -> asyncio.Task[None] | None:
     return asyncio.get_running_loop().create_task(watch(), name="supervisor-watch")
 
 
-async def _serve(cfg: Config, print_token: bool, print_key: bool, state_path: str | None) -> int:
+async def _serve(cfg: Config, notes: list[str], print_token: bool) -> int:
     from guildcast.broker.base import BrokerUnavailable
     from guildcast.node import Server
 
@@ -342,10 +344,8 @@ async def _serve(cfg: Config, print_token: bool, print_key: bool, state_path: st
                 f"{srv.api_url.rsplit(':', 1)[0]}:{srv.node_api_port}",
                 flush=True,
             )
-        if state_path is not None:
-            print(f"guildcast: generated secret and API key kept in {state_path}", flush=True)
-        if print_key and srv.api is not None:
-            print(f"guildcast: API key: {srv.api_key}", flush=True)
+        for line in notes:
+            print(line, flush=True)
         if print_token:
             print(f"guildcast: secret: {srv.secret}", flush=True)
             for line in _demo_lines(srv.secret, srv.url):
@@ -453,22 +453,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(why)
     api_keys = tuple(args.api_keys or args.env_api_keys)
     secret: str | None = args.secret
-    state_path: str | None = None
     worker = bool(os.environ.get("GUILDCAST_WORKER_INDEX"))
-    if not worker and (secret is None or (not api_keys and args.api_port >= 0)):
+    #: Lines printed once listening (the supervisor prints them for its workers).
+    notes: list[str] = []
+    needs_key = not api_keys and args.api_port >= 0
+    print_token = not worker and secret is None
+    if print_token:
+        # The embedded default: the generated secret (and key) outlive a restart.
         path = Path(args.state_file) if args.state_file else state.default_path(args.data_dir)
         try:
             kept = state.load_or_create(path)
         except state.StateError as e:
             return _fail(str(e))
-        state_path = str(kept.path)
-        print_token = secret is None
-        print_key = not api_keys and args.api_port >= 0
-        secret = secret or kept.secret
-        if print_key:
+        notes.append(f"guildcast: generated secret and API key kept in {kept.path}")
+        secret = kept.secret
+        if needs_key:
             api_keys = (kept.api_key,)
-    else:
-        print_token = print_key = False
+            notes.append(f"guildcast: API key: {kept.api_key}")
+    elif not worker and needs_key:
+        # A secret of one's own but no key: one for this run, as it says.
+        import secrets
+
+        api_keys = (secrets.token_urlsafe(state.API_KEY_BYTES),)
+        notes.append(f"guildcast: generated API key for this run: {api_keys[0]}")
     if args.workers > 1:
         from guildcast.workers import run_workers
 
@@ -478,9 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             list(argv) if argv is not None else sys.argv[1:],
             secret=secret,
             api_keys=api_keys,
-            state_path=state_path,
+            notes=notes,
             print_token=print_token,
-            print_key=print_key,
         )
     cfg = Config(**{name: getattr(args, name) for name in _SERVE_FLAGS})
     cfg.secret = secret
@@ -491,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg.demo_page = not args.no_demo
     cfg.reuse_port = os.environ.get("GUILDCAST_REUSE_PORT") == "1"
     cfg.metrics_node_label = worker
-    coro = _serve(cfg, print_token, print_key, state_path)
+    coro = _serve(cfg, notes, print_token)
     if args.no_uvloop:
         return asyncio.run(coro)
     import uvloop

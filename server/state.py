@@ -1,7 +1,8 @@
 """First-run state: the generated secret and API key, kept across restarts.
 
-``guildcast serve`` with no ``--secret`` (or no API key) generates one; this
-module keeps it in a small JSON file so that a restart signs and accepts the
+``guildcast serve`` with no ``--secret`` (the embedded default) generates a
+secret, and without ``--api-key`` an API key; this module keeps them in a
+small JSON file so that a restart signs and accepts the
 same tokens and keys (the demo board's tabs reconnect instead of ending at
 4004). A production deployment passes its own ``--secret`` and
 ``--api-key`` and never reads or writes the file.

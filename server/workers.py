@@ -15,7 +15,8 @@ port with a retired secret.
 
 Workers share state only through Redis, so ``--workers`` > 1 needs
 ``--redis``; they also need one secret and one API key, which the caller
-(``guildcast.cli``: given, or kept in the state file) hands to every worker.
+(``guildcast.cli``: given, generated or kept in the state file) hands to
+every worker, with the lines to print about them (``notes``).
 Each worker also listens on its own API port (``--node-api-port``, worker
 ``i`` on ``PORT+i``, default a free port each) and labels every metric with
 ``node``: the shared API port answers from a random worker, so Prometheus
@@ -63,9 +64,8 @@ def run_workers(
     *,
     secret: str | None,
     api_keys: tuple[str, ...],
-    state_path: str | None,
+    notes: list[str],
     print_token: bool,
-    print_key: bool,
 ) -> int:
     """Run ``n`` workers until a signal; returns the exit status."""
     if not args.redis:
@@ -90,10 +90,8 @@ def run_workers(
         env["GUILDCAST_API_KEYS"] = ",".join(api_keys)
     # -P: nothing in the current directory (a user's own server.py) can shadow the package.
     cmd = [sys.executable, "-P", "-m", "guildcast.cli", *_child_argv(argv)]
-    if state_path is not None:
-        print(f"guildcast: generated secret and API key kept in {state_path}", flush=True)
-    if print_key:
-        print(f"guildcast: API key: {api_keys[0]}", flush=True)
+    for line in notes:
+        print(line, flush=True)
     if print_token:
         from guildcast.cli import _demo_lines
 

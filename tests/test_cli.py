@@ -318,3 +318,17 @@ async def test_a_data_dir_in_use_or_unusable_is_one_line(tmp_path: Path) -> None
     afile.write_text("not a directory")
     r = await asyncio.to_thread(run, tmp_path, *common, "--data-dir", str(afile))
     one_line_error(r, 1, str(afile))
+
+
+async def test_own_secret_without_a_key_gets_a_key_for_this_run(tmp_path: Path) -> None:
+    keys = []
+    for _run in range(2):
+        async with serve(
+            clean_env(tmp_path), "--port", "0", "--api-port", "0", "--secret", SECRET
+        ) as s:
+            keys.append((await s.expect(r"generated API key for this run: (\S+)")).group(1))
+            await s.expect(r"api on")
+            assert await s.stop() == 0
+    assert keys[0] != keys[1]
+    assert not any("kept in" in ln or "secret:" in ln for ln in s.lines), s.lines
+    assert not exists(tmp_path / "state-home")
