@@ -5,7 +5,9 @@ and runs them in one task group, in the caller's event loop.
         s = await srv.publish("guild-1", "HELLO", {"x": 1})
 
 Start order: task group, broker, process groups, guild registry, hub,
-gateway, HTTP API (when ``api_port`` is set).
+gateway, HTTP API (when ``api_port`` is set). A Redis that does not answer
+yet is waited for (``_start_broker``) with the HTTP API already up and not
+ready; the gateway listens once Redis answers.
 Stop order (graceful): not ready (``/readyz`` 503, HTTP publishes 503), stop
 accepting, RECONNECT + 1001 to every session, wait for them
 (``drain_timeout``), stop the HTTP API (in-flight requests finish), stop
@@ -182,8 +184,6 @@ class Server:
             )
         self._started = True
         log.info("gateway listening on %s", self.url, extra={"url": self.url})
-        if self.api is not None:
-            log.info("HTTP API listening on %s", self.api_url, extra={"url": self.api_url})
 
     async def _start_api(self) -> None:
         """Start the HTTP API (and the per-node listener) when configured."""
@@ -207,6 +207,8 @@ class Server:
         )
         self.api_port = await api.start(cfg.host, cfg.api_port)
         self.api = api  # from here on ``_stop_api`` stops it
+        # Logged here: while waiting for Redis the API runs before the gateway.
+        log.info("HTTP API listening on %s", self.api_url, extra={"url": self.api_url})
         if cfg.node_api_port is not None and cfg.node_api_port >= 0:
             self.node_api_port = await api.add_listener(cfg.host, cfg.node_api_port)
 
