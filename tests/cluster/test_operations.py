@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 from pathlib import Path
@@ -119,9 +118,11 @@ async def test_workers_per_node_metrics_and_death_with_the_supervisor(tmp_path: 
     port, api_port = free_port(), free_port()
     env = clean_env(tmp_path)
     args = ["--workers", "2", "--port", str(port), "--api-port", str(api_port)]
+    pids: list[int] = []
     try:
         async with serve(env, *args, "--redis", redis.url, "--api-key", KEY) as s:
-            pids = [int(p) for p in re.findall(r"\d+", (await s.expect(r"supervising 2"))[0])[1:]]
+            m = await s.expect(r"supervising 2 workers: \[(\d+), (\d+)\]")
+            pids += [int(m.group(1)), int(m.group(2))]
             # No --secret: the supervisor prints the demo link one node prints.
             m = await s.expect(rf"live demo board: http://127\.0\.0\.1:{port}/#token=([^&\s]+)")
             demo_token = m.group(1)
@@ -151,11 +152,11 @@ async def test_workers_per_node_metrics_and_death_with_the_supervisor(tmp_path: 
                 if not any(_alive(p) for p in pids) and _port_is_free(port):
                     break
                 await asyncio.sleep(0.1)
-            assert not any(_alive(p) for p in pids), "orphaned workers"
+            assert len(pids) == 2 and not any(_alive(p) for p in pids), "orphaned workers"
             assert _port_is_free(port) and _port_is_free(api_port)
             assert all(_port_is_free(p) for p in nodes.values())
     finally:
-        for p in locals().get("pids", []):
+        for p in pids:  # only if the test failed: no orphan outlives it
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
         redis.stop()
