@@ -464,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             kept = state.load_or_create(path)
         except state.StateError as e:
-            return _fail(str(e))
+            return _fail(f"{e} (give --secret and --api-key, or --state-file PATH)")
         notes.append(f"guildcast: generated secret and API key kept in {kept.path}")
         secret = kept.secret
         if needs_key:

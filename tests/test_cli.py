@@ -332,3 +332,29 @@ async def test_own_secret_without_a_key_gets_a_key_for_this_run(tmp_path: Path) 
     assert keys[0] != keys[1]
     assert not any("kept in" in ln or "secret:" in ln for ln in s.lines), s.lines
     assert not exists(tmp_path / "state-home")
+
+
+async def test_no_demo_flag_and_gateway_health(tmp_path: Path) -> None:
+    from tests.clients.test_demo_static import http_get
+
+    for env in (clean_env(tmp_path), clean_env(tmp_path, GUILDCAST_NO_DEMO="1")):
+        args = ["--port", "0", "--api-port", "-1", "--secret", SECRET]
+        flag = [] if "GUILDCAST_NO_DEMO" in env else ["--no-demo"]
+        async with serve(env, *args, *flag) as s:
+            port = int((await s.expect(r"gateway on ws://127\.0\.0\.1:(\d+)")).group(1))
+            assert (await http_get(port, "/"))[0] == 404
+            assert (await http_get(port, "/favicon.ico"))[0] == 204
+            assert (await http_get(port, "/healthz"))[0] == 200
+            assert (await http_get(port, "/readyz"))[0] == 200
+            assert await s.stop() == 0
+
+
+def test_an_unusable_state_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "state.json"
+    bad.write_text("{not json")
+    r = run(tmp_path, "serve", "--port", "0", "--state-file", str(bad))
+    one_line_error(r, 2, str(bad), "not JSON", "--secret")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    r = run(tmp_path, "serve", "--port", "0", "--state-file", str(blocked / "state.json"))
+    one_line_error(r, 2, "the state file", "Not a directory")
