@@ -89,7 +89,7 @@ def summary(result: dict[str, Any], console: Console | None = None) -> None:
     t.add_column("value", justify="right")
     p = result["params"]
     t.add_row("clients / guilds", f"{p['clients']} / {p['guilds']}")
-    t.add_row("server", f"{result['server']['mode']} (cpus {result['server'].get('cpus')})")
+    t.add_row("server", f"{result['server']['mode']} ({_cpus(result['server'])})")
     c = result["connect"]
     t.add_row("connected", f"{c['connected']}/{p['clients']} in {c['seconds']:.2f} s")
     t.add_row("connect rate", f"{c['per_s']:,.0f} /s")
@@ -153,12 +153,35 @@ def write_json(result: dict[str, Any], path: str) -> None:
         Path(path).write_text(data + "\n")
 
 
+def _cpus(server: dict[str, Any]) -> str:
+    """The server's CPU pinning in words (None: not pinned)."""
+    cpus = server.get("cpus")
+    return "any CPU" if cpus is None else f"cpus {cpus}"
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     """Latency percentiles over time and throughput, as a small PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    # A 64-colour palette PNG: a fraction of the RGBA size, same picture.
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=80, format="png")
+    plt.close(fig)
+    from PIL import Image
+
+    buf.seek(0)
+    with Image.open(buf) as img:
+        img.convert("RGB").quantize(colors=64).save(path, format="PNG", optimize=True)
+
+
+def figure(result: dict[str, Any]) -> Any:
+    """The matplotlib figure :func:`plot` saves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     rows = result["timeline"]
     ts = [r["t"] for r in rows]
@@ -175,7 +198,14 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax1.set_ylabel("latency (ms)")
     if any(r.get("lat_p50") for r in rows):
         ax1.set_yscale("log")
-        ax1.legend(loc="upper left", fontsize=8, ncol=4)
+        # Plain numbers ("3", "40"), not matplotlib's "3x10^0"; minor ticks
+        # labelled only when the axis spans too little for major ones.
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax1.yaxis.set_major_formatter(plain)
+        lo, hi = ax1.get_ylim()
+        ax1.yaxis.set_minor_formatter(plain if hi / max(lo, 1e-12) < 30 else NullFormatter())
+        # Above the plot, out of the way of the curves.
+        ax1.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=8, ncol=4, frameon=False)
     ax1.grid(True, alpha=0.3)
     ax2.plot(ts, [r["delivered_per_s"] / 1000 for r in rows], label="deliveries/s (k)", lw=1.2)
     ax2.set_ylabel("deliveries/s (thousands)")
@@ -203,21 +233,22 @@ def plot(result: dict[str, Any], path: str) -> None:
             )
     lines = ax2.get_legend_handles_labels()
     extra = ax3.get_legend_handles_labels()
-    ax2.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper left", fontsize=8)
+    # Below the axis, where the phase marks' labels (top of ax2) never reach.
+    ax2.legend(
+        lines[0] + extra[0],
+        lines[1] + extra[1],
+        loc="upper left",
+        bbox_to_anchor=(0, -0.22),
+        fontsize=8,
+        ncol=2,
+        frameon=False,
+    )
     p = result["params"]
     srv = result["server"]
     fig.suptitle(
         f"{result['scenario']}: {p['clients']} clients, {p['guilds']} guild(s), "
-        f"server {srv['mode']} cpus {srv.get('cpus')}, {result['date'][:10]}",
+        f"server {srv['mode']} ({_cpus(srv)}), {result['date'][:10]}",
         fontsize=10,
     )
     fig.tight_layout()
-    # A 64-colour palette PNG: a fraction of the RGBA size, same picture.
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=80, format="png")
-    plt.close(fig)
-    from PIL import Image
-
-    buf.seek(0)
-    with Image.open(buf) as img:
-        img.convert("RGB").quantize(colors=64).save(path, format="PNG", optimize=True)
+    return fig

@@ -13,18 +13,30 @@ start it with port 0::
 
     guildcast: gateway on ws://127.0.0.1:PORT/gateway
     guildcast: api on http://127.0.0.1:PORT
+    guildcast: node NODE own API at http://127.0.0.1:PORT   (--node-api-port, --workers)
+
+Without ``--secret`` (the embedded default) ``serve`` generates a secret, and
+without ``--api-key`` an API key, once and keeps them in a state file
+(``guildcast.state``: mode 0600, its path printed), so a restart accepts the
+same tokens; ``token`` signs with that same secret when given none. With a
+``--secret`` of one's own and no key, a key is generated for that run only.
+Mistakes an operator makes (an empty secret, a port in use,
+a bad environment variable, a bad ``--redis`` URL) end with one line on
+stderr and a non-zero status (2 for usage, 1 for the rest), not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from guildcast.config import Config
@@ -35,7 +47,7 @@ log = logging.getLogger("guildcast")
 _SERVE_FLAGS: dict[str, str] = {
     "host": "gateway listen address",
     "port": "gateway port (0: any free port)",
-    "secret": "HS256 token secret (default: generated and printed)",
+    "secret": "HS256 token secret (default: generated once, kept in the state file)",
     "heartbeat_interval_ms": "heartbeat interval announced in HELLO",
     "history_size": "events kept per guild for recovery",
     "history_ttl": "seconds an event stays in history",
@@ -51,7 +63,10 @@ _SERVE_FLAGS: dict[str, str] = {
     "idle_timeout": "seconds before an unused guild actor stops",
     "drain_timeout": "seconds a graceful shutdown waits for clients",
     "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",
-    "node_id": "this node's name in the cluster (default host:pid)",
+    "node_id": "this node's name in presence and metrics (default host:pid with --redis, "
+    "else 'local')",
+    "node_api_port": "this node's own API port, never shared (with --workers N: worker i "
+    "listens on PORT+i, default free ports, printed)",
     "api_max_body": "largest HTTP API request body in bytes (413 past it)",
     "api_max_batch": "events per HTTP batch publish (400 past it)",
     "api_publish_rate": "HTTP publish events/s per API key (0: unlimited; 429 past it)",
@@ -75,17 +90,38 @@ def _env_list(name: str) -> list[str]:
     return [v for v in (part.strip() for part in os.environ.get(name, "").split(",")) if v]
 
 
-def _env_default(name: str, default: Any) -> Any:
-    raw = os.environ.get("GUILDCAST_" + name.upper())
+class BadEnv:
+    """The default of a flag whose environment variable does not parse: the
+    error is reported by the command that uses the flag (``serve``), so a bad
+    ``serve`` variable never breaks ``token``."""
+
+    def __init__(self, var: str, raw: str, kind: str) -> None:
+        self.message = f"{var}={raw!r} is not {kind}"
+
+    def __repr__(self) -> str:
+        return "(bad environment variable)"
+
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOL_WORDS |= {"0": False, "false": False, "no": False, "off": False, "": False}
+
+
+def _env_default(name: str, default: Any, conv: Any = None) -> Any:
+    var = "GUILDCAST_" + name.upper()
+    raw = os.environ.get(var)
     if raw is None:
         return default
     if isinstance(default, bool):
-        return raw.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    return raw
+        if raw.strip().lower() not in _BOOL_WORDS:
+            return BadEnv(var, raw, "a boolean (1/0, true/false, yes/no, on/off)")
+        return _BOOL_WORDS[raw.strip().lower()]
+    conv = conv or (type(default) if isinstance(default, int | float) else None)
+    if conv is None or conv is str:
+        return raw
+    try:
+        return conv(raw)
+    except ValueError:
+        return BadEnv(var, raw, "an integer" if conv is int else "a number")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -103,7 +139,7 @@ def _serve_parser(sub: Any) -> None:
             "--" + name.replace("_", "-"),
             dest=name,
             type=conv,
-            default=_env_default(name, default),
+            default=_env_default(name, default, conv),
             help=f"{help_text} (default {default!r}; env GUILDCAST_{name.upper()})",
         )
     p.add_argument(
@@ -143,6 +179,19 @@ def _serve_parser(sub: Any) -> None:
         default=_env_default("metrics_open", False),
         help="serve /metrics without an API key (env GUILDCAST_METRICS_OPEN)",
     )
+    p.add_argument(
+        "--no-demo",
+        action="store_true",
+        default=_env_default("no_demo", False),
+        help="do not serve the demo board at / on the gateway port (env GUILDCAST_NO_DEMO)",
+    )
+    p.add_argument(
+        "--state-file",
+        default=os.environ.get("GUILDCAST_STATE_FILE"),
+        help="where a generated secret and API key are kept across restarts (default: "
+        "DATA_DIR/guildcast-state.json with --data-dir, else "
+        "$XDG_STATE_HOME/guildcast/state.json; env GUILDCAST_STATE_FILE)",
+    )
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
     p.add_argument("--log-level", default=os.environ.get("GUILDCAST_LOG_LEVEL", "INFO"))
     p.add_argument(
@@ -155,11 +204,42 @@ def _serve_parser(sub: Any) -> None:
 
 def _token_parser(sub: Any) -> None:
     p = sub.add_parser("token", help="print a signed token")
-    p.add_argument("--secret", default=os.environ.get("GUILDCAST_SECRET"))
+    p.add_argument(
+        "--secret",
+        default=os.environ.get("GUILDCAST_SECRET"),
+        help="the server's HS256 secret (default: env GUILDCAST_SECRET, else the one "
+        "'guildcast serve' generated and keeps in its state file)",
+    )
+    p.add_argument(
+        "--state-file",
+        default=os.environ.get("GUILDCAST_STATE_FILE"),
+        help="the state file to read the secret from (default: serve's; see serve --help)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("GUILDCAST_DATA_DIR"),
+        help="serve's --data-dir, where its state file is (env GUILDCAST_DATA_DIR)",
+    )
     p.add_argument("--sub", required=True, help="the user")
-    p.add_argument("--guilds", action="append", default=None, help="subscribe pattern (repeat)")
-    p.add_argument("--pub", action="append", default=None, help="publish pattern (repeat)")
-    p.add_argument("--pub-rate", type=float, default=None, help="PUBLISH events/s (0: none)")
+    p.add_argument(
+        "--guilds",
+        action="append",
+        required=True,
+        help="guilds the token may subscribe to: an id or a pattern like 'team-*' "
+        "or '*' for all (repeat for more; required: a grant is always explicit)",
+    )
+    p.add_argument(
+        "--pub",
+        action="append",
+        default=None,
+        help="guilds the token may publish to, same patterns (repeat; default: none)",
+    )
+    p.add_argument(
+        "--pub-rate",
+        type=float,
+        default=None,
+        help="PUBLISH events/s for this token (0: unlimited; default: the server's --publish-rate)",
+    )
     p.add_argument("--ttl", type=float, default=3600, help="seconds until expiry (0: never)")
 
 
@@ -176,28 +256,158 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(cfg: Config, print_token: bool) -> int:
+def _demo_lines(secret: str, gateway_url: str) -> list[str]:
+    """The demo token and board link ``serve`` prints with a generated secret."""
+    from guildcast.core.tokens import make_token
+
+    tok = make_token(secret, "demo", ["*"], ["*"], None, DEMO_TOKEN_TTL)
+    page = gateway_url.replace("ws://", "http://", 1).removesuffix("/gateway")
+    return [
+        f"guildcast: a token for user 'demo' (all guilds, 24 h): {tok}",
+        f"guildcast: live demo board: {page}/#token={tok}&guild=demo",
+    ]
+
+
+#: Seconds the printed demo token lasts: a day of trying things out.
+DEMO_TOKEN_TTL = 24 * 3600
+#: Seconds between a worker's checks that its supervisor still lives (the
+#: fallback where no parent-death signal exists).
+PARENT_CHECK_INTERVAL = 1.0
+
+
+def _die_with_supervisor(stop: asyncio.Event) -> asyncio.Task[None] | None:
+    """In a ``--workers`` worker: stop when the supervisor dies, even by
+    SIGKILL (it cannot forward anything then). The kernel sends SIGTERM on
+    the parent's death (Linux ``PR_SET_PDEATHSIG``: a graceful drain); a
+    watcher task also polls the parent pid, for other systems and for a
+    parent that died before the signal was armed. Returns the watcher."""
+    raw = os.environ.get("GUILDCAST_SUPERVISOR_PID")
+    if not raw:
+        return None
+    supervisor = int(raw)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watcher below still covers it
+
+    async def watch() -> None:
+        while os.getppid() == supervisor:  # noqa: ASYNC110 - a pid has no event to wait on
+            await asyncio.sleep(PARENT_CHECK_INTERVAL)
+        log.warning("the --workers supervisor is gone; stopping")
+        stop.set()
+
+    return asyncio.get_running_loop().create_task(watch(), name="supervisor-watch")
+
+
+async def _serve(cfg: Config, notes: list[str], print_token: bool) -> int:
+    from guildcast.broker.base import BrokerUnavailable
     from guildcast.node import Server
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Server(cfg) as srv:
+    watcher = _die_with_supervisor(stop)
+    srv = Server(cfg)
+    # Started as a task: waiting for Redis may take long, and a signal must
+    # still stop it (``Server.start`` cleans up when cancelled).
+    starting = loop.create_task(srv.start(), name="node-start")
+    stopped = loop.create_task(stop.wait(), name="stop-signal")
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        print("guildcast: stopped before starting", flush=True)
+        return 0
+    stopped.cancel()
+    try:
+        starting.result()
+    except OSError as e:
+        listening = e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+        return _fail(f"cannot listen: {e}" if listening else str(e), 1)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    except BrokerUnavailable as e:  # a data dir that cannot be used
+        return _fail(str(e), 1)
+    try:
         print(f"guildcast: gateway on {srv.url}", flush=True)
         if srv.api is not None:
             print(f"guildcast: api on {srv.api_url}", flush=True)
-            if not cfg.api_keys:
-                print(f"guildcast: generated API key for this run: {srv.api_key}", flush=True)
+        if srv.node_api_port:
+            print(
+                f"guildcast: node {srv.node_id} own API at "
+                f"{srv.api_url.rsplit(':', 1)[0]}:{srv.node_api_port}",
+                flush=True,
+            )
+        for line in notes:
+            print(line, flush=True)
         if print_token:
-            print(f"guildcast: generated secret for this run: {srv.secret}", flush=True)
-            tok = srv.token("demo", guilds=["*"], pub=["*"], ttl=24 * 3600)
-            print(f"guildcast: a token for user 'demo' (all guilds, 24 h): {tok}", flush=True)
-            page = srv.url.replace("ws://", "http://", 1).removesuffix("/gateway")
-            print(f"guildcast: live demo board: {page}/#token={tok}&guild=demo", flush=True)
+            print(f"guildcast: secret: {srv.secret}", flush=True)
+            for line in _demo_lines(srv.secret, srv.url):
+                print(line, flush=True)
         await stop.wait()
         print("guildcast: draining", flush=True)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await srv.stop()
     print("guildcast: stopped", flush=True)
+    return 0
+
+
+def _fail(message: str, status: int = 2) -> int:
+    """One line on stderr for the operator; returns the exit status."""
+    print(f"guildcast serve: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def _check_redis_url(url: str) -> str | None:
+    """Why ``url`` is not a Redis URL we can use, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises for a port that is not a number
+    except ValueError as e:
+        return f"--redis {url!r} is not a URL: {e}"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return f"--redis {url!r}: the URL must start with redis://, rediss:// or unix://"
+    if parts.scheme != "unix" and not parts.hostname:
+        return f"--redis {url!r}: no host (redis://HOST:PORT/DB)"
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        return f"--redis {url!r}: the database must be a number (redis://HOST:PORT/DB)"
+    return None
+
+
+def _token(args: argparse.Namespace) -> int:
+    from guildcast import state
+    from guildcast.core.tokens import make_token
+
+    secret = args.secret
+    if secret is None:
+        path = args.state_file or state.default_path(args.data_dir)
+        try:
+            secret = state.read(Path(path)).get("secret")
+        except state.StateError as e:
+            print(f"guildcast token: {e}", file=sys.stderr)
+            return 2
+    if not secret:
+        print(
+            "guildcast token: give --secret or set GUILDCAST_SECRET (not empty); "
+            "with neither, the secret 'guildcast serve' keeps in its state file is used, "
+            "and there is none yet",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        make_token(secret, args.sub, args.guilds, args.pub or [], args.pub_rate, args.ttl or None)
+    )
     return 0
 
 
@@ -216,52 +426,78 @@ def main(argv: Sequence[str] | None = None) -> int:
         return loadtest_main(rest[1:], prog="guildcast loadtest")
     args = build_parser().parse_args(argv)
     if args.command == "token":
-        from guildcast.core.tokens import make_token
-
-        if not args.secret:
-            print("guildcast token: give --secret or set GUILDCAST_SECRET", file=sys.stderr)
-            return 2
-        print(
-            make_token(
-                args.secret,
-                args.sub,
-                args.guilds or ["*"],
-                args.pub or [],
-                args.pub_rate,
-                args.ttl or None,
-            )
-        )
-        return 0
-    from guildcast import logs
+        return _token(args)
+    from guildcast import logs, state
     from guildcast.core.journal import FSYNC_POLICIES
 
+    for value in vars(args).values():
+        if isinstance(value, BadEnv):
+            return _fail(value.message)
     try:
         logs.setup(args.log_level, args.log_format)
     except ValueError as e:
-        print(f"guildcast serve: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     if args.fsync not in FSYNC_POLICIES:
-        print(f"guildcast serve: --fsync must be one of {FSYNC_POLICIES}", file=sys.stderr)
-        return 2
+        return _fail(f"--fsync must be one of {FSYNC_POLICIES}")
+    if args.secret == "":
+        return _fail("the secret is empty (--secret or GUILDCAST_SECRET): give one, or unset it")
+    if "GUILDCAST_API_KEYS" in os.environ and not args.env_api_keys and not args.api_keys:
+        return _fail("GUILDCAST_API_KEYS is set but empty: give a key, or unset it")
+    if any(not k for k in args.api_keys or ()):
+        return _fail("an --api-key is empty")
+    if any(not k for k in args.previous_secrets or ()):
+        return _fail("a --previous-secret is empty")
+    if args.redis and args.data_dir:
+        return _fail("--redis and --data-dir exclude each other: Redis holds the history")
+    if args.redis and (why := _check_redis_url(args.redis)):
+        return _fail(why)
     api_keys = tuple(args.api_keys or args.env_api_keys)
-    if args.workers > 1 and not api_keys and args.api_port >= 0:
-        # Every worker must accept the same key: generate it here, hand it down.
+    secret: str | None = args.secret
+    worker = bool(os.environ.get("GUILDCAST_WORKER_INDEX"))
+    #: Lines printed once listening (the supervisor prints them for its workers).
+    notes: list[str] = []
+    needs_key = not api_keys and args.api_port >= 0
+    print_token = not worker and secret is None
+    if print_token:
+        # The embedded default: the generated secret (and key) outlive a restart.
+        path = Path(args.state_file) if args.state_file else state.default_path(args.data_dir)
+        try:
+            kept = state.load_or_create(path)
+        except state.StateError as e:
+            return _fail(f"{e} (give --secret and --api-key, or --state-file PATH)")
+        notes.append(f"guildcast: generated secret and API key kept in {kept.path}")
+        secret = kept.secret
+        if needs_key:
+            api_keys = (kept.api_key,)
+            notes.append(f"guildcast: API key: {kept.api_key}")
+    elif not worker and needs_key:
+        # A secret of one's own but no key: one for this run, as it says.
         import secrets
 
-        key = secrets.token_urlsafe(24)
-        os.environ["GUILDCAST_API_KEYS"] = key
-        print(f"guildcast: generated API key for this run: {key}", flush=True)
+        api_keys = (secrets.token_urlsafe(state.API_KEY_BYTES),)
+        notes.append(f"guildcast: generated API key for this run: {api_keys[0]}")
     if args.workers > 1:
         from guildcast.workers import run_workers
 
-        return run_workers(args.workers, args, list(argv) if argv is not None else sys.argv[1:])
+        return run_workers(
+            args.workers,
+            args,
+            list(argv) if argv is not None else sys.argv[1:],
+            secret=secret,
+            api_keys=api_keys,
+            notes=notes,
+            print_token=print_token,
+        )
     cfg = Config(**{name: getattr(args, name) for name in _SERVE_FLAGS})
+    cfg.secret = secret
     cfg.api_port = args.api_port if args.api_port >= 0 else None
     cfg.api_keys = api_keys
     cfg.previous_secrets = tuple(args.previous_secrets or args.env_previous_secrets)
     cfg.metrics_open = bool(args.metrics_open)
+    cfg.demo_page = not args.no_demo
     cfg.reuse_port = os.environ.get("GUILDCAST_REUSE_PORT") == "1"
-    coro = _serve(cfg, print_token=cfg.secret is None)
+    cfg.metrics_node_label = worker
+    coro = _serve(cfg, notes, print_token)
     if args.no_uvloop:
         return asyncio.run(coro)
     import uvloop

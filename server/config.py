@@ -70,6 +70,18 @@ class Config:
     #: of presence (a node beats every second).
     presence_timeout: float = 10.0
 
+    # Operations (docs/OPERATIONS.md)
+    #: Serve the demo board at ``/`` and ``/demo`` on the gateway port; a
+    #: production gateway may turn it off (``--no-demo``: 404 instead).
+    demo_page: bool = True
+    #: A second HTTP API listener for this node alone (never shared with
+    #: SO_REUSEPORT): under ``--workers N`` it is each worker's own scrape and
+    #: readiness target. None: no such listener; 0 picks a free port.
+    node_api_port: int | None = None
+    #: Label every ``/metrics`` series with ``node="<node id>"`` (set for
+    #: each worker of ``--workers N``, where several nodes serve one port).
+    metrics_node_label: bool = False
+
     # HTTP API (server/transport/http_api.py; README "Publish from your backend")
     #: API port on ``host``; 0 picks a free one (``Server.api_port``); None or
     #: -1 runs no API. ``guildcast serve`` defaults to 8081; an embedded

@@ -5,7 +5,9 @@ and runs them in one task group, in the caller's event loop.
         s = await srv.publish("guild-1", "HELLO", {"x": 1})
 
 Start order: task group, broker, process groups, guild registry, hub,
-gateway, HTTP API (when ``api_port`` is set).
+gateway, HTTP API (when ``api_port`` is set). A Redis that does not answer
+yet is waited for (``_start_broker``) with the HTTP API already up and not
+ready; the gateway listens once Redis answers.
 Stop order (graceful): not ready (``/readyz`` 503, HTTP publishes 503), stop
 accepting, RECONNECT + 1001 to every session, wait for them
 (``drain_timeout``), stop the HTTP API (in-flight requests finish), stop
@@ -47,6 +49,12 @@ log = logging.getLogger("guildcast.node")
 #: guild log, so not more often than the history can age out, and at least
 #: once a minute so forgotten guilds do not pile up.
 BROKER_SWEEP_MAX = 60.0
+#: Seconds between attempts to reach a Redis that did not answer at start:
+#: quick enough that a node is ready soon after its Redis, rare enough to
+#: cost nothing while it waits.
+BROKER_RETRY = 0.5
+#: Seconds between two "still waiting for Redis" log lines.
+BROKER_WAIT_LOG = 10.0
 
 
 class Server:
@@ -59,6 +67,9 @@ class Server:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
         if cfg.data_dir and cfg.redis:
             raise ValueError("data_dir and redis exclude each other: Redis holds the history")
+        if cfg.secret == "" or "" in cfg.api_keys:
+            # An empty GUILDCAST_SECRET is a mistake, never "generate one".
+            raise ValueError("the secret and API keys must not be empty")
         self.secret = self.config.secret or secrets.token_urlsafe(32)
         #: This node's name in the cluster (presence, logs).
         self.node_id = self.config.node_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -68,6 +79,12 @@ class Server:
         #: The HTTP API's port (0 while it does not run).
         self.api_port = 0
         self.api: HttpApi | None = None
+        #: This node's own API port (``node_api_port``; 0 while none).
+        self.node_api_port = 0
+        #: Why the broker could not start yet ("" once it runs; ``_start_broker``).
+        self._waiting_broker = ""
+        #: True once the gateway, hub and registry exist (the API may run before).
+        self._gateway_up = False
         #: Counters the actors add to, read by ``/metrics``.
         self.stats_counters = NodeStats()
         self.draining = False
@@ -109,7 +126,14 @@ class Server:
             mailbox_bound=cfg.guild_mailbox,
         )
         self.broker = self._make_broker()
-        await self.broker.start()
+        try:
+            await self._start_broker()
+        except BaseException:
+            await self._stop_api()
+            if cfg.redis:  # never started: only its client to let go of
+                await self.broker.close()
+            await tg.__aexit__(None, None, None)
+            raise
         self.broker.set_feed(self._feed, self._presence_feed)
         self.groups = Groups("guilds")
         broker = self.broker
@@ -141,42 +165,90 @@ class Server:
                 close_timeout=cfg.close_timeout,
             ),
         )
+        self.gateway.demo_page = cfg.demo_page
+        self.gateway.readiness = lambda: "" if self.ready else self.not_ready_reason
+        self._gateway_up = True
         try:
             self.port = await self.gateway.start(cfg.host, cfg.port, tg, cfg.reuse_port)
+            if self.api is None:
+                await self._start_api()
         except BaseException:
+            self._gateway_up = False
+            await self._stop_api()
+            await self.gateway.close()
             await self.broker.close()
             await tg.__aexit__(None, None, None)
             raise
-        if cfg.api_port is not None and cfg.api_port >= 0:
-            self.api = HttpApi(
-                NodeApi(self),
-                ApiSettings(
-                    keys=self.api_keys,
-                    metrics_open=cfg.metrics_open,
-                    max_body=cfg.api_max_body,
-                    max_batch=cfg.api_max_batch,
-                    max_payload=cfg.max_payload,
-                    publish_rate=cfg.api_publish_rate,
-                    body_timeout=cfg.api_body_timeout,
-                    idle_timeout=cfg.api_idle_timeout,
-                    reuse_port=cfg.reuse_port,
-                ),
-            )
-            try:
-                self.api_port = await self.api.start(cfg.host, cfg.api_port)
-            except BaseException:
-                await self.gateway.close()
-                await self.broker.close()
-                await tg.__aexit__(None, None, None)
-                raise
         if isinstance(self.broker, MemoryBroker):
             self._broker_sweeper = tg.create_task(
                 self._sweep_broker(self.broker), name="broker-sweeper"
             )
         self._started = True
         log.info("gateway listening on %s", self.url, extra={"url": self.url})
+
+    async def _start_api(self) -> None:
+        """Start the HTTP API (and the per-node listener) when configured."""
+        cfg = self.config
+        if cfg.api_port is None or cfg.api_port < 0:
+            return
+        api = HttpApi(
+            NodeApi(self),
+            ApiSettings(
+                keys=self.api_keys,
+                metrics_open=cfg.metrics_open,
+                max_body=cfg.api_max_body,
+                max_batch=cfg.api_max_batch,
+                max_payload=cfg.max_payload,
+                publish_rate=cfg.api_publish_rate,
+                body_timeout=cfg.api_body_timeout,
+                idle_timeout=cfg.api_idle_timeout,
+                reuse_port=cfg.reuse_port,
+                node=self.node_id if cfg.metrics_node_label else None,
+            ),
+        )
+        self.api_port = await api.start(cfg.host, cfg.api_port)
+        self.api = api  # from here on ``_stop_api`` stops it
+        # Logged here: while waiting for Redis the API runs before the gateway.
+        log.info("HTTP API listening on %s", self.api_url, extra={"url": self.api_url})
+        if cfg.node_api_port is not None and cfg.node_api_port >= 0:
+            self.node_api_port = await api.add_listener(cfg.host, cfg.node_api_port)
+
+    async def _stop_api(self) -> None:
         if self.api is not None:
-            log.info("HTTP API listening on %s", self.api_url, extra={"url": self.api_url})
+            await self.api.stop()
+            self.api = None
+
+    async def _start_broker(self) -> None:
+        """Start the broker. Redis that does not answer yet (it starts after
+        us: a container, a reboot) is waited for, retrying every
+        ``BROKER_RETRY`` s and logging at most every ``BROKER_WAIT_LOG`` s,
+        with the HTTP API already up answering ``/readyz`` 503 "waiting for
+        the broker"; the gateway listens once Redis answers. Other brokers
+        fail at once."""
+        try:
+            await self.broker.start()
+            return
+        except BrokerUnavailable as e:
+            if not self.config.redis:
+                raise
+            self._waiting_broker = str(e)
+        log.warning("waiting for Redis: %s", self._waiting_broker)
+        await self._start_api()
+        last_log = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(BROKER_RETRY)
+            try:
+                await self.broker.start()
+            except BrokerUnavailable as e:
+                self._waiting_broker = str(e)
+                now = asyncio.get_running_loop().time()
+                if now - last_log >= BROKER_WAIT_LOG:
+                    last_log = now
+                    log.warning("still waiting for Redis: %s", e)
+                continue
+            self._waiting_broker = ""
+            log.info("Redis answers: starting the gateway")
+            return
 
     def _make_broker(self) -> Broker:
         cfg = self.config
@@ -191,10 +263,13 @@ class Server:
                 presence_timeout=cfg.presence_timeout,
             )
         if cfg.data_dir:
-            return DiskBroker(
+            disk = DiskBroker(
                 cfg.data_dir, cfg.history_size, cfg.history_ttl, cfg.fsync, cfg.fsync_interval
             )
-        return MemoryBroker(cfg.history_size, cfg.history_ttl)
+            disk.node_id = cfg.node_id or "local"
+            return disk
+        # Without Redis, presence names the node by --node-id, else "local".
+        return MemoryBroker(cfg.history_size, cfg.history_ttl, node_id=cfg.node_id or "local")
 
     async def _sweep_broker(self, broker: MemoryBroker) -> None:
         """Every ``history_ttl`` (1 s to ``BROKER_SWEEP_MAX``), forget the guild
@@ -316,6 +391,8 @@ class Server:
     def not_ready_reason(self) -> str:
         if self.draining:
             return "draining"
+        if self._waiting_broker:
+            return f"waiting for the broker: {self._waiting_broker}"
         if not self._started:
             return "not started"
         if not self.broker.healthy:
@@ -324,6 +401,8 @@ class Server:
 
     def metrics(self) -> MetricsSnapshot:
         """Everything ``/metrics`` exports, read now (O(connections + guilds))."""
+        if not self._gateway_up:  # the API runs while waiting for Redis
+            return MetricsSnapshot(ready=False, broker_up=False)
         gw = self.gateway
         st = self.stats_counters
         m = MetricsSnapshot(
@@ -379,15 +458,39 @@ class NodeApi:
         self._srv = srv
 
     def publish(self, gid: str, t: str, d: Any) -> asyncio.Future[tuple[int, str]]:
-        inner = self._srv.hub.publish(gid, t, d)
         outer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        if not self._srv._gateway_up:
+            outer.set_exception(Overloaded(self._srv.not_ready_reason))
+            return outer
+        inner = self._srv.hub.publish(gid, t, d)
         inner.add_done_callback(functools.partial(_relay, outer))
         return outer
 
+    def _broker(self) -> Broker:
+        if not self._srv._gateway_up:
+            raise Overloaded(self._srv.not_ready_reason)
+        return self._srv.broker
+
     async def info(self, gid: str) -> dict[str, Any]:
+        """A guild's head and history bounds. A guild alive on this node
+        answers itself (with its subscriber count); any other is read from
+        the broker without starting a guild actor, so reads never hold a
+        ``max_guilds`` slot or live for ``idle_timeout``."""
         cfg = self._srv.config
+        broker = self._broker()
         try:
-            info = await self._srv.hub.info(gid)
+            if self._srv.registry.lookup(gid) is not None:
+                info = await self._srv.hub.info(gid)
+            else:
+                epoch, head = await broker.head(gid)
+                first = await broker.first(gid)
+                info = {
+                    "guild": gid,
+                    "epoch": epoch,
+                    "s": head,
+                    "subscribers": 0,
+                    "history": {"first": first, "last": head if first is not None else None},
+                }
         except _RETRY_LATER as e:
             raise Overloaded(f"guild {gid}: {e!r}") from None
         info["history"] = {
@@ -398,10 +501,21 @@ class NodeApi:
         return info
 
     async def history(self, gid: str, after: int, limit: int) -> HistoryPage:
+        """Stored events after ``after``; like :meth:`info`, a guild not alive
+        here is read from the broker without starting its actor."""
+        broker = self._broker()
         try:
-            return await self._srv.hub.history_page(gid, after, limit)
+            if self._srv.registry.lookup(gid) is not None:
+                return await self._srv.hub.history_page(gid, after, limit)
+            # Records first: the head read after them is at or past their last s.
+            epoch2, records = await broker.read(gid, after, limit)
+            epoch, head = await broker.head(gid)
+            first = await broker.first(gid)
         except _RETRY_LATER as e:
             raise Overloaded(f"guild {gid}: {e!r}") from None
+        if epoch2 != epoch:  # the history restarted between the reads
+            raise Overloaded(f"guild {gid}: its history changed; try again")
+        return HistoryPage(gid, epoch, head, first, [r.payload for r in records])
 
     def ready(self) -> bool:
         return self._srv.ready
@@ -410,8 +524,9 @@ class NodeApi:
         return self._srv.not_ready_reason
 
     async def presence(self, gid: str) -> list[dict[str, str]]:
+        broker = self._broker()
         try:
-            members = await self._srv.broker.presence(gid)
+            members = await broker.presence(gid)
         except BrokerUnavailable as e:
             raise Overloaded(str(e)) from None
         return [m.as_dict() for m in members]

@@ -7,16 +7,26 @@ them), restarts a worker that dies (at most ``MAX_RESTARTS`` in
 ``RESTART_WINDOW`` seconds, else it gives up and stops everything), and on
 SIGTERM/SIGINT forwards SIGTERM so every worker drains gracefully.
 
+Workers die with their supervisor, even when it is killed with SIGKILL and
+can forward nothing: each worker arms the parent-death signal (Linux
+``PR_SET_PDEATHSIG``: SIGTERM, a graceful drain) and also watches its parent
+pid (``guildcast.cli._die_with_supervisor``), so no orphan keeps serving the
+port with a retired secret.
+
 Workers share state only through Redis, so ``--workers`` > 1 needs
-``--redis``; they also need one secret, which the supervisor generates if
-none was given and hands to every worker.
+``--redis``; they also need one secret and one API key, which the caller
+(``guildcast.cli``: given, generated or kept in the state file) hands to
+every worker, with the lines to print about them (``notes``).
+Each worker also listens on its own API port (``--node-api-port``, worker
+``i`` on ``PORT+i``, default a free port each) and labels every metric with
+``node``: the shared API port answers from a random worker, so Prometheus
+scrapes each worker's own port (docs/OPERATIONS.md "Metrics").
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,6 +37,8 @@ from typing import Any
 #: something is structurally wrong; stop instead of flapping.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+#: Flags the supervisor sets per worker itself; dropped from the child argv.
+_OWN_FLAGS = ("--workers", "--node-api-port", "--secret", "--api-key")
 
 
 def _child_argv(argv: list[str]) -> list[str]:
@@ -36,16 +48,25 @@ def _child_argv(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a == "--workers":
+        if a in _OWN_FLAGS:
             skip = True
             continue
-        if a.startswith("--workers="):
+        if a.startswith(tuple(f + "=" for f in _OWN_FLAGS)):
             continue
         out.append(a)
     return out
 
 
-def run_workers(n: int, args: argparse.Namespace, argv: list[str]) -> int:
+def run_workers(
+    n: int,
+    args: argparse.Namespace,
+    argv: list[str],
+    *,
+    secret: str | None,
+    api_keys: tuple[str, ...],
+    notes: list[str],
+    print_token: bool,
+) -> int:
     """Run ``n`` workers until a signal; returns the exit status."""
     if not args.redis:
         print(
@@ -57,20 +78,27 @@ def run_workers(n: int, args: argparse.Namespace, argv: list[str]) -> int:
     if args.port == 0:
         print("guildcast serve: --workers needs a fixed --port to share", file=sys.stderr)
         return 2
-    secret = args.secret or os.environ.get("GUILDCAST_SECRET")
-    generated = secret is None
-    if secret is None:
-        secret = secrets.token_urlsafe(32)
+    assert secret, "guildcast.cli gives every worker one secret"
     env = dict(os.environ)
-    env.update(GUILDCAST_SECRET=secret, GUILDCAST_WORKERS="1", GUILDCAST_REUSE_PORT="1")
+    env.update(
+        GUILDCAST_SECRET=secret,
+        GUILDCAST_WORKERS="1",
+        GUILDCAST_REUSE_PORT="1",
+        GUILDCAST_SUPERVISOR_PID=str(os.getpid()),
+    )
+    if api_keys:
+        env["GUILDCAST_API_KEYS"] = ",".join(api_keys)
     # -P: nothing in the current directory (a user's own server.py) can shadow the package.
     cmd = [sys.executable, "-P", "-m", "guildcast.cli", *_child_argv(argv)]
-    if generated:
-        from guildcast.core.tokens import make_token
+    for line in notes:
+        print(line, flush=True)
+    if print_token:
+        from guildcast.cli import _demo_lines
 
-        print(f"guildcast: generated secret for this run: {secret}", flush=True)
-        tok = make_token(secret, "demo", ["*"], ["*"], None, 24 * 3600)
-        print(f"guildcast: a token for user 'demo' (all guilds, 24 h): {tok}", flush=True)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"guildcast: secret: {secret}", flush=True)
+        for line in _demo_lines(secret, f"ws://{host}:{args.port}/gateway"):
+            print(line, flush=True)
 
     stopping = False
 
@@ -82,7 +110,15 @@ def run_workers(n: int, args: argparse.Namespace, argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(cmd, env={**env, "GUILDCAST_WORKER_INDEX": str(i)})
+        node_port = 0 if args.node_api_port is None else args.node_api_port + i
+        return subprocess.Popen(
+            cmd,
+            env={
+                **env,
+                "GUILDCAST_WORKER_INDEX": str(i),
+                "GUILDCAST_NODE_API_PORT": str(node_port),
+            },
+        )
 
     procs = [spawn(i) for i in range(n)]
     print(f"guildcast: supervising {n} workers: {[p.pid for p in procs]}", flush=True)

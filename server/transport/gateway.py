@@ -306,8 +306,11 @@ class Connection(asyncio.Protocol):
         gw = self._gw
         proto = self.proto
         path = req.path.split("?", 1)[0]
-        if "Upgrade" not in req.headers and (page := static.response_for(path)) is not None:
-            proto.send_response(page)  # the demo page (static.py); then closed
+        if (
+            "Upgrade" not in req.headers
+            and (page := static.response_for(path, gw.demo_page, gw.readiness)) is not None
+        ):
+            proto.send_response(page)  # demo page, health checks (static.py); then closed
             return
         if path != GATEWAY_PATH:
             proto.send_response(proto.reject(404, "Not Found: the gateway is at /gateway\n"))
@@ -463,6 +466,10 @@ class Gateway:
         self.refused = 0
         self.slow_consumers = 0
         self.close_codes: dict[int, int] = {}
+        #: Serve the demo board on plain GETs of ``/`` (static.py).
+        self.demo_page = True
+        #: "" when the node is ready, else why not: ``GET /readyz`` here.
+        self.readiness: Callable[[], str] | None = None
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
         self._server: asyncio.Server | None = None

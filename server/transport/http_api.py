@@ -134,6 +134,8 @@ class ApiSettings:
     #: Seconds a connection may stay without a complete request (idle
     #: keep-alive, or headers trickled slowly) before it is closed.
     idle_timeout: float = 60.0
+    #: When set, every ``/metrics`` series carries ``node="<this>"``.
+    node: str | None = None
 
 
 class ApiError(Exception):
@@ -296,13 +298,21 @@ class HttpApi:
             for k in settings.keys
         }
         #: One registry per node: several embedded nodes in a process never clash.
-        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry = CollectorRegistry(
+            auto_describe=False,
+            target_info=None if settings.node is None else {"node": settings.node},
+        )
         self.registry.register(_NodeCollector(host))
         self._requests = Counter(
             "guildcast_http_requests",
             "HTTP API requests by route and status",
             ["route", "status"],
             registry=self.registry,
+        )
+        #: What ``/metrics`` exposes: the registry, or with ``settings.node``
+        #: the registry with every sample labelled ``node``.
+        self._exposed: CollectorRegistry | _NodeLabelled = (
+            self.registry if settings.node is None else _NodeLabelled(self.registry, settings.node)
         )
         self._openapi = wire.encode(
             openapi.document(max_batch=settings.max_batch, history_limit=HISTORY_PAGE_MAX)
@@ -346,6 +356,15 @@ class HttpApi:
             raise
         self.port = int(self._runner.addresses[0][1])
         return self.port
+
+    async def add_listener(self, host: str, port: int) -> int:
+        """Also serve on ``host:port`` (0: a free port), never shared with
+        SO_REUSEPORT: this node's own address when several share ``start``'s
+        port (``--workers``). Returns the bound port."""
+        before = set(map(tuple, self._runner.addresses))
+        await web.TCPSite(self._runner, host, port, backlog=128).start()
+        new = [a for a in self._runner.addresses if tuple(a) not in before]
+        return int(new[0][1])
 
     async def stop(self) -> None:
         """Stop listening; requests in flight get ``SHUTDOWN_TIMEOUT`` s to finish."""
@@ -612,7 +631,7 @@ class HttpApi:
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         if not self.settings.metrics_open:
             self._authorize(request)
-        resp = web.Response(body=generate_latest(self.registry))
+        resp = web.Response(body=generate_latest(self._exposed))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
@@ -632,6 +651,22 @@ _HTTP_ERRORS = {
 def _le(bound: float) -> str:
     """A bucket bound as Prometheus writes it (``le`` label)."""
     return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class _NodeLabelled:
+    """``registry``'s metrics with ``node="<name>"`` on every sample
+    (prometheus_client has no constant labels); ``generate_latest`` takes
+    anything with ``collect``."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self._registry = registry
+        self._node = node
+
+    def collect(self) -> Iterable[Metric]:
+        for fam in self._registry.collect():
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            out.samples = [s._replace(labels={**s.labels, "node": self._node}) for s in fam.samples]
+            yield out
 
 
 def _digest(key: str) -> bytes:

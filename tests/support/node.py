@@ -188,6 +188,9 @@ class ServeProcess:
     async def start(self) -> ServeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GUILDCAST_")}
         env["PYTHONUNBUFFERED"] = "1"
+        # A serve with no --secret keeps its generated one in a state file:
+        # in the test's folder, never in the real home.
+        env["XDG_STATE_HOME"] = str(self.log_path.parent / "state")
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             self.proc = await asyncio.create_subprocess_exec(
