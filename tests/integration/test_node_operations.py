@@ -15,11 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from guildcast import Config, Server
 from guildcast.client import Client
+from tests.clients.test_demo_static import http_get
 from tests.support.api import Api
 from tests.support.gateway import subscribe
 from tests.support.node import SECRET, api_server
 from tests.support.wait import until
-from tests.clients.test_demo_static import http_get
 
 
 async def test_read_only_calls_start_no_guild_actor(tmp_path: Path) -> None:
