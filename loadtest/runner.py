@@ -233,7 +233,10 @@ class Run:
         if o.client_cpus:
             os.sched_setaffinity(0, o.client_cpus)
         self.target = t = self._make_target()
-        self.ui.log(f"starting the server ({t.mode})")
+        if t.mode == "external":
+            self.ui.log(f"using the server at {t.url}")
+        else:
+            self.ui.log(f"starting the server ({t.mode})")
         await t.start()
         if t.secret:
             self.sub_token = mint(t.secret, "lt-sub", ["*"], [], None)

@@ -10,7 +10,7 @@ from pathlib import Path
 from guildcast.core.tokens import make_token
 from tests.browser.test_board import (
     WAIT_MS,
-    ServeProcess,
+    Board,
     browser,  # noqa: F401 - the fixture
     pytestmark,  # noqa: F401 - the same skips (chromium, playwright)
 )
@@ -33,7 +33,7 @@ async def test_invalid_guild_id_says_so_and_another_connects(
     browser: Browser,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    srv = ServeProcess(tmp_path / "serve.log", [])
+    srv = Board(tmp_path / "serve.log", [])
     await srv.start()
     errors: list[str] = []
     try:
@@ -50,7 +50,7 @@ async def test_invalid_guild_id_says_so_and_another_connects(
         )
         await expect(page.locator("#guild-name")).to_contain_text("board-ok")
     finally:
-        await srv.stop()
+        await srv.close()
     assert errors == []
 
 
@@ -58,7 +58,7 @@ async def test_refused_token_asks_for_another(
     browser: Browser,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    srv = ServeProcess(tmp_path / "serve.log", [])
+    srv = Board(tmp_path / "serve.log", [])
     await srv.start()
     errors: list[str] = []
     wrong = make_token("another-servers-secret-0123456789abcdef", "eve", ["*"], ["*"], None, 3600)
@@ -80,5 +80,5 @@ async def test_refused_token_asks_for_another(
         await expect(page.locator("#status")).to_contain_text("alice")
         await expect(page.locator("#error")).to_be_hidden()
     finally:
-        await srv.stop()
+        await srv.close()
     assert errors == []

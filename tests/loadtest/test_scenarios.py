@@ -11,14 +11,18 @@ closed and memory bounded, churn). Never its speed: the machine is shared.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from guildcast.loadtest.cli import main
+from tests.support.node import SECRET, serve_process
+from tests.support.wait import output
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -169,3 +173,31 @@ def test_guildcast_cli_delegates(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "guildcast loadtest" in out and "--clients" in out
     assert guildcast(["loadtest", "bigguild", "--url", "ws://example.com/gateway"]) == 2
+
+
+async def test_a_url_run_says_it_uses_that_server(tmp_path: Path) -> None:
+    """``--url`` targets a running server: the harness says so, and never that
+    it is starting one."""
+    async with serve_process([], tmp_path / "serve.log", api=False) as node:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-P",
+            "-m",
+            "guildcast.cli",
+            "loadtest",
+            "bigguild",
+            "--url",
+            node.url,
+            f"--secret={SECRET}",
+            "--clients",
+            "5",
+            "--duration",
+            "1",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        text = await output(proc, timeout=90)
+    assert proc.returncode == 0, text
+    assert f"using the server at {node.url}" in text, text
+    assert "starting the server" not in text, text
