@@ -113,7 +113,7 @@ def close_code(payload: bytes) -> tuple[int, str]:
 
 
 def scan_frames(
-    buf: bytes, start: int = 0, limit: int | None = None
+    buf: bytes | bytearray, start: int = 0, limit: int | None = None
 ) -> tuple[list[tuple[int, int, int]], int, str | None]:
     """Locate the complete unmasked (server) frames in ``buf[start:]``.
 
@@ -152,11 +152,11 @@ def scan_frames(
 
 
 def parse_frames(
-    buf: bytes, start: int = 0, limit: int | None = None
+    buf: bytes | bytearray, start: int = 0, limit: int | None = None
 ) -> tuple[list[Frame], int, str | None]:
     """Like :func:`scan_frames`, with each frame as ``(opcode, fin, payload)``."""
     spans, end, err = scan_frames(buf, start, limit)
-    return [(b0 & 0x0F, bool(b0 & 0x80), buf[p:q]) for b0, p, q in spans], end, err
+    return [(b0 & 0x0F, bool(b0 & 0x80), bytes(buf[p:q])) for b0, p, q in spans], end, err
 
 
 class FrameParser:
