@@ -47,6 +47,8 @@ import orjson
 
 from guildcast.loadtest import wire
 from guildcast.loadtest.fleet import new_hist
+from guildcast.protocol.codes import Op
+from guildcast.protocol.frames import close_code
 
 #: Seconds a publisher waits for its connection to open (handshake to READY).
 OPEN_TIMEOUT = 30.0
@@ -142,9 +144,7 @@ class GatewayPublisher(asyncio.Protocol):
         self.room = asyncio.Event()
         self.ready: asyncio.Future[bool] | None = None
         self.rest = b""
-        self.hs = b""
-        self.accept = b""
-        self.upgraded = False
+        self.upgrade: wire.Upgrade | None = None
         self.hb_interval = 30.0
         self.hb_due = float("inf")
         #: Flow control: how many more events may be sent now (None: no limit).
@@ -172,10 +172,8 @@ class GatewayPublisher(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rest = b""
-        self.hs = b""
-        self.upgraded = False
-        req, self.accept = wire.handshake_request(self.host, self.port, self.path)
-        transport.write(req)
+        self.upgrade = wire.Upgrade(self.host, self.port, self.path)
+        transport.write(self.upgrade.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -186,20 +184,16 @@ class GatewayPublisher(asyncio.Protocol):
             self.ready.set_result(False)
 
     def data_received(self, data: bytes) -> None:
-        if not self.upgraded:
-            hs = self.hs + data
-            end = hs.find(b"\r\n\r\n")
-            if end < 0:
-                self.hs = hs
+        if self.upgrade is not None:
+            done, err, data = self.upgrade.receive(data)
+            if not done:
                 return
-            err = wire.check_handshake(hs[:end], self.accept)
+            self.upgrade = None
             if err is not None:
                 self.stats.error("handshake", err)
                 assert self.transport is not None
                 self.transport.abort()
                 return
-            self.upgraded = True
-            data = hs[end + 4 :]
         buf = self.rest + data if self.rest else data
         frames, used, err = wire.parse_frames(buf)
         self.rest = buf[used:]
@@ -213,8 +207,8 @@ class GatewayPublisher(asyncio.Protocol):
                 else:
                     self._message(payload)
             elif op == wire.OP_CLOSE:
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                self.stats.error(f"close:{code}", payload[2:].decode("utf-8", "replace"))
+                code, reason = close_code(payload)
+                self.stats.error(f"close:{code}", reason)
                 if self.transport is not None:
                     self.transport.write(wire.close_frame(1000))
                     self.transport.close()
@@ -230,18 +224,18 @@ class GatewayPublisher(asyncio.Protocol):
         msg = orjson.loads(payload)
         op = msg.get("op")
         d = msg.get("d")
-        if op == 10:
+        if op == Op.HELLO:
             self.hb_interval = d["heartbeat_interval"] / 1000.0
             self.hb_due = time.monotonic() + self.hb_interval * 0.7
             assert self.transport is not None
-            self.transport.write(wire.message(2, {"token": self.token, "guilds": {}}))
-        elif op == 0 and msg.get("t") == "READY":
+            self.transport.write(wire.identify(self.token, {}))
+        elif op == Op.DISPATCH and msg.get("t") == "READY":
             if self.ready is not None and not self.ready.done():
                 self.ready.set_result(True)
-        elif op == 12 and self.inflight:
+        elif op == Op.ACK and self.inflight:
             gid, sent_ns = self.inflight.popleft()
             self.stats.ack(gid, int(d["s"]), sent_ns, time.time_ns())
-        elif op == 13:
+        elif op == Op.ERROR:
             if d.get("nonce") is not None or d.get("g") is not None:
                 # A refused PUBLISH: answered in order, like an ACK.
                 if self.inflight:
