@@ -52,33 +52,12 @@ from websockets.uri import parse_uri
 
 from guildcast.client.backoff import Backoff
 from guildcast.protocol import client as proto
-from guildcast.protocol.client import DEFAULT_MAX_MESSAGE, Event, Position, Resync
-from guildcast.protocol.codes import ABNORMAL_CLOSURE, FATAL_CLOSE_CODES, Close, CloseAction
-
-__all__ = [
-    "ABNORMAL_CLOSURE",
-    "AUTH_FAILED",
-    "DEFAULT_MAX_INFLIGHT_PUBLISHES",
-    "DEFAULT_MAX_MESSAGE",
-    "DEFAULT_MAX_PENDING_EVENTS",
-    "FATAL_CLOSE_CODES",
-    "AuthenticationFailed",
-    "Client",
-    "ClientClosed",
-    "CommandError",
-    "Event",
-    "GuildcastClosed",
-    "GuildcastError",
-    "Item",
-    "Position",
-    "PublishError",
-    "PublishInterrupted",
-    "ReconnectFailed",
-    "Resync",
-    "SubscribeError",
-    "SubscriptionLost",
-    "TokenProvider",
-]
+from guildcast.protocol.client import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
+from guildcast.protocol.client import Event as Event
+from guildcast.protocol.client import Position as Position
+from guildcast.protocol.client import Resync as Resync
+from guildcast.protocol.codes import ABNORMAL_CLOSURE, Close, CloseAction
+from guildcast.protocol.codes import FATAL_CLOSE_CODES as FATAL_CLOSE_CODES
 
 log = logging.getLogger("guildcast.client")
 

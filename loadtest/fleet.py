@@ -53,7 +53,16 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 from guildcast.loadtest import wire
 from guildcast.protocol.client import Position
 from guildcast.protocol.codes import Op
-from guildcast.protocol.frames import close_code, scan_frames
+from guildcast.protocol.frames import (
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    client_frame,
+    close_code,
+    scan_frames,
+)
 
 log = logging.getLogger("guildcast.loadtest.fleet")
 
@@ -358,12 +367,12 @@ class Sub(asyncio.Protocol):
         # ``now``: microseconds since the epoch, as the events' ``ts``.
         op = b0 & 0x0F
         fin = b0 & 0x80
-        if op == wire.OP_TEXT:
+        if op == OP_TEXT:
             if fin:
                 self._message(payload, now)
             else:
                 self._frag = [payload]
-        elif op == wire.OP_CONT:
+        elif op == OP_CONT:
             if self._frag is None:
                 self._fail("stray continuation frame")
                 return
@@ -372,11 +381,11 @@ class Sub(asyncio.Protocol):
                 whole = b"".join(self._frag)
                 self._frag = None
                 self._message(whole, now)
-        elif op == wire.OP_CLOSE:
+        elif op == OP_CLOSE:
             self._closed_by_server(close_code(payload)[0])
-        elif op == wire.OP_PING:
-            self.send_raw(wire.client_frame(wire.OP_PONG, payload))
-        elif op == wire.OP_PONG:
+        elif op == OP_PING:
+            self.send_raw(client_frame(OP_PONG, payload))
+        elif op == OP_PONG:
             pass
         else:
             self._fail(f"unexpected opcode {op}")

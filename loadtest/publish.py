@@ -48,7 +48,15 @@ import orjson
 from guildcast.loadtest import wire
 from guildcast.loadtest.fleet import new_hist
 from guildcast.protocol.codes import Op
-from guildcast.protocol.frames import close_code
+from guildcast.protocol.frames import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    client_frame,
+    close_code,
+    parse_frames,
+)
 
 #: Seconds a publisher waits for its connection to open (handshake to READY).
 OPEN_TIMEOUT = 30.0
@@ -195,25 +203,25 @@ class GatewayPublisher(asyncio.Protocol):
                 self.transport.abort()
                 return
         buf = self.rest + data if self.rest else data
-        frames, used, err = wire.parse_frames(buf)
+        frames, used, err = parse_frames(buf)
         self.rest = buf[used:]
         now = time.time_ns()
         for op, _fin, payload in frames:
-            if op == wire.OP_TEXT:
+            if op == OP_TEXT:
                 s = wire.fast_ack_s(payload)
                 if s is not None and self.inflight:
                     gid, sent_ns = self.inflight.popleft()
                     self.stats.ack(gid, s, sent_ns, now)
                 else:
                     self._message(payload)
-            elif op == wire.OP_CLOSE:
+            elif op == OP_CLOSE:
                 code, reason = close_code(payload)
                 self.stats.error(f"close:{code}", reason)
                 if self.transport is not None:
                     self.transport.write(wire.close_frame(1000))
                     self.transport.close()
-            elif op == wire.OP_PING and self.transport is not None:
-                self.transport.write(wire.client_frame(wire.OP_PONG, payload))
+            elif op == OP_PING and self.transport is not None:
+                self.transport.write(client_frame(OP_PONG, payload))
         if err is not None and self.transport is not None:
             self.stats.error("protocol", err)
             self.transport.abort()

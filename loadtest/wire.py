@@ -32,46 +32,7 @@ from guildcast.core.tokens import make_token
 from guildcast.protocol import client as pc
 from guildcast.protocol import wire as pw
 from guildcast.protocol.codes import Op
-from guildcast.protocol.frames import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    client_frame,
-    close_payload,
-    parse_frames,
-)
-
-__all__ = [
-    "DISPATCH_PREFIX",
-    "D_OVERHEAD",
-    "EVENT",
-    "GID_TO_S",
-    "HEARTBEAT",
-    "OP_BINARY",
-    "OP_CLOSE",
-    "OP_CONT",
-    "OP_PING",
-    "OP_PONG",
-    "OP_TEXT",
-    "S_TO_TS",
-    "TS_DIGITS",
-    "Upgrade",
-    "client_frame",
-    "close_frame",
-    "event_data",
-    "fast_ack_s",
-    "identify",
-    "mint",
-    "pad_for",
-    "parse_frames",
-    "publish_payload",
-    "subscribe",
-    "text",
-    "unsubscribe",
-]
+from guildcast.protocol.frames import OP_CLOSE, OP_TEXT, client_frame, close_payload
 
 #: Event name of every load-test event (PROTOCOL.md: ``[A-Z0-9_]{1,64}``).
 EVENT = "LT"

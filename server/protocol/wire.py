@@ -19,6 +19,8 @@ from guildcast.protocol.codes import Op
 from guildcast.protocol.frames import text_frame
 
 __all__ = [
+    "EVENT_PATTERN",
+    "GUILD_PATTERN",
     "HEARTBEAT_ACK_FRAME",
     "RECONNECT_FRAME",
     "JSONDecodeError",
@@ -36,9 +38,12 @@ __all__ = [
 
 JSONDecodeError = orjson.JSONDecodeError
 
-#: PROTOCOL.md, "Envelope": guild ids and event names.
-_GUILD_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-_EVENT_RE = re.compile(r"[A-Z0-9_]{1,64}")
+#: PROTOCOL.md, "Messages": guild ids and event names, as regexes that mean
+#: the same in Python and ECMA-262 (the OpenAPI document's patterns).
+GUILD_PATTERN = "[A-Za-z0-9_.:-]{1,128}"
+EVENT_PATTERN = "[A-Z0-9_]{1,64}"
+_GUILD_RE = re.compile(GUILD_PATTERN)
+_EVENT_RE = re.compile(EVENT_PATTERN)
 
 
 def valid_guild(gid: object) -> TypeGuard[str]:
