@@ -152,7 +152,9 @@ class Upgrade:
         if exc is not None:
             return True, f"upgrade refused: {exc}"[:120], b""
         if self._proto.state is not State.OPEN:
-            return True, "upgrade not completed", b""
+            # Not 101: the parser waits for a body it will never be given.
+            status = head[: head.find(b"\r\n")].decode("latin-1")
+            return True, f"upgrade refused: {status}"[:120], b""
         return True, None, head[end + 4 :]
 
 
