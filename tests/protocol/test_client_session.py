@@ -344,6 +344,15 @@ class ClientMachine(RuleBasedStateMachine):
                 self.feed(recv(self.s, event(gid, s, d=s), self.now))
 
     @precondition(lambda self: self.s.ready)
+    @rule(gid=st.sampled_from(GUILDS))
+    def refuse_subscribe(self, gid: str) -> None:
+        """ERROR 4403 for a guild: a refusal only while its SUBSCRIBE is unanswered."""
+        pending = self.s.follows(gid) and self.s.subscribed(gid) is None
+        outs = recv(self.s, {"op": 13, "d": {"code": 4403, "message": "no", "g": gid}}, self.now)
+        assert (outs == [pc.SubscribeRefused(gid, 4403, "no")]) == pending
+        assert not pending or not self.s.follows(gid)
+
+    @precondition(lambda self: self.s.ready)
     @rule(gid=st.sampled_from(GUILDS), dup=st.booleans())
     def publish_event(self, gid: str, dup: bool) -> None:
         epoch, head = self.head(gid)
