@@ -1,15 +1,16 @@
 """The Guildcast Python client: one resilient gateway session for an application.
 
-It owns one WebSocket connection at a time to a Guildcast gateway
-(PROTOCOL.md), and everything the protocol asks of a client: IDENTIFY,
-heartbeats on the announced interval, SUBSCRIBE/UNSUBSCRIBE, PUBLISH with
-nonce-matched ACKs, and reconnecting with backoff and full jitter
-(:mod:`clients.backoff`) whenever a close code says "reconnect".
+A thin asyncio adapter: the protocol (IDENTIFY, heartbeats, SUBSCRIBE and
+UNSUBSCRIBE, PUBLISH with nonce-matched ACKs, Position tracking, close-code
+classification) is the Sans-I/O :class:`guildcast.protocol.client.ClientSession`;
+this module owns the WebSocket (websockets' asyncio client), the clock, the
+tasks, the futures the application awaits, the bounded event queue and the
+reconnect loop with full-jitter backoff (:mod:`guildcast.client.backoff`).
 
-Consistency model. For each subscribed guild the client keeps the
-:class:`Position` of the last event it handed to the application. Every
+Consistency model. For each subscribed guild the session keeps the
+:class:`Position` of the last event handed to the application. Every
 reconnect's IDENTIFY carries those positions, so the server replays what was
-missed (PROTOCOL.md, "Subscribing and recovery"). The application sees each
+missed (PROTOCOL.md, "Subscribing and recovering"). The application sees each
 guild's events in increasing ``s``, with no duplicates: anything with
 ``s <= last seen`` is dropped as a safety net. When the server cannot
 recover a guild (``recovered: false`` after a Position was sent: the epoch
@@ -30,111 +31,42 @@ Bounds and overflow policies:
 
 Tasks: the reconnect loop is one task owned by the client (started by
 :meth:`Client.connect`, awaited by :meth:`Client.close`); each connection's
-heartbeat task is owned by a task group inside that loop.
+timer task (HELLO timeout, heartbeats, liveness) is owned by the coroutine
+that reads that connection, which cancels and awaits it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
 from guildcast.client.backoff import Backoff
+from guildcast.protocol import client as proto
+from guildcast.protocol.client import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
+from guildcast.protocol.client import Event as Event
+from guildcast.protocol.client import Position as Position
+from guildcast.protocol.client import Resync as Resync
+from guildcast.protocol.codes import ABNORMAL_CLOSURE, Close, CloseAction
+from guildcast.protocol.codes import FATAL_CLOSE_CODES as FATAL_CLOSE_CODES
 
 log = logging.getLogger("guildcast.client")
 
-# --- protocol constants (PROTOCOL.md; duplicated so clients/ stands alone) ----
-
-_OP_DISPATCH = 0
-_OP_HEARTBEAT = 1
-_OP_IDENTIFY = 2
-_OP_SUBSCRIBE = 3
-_OP_UNSUBSCRIBE = 4
-_OP_PUBLISH = 5
-_OP_RECONNECT = 7
-_OP_HELLO = 10
-_OP_HEARTBEAT_ACK = 11
-_OP_ACK = 12
-_OP_ERROR = 13
-
-#: PROTOCOL.md "Close codes": "fix the client" (plus the RFC 6455 codes that
-#: mean the same) and "get a new token". Every other code, including an
-#: abnormal closure (1006) or a refused connection, means "reconnect".
-FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002, 4003, 4005})
 #: "get a new token": fatal unless a token provider can supply a fresh one.
-AUTH_FAILED = 4004
-#: "back off, reconnect": the server is full (1013) or we were rate limited
-#: (4008). The next delay starts at least from this attempt's window, so a
-#: crowd refused at once does not retry in the first, shortest window.
-_BACKOFF_CODES = frozenset({1013, 4008})
-_BACKOFF_FLOOR = 2
-#: Close code used locally when the connection never opened or was cut.
-ABNORMAL_CLOSURE = 1006
-
-_GUILD_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-_EVENT_RE = re.compile(r"[A-Z0-9_]{1,64}")
-_RESERVED_EVENTS = frozenset({"READY", "SUBSCRIBED", "UNSUBSCRIBED"})
-_HEARTBEAT = '{"op":1,"d":null}'
-
+AUTH_FAILED = int(Close.AUTH_FAILED)
 #: Items the event queue holds before the reader applies backpressure.
 DEFAULT_MAX_PENDING_EVENTS = 10_000
 #: PUBLISH awaiting an ACK at once; more callers wait for a slot.
 DEFAULT_MAX_INFLIGHT_PUBLISHES = 1_000
-#: The server's default ``max_frame`` (PROTOCOL.md "Transport"): a larger
-#: message would close the connection with 1009, which is fatal, so the
-#: client refuses to send it.
-DEFAULT_MAX_MESSAGE = 64 * 1024
-#: A connection that has delivered nothing for this many heartbeat intervals
-#: (and at least _ZOMBIE_MIN_S seconds) while we were reading is considered
-#: dead (half-open TCP) and is replaced.
-_ZOMBIE_INTERVALS = 3
-_ZOMBIE_MIN_S = 5.0
-
-
-# --- public data types ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Position:
-    """The last event of a guild the application has seen (PROTOCOL.md "Opcodes")."""
-
-    epoch: str
-    s: int
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One guild event, delivered in ``s`` order, exactly once."""
-
-    guild: str
-    name: str
-    s: int
-    data: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Resync:
-    """Guild ``guild`` could not be recovered: reload its state.
-
-    Events the application missed are gone; the next events of this guild
-    start at ``s + 1`` in ``epoch``.
-    """
-
-    guild: str
-    epoch: str
-    s: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +193,6 @@ class _Mailbox:
         return item
 
 
-def _check_guild(gid: str) -> None:
-    if type(gid) is not str or _GUILD_RE.fullmatch(gid) is None:
-        raise ValueError(f"invalid guild id {gid!r}: 1-128 characters of [A-Za-z0-9_.:-]")
-
-
-def _position_json(pos: Position | None) -> dict[str, Any] | None:
-    return None if pos is None else {"epoch": pos.epoch, "s": pos.s}
-
-
 async def _maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
@@ -335,37 +258,28 @@ class Client:
         self.url = url
         self._token = token
         self._token_provider = token_provider
-        self._event_filter = None if events is None else list(events)
-        for name in self._event_filter or ():
-            if _EVENT_RE.fullmatch(name) is None:
-                raise ValueError(f"invalid event name {name!r}")
+        #: The protocol state across connections (guilds and their Positions).
+        self._session = proto.ClientSession(
+            guilds,
+            events,
+            renewable_token=token_provider is not None,
+            max_message=max_message,
+            hello_timeout=open_timeout,
+        )
         self._backoff = backoff if backoff is not None else Backoff()
         self._on_unrecovered = on_unrecovered
         self._on_ready = on_ready
         self._on_disconnect = on_disconnect
         self._max_pending = max_pending_events
-        self._max_message = max_message
         self._open_timeout = open_timeout
         self._close_timeout = close_timeout
         self._publish_slots_n = max_inflight_publishes
 
-        #: Guilds the application follows, each with the last Position it saw
-        #: (None until the first SUBSCRIBED). The source of every IDENTIFY.
-        self._desired: dict[str, Position | None] = {}
-        for gid in guilds:
-            _check_guild(gid)
-            self._desired[gid] = None
-        #: Guilds SUBSCRIBED on the current connection.
-        self._subscribed: set[str] = set()
-        #: Guilds requested on the current connection, with the Position sent.
-        self._sent: dict[str, Position | None] = {}
         self._sub_waiters: dict[str, asyncio.Future[Position]] = {}
         self._unsub_waiters: dict[str, asyncio.Future[None]] = {}
         self._publishes: dict[str, asyncio.Future[int]] = {}
-        self._nonces = itertools.count(1)
 
         self._ws: ClientConnection | None = None
-        self._identified = False
         self._wake: asyncio.Event | None = None
         self._mailbox: _Mailbox | None = None
         self._publish_slots: asyncio.Semaphore | None = None
@@ -373,18 +287,12 @@ class Client:
         self._first_ready: asyncio.Future[None] | None = None
         self._failure: GuildcastClosed | None = None
         self._closing = False
-        self._auth_failures = 0
-        self._heartbeat_paused_until = 0.0
-        self._last_recv = 0.0
-        self._reader_blocked = False
 
         #: Session id and user of the current connection (READY).
         self.session_id: str | None = None
         self.user: str | None = None
         #: Connections that reached READY, the first included.
         self.sessions = 0
-        #: Events dropped because their ``s`` was already seen (safety net).
-        self.duplicates_dropped = 0
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -445,18 +353,28 @@ class Client:
     @property
     def connected(self) -> bool:
         """True while the current connection is READY."""
-        return self._identified
+        return self._session.ready
 
     @property
     def positions(self) -> dict[str, Position | None]:
         """A copy of each followed guild's last seen Position (for persisting)."""
-        return dict(self._desired)
+        return self._session.positions
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Events dropped because their ``s`` was already seen (safety net)."""
+        return self._session.duplicates_dropped
+
+    @property
+    def gaps(self) -> int:
+        """Jumps in a guild's ``s`` seen (the server promises none; logged)."""
+        return self._session.gaps
 
     def pause_heartbeats(self, seconds: float) -> None:
         """Send no HEARTBEAT for ``seconds``: the server will close the session
         with 4009 and the client will reconnect and recover. For testing that
         path; applications never need it."""
-        self._heartbeat_paused_until = asyncio.get_running_loop().time() + seconds
+        self._session.pause_heartbeats(asyncio.get_running_loop().time() + seconds)
 
     # --- application API ---------------------------------------------------------
 
@@ -484,45 +402,35 @@ class Client:
         does not allow this guild) and :class:`GuildcastClosed` if the client
         stops. While disconnected it waits for the next connection.
         """
-        _check_guild(gid)
+        proto.check_guild(gid)
         self._require_usable()
-        if gid in self._subscribed:
-            pos = self._desired.get(gid)
-            assert pos is not None
+        pos = self._session.subscribed(gid)
+        if pos is not None:
             return pos
         fut = self._sub_waiters.get(gid)
         if fut is None:
             fut = self._sub_waiters[gid] = asyncio.get_running_loop().create_future()
-        if gid not in self._desired:
-            self._desired[gid] = position
-        ws = self._ws
-        if ws is not None and self._identified and gid not in self._sent:
-            self._sent[gid] = self._desired[gid]
-            msg = {"op": _OP_SUBSCRIBE, "d": {"guilds": {gid: _position_json(self._desired[gid])}}}
-            await self._send(ws, msg)
+        await self._carry_out(self._session.subscribe(gid, position))
         return await asyncio.shield(fut)
 
     async def unsubscribe(self, gid: str) -> None:
         """Stop following guild ``gid``; no event of it is delivered after this
         returns. A no-op for a guild not followed."""
-        _check_guild(gid)
+        proto.check_guild(gid)
         self._require_usable()
-        if gid not in self._desired:
+        if not self._session.follows(gid):
             return
-        del self._desired[gid]
-        self._subscribed.discard(gid)
         waiter = self._sub_waiters.pop(gid, None)
         if waiter is not None and not waiter.done():
             waiter.set_exception(SubscribeError(0, "unsubscribed before SUBSCRIBED", gid))
             waiter.exception()  # retrieved: nobody may be awaiting it any more
-        ws = self._ws
-        if ws is None or not self._identified or gid not in self._sent:
+        out = self._session.unsubscribe(gid)
+        if not self._session.leaving(gid):
             return
-        del self._sent[gid]
         fut = self._unsub_waiters.get(gid)
         if fut is None:
             fut = self._unsub_waiters[gid] = asyncio.get_running_loop().create_future()
-        await self._send(ws, {"op": _OP_UNSUBSCRIBE, "d": {"guilds": [gid]}})
+        await self._carry_out(out)
         await asyncio.shield(fut)
 
     async def publish(self, gid: str, t: str, d: Any = None) -> int:
@@ -534,30 +442,18 @@ class Client:
         1013), :class:`PublishInterrupted` when the connection closes before
         the ACK, and :class:`GuildcastClosed` if the client stops.
         """
-        _check_guild(gid)
-        if type(t) is not str or _EVENT_RE.fullmatch(t) is None:
-            raise ValueError(f"invalid event name {t!r}: 1-64 characters of [A-Z0-9_]")
-        if t in _RESERVED_EVENTS:
-            raise ValueError(f"{t} is a reserved event name")
+        proto.check_publish(gid, t)
         slots = self._publish_slots
         if slots is None:
             raise GuildcastError("client not connected: use 'async with Client(...)'")
         async with slots:
             ws = await self._wait_ready()
-            nonce = str(next(self._nonces))
-            try:
-                body = orjson.dumps(
-                    {"op": _OP_PUBLISH, "d": {"guild": gid, "t": t, "d": d, "nonce": nonce}}
-                )
-            except TypeError as exc:
-                raise ValueError(f"data is not JSON serialisable: {exc}") from None
-            if len(body) > self._max_message:
-                raise ValueError(f"message of {len(body)} bytes exceeds {self._max_message}")
+            nonce, send = self._session.publish(gid, t, d)
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._publishes[nonce] = fut
             try:
                 try:
-                    await ws.send(body.decode())
+                    await ws.send(send.data, text=True)
                 except ConnectionClosed:
                     if not fut.done():
                         raise PublishInterrupted("connection closed while sending") from None
@@ -585,7 +481,7 @@ class Client:
         while True:
             self._require_usable()
             ws = self._ws
-            if ws is not None and self._identified:
+            if ws is not None and self._session.ready:
                 return ws
             wake.clear()
             await wake.wait()
@@ -599,22 +495,19 @@ class Client:
             self._mailbox.end(self._failure)
         if self._first_ready is not None and not self._first_ready.done():
             self._first_ready.set_exception(err)
-        self._fail_waiters(err, err)
-        if self._wake is not None:
-            self._wake.set()
-
-    def _fail_waiters(self, sub_err: BaseException, pub_err: BaseException) -> None:
         for fut in self._publishes.values():
             if not fut.done():
-                fut.set_exception(pub_err)
+                fut.set_exception(err)
         for sfut in self._sub_waiters.values():
             if not sfut.done():
-                sfut.set_exception(sub_err)
+                sfut.set_exception(err)
         self._sub_waiters.clear()
         for ufut in self._unsub_waiters.values():
             if not ufut.done():
                 ufut.set_result(None)
         self._unsub_waiters.clear()
+        if self._wake is not None:
+            self._wake.set()
 
     async def _call(self, cb: Callable[..., Any] | None, *args: Any) -> None:
         if cb is None:
@@ -624,13 +517,86 @@ class Client:
         except Exception:
             log.exception("guildcast client callback %r failed", cb)
 
-    async def _send(self, ws: ClientConnection, msg: dict[str, Any]) -> None:
-        """Send a command; a closed connection is not an error (the next
-        IDENTIFY carries the desired state)."""
+    # --- internals: carrying out the session's outputs -------------------------------
+
+    async def _carry_out(self, outputs: list[proto.Output]) -> None:
+        """Do what the session asked, in order. A closed connection is not an
+        error when sending (the next IDENTIFY carries the desired state)."""
+        for o in outputs:
+            if isinstance(o, proto.Send):
+                ws = self._ws
+                if ws is not None:
+                    try:
+                        await ws.send(o.data, text=True)
+                    except ConnectionClosed:
+                        pass
+            elif isinstance(o, Event):
+                await self._deliver(o)
+            elif isinstance(o, proto.Subscribed):
+                fut = self._sub_waiters.pop(o.guild, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(o.position)
+            elif isinstance(o, Resync):
+                await self._deliver(o)
+                await self._call(self._on_unrecovered, o.guild)
+            elif isinstance(o, proto.Acked):
+                pfut = self._publishes.get(o.nonce)
+                if pfut is not None and not pfut.done():
+                    pfut.set_result(o.s)
+            elif isinstance(o, proto.PublishRefused):
+                pfut = self._publishes.get(o.nonce)
+                if pfut is not None and not pfut.done():
+                    pfut.set_exception(PublishError(o.code, o.message, o.guild))
+            elif isinstance(o, proto.PublishInterrupted):
+                pfut = self._publishes.get(o.nonce)
+                if pfut is not None and not pfut.done():
+                    pfut.set_exception(PublishInterrupted("connection closed before the ACK"))
+            elif isinstance(o, proto.Unsubscribed):
+                ufut = self._unsub_waiters.pop(o.guild, None)
+                if ufut is not None and not ufut.done():
+                    ufut.set_result(None)
+            elif isinstance(o, proto.SubscribeRefused):
+                sfut = self._sub_waiters.pop(o.guild, None)
+                if sfut is not None and not sfut.done():
+                    sfut.set_exception(SubscribeError(o.code, o.message, o.guild))
+                else:
+                    await self._deliver(SubscriptionLost(o.guild, o.code, o.message))
+            elif isinstance(o, proto.Ready):
+                await self._ready(o)
+            elif isinstance(o, proto.CloseConn):
+                if o.problem is not None:
+                    log.warning("guildcast: %s (%s); reconnecting", o.reason, o.problem)
+                if self._ws is not None:
+                    await self._ws.close(o.code, o.reason)
+            elif isinstance(o, proto.Gap):
+                log.warning("guildcast: guild %s jumped from s=%d to s=%d", o.guild, o.after, o.s)
+            elif isinstance(o, proto.ServerError):
+                log.warning("guildcast: server error %s %s (guild %s)", o.code, o.message, o.guild)
+            elif isinstance(o, proto.ReconnectRequested):
+                log.info("guildcast: server asked to reconnect (draining)")
+
+    async def _ready(self, r: proto.Ready) -> None:
+        self.session_id = r.session_id
+        self.user = r.user
+        self.sessions += 1
+        self._backoff.reset()
+        if self._first_ready is not None and not self._first_ready.done():
+            self._first_ready.set_result(None)
+        assert self._wake is not None
+        self._wake.set()
+        await self._call(self._on_ready, self.session_id or "")
+
+    async def _deliver(self, item: Item) -> None:
+        mailbox = self._mailbox
+        assert mailbox is not None
+        session = self._session
+        if mailbox.full:
+            session.stalled = True
         try:
-            await ws.send(orjson.dumps(msg).decode())
-        except ConnectionClosed:
-            pass
+            await mailbox.put(item)
+        finally:
+            session.stalled = False
+            session.alive(asyncio.get_running_loop().time())
 
     # --- internals: the connection loop --------------------------------------------
 
@@ -649,12 +615,16 @@ class Client:
                 code, reason = await self._attempt()
                 if self._closing:
                     return
-                failure = self._classify(code, reason)
-                if failure is not None:
-                    self._stop(failure)
+                verdict = self._session.verdict(code, reason)
+                if verdict.give_up:
+                    cls = (
+                        AuthenticationFailed
+                        if verdict.action is CloseAction.AUTH
+                        else GuildcastClosed
+                    )
+                    self._stop(cls(code, reason))
                     return
-                floor = _BACKOFF_FLOOR if code in _BACKOFF_CODES else 0
-                delay = self._backoff.next_delay(floor)
+                delay = self._backoff.next_delay(verdict.floor)
                 if delay is None:
                     self._stop(ReconnectFailed(code, f"gave up reconnecting ({reason})"))
                     return
@@ -665,17 +635,6 @@ class Client:
         except Exception as exc:  # a bug; stop loudly rather than spin
             log.exception("guildcast client loop failed")
             self._stop(GuildcastClosed(4000, f"client error: {exc!r}"))
-
-    def _classify(self, code: int, reason: str) -> GuildcastClosed | None:
-        """The failure that stops the client after close ``code``, or None to reconnect."""
-        if code == AUTH_FAILED:
-            self._auth_failures += 1
-            if self._token_provider is None or self._auth_failures > 1:
-                return AuthenticationFailed(code, reason)
-            return None
-        if code in FATAL_CLOSE_CODES:
-            return GuildcastClosed(code, reason)
-        return None
 
     async def _attempt(self) -> tuple[int, str]:
         """One connection, from TCP connect to close; returns ``(code, reason)``."""
@@ -690,43 +649,26 @@ class Client:
                 open_timeout=self._open_timeout,
                 close_timeout=self._close_timeout,
                 ping_interval=None,  # the protocol's HEARTBEAT does this job
-                compression=None,  # PROTOCOL.md "Transport": off
+                compression=None,  # PROTOCOL.md "Connecting": off
                 max_size=None,  # the server bounds what it sends
                 user_agent_header="guildcast-python-client",
             )
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            if 400 <= status < 500 and status not in (408, 429):
-                return 4002, f"HTTP {status} from {self.url}: wrong gateway URL?"
-            return ABNORMAL_CLOSURE, f"HTTP {status}"
+            code, reason = self._session.connect_failed(exc.response.status_code)
+            return code, f"{reason} ({self.url})"
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             return ABNORMAL_CLOSURE, f"connect failed: {exc!r}"
         self._ws = ws
         try:
-            await self._session(ws, token)
+            await self._connection(ws, token)
         except ConnectionClosed:
             pass
-        except (TimeoutError, OSError) as exc:
+        except OSError as exc:
             log.info("guildcast: connection failed: %r", exc)
-            await ws.close(4000, "client timeout")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # A message that breaks PROTOCOL.md: drop this connection, keep going.
-            log.error("guildcast: bad message from server: %r", exc)
-            await ws.close(4000, "bad message from server")
+            await ws.close(4000, "client error")
         finally:
             self._ws = None
-            self._identified = False
-            self._subscribed.clear()
-            self._sent.clear()
-            self._reader_blocked = False
-            interrupted = PublishInterrupted("connection closed before the ACK")
-            for fut in self._publishes.values():
-                if not fut.done():
-                    fut.set_exception(interrupted)
-            for ufut in self._unsub_waiters.values():
-                if not ufut.done():
-                    ufut.set_result(None)
-            self._unsub_waiters.clear()
+            await self._carry_out(self._session.connection_lost())
         await ws.wait_closed()
         rcvd = ws.protocol.close_rcvd
         if rcvd is None:
@@ -736,154 +678,39 @@ class Client:
         await self._call(self._on_disconnect, code, reason)
         return code, reason
 
-    async def _session(self, ws: ClientConnection, token: str) -> None:
+    async def _connection(self, ws: ClientConnection, token: str) -> None:
+        """Read ``ws`` into the session until it closes; the timer task (HELLO
+        timeout, heartbeats, liveness) is owned here: cancelled and awaited
+        whichever way the connection ends."""
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._open_timeout):
-            hello = orjson.loads(await ws.recv())
-        if hello.get("op") != _OP_HELLO:
-            await ws.close(4000, "expected HELLO")
-            return
-        interval = float(hello["d"]["heartbeat_interval"]) / 1000.0
-        self._last_recv = loop.time()
-        self._sent = dict(self._desired)
-        identify: dict[str, Any] = {
-            "token": token,
-            "guilds": {gid: _position_json(pos) for gid, pos in self._sent.items()},
-        }
-        if self._event_filter is not None:
-            identify["events"] = self._event_filter
-        await ws.send(orjson.dumps({"op": _OP_IDENTIFY, "d": identify}).decode())
-        # The heartbeat task is owned by this coroutine: cancelled and awaited
-        # whichever way the connection ends.
-        beat = asyncio.create_task(self._heartbeat(ws, interval), name="guildcast-heartbeat")
+        session = self._session
+        session.connection_made(token, loop.time())
+        retick = asyncio.Event()
+        timers = asyncio.create_task(self._timers(retick), name="guildcast-timers")
         try:
             async for raw in ws:
-                self._last_recv = loop.time()
-                await self._handle(ws, orjson.loads(raw))
+                due = session.next_tick
+                await self._carry_out(session.receive(raw, loop.time()))
+                if session.next_tick < due:
+                    retick.set()  # a deadline moved earlier (HELLO's interval)
         finally:
-            beat.cancel()
-            (result,) = await asyncio.gather(beat, return_exceptions=True)
+            timers.cancel()
+            (result,) = await asyncio.gather(timers, return_exceptions=True)
             if isinstance(result, Exception):
-                log.error("guildcast: heartbeat task failed: %r", result)
+                log.error("guildcast: timer task failed: %r", result)
 
-    async def _heartbeat(self, ws: ClientConnection, interval: float) -> None:
-        """PROTOCOL.md "Session flow" 4: HEARTBEAT every interval; replace a
-        connection that has gone silent (half-open TCP)."""
+    async def _timers(self, retick: asyncio.Event) -> None:
+        """Call the session's :meth:`tick` at its ``next_tick``; ``retick`` wakes
+        this task early when that moved earlier."""
         loop = asyncio.get_running_loop()
-        silent_limit = max(_ZOMBIE_INTERVALS * interval, _ZOMBIE_MIN_S)
+        session = self._session
         while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            if not self._reader_blocked and now - self._last_recv > silent_limit:
-                log.warning("guildcast: no data for %.1f s; reconnecting", now - self._last_recv)
-                await ws.close(4000, "server silent")
-                return
-            if now < self._heartbeat_paused_until:
-                continue
+            retick.clear()
+            wait = session.next_tick - loop.time()
             try:
-                await ws.send(_HEARTBEAT)
-            except ConnectionClosed:
-                return
-
-    async def _deliver(self, item: Item) -> None:
-        mailbox = self._mailbox
-        assert mailbox is not None
-        if mailbox.full:
-            self._reader_blocked = True
-        try:
-            await mailbox.put(item)
-        finally:
-            self._reader_blocked = False
-            self._last_recv = asyncio.get_running_loop().time()
-
-    async def _handle(self, ws: ClientConnection, msg: dict[str, Any]) -> None:
-        op = msg.get("op")
-        d: Any = msg.get("d")
-        if op == _OP_DISPATCH:
-            t, g = msg.get("t"), msg.get("g")
-            if t == "READY":
-                await self._ready(ws, d)
-            elif t == "SUBSCRIBED" and g is not None:
-                await self._subscribed_guild(g, d)
-            elif t == "UNSUBSCRIBED" and g is not None:
-                fut = self._unsub_waiters.pop(g, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            elif g is not None and isinstance(msg.get("s"), int):
-                await self._event(g, t, msg["s"], d)
-        elif op == _OP_ACK:
-            pfut = self._publishes.get(d.get("nonce"))
-            if pfut is not None and not pfut.done():
-                pfut.set_result(int(d["s"]))
-        elif op == _OP_ERROR:
-            await self._error(d)
-        elif op == _OP_RECONNECT:
-            log.info("guildcast: server asked to reconnect (draining)")
-        # HEARTBEAT_ACK: _last_recv was updated by the reader.
-
-    async def _ready(self, ws: ClientConnection, d: dict[str, Any]) -> None:
-        self._identified = True
-        self.session_id = d.get("session_id")
-        self.user = d.get("user")
-        self.sessions += 1
-        self._auth_failures = 0
-        self._backoff.reset()
-        # Guilds the application asked for while IDENTIFY was in flight.
-        missing = {gid: pos for gid, pos in self._desired.items() if gid not in self._sent}
-        if missing:
-            self._sent.update(missing)
-            guilds = {gid: _position_json(pos) for gid, pos in missing.items()}
-            await self._send(ws, {"op": _OP_SUBSCRIBE, "d": {"guilds": guilds}})
-        if self._first_ready is not None and not self._first_ready.done():
-            self._first_ready.set_result(None)
-        assert self._wake is not None
-        self._wake.set()
-        await self._call(self._on_ready, self.session_id or "")
-
-    async def _subscribed_guild(self, gid: str, d: dict[str, Any]) -> None:
-        if gid not in self._desired:
-            return  # unsubscribed meanwhile; UNSUBSCRIBED follows
-        epoch, head, recovered = str(d["epoch"]), int(d["s"]), bool(d["recovered"])
-        sent = self._sent.get(gid)
-        current = self._desired[gid]
-        self._subscribed.add(gid)
-        if recovered and current is not None and current.epoch == epoch:
-            pos = current  # the replay s+1..head follows
-        else:
-            pos = self._desired[gid] = Position(epoch, head)
-            if sent is not None:
-                await self._deliver(Resync(gid, epoch, head))
-                await self._call(self._on_unrecovered, gid)
-        fut = self._sub_waiters.pop(gid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(pos)
-
-    async def _event(self, gid: str, t: Any, s: int, d: Any) -> None:
-        if gid not in self._desired:
-            return  # unsubscribed: the server stops at UNSUBSCRIBED
-        pos = self._desired[gid]
-        if pos is not None and s <= pos.s:
-            self.duplicates_dropped += 1
-            return
-        self._desired[gid] = Position(pos.epoch if pos is not None else "", s)
-        await self._deliver(Event(gid, str(t), s, d))
-
-    async def _error(self, d: dict[str, Any]) -> None:
-        code, message = int(d.get("code", 0)), str(d.get("message", ""))
-        nonce, gid = d.get("nonce"), d.get("g")
-        if nonce is not None:
-            pfut = self._publishes.get(nonce)
-            if pfut is not None and not pfut.done():
-                pfut.set_exception(PublishError(code, message, gid))
-            return
-        if gid is not None and gid in self._sent and gid not in self._subscribed:
-            # A SUBSCRIBE (or IDENTIFY guild) was refused: stop following it.
-            self._desired.pop(gid, None)
-            self._sent.pop(gid, None)
-            fut = self._sub_waiters.pop(gid, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(SubscribeError(code, message, gid))
-            else:
-                await self._deliver(SubscriptionLost(gid, code, message))
-            return
-        log.warning("guildcast: server error %s %s (guild %s)", code, message, gid)
+                async with asyncio.timeout(None if wait == float("inf") else max(0.0, wait)):
+                    await retick.wait()
+                continue
+            except TimeoutError:
+                pass
+            await self._carry_out(session.tick(loop.time()))

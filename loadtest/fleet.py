@@ -12,9 +12,11 @@ previous one, so the controller can merge intervals from every worker
 without double counting.
 
 Per-delivery work is kept to a few bytecodes (the harness must not be the
-bottleneck before the server is): frames are split by hand, a DISPATCH of a
-load-test event has its guild, ``s`` and publish time read at fixed offsets
-(``guildcast.loadtest.wire``), ``s`` is checked against the last one seen for that
+bottleneck before the server is): each read chunk is split into frames in
+one call (``guildcast.protocol.frames.scan_frames``, which locates frames
+without copying them), a DISPATCH of a load-test event has its guild, ``s``
+and publish time read at the offsets ``guildcast.loadtest.wire`` measures on
+the server's envelope builder, ``s`` is checked against the last one seen for that
 guild on this connection, and the latency goes into a plain dict keyed by
 microseconds, reduced to the HDR histogram's precision (3 significant
 digits: exact below 2048 us), so the dict holds at most about 2048 keys per
@@ -49,6 +51,18 @@ import orjson
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from guildcast.loadtest import wire
+from guildcast.protocol.client import Position
+from guildcast.protocol.codes import Op
+from guildcast.protocol.frames import (
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    client_frame,
+    close_code,
+    scan_frames,
+)
 
 log = logging.getLogger("guildcast.loadtest.fleet")
 
@@ -64,11 +78,6 @@ RECONNECT_DEADLINE = 60.0
 
 # Client states.
 IDLE, CONNECTING, OPENING, LIVE, SUBSCRIBING, CLOSING = range(6)
-
-#: Close codes after which a client reconnects and recovers (PROTOCOL.md
-#: "Close codes": 1001, 4000, 4009, 4010; 1006 = connection dropped; 1013 =
-#: try again later, after a backoff).
-RECONNECT_CODES = frozenset({1001, 1006, 1013, 4000, 4009, 4010})
 
 
 def new_hist() -> HdrHistogram:
@@ -144,11 +153,10 @@ class Sub(asyncio.Protocol):
     """One simulated subscriber: a WebSocket client speaking the gateway protocol."""
 
     __slots__ = (
-        "_accept",
         "_frag",
         "_gone",
-        "_hs",
         "_ready",
+        "_upgrade",
         "closing_by_us",
         "cycle",
         "epochs",
@@ -185,8 +193,7 @@ class Sub(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
         self.rest = b""
-        self._hs = b""
-        self._accept = b""
+        self._upgrade: wire.Upgrade | None = None
         self._frag: list[bytes] | None = None
         self._ready: asyncio.Future[bool] | None = None
         #: Live tracking: guild -> last ``s`` seen on this connection.
@@ -258,28 +265,22 @@ class Sub(asyncio.Protocol):
         self.subscribed = 0
         self.unsub_pending = 0
         self.paused = False
-        req, self._accept = wire.handshake_request(
-            self.fleet.spec.host, self.fleet.spec.port, self.fleet.spec.path
-        )
-        self._hs = b""
+        spec = self.fleet.spec
+        self._upgrade = upgrade = wire.Upgrade(spec.host, spec.port, spec.path)
         self.state = CONNECTING
-        transport.write(req)
+        transport.write(upgrade.request)
 
     def _handshake(self, data: bytes) -> None:
-        hs = self._hs + data
-        end = hs.find(b"\r\n\r\n")
-        if end < 0:
-            if len(hs) > 16384:
-                self._fail("handshake response too long")
-            self._hs = hs
+        upgrade = self._upgrade
+        assert upgrade is not None
+        done, err, rest = upgrade.receive(data)
+        if not done:
             return
-        err = wire.check_handshake(hs[:end], self._accept)
+        self._upgrade = None
         if err is not None:
             self._fail(err)
             return
-        self._hs = b""
         self.state = OPENING
-        rest = hs[end + 4 :]
         if rest:
             self._frames(rest)
 
@@ -308,7 +309,6 @@ class Sub(asyncio.Protocol):
             self.rest = b""
         now = time.time_ns() // 1000
         n = len(data)
-        i = 0
         last = self.last
         lat = self.lat
         delivered = 0
@@ -317,27 +317,9 @@ class Sub(asyncio.Protocol):
         g2s = wire.GID_TO_S
         s2t = wire.S_TO_TS
         tsd = wire.TS_DIGITS
-        while n - i >= 2:
-            ln = data[i + 1]
-            if ln < 126:
-                p = i + 2
-            elif ln == 126:
-                if n - i < 4:
-                    break
-                ln = (data[i + 2] << 8) | data[i + 3]
-                p = i + 4
-            elif ln == 127:
-                if n - i < 10:
-                    break
-                ln = int.from_bytes(data[i + 2 : i + 10], "big")
-                p = i + 10
-            else:
-                self._fail("masked server frame")
-                return
-            end = p + ln
-            if end > n:
-                break
-            if data[i] == 0x81 and data.startswith(pfx, p):
+        spans, i, err = scan_frames(data)
+        for b0, p, end in spans:
+            if b0 == 0x81 and data.startswith(pfx, p):
                 q = data.find(b'"', p + pl)
                 gid = data[p + pl : q]
                 st = q + g2s
@@ -357,11 +339,13 @@ class Sub(asyncio.Protocol):
                         k = k >> sh << sh
                     lat[k] = lat.get(k, 0) + 1
             else:
-                self._frame(data[i], data[p:end], now)
+                self._frame(b0, data[p:end], now)
                 if self.transport is None or self.state == CLOSING:
+                    i = end
                     break
-            i = end
-        if i < n and self.transport is not None:
+        if err is not None and self.transport is not None and self.state != CLOSING:
+            self._fail(err)
+        elif i < n and self.transport is not None:
             self.rest = data[i:]
         f = self.fleet
         f.delivered += delivered
@@ -383,12 +367,12 @@ class Sub(asyncio.Protocol):
         # ``now``: microseconds since the epoch, as the events' ``ts``.
         op = b0 & 0x0F
         fin = b0 & 0x80
-        if op == wire.OP_TEXT:
+        if op == OP_TEXT:
             if fin:
                 self._message(payload, now)
             else:
                 self._frag = [payload]
-        elif op == wire.OP_CONT:
+        elif op == OP_CONT:
             if self._frag is None:
                 self._fail("stray continuation frame")
                 return
@@ -397,12 +381,11 @@ class Sub(asyncio.Protocol):
                 whole = b"".join(self._frag)
                 self._frag = None
                 self._message(whole, now)
-        elif op == wire.OP_CLOSE:
-            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            self._closed_by_server(code)
-        elif op == wire.OP_PING:
-            self.send_raw(wire.client_frame(wire.OP_PONG, payload))
-        elif op == wire.OP_PONG:
+        elif op == OP_CLOSE:
+            self._closed_by_server(close_code(payload)[0])
+        elif op == OP_PING:
+            self.send_raw(client_frame(OP_PONG, payload))
+        elif op == OP_PONG:
             pass
         else:
             self._fail(f"unexpected opcode {op}")
@@ -416,7 +399,7 @@ class Sub(asyncio.Protocol):
             self._fail("undecodable message")
             return
         d = msg.get("d")
-        if op == 0:
+        if op == Op.DISPATCH:
             t = msg.get("t")
             g = msg.get("g")
             if t == wire.EVENT and isinstance(g, str):
@@ -444,18 +427,16 @@ class Sub(asyncio.Protocol):
                 self._unsubscribed(g.encode())
             else:
                 f.other_dispatches += 1
-        elif op == 10:  # HELLO
+        elif op == Op.HELLO:
             self.hb_interval = float(d["heartbeat_interval"]) / 1000.0 if d else 30.0
             self.hb_due = time.monotonic() + self.hb_interval * random.uniform(0.5, 0.9)
-            guilds: dict[str, Any] = {}
-            for g, gb in zip(self.gids, self.gids_b, strict=True):
-                guilds[g] = self._position(gb)
-            self.send_raw(wire.message(2, {"token": self._token(), "guilds": guilds}))
-        elif op == 11:  # HEARTBEAT_ACK
+            guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
+            self.send_raw(wire.identify(self._token(), guilds))
+        elif op == Op.HEARTBEAT_ACK:
             pass
-        elif op == 7:  # RECONNECT: the close (1001) follows
+        elif op == Op.RECONNECT:  # the close (1001) follows
             f.reconnect_requests += 1
-        elif op == 13:  # ERROR
+        elif op == Op.ERROR:
             code = d.get("code") if isinstance(d, dict) else None
             f.errors[code] = f.errors.get(code, 0) + 1
             if len(f.error_samples) < 10:
@@ -474,12 +455,12 @@ class Sub(asyncio.Protocol):
                 self.token = spec.token
         return self.token
 
-    def _position(self, gb: bytes) -> dict[str, Any] | None:
+    def _position(self, gb: bytes) -> Position | None:
         s = self.pos.get(gb)
         epoch = self.epochs.get(gb)
         if s is None or epoch is None:
             return None
-        return {"epoch": epoch, "s": s}
+        return Position(epoch, s)
 
     def _subscribed(self, gb: bytes, d: dict[str, Any]) -> None:
         f = self.fleet
@@ -510,7 +491,7 @@ class Sub(asyncio.Protocol):
         self.unsub_pending -= 1
         if self.unsub_pending == 0 and self.state == SUBSCRIBING:
             guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
-            self.send_raw(wire.message(3, {"guilds": guilds}))
+            self.send_raw(wire.subscribe(guilds))
 
     def _go_live(self) -> None:
         f = self.fleet
@@ -613,7 +594,7 @@ class Sub(asyncio.Protocol):
         self._set_closing_sub()
         self.unsub_pending = len(self.gids)
         self.subscribed = 0
-        self.send_raw(wire.message(4, {"guilds": list(self.gids)}))
+        self.send_raw(wire.unsubscribe(list(self.gids)))
 
     def _set_closing_sub(self) -> None:
         if self.state == LIVE:

@@ -48,6 +48,16 @@ import orjson
 
 from guildcast.loadtest import wire
 from guildcast.loadtest.fleet import new_hist
+from guildcast.protocol.codes import Op
+from guildcast.protocol.frames import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    client_frame,
+    close_code,
+    parse_frames,
+)
 
 #: Seconds a publisher waits for its connection to open (handshake to READY).
 OPEN_TIMEOUT = 30.0
@@ -156,9 +166,7 @@ class GatewayPublisher(Sender, asyncio.Protocol):
         self.room = asyncio.Event()
         self.ready: asyncio.Future[bool] | None = None
         self.rest = b""
-        self.hs = b""
-        self.accept = b""
-        self.upgraded = False
+        self.upgrade: wire.Upgrade | None = None
         self.hb_interval = 30.0
         self.hb_due = float("inf")
 
@@ -184,10 +192,8 @@ class GatewayPublisher(Sender, asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rest = b""
-        self.hs = b""
-        self.upgraded = False
-        req, self.accept = wire.handshake_request(self.host, self.port, self.path)
-        transport.write(req)
+        self.upgrade = wire.Upgrade(self.host, self.port, self.path)
+        transport.write(self.upgrade.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -198,40 +204,36 @@ class GatewayPublisher(Sender, asyncio.Protocol):
             self.ready.set_result(False)
 
     def data_received(self, data: bytes) -> None:
-        if not self.upgraded:
-            hs = self.hs + data
-            end = hs.find(b"\r\n\r\n")
-            if end < 0:
-                self.hs = hs
+        if self.upgrade is not None:
+            done, err, data = self.upgrade.receive(data)
+            if not done:
                 return
-            err = wire.check_handshake(hs[:end], self.accept)
+            self.upgrade = None
             if err is not None:
                 self.stats.error("handshake", err)
                 assert self.transport is not None
                 self.transport.abort()
                 return
-            self.upgraded = True
-            data = hs[end + 4 :]
         buf = self.rest + data if self.rest else data
-        frames, used, err = wire.parse_frames(buf)
+        frames, used, err = parse_frames(buf)
         self.rest = buf[used:]
         now = time.time_ns()
         for op, _fin, payload in frames:
-            if op == wire.OP_TEXT:
+            if op == OP_TEXT:
                 s = wire.fast_ack_s(payload)
                 if s is not None and self.inflight:
                     gid, sent_ns = self.inflight.popleft()
                     self.stats.ack(gid, s, sent_ns, now)
                 else:
                     self._message(payload)
-            elif op == wire.OP_CLOSE:
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                self.stats.error(f"close:{code}", payload[2:].decode("utf-8", "replace"))
+            elif op == OP_CLOSE:
+                code, reason = close_code(payload)
+                self.stats.error(f"close:{code}", reason)
                 if self.transport is not None:
                     self.transport.write(wire.close_frame(1000))
                     self.transport.close()
-            elif op == wire.OP_PING and self.transport is not None:
-                self.transport.write(wire.client_frame(wire.OP_PONG, payload))
+            elif op == OP_PING and self.transport is not None:
+                self.transport.write(client_frame(OP_PONG, payload))
         if err is not None and self.transport is not None:
             self.stats.error("protocol", err)
             self.transport.abort()
@@ -242,18 +244,18 @@ class GatewayPublisher(Sender, asyncio.Protocol):
         msg = orjson.loads(payload)
         op = msg.get("op")
         d = msg.get("d")
-        if op == 10:
+        if op == Op.HELLO:
             self.hb_interval = d["heartbeat_interval"] / 1000.0
             self.hb_due = time.monotonic() + self.hb_interval * 0.7
             assert self.transport is not None
-            self.transport.write(wire.message(2, {"token": self.token, "guilds": {}}))
-        elif op == 0 and msg.get("t") == "READY":
+            self.transport.write(wire.identify(self.token, {}))
+        elif op == Op.DISPATCH and msg.get("t") == "READY":
             if self.ready is not None and not self.ready.done():
                 self.ready.set_result(True)
-        elif op == 12 and self.inflight:
+        elif op == Op.ACK and self.inflight:
             gid, sent_ns = self.inflight.popleft()
             self.stats.ack(gid, int(d["s"]), sent_ns, time.time_ns())
-        elif op == 13:
+        elif op == Op.ERROR:
             if d.get("nonce") is not None or d.get("g") is not None:
                 # A refused PUBLISH: answered in order, like an ACK.
                 if self.inflight:

@@ -1,61 +1,49 @@
-"""Client-side WebSocket framing by hand, and the load-test event format.
+"""The harness's wire: the load-test event format and the opening handshake.
 
-Owns the bytes the harness puts on the wire and the fast extraction of what
-the measure needs from what the server sends back. No asyncio here.
-
-The client half of RFC 6455 is small: an HTTP/1.1 upgrade request, masked
-frames out (section 5.3: every client frame carries a fresh 4-byte key) and
-unmasked frames in. Masking uses websockets' C ``apply_mask`` when it is
-built, so the harness pays the same per-byte cost as a real client.
+Owns what is particular to the load generator: the event it publishes, the
+byte offsets at which a subscriber reads an event's guild, ``s`` and publish
+time without a JSON parse, and the client side of the WebSocket upgrade. The
+protocol itself is the protocol package's: frames are built and split by
+:mod:`guildcast.protocol.frames`, messages come from
+:mod:`guildcast.protocol.client`'s builders, tokens from
+:mod:`guildcast.core.tokens`, and the upgrade is websockets' Sans-I/O
+``ClientProtocol``. No asyncio here.
 
 Event format: every published event is ``t = "LT"`` with
-``d = {"ts": <time.time_ns() // 1000 at publish: microseconds>, "pad": "x" * k}``. The server
-re-encodes ``d`` with orjson, which keeps key order, and a guild DISPATCH is
-always ``{"op":0,"t":"LT","g":GID,"s":S,"d":{"ts":TS,...`` (see
-``server/protocol/wire.py`` and PROTOCOL.md "Envelope"), so ``g``, ``s`` and
-``ts`` sit at offsets found with two ``bytes.find`` calls and no JSON parse.
-Anything that does not match that prefix takes the slow path (a full
-``orjson.loads``), so a server that orders keys differently is still
+``d = {"ts": <time.time_ns() // 1000 at publish: microseconds>, "pad": "x" * k}``.
+The server puts ``d``'s JSON into the envelope verbatim
+(:func:`guildcast.protocol.wire.dispatch_json`, the one envelope builder), so
+a guild DISPATCH is ``{"op":0,"t":"LT","g":GID,"s":S,"d":{"ts":TS,...``: the
+offsets below are measured on that builder's own output at import, never
+counted by hand, and ``g``, ``s`` and ``ts`` are found with two
+``bytes.find`` calls. Anything that does not match the prefix takes the slow
+path (a full JSON parse), so a server that orders keys differently is still
 measured correctly, only more slowly.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import os
-import random
-import time
-from typing import Any
-
 import orjson
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - pure-Python websockets build
-    from websockets.utils import apply_mask
+from guildcast.core.tokens import make_token
+from guildcast.protocol import client as pc
+from guildcast.protocol import wire as pw
+from guildcast.protocol.codes import Op
+from guildcast.protocol.frames import OP_CLOSE, OP_TEXT, client_frame, close_payload
 
 #: Event name of every load-test event (PROTOCOL.md: ``[A-Z0-9_]{1,64}``).
 EVENT = "LT"
-#: The bytes a fast-path DISPATCH starts with, up to the guild id.
-DISPATCH_PREFIX = b'{"op":0,"t":"' + EVENT.encode() + b'","g":"'
-#: From the guild id's closing quote to the first digit of ``s``: ``","s":``.
-GID_TO_S = 6
-#: From the comma after ``s`` to the first digit of ``ts``: ``,"d":{"ts":``.
-S_TO_TS = 11
 #: The publish time in microseconds has 16 digits from 2001 to 2286.
 TS_DIGITS = 16
-#: Bytes of ``d`` that are not padding: ``{"ts":1234567890123456,"pad":""}``.
-D_OVERHEAD = 32
+#: Seconds a harness token is valid: longer than any run.
+TOKEN_TTL = 24 * 3600
+#: Longest HTTP response head accepted during the upgrade.
+MAX_RESPONSE_HEAD = 16384
 
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-
-
-def pad_for(size: int) -> bytes:
-    """The ``pad`` string that makes ``d`` about ``size`` bytes of JSON."""
-    return b"x" * max(0, size - D_OVERHEAD)
+HEARTBEAT = pc.HEARTBEAT
 
 
 def event_data(ts: int, pad: bytes) -> bytes:
@@ -63,131 +51,116 @@ def event_data(ts: int, pad: bytes) -> bytes:
     return b'{"ts":' + str(ts).encode() + b',"pad":"' + pad + b'"}'
 
 
-def publish_payload(gid: bytes, ts: int, pad: bytes, nonce: bytes | None = None) -> bytes:
-    """A PUBLISH (op 5) of one load-test event (PROTOCOL.md "Opcodes"); ``ts`` in us."""
-    tail = b',"nonce":"' + nonce + b'"}}' if nonce is not None else b"}}"
-    return (
-        b'{"op":5,"d":{"guild":"'
-        + gid
-        + b'","t":"'
-        + EVENT.encode()
-        + b'","d":'
-        + event_data(ts, pad)
-        + tail
-    )
+#: Bytes of ``d`` that are not padding: ``{"ts":1234567890123456,"pad":""}``.
+D_OVERHEAD = len(event_data(10 ** (TS_DIGITS - 1), b""))
 
 
-def handshake_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
-    """The HTTP upgrade request (RFC 6455 section 4.1) and the expected accept value."""
-    key = base64.b64encode(os.urandom(16))
-    accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
-    req = (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-        "Sec-WebSocket-Version: 13\r\nUser-Agent: guildcast-loadtest\r\n\r\n"
-    ).encode()
-    return req, accept
+def _layout() -> tuple[bytes, int, int]:
+    """The fast path's prefix and offsets, measured on the server's envelope."""
+    gid, s, ts = "G", 7, 10 ** (TS_DIGITS - 1)
+    sample = pw.dispatch_json(gid, EVENT, s, event_data(ts, b""))
+    q = sample.index(b'"' + gid.encode() + b'"') + 1 + len(gid)  # the guild's closing quote
+    s_at = sample.index(str(s).encode(), q)
+    ts_at = sample.index(str(ts).encode(), s_at)
+    prefix = sample[: q - len(gid)]
+    if sample[s_at + 1 : s_at + 2] != b",":
+        raise RuntimeError(f"unexpected DISPATCH layout: {sample!r}")
+    return prefix, s_at - q, ts_at - (s_at + 1)
 
 
-def check_handshake(head: bytes, accept: bytes) -> str | None:
-    """None if ``head`` (the response up to the blank line) accepts the upgrade,
-    else a short reason."""
-    lines = head.split(b"\r\n")
-    if not lines[0].startswith(b"HTTP/1.1 101"):
-        return "upgrade refused: " + lines[0].decode("latin-1")[:80]
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"sec-websocket-accept":
-            if value.strip() == accept:
-                return None
-            return "bad Sec-WebSocket-Accept"
-    return "no Sec-WebSocket-Accept"
+#: The bytes a fast-path DISPATCH starts with, up to the guild id;
+#: from the guild id's closing quote to the first digit of ``s``; from the
+#: comma after ``s`` to the first digit of ``ts``.
+DISPATCH_PREFIX, GID_TO_S, S_TO_TS = _layout()
+#: The bytes an ACK starts with (:func:`fast_ack_s`).
+_ACK_PREFIX = b'{"op":%d,' % Op.ACK
+
+
+def pad_for(size: int) -> bytes:
+    """The ``pad`` string that makes ``d`` about ``size`` bytes of JSON."""
+    return b"x" * max(0, size - D_OVERHEAD)
+
+
+def publish_payload(gid: bytes | str, ts: int, pad: bytes, nonce: str | None = None) -> bytes:
+    """A PUBLISH of one load-test event (``ts`` in us), by the protocol's builder."""
+    g = gid.decode() if isinstance(gid, bytes) else gid
+    return pc.publish_message(g, EVENT, orjson.Fragment(event_data(ts, pad)), nonce)
 
 
 def mint(secret: str, sub: str, guilds: list[str], pub: list[str], pub_rate: float | None) -> str:
-    """An HS256 token as PROTOCOL.md "Tokens" describes (valid for one day)."""
-    import jwt
-
-    claims: dict[str, Any] = {"sub": sub, "guilds": guilds, "pub": pub}
-    if pub_rate is not None:
-        claims["pub_rate"] = pub_rate
-    claims["exp"] = int(time.time()) + 24 * 3600
-    return jwt.encode(claims, secret, algorithm="HS256")
-
-
-def _mask_key() -> bytes:
-    return random.getrandbits(32).to_bytes(4, "big")
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One final, masked client frame (RFC 6455 section 5.2)."""
-    n = len(payload)
-    b0 = 0x80 | opcode
-    if n < 126:
-        head = bytes((b0, 0x80 | n))
-    elif n < 65536:
-        head = bytes((b0, 0xFE)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((b0, 0xFF)) + n.to_bytes(8, "big")
-    key = _mask_key()
-    return head + key + apply_mask(payload, key)
+    """An HS256 token (PROTOCOL.md "Tokens") valid for :data:`TOKEN_TTL` seconds."""
+    return make_token(secret, sub, guilds, pub, pub_rate, ttl=TOKEN_TTL)
 
 
 def text(payload: bytes) -> bytes:
+    """One masked client text frame."""
     return client_frame(OP_TEXT, payload)
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
-    return client_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+    """A masked client close frame."""
+    return client_frame(OP_CLOSE, close_payload(code, reason))
 
 
-def message(op: int, d: Any) -> bytes:
-    """A framed client message ``{"op": op, "d": d}``."""
-    return text(orjson.dumps({"op": op, "d": d}))
+def identify(token: str, guilds: dict[str, pc.Position | None]) -> bytes:
+    """A framed IDENTIFY."""
+    return text(pc.identify_message(token, guilds))
 
 
-HEARTBEAT = b'{"op":1,"d":null}'
+def subscribe(guilds: dict[str, pc.Position | None]) -> bytes:
+    """A framed SUBSCRIBE."""
+    return text(pc.subscribe_message(guilds))
 
 
-def parse_frames(
-    buf: bytes, start: int = 0
-) -> tuple[list[tuple[int, bool, bytes]], int, str | None]:
-    """Split ``buf[start:]`` into ``(opcode, fin, payload)`` frames.
+def unsubscribe(guilds: list[str]) -> bytes:
+    """A framed UNSUBSCRIBE."""
+    return text(pc.unsubscribe_message(guilds))
 
-    Returns the frames, the index of the first unconsumed byte, and an error
-    if the server sent a masked frame (RFC 6455 section 5.1 forbids it).
-    Used by the slow paths; the subscriber's hot loop inlines the same steps.
-    """
-    out: list[tuple[int, bool, bytes]] = []
-    i, n = start, len(buf)
-    while n - i >= 2:
-        b1 = buf[i + 1]
-        if b1 & 0x80:
-            return out, i, "masked server frame"
-        ln = b1 & 0x7F
-        hl = 2
-        if ln == 126:
-            if n - i < 4:
-                break
-            ln = int.from_bytes(buf[i + 2 : i + 4], "big")
-            hl = 4
-        elif ln == 127:
-            if n - i < 10:
-                break
-            ln = int.from_bytes(buf[i + 2 : i + 10], "big")
-            hl = 10
-        end = i + hl + ln
-        if end > n:
-            break
-        b0 = buf[i]
-        out.append((b0 & 0x0F, bool(b0 & 0x80), buf[i + hl : end]))
-        i = end
-    return out, i, None
+
+class Upgrade:
+    """The client's side of the opening handshake (RFC 6455 section 4.1),
+    by websockets' Sans-I/O ``ClientProtocol``: :attr:`request` goes out,
+    then :meth:`receive` takes the response as it arrives."""
+
+    __slots__ = ("_head", "_proto", "request")
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        netloc = f"[{host}]" if ":" in host else host
+        self._proto = ClientProtocol(parse_uri(f"ws://{netloc}:{port}{path}"))
+        request = self._proto.connect()
+        request.headers["User-Agent"] = "guildcast-loadtest"
+        self._proto.send_request(request)
+        self.request = b"".join(self._proto.data_to_send())
+        self._head = b""
+
+    def receive(self, data: bytes) -> tuple[bool, str | None, bytes]:
+        """``(done, error, rest)``: done once the response head is complete;
+        ``error`` says why the upgrade failed; ``rest`` is what followed the
+        head (the first frames)."""
+        head = self._head + data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_RESPONSE_HEAD:
+                return True, "handshake response too long", b""
+            self._head = head
+            return False, None, b""
+        self._head = b""
+        # Only the head: the frames after it are the harness's to parse.
+        self._proto.receive_data(head[: end + 4])
+        self._proto.events_received()
+        exc = self._proto.handshake_exc
+        if exc is not None:
+            return True, f"upgrade refused: {exc}"[:120], b""
+        if self._proto.state is not State.OPEN:
+            # Not 101: the parser waits for a body it will never be given.
+            status = head[: head.find(b"\r\n")].decode("latin-1")
+            return True, f"upgrade refused: {status}"[:120], b""
+        return True, None, head[end + 4 :]
 
 
 def fast_ack_s(payload: bytes) -> int | None:
     """``s`` of an ACK ``{"op":12,"d":{"g":..,"s":N,...}}`` without a JSON parse."""
-    if not payload.startswith(b'{"op":12,'):
+    if not payload.startswith(_ACK_PREFIX):
         return None
     i = payload.find(b'"s":')
     if i < 0:

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from guildcast.broker.base import Broker, BrokerUnavailable, Record
-from guildcast.broker.memory import MemoryBroker, envelope
+from guildcast.broker.memory import MemoryBroker
 from guildcast.core import journal
 from guildcast.core.journal import FSYNC_POLICIES, Journal, Loaded, event_prefix
 from guildcast.protocol import wire
@@ -264,7 +264,7 @@ class DiskBroker(MemoryBroker):
         parts: list[bytes] = []
         for t, d in items:
             s += 1
-            payload = envelope(gid, t, s, d)
+            payload = wire.dispatch_json(gid, t, s, d)
             recs.append(Record(s, t, now, payload))
             parts.append(event_prefix(s, t, now, payload))
             parts.append(payload)

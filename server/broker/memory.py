@@ -20,15 +20,7 @@ from collections.abc import Sequence
 from itertools import islice
 
 from guildcast.broker.base import Broker, Feed, Presence, PresenceFeed, Record
-
-
-def envelope(gid: str, t: str, s: int, d_json: bytes) -> bytes:
-    """The DISPATCH JSON for a guild event, built without re-encoding ``d``.
-
-    ``gid`` and ``t`` are validated ids (``[A-Za-z0-9_.:-]`` and
-    ``[A-Z0-9_]``) so they need no JSON escaping; ``d_json`` is JSON.
-    """
-    return b'{"op":0,"t":"%s","g":"%s","s":%d,"d":%s}' % (t.encode(), gid.encode(), s, d_json)
+from guildcast.protocol import wire
 
 
 class _Log:
@@ -108,7 +100,7 @@ class MemoryBroker:
         keep = self.history_size > 0
         for t, d in items:
             s += 1
-            rec = Record(s, t, now, envelope(gid, t, s, d))
+            rec = Record(s, t, now, wire.dispatch_json(gid, t, s, d))
             out.append(rec)
             if keep:
                 log.records.append(rec)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 
 class Op(IntEnum):
@@ -70,3 +70,37 @@ class Err(IntEnum):
 
 #: Event names a publisher may not use (PROTOCOL.md, "Publishing").
 RESERVED_EVENTS = frozenset({"READY", "SUBSCRIBED", "UNSUBSCRIBED"})
+
+
+class CloseAction(Enum):
+    """What a client does after a close code (PROTOCOL.md "Close codes", last column)."""
+
+    #: "fix the client": reconnecting would be refused the same way.
+    FATAL = "fatal"
+    #: "get a new token": fatal unless a fresh token can be had.
+    AUTH = "auth"
+    #: "back off, reconnect": the server is full or the client was rate limited.
+    BACKOFF = "backoff"
+    #: "reconnect, recover" (and every code not listed, 1006 included).
+    RETRY = "retry"
+
+
+#: "fix the client" codes, plus the RFC 6455 codes that mean the same
+#: (1002 protocol error, 1003 unsupported data, 1007 invalid payload, 1008
+#: policy violation, 1010 missing extension).
+FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002, 4003, 4005})
+#: Close codes after which a client backs off before reconnecting.
+BACKOFF_CLOSE_CODES = frozenset({Close.TRY_AGAIN_LATER, Close.RATE_LIMITED})
+#: The local close code of a connection that never opened or was cut (RFC 6455 7.1.5).
+ABNORMAL_CLOSURE = 1006
+
+
+def classify_close(code: int) -> CloseAction:
+    """The client's reaction to close ``code``."""
+    if code == Close.AUTH_FAILED:
+        return CloseAction.AUTH
+    if code in FATAL_CLOSE_CODES:
+        return CloseAction.FATAL
+    if code in BACKOFF_CLOSE_CODES:
+        return CloseAction.BACKOFF
+    return CloseAction.RETRY

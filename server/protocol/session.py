@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from guildcast.protocol import wire
+from guildcast.protocol.bucket import TokenBucket
 from guildcast.protocol.codes import CLIENT_OPS, RESERVED_EVENTS, Close, Err, Op
 
 
@@ -186,11 +187,9 @@ class Session:
     __slots__ = (
         "_auth",
         "_bucket",
-        "_bucket_at",
         "_cmd_count",
         "_cmd_window_start",
         "_pending",
-        "_pub_rate",
         "deadline",
         "events",
         "grant",
@@ -216,9 +215,8 @@ class Session:
         self.deadline = now + limits.identify_timeout
         self._cmd_window_start = 0.0
         self._cmd_count = 0
-        self._pub_rate = 0.0
-        self._bucket = 0.0
-        self._bucket_at = now
+        #: The PUBLISH bucket, or None when publishing is not rate limited.
+        self._bucket: TokenBucket | None = None
         #: PUBLISHes awaiting their answer, in arrival order; created on the
         #: first PUBLISH (an empty deque is ~600 bytes and most sessions
         #: never publish).
@@ -365,11 +363,9 @@ class Session:
         self.state = State.READY
         self.deadline = now + self.limits.heartbeat_interval_ms * 1.5 / 1000.0
         rate = grant.pub_rate if grant.pub_rate is not None else self.limits.publish_rate
-        self._pub_rate = rate
         # A burst of one second's worth, but at least one event: a rate below
         # 1/s (say 0.5) still allows one event per 1/rate seconds.
-        self._bucket = max(rate, 1.0)
-        self._bucket_at = now
+        self._bucket = TokenBucket(rate, now) if rate > 0 else None
         ready = wire.message(
             Op.DISPATCH, {"session_id": self.session_id, "user": grant.sub}, t="READY"
         )
@@ -432,13 +428,9 @@ class Session:
             return self._forbid(p, "publishing to this guild not allowed")
         if size > self.limits.max_payload:
             return self.publish_failed(p, Err.PAYLOAD_TOO_LARGE, "payload too large")
-        rate = self._pub_rate
-        if rate > 0:
-            self._bucket = min(max(rate, 1.0), self._bucket + (now - self._bucket_at) * rate)
-            self._bucket_at = now
-            if self._bucket < 1.0:
-                return self.publish_failed(p, Err.PUBLISH_RATE_LIMITED, "publish rate exceeded")
-            self._bucket -= 1.0
+        bucket = self._bucket
+        if bucket is not None and bucket.take(1, now):
+            return self.publish_failed(p, Err.PUBLISH_RATE_LIMITED, "publish rate exceeded")
         return [p]
 
     @property

@@ -1,9 +1,11 @@
-"""Envelope codec and server-side WebSocket text framing: the only user of orjson.
+"""Envelope codec and the id/event-name grammar: the only user of orjson.
 
 Encoding happens once per event per node (DESIGN.md, hot-path rule 1): the
-guild actor calls :func:`dispatch_frame` and every recipient gets the same
-bytes. Server frames are unmasked (RFC 6455 section 5.1), so a frame is just a
-header and the payload, and one ``bytes`` object can go to any connection.
+broker builds each event's JSON once with :func:`dispatch_payload` (the Redis
+broker's Lua script writes the same bytes), the guild actor frames it once
+(:func:`text_frame`, from :mod:`guildcast.protocol.frames`) and every
+recipient gets the same bytes. The client-side messages (IDENTIFY, SUBSCRIBE,
+PUBLISH, ...) are built in :mod:`guildcast.protocol.client`.
 """
 
 from __future__ import annotations
@@ -14,12 +16,34 @@ from typing import Any, TypeGuard
 import orjson
 
 from guildcast.protocol.codes import Op
+from guildcast.protocol.frames import text_frame
+
+__all__ = [
+    "EVENT_PATTERN",
+    "GUILD_PATTERN",
+    "HEARTBEAT_ACK_FRAME",
+    "RECONNECT_FRAME",
+    "JSONDecodeError",
+    "decode",
+    "dispatch_json",
+    "dispatch_payload",
+    "encode",
+    "message",
+    "subscribed_frame",
+    "text_frame",
+    "unsubscribed_frame",
+    "valid_event",
+    "valid_guild",
+]
 
 JSONDecodeError = orjson.JSONDecodeError
 
-#: PROTOCOL.md, "Envelope": guild ids and event names.
-_GUILD_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-_EVENT_RE = re.compile(r"[A-Z0-9_]{1,64}")
+#: PROTOCOL.md, "Messages": guild ids and event names, as regexes that mean
+#: the same in Python and ECMA-262 (the OpenAPI document's patterns).
+GUILD_PATTERN = "[A-Za-z0-9_.:-]{1,128}"
+EVENT_PATTERN = "[A-Z0-9_]{1,64}"
+_GUILD_RE = re.compile(GUILD_PATTERN)
+_EVENT_RE = re.compile(EVENT_PATTERN)
 
 
 def valid_guild(gid: object) -> TypeGuard[str]:
@@ -42,19 +66,21 @@ def encode(obj: Any) -> bytes:
     return orjson.dumps(obj)
 
 
-def text_frame(payload: bytes) -> bytes:
-    """One unmasked, final text frame holding ``payload`` (RFC 6455 section 5.2)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+def dispatch_json(gid: str, t: str, s: int, d_json: bytes) -> bytes:
+    """The JSON of a guild DISPATCH (PROTOCOL.md, "Messages"), ``d`` already JSON.
+
+    The one envelope builder: the memory and disk brokers call it and the
+    Redis broker's Lua script concatenates the same bytes. ``gid`` and ``t``
+    must be valid ids (:func:`valid_guild`, :func:`valid_event`), which need
+    no JSON escaping; ``d_json`` is not re-encoded.
+    """
+    return b'{"op":0,"t":"%s","g":"%s","s":%d,"d":%s}' % (t.encode(), gid.encode(), s, d_json)
 
 
 def dispatch_payload(gid: str, t: str, s: int, d: Any) -> bytes:
-    """The JSON of a guild DISPATCH (PROTOCOL.md, "Envelope")."""
-    return orjson.dumps({"op": 0, "t": t, "g": gid, "s": s, "d": d})
+    """:func:`dispatch_json` of ``d`` encoded: the bytes orjson gives the envelope
+    ``{"op": 0, "t", "g", "s", "d"}`` for valid ids."""
+    return dispatch_json(gid, t, s, orjson.dumps(d))
 
 
 def message(op: int, d: Any = None, t: str | None = None, g: str | None = None) -> bytes:

@@ -60,6 +60,7 @@ from prometheus_client.registry import Collector
 from guildcast.core.host import ApiHost, Overloaded
 from guildcast.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from guildcast.protocol import wire
+from guildcast.protocol.bucket import TokenBucket
 from guildcast.protocol.codes import RESERVED_EVENTS
 from guildcast.transport import openapi
 
@@ -167,32 +168,6 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     )
 
 
-class _Bucket:
-    """Token bucket: ``rate`` per second, burst ``max(rate, 1)``.
-
-    A request for more than the burst (a big batch) is let through when the
-    bucket is full and leaves it in debt, so the average rate still holds.
-    """
-
-    __slots__ = ("at", "cap", "rate", "tokens")
-
-    def __init__(self, rate: float, now: float) -> None:
-        self.rate = rate
-        self.cap = max(rate, 1.0)
-        self.tokens = self.cap
-        self.at = now
-
-    def take(self, n: int, now: float) -> float:
-        """Take ``n`` tokens: 0.0 if granted, else seconds until it would be."""
-        self.tokens = min(self.cap, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        need = min(float(n), self.cap)
-        if self.tokens >= need:
-            self.tokens -= n
-            return 0.0
-        return (need - self.tokens) / self.rate
-
-
 class _NodeCollector(Collector):
     """Reads the node's plain counters at scrape time (nothing on the hot path)."""
 
@@ -293,8 +268,8 @@ class HttpApi:
         #: sha256(key) -> its publish bucket. Digests, so lookups do not leak
         #: how much of a key matched through timing.
         now = time.monotonic()
-        self._keys: dict[bytes, _Bucket | None] = {
-            _digest(k): (_Bucket(settings.publish_rate, now) if settings.publish_rate else None)
+        self._keys: dict[bytes, TokenBucket | None] = {
+            _digest(k): (TokenBucket(settings.publish_rate, now) if settings.publish_rate else None)
             for k in settings.keys
         }
         #: One registry per node: several embedded nodes in a process never clash.
@@ -391,7 +366,7 @@ class HttpApi:
         self._requests.labels(route, str(resp.status)).inc()
         return resp
 
-    def _authorize(self, request: web.Request) -> _Bucket | None:
+    def _authorize(self, request: web.Request) -> TokenBucket | None:
         """The caller's publish bucket; raises 401/403 (RFC 6750 section 3)."""
         header = request.headers.get("Authorization")
         if header is None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from guildcast.protocol import wire
 from guildcast.protocol.codes import RESERVED_EVENTS
 
-#: PROTOCOL.md "Envelope", as JSON Schema patterns (ECMA-262 regexes).
-GUILD_PATTERN = "^[A-Za-z0-9_.:-]{1,128}$"
-EVENT_PATTERN = "^[A-Z0-9_]{1,64}$"
+#: PROTOCOL.md "Messages", as JSON Schema patterns (ECMA-262 regexes).
+GUILD_PATTERN = f"^{wire.GUILD_PATTERN}$"
+EVENT_PATTERN = f"^{wire.EVENT_PATTERN}$"
 
 
 def _ref(name: str) -> dict[str, str]:

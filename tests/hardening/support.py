@@ -22,9 +22,9 @@ from typing import Any
 import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.utils import apply_mask
 
 from guildcast import Server
+from guildcast.protocol.frames import apply_mask, frame_header
 from tests.integration.raw import RawWs
 from tests.support import gateway as gw
 from tests.support.wait import TIMEOUT
@@ -51,19 +51,13 @@ def frame(
     mask: bool = True,
     length: int | None = None,
 ) -> bytes:
-    """One client frame built by hand (RFC 6455 section 5.2), any bits allowed.
+    """One client frame (RFC 6455 section 5.2), any bits allowed: the protocol
+    package's header with the given bits, masked unless ``mask`` is False.
 
     ``rsv`` is the 3 reserved bits, ``length`` overrides the announced length.
     """
-    b0 = (0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0x0F)
     n = len(payload) if length is None else length
-    m = 0x80 if mask else 0
-    if n < 126:
-        head = bytes((b0, m | n))
-    elif n < 65536:
-        head = bytes((b0, m | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((b0, m | 127)) + n.to_bytes(8, "big")
+    head = frame_header(opcode, n, fin=fin, rsv=rsv, masked=mask)
     if not mask:
         return head + payload
     key = os.urandom(4)

@@ -1,5 +1,6 @@
 """A raw TCP WebSocket client: the handshake typed by hand, frames built with
-websockets' own ``Frame`` (masked, as RFC 6455 requires of clients).
+websockets' own ``Frame`` (masked, as RFC 6455 requires of clients) and read
+with the protocol package's parser.
 
 For what a well-behaved client library will not do: stop reading with a tiny
 receive buffer (slow consumer), send fragmented or odd frames, speak plain
@@ -17,6 +18,7 @@ from typing import Any
 import orjson
 from websockets.frames import Frame, Opcode
 
+from guildcast.protocol.frames import parse_frames
 from tests.support.wait import TIMEOUT
 
 
@@ -81,29 +83,11 @@ class RawWs:
     def frames(self, limit: int | None = None) -> list[tuple[int, bytes]]:
         """Parse and remove complete (unmasked) server frames from ``buf``:
         all of them, or the first ``limit``."""
-        out: list[tuple[int, bytes]] = []
         buf = self.buf
-        i = 0
-        while len(buf) - i >= 2 and (limit is None or len(out) < limit):
-            opcode = buf[i] & 0x0F
-            length = buf[i + 1] & 0x7F
-            j = i + 2
-            if length == 126:
-                if len(buf) - j < 2:
-                    break
-                length = int.from_bytes(buf[j : j + 2], "big")
-                j += 2
-            elif length == 127:
-                if len(buf) - j < 8:
-                    break
-                length = int.from_bytes(buf[j : j + 8], "big")
-                j += 8
-            if len(buf) - j < length:
-                break
-            out.append((opcode, bytes(buf[j : j + length])))
-            i = j + length
-        del buf[:i]
-        return out
+        frames, end, err = parse_frames(buf, 0, limit)
+        assert err is None, err
+        del buf[:end]
+        return [(opcode, payload) for opcode, _fin, payload in frames]
 
     async def read_until_close(self) -> tuple[int | None, list[tuple[int, bytes]]]:
         """Read frames until a close frame or EOF; returns (close code, frames before)."""

@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from guildcast import Server
+from guildcast.protocol.frames import client_frame
 from tests.integration.raw import RawWs
 from tests.support import gateway as gw
 from tests.support.wait import until
@@ -118,7 +119,7 @@ def raw_cases(srv: Server) -> list[Case]:
     def bad(b0: int, data: bytes) -> bytes:
         """A frame websockets would refuse to build: first byte ``b0``, masked
         with a zero key (so the payload is sent as is), under 126 bytes."""
-        return bytes((b0, 0x80 | len(data))) + b"\0\0\0\0" + data
+        return client_frame(b0 & 0x0F, data, fin=bool(b0 & 0x80), rsv=b0 >> 4 & 7, key=b"\0" * 4)
 
     cases: list[tuple[bytes, set[int | None]]] = [
         # An unmasked client frame (RFC 6455 5.1: the server must close).

@@ -1,7 +1,8 @@
 """Test helper: split a byte stream of unmasked server frames into JSON messages.
 
-Written from RFC 6455 section 5.2, independently of ``guildcast.protocol.wire``,
-so the unit tests check the server's framing instead of trusting it.
+The splitting is the protocol package's own (``guildcast.protocol.frames``),
+which tests/protocol/test_frames.py checks against websockets' independent
+implementation; on top, this asserts what a server must never send.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from guildcast.protocol.frames import scan_frames
+
 
 def unframe(data: bytes | bytearray) -> list[dict[str, Any]]:
     """Every complete text frame in ``data`` as a decoded JSON object.
@@ -17,26 +20,13 @@ def unframe(data: bytes | bytearray) -> list[dict[str, Any]]:
     Raises AssertionError on anything a server must not send (masked or
     non-final frames, non-text opcodes, a truncated frame).
     """
-    out: list[dict[str, Any]] = []
-    i = 0
-    n = len(data)
-    while i < n:
-        assert n - i >= 2, "truncated frame header"
-        b0, b1 = data[i], data[i + 1]
+    buf = bytes(data)
+    spans, end, err = scan_frames(buf)
+    assert err is None, "server frames must not be masked"
+    for b0, _, _ in spans:
         assert b0 == 0x81, f"expected FIN + TEXT, got {b0:#x}"
-        assert b1 & 0x80 == 0, "server frames must not be masked"
-        length = b1 & 0x7F
-        i += 2
-        if length == 126:
-            length = int.from_bytes(data[i : i + 2], "big")
-            i += 2
-        elif length == 127:
-            length = int.from_bytes(data[i : i + 8], "big")
-            i += 8
-        assert n - i >= length, "truncated frame payload"
-        out.append(orjson.loads(bytes(data[i : i + length])))
-        i += length
-    return out
+    assert end == len(buf), "truncated frame"
+    return [orjson.loads(buf[p:q]) for _, p, q in spans]
 
 
 def one(data: bytes | bytearray) -> dict[str, Any]:

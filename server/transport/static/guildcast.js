@@ -25,6 +25,10 @@
 //   "closed"           {code, reason, error}   (stopped for good; error null if by close())
 // Listeners run synchronously in arrival order; there is no queue to bound.
 
+// The protocol's pure parts (message builders, grammar, close-code
+// classification) are exported below and checked against the same golden
+// cases as the Python client session (tests/protocol/cases.json).
+
 /** Close codes meaning "fix the client" (PROTOCOL.md "Close codes", plus RFC 6455's). */
 export const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002, 4003, 4005]);
 /** "get a new token": fatal unless a tokenProvider can supply a fresh one. */
@@ -33,6 +37,14 @@ export const AUTH_FAILED = 4004;
 // starts at least from this attempt's window so a refused crowd spreads out.
 const BACKOFF_CODES = new Set([1013, 4008]);
 const BACKOFF_FLOOR = 2;
+
+/** The client's reaction to a close code: "fatal", "auth", "backoff" or "retry". */
+export function classifyClose(code) {
+  if (code === AUTH_FAILED) return "auth";
+  if (FATAL_CLOSE_CODES.has(code)) return "fatal";
+  if (BACKOFF_CODES.has(code)) return "backoff";
+  return "retry";
+}
 const ABNORMAL_CLOSURE = 1006;
 // A connection silent for this many heartbeat intervals (and at least
 // ZOMBIE_MIN_MS) is considered dead (half-open TCP) and replaced.
@@ -44,8 +56,43 @@ const DEFAULT_MAX_MESSAGE = 64 * 1024;
 const GUILD_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
 const EVENT_RE = /^[A-Z0-9_]{1,64}$/;
 const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED"]);
-const HEARTBEAT = '{"op":1,"d":null}';
+/** The HEARTBEAT message (op 1). */
+export const HEARTBEAT = '{"op":1,"d":null}';
 const OP = { DISPATCH: 0, HEARTBEAT: 1, IDENTIFY: 2, SUBSCRIBE: 3, UNSUBSCRIBE: 4, PUBLISH: 5, RECONNECT: 7, HELLO: 10, HEARTBEAT_ACK: 11, ACK: 12, ERROR: 13 };
+
+/** PROTOCOL.md "Messages": guild ids are 1-128 characters of A-Z a-z 0-9 _ . : - */
+export function validGuild(gid) {
+  return typeof gid === "string" && GUILD_RE.test(gid);
+}
+
+/** Event names are 1-64 characters of A-Z 0-9 _ */
+export function validEvent(t) {
+  return typeof t === "string" && EVENT_RE.test(t);
+}
+
+/** IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}) or null. */
+export function identifyMessage(token, guilds, events = null) {
+  const d = { token, guilds };
+  if (events !== null && events !== undefined) d.events = events;
+  return JSON.stringify({ op: OP.IDENTIFY, d });
+}
+
+/** SUBSCRIBE (op 3). */
+export function subscribeMessage(guilds) {
+  return JSON.stringify({ op: OP.SUBSCRIBE, d: { guilds } });
+}
+
+/** UNSUBSCRIBE (op 4). */
+export function unsubscribeMessage(guilds) {
+  return JSON.stringify({ op: OP.UNSUBSCRIBE, d: { guilds } });
+}
+
+/** PUBLISH (op 5); the nonce is left out when null. */
+export function publishMessage(guild, t, d, nonce = null) {
+  const body = { guild, t, d };
+  if (nonce !== null && nonce !== undefined) body.nonce = nonce;
+  return JSON.stringify({ op: OP.PUBLISH, d: body });
+}
 
 // Exponent ceiling: keeps the arithmetic finite after any number of attempts.
 const MAX_EXPONENT = 32;
@@ -134,7 +181,7 @@ export class SubscribeError extends CommandError {}
 export class PublishInterrupted extends GuildcastError {}
 
 function checkGuild(gid) {
-  if (typeof gid !== "string" || !GUILD_RE.test(gid)) throw new TypeError(`invalid guild id ${JSON.stringify(gid)}`);
+  if (!validGuild(gid)) throw new TypeError(`invalid guild id ${JSON.stringify(gid)}`);
 }
 
 function deferred() {
@@ -274,7 +321,7 @@ export class GuildcastClient extends EventTarget {
     if (this._ws && this._identified && !this._sent.has(gid)) {
       const pos = this._desired.get(gid);
       this._sent.set(gid, pos);
-      this._send({ op: OP.SUBSCRIBE, d: { guilds: { [gid]: pos } } });
+      this._send(subscribeMessage({ [gid]: pos }));
     }
     return waiter.promise;
   }
@@ -298,7 +345,7 @@ export class GuildcastClient extends EventTarget {
       done = deferred();
       this._unsubWaiters.set(gid, done);
     }
-    this._send({ op: OP.UNSUBSCRIBE, d: { guilds: [gid] } });
+    this._send(unsubscribeMessage([gid]));
     return done.promise;
   }
 
@@ -310,11 +357,11 @@ export class GuildcastClient extends EventTarget {
    */
   async publish(gid, t, d = null) {
     checkGuild(gid);
-    if (typeof t !== "string" || !EVENT_RE.test(t)) throw new TypeError(`invalid event name ${JSON.stringify(t)}`);
+    if (!validEvent(t)) throw new TypeError(`invalid event name ${JSON.stringify(t)}`);
     if (RESERVED_EVENTS.has(t)) throw new TypeError(`${t} is a reserved event name`);
     const ws = await this._waitReady();
     const nonce = String(++this._nonce);
-    const body = JSON.stringify({ op: OP.PUBLISH, d: { guild: gid, t, d, nonce } });
+    const body = publishMessage(gid, t, d, nonce);
     if (new TextEncoder().encode(body).length > this._maxMessage) throw new RangeError(`message exceeds ${this._maxMessage} bytes`);
     const waiter = deferred();
     this._publishes.set(nonce, waiter);
@@ -358,9 +405,9 @@ export class GuildcastClient extends EventTarget {
     }
   }
 
-  _send(msg) {
+  _send(text) {
     const ws = this._ws;
-    if (ws && ws.readyState === 1) ws.send(JSON.stringify(msg));
+    if (ws && ws.readyState === 1) ws.send(text);
   }
 
   _stop(failure) {
@@ -380,12 +427,13 @@ export class GuildcastClient extends EventTarget {
   }
 
   _classify(code, reason) {
-    if (code === AUTH_FAILED) {
+    const action = classifyClose(code);
+    if (action === "auth") {
       this._authFailures += 1;
       if (this._tokenProvider === null || this._authFailures > 1) return new AuthenticationFailed(code, reason);
       return null;
     }
-    if (FATAL_CLOSE_CODES.has(code)) return new GuildcastClosed(code, reason);
+    if (action === "fatal") return new GuildcastClosed(code, reason);
     return null;
   }
 
@@ -395,7 +443,7 @@ export class GuildcastClient extends EventTarget {
       if (this._closing) return;
       const failure = this._classify(code, reason);
       if (failure) return this._stop(failure);
-      const delay = this._backoff.nextDelay(BACKOFF_CODES.has(code) ? BACKOFF_FLOOR : 0);
+      const delay = this._backoff.nextDelay(classifyClose(code) === "backoff" ? BACKOFF_FLOOR : 0);
       if (delay === null) return this._stop(new ReconnectFailed(code, `gave up reconnecting (${reason})`));
       this._emit("disconnect", { code, reason, delay });
       await new Promise((resolve) => {
@@ -446,9 +494,7 @@ export class GuildcastClient extends EventTarget {
             if (ws.readyState === 1) ws.send(HEARTBEAT);
           }, interval);
           this._sent = new Map(this._desired);
-          const identify = { token, guilds: Object.fromEntries(this._sent) };
-          if (this._eventFilter) identify.events = this._eventFilter;
-          ws.send(JSON.stringify({ op: OP.IDENTIFY, d: identify }));
+          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter));
           return;
         }
         this._handle(ws, msg);
@@ -508,7 +554,7 @@ export class GuildcastClient extends EventTarget {
         any = true;
       }
     }
-    if (any) this._send({ op: OP.SUBSCRIBE, d: { guilds: missing } });
+    if (any) this._send(subscribeMessage(missing));
     this._firstReady.resolve();
     this._wakeReady();
     this._emit("ready", { sessionId: this.sessionId, user: this.user });

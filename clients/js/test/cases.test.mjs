@@ -1,0 +1,138 @@
+// The golden protocol cases (tests/protocol/cases.json), read here and by
+// tests/protocol/test_cases.py (the Python client session): both clients
+// must build the same messages and react to the same server messages the
+// same way. No server: the client runs over a scripted WebSocket.
+import test from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import {
+  GuildcastClient,
+  HEARTBEAT,
+  PublishError,
+  SubscribeError,
+  classifyClose,
+  identifyMessage,
+  publishMessage,
+  subscribeMessage,
+  unsubscribeMessage,
+  validEvent,
+  validGuild,
+} from "../guildcast.js";
+
+const CASES = JSON.parse(readFileSync(new URL("../../../tests/protocol/cases.json", import.meta.url), "utf8"));
+
+const BUILD = {
+  heartbeat: () => HEARTBEAT,
+  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null),
+  subscribe: (a) => subscribeMessage(a.guilds),
+  unsubscribe: (a) => unsubscribeMessage(a.guilds),
+  publish: (a) => publishMessage(a.guild, a.t, a.d, a.nonce ?? null),
+};
+
+for (const c of CASES.messages) {
+  test(`message ${c.build}: exact JSON`, () => {
+    assert.equal(BUILD[c.build](c.args), c.json);
+  });
+}
+
+test("close codes are classified as the cases say", () => {
+  for (const [code, action] of Object.entries(CASES.close_codes)) assert.equal(classifyClose(Number(code)), action, code);
+});
+
+test("guild id and event name grammar", () => {
+  const g = CASES.grammar;
+  for (const x of g.valid_guilds) assert.ok(validGuild(x), x);
+  for (const x of g.invalid_guilds) assert.ok(!validGuild(x), String(x));
+  for (const x of g.valid_events) assert.ok(validEvent(x), x);
+  for (const x of g.invalid_events) assert.ok(!validEvent(x), String(x));
+});
+
+/** A WebSocket the test drives: it records what the client sends. */
+class ScriptedSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 1;
+    this.sent = [];
+    ScriptedSocket.all.push(this);
+  }
+  send(text) {
+    this.sent.push(text);
+  }
+  close(code = 1000, reason = "") {
+    this.serverClose(code, reason);
+  }
+  receive(obj) {
+    this.onmessage?.({ data: JSON.stringify(obj) });
+  }
+  serverClose(code, reason = "") {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.onclose?.({ code, reason });
+  }
+}
+
+// Lets the client's promises and zero-delay timers run.
+const settle = async () => {
+  for (let i = 0; i < 5; i++) await new Promise((r) => setTimeout(r, 0));
+};
+
+for (const sc of CASES.sessions) {
+  test(`session: ${sc.name}`, async () => {
+    ScriptedSocket.all = [];
+    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0 } });
+    let items = [];
+    let stops = [];
+    c.on("event", (e) => items.push({ kind: "event", guild: e.guild, name: e.name, s: e.s, data: e.data }));
+    c.on("resync", (e) => items.push({ kind: "resync", guild: e.guild, epoch: e.epoch, s: e.s }));
+    c.on("ready", (e) => items.push({ kind: "ready", session_id: e.sessionId, user: e.user }));
+    c.on("subscriptionlost", (e) => items.push({ kind: "subscription_lost", guild: e.guild, code: e.code }));
+    c.on("disconnect", () => stops.push(true));
+    c.on("closed", () => stops.push(false));
+    c.connect().catch(() => {});
+    let ws = null;
+    let seen = 0; // messages of ws already compared
+    let nonce = 0;
+    try {
+      for (const [i, step] of sc.steps.entries()) {
+        const where = `step ${i}: ${JSON.stringify(step)}`;
+        items = [];
+        stops = [];
+        if (step.open) {
+          await settle();
+          assert.ok(ScriptedSocket.all.length > 0, where);
+          ws = ScriptedSocket.all.shift();
+          seen = 0;
+        } else if (step.recv) {
+          ws.receive(step.recv);
+        } else if (step.subscribe) {
+          c.subscribe(step.subscribe).then(
+            (p) => items.push({ kind: "subscribed", guild: step.subscribe, epoch: p.epoch, s: p.s }),
+            (e) => e instanceof SubscribeError && e.code !== 0 && items.push({ kind: "subscribe_refused", guild: e.guild, code: e.code }),
+          );
+        } else if (step.unsubscribe) {
+          c.unsubscribe(step.unsubscribe).then(() => items.push({ kind: "unsubscribed", guild: step.unsubscribe }));
+        } else if (step.publish) {
+          const n = String(++nonce);
+          const p = step.publish;
+          c.publish(p.guild, p.t, p.d).then(
+            (s) => items.push({ kind: "acked", nonce: n, s }),
+            (e) => e instanceof PublishError && items.push({ kind: "publish_refused", nonce: n, code: e.code }),
+          );
+        } else {
+          ws.serverClose(step.close);
+        }
+        await settle();
+        const sent = ws.sent.slice(seen);
+        seen = ws.sent.length;
+        if ("sent" in step) assert.deepEqual(sent, step.sent, where);
+        if ("items" in step) assert.deepEqual(items, step.items, where);
+        if ("reconnects" in step) assert.deepEqual(stops, [step.reconnects], where);
+        if ("positions" in step) assert.deepEqual(c.positions, step.positions, where);
+        if ("duplicates" in step) assert.equal(c.duplicatesDropped, step.duplicates, where);
+      }
+    } finally {
+      await c.close();
+    }
+  });
+}

@@ -1,0 +1,653 @@
+"""The gateway client session (PROTOCOL.md, "A session, step by step"), Sans-I/O.
+
+The client's half of the protocol, beside the server's
+:class:`guildcast.protocol.session.Session`: text messages and commands in,
+outputs out, no I/O and no clock (``now`` is passed in). The asyncio client
+(:mod:`guildcast.client`) is a thin adapter around it; the harness and the
+tests can drive it byte for byte.
+
+It owns, across connections: the guilds the application follows with the
+:class:`Position` of the last event handed out (the source of every
+IDENTIFY), the PUBLISH nonce counter and the duplicate and gap counters; and,
+per connection: the state (``IDLE`` -> ``AWAIT_HELLO`` -> ``IDENTIFYING`` ->
+``READY`` -> ``IDLE``), the guilds requested and SUBSCRIBED, the PUBLISHes
+awaiting their ACK, the UNSUBSCRIBEs awaiting UNSUBSCRIBED and the heartbeat
+and liveness deadlines.
+
+Consistency model. Each guild's events are handed out in increasing ``s``
+with no duplicate: ``s <= last seen`` is dropped (and counted) as a safety
+net; ``s > last + 1`` is reported as a :class:`Gap` (the server promises
+none within an epoch; with an ``events`` filter gaps are expected and not
+reported). A SUBSCRIBED with ``recovered: false`` after a Position was sent
+yields a :class:`Resync` before that guild's next event.
+
+Bounds: the guilds followed are the application's; PUBLISHes awaiting an ACK
+are bounded by the adapter (``max_inflight_publishes``); one connection's
+tables are cleared when it ends (:meth:`ClientSession.connection_lost`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeAlias
+
+import orjson
+
+from guildcast.protocol.codes import ABNORMAL_CLOSURE, RESERVED_EVENTS, CloseAction, Op
+from guildcast.protocol.codes import classify_close as _classify
+from guildcast.protocol.wire import valid_event, valid_guild
+
+#: The HEARTBEAT message (PROTOCOL.md "Messages", op 1).
+HEARTBEAT = b'{"op":1,"d":null}'
+#: The server's default ``max_frame`` (PROTOCOL.md "Connecting"): a larger
+#: message would be closed with the fatal 1009, so the client refuses it.
+DEFAULT_MAX_MESSAGE = 64 * 1024
+#: A connection that has delivered nothing for this many heartbeat intervals
+#: (and at least ZOMBIE_MIN_S seconds) while the application was reading is
+#: dead (half-open TCP) and is replaced.
+ZOMBIE_INTERVALS = 3
+ZOMBIE_MIN_S = 5.0
+#: Seconds from the WebSocket being open to HELLO before the client gives up.
+DEFAULT_HELLO_TIMEOUT = 10.0
+#: Close code and reason a client uses for a server that breaks the protocol.
+BAD_SERVER = 4000
+
+
+# --- data --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """The last event of a guild the application has seen (PROTOCOL.md "Messages")."""
+
+    epoch: str
+    s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One guild event, handed out in ``s`` order, exactly once."""
+
+    guild: str
+    name: str
+    s: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Guild ``guild`` could not be recovered: reload its state.
+
+    Events the application missed are gone; the next events of this guild
+    start at ``s + 1`` in ``epoch``.
+    """
+
+    guild: str
+    epoch: str
+    s: int
+
+
+# --- outputs -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write this text message."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConn:
+    """Close the connection with ``code``; ``problem`` says what the server did
+    wrong (for the log) when the close is the client's verdict on it."""
+
+    code: int
+    reason: str
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """READY: the connection is identified."""
+
+    session_id: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """SUBSCRIBED ``guild``; ``position`` is where its stream resumes."""
+
+    guild: str
+    position: Position
+    recovered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    """``guild`` is left: no event of it follows (UNSUBSCRIBED, or the connection ended)."""
+
+    guild: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeRefused:
+    """The server refused to subscribe ``guild`` (ERROR ``code``); it is no longer followed."""
+
+    guild: str
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """The PUBLISH with ``nonce`` was sequenced as ``s`` of ``guild`` in ``epoch``."""
+
+    nonce: str
+    guild: str
+    s: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRefused:
+    """The PUBLISH with ``nonce`` was refused with ERROR ``code``."""
+
+    nonce: str
+    code: int
+    message: str
+    guild: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishInterrupted:
+    """The connection ended before the PUBLISH with ``nonce`` was answered."""
+
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerError:
+    """An ERROR that answers no pending command."""
+
+    code: int
+    message: str
+    guild: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """``guild`` jumped from ``after`` to ``s`` (events ``after+1 .. s-1`` never came)."""
+
+    guild: str
+    after: int
+    s: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectRequested:
+    """RECONNECT: the server is draining; its close (1001) follows."""
+
+
+Output: TypeAlias = (
+    Send
+    | CloseConn
+    | Ready
+    | Subscribed
+    | Unsubscribed
+    | SubscribeRefused
+    | Acked
+    | PublishRefused
+    | PublishInterrupted
+    | ServerError
+    | Gap
+    | ReconnectRequested
+    | Event
+    | Resync
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do after a connection closed with ``code``."""
+
+    code: int
+    reason: str
+    action: CloseAction
+    #: True: stop for good; False: back off and reconnect.
+    give_up: bool
+    #: The backoff attempt floor (PROTOCOL.md "back off, reconnect").
+    floor: int
+
+
+#: "back off, reconnect": the next delay starts at least from this attempt's
+#: window, so a crowd refused at once does not retry in the shortest window.
+BACKOFF_FLOOR = 2
+
+
+class State(Enum):
+    IDLE = "idle"
+    AWAIT_HELLO = "await_hello"
+    IDENTIFYING = "identifying"
+    READY = "ready"
+
+
+# --- message builders (client -> server) --------------------------------------
+
+
+def position_json(pos: Position | None) -> dict[str, Any] | None:
+    """A Position as the protocol writes it, ``{"epoch", "s"}`` or null."""
+    return None if pos is None else {"epoch": pos.epoch, "s": pos.s}
+
+
+def identify_message(
+    token: str, guilds: dict[str, Position | None], events: list[str] | None = None
+) -> bytes:
+    """IDENTIFY (op 2)."""
+    d: dict[str, Any] = {
+        "token": token,
+        "guilds": {gid: position_json(pos) for gid, pos in guilds.items()},
+    }
+    if events is not None:
+        d["events"] = events
+    return orjson.dumps({"op": Op.IDENTIFY, "d": d})
+
+
+def subscribe_message(guilds: dict[str, Position | None]) -> bytes:
+    """SUBSCRIBE (op 3)."""
+    d = {"guilds": {gid: position_json(pos) for gid, pos in guilds.items()}}
+    return orjson.dumps({"op": Op.SUBSCRIBE, "d": d})
+
+
+def unsubscribe_message(guilds: list[str]) -> bytes:
+    """UNSUBSCRIBE (op 4)."""
+    return orjson.dumps({"op": Op.UNSUBSCRIBE, "d": {"guilds": guilds}})
+
+
+def publish_message(gid: str, t: str, d: Any, nonce: str | None = None) -> bytes:
+    """PUBLISH (op 5); raises ValueError when ``d`` is not JSON serialisable."""
+    body: dict[str, Any] = {"guild": gid, "t": t, "d": d}
+    if nonce is not None:
+        body["nonce"] = nonce
+    try:
+        return orjson.dumps({"op": Op.PUBLISH, "d": body})
+    except TypeError as exc:
+        raise ValueError(f"data is not JSON serialisable: {exc}") from None
+
+
+def check_guild(gid: object) -> str:
+    """``gid`` if it is a valid guild id, else ValueError."""
+    if not valid_guild(gid):
+        raise ValueError(f"invalid guild id {gid!r}: 1-128 characters of [A-Za-z0-9_.:-]")
+    return gid
+
+
+def check_publish(gid: object, t: object) -> None:
+    """ValueError for what the server would answer with a fatal 4002 or ERROR 4403."""
+    check_guild(gid)
+    if not valid_event(t):
+        raise ValueError(f"invalid event name {t!r}: 1-64 characters of [A-Z0-9_]")
+    if t in RESERVED_EVENTS:
+        raise ValueError(f"{t} is a reserved event name")
+
+
+def classify_close(code: int) -> CloseAction:
+    """The client's reaction to close ``code`` (PROTOCOL.md "Close codes")."""
+    return _classify(code)
+
+
+class _Bad(Exception):
+    """Internal: the server broke the protocol; close the connection."""
+
+
+def _obj(d: Any, what: str) -> dict[str, Any]:
+    if type(d) is not dict:
+        raise _Bad(f"{what} needs an object d")
+    return d
+
+
+# --- the session ---------------------------------------------------------------
+
+
+class ClientSession:
+    """One client's protocol state across its connections. Feed it; carry out its outputs.
+
+    The adapter must: call :meth:`connection_made` when a WebSocket is open,
+    :meth:`receive` for each text message, :meth:`tick` at :attr:`next_tick`,
+    :meth:`connection_lost` when the connection is gone and :meth:`verdict`
+    with its close code; carry out the outputs in order.
+    """
+
+    def __init__(
+        self,
+        guilds: Iterable[str] = (),
+        events: Iterable[str] | None = None,
+        *,
+        renewable_token: bool = False,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+    ) -> None:
+        self.events = None if events is None else list(events)
+        for name in self.events or ():
+            if not valid_event(name):
+                raise ValueError(f"invalid event name {name!r}")
+        #: With a token provider one 4004 is retried with a fresh token.
+        self.renewable_token = renewable_token
+        self.max_message = max_message
+        self.hello_timeout = hello_timeout
+        #: Guilds followed, each with the last Position handed out (None until
+        #: the first SUBSCRIBED): the source of every IDENTIFY.
+        self._desired: dict[str, Position | None] = {}
+        for gid in guilds:
+            self._desired[check_guild(gid)] = None
+        self._nonces = itertools.count(1)
+        self._auth_failures = 0
+        #: Events dropped because their ``s`` was already handed out.
+        self.duplicates_dropped = 0
+        #: Gaps seen (the server promises none within an epoch).
+        self.gaps = 0
+        self.state = State.IDLE
+        self._token = ""
+        self._reset_connection()
+
+    def _reset_connection(self) -> None:
+        #: Guilds requested on this connection, with the Position sent.
+        self._sent: dict[str, Position | None] = {}
+        #: Guilds SUBSCRIBED on this connection.
+        self._subscribed: set[str] = set()
+        #: PUBLISH nonces awaiting their answer on this connection.
+        self._inflight: set[str] = set()
+        #: Guilds whose UNSUBSCRIBED is awaited on this connection.
+        self._leaving: set[str] = set()
+        self.interval = 0.0
+        self._last_recv = 0.0
+        self._paused_until = 0.0
+        #: When :meth:`tick` has something to do (the caller's clock).
+        self.next_tick = float("inf")
+        #: The adapter is waiting for the application to take events: the
+        #: silence that follows is not the server's fault.
+        self.stalled = False
+
+    # --- state ---------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True while the current connection is READY."""
+        return self.state is State.READY
+
+    @property
+    def positions(self) -> dict[str, Position | None]:
+        """A copy of each followed guild's last Position."""
+        return dict(self._desired)
+
+    def follows(self, gid: str) -> bool:
+        return gid in self._desired
+
+    def subscribed(self, gid: str) -> Position | None:
+        """The guild's Position if it is SUBSCRIBED on this connection, else None."""
+        return self._desired.get(gid) if gid in self._subscribed else None
+
+    # --- connection lifecycle ------------------------------------------------------
+
+    def connection_made(self, token: str, now: float) -> None:
+        """A WebSocket is open: wait for HELLO (within ``hello_timeout``)."""
+        self._reset_connection()
+        self._token = token
+        self.state = State.AWAIT_HELLO
+        self._last_recv = now
+        self.next_tick = now + self.hello_timeout
+
+    def connection_lost(self) -> list[Output]:
+        """The connection is gone: what it left unanswered."""
+        out: list[Output] = [PublishInterrupted(n) for n in sorted(self._inflight, key=_nonce_key)]
+        out.extend(Unsubscribed(g) for g in sorted(self._leaving))
+        self.state = State.IDLE
+        self._reset_connection()
+        return out
+
+    def verdict(self, code: int, reason: str) -> Verdict:
+        """After a close with ``code``: stop for good, or back off and reconnect."""
+        action = classify_close(code)
+        give_up = action is CloseAction.FATAL
+        if action is CloseAction.AUTH:
+            self._auth_failures += 1
+            give_up = not self.renewable_token or self._auth_failures > 1
+        floor = BACKOFF_FLOOR if action is CloseAction.BACKOFF else 0
+        return Verdict(code, reason, action, give_up, floor)
+
+    def connect_failed(self, status: int | None) -> tuple[int, str]:
+        """The close code and reason of a connection that never opened: an
+        HTTP ``status`` (None: no answer) other than 101."""
+        if status is not None and 400 <= status < 500 and status not in (408, 429):
+            return 4002, f"HTTP {status}: wrong gateway URL?"
+        if status is None:
+            return ABNORMAL_CLOSURE, "connect failed"
+        return ABNORMAL_CLOSURE, f"HTTP {status}"
+
+    # --- timers ----------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Output]:
+        """Deadlines due at ``now``: the HELLO timeout, liveness, the next HEARTBEAT."""
+        if now < self.next_tick:
+            return []
+        if self.state is State.AWAIT_HELLO:
+            self.next_tick = float("inf")
+            return [CloseConn(BAD_SERVER, "no HELLO in time")]
+        if self.state is State.IDLE:
+            self.next_tick = float("inf")
+            return []
+        silent_limit = max(ZOMBIE_INTERVALS * self.interval, ZOMBIE_MIN_S)
+        if not self.stalled and now - self._last_recv > silent_limit:
+            self.next_tick = float("inf")
+            return [
+                CloseConn(BAD_SERVER, "server silent", f"no data for {now - self._last_recv:.1f} s")
+            ]
+        self.next_tick = now + self.interval
+        if now < self._paused_until:
+            return []
+        return [Send(HEARTBEAT)]
+
+    def pause_heartbeats(self, until: float) -> None:
+        """Send no HEARTBEAT before ``until`` (the server then closes with 4009)."""
+        self._paused_until = until
+
+    def alive(self, now: float) -> None:
+        """The connection is known alive at ``now`` (the adapter finished a wait)."""
+        self._last_recv = now
+
+    # --- commands ----------------------------------------------------------------
+
+    def subscribe(self, gid: str, position: Position | None = None) -> list[Output]:
+        """Follow ``gid`` (from ``position`` if it is new); SUBSCRIBE now if READY."""
+        check_guild(gid)
+        if gid not in self._desired:
+            self._desired[gid] = position
+        if self.state is not State.READY or gid in self._sent:
+            return []
+        pos = self._sent[gid] = self._desired[gid]
+        return [Send(subscribe_message({gid: pos}))]
+
+    def unsubscribe(self, gid: str) -> list[Output]:
+        """Stop following ``gid``. An UNSUBSCRIBE is sent (and :class:`Unsubscribed`
+        will follow) only when the guild was requested on this READY connection."""
+        check_guild(gid)
+        if self._desired.pop(gid, _MISSING) is _MISSING:
+            return []
+        self._subscribed.discard(gid)
+        if self.state is not State.READY or self._sent.pop(gid, _MISSING) is _MISSING:
+            return []
+        self._leaving.add(gid)
+        return [Send(unsubscribe_message([gid]))]
+
+    def leaving(self, gid: str) -> bool:
+        """True while an UNSUBSCRIBED of ``gid`` is awaited."""
+        return gid in self._leaving
+
+    def publish(self, gid: str, t: str, d: Any = None) -> tuple[str, Send]:
+        """A PUBLISH with a fresh nonce, on a READY connection; ValueError for
+        an invalid guild or event name, non-JSON data or an oversized message."""
+        check_publish(gid, t)
+        if self.state is not State.READY:
+            raise RuntimeError("publish needs a READY connection")
+        nonce = str(next(self._nonces))
+        body = publish_message(gid, t, d, nonce)
+        if len(body) > self.max_message:
+            raise ValueError(f"message of {len(body)} bytes exceeds {self.max_message}")
+        self._inflight.add(nonce)
+        return nonce, Send(body)
+
+    # --- server messages -------------------------------------------------------------
+
+    def receive(self, data: bytes | bytearray | memoryview | str, now: float) -> list[Output]:
+        """Handle one text message from the server."""
+        if self.state is State.IDLE:
+            return []
+        self._last_recv = now
+        try:
+            msg = orjson.loads(data)
+            if type(msg) is not dict:
+                raise _Bad("a message must be a JSON object")
+            if self.state is State.AWAIT_HELLO:
+                return self._hello(msg, now)
+            return self._message(msg)
+        except (_Bad, orjson.JSONDecodeError) as exc:
+            reason = (
+                "expected HELLO" if self.state is State.AWAIT_HELLO else "bad message from server"
+            )
+            self.state = State.IDLE
+            self.next_tick = float("inf")
+            return [CloseConn(BAD_SERVER, reason, str(exc))]
+
+    def _hello(self, msg: dict[str, Any], now: float) -> list[Output]:
+        if msg.get("op") != Op.HELLO:
+            raise _Bad("expected HELLO")
+        interval = _obj(msg.get("d"), "HELLO").get("heartbeat_interval")
+        if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
+            raise _Bad("HELLO needs a positive heartbeat_interval")
+        self.interval = float(interval) / 1000.0
+        self.next_tick = now + self.interval
+        self.state = State.IDENTIFYING
+        self._sent = dict(self._desired)
+        return [Send(identify_message(self._token, self._sent, self.events))]
+
+    def _message(self, msg: dict[str, Any]) -> list[Output]:
+        op = msg.get("op")
+        d = msg.get("d")
+        if op == Op.DISPATCH:
+            t, g = msg.get("t"), msg.get("g")
+            if t == "READY":
+                return self._ready(_obj(d, "READY"))
+            if g is None:
+                return []
+            if type(g) is not str:
+                raise _Bad("g must be a guild id")
+            if t == "SUBSCRIBED":
+                return self._subscribed_guild(g, _obj(d, "SUBSCRIBED"))
+            if t == "UNSUBSCRIBED":
+                if g in self._leaving:
+                    self._leaving.discard(g)
+                    return [Unsubscribed(g)]
+                return []
+            s = msg.get("s")
+            if type(s) is int:
+                if type(t) is not str:
+                    raise _Bad("an event needs its name t")
+                return self._event(g, t, s, d)
+            return []  # no s: presence, not a guild event
+        if op == Op.ACK:
+            return self._ack(_obj(d, "ACK"))
+        if op == Op.ERROR:
+            return self._error(_obj(d, "ERROR"))
+        if op == Op.RECONNECT:
+            return [ReconnectRequested()]
+        return []  # HEARTBEAT_ACK; unknown ops are ignored
+
+    def _ready(self, d: dict[str, Any]) -> list[Output]:
+        if self.state is State.READY:
+            raise _Bad("a second READY")
+        self.state = State.READY
+        self._auth_failures = 0
+        out: list[Output] = []
+        # Guilds the application asked for while IDENTIFY was in flight.
+        missing = {gid: pos for gid, pos in self._desired.items() if gid not in self._sent}
+        if missing:
+            self._sent.update(missing)
+            out.append(Send(subscribe_message(missing)))
+        out.append(Ready(str(d.get("session_id") or ""), str(d.get("user") or "")))
+        return out
+
+    def _subscribed_guild(self, gid: str, d: dict[str, Any]) -> list[Output]:
+        if gid not in self._desired:
+            return []  # unsubscribed meanwhile; UNSUBSCRIBED follows
+        epoch, head, recovered = d.get("epoch"), d.get("s"), d.get("recovered")
+        if type(epoch) is not str or type(head) is not int or type(recovered) is not bool:
+            raise _Bad("SUBSCRIBED needs {epoch: str, s: int, recovered: bool}")
+        sent = self._sent.get(gid)
+        current = self._desired[gid]
+        self._subscribed.add(gid)
+        out: list[Output] = []
+        if recovered and current is not None and current.epoch == epoch:
+            pos = current  # the replay s+1..head follows
+        else:
+            pos = self._desired[gid] = Position(epoch, head)
+            if sent is not None:
+                out.append(Resync(gid, epoch, head))
+        out.append(Subscribed(gid, pos, recovered))
+        return out
+
+    def _event(self, gid: str, t: str, s: int, d: Any) -> list[Output]:
+        if gid not in self._desired:
+            return []  # unsubscribed: the server stops at UNSUBSCRIBED
+        pos = self._desired[gid]
+        out: list[Output] = []
+        if pos is not None:
+            if s <= pos.s:
+                self.duplicates_dropped += 1
+                return out
+            if s > pos.s + 1 and self.events is None and gid in self._subscribed:
+                self.gaps += 1
+                out.append(Gap(gid, pos.s, s))
+        self._desired[gid] = Position(pos.epoch if pos is not None else "", s)
+        out.append(Event(gid, t, s, d))
+        return out
+
+    def _ack(self, d: dict[str, Any]) -> list[Output]:
+        nonce, g, s, epoch = d.get("nonce"), d.get("g"), d.get("s"), d.get("epoch")
+        if nonce not in self._inflight:
+            return []
+        if type(s) is not int or type(g) is not str:
+            raise _Bad("ACK needs {g: str, s: int}")
+        assert isinstance(nonce, str)
+        self._inflight.discard(nonce)
+        return [Acked(nonce, g, s, str(epoch))]
+
+    def _error(self, d: dict[str, Any]) -> list[Output]:
+        code, message = d.get("code", 0), d.get("message", "")
+        if type(code) is not int:
+            raise _Bad("ERROR needs an integer code")
+        message = str(message)
+        nonce, gid = d.get("nonce"), d.get("g")
+        gid = gid if type(gid) is str else None
+        if nonce is not None:
+            if nonce in self._inflight:
+                assert isinstance(nonce, str)
+                self._inflight.discard(nonce)
+                return [PublishRefused(nonce, code, message, gid)]
+            return []
+        if gid is not None and gid in self._sent and gid not in self._subscribed:
+            # A SUBSCRIBE (or IDENTIFY guild) was refused: stop following it.
+            self._desired.pop(gid, None)
+            self._sent.pop(gid, None)
+            return [SubscribeRefused(gid, code, message)]
+        return [ServerError(code, message, gid)]
+
+
+_MISSING: Any = object()
+
+
+def _nonce_key(nonce: str) -> tuple[int, str]:
+    return (len(nonce), nonce)

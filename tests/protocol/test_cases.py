@@ -1,0 +1,132 @@
+"""The golden protocol cases (tests/protocol/cases.json) against the Sans-I/O
+client session; clients/js/test/cases.test.mjs runs the same file against
+guildcast.js, so both clients build the same bytes and react the same way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from guildcast.protocol import client as pc
+from guildcast.protocol import wire
+from guildcast.protocol.client import ClientSession, Event, Position, Resync
+
+CASES = json.loads((Path(__file__).parent / "cases.json").read_text())
+
+
+def _pos(p: dict[str, Any] | None) -> Position | None:
+    return None if p is None else Position(p["epoch"], p["s"])
+
+
+def build(kind: str, args: dict[str, Any]) -> bytes:
+    if kind == "heartbeat":
+        return pc.HEARTBEAT
+    if kind == "identify":
+        guilds = {g: _pos(p) for g, p in args["guilds"].items()}
+        return pc.identify_message(args["token"], guilds, args.get("events"))
+    if kind == "subscribe":
+        return pc.subscribe_message({g: _pos(p) for g, p in args["guilds"].items()})
+    if kind == "unsubscribe":
+        return pc.unsubscribe_message(args["guilds"])
+    assert kind == "publish", kind
+    return pc.publish_message(args["guild"], args["t"], args["d"], args.get("nonce"))
+
+
+@pytest.mark.parametrize("case", CASES["messages"], ids=lambda c: c["build"])
+def test_client_messages_are_exact(case: dict[str, Any]) -> None:
+    assert build(case["build"], case["args"]).decode() == case["json"]
+
+
+@pytest.mark.parametrize("code", sorted(CASES["close_codes"]))
+def test_close_code_classification(code: str) -> None:
+    assert pc.classify_close(int(code)).value == CASES["close_codes"][code]
+
+
+def test_grammar() -> None:
+    g = CASES["grammar"]
+    assert all(wire.valid_guild(x) for x in g["valid_guilds"])
+    assert not any(wire.valid_guild(x) for x in g["invalid_guilds"])
+    assert all(wire.valid_event(x) for x in g["valid_events"])
+    assert not any(wire.valid_event(x) for x in g["invalid_events"])
+
+
+class Driver:
+    """Runs one scenario's steps; maps outputs to the cases' items as the
+    asyncio client does (a refusal answers a waiting subscribe(), else it
+    is a lost subscription)."""
+
+    def __init__(self, guilds: list[str]) -> None:
+        self.session = ClientSession(guilds)
+        self.waiters: set[str] = set()
+        self.now = 100.0
+
+    def step(self, step: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], bool | None]:
+        s = self.session
+        self.now += 0.001
+        outs: list[pc.Output] = []
+        reconnects: bool | None = None
+        if "open" in step:
+            s.connection_made("tok", self.now)
+        elif "recv" in step:
+            outs = s.receive(orjson.dumps(step["recv"]), self.now)
+        elif "subscribe" in step:
+            if s.subscribed(step["subscribe"]) is None:
+                self.waiters.add(step["subscribe"])
+            outs = s.subscribe(step["subscribe"])
+        elif "unsubscribe" in step:
+            self.waiters.discard(step["unsubscribe"])
+            outs = s.unsubscribe(step["unsubscribe"])
+        elif "publish" in step:
+            p = step["publish"]
+            outs = [s.publish(p["guild"], p["t"], p["d"])[1]]
+        else:
+            outs = s.connection_lost()
+            reconnects = not s.verdict(step["close"], "").give_up
+        sent = [o.data.decode() for o in outs if isinstance(o, pc.Send)]
+        return sent, [i for o in outs if (i := self.item(o)) is not None], reconnects
+
+    def item(self, o: pc.Output) -> dict[str, Any] | None:
+        if isinstance(o, Event):
+            return {"kind": "event", "guild": o.guild, "name": o.name, "s": o.s, "data": o.data}
+        if isinstance(o, Resync):
+            return {"kind": "resync", "guild": o.guild, "epoch": o.epoch, "s": o.s}
+        if isinstance(o, pc.Ready):
+            return {"kind": "ready", "session_id": o.session_id, "user": o.user}
+        if isinstance(o, pc.Subscribed) and o.guild in self.waiters:
+            self.waiters.discard(o.guild)
+            p = o.position
+            return {"kind": "subscribed", "guild": o.guild, "epoch": p.epoch, "s": p.s}
+        if isinstance(o, pc.Unsubscribed):
+            return {"kind": "unsubscribed", "guild": o.guild}
+        if isinstance(o, pc.SubscribeRefused):
+            kind = "subscribe_refused" if o.guild in self.waiters else "subscription_lost"
+            self.waiters.discard(o.guild)
+            return {"kind": kind, "guild": o.guild, "code": o.code}
+        if isinstance(o, pc.Acked):
+            return {"kind": "acked", "nonce": o.nonce, "s": o.s}
+        if isinstance(o, pc.PublishRefused):
+            return {"kind": "publish_refused", "nonce": o.nonce, "code": o.code}
+        return None
+
+
+@pytest.mark.parametrize("scenario", CASES["sessions"], ids=lambda c: c["name"][:40])
+def test_session_scenario(scenario: dict[str, Any]) -> None:
+    d = Driver(scenario["guilds"])
+    for i, step in enumerate(scenario["steps"]):
+        sent, items, reconnects = d.step(step)
+        where = f"step {i}: {step}"
+        if "sent" in step:
+            assert sent == step["sent"], where
+        if "items" in step:
+            assert items == step["items"], where
+        if "reconnects" in step:
+            assert reconnects == step["reconnects"], where
+        if "positions" in step:
+            got = {g: pc.position_json(p) for g, p in d.session.positions.items()}
+            assert got == step["positions"], where
+        if "duplicates" in step:
+            assert d.session.duplicates_dropped == step["duplicates"], where
