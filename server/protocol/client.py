@@ -577,6 +577,14 @@ class ClientSession:
         if missing:
             self._sent.update(missing)
             out.append(Send(subscribe_message(missing)))
+        # Guilds IDENTIFY asked for that the application left meanwhile: the
+        # server is subscribing them, so unsubscribe now (UNSUBSCRIBED follows).
+        stale = [gid for gid in self._sent if gid not in self._desired]
+        if stale:
+            for gid in stale:
+                del self._sent[gid]
+                self._leaving.add(gid)
+            out.append(Send(unsubscribe_message(stale)))
         out.append(Ready(str(d.get("session_id") or ""), str(d.get("user") or "")))
         return out
 

@@ -224,6 +224,24 @@ def test_subscribe_and_unsubscribe_commands() -> None:
         s.subscribe("no spaces")
 
 
+def test_a_guild_left_while_identifying_is_unsubscribed_at_ready() -> None:
+    """IDENTIFY asked for it, the application left it before READY: the server
+    is subscribing it, so the session unsubscribes it at READY, and a refusal
+    of it that arrives later is not a refusal of anything followed."""
+    s = ClientSession(("c", "d"))
+    s.connection_made("tok", T0)
+    assert sends(recv(s, HELLO))[0]["d"]["guilds"] == {"c": None, "d": None}
+    assert s.unsubscribe("c") == []
+    out = recv(s, READY)
+    assert sends(out) == [{"op": 4, "d": {"guilds": ["c"]}}]
+    assert s.leaving("c") and not s.follows("c") and s.follows("d")
+    err = {"op": 13, "d": {"code": 4403, "message": "no", "g": "c"}}
+    assert recv(s, err) == [pc.ServerError(4403, "no", "c")]
+    assert recv(s, subscribed("c", "e", 3, False)) == []
+    assert recv(s, event("c", 4)) == []
+    assert recv(s, {"op": 0, "t": "UNSUBSCRIBED", "g": "c", "d": None}) == [pc.Unsubscribed("c")]
+
+
 def test_refused_subscription_stops_following_and_other_errors_are_reported() -> None:
     s = ready(("secret", "ok"))
     err = {"op": 13, "d": {"code": 4403, "message": "no", "g": "secret"}}
@@ -321,8 +339,18 @@ class ClientMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.s.state is State.IDENTIFYING)
     @rule()
     def ready(self) -> None:
-        self.feed(recv(self.s, READY, self.now))
+        outs = recv(self.s, READY, self.now)
+        self.feed(outs)
         assert self.s.ready
+        # The server answers what the session sent at READY: an UNSUBSCRIBE of
+        # guilds IDENTIFY asked for and the application left meanwhile.
+        for msg in sends(outs):
+            if msg["op"] == 4:
+                for gid in msg["d"]["guilds"]:
+                    assert self.s.leaving(gid) and not self.s.follows(gid)
+                    unsub = {"op": 0, "t": "UNSUBSCRIBED", "g": gid, "d": None}
+                    self.feed(recv(self.s, unsub, self.now))
+                    assert not self.s.leaving(gid)
 
     @precondition(lambda self: self.s.ready)
     @rule(gid=st.sampled_from(GUILDS), lost=st.booleans())
@@ -370,7 +398,7 @@ class ClientMachine(RuleBasedStateMachine):
     def unsubscribe(self, gid: str) -> None:
         self.feed(self.s.unsubscribe(gid))
         assert not self.s.follows(gid)
-        if self.s.leaving(gid):
+        if self.s.leaving(gid) and self.s.ready:
             self.feed(recv(self.s, {"op": 0, "t": "UNSUBSCRIBED", "g": gid, "d": None}, self.now))
             assert not self.s.leaving(gid)
 
