@@ -62,10 +62,15 @@ from typing import Any
 from guildcast.broker.base import Broker, BrokerUnavailable, Record
 from guildcast.broker.memory import MemoryBroker, envelope
 from guildcast.core import journal
-from guildcast.core.journal import FSYNC_POLICIES, Journal, Loaded, event_prefix
+from guildcast.core.journal import FSYNC_POLICIES, TMP_SUFFIX, Journal, Loaded, event_prefix
+from guildcast.core.marks import Marks
+from guildcast.core.ratelog import RateLimitedLog
 from guildcast.protocol import wire
 
 log = logging.getLogger("guildcast.journal")
+#: Write failures come in floods on a full disk (one per publish): one line
+#: per kind every few seconds, with a count of the ones left out.
+rlog = RateLimitedLog(log)
 
 #: Journal files kept open at once: one per recently written guild. Far below
 #: the usual descriptor limit, which the gateway's connections need.
@@ -83,6 +88,15 @@ GUILDS_DIR = "guilds"
 #: The run record and the lock file, in ``--data-dir``.
 STATE_FILE = "node.json"
 LOCK_FILE = "lock"
+#: Created by an operator after restoring ``--data-dir`` from a copy
+#: (docs/OPERATIONS.md, "Backups and restore"): the next start gives every
+#: guild a new epoch, then removes it.
+RESTORED_FILE = "RESTORED"
+#: Seconds between two probes of a data dir that refused a write: readiness
+#: comes back once a probe (a small file written and fsynced) succeeds.
+PROBE_INTERVAL = 1.0
+#: Bytes the probe writes: a page, so a disk with no block left fails it.
+PROBE_BYTES = 4096
 #: Changes on every boot of a Linux machine; elsewhere every unclean stop
 #: counts as a possible power failure.
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -141,15 +155,22 @@ class DiskBroker(MemoryBroker):
         #: Guilds whose journal holds a file descriptor, least recently written first.
         self._open: OrderedDict[str, None] = OrderedDict()
         self._syncer: asyncio.Task[None] | None = None
-        self._healthy = True
+        #: Why the data dir cannot persist right now (the last write failure),
+        #: or None; readiness is false while set (``/readyz``).
+        self.persist_error: str | None = None
+        self.marks = Marks(self.root)
+        self._marks_syncing = False
         #: Counters for ``/metrics``.
         self.bytes_written = 0
         self.fsyncs = 0
         self.repairs = 0
+        self.write_failures = 0
+        #: Journals found cut below their high-water mark (new epoch).
+        self.cuts = 0
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        return self.persist_error is None
 
     async def start(self) -> None:
         try:
@@ -157,7 +178,15 @@ class DiskBroker(MemoryBroker):
             suspect = await asyncio.to_thread(self._begin)
         except OSError as e:
             raise BrokerUnavailable(f"cannot use data dir {self.root}: {e}") from e
-        if suspect:
+        if suspect == "restored":
+            log.warning(
+                "%s found in %s: the data dir was restored from a copy; each guild starts "
+                "a new epoch when it is loaded",
+                RESTORED_FILE,
+                self.root,
+                extra={"data_dir": str(self.root), "generation": self.generation},
+            )
+        elif suspect:
             log.warning(
                 "the machine restarted while the last run used --fsync %s and did not stop "
                 "cleanly: acknowledged events may be lost; each guild starts a new epoch "
@@ -165,9 +194,10 @@ class DiskBroker(MemoryBroker):
                 suspect,
                 extra={"data_dir": str(self.root), "generation": self.generation},
             )
-        if self.fsync == "interval":
-            # Owned by the broker: cancelled and awaited in close().
-            self._syncer = asyncio.create_task(self._sync_loop(), name="journal-syncer")
+        # Owned by the broker: cancelled and awaited in close(). It fsyncs
+        # (``interval``), fsyncs the marks, and probes a data dir that refused
+        # a write.
+        self._syncer = asyncio.create_task(self._sync_loop(), name="journal-syncer")
 
     async def close(self) -> None:
         """Stop the syncer, fsync what is pending (unless ``never``) and close files."""
@@ -183,6 +213,7 @@ class DiskBroker(MemoryBroker):
             lg.journal.close()
         self._open.clear()
         await asyncio.to_thread(self._end)
+        self.marks.close()
 
     def _begin(self) -> str | None:
         """Lock the data dir, read the last run's record, record this run.
@@ -210,8 +241,39 @@ class DiskBroker(MemoryBroker):
         ):
             suspect = str(prev.get("fsync"))
             self.reset_generation = self.generation
+        restored = self.root / RESTORED_FILE
+        if restored.exists():
+            suspect = "restored"
+            self.reset_generation = self.generation
+        self._remove_temp_files()
         self._write_state(clean=False, boot=boot)
+        # Only once the new reset generation is durable: a crash before this
+        # leaves the marker, and the next start resets again.
+        with contextlib.suppress(FileNotFoundError):
+            restored.unlink()
+        marks_existed = self.marks.open()
+        if not marks_existed and prev:
+            log.warning(
+                "%s has no %s (a node older than the high-water marks, or a partial "
+                "restore): journals cut before this start cannot be detected",
+                self.root,
+                self.marks.path.name,
+                extra={"data_dir": str(self.root)},
+            )
         return suspect
+
+    def _remove_temp_files(self) -> int:
+        """Delete temp files a crash left in the data dir (blocking)."""
+        removed = 0
+        for d in (self.root, self.directory):
+            for entry in os.scandir(d):
+                if entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            log.info("removed %d temporary files left in %s", removed, self.root)
+        return removed
 
     def _end(self) -> None:
         """Record a clean stop (journals fsynced) and release the lock."""
@@ -271,8 +333,10 @@ class DiskBroker(MemoryBroker):
         if not recs:
             return lg.epoch, []
         j = lg.journal
+        created = not j.exists
+        before = (j.size, j.count, j.first_ts)
         try:
-            if not j.exists:
+            if created:
                 # The first event of this guild's file: create it whole, header first.
                 await asyncio.to_thread(j.rewrite, lg.epoch, lg.seq, parts, len(recs), now)
                 self.fsyncs += 1
@@ -283,6 +347,15 @@ class DiskBroker(MemoryBroker):
         except OSError as e:
             self._storage_failed(gid, e)
             raise BrokerUnavailable(f"cannot write the journal of {gid}: {e}") from e
+        try:
+            # The high-water mark, after the records and before anything of
+            # them leaves the node (guildcast.core.marks: the proof).
+            self.marks.set(gid, lg.epoch, s)
+        except OSError as e:
+            self._undo(gid, lg, created, before)
+            self._storage_failed(gid, e)
+            raise BrokerUnavailable(f"cannot write the high-water mark of {gid}: {e}") from e
+        self.persist_error = None
         self.bytes_written += sum(len(p) for p in parts)
         lg.seq = s
         if self.history_size > 0:
@@ -301,6 +374,25 @@ class DiskBroker(MemoryBroker):
             self._feed(gid, recs)
         await self._maybe_compact(gid, lg, now)
         return lg.epoch, [r.s for r in recs]
+
+    def _undo(
+        self, gid: str, lg: _GuildLog, created: bool, before: tuple[int, int, float | None]
+    ) -> None:
+        """Take back a journal write whose mark could not be written: events
+        that are not marked must not be in the file (their ``s`` is reused)."""
+        j = lg.journal
+        try:
+            if created:
+                j.close()
+                os.unlink(j.path)
+                j.size, j.count, j.first_ts = 0, 0, None
+            else:
+                j.undo(*before)
+        except OSError as e:
+            # The events stay in the file, unmarked: the journal refuses every
+            # write until a restart, whose load sees them (and keeps them:
+            # nobody was told their s, and the next s follows them).
+            j.broken = f"an unmarked write could not be undone ({e})"
 
     def append_now(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
         raise NotImplementedError("a durable append waits for the disk: use append()")
@@ -362,6 +454,8 @@ class DiskBroker(MemoryBroker):
             del self._loading[gid]
         if loaded.repair is not None:
             self.repairs += 1
+            if "high-water mark" in loaded.repair:
+                self.cuts += 1
             log.warning(
                 "journal of guild %s repaired: %s%s",
                 gid,
@@ -371,10 +465,16 @@ class DiskBroker(MemoryBroker):
             )
         if reset:
             log.warning(
-                "guild %s: new epoch: its journal predates a possible power failure",
+                "guild %s: new epoch: its journal predates a possible power failure "
+                "or a restore",
                 gid,
                 extra={"guild": gid, "path": str(path), "new_epoch": True},
             )
+        if lg.epoch != loaded.epoch or gid not in self.marks.table:
+            # The new epoch's (or a pre-marks journal's) mark; written on the
+            # loop, the marks' only writer. Failing, the next append writes it.
+            with contextlib.suppress(OSError):
+                self.marks.set(gid, lg.epoch, lg.seq)
         self._cache(gid, lg)
         fut.set_result(lg)
         return lg
@@ -386,6 +486,10 @@ class DiskBroker(MemoryBroker):
         j = Journal(path, gid, self.generation)
         now = time.time()
         reset = loaded.epoch is not None and not loaded.lost and loaded.gen < self.reset_generation
+        cut = None if reset else _cut(loaded, self.marks.get(gid))
+        if cut is not None:
+            loaded.lost = True
+            loaded.repair = f"{loaded.repair}; {cut}" if loaded.repair else cut
         if loaded.epoch is None or loaded.lost or reset:
             # History lost: a new epoch; keep the intact events under it.
             lg = _GuildLog(secrets.token_hex(8), loaded.head, self.history_size, j)
@@ -472,17 +576,38 @@ class DiskBroker(MemoryBroker):
         if self.history_size <= 0:
             lg.records.clear()
         base, parts, first_ts = self._snapshot(lg)
+        j.close()  # on the loop, the only user of the append descriptor
+        self._open.pop(gid, None)
         try:
             await asyncio.to_thread(j.rewrite, lg.epoch, base, parts, kept, first_ts)
         except OSError as e:
             # The old file is still whole and appendable: try again next time.
-            log.error("guild %s: journal compaction failed: %s", gid, e, extra={"guild": gid})
+            self.write_failures += 1
+            rlog.log(
+                logging.ERROR,
+                "journal-compaction-failed",
+                "guild %s: journal compaction failed: %s",
+                gid,
+                e,
+                extra={"guild": gid},
+            )
             return
         self.fsyncs += 1
-        self._open.pop(gid, None)
 
     def _storage_failed(self, gid: str, e: OSError) -> None:
-        log.error("guild %s: journal write failed: %s", gid, e, extra={"guild": gid})
+        """A write was refused: not ready until a write or a probe succeeds;
+        one ERROR line per interval however many fail (a full disk fails
+        every publish)."""
+        self.write_failures += 1
+        self.persist_error = f"cannot persist to {self.root}: {e.strerror or e}"
+        rlog.log(
+            logging.ERROR,
+            "journal-write-failed",
+            "guild %s: journal write failed: %s",
+            gid,
+            e,
+            extra={"guild": gid},
+        )
 
     async def sync_all(self) -> int:
         """fsync every journal written since its last fsync; returns how many."""
@@ -500,12 +625,42 @@ class DiskBroker(MemoryBroker):
         return done
 
     async def _sync_loop(self) -> None:
+        tick = min(self.fsync_interval, PROBE_INTERVAL)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.fsync_interval)
+            await asyncio.sleep(tick)
             try:
-                await self.sync_all()
+                now = time.monotonic()
+                if self.fsync == "interval" and now - last >= self.fsync_interval - tick / 2:
+                    last = now
+                    await self.sync_all()
+                if self.fsync != "never":
+                    await self._sync_marks()
+                if self.marks.needs_compaction and not self._marks_syncing:
+                    self.marks.compact()
+                if self.persist_error is not None:
+                    await self._probe()
             except Exception:
                 log.exception("journal syncer failed")
+
+    async def _sync_marks(self) -> None:
+        self._marks_syncing = True
+        try:
+            await asyncio.to_thread(self.marks.sync)
+        except OSError as e:
+            self._storage_failed("(marks)", e)
+        finally:
+            self._marks_syncing = False
+
+    async def _probe(self) -> None:
+        """Write, fsync and remove a small file: readiness returns if it works."""
+        try:
+            await asyncio.to_thread(_probe_write, self.root / f"probe{TMP_SUFFIX}")
+        except OSError as e:
+            self.persist_error = f"cannot persist to {self.root}: {e.strerror or e}"
+            return
+        log.info("data dir %s takes writes again", self.root, extra={"data_dir": str(self.root)})
+        self.persist_error = None
 
 
 def _sync_many(journals: list[Journal]) -> int:
@@ -516,8 +671,42 @@ def _sync_many(journals: list[Journal]) -> int:
             j.sync()
             done += 1
         except OSError as e:
-            log.error("guild %s: journal fsync failed: %s", j.gid, e, extra={"guild": j.gid})
+            rlog.log(
+                logging.ERROR,
+                "journal-fsync-failed",
+                "guild %s: journal fsync failed: %s",
+                j.gid,
+                e,
+                extra={"guild": j.gid},
+            )
     return done
+
+
+def _probe_write(path: Path) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _cut(loaded: Loaded, mark: tuple[str, int] | None) -> str | None:
+    """Why ``loaded`` lost records its high-water mark says were written, or
+    None (guildcast.core.marks has the argument)."""
+    if mark is None or loaded.epoch is None:
+        return None
+    epoch, s = mark
+    if epoch != loaded.epoch:
+        return f"the journal's epoch {loaded.epoch} is not its high-water mark's ({epoch})"
+    if loaded.head < s:
+        return (
+            f"the journal ends at s={loaded.head} but its high-water mark is s={s}: "
+            "its tail was lost (restored from an older copy, or dropped writes)"
+        )
+    return None
 
 
 def _conforms() -> None:

@@ -13,7 +13,9 @@ import pytest
 
 from guildcast.broker.base import BrokerUnavailable, Record
 from guildcast.broker.disk import COMPACT_SLACK, GUILDS_DIR, STATE_FILE, DiskBroker
+from guildcast.broker.memory import envelope
 from guildcast.core import journal
+from guildcast.core.journal import event_prefix
 from tests.apihelp import until
 
 
@@ -53,10 +55,18 @@ async def test_torn_tail_repaired_on_load_with_a_warning(
 ) -> None:
     b = DiskBroker(tmp_path, history_size=100, history_ttl=300)
     await b.start()
-    epoch, _ = await b.append("g", [("E", orjson.dumps(i)) for i in range(1, 6)])
+    epoch, _ = await b.append("g", [("E", orjson.dumps(i)) for i in range(1, 5)])
     await b.close()
     path = jpath(tmp_path, "g")
-    os.truncate(path, path.stat().st_size - 3)
+    # A crash in the middle of writing event 5: all of its record but 3 bytes
+    # reached the file and its high-water mark was never written (the broker
+    # writes the mark after a complete write: guildcast.core.marks). Cutting
+    # an event that was completely written is a lost tail: see
+    # test_a_journal_cut_below_its_mark_starts_a_new_epoch.
+    payload = envelope("g", "E", 5, b"5")
+    record = event_prefix(5, "E", time.time(), payload) + payload
+    with open(path, "ab") as f:
+        f.write(record[:-3])
 
     b2 = DiskBroker(tmp_path, history_size=100, history_ttl=300)
     await b2.start()
@@ -272,3 +282,48 @@ async def test_one_node_per_data_dir(tmp_path: Path) -> None:
     await a.close()
     await b.start()  # released on close
     await b.close()
+
+
+async def test_a_journal_cut_below_its_mark_starts_a_new_epoch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b.start()
+    for i in range(1, 6):
+        epoch, _ = await b.append("g", [("E", orjson.dumps(i))])
+    await b.close()
+    path = jpath(tmp_path, "g")
+    data = path.read_bytes()
+    loaded = journal.load(path, "g")
+    last = len(loaded.events[-1].payload) + len(event_prefix(5, "E", 0.0, b""))
+    path.write_bytes(data[: len(data) - last])  # event 5 gone, at a record boundary
+
+    b2 = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b2.start()
+    with caplog.at_level(logging.WARNING, logger="guildcast.journal"):
+        new_epoch, head = await b2.head("g")
+    assert new_epoch != epoch and head == 4
+    assert b2.cuts == 1
+    assert any("high-water mark is s=5" in r.getMessage() for r in caplog.records)
+    assert await b2.append("g", [("E", b"5")]) == (new_epoch, [5])
+    await b2.close()
+    b3 = DiskBroker(tmp_path, history_size=100, history_ttl=300)
+    await b3.start()
+    assert await b3.head("g") == (new_epoch, 5)  # the new epoch's mark holds
+    assert b3.cuts == 0
+    await b3.close()
+
+
+async def test_temp_files_are_removed_at_start(tmp_path: Path) -> None:
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+    await b.start()
+    await b.append("g", [("E", b"1")])
+    await b.close()
+    left = [tmp_path / GUILDS_DIR / f"g-{i}.log.tmp" for i in range(5)]
+    for p in left:
+        p.write_bytes(b"half a rewrite")
+    b2 = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+    await b2.start()
+    assert not any(p.exists() for p in left)
+    assert (await b2.head("g"))[1] == 1
+    await b2.close()

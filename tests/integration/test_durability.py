@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ import aiohttp
 from websockets.exceptions import ConnectionClosed
 
 from guildcast.broker.disk import GUILDS_DIR
+from guildcast.broker.memory import envelope
 from guildcast.core import journal
+from guildcast.core.journal import event_prefix
 from guildcast.core.tokens import make_token
 from tests.apihelp import (
     SECRET,
@@ -131,15 +134,20 @@ async def test_damaged_journal_is_repaired_on_start_with_a_warning(tmp_path: Pat
     gid = "torn"
     async with serve_process(args, tmp_path / "run1.log") as node:
         async with Api(node.api_url) as api:
-            for n in range(1, 6):
+            for n in range(1, 5):
                 status, body, _ = await api.publish({"guild": gid, "t": "N", "d": n})
                 assert status == 200
         epoch = body["epoch"]
         assert await node.terminate() == 0
 
-    # 1. A torn tail (a crash in the middle of writing event 5).
+    # 1. A torn tail (a crash in the middle of writing event 5): all of its
+    # record but 7 bytes reached the file, and its high-water mark was never
+    # written (it follows a complete write). Cutting into an event that was
+    # completely written is a lost tail instead: tests/hardening/test_lost_tail.py.
     path = journal_file(data, gid)
-    os.truncate(path, path.stat().st_size - 7)
+    payload = envelope(gid, "N", 5, b"5")
+    with open(path, "ab") as f:
+        f.write((event_prefix(5, "N", time.time(), payload) + payload)[:-7])
     async with serve_process(args, tmp_path / "run2.log") as node:
         async with Api(node.api_url) as api:
             status, page, _ = await api.get(f"/v1/guilds/{gid}/history")

@@ -1,0 +1,173 @@
+"""High-water marks: per guild, the last ``s`` its journal was known to hold.
+
+Owns ``DIR/marks.log`` (``--data-dir``), a file kept apart from the journals
+so that a journal that loses its tail cannot take its mark with it. The disk
+broker (``guildcast.broker.disk``) writes a guild's mark right after each
+journal write and before anything of that write is fanned out or
+acknowledged, and compares it with the journal when it loads the guild.
+
+Format: one JSON line per change, ``["gid", "epoch", s]`` (``s`` is the last
+``s`` written under ``epoch``) or ``["gid", null, 0]`` (the journal was
+deleted). The last line of a guild wins. A line that does not parse (a torn
+last line after a crash) is skipped: it can only be a mark of a write that
+never completed, or make a mark lower than it was (a weaker check, never a
+wrong event).
+
+Why this proves a cut (the consistency argument): let ``h`` be the last
+``s`` a loaded journal holds and ``m`` its mark for the same epoch.
+
+1. Every ``s`` a client was ever given (acknowledged or fanned out) was in
+   the journal and then in the mark before it left the node, so every such
+   ``s`` is ``<= m`` whenever the mark survived (a kill -9 keeps both: they
+   are in the page cache; a power failure under ``interval``/``never`` resets
+   every epoch anyway, see ``guildcast.broker.disk``).
+2. The journal is append-only and its writer writes the mark only after a
+   complete write, so a node that crashed (even in the middle of a write,
+   leaving a torn tail) always restarts with ``h >= m``.
+3. Hence ``h < m`` means the journal lost records after the mark was written
+   (restored from an older copy, a volume that dropped writes, a manual
+   truncation): ``s`` values ``h+1 .. m`` may have been seen by clients, and
+   the guild must start a new epoch so that no known ``(epoch, s)`` is ever
+   given to a different event. A journal whose epoch is not the mark's is
+   older than the mark: also a new epoch.
+
+What it cannot see: a whole data directory replaced by an older copy (its
+marks are as old as its journals). docs/OPERATIONS.md, "Backups and
+restore", gives the procedure for that: the ``RESTORED`` file, which makes
+the next start give every guild a new epoch.
+
+Memory: one ``(epoch, s)`` per guild with a journal. Disk: the file is
+rewritten (temp file, fsync, rename) at start and whenever it has grown past
+:data:`COMPACT_FACTOR` times its compacted size (and :data:`COMPACT_MIN`).
+Writes happen on the event loop only (one ``write`` of one line); ``sync``
+may run in a thread (an fsync never changes the file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+
+#: The file in ``--data-dir``.
+MARKS_FILE = "marks.log"
+#: Rewrite the file when it passes this many times its compacted size...
+COMPACT_FACTOR = 4
+#: ... and at least this many bytes: small nodes never rewrite it.
+COMPACT_MIN = 1024 * 1024
+
+
+class Marks:
+    """The marks of every guild of one data directory (one writer: the broker)."""
+
+    __slots__ = ("_compacted", "_fd", "_size", "dirty", "path", "table")
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / MARKS_FILE
+        #: gid -> (epoch, last s written).
+        self.table: dict[str, tuple[str, int]] = {}
+        self._fd: int | None = None
+        self._size = 0
+        self._compacted = 0
+        #: Written since the last fsync.
+        self.dirty = False
+
+    @property
+    def existed(self) -> bool:
+        return self.path.exists()
+
+    def open(self) -> bool:
+        """Read the file, rewrite it compacted and open it for appending.
+
+        Blocking (run it in a thread). Returns True if the file existed.
+        """
+        existed = True
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            existed = False
+            data = b""
+        for line in data.split(b"\n"):
+            if not line:
+                continue
+            try:
+                gid, epoch, s = orjson.loads(line)
+            except (orjson.JSONDecodeError, ValueError, TypeError):
+                continue  # torn or damaged: see the module docstring
+            if type(gid) is not str or type(s) is not int:
+                continue
+            if epoch is None:
+                self.table.pop(gid, None)
+            elif type(epoch) is str:
+                self.table[gid] = (epoch, s)
+        self._rewrite()
+        return existed
+
+    def _encode_all(self) -> bytes:
+        return b"".join(orjson.dumps([g, e, s]) + b"\n" for g, (e, s) in self.table.items())
+
+    def _rewrite(self) -> None:
+        """Replace the file by one line per guild (temp, fsync, rename, fsync dir)."""
+        data = self._encode_all()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._size = self._compacted = len(data)
+        self.dirty = False
+
+    def get(self, gid: str) -> tuple[str, int] | None:
+        return self.table.get(gid)
+
+    def set(self, gid: str, epoch: str, s: int) -> None:
+        """Record that ``gid``'s journal holds ``s`` under ``epoch``; raises OSError."""
+        self._write(orjson.dumps([gid, epoch, s]) + b"\n")
+        self.table[gid] = (epoch, s)
+
+    def forget(self, gid: str) -> None:
+        """``gid``'s journal was deleted; raises OSError."""
+        if gid in self.table:
+            self._write(orjson.dumps([gid, None, 0]) + b"\n")
+            del self.table[gid]
+
+    def _write(self, line: bytes) -> None:
+        if self._fd is None:
+            raise OSError("the marks file is closed")
+        written = os.write(self._fd, line)
+        if written != len(line):
+            # A short write leaves a torn line (skipped on load); finish it so
+            # the next line starts on its own.
+            os.write(self._fd, line[written:])
+        self._size += len(line)
+        self.dirty = True
+
+    @property
+    def needs_compaction(self) -> bool:
+        return self._size > max(COMPACT_MIN, COMPACT_FACTOR * self._compacted)
+
+    def compact(self) -> None:
+        """Rewrite the file from the table. Blocking, but call it on the loop:
+        nothing may append while it runs (it is rare: see the module docstring)."""
+        self._rewrite()
+
+    def sync(self) -> None:
+        """fsync if written since the last one (may run in a thread)."""
+        if not self.dirty or self._fd is None:
+            return
+        self.dirty = False
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
