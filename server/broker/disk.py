@@ -465,8 +465,7 @@ class DiskBroker(MemoryBroker):
             )
         if reset:
             log.warning(
-                "guild %s: new epoch: its journal predates a possible power failure "
-                "or a restore",
+                "guild %s: new epoch: its journal predates a possible power failure or a restore",
                 gid,
                 extra={"guild": gid, "path": str(path), "new_epoch": True},
             )

@@ -4,7 +4,6 @@ restarts, repair on load, compaction and its resource bounds."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,11 @@ from guildcast.broker.memory import envelope
 from guildcast.core import journal
 from guildcast.core.journal import event_prefix
 from tests.apihelp import until
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
 
 
 def jpath(data: Path, gid: str) -> Path:
@@ -65,8 +69,7 @@ async def test_torn_tail_repaired_on_load_with_a_warning(
     # test_a_journal_cut_below_its_mark_starts_a_new_epoch.
     payload = envelope("g", "E", 5, b"5")
     record = event_prefix(5, "E", time.time(), payload) + payload
-    with open(path, "ab") as f:
-        f.write(record[:-3])
+    append_bytes(path, record[:-3])
 
     b2 = DiskBroker(tmp_path, history_size=100, history_ttl=300)
     await b2.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,11 @@ from tests.apihelp import (
 )
 
 TOKEN = make_token(SECRET, "watcher", ["*"], [], None, 3600)
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
 
 
 def journal_file(data: Path, gid: str) -> Path:
@@ -146,8 +150,7 @@ async def test_damaged_journal_is_repaired_on_start_with_a_warning(tmp_path: Pat
     # completely written is a lost tail instead: tests/hardening/test_lost_tail.py.
     path = journal_file(data, gid)
     payload = envelope(gid, "N", 5, b"5")
-    with open(path, "ab") as f:
-        f.write((event_prefix(5, "N", time.time(), payload) + payload)[:-7])
+    append_bytes(path, (event_prefix(5, "N", time.time(), payload) + payload)[:-7])
     async with serve_process(args, tmp_path / "run2.log") as node:
         async with Api(node.api_url) as api:
             status, page, _ = await api.get(f"/v1/guilds/{gid}/history")
