@@ -71,6 +71,12 @@ _LOGGED_CLOSES: dict[int, tuple[str, int]] = {
 }
 
 GATEWAY_PATH = "/gateway"
+#: Frames one message may arrive in (the first and its continuations); one
+#: more closes with 1009 (PROTOCOL.md "Transport"). Browsers send one frame
+#: per message and libraries that fragment use frames of kilobytes, so 1,024
+#: is far above any real client, and bounds an attacker's empty fragments to
+#: 1,024 list entries (about 100 KiB) per connection.
+MAX_FRAGMENTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,8 +350,19 @@ class Connection(asyncio.Protocol):
                 self._frags = [frame.data]
         elif op is Opcode.CONT:
             frags = self._frags
-            if frags is None:
+            if frags is None or self.closing:
                 return  # websockets rejects a stray continuation before us
+            if len(frags) >= MAX_FRAGMENTS:
+                # websockets bounds the bytes of a message, not its pieces:
+                # empty fragments would each cost a list entry, unbounded.
+                self._frags = None
+                self.close(Close.TOO_LARGE, "message in too many fragments")
+                if self._transport is not None:
+                    # Nothing it sends now is worth parsing: the close frame
+                    # is out, and the sweeper ends the connection after
+                    # close_timeout if it does not answer.
+                    self._transport.pause_reading()
+                return
             frags.append(frame.data)
             if frame.fin:
                 self._frags = None
