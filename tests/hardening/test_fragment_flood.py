@@ -73,7 +73,7 @@ async def test_a_million_empty_fragments_close_1009_and_cost_no_memory(tmp_path:
         port = urlparse(node.url).port
         assert port is not None
         server = psutil.Process(node.proc.pid)
-        good, sub = await subscribe(node.url, TOKEN, "calm")
+        good, _ = await subscribe(node.url, TOKEN, "calm")
         try:
             # A first attack warms the allocator and the code paths up.
             code, sent = await attack(port)
