@@ -303,6 +303,9 @@ class Server:
         if not self._started:
             return "not started"
         if not self.broker.healthy:
+            broker = self.broker
+            if isinstance(broker, DiskBroker) and broker.persist_error:
+                return broker.persist_error  # "cannot persist to DIR: No space left..."
             return "broker unavailable"
         return ""
 
