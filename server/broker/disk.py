@@ -54,7 +54,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,13 @@ RESTORED_FILE = "RESTORED"
 PROBE_INTERVAL = 1.0
 #: Bytes the probe writes: a page, so a disk with no block left fails it.
 PROBE_BYTES = 4096
+#: Journal files the janitor looks at per syncer tick (about a second): a
+#: 100,000-guild directory is visited in under 7 minutes, at a cost of one
+#: ``stat`` per file on the loop.
+JANITOR_BATCH = 256
+#: Seconds past ``history_ttl`` a journal must be untouched before the
+#: janitor deletes it: its last event left the history that long ago.
+JANITOR_GRACE = 60.0
 #: Changes on every boot of a Linux machine; elsewhere every unclean stop
 #: counts as a possible power failure.
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -160,6 +167,9 @@ class DiskBroker(MemoryBroker):
         self.persist_error: str | None = None
         self.marks = Marks(self.root)
         self._marks_syncing = False
+        self._janitor: Iterator[os.DirEntry[str]] | None = None
+        #: Journals of guilds whose whole history aged out, deleted.
+        self.journals_deleted = 0
         #: Counters for ``/metrics``.
         self.bytes_written = 0
         self.fsyncs = 0
@@ -214,6 +224,11 @@ class DiskBroker(MemoryBroker):
         self._open.clear()
         await asyncio.to_thread(self._end)
         self.marks.close()
+        if self._janitor is not None:
+            close = getattr(self._janitor, "close", None)  # a scandir iterator holds a descriptor
+            if close is not None:
+                close()
+            self._janitor = None
 
     def _begin(self) -> str | None:
         """Lock the data dir, read the last run's record, record this run.
@@ -529,18 +544,17 @@ class DiskBroker(MemoryBroker):
         """``gid``'s journal holds a descriptor: keep at most ``max_open`` of them."""
         self._open[gid] = None
         self._open.move_to_end(gid)
-        excess = len(self._open) - self.max_open
-        # Oldest first; a journal in use (an fsync in a thread) is skipped.
-        for old in list(islice(self._open, max(0, excess) + 8)):
-            if excess <= 0:
-                break
+        # Oldest first, none skipped: the bound is strict. Closing is safe at
+        # any time because only the event loop uses an append descriptor
+        # (fsyncs in threads open their own, rewrites run closed:
+        # guildcast.core.journal). Skipping journals "in use" is what let an
+        # fsync round of the syncer, which held every dirty journal busy,
+        # push the open descriptors past the bound (issue "Hardening 2").
+        while len(self._open) > self.max_open:
+            old, _ = self._open.popitem(last=False)
             cand = self._glogs.get(old)
             if cand is not None:
-                if cand.busy or cand.lock.locked():
-                    continue
                 cand.journal.close()
-            del self._open[old]
-            excess -= 1
 
     # --- durability --------------------------------------------------------------
 
@@ -639,6 +653,8 @@ class DiskBroker(MemoryBroker):
                     self.marks.compact()
                 if self.persist_error is not None:
                     await self._probe()
+                else:
+                    self._sweep_journals(time.time())
             except Exception:
                 log.exception("journal syncer failed")
 
@@ -650,6 +666,46 @@ class DiskBroker(MemoryBroker):
             self._storage_failed("(marks)", e)
         finally:
             self._marks_syncing = False
+
+    def _sweep_journals(self, now: float) -> int:
+        """Delete up to :data:`JANITOR_BATCH` files' worth of journals whose
+        whole history has aged out; returns how many were deleted.
+
+        A journal untouched for ``history_ttl + JANITOR_GRACE`` holds only
+        events past the age bound: nothing in it can be recovered, so the
+        guild is forgotten as the memory broker forgets it (its next event
+        starts a new epoch at s=1, which PROTOCOL.md asks when history is
+        lost). Runs on the loop, so no load or append of that guild can
+        interleave; guilds cached, loading or listened to are left alone.
+        """
+        if self._janitor is None:
+            try:
+                self._janitor = os.scandir(self.directory)
+            except OSError:
+                return 0
+        cutoff = now - self.history_ttl - JANITOR_GRACE
+        deleted = 0
+        for _ in range(JANITOR_BATCH):
+            entry = next(self._janitor, None)
+            if entry is None:
+                self._janitor = None
+                break
+            gid = journal.guild_of(entry.name)
+            if gid is None or gid in self._glogs or gid in self._loading or gid in self._listening:
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            deleted += 1
+            with contextlib.suppress(OSError):
+                self.marks.forget(gid)
+        self.journals_deleted += deleted
+        if deleted:
+            log.info("deleted %d journals whose history aged out", deleted)
+        return deleted
 
     async def _probe(self) -> None:
         """Write, fsync and remove a small file: readiness returns if it works."""

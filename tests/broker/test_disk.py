@@ -3,13 +3,16 @@ restarts, repair on load, compaction and its resource bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 
 import orjson
 import pytest
 
+from guildcast.broker import disk
 from guildcast.broker.base import BrokerUnavailable, Record
 from guildcast.broker.disk import COMPACT_SLACK, GUILDS_DIR, STATE_FILE, DiskBroker
 from guildcast.broker.memory import envelope
@@ -329,4 +332,61 @@ async def test_temp_files_are_removed_at_start(tmp_path: Path) -> None:
     await b2.start()
     assert not any(p.exists() for p in left)
     assert (await b2.head("g"))[1] == 1
+    await b2.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_open_descriptors_stay_bounded_while_the_syncer_runs(tmp_path: Path) -> None:
+    """Issue "Hardening 2", item 6: the interval syncer held every dirty
+    journal busy for a whole round of fsyncs, and a busy journal's
+    descriptor was never closed, so appends to other guilds meanwhile opened
+    descriptors past ``max_open``. Now the syncer fsyncs through descriptors
+    of its own and the bound is strict."""
+    max_open = 32
+    b = DiskBroker(
+        tmp_path, history_size=10, history_ttl=300, fsync_interval=0.001, max_open=max_open
+    )
+    await b.start()
+    base = open_fds()
+    guilds = [f"g{i}" for i in range(20 * max_open)]
+    peak = 0
+    for round_ in range(4):
+        # Concurrent appends to more guilds than the bound, while fsync rounds run.
+        for chunk in range(0, len(guilds), 64):
+            await asyncio.gather(
+                *(b.append(g, [("E", b"%d" % round_)]) for g in guilds[chunk : chunk + 64])
+            )
+            peak = max(peak, open_fds() - base)
+    # The syncer's own descriptor and a thread pool's loads are the margin.
+    assert peak <= max_open + 8, peak
+    assert len(b._open) <= max_open
+    for g in guilds[:: len(guilds) // 10]:
+        assert (await b.head(g))[1] == 4
+    await b.close()
+
+
+async def test_journals_whose_history_aged_out_are_deleted(tmp_path: Path) -> None:
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=30)
+    await b.start()
+    old_epochs = {}
+    for g in ("old-1", "old-2", "fresh"):
+        old_epochs[g], _ = await b.append(g, [("E", b"1")])
+    await b.close()
+    long_ago = time.time() - 30 - disk.JANITOR_GRACE - 5
+    for g in ("old-1", "old-2"):
+        os.utime(jpath(tmp_path, g), (long_ago, long_ago))
+
+    b2 = DiskBroker(tmp_path, history_size=10, history_ttl=30)
+    await b2.start()
+    await until(lambda: b2.journals_deleted == 2, "the janitor to delete two journals")
+    assert not jpath(tmp_path, "old-1").exists() and not jpath(tmp_path, "old-2").exists()
+    assert jpath(tmp_path, "fresh").exists()
+    assert "old-1" not in b2.marks.table and "fresh" in b2.marks.table
+    # A deleted guild starts over under a new epoch; the fresh one goes on.
+    epoch, head = await b2.head("old-1")
+    assert epoch != old_epochs["old-1"] and head == 0
+    assert await b2.head("fresh") == (old_epochs["fresh"], 1)
     await b2.close()

@@ -103,4 +103,3 @@ async def test_a_full_disk_refuses_publishes_fails_readiness_and_leaves_no_temp_
         (data / GUILDS_DIR / "g-crash.log.tmp").write_bytes(b"half a rewrite")
         async with serve_process(args, tmp_path / "run2.log") as node:
             assert temp_files(data) == []
-
