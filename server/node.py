@@ -33,6 +33,7 @@ from guildcast.broker.base import Broker, BrokerUnavailable, Presence, Record
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
+from guildcast.core import fdwatch
 from guildcast.core.host import HistoryPage, Overloaded
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
@@ -351,6 +352,13 @@ class Server:
             m.journal_bytes = broker.bytes_written
             m.journal_fsyncs = broker.fsyncs
             m.journal_repairs = broker.repairs
+            m.journal_write_failures = broker.write_failures
+            m.journal_cuts = broker.cuts
+            m.journal_open_files = len(broker._open)
+            m.journals_deleted = broker.journals_deleted
+        m.descriptors_exhausted = gw.descriptors.exhausted
+        m.open_descriptors = fdwatch.open_descriptors()
+        m.descriptor_limit = fdwatch.soft_limit()
         return m
 
 

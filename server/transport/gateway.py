@@ -38,6 +38,7 @@ from websockets.http11 import Request
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
+from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.protocol import wire
@@ -480,6 +481,8 @@ class Gateway:
         self.refused = 0
         self.slow_consumers = 0
         self.close_codes: dict[int, int] = {}
+        #: Notices EMFILE on accept, which no loop reports (core/fdwatch.py).
+        self.descriptors = DescriptorWatch()
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -518,6 +521,7 @@ class Gateway:
             lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=4096
         )
         self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
+        DescriptorWatch.warn_if_short(self.limits.max_connections)
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
@@ -527,6 +531,7 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            self.descriptors.check(now)
             last = math.floor(now / interval)
             while self._wheel_next <= last:
                 slot = self._wheel_next

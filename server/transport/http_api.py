@@ -257,6 +257,35 @@ class _NodeCollector(Collector):
             "Journals found with a torn or corrupt tail and repaired",
             m.journal_repairs,
         )
+        yield counter(
+            "guildcast_journal_write_failures",
+            "Journal writes refused by the disk (publishes answered 503)",
+            m.journal_write_failures,
+        )
+        yield counter(
+            "guildcast_journal_cuts",
+            "Journals found cut below their high-water mark (new epoch)",
+            m.journal_cuts,
+        )
+        yield gauge(
+            "guildcast_journal_open_files", "Journal descriptors open", m.journal_open_files
+        )
+        yield counter(
+            "guildcast_journals_deleted",
+            "Journals deleted because their whole history aged out",
+            m.journals_deleted,
+        )
+        yield counter(
+            "guildcast_descriptors_exhausted",
+            "Probes that found the process out of file descriptors (connections dropped)",
+            m.descriptors_exhausted,
+        )
+        yield gauge("guildcast_open_descriptors", "File descriptors open", m.open_descriptors)
+        yield gauge(
+            "guildcast_descriptor_limit",
+            "The file descriptor limit (ulimit -n)",
+            m.descriptor_limit,
+        )
         if m.latency_buckets:
             yield HistogramMetricFamily(
                 "guildcast_publish_to_write_seconds",
