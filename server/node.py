@@ -192,9 +192,20 @@ class Server:
             )
         if cfg.data_dir:
             return DiskBroker(
-                cfg.data_dir, cfg.history_size, cfg.history_ttl, cfg.fsync, cfg.fsync_interval
+                cfg.data_dir,
+                cfg.history_size,
+                cfg.history_ttl,
+                cfg.fsync,
+                cfg.fsync_interval,
+                history_guild_bytes=cfg.history_guild_bytes,
+                history_node_bytes=cfg.history_node_bytes,
             )
-        return MemoryBroker(cfg.history_size, cfg.history_ttl)
+        return MemoryBroker(
+            cfg.history_size,
+            cfg.history_ttl,
+            history_guild_bytes=cfg.history_guild_bytes,
+            history_node_bytes=cfg.history_node_bytes,
+        )
 
     async def _sweep_broker(self, broker: MemoryBroker) -> None:
         """Every ``history_ttl`` (1 s to ``BROKER_SWEEP_MAX``), forget the guild
@@ -348,6 +359,9 @@ class Server:
                 parts.total += depth
                 parts.max = max(parts.max, depth)
         broker = self.broker
+        if isinstance(broker, MemoryBroker):
+            m.history_bytes = broker.budget.total
+            m.history_evictions = broker.budget.evicted
         if isinstance(broker, DiskBroker):
             m.journal_bytes = broker.bytes_written
             m.journal_fsyncs = broker.fsyncs

@@ -60,7 +60,12 @@ from pathlib import Path
 from typing import Any
 
 from guildcast.broker.base import Broker, BrokerUnavailable, Record
-from guildcast.broker.memory import MemoryBroker, envelope
+from guildcast.broker.memory import (
+    HISTORY_GUILD_BYTES,
+    HISTORY_NODE_BYTES,
+    MemoryBroker,
+    envelope,
+)
 from guildcast.core import journal
 from guildcast.core.journal import FSYNC_POLICIES, TMP_SUFFIX, Journal, Loaded, event_prefix
 from guildcast.core.marks import Marks
@@ -110,12 +115,16 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class _GuildLog:
-    __slots__ = ("busy", "epoch", "journal", "lock", "records", "seq")
+    __slots__ = ("busy", "epoch", "journal", "lock", "nbytes", "records", "seq")
 
-    def __init__(self, epoch: str, seq: int, history_size: int, j: Journal) -> None:
+    def __init__(self, epoch: str, seq: int, j: Journal) -> None:
         self.epoch = epoch
         self.seq = seq
-        self.records: deque[Record] = deque(maxlen=history_size or 1)
+        #: Bounded by the broker (count, age, bytes: core/histbudget.py).
+        self.records: deque[Record] = deque()
+        #: Bytes of ``records`` as the budget counts them (0 until the loop
+        #: has counted a log loaded in a thread).
+        self.nbytes = 0
         self.journal = j
         #: Serialises writes to the journal (append, compaction).
         self.lock = asyncio.Lock()
@@ -140,12 +149,19 @@ class DiskBroker(MemoryBroker):
         fsync_interval: float = 1.0,
         max_open: int = MAX_OPEN_JOURNALS,
         max_cached: int = MAX_CACHED_GUILDS,
+        history_guild_bytes: int = HISTORY_GUILD_BYTES,
+        history_node_bytes: int = HISTORY_NODE_BYTES,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}")
         if fsync_interval <= 0:
             raise ValueError("fsync_interval must be > 0")
-        super().__init__(history_size, history_ttl)
+        super().__init__(
+            history_size,
+            history_ttl,
+            history_guild_bytes=history_guild_bytes,
+            history_node_bytes=history_node_bytes,
+        )
         self.directory = Path(directory) / GUILDS_DIR
         self.root = Path(directory)
         #: This run's generation, and the one below which journal epochs
@@ -374,7 +390,7 @@ class DiskBroker(MemoryBroker):
         self.bytes_written += sum(len(p) for p in parts)
         lg.seq = s
         if self.history_size > 0:
-            lg.records.extend(recs)
+            self._keep_log(lg, recs)
         self._prune_log(lg, now)
         if self.fsync == "always":
             try:
@@ -453,7 +469,7 @@ class DiskBroker(MemoryBroker):
         # thread hop for every new guild; its file appears with its first event.
         if not os.path.exists(path):  # noqa: ASYNC240
             j = Journal(path, gid, self.generation)
-            lg = _GuildLog(secrets.token_hex(8), 0, self.history_size, j)
+            lg = _GuildLog(secrets.token_hex(8), 0, j)
             self._cache(gid, lg)
             return lg
         fut: asyncio.Future[_GuildLog] = asyncio.get_running_loop().create_future()
@@ -490,6 +506,8 @@ class DiskBroker(MemoryBroker):
             with contextlib.suppress(OSError):
                 self.marks.set(gid, lg.epoch, lg.seq)
         self._cache(gid, lg)
+        if lg.records:
+            self._count_log(lg, list(lg.records))
         fut.set_result(lg)
         return lg
 
@@ -506,13 +524,16 @@ class DiskBroker(MemoryBroker):
             loaded.repair = f"{loaded.repair}; {cut}" if loaded.repair else cut
         if loaded.epoch is None or loaded.lost or reset:
             # History lost: a new epoch; keep the intact events under it.
-            lg = _GuildLog(secrets.token_hex(8), loaded.head, self.history_size, j)
+            lg = _GuildLog(secrets.token_hex(8), loaded.head, j)
         else:
-            lg = _GuildLog(loaded.epoch, loaded.head, self.history_size, j)
+            lg = _GuildLog(loaded.epoch, loaded.head, j)
             j.adopt(loaded)
         if self.history_size > 0:
             lg.records.extend(Record(e.s, e.t, e.ts, e.payload) for e in loaded.events)
-        self._prune_log(lg, now)
+        # Not counted by the budget yet (this is a thread): _get counts it.
+        cutoff = now - self.history_ttl
+        while lg.records and lg.records[0].ts < cutoff:
+            lg.records.popleft()
         if (loaded.lost or reset) and loaded.epoch is not None:
             base, parts, first_ts = self._snapshot(lg)
             j.rewrite(lg.epoch, base, parts, len(lg.records), first_ts)
@@ -538,6 +559,7 @@ class DiskBroker(MemoryBroker):
                 continue
             cand.journal.close()
             self._open.pop(old, None)
+            self.budget.dropped(cand)
             del self._glogs[old]
 
     def _opened(self, gid: str) -> None:
@@ -562,7 +584,20 @@ class DiskBroker(MemoryBroker):
         cutoff = now - self.history_ttl
         recs = lg.records
         while recs and recs[0].ts < cutoff:
-            recs.popleft()
+            self.budget.popleft(lg)
+
+    def _keep_log(self, lg: _GuildLog, recs: Sequence[Record]) -> None:
+        """Add ``recs`` to ``lg``'s history within every bound."""
+        lg.records.extend(recs)
+        self._count_log(lg, recs)
+
+    def _count_log(self, lg: _GuildLog, recs: Sequence[Record]) -> None:
+        budget = self.budget
+        budget.added(lg, recs)
+        while len(lg.records) > self.history_size:
+            budget.popleft(lg)
+        if budget.over:
+            budget.enforce(self._glogs.values())
 
     def _snapshot(self, lg: _GuildLog) -> tuple[int, list[bytes], float | None]:
         """The base, encoded records and first time of ``lg``'s history."""
@@ -588,6 +623,7 @@ class DiskBroker(MemoryBroker):
             return
         if self.history_size <= 0:
             lg.records.clear()
+            self.budget.dropped(lg)
         base, parts, first_ts = self._snapshot(lg)
         j.close()  # on the loop, the only user of the append descriptor
         self._open.pop(gid, None)

@@ -134,6 +134,10 @@ class MetricsSnapshot:
     journal_cuts: int = 0
     journal_open_files: int = 0
     journals_deleted: int = 0
+    #: History bytes held in memory and events evicted by the byte bounds
+    #: (``guildcast.core.histbudget``; single node brokers).
+    history_bytes: int = 0
+    history_evictions: int = 0
     #: Probes that found no descriptor left (``guildcast.core.fdwatch``),
     #: descriptors open and the limit.
     descriptors_exhausted: int = 0

@@ -275,6 +275,16 @@ class _NodeCollector(Collector):
             "Journals deleted because their whole history aged out",
             m.journals_deleted,
         )
+        yield gauge(
+            "guildcast_history_bytes",
+            "Bytes of guild history held in memory (bounded by history_node_bytes)",
+            m.history_bytes,
+        )
+        yield counter(
+            "guildcast_history_evictions",
+            "History events evicted by the byte bounds (oldest first)",
+            m.history_evictions,
+        )
         yield counter(
             "guildcast_descriptors_exhausted",
             "Probes that found the process out of file descriptors (connections dropped)",
