@@ -119,7 +119,12 @@ class Server:
             tg,
             max_actors=cfg.max_guilds,
         )
-        self.hub = Hub(self.registry, self.groups)
+        share = cfg.user_guild_share
+        self.hub = Hub(
+            self.registry,
+            self.groups,
+            max(1, int(cfg.max_guilds * share)) if 0 < share < 1 else None,
+        )
         self.gateway = Gateway(
             self.hub,
             TokenVerifier(self.secret, previous=cfg.previous_secrets),
@@ -139,6 +144,7 @@ class Server:
                 max_connections=cfg.max_connections,
                 handshake_timeout=cfg.handshake_timeout,
                 close_timeout=cfg.close_timeout,
+                user_publish_bytes=cfg.user_publish_bytes,
             ),
         )
         try:
@@ -370,6 +376,9 @@ class Server:
             m.journal_cuts = broker.cuts
             m.journal_open_files = len(broker._open)
             m.journals_deleted = broker.journals_deleted
+        m.guilds_evicted = self.registry.evicted
+        m.user_guilds_refused = self.hub.share_refused
+        m.user_publish_refused = gw.user_rates.refused
         m.descriptors_exhausted = gw.descriptors.exhausted
         m.open_descriptors = fdwatch.open_descriptors()
         m.descriptor_limit = fdwatch.soft_limit()

@@ -138,6 +138,11 @@ class MetricsSnapshot:
     #: (``guildcast.core.histbudget``; single node brokers).
     history_bytes: int = 0
     history_evictions: int = 0
+    #: Guild actors stopped to make room at max_guilds; subscriptions refused
+    #: by the per-user guild share; PUBLISHes refused by the per-user volume.
+    guilds_evicted: int = 0
+    user_guilds_refused: int = 0
+    user_publish_refused: int = 0
     #: Probes that found no descriptor left (``guildcast.core.fdwatch``),
     #: descriptors open and the limit.
     descriptors_exhausted: int = 0

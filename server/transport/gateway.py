@@ -41,6 +41,7 @@ from websockets.server import ServerProtocol
 from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
+from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close, Err
 from guildcast.protocol.session import (
@@ -97,6 +98,9 @@ class GatewayLimits:
     close_timeout: float = 10.0
     #: How often deadlines are checked (seconds).
     sweep_interval: float = 0.5
+    #: PUBLISH bytes/s per user over all their connections (0: unlimited;
+    #: ERROR 4429 past it; core/userrate.py).
+    user_publish_bytes: float = 0.0
 
 
 class Connection(asyncio.Protocol):
@@ -108,6 +112,7 @@ class Connection(asyncio.Protocol):
         "_frags",
         "_gw",
         "_max_buffer",
+        "_msg_len",
         "_transport",
         "closing",
         "deadline",
@@ -130,6 +135,7 @@ class Connection(asyncio.Protocol):
         #: Handshake or close-handshake deadline (monotonic); the session has its own.
         self.deadline = time.monotonic() + gw.limits.handshake_timeout
         self._frags: list[bytes | bytearray | memoryview] | None = None
+        self._msg_len = 0
         self._exit_hooks: list[Callable[[object], None]] | None = None
         #: The deadline-wheel slot this connection is filed in (None: not filed).
         self._due: int | None = None
@@ -378,6 +384,7 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None or self.closing:
             return
+        self._msg_len = len(data)  # what a PUBLISH in it costs its user
         effects = session.receive(data, time.monotonic())
         self.events = session.events
         # IDENTIFY may move the deadline earlier (a heartbeat interval shorter
@@ -415,6 +422,13 @@ class Connection(asyncio.Protocol):
     def _publish(self, p: Publish) -> None:
         session = self.session
         assert session is not None
+        if not self._gw.user_rates.take(self.user, self._msg_len, time.monotonic()):
+            self._run(
+                session.publish_failed(
+                    p, Err.PUBLISH_RATE_LIMITED, "over the publish volume of your user"
+                )
+            )
+            return
         try:
             fut = self._gw.host.publish(p.gid, p.t, p.d)
         except Overloaded as exc:
@@ -483,6 +497,8 @@ class Gateway:
         self.close_codes: dict[int, int] = {}
         #: Notices EMFILE on accept, which no loop reports (core/fdwatch.py).
         self.descriptors = DescriptorWatch()
+        #: Publish volume per user, across connections (core/userrate.py).
+        self.user_rates = UserBuckets(limits.user_publish_bytes)
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -532,6 +548,7 @@ class Gateway:
             await asyncio.sleep(interval)
             now = time.monotonic()
             self.descriptors.check(now)
+            self.user_rates.prune(now)
             last = math.floor(now / interval)
             while self._wheel_next <= last:
                 slot = self._wheel_next

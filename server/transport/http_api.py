@@ -286,6 +286,21 @@ class _NodeCollector(Collector):
             m.history_evictions,
         )
         yield counter(
+            "guildcast_guild_actors_evicted",
+            "Guild actors without subscribers stopped to make room at max_guilds",
+            m.guilds_evicted,
+        )
+        yield counter(
+            "guildcast_user_guilds_refused",
+            "Subscriptions refused (1013) because the user holds user_guild_share of max_guilds",
+            m.user_guilds_refused,
+        )
+        yield counter(
+            "guildcast_user_publish_refused",
+            "PUBLISHes refused (4429) by the per-user publish volume",
+            m.user_publish_refused,
+        )
+        yield counter(
             "guildcast_descriptors_exhausted",
             "Probes that found the process out of file descriptors (connections dropped)",
             m.descriptors_exhausted,
