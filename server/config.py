@@ -109,7 +109,8 @@ class Config:
     history_guild_bytes: int = 4 * 1024 * 1024
     history_node_bytes: int = 256 * 1024 * 1024
     #: PUBLISH bytes per second one user may send over all their connections
-    #: on this node (burst: one second's worth); past it ERROR 4429. 0: no limit.
+    #: on this node (burst: one second's worth); past it ERROR 4429. 0: no
+    #: limit. Not for tokens with their own ``pub_rate`` (the issuer's choice).
     user_publish_bytes: int = 4 * 1024 * 1024
     #: Share of ``max_guilds`` the subscriptions of one user may start
     #: (ERROR 1013 for that guild past it); guild actors nobody subscribes

@@ -1,6 +1,8 @@
 """Per-user publish volume: one token bucket of bytes per user, shared by
 every connection of that user on this node (``Config.user_publish_bytes``,
-docs/SECURITY.md "Resource limits").
+docs/SECURITY.md "Resource limits"). Tokens with their own ``pub_rate`` are
+not charged: that claim is the issuer's decision, as it overrides
+``--publish-rate``.
 
 A PUBLISH of ``n`` bytes (its whole message) takes ``n`` tokens; the bucket
 refills continuously at ``rate`` bytes/s and holds one second's worth, so a

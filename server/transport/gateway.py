@@ -422,7 +422,14 @@ class Connection(asyncio.Protocol):
     def _publish(self, p: Publish) -> None:
         session = self.session
         assert session is not None
-        if not self._gw.user_rates.take(self.user, self._msg_len, time.monotonic()):
+        grant = session.grant
+        # A token with its own pub_rate is its issuer's choice (as it
+        # overrides --publish-rate); the node's default applies to the rest.
+        if (
+            grant is not None
+            and grant.pub_rate is None
+            and not self._gw.user_rates.take(grant.sub, self._msg_len, time.monotonic())
+        ):
             self._run(
                 session.publish_failed(
                     p, Err.PUBLISH_RATE_LIMITED, "over the publish volume of your user"

@@ -35,8 +35,10 @@ async def publish_many(ws: ClientConnection, gid: str, n: int) -> list[dict[str,
 
 async def test_publish_volume_is_bounded_per_user_across_connections() -> None:
     async with node(user_publish_bytes=RATE, publish_rate=0) as srv:
-        hog = make_token(SECRET, "hog", ["*"], ["*"], 0)
-        other = make_token(SECRET, "other", ["*"], ["*"], 0)
+        # No pub_rate claim: the node's defaults apply (publish_rate=0 here,
+        # so only the per-user volume limits them).
+        hog = make_token(SECRET, "hog", ["*"], ["*"])
+        other = make_token(SECRET, "other", ["*"], ["*"])
         conns = [(await gw.session(srv.url, hog))[0] for _ in range(4)]
         calm, _ = await gw.session(srv.url, other)
         try:
@@ -57,6 +59,12 @@ async def test_publish_volume_is_bounded_per_user_across_connections() -> None:
             # Another user is not charged for it.
             mine = await publish_many(calm, "calm", 20)
             assert [a["op"] for a in mine] == [gw.ACK] * 20
+            # A token with its own pub_rate (0: unlimited) is its issuer's call.
+            trusted = make_token(SECRET, "hog", ["*"], ["*"], 0)
+            ws, _ = await gw.session(srv.url, trusted)
+            conns.append(ws)
+            theirs = await publish_many(ws, "trusted", 100)
+            assert [a["op"] for a in theirs] == [gw.ACK] * 100
         finally:
             for ws in (*conns, calm):
                 await ws.close()
