@@ -36,12 +36,29 @@ every journal whose header is older gets a new epoch when it is loaded
 boot) keeps every epoch. ``DIR/lock`` is held while the broker runs: one
 node per data directory.
 
-Bounds: open journal files are capped at ``max_open`` (least recently
-written are closed and reopened on demand); guild logs in memory are capped
-at ``max_cached`` (least recently used, idle ones are dropped and reloaded
-from their file on next use). Files are compacted to the history limits
-when they pass twice the count limit (plus ``COMPACT_SLACK``) or hold
-events the age limit has dropped for a while.
+Lost tails: after each journal write, before anything of it is fanned
+out or acknowledged, the guild's high-water mark goes to ``DIR/marks.log``
+(``guildcast.core.marks``, which holds the argument); a journal loaded
+below its mark lost events clients may have seen and gets a new epoch. A
+data dir restored from a copy is marked by the operator (``DIR/RESTORED``):
+the start raises the reset generation as after a power failure.
+
+Bounds: open journal files are capped at ``max_open``, strictly (least
+recently written are closed and reopened on demand; only the event loop
+uses an append descriptor, fsyncs in threads open their own); guild logs in
+memory are capped at ``max_cached`` (least recently used, idle ones are
+dropped and reloaded from their file on next use); their history by count,
+age and bytes (``guildcast.core.histbudget``). Files are compacted to the
+history limits when they pass twice the count limit (plus
+``COMPACT_SLACK``) or hold events the age limit has dropped for a while; a
+journal untouched for ``history_ttl`` + ``JANITOR_GRACE`` is deleted (its
+history has aged out entirely).
+
+Failures: a refused write answers "unavailable" (nothing unwritten is
+acknowledged), logs at most one line per kind every few seconds, and makes
+the broker unhealthy (``/readyz`` 503, "cannot persist") until a write or
+the syncer's probe succeeds. A failed rewrite removes its temp file; a start
+removes any a crash left.
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ before it answers or sends. Anything else (a complete record with a bad
 CRC, a broken sequence) is *corruption*: events that clients saw may be
 gone, so :attr:`Loaded.lost` tells the guild to start a new epoch rather
 than give a known ``s`` to a different event (PROTOCOL.md: "An epoch changes
-only when a guild's history is lost").
+only when a guild's history is lost"). A journal cut cleanly at a record
+boundary loads without complaint here; the broker compares it with the
+guild's high-water mark (``guildcast.core.marks``) to tell.
 """
 
 from __future__ import annotations
