@@ -252,6 +252,12 @@ class DiskBroker(MemoryBroker):
         await super().close()
         if self.fsync != "never":
             await self.sync_all()
+            # Before the clean stop is recorded: a backup of a stopped node
+            # holds its marks (docs/OPERATIONS.md, "Backups and restore").
+            try:
+                await asyncio.to_thread(self.marks.sync)
+            except OSError as e:
+                self._storage_failed("(marks)", e)
         for lg in self._glogs.values():
             lg.journal.close()
         self._open.clear()

@@ -61,7 +61,7 @@ COMPACT_MIN = 1024 * 1024
 class Marks:
     """The marks of every guild of one data directory (one writer: the broker)."""
 
-    __slots__ = ("_compacted", "_fd", "_size", "dirty", "path", "table")
+    __slots__ = ("_compacted", "_fd", "_size", "_torn", "dirty", "path", "table")
 
     def __init__(self, root: Path) -> None:
         self.path = root / MARKS_FILE
@@ -70,6 +70,9 @@ class Marks:
         self._fd: int | None = None
         self._size = 0
         self._compacted = 0
+        #: A write failed part way: the next line starts with a newline, so
+        #: only the torn line is lost.
+        self._torn = False
         #: Written since the last fsync.
         self.dirty = False
 
@@ -143,11 +146,13 @@ class Marks:
     def _write(self, line: bytes) -> None:
         if self._fd is None:
             raise OSError("the marks file is closed")
-        written = os.write(self._fd, line)
-        if written != len(line):
-            # A short write leaves a torn line (skipped on load); finish it so
-            # the next line starts on its own.
-            os.write(self._fd, line[written:])
+        if self._torn:
+            line = b"\n" + line
+        self._torn = True
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._torn = False
         self._size += len(line)
         self.dirty = True
 
