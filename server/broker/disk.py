@@ -709,7 +709,7 @@ class DiskBroker(MemoryBroker):
                 if self.fsync != "never":
                     await self._sync_marks()
                 if self.marks.needs_compaction and not self._marks_syncing:
-                    self.marks.compact()
+                    await self._compact_marks()
                 if self.persist_error is not None:
                     await self._probe()
                 else:
@@ -765,6 +765,17 @@ class DiskBroker(MemoryBroker):
         if deleted:
             log.info("deleted %d journals whose history aged out", deleted)
         return deleted
+
+    async def _compact_marks(self) -> None:
+        """Rewrite ``marks.log`` from the table, its bulk in a thread."""
+        snapshot = self.marks.begin_compaction()
+        size: int | None = None
+        try:
+            size = await asyncio.to_thread(self.marks.write_snapshot, snapshot)
+        except OSError as e:
+            self._storage_failed("(marks)", e)
+        finally:
+            self.marks.finish_compaction(size)
 
     async def _probe(self) -> None:
         """Write, fsync and remove a small file: readiness returns if it works."""

@@ -40,11 +40,15 @@ Memory: one ``(epoch, s)`` per guild with a journal. Disk: the file is
 rewritten (temp file, fsync, rename) at start and whenever it has grown past
 :data:`COMPACT_FACTOR` times its compacted size (and :data:`COMPACT_MIN`).
 Writes happen on the event loop only (one ``write`` of one line); ``sync``
-may run in a thread (an fsync never changes the file).
+and the bulk of a compaction (:meth:`Marks.write_snapshot`) may run in a
+thread: a compaction writes a snapshot of the table to the temp file there,
+and back on the loop (:meth:`Marks.finish_compaction`) appends the marks
+set meanwhile and renames it over the file, so no mark is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -61,7 +65,7 @@ COMPACT_MIN = 1024 * 1024
 class Marks:
     """The marks of every guild of one data directory (one writer: the broker)."""
 
-    __slots__ = ("_compacted", "_fd", "_size", "_torn", "dirty", "path", "table")
+    __slots__ = ("_compacted", "_fd", "_pending", "_size", "_torn", "dirty", "path", "table")
 
     def __init__(self, root: Path) -> None:
         self.path = root / MARKS_FILE
@@ -75,6 +79,8 @@ class Marks:
         self._torn = False
         #: Written since the last fsync.
         self.dirty = False
+        #: Marks set while a compaction writes its snapshot, or None.
+        self._pending: dict[str, tuple[str, int] | None] | None = None
 
     @property
     def existed(self) -> bool:
@@ -108,7 +114,7 @@ class Marks:
         return existed
 
     def _encode_all(self) -> bytes:
-        return b"".join(orjson.dumps([g, e, s]) + b"\n" for g, (e, s) in self.table.items())
+        return _encode(self.table)
 
     def _rewrite(self) -> None:
         """Replace the file by one line per guild (temp, fsync, rename, fsync dir)."""
@@ -136,12 +142,16 @@ class Marks:
         """Record that ``gid``'s journal holds ``s`` under ``epoch``; raises OSError."""
         self._write(orjson.dumps([gid, epoch, s]) + b"\n")
         self.table[gid] = (epoch, s)
+        if self._pending is not None:
+            self._pending[gid] = (epoch, s)
 
     def forget(self, gid: str) -> None:
         """``gid``'s journal was deleted; raises OSError."""
         if gid in self.table:
             self._write(orjson.dumps([gid, None, 0]) + b"\n")
             del self.table[gid]
+            if self._pending is not None:
+                self._pending[gid] = None
 
     def _write(self, line: bytes) -> None:
         if self._fd is None:
@@ -161,9 +171,62 @@ class Marks:
         return self._size > max(COMPACT_MIN, COMPACT_FACTOR * self._compacted)
 
     def compact(self) -> None:
-        """Rewrite the file from the table. Blocking, but call it on the loop:
-        nothing may append while it runs (it is rare: see the module docstring)."""
+        """Rewrite the file from the table, all at once (blocking; for tools
+        and tests: the broker compacts with :meth:`begin_compaction`)."""
         self._rewrite()
+
+    def begin_compaction(self) -> dict[str, tuple[str, int]]:
+        """On the loop: a snapshot of the table for :meth:`write_snapshot`."""
+        self._pending = {}
+        return dict(self.table)
+
+    def write_snapshot(self, snapshot: dict[str, tuple[str, int]]) -> int:
+        """In a thread: write ``snapshot`` to the temp file and fsync it."""
+        data = _encode(snapshot)
+        with open(self._tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return len(data)
+
+    def finish_compaction(self, size: int | None) -> None:
+        """On the loop: append what changed since the snapshot and rename the
+        temp file over the file (``size`` None: the snapshot failed)."""
+        pending, self._pending = self._pending, None
+        if size is None or pending is None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            return
+        tail = b"".join(
+            orjson.dumps([g, None, 0] if m is None else [g, m[0], m[1]]) + b"\n"
+            for g, m in pending.items()
+        )
+        try:
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                view = memoryview(tail)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                os.close(fd)
+                raise
+            os.replace(self._tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            return  # the old file is whole: compact again later
+        self.close()
+        self._fd = fd
+        self._size = size + len(tail)
+        self._compacted = size
+        self._torn = False
+        # The tail and the rename are synced by the next sync (the old file,
+        # should the rename be lost, held every mark up to now).
+        self.dirty = True
+
+    @property
+    def _tmp(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
 
     def sync(self) -> None:
         """fsync if written since the last one (may run in a thread)."""
@@ -176,3 +239,7 @@ class Marks:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def _encode(table: dict[str, tuple[str, int]]) -> bytes:
+    return b"".join(orjson.dumps([g, e, s]) + b"\n" for g, (e, s) in table.items())

@@ -68,3 +68,25 @@ def test_the_file_is_compacted_when_it_grows(tmp_path: Path, monkeypatch: object
     again.open()
     assert again.get("g") == ("e", n + 1)
     again.close()
+
+
+def test_a_compaction_in_two_steps_keeps_the_marks_set_meanwhile(tmp_path: Path) -> None:
+    m = Marks(tmp_path)
+    m.open()
+    for n in range(1, 100):
+        m.set(f"g{n % 7}", "e", n)
+    snapshot = m.begin_compaction()
+    size = m.write_snapshot(snapshot)  # the broker runs this in a thread
+    m.set("g1", "e", 500)  # meanwhile, on the loop
+    m.set("new", "e2", 1)
+    m.forget("g2")
+    m.finish_compaction(size)
+    m.set("g3", "e", 600)  # after: into the new file
+    m.close()
+    assert not (tmp_path / "marks.log.tmp").exists()
+    again = Marks(tmp_path)
+    again.open()
+    assert again.get("g1") == ("e", 500) and again.get("new") == ("e2", 1)
+    assert again.get("g2") is None and again.get("g3") == ("e", 600)
+    assert again.get("g4") == m.table["g4"]
+    again.close()
