@@ -1,7 +1,7 @@
 """Measure what idle guilds cost a ``--data-dir`` node (docs/OPERATIONS.md,
 "Disk, descriptors and idle guilds"). Not a test: run it by hand,
 
-    .venv/bin/python -m tests.hardening.idle_cost --guilds 20000
+    .venv/bin/python -m tests.hardening.idle_cost --guilds 20000 [--republish N]
 
 It starts ``guildcast serve --data-dir`` (``--idle-timeout 5``), publishes one
 small event to each of N new guilds over the HTTP API, waits until every
@@ -51,7 +51,7 @@ async def publish_all(api_url: str, guilds: list[str]) -> None:
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
 
 
-async def main(n: int) -> None:
+async def main(n: int, republish: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         args = ["--data-dir", str(data), "--api-publish-rate", "0", "--idle-timeout", "5"]
@@ -91,7 +91,7 @@ async def main(n: int) -> None:
                 f"per idle guild: {(rss1 - rss0) / n:.0f} bytes of RSS, {size / files:.0f} bytes "
                 f"in its journal ({blocks / files:.0f} allocated)"
             )
-            again = guilds[: 2 * MAX_OPEN_JOURNALS + 200]
+            again = guilds[: republish or 2 * MAX_OPEN_JOURNALS + 200]
             await publish_all(node.api_url, again)
             report(f"{len(again)} of them republished")
         finally:
@@ -101,4 +101,6 @@ async def main(n: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--guilds", type=int, default=20_000)
-    asyncio.run(main(ap.parse_args().guilds))
+    ap.add_argument("--republish", type=int, default=0, help="default: 2 x MAX_OPEN_JOURNALS + 200")
+    ns = ap.parse_args()
+    asyncio.run(main(ns.guilds, ns.republish))
