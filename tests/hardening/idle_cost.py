@@ -3,7 +3,7 @@
 
     .venv/bin/python -m tests.hardening.idle_cost --guilds 20000 [--republish N]
 
-It starts ``guildcast serve --data-dir`` (``--idle-timeout 5``), publishes one
+It starts ``guildcast serve --data-dir`` (``--idle-timeout 5`` unless told), publishes one
 small event to each of N new guilds over the HTTP API, waits until every
 guild actor has stopped, then republishes to more guilds than the open
 journal bound, and prints the node's RSS, descriptors, files and bytes on
@@ -51,10 +51,17 @@ async def publish_all(api_url: str, guilds: list[str]) -> None:
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
 
 
-async def main(n: int, republish: int) -> None:
+async def main(n: int, republish: int, idle_timeout: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        args = ["--data-dir", str(data), "--api-publish-rate", "0", "--idle-timeout", "5"]
+        args = [
+            "--data-dir",
+            str(data),
+            "--api-publish-rate",
+            "0",
+            "--idle-timeout",
+            str(idle_timeout),
+        ]
         node = ServeProcess(args, Path(tmp) / "serve.log")
         await node.start()
         try:
@@ -85,7 +92,7 @@ async def main(n: int, republish: int) -> None:
                     if alive and float(alive[0].split()[1]) == 0:
                         break
                     await asyncio.sleep(1)
-            rss1 = report("every guild actor stopped (idle)")
+            rss1 = report("after waiting for the actors to stop (<= 60 s)")
             files, size, blocks = disk_usage(data / GUILDS_DIR)
             print(
                 f"per idle guild: {(rss1 - rss0) / n:.0f} bytes of RSS, {size / files:.0f} bytes "
@@ -102,5 +109,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--guilds", type=int, default=20_000)
     ap.add_argument("--republish", type=int, default=0, help="default: 2 x MAX_OPEN_JOURNALS + 200")
+    ap.add_argument("--idle-timeout", type=float, default=5.0)
     ns = ap.parse_args()
-    asyncio.run(main(ns.guilds, ns.republish))
+    asyncio.run(main(ns.guilds, ns.republish, ns.idle_timeout))
