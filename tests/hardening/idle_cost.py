@@ -38,7 +38,7 @@ def disk_usage(data: Path) -> tuple[int, int, int]:
     return files, size, blocks
 
 
-async def publish_all(api_url: str, guilds: list[str]) -> None:
+async def publish_all(api_url: str, guilds: list[str], concurrency: int = CONCURRENCY) -> None:
     queue = list(reversed(guilds))
 
     async def worker() -> None:
@@ -48,10 +48,10 @@ async def publish_all(api_url: str, guilds: list[str]) -> None:
                 status, body, _ = await api.publish({"guild": g, "t": "N", "d": {"n": 1}})
                 assert status == 200, body
 
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def main(n: int, republish: int, idle_timeout: float) -> None:
+async def main(n: int, republish: int, idle_timeout: float, concurrency: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         args = [
@@ -79,7 +79,7 @@ async def main(n: int, republish: int, idle_timeout: float) -> None:
 
             rss0 = report("started")
             guilds = [f"idle-{i}" for i in range(n)]
-            await publish_all(node.api_url, guilds)
+            await publish_all(node.api_url, guilds, concurrency)
             report(f"{n} guilds published once")
             async with Api(node.api_url) as api:
                 for _ in range(60):
@@ -99,7 +99,7 @@ async def main(n: int, republish: int, idle_timeout: float) -> None:
                 f"in its journal ({blocks / files:.0f} allocated)"
             )
             again = guilds[: republish or 2 * MAX_OPEN_JOURNALS + 200]
-            await publish_all(node.api_url, again)
+            await publish_all(node.api_url, again, concurrency)
             report(f"{len(again)} of them republished")
         finally:
             await node.close()
@@ -110,5 +110,6 @@ if __name__ == "__main__":
     ap.add_argument("--guilds", type=int, default=20_000)
     ap.add_argument("--republish", type=int, default=0, help="default: 2 x MAX_OPEN_JOURNALS + 200")
     ap.add_argument("--idle-timeout", type=float, default=5.0)
+    ap.add_argument("--concurrency", type=int, default=CONCURRENCY, help="HTTP publishers")
     ns = ap.parse_args()
-    asyncio.run(main(ns.guilds, ns.republish, ns.idle_timeout))
+    asyncio.run(main(ns.guilds, ns.republish, ns.idle_timeout, ns.concurrency))
