@@ -390,3 +390,28 @@ async def test_journals_whose_history_aged_out_are_deleted(tmp_path: Path) -> No
     assert epoch != old_epochs["old-1"] and head == 0
     assert await b2.head("fresh") == (old_epochs["fresh"], 1)
     await b2.close()
+
+
+async def test_a_write_whose_mark_fails_is_taken_back(tmp_path: Path) -> None:
+    """Events in the journal without their mark would give their s to other
+    events later: a failed mark write undoes the journal write."""
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+    await b.start()
+    epoch, _ = await b.append("g", [("E", b"1"), ("E", b"2")])
+    b.marks.close()  # every mark write now fails
+    with pytest.raises(BrokerUnavailable, match="high-water mark"):
+        await b.append("g", [("E", b"3")])
+    with pytest.raises(BrokerUnavailable, match="high-water mark"):
+        await b.append("new", [("E", b"1")])
+    assert journal.load(jpath(tmp_path, "g"), "g").head == 2
+    assert not jpath(tmp_path, "new").exists()
+    assert not b.healthy
+    b.marks.open()
+    assert await b.append("g", [("E", b"3")]) == (epoch, [3])
+    assert (await b.append("new", [("E", b"1")]))[1] == [1]
+    assert b.healthy
+    await b.close()
+    b2 = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+    await b2.start()
+    assert await b2.head("g") == (epoch, 3) and b2.cuts == 0
+    await b2.close()
