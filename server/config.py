@@ -113,6 +113,22 @@ class Config:
     fsync: str = "interval"
     fsync_interval: float = 1.0
 
+    # Fair limits (docs/SECURITY.md "Resource limits"): what one token holder
+    # can take of a node.
+    #: Bytes of history one guild keeps in memory (its oldest events leave
+    #: first past it), and the node's guilds together (the node's oldest
+    #: events leave first). Single node brokers (memory, --data-dir).
+    history_guild_bytes: int = 4 * 1024 * 1024
+    history_node_bytes: int = 256 * 1024 * 1024
+    #: PUBLISH bytes per second one user may send over all their connections
+    #: on this node (burst: one second's worth); past it ERROR 4429. 0: no
+    #: limit. Not for tokens with their own ``pub_rate`` (the issuer's choice).
+    user_publish_bytes: int = 4 * 1024 * 1024
+    #: Share of ``max_guilds`` the subscriptions of one user may start
+    #: (ERROR 1013 for that guild past it); guild actors nobody subscribes
+    #: to are stopped first when ``max_guilds`` is reached.
+    user_guild_share: float = 0.25
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]

@@ -35,6 +35,7 @@ from guildcast.broker.base import Broker, BrokerUnavailable, Presence, Record
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
+from guildcast.core import fdwatch
 from guildcast.core.host import HistoryPage, Overloaded
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
@@ -143,7 +144,12 @@ class Server:
             tg,
             max_actors=cfg.max_guilds,
         )
-        self.hub = Hub(self.registry, self.groups)
+        share = cfg.user_guild_share
+        self.hub = Hub(
+            self.registry,
+            self.groups,
+            max(1, int(cfg.max_guilds * share)) if 0 < share < 1 else None,
+        )
         self.gateway = Gateway(
             self.hub,
             TokenVerifier(self.secret, previous=cfg.previous_secrets),
@@ -163,6 +169,7 @@ class Server:
                 max_connections=cfg.max_connections,
                 handshake_timeout=cfg.handshake_timeout,
                 close_timeout=cfg.close_timeout,
+                user_publish_bytes=cfg.user_publish_bytes,
             ),
         )
         self.gateway.demo_page = cfg.demo_page
@@ -264,12 +271,24 @@ class Server:
             )
         if cfg.data_dir:
             disk = DiskBroker(
-                cfg.data_dir, cfg.history_size, cfg.history_ttl, cfg.fsync, cfg.fsync_interval
+                cfg.data_dir,
+                cfg.history_size,
+                cfg.history_ttl,
+                cfg.fsync,
+                cfg.fsync_interval,
+                history_guild_bytes=cfg.history_guild_bytes,
+                history_node_bytes=cfg.history_node_bytes,
             )
             disk.node_id = cfg.node_id or "local"
             return disk
         # Without Redis, presence names the node by --node-id, else "local".
-        return MemoryBroker(cfg.history_size, cfg.history_ttl, node_id=cfg.node_id or "local")
+        return MemoryBroker(
+            cfg.history_size,
+            cfg.history_ttl,
+            node_id=cfg.node_id or "local",
+            history_guild_bytes=cfg.history_guild_bytes,
+            history_node_bytes=cfg.history_node_bytes,
+        )
 
     async def _sweep_broker(self, broker: MemoryBroker) -> None:
         """Every ``history_ttl`` (1 s to ``BROKER_SWEEP_MAX``), forget the guild
@@ -396,6 +415,9 @@ class Server:
         if not self._started:
             return "not started"
         if not self.broker.healthy:
+            broker = self.broker
+            if isinstance(broker, DiskBroker) and broker.persist_error:
+                return broker.persist_error  # "cannot persist to DIR: No space left..."
             return "broker unavailable"
         return ""
 
@@ -439,10 +461,23 @@ class Server:
                 parts.total += depth
                 parts.max = max(parts.max, depth)
         broker = self.broker
+        if isinstance(broker, MemoryBroker):
+            m.history_bytes = broker.budget.total
+            m.history_evictions = broker.budget.evicted
         if isinstance(broker, DiskBroker):
             m.journal_bytes = broker.bytes_written
             m.journal_fsyncs = broker.fsyncs
             m.journal_repairs = broker.repairs
+            m.journal_write_failures = broker.write_failures
+            m.journal_cuts = broker.cuts
+            m.journal_open_files = len(broker._open)
+            m.journals_deleted = broker.journals_deleted
+        m.guilds_evicted = self.registry.evicted
+        m.user_guilds_refused = self.hub.share_refused
+        m.user_publish_refused = gw.user_rates.refused
+        m.descriptors_exhausted = gw.descriptors.exhausted
+        m.open_descriptors = fdwatch.open_descriptors()
+        m.descriptor_limit = fdwatch.soft_limit()
         return m
 
 

@@ -1,8 +1,18 @@
 """Hub: the gateway's way into the guilds (implements ``GatewayHost``).
 
 It joins sessions to their guild's process group, starts guild actors on
-demand through the registry and forwards commands to them. It holds no
-state of its own beyond references; guild state lives in the guild actors.
+demand through the registry and forwards commands to them. Guild state
+lives in the guild actors.
+
+Its own state is the per-user share of guild actors (docs/SECURITY.md,
+"Resource limits"): a guild is charged to the user whose subscription
+started it, or made it subscribed while it had no subscriber and no owner;
+a user charged ``user_guild_limit`` guilds gets ERROR 1013 for one more,
+until some of theirs stop (an actor stops ``idle_timeout`` after its last
+subscriber left, or earlier when ``max_guilds`` is reached and it has none).
+Bound: one entry per alive guild with an owner, one per user owning any.
+Guilds started by PUBLISH or the HTTP API have no owner: with no subscriber
+they are the first stopped when the registry is full.
 """
 
 from __future__ import annotations
@@ -30,14 +40,36 @@ from guildcast.protocol.codes import RESERVED_EVENTS
 class Hub:
     """Routes gateway and API commands to guild actors."""
 
-    def __init__(self, registry: Registry[Guild], groups: Groups) -> None:
+    def __init__(
+        self, registry: Registry[Guild], groups: Groups, user_guild_limit: int | None = None
+    ) -> None:
         self.registry = registry
         self.groups = groups
+        #: Guilds one user's subscriptions may hold started; None: no limit.
+        self.user_guild_limit = user_guild_limit
+        #: gid -> (the user charged for it, the actor charged); user -> how many.
+        self._owner: dict[str, tuple[str, Guild]] = {}
+        self._owned: dict[str, int] = {}
+        #: Subscriptions refused by the share (``guildcast_user_guilds_refused_total``).
+        self.share_refused = 0
+        registry.evictable = self._evictable
+
+    def _evictable(self, guild: Guild) -> bool:
+        """No subscriber, nothing queued, between batches: stopping it loses
+        nothing (its history is the broker's)."""
+        return guild.parked and not guild.where and self.groups.count(guild.name) == 0
 
     def subscribe(self, sub: Subscriber, gid: str, position: tuple[str, int] | None) -> None:
         if sub.is_closed:
             return
+        limit = self.user_guild_limit
+        charge = limit is not None and gid not in self._owner and self.groups.count(gid) == 0
+        if charge and self._owned.get(sub.user, 0) >= (limit or 0):
+            self.share_refused += 1
+            raise Overloaded(f"your subscriptions hold {limit} guilds: the most one user may")
         guild = self._guild(gid)
+        if charge:
+            self._charge(sub.user, gid, guild)
         self.groups.join(gid, sub)
         member = Presence(sub.user, sub.session_id, guild.broker.node_id)
         guild.cast_system(Subscribe(sub, position, member, sub.wants_presence))
@@ -107,6 +139,28 @@ class Hub:
         return HistoryPage(
             gid, epoch, info["s"], info["history"]["first"], [r.payload for r in records]
         )
+
+    def _charge(self, user: str, gid: str, guild: Guild) -> None:
+        """Charge ``gid`` to ``user`` until this guild actor exits."""
+        self._owner[gid] = (user, guild)
+        self._owned[user] = self._owned.get(user, 0) + 1
+
+        def release(_: object) -> None:
+            owner = self._owner.get(gid)
+            if owner is None or owner[1] is not guild:
+                return
+            del self._owner[gid]
+            n = self._owned.get(user, 0) - 1
+            if n > 0:
+                self._owned[user] = n
+            else:
+                self._owned.pop(user, None)
+
+        guild.add_exit_hook(release)
+
+    def owned(self, user: str) -> int:
+        """Guilds charged to ``user`` now."""
+        return self._owned.get(user, 0)
 
     def _guild(self, gid: str) -> Guild:
         try:

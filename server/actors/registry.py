@@ -4,7 +4,7 @@ Consistency model: single event loop, so a name maps to at most one actor at
 any time, and **two instances of one name never run at once**.
 ``lookup_or_start`` checks and registers with no await in between, so
 concurrent lookups of one name get one actor. An actor that is exiting (its
-``on_stop`` may still be awaiting, saving its file, say) keeps its name until
+``on_stop`` may still be awaiting, saving its file, say) holds its name until
 it has finished: a lookup in that window gets the *successor*, registered at
 once and accepting casts and calls into its mailbox, but started only after
 the predecessor's ``on_stop`` has returned and its exit hooks have run. So a
@@ -17,6 +17,15 @@ name starts a fresh instance from the factory. There is no restart intensity
 limit: an actor that crashes on every message crashes once per lookup, which
 its callers see as :class:`~guildcast.actors.actor.ActorExited`.
 
+Full registry: when ``max_actors`` are registered, a start first looks for
+an actor the ``evictable`` predicate accepts (for guilds: no subscriber,
+nothing queued), oldest first, at most :data:`EVICT_SCAN` per start; it is
+asked to stop and stops counting against ``max_actors`` at once (while its
+last step runs it is *exiting*: a lookup of its name gets a successor that
+waits for it, as above). Actors found not evictable move to the back, so the
+next scan sees others. Only when none is found is the start refused
+(:class:`RegistryFull`).
+
 A registry is an async context manager: ``async with Registry(factory) as
 reg`` owns a TaskGroup for its actors and stops them all on exit (so the
 block ends even while actors are alive); given a TaskGroup, it uses that
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from itertools import islice
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -34,14 +44,19 @@ from guildcast.actors.actor import Actor, ActorExited
 
 A = TypeVar("A", bound=Actor)
 
+#: Actors one start may look at for one to evict: bounds the work of a start
+#: at about a hundred microseconds when the registry is full.
+EVICT_SCAN = 1024
+
 
 class Registry(Generic[A]):
     """Maps names to actors of one kind, made by ``factory(name)``.
 
-    ``max_actors`` bounds how many may be registered at once; past it
-    ``lookup_or_start`` raises :class:`RegistryFull` (memory stays bounded).
-    ``tg`` is the TaskGroup that owns the actors' tasks; without one, the
-    registry must be entered (``async with``) and owns its own.
+    ``max_actors`` bounds how many may be registered at once; past it (and
+    with nothing ``evictable``) ``lookup_or_start`` raises
+    :class:`RegistryFull`, so memory stays bounded. ``tg`` is the TaskGroup
+    that owns the actors' tasks; without one, the registry must be entered
+    (``async with``) and owns its own.
     """
 
     def __init__(
@@ -49,13 +64,20 @@ class Registry(Generic[A]):
         factory: Callable[[str], A],
         tg: asyncio.TaskGroup | None = None,
         max_actors: int | None = None,
+        evictable: Callable[[A], bool] | None = None,
     ) -> None:
         self._factory = factory
         self._tg = tg
         self._own_tg: asyncio.TaskGroup | None = None
+        #: In start order, except that scans move unevictable actors back.
         self._actors: dict[str, A] = {}
+        #: Evicted actors still running their last step, by name.
+        self._exiting: dict[str, A] = {}
         self.max_actors = max_actors
+        self.evictable = evictable
         self.started = 0
+        #: Actors stopped to make room (``guildcast_guild_actors_evicted_total``).
+        self.evicted = 0
 
     async def __aenter__(self) -> Registry[A]:
         if self._tg is None:
@@ -95,16 +117,23 @@ class Registry(Generic[A]):
                 return actor
             # Exiting: its on_stop may still run. The successor takes the name
             # now (so casts queue in its mailbox) and starts when it has finished.
-            successor = self._new(name)
-            self._actors[name] = successor
-            actor.add_exit_hook(lambda _old: self._start(successor))
-            return successor
+            return self._succeed(actor)
         if self.max_actors is not None and len(self._actors) >= self.max_actors:
-            raise RegistryFull(f"{len(self._actors)} actors alive")
+            if not self._evict_one():
+                raise RegistryFull(f"{len(self._actors)} actors alive")
+        evicted = self._exiting.get(name)
+        if evicted is not None:
+            return self._succeed(evicted)
         new = self._new(name)
         self._actors[name] = new
         self._start(new)
         return new
+
+    def _succeed(self, predecessor: A) -> A:
+        successor = self._new(predecessor.name)
+        self._actors[predecessor.name] = successor
+        predecessor.add_exit_hook(lambda _old: self._start(successor))
+        return successor
 
     def _new(self, name: str) -> A:
         if self._tg is None:
@@ -125,6 +154,33 @@ class Registry(Generic[A]):
             return
         self.started += 1
 
+    def _evict_one(self) -> bool:
+        """Stop the oldest evictable actor and free its slot; False if none."""
+        pred = self.evictable
+        if pred is None:
+            return False
+        actors = self._actors
+        for name in list(islice(actors, EVICT_SCAN)):
+            actor = actors[name]
+            if actor.alive and not pred(actor):
+                del actors[name]  # to the back: the next scan looks at others
+                actors[name] = actor
+                continue
+            del actors[name]
+            if not actor.has_finished:
+                self._exiting[name] = actor
+                actor.add_exit_hook(self._forget_exiting)
+            actor.stop()
+            self.evicted += 1
+            return True
+        return False
+
+    def _forget_exiting(self, actor: object) -> None:
+        assert isinstance(actor, Actor)
+        name = actor.name
+        if self._exiting.get(name) is actor:
+            del self._exiting[name]
+
     def _unregister(self, actor: object) -> None:
         assert isinstance(actor, Actor)
         name = actor.name
@@ -141,10 +197,10 @@ class Registry(Generic[A]):
         return list(self._actors)
 
     async def stop_all(self) -> None:
-        """Stop every registered actor (successors included) and wait until
-        each has finished."""
-        while self._actors:
-            actors = list(self._actors.values())
+        """Stop every actor (successors and evicted ones included) and wait
+        until each has finished."""
+        while self._actors or self._exiting:
+            actors = [*self._actors.values(), *self._exiting.values()]
             for a in actors:
                 a.stop()
             for a in actors:

@@ -36,12 +36,29 @@ every journal whose header is older gets a new epoch when it is loaded
 boot) keeps every epoch. ``DIR/lock`` is held while the broker runs: one
 node per data directory.
 
-Bounds: open journal files are capped at ``max_open`` (least recently
-written are closed and reopened on demand); guild logs in memory are capped
-at ``max_cached`` (least recently used, idle ones are dropped and reloaded
-from their file on next use). Files are compacted to the history limits
-when they pass twice the count limit (plus ``COMPACT_SLACK``) or hold
-events the age limit has dropped for a while.
+Lost tails: after each journal write, before anything of it is fanned
+out or acknowledged, the guild's high-water mark goes to ``DIR/marks.log``
+(``guildcast.core.marks``, which holds the argument); a journal loaded
+below its mark lost events clients may have seen and gets a new epoch. A
+data dir restored from a copy is marked by the operator (``DIR/RESTORED``):
+the start raises the reset generation as after a power failure.
+
+Bounds: open journal files are capped at ``max_open``, strictly (least
+recently written are closed and reopened on demand; only the event loop
+uses an append descriptor, fsyncs in threads open their own); guild logs in
+memory are capped at ``max_cached`` (least recently used, idle ones are
+dropped and reloaded from their file on next use); their history by count,
+age and bytes (``guildcast.core.histbudget``). Files are compacted to the
+history limits when they pass twice the count limit (plus
+``COMPACT_SLACK``) or hold events the age limit has dropped for a while; a
+journal untouched for ``history_ttl`` + ``JANITOR_GRACE`` is deleted (its
+history has aged out entirely).
+
+Failures: a refused write answers "unavailable" (nothing unwritten is
+acknowledged), logs at most one line per kind every few seconds, and makes
+the broker unhealthy (``/readyz`` 503, "cannot persist") until a write or
+the syncer's probe succeeds. A failed rewrite removes its temp file; a start
+removes any a crash left.
 """
 
 from __future__ import annotations
@@ -54,18 +71,23 @@ import os
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from guildcast.broker.base import Broker, BrokerUnavailable, Record
-from guildcast.broker.memory import MemoryBroker
+from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, MemoryBroker
 from guildcast.core import journal
-from guildcast.core.journal import FSYNC_POLICIES, Journal, Loaded, event_prefix
+from guildcast.core.journal import FSYNC_POLICIES, TMP_SUFFIX, Journal, Loaded, event_prefix
+from guildcast.core.marks import Marks
+from guildcast.core.ratelog import RateLimitedLog
 from guildcast.protocol import wire
 
 log = logging.getLogger("guildcast.journal")
+#: Write failures come in floods on a full disk (one per publish): one line
+#: per kind every few seconds, with a count of the ones left out.
+rlog = RateLimitedLog(log)
 
 #: Journal files kept open at once: one per recently written guild. Far below
 #: the usual descriptor limit, which the gateway's connections need.
@@ -83,18 +105,38 @@ GUILDS_DIR = "guilds"
 #: The run record and the lock file, in ``--data-dir``.
 STATE_FILE = "node.json"
 LOCK_FILE = "lock"
+#: Created by an operator after restoring ``--data-dir`` from a copy
+#: (docs/OPERATIONS.md, "Backups and restore"): the next start gives every
+#: guild a new epoch, then removes it.
+RESTORED_FILE = "RESTORED"
+#: Seconds between two probes of a data dir that refused a write: readiness
+#: comes back once a probe (a small file written and fsynced) succeeds.
+PROBE_INTERVAL = 1.0
+#: Bytes the probe writes: a page, so a disk with no block left fails it.
+PROBE_BYTES = 4096
+#: Journal files the janitor looks at per syncer tick (about a second): a
+#: 100,000-guild directory is visited in under 7 minutes, at a cost of one
+#: ``stat`` per file on the loop.
+JANITOR_BATCH = 256
+#: Seconds past ``history_ttl`` a journal must be untouched before the
+#: janitor deletes it: its last event left the history that long ago.
+JANITOR_GRACE = 60.0
 #: Changes on every boot of a Linux machine; elsewhere every unclean stop
 #: counts as a possible power failure.
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class _GuildLog:
-    __slots__ = ("busy", "epoch", "journal", "lock", "records", "seq")
+    __slots__ = ("busy", "epoch", "journal", "lock", "nbytes", "records", "seq")
 
-    def __init__(self, epoch: str, seq: int, history_size: int, j: Journal) -> None:
+    def __init__(self, epoch: str, seq: int, j: Journal) -> None:
         self.epoch = epoch
         self.seq = seq
-        self.records: deque[Record] = deque(maxlen=history_size or 1)
+        #: Bounded by the broker (count, age, bytes: core/histbudget.py).
+        self.records: deque[Record] = deque()
+        #: Bytes of ``records`` as the budget counts them (0 until the loop
+        #: has counted a log loaded in a thread).
+        self.nbytes = 0
         self.journal = j
         #: Serialises writes to the journal (append, compaction).
         self.lock = asyncio.Lock()
@@ -119,12 +161,19 @@ class DiskBroker(MemoryBroker):
         fsync_interval: float = 1.0,
         max_open: int = MAX_OPEN_JOURNALS,
         max_cached: int = MAX_CACHED_GUILDS,
+        history_guild_bytes: int = HISTORY_GUILD_BYTES,
+        history_node_bytes: int = HISTORY_NODE_BYTES,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}")
         if fsync_interval <= 0:
             raise ValueError("fsync_interval must be > 0")
-        super().__init__(history_size, history_ttl)
+        super().__init__(
+            history_size,
+            history_ttl,
+            history_guild_bytes=history_guild_bytes,
+            history_node_bytes=history_node_bytes,
+        )
         self.directory = Path(directory) / GUILDS_DIR
         self.root = Path(directory)
         #: This run's generation, and the one below which journal epochs
@@ -141,15 +190,25 @@ class DiskBroker(MemoryBroker):
         #: Guilds whose journal holds a file descriptor, least recently written first.
         self._open: OrderedDict[str, None] = OrderedDict()
         self._syncer: asyncio.Task[None] | None = None
-        self._healthy = True
+        #: Why the data dir cannot persist right now (the last write failure),
+        #: or None; readiness is false while set (``/readyz``).
+        self.persist_error: str | None = None
+        self.marks = Marks(self.root)
+        self._marks_syncing = False
+        self._janitor: Iterator[os.DirEntry[str]] | None = None
+        #: Journals of guilds whose whole history aged out, deleted.
+        self.journals_deleted = 0
         #: Counters for ``/metrics``.
         self.bytes_written = 0
         self.fsyncs = 0
         self.repairs = 0
+        self.write_failures = 0
+        #: Journals found cut below their high-water mark (new epoch).
+        self.cuts = 0
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        return self.persist_error is None
 
     async def start(self) -> None:
         try:
@@ -157,7 +216,15 @@ class DiskBroker(MemoryBroker):
             suspect = await asyncio.to_thread(self._begin)
         except OSError as e:
             raise BrokerUnavailable(f"cannot use data dir {self.root}: {e}") from e
-        if suspect:
+        if suspect == "restored":
+            log.warning(
+                "%s found in %s: the data dir was restored from a copy; each guild starts "
+                "a new epoch when it is loaded",
+                RESTORED_FILE,
+                self.root,
+                extra={"data_dir": str(self.root), "generation": self.generation},
+            )
+        elif suspect:
             log.warning(
                 "the machine restarted while the last run used --fsync %s and did not stop "
                 "cleanly: acknowledged events may be lost; each guild starts a new epoch "
@@ -165,9 +232,10 @@ class DiskBroker(MemoryBroker):
                 suspect,
                 extra={"data_dir": str(self.root), "generation": self.generation},
             )
-        if self.fsync == "interval":
-            # Owned by the broker: cancelled and awaited in close().
-            self._syncer = asyncio.create_task(self._sync_loop(), name="journal-syncer")
+        # Owned by the broker: cancelled and awaited in close(). It fsyncs
+        # (``interval``), fsyncs the marks, and probes a data dir that refused
+        # a write.
+        self._syncer = asyncio.create_task(self._sync_loop(), name="journal-syncer")
 
     async def close(self) -> None:
         """Stop the syncer, fsync what is pending (unless ``never``) and close files."""
@@ -179,10 +247,22 @@ class DiskBroker(MemoryBroker):
         await super().close()
         if self.fsync != "never":
             await self.sync_all()
+            # Before the clean stop is recorded: a backup of a stopped node
+            # holds its marks (docs/OPERATIONS.md, "Backups and restore").
+            try:
+                await asyncio.to_thread(self.marks.sync)
+            except OSError as e:
+                self._storage_failed("(marks)", e)
         for lg in self._glogs.values():
             lg.journal.close()
         self._open.clear()
         await asyncio.to_thread(self._end)
+        self.marks.close()
+        if self._janitor is not None:
+            close = getattr(self._janitor, "close", None)  # a scandir iterator holds a descriptor
+            if close is not None:
+                close()
+            self._janitor = None
 
     def _begin(self) -> str | None:
         """Lock the data dir, read the last run's record, record this run.
@@ -210,8 +290,39 @@ class DiskBroker(MemoryBroker):
         ):
             suspect = str(prev.get("fsync"))
             self.reset_generation = self.generation
+        restored = self.root / RESTORED_FILE
+        if restored.exists():
+            suspect = "restored"
+            self.reset_generation = self.generation
+        self._remove_temp_files()
         self._write_state(clean=False, boot=boot)
+        # Only once the new reset generation is durable: a crash before this
+        # leaves the marker, and the next start resets again.
+        with contextlib.suppress(FileNotFoundError):
+            restored.unlink()
+        marks_existed = self.marks.open()
+        if not marks_existed and prev:
+            log.warning(
+                "%s has no %s (a node older than the high-water marks, or a partial "
+                "restore): journals cut before this start cannot be detected",
+                self.root,
+                self.marks.path.name,
+                extra={"data_dir": str(self.root)},
+            )
         return suspect
+
+    def _remove_temp_files(self) -> int:
+        """Delete temp files a crash left in the data dir (blocking)."""
+        removed = 0
+        for d in (self.root, self.directory):
+            for entry in os.scandir(d):
+                if entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            log.info("removed %d temporary files left in %s", removed, self.root)
+        return removed
 
     def _end(self) -> None:
         """Record a clean stop (journals fsynced) and release the lock."""
@@ -271,8 +382,10 @@ class DiskBroker(MemoryBroker):
         if not recs:
             return lg.epoch, []
         j = lg.journal
+        created = not j.exists
+        before = (j.size, j.count, j.first_ts)
         try:
-            if not j.exists:
+            if created:
                 # The first event of this guild's file: create it whole, header first.
                 await asyncio.to_thread(j.rewrite, lg.epoch, lg.seq, parts, len(recs), now)
                 self.fsyncs += 1
@@ -283,10 +396,19 @@ class DiskBroker(MemoryBroker):
         except OSError as e:
             self._storage_failed(gid, e)
             raise BrokerUnavailable(f"cannot write the journal of {gid}: {e}") from e
+        try:
+            # The high-water mark, after the records and before anything of
+            # them leaves the node (guildcast.core.marks: the proof).
+            self.marks.set(gid, lg.epoch, s)
+        except OSError as e:
+            self._undo(gid, lg, created, before)
+            self._storage_failed(gid, e)
+            raise BrokerUnavailable(f"cannot write the high-water mark of {gid}: {e}") from e
+        self.persist_error = None
         self.bytes_written += sum(len(p) for p in parts)
         lg.seq = s
         if self.history_size > 0:
-            lg.records.extend(recs)
+            self._keep_log(lg, recs)
         self._prune_log(lg, now)
         if self.fsync == "always":
             try:
@@ -301,6 +423,25 @@ class DiskBroker(MemoryBroker):
             self._feed(gid, recs)
         await self._maybe_compact(gid, lg, now)
         return lg.epoch, [r.s for r in recs]
+
+    def _undo(
+        self, gid: str, lg: _GuildLog, created: bool, before: tuple[int, int, float | None]
+    ) -> None:
+        """Take back a journal write whose mark could not be written: events
+        that are not marked must not be in the file (their ``s`` is reused)."""
+        j = lg.journal
+        try:
+            if created:
+                j.close()
+                os.unlink(j.path)
+                j.size, j.count, j.first_ts = 0, 0, None
+            else:
+                j.undo(*before)
+        except OSError as e:
+            # The events stay in the file, unmarked: the journal refuses every
+            # write until a restart, whose load sees them (and keeps them:
+            # nobody was told their s, and the next s follows them).
+            j.broken = f"an unmarked write could not be undone ({e})"
 
     def append_now(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
         raise NotImplementedError("a durable append waits for the disk: use append()")
@@ -346,7 +487,7 @@ class DiskBroker(MemoryBroker):
         # thread hop for every new guild; its file appears with its first event.
         if not os.path.exists(path):  # noqa: ASYNC240
             j = Journal(path, gid, self.generation)
-            lg = _GuildLog(secrets.token_hex(8), 0, self.history_size, j)
+            lg = _GuildLog(secrets.token_hex(8), 0, j)
             self._cache(gid, lg)
             return lg
         fut: asyncio.Future[_GuildLog] = asyncio.get_running_loop().create_future()
@@ -362,6 +503,8 @@ class DiskBroker(MemoryBroker):
             del self._loading[gid]
         if loaded.repair is not None:
             self.repairs += 1
+            if "high-water mark" in loaded.repair:
+                self.cuts += 1
             log.warning(
                 "journal of guild %s repaired: %s%s",
                 gid,
@@ -371,11 +514,18 @@ class DiskBroker(MemoryBroker):
             )
         if reset:
             log.warning(
-                "guild %s: new epoch: its journal predates a possible power failure",
+                "guild %s: new epoch: its journal predates a possible power failure or a restore",
                 gid,
                 extra={"guild": gid, "path": str(path), "new_epoch": True},
             )
+        if lg.epoch != loaded.epoch or gid not in self.marks.table:
+            # The new epoch's (or a pre-marks journal's) mark; written on the
+            # loop, the marks' only writer. Failing, the next append writes it.
+            with contextlib.suppress(OSError):
+                self.marks.set(gid, lg.epoch, lg.seq)
         self._cache(gid, lg)
+        if lg.records:
+            self._count_log(lg, list(lg.records))
         fut.set_result(lg)
         return lg
 
@@ -386,15 +536,22 @@ class DiskBroker(MemoryBroker):
         j = Journal(path, gid, self.generation)
         now = time.time()
         reset = loaded.epoch is not None and not loaded.lost and loaded.gen < self.reset_generation
+        cut = None if reset else _cut(loaded, self.marks.get(gid))
+        if cut is not None:
+            loaded.lost = True
+            loaded.repair = f"{loaded.repair}; {cut}" if loaded.repair else cut
         if loaded.epoch is None or loaded.lost or reset:
             # History lost: a new epoch; keep the intact events under it.
-            lg = _GuildLog(secrets.token_hex(8), loaded.head, self.history_size, j)
+            lg = _GuildLog(secrets.token_hex(8), loaded.head, j)
         else:
-            lg = _GuildLog(loaded.epoch, loaded.head, self.history_size, j)
+            lg = _GuildLog(loaded.epoch, loaded.head, j)
             j.adopt(loaded)
         if self.history_size > 0:
             lg.records.extend(Record(e.s, e.t, e.ts, e.payload) for e in loaded.events)
-        self._prune_log(lg, now)
+        # Not counted by the budget yet (this is a thread): _get counts it.
+        cutoff = now - self.history_ttl
+        while lg.records and lg.records[0].ts < cutoff:
+            lg.records.popleft()
         if (loaded.lost or reset) and loaded.epoch is not None:
             base, parts, first_ts = self._snapshot(lg)
             j.rewrite(lg.epoch, base, parts, len(lg.records), first_ts)
@@ -420,24 +577,24 @@ class DiskBroker(MemoryBroker):
                 continue
             cand.journal.close()
             self._open.pop(old, None)
+            self.budget.dropped(cand)
             del self._glogs[old]
 
     def _opened(self, gid: str) -> None:
         """``gid``'s journal holds a descriptor: keep at most ``max_open`` of them."""
         self._open[gid] = None
         self._open.move_to_end(gid)
-        excess = len(self._open) - self.max_open
-        # Oldest first; a journal in use (an fsync in a thread) is skipped.
-        for old in list(islice(self._open, max(0, excess) + 8)):
-            if excess <= 0:
-                break
+        # Oldest first, none skipped: the bound is strict. Closing is safe at
+        # any time because only the event loop uses an append descriptor
+        # (fsyncs in threads open their own, rewrites run closed:
+        # guildcast.core.journal). Skipping journals "in use" is what let an
+        # fsync round of the syncer, which held every dirty journal busy,
+        # push the open descriptors past the bound (issue "Hardening 2").
+        while len(self._open) > self.max_open:
+            old, _ = self._open.popitem(last=False)
             cand = self._glogs.get(old)
             if cand is not None:
-                if cand.busy or cand.lock.locked():
-                    continue
                 cand.journal.close()
-            del self._open[old]
-            excess -= 1
 
     # --- durability --------------------------------------------------------------
 
@@ -445,7 +602,20 @@ class DiskBroker(MemoryBroker):
         cutoff = now - self.history_ttl
         recs = lg.records
         while recs and recs[0].ts < cutoff:
-            recs.popleft()
+            self.budget.popleft(lg)
+
+    def _keep_log(self, lg: _GuildLog, recs: Sequence[Record]) -> None:
+        """Add ``recs`` to ``lg``'s history within every bound."""
+        lg.records.extend(recs)
+        self._count_log(lg, recs)
+
+    def _count_log(self, lg: _GuildLog, recs: Sequence[Record]) -> None:
+        budget = self.budget
+        budget.added(lg, recs)
+        while len(lg.records) > self.history_size:
+            budget.popleft(lg)
+        if budget.over:
+            budget.enforce(self._glogs.values())
 
     def _snapshot(self, lg: _GuildLog) -> tuple[int, list[bytes], float | None]:
         """The base, encoded records and first time of ``lg``'s history."""
@@ -471,18 +641,40 @@ class DiskBroker(MemoryBroker):
             return
         if self.history_size <= 0:
             lg.records.clear()
+            self.budget.dropped(lg)
         base, parts, first_ts = self._snapshot(lg)
+        j.close()  # on the loop, the only user of the append descriptor
+        self._open.pop(gid, None)
         try:
             await asyncio.to_thread(j.rewrite, lg.epoch, base, parts, kept, first_ts)
         except OSError as e:
             # The old file is still whole and appendable: try again next time.
-            log.error("guild %s: journal compaction failed: %s", gid, e, extra={"guild": gid})
+            self.write_failures += 1
+            rlog.log(
+                logging.ERROR,
+                "journal-compaction-failed",
+                "guild %s: journal compaction failed: %s",
+                gid,
+                e,
+                extra={"guild": gid},
+            )
             return
         self.fsyncs += 1
-        self._open.pop(gid, None)
 
     def _storage_failed(self, gid: str, e: OSError) -> None:
-        log.error("guild %s: journal write failed: %s", gid, e, extra={"guild": gid})
+        """A write was refused: not ready until a write or a probe succeeds;
+        one ERROR line per interval however many fail (a full disk fails
+        every publish)."""
+        self.write_failures += 1
+        self.persist_error = f"cannot persist to {self.root}: {e.strerror or e}"
+        rlog.log(
+            logging.ERROR,
+            "journal-write-failed",
+            "guild %s: journal write failed: %s",
+            gid,
+            e,
+            extra={"guild": gid},
+        )
 
     async def sync_all(self) -> int:
         """fsync every journal written since its last fsync; returns how many."""
@@ -500,12 +692,95 @@ class DiskBroker(MemoryBroker):
         return done
 
     async def _sync_loop(self) -> None:
+        tick = min(self.fsync_interval, PROBE_INTERVAL)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.fsync_interval)
+            await asyncio.sleep(tick)
             try:
-                await self.sync_all()
+                now = time.monotonic()
+                if self.fsync == "interval" and now - last >= self.fsync_interval - tick / 2:
+                    last = now
+                    await self.sync_all()
+                if self.fsync != "never":
+                    await self._sync_marks()
+                if self.marks.needs_compaction and not self._marks_syncing:
+                    await self._compact_marks()
+                if self.persist_error is not None:
+                    await self._probe()
+                else:
+                    self._sweep_journals(time.time())
             except Exception:
                 log.exception("journal syncer failed")
+
+    async def _sync_marks(self) -> None:
+        self._marks_syncing = True
+        try:
+            await asyncio.to_thread(self.marks.sync)
+        except OSError as e:
+            self._storage_failed("(marks)", e)
+        finally:
+            self._marks_syncing = False
+
+    def _sweep_journals(self, now: float) -> int:
+        """Delete up to :data:`JANITOR_BATCH` files' worth of journals whose
+        whole history has aged out; returns how many were deleted.
+
+        A journal untouched for ``history_ttl + JANITOR_GRACE`` holds only
+        events past the age bound: nothing in it can be recovered, so the
+        guild is forgotten as the memory broker forgets it (its next event
+        starts a new epoch at s=1, which PROTOCOL.md asks when history is
+        lost). Runs on the loop, so no load or append of that guild can
+        interleave; guilds cached, loading or listened to are left alone.
+        """
+        if self._janitor is None:
+            try:
+                self._janitor = os.scandir(self.directory)
+            except OSError:
+                return 0
+        cutoff = now - self.history_ttl - JANITOR_GRACE
+        deleted = 0
+        for _ in range(JANITOR_BATCH):
+            entry = next(self._janitor, None)
+            if entry is None:
+                self._janitor = None
+                break
+            gid = journal.guild_of(entry.name)
+            if gid is None or gid in self._glogs or gid in self._loading or gid in self._listening:
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            deleted += 1
+            with contextlib.suppress(OSError):
+                self.marks.forget(gid)
+        self.journals_deleted += deleted
+        if deleted:
+            log.info("deleted %d journals whose history aged out", deleted)
+        return deleted
+
+    async def _compact_marks(self) -> None:
+        """Rewrite ``marks.log`` from the table, its bulk in a thread."""
+        snapshot = self.marks.begin_compaction()
+        size: int | None = None
+        try:
+            size = await asyncio.to_thread(self.marks.write_snapshot, snapshot)
+        except OSError as e:
+            self._storage_failed("(marks)", e)
+        finally:
+            self.marks.finish_compaction(size)
+
+    async def _probe(self) -> None:
+        """Write, fsync and remove a small file: readiness returns if it works."""
+        try:
+            await asyncio.to_thread(_probe_write, self.root / f"probe{TMP_SUFFIX}")
+        except OSError as e:
+            self.persist_error = f"cannot persist to {self.root}: {e.strerror or e}"
+            return
+        log.info("data dir %s takes writes again", self.root, extra={"data_dir": str(self.root)})
+        self.persist_error = None
 
 
 def _sync_many(journals: list[Journal]) -> int:
@@ -516,8 +791,42 @@ def _sync_many(journals: list[Journal]) -> int:
             j.sync()
             done += 1
         except OSError as e:
-            log.error("guild %s: journal fsync failed: %s", j.gid, e, extra={"guild": j.gid})
+            rlog.log(
+                logging.ERROR,
+                "journal-fsync-failed",
+                "guild %s: journal fsync failed: %s",
+                j.gid,
+                e,
+                extra={"guild": j.gid},
+            )
     return done
+
+
+def _probe_write(path: Path) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _cut(loaded: Loaded, mark: tuple[str, int] | None) -> str | None:
+    """Why ``loaded`` lost records its high-water mark says were written, or
+    None (guildcast.core.marks has the argument)."""
+    if mark is None or loaded.epoch is None:
+        return None
+    epoch, s = mark
+    if epoch != loaded.epoch:
+        return f"the journal's epoch {loaded.epoch} is not its high-water mark's ({epoch})"
+    if loaded.head < s:
+        return (
+            f"the journal ends at s={loaded.head} but its high-water mark is s={s}: "
+            "its tail was lost (restored from an older copy, or dropped writes)"
+        )
+    return None
 
 
 def _conforms() -> None:

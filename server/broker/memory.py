@@ -7,8 +7,10 @@ actor per guild), so each guild log has one writer and needs no lock.
 
 A guild whose history has emptied (every event aged out) and that nobody
 listens to is forgotten by :meth:`sweep`; its next use starts a new epoch,
-which is what the protocol asks when history is lost. Memory is therefore
-bounded by the live guilds' history limits.
+which is what the protocol asks when history is lost. History is bounded by
+count and age per guild and by bytes per guild and per node
+(``guildcast.core.histbudget``: the oldest events leave first), so memory
+is bounded by those limits plus one small log per guild in use.
 """
 
 from __future__ import annotations
@@ -20,25 +22,42 @@ from collections.abc import Sequence
 from itertools import islice
 
 from guildcast.broker.base import Broker, Feed, Presence, PresenceFeed, Record
+from guildcast.core.histbudget import HistoryBudget
 from guildcast.protocol import wire
+
+#: Defaults of the history byte bounds (``Config.history_guild_bytes`` and
+#: ``history_node_bytes``, docs/SECURITY.md).
+HISTORY_GUILD_BYTES = 4 * 1024 * 1024
+HISTORY_NODE_BYTES = 256 * 1024 * 1024
 
 
 class _Log:
-    __slots__ = ("epoch", "records", "seq")
+    __slots__ = ("epoch", "nbytes", "records", "seq")
 
-    def __init__(self, epoch: str, seq: int, history_size: int) -> None:
+    def __init__(self, epoch: str, seq: int) -> None:
         self.epoch = epoch
         self.seq = seq
-        self.records: deque[Record] = deque(maxlen=history_size or 1)
+        #: Bounded by the broker (count, age, bytes), not by the deque.
+        self.records: deque[Record] = deque()
+        #: Bytes of ``records`` as the budget counts them.
+        self.nbytes = 0
 
 
 class MemoryBroker:
     """Broker for a single node (no cross-node delivery)."""
 
-    def __init__(self, history_size: int, history_ttl: float, node_id: str = "local") -> None:
+    def __init__(
+        self,
+        history_size: int,
+        history_ttl: float,
+        node_id: str = "local",
+        history_guild_bytes: int = HISTORY_GUILD_BYTES,
+        history_node_bytes: int = HISTORY_NODE_BYTES,
+    ) -> None:
         self.node_id = node_id
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self.budget = HistoryBudget(history_guild_bytes, history_node_bytes)
         self._logs: dict[str, _Log] = {}
         #: Listeners per guild: an old guild actor still stopping and its
         #: successor may overlap, so listen/unlisten are counted.
@@ -82,14 +101,24 @@ class MemoryBroker:
     def _log(self, gid: str) -> _Log:
         log = self._logs.get(gid)
         if log is None:
-            log = self._logs[gid] = _Log(secrets.token_hex(8), 0, self.history_size)
+            log = self._logs[gid] = _Log(secrets.token_hex(8), 0)
         return log
 
     def _prune(self, log: _Log, now: float) -> None:
         cutoff = now - self.history_ttl
         recs = log.records
         while recs and recs[0].ts < cutoff:
-            recs.popleft()
+            self.budget.popleft(log)
+
+    def _keep(self, log: _Log, recs: list[Record]) -> None:
+        """Add ``recs`` to ``log``'s history within every bound."""
+        log.records.extend(recs)
+        budget = self.budget
+        budget.added(log, recs)
+        while len(log.records) > self.history_size:
+            budget.popleft(log)
+        if budget.over:
+            budget.enforce(self._logs.values())
 
     def append_now(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
         """Synchronous append (the memory broker never waits)."""
@@ -97,14 +126,12 @@ class MemoryBroker:
         now = time.time()
         out: list[Record] = []
         s = log.seq
-        keep = self.history_size > 0
         for t, d in items:
             s += 1
-            rec = Record(s, t, now, wire.dispatch_json(gid, t, s, d))
-            out.append(rec)
-            if keep:
-                log.records.append(rec)
+            out.append(Record(s, t, now, wire.dispatch_json(gid, t, s, d)))
         log.seq = s
+        if self.history_size > 0:
+            self._keep(log, out)
         self._prune(log, now)
         if gid in self._listening and self._feed is not None:
             self._feed(gid, out)

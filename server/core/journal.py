@@ -39,12 +39,15 @@ before it answers or sends. Anything else (a complete record with a bad
 CRC, a broken sequence) is *corruption*: events that clients saw may be
 gone, so :attr:`Loaded.lost` tells the guild to start a new epoch rather
 than give a known ``s`` to a different event (PROTOCOL.md: "An epoch changes
-only when a guild's history is lost").
+only when a guild's history is lost"). A journal cut cleanly at a record
+boundary loads without complaint here; the broker compares it with the
+guild's high-water mark (``guildcast.core.marks``) to tell.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import struct
 import zlib
@@ -68,6 +71,9 @@ MAX_RECORD = 64 * 1024 * 1024
 
 FSYNC_POLICIES = ("always", "interval", "never")
 SUFFIX = ".log"
+#: Suffix of a journal being rewritten; left behind only by a crash, and
+#: removed at start (``guildcast.broker.disk``).
+TMP_SUFFIX = ".tmp"
 
 
 def file_name(gid: str) -> str:
@@ -338,6 +344,22 @@ class Journal:
         self.count += events
         self.dirty = True
 
+    def undo(self, size: int, count: int, first_ts: float | None) -> None:
+        """Cut the file back to ``size`` bytes (the state before the last
+        append), after a write that must not count. Marks the journal
+        :attr:`broken` if even that fails, and raises."""
+        try:
+            if self._fd is not None:
+                os.ftruncate(self._fd, size)
+            else:
+                os.truncate(self.path, size)
+        except OSError as e:
+            self.broken = f"a write could not be undone ({e})"
+            raise
+        self.size = size
+        self.count = count
+        self.first_ts = first_ts
+
     def sync(self) -> None:
         """fsync the file if anything was written since the last one. Blocking.
 
@@ -350,16 +372,15 @@ class Journal:
         if not self.dirty:
             return
         self.dirty = False
-        fd = self._fd
         try:
-            if fd is not None:
-                os.fsync(fd)
-            else:  # closed to bound open files: fsync is per file, not per fd
-                tmp = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(tmp)
-                finally:
-                    os.close(tmp)
+            # Through a descriptor of its own (fsync is per file, not per
+            # descriptor): the append descriptor belongs to the event loop,
+            # which may close it at any time to bound open files.
+            tmp = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(tmp)
+            finally:
+                os.close(tmp)
         except OSError as e:
             self.broken = f"fsync failed: {e}"
             raise
@@ -372,17 +393,28 @@ class Journal:
         ``parts`` are the events' encoded records (or their pieces, in order).
 
         Used to create the file and to compact it. Blocking (run it in a
-        thread): writes a temp file, fsyncs it, renames it over the journal,
-        fsyncs the directory, then reopens for appending.
+        thread): writes a temp file, fsyncs it, renames it over the journal
+        and fsyncs the directory; the next append reopens it. The caller
+        closes the journal first, on the event loop (the append descriptor
+        is the loop's alone, see :meth:`sync`). On failure the temp file is
+        removed and the old file is left as it was.
         """
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        if self._fd is not None:
+            raise RuntimeError("close the journal (on the event loop) before rewriting it")
+        tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
         data = b"".join([header_record(self.gid, epoch, base, self.gen), *parts])
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self.close()
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            # A full disk must not leave a temp file per guild behind: the
+            # journal itself is untouched, and the next rewrite starts over.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         self.size = len(data)
         self.count = count
         self.first_ts = first_ts if count else None

@@ -127,6 +127,27 @@ class MetricsSnapshot:
     journal_bytes: int = 0
     journal_fsyncs: int = 0
     journal_repairs: int = 0
+    #: Journal writes refused (a full disk), journals found cut below their
+    #: high-water mark, journal descriptors open, journals deleted by the
+    #: janitor (``guildcast.broker.disk``).
+    journal_write_failures: int = 0
+    journal_cuts: int = 0
+    journal_open_files: int = 0
+    journals_deleted: int = 0
+    #: History bytes held in memory and events evicted by the byte bounds
+    #: (``guildcast.core.histbudget``; single node brokers).
+    history_bytes: int = 0
+    history_evictions: int = 0
+    #: Guild actors stopped to make room at max_guilds; subscriptions refused
+    #: by the per-user guild share; PUBLISHes refused by the per-user volume.
+    guilds_evicted: int = 0
+    user_guilds_refused: int = 0
+    user_publish_refused: int = 0
+    #: Probes that found no descriptor left (``guildcast.core.fdwatch``),
+    #: descriptors open and the limit.
+    descriptors_exhausted: int = 0
+    open_descriptors: int = 0
+    descriptor_limit: int = 0
     #: Cumulative ``(upper bound, count)`` pairs, +Inf last, then sum and count.
     latency_buckets: list[tuple[float, int]] = field(default_factory=list)
     latency_sum: float = 0.0

@@ -38,8 +38,10 @@ from websockets.http11 import Request
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
+from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
+from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close, Err
 from guildcast.protocol.session import (
@@ -71,6 +73,12 @@ _LOGGED_CLOSES: dict[int, tuple[str, int]] = {
 }
 
 GATEWAY_PATH = "/gateway"
+#: Frames one message may arrive in (the first and its continuations); one
+#: more closes with 1009 (PROTOCOL.md "Transport"). Browsers send one frame
+#: per message and libraries that fragment use frames of kilobytes, so 1,024
+#: is far above any real client, and bounds an attacker's empty fragments to
+#: 1,024 list entries (about 100 KiB) per connection.
+MAX_FRAGMENTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +98,9 @@ class GatewayLimits:
     close_timeout: float = 10.0
     #: How often deadlines are checked (seconds).
     sweep_interval: float = 0.5
+    #: PUBLISH bytes/s per user over all their connections (0: unlimited;
+    #: ERROR 4429 past it; core/userrate.py).
+    user_publish_bytes: float = 0.0
 
 
 class Connection(asyncio.Protocol):
@@ -101,6 +112,7 @@ class Connection(asyncio.Protocol):
         "_frags",
         "_gw",
         "_max_buffer",
+        "_msg_len",
         "_transport",
         "closing",
         "deadline",
@@ -123,6 +135,7 @@ class Connection(asyncio.Protocol):
         #: Handshake or close-handshake deadline (monotonic); the session has its own.
         self.deadline = time.monotonic() + gw.limits.handshake_timeout
         self._frags: list[bytes | bytearray | memoryview] | None = None
+        self._msg_len = 0
         self._exit_hooks: list[Callable[[object], None]] | None = None
         #: The deadline-wheel slot this connection is filed in (None: not filed).
         self._due: int | None = None
@@ -347,8 +360,19 @@ class Connection(asyncio.Protocol):
                 self._frags = [frame.data]
         elif op is Opcode.CONT:
             frags = self._frags
-            if frags is None:
+            if frags is None or self.closing:
                 return  # websockets rejects a stray continuation before us
+            if len(frags) >= MAX_FRAGMENTS:
+                # websockets bounds the bytes of a message, not its pieces:
+                # empty fragments would each cost a list entry, unbounded.
+                self._frags = None
+                self.close(Close.TOO_LARGE, "message in too many fragments")
+                if self._transport is not None:
+                    # Nothing it sends now is worth parsing: the close frame
+                    # is out, and the sweeper ends the connection after
+                    # close_timeout if it does not answer.
+                    self._transport.pause_reading()
+                return
             frags.append(frame.data)
             if frame.fin:
                 self._frags = None
@@ -363,6 +387,7 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None or self.closing:
             return
+        self._msg_len = len(data)  # what a PUBLISH in it costs its user
         effects = session.receive(data, time.monotonic())
         self.events = session.events
         # IDENTIFY may move the deadline earlier (a heartbeat interval shorter
@@ -400,6 +425,20 @@ class Connection(asyncio.Protocol):
     def _publish(self, p: Publish) -> None:
         session = self.session
         assert session is not None
+        grant = session.grant
+        # A token with its own pub_rate is its issuer's choice (as it
+        # overrides --publish-rate); the node's default applies to the rest.
+        if (
+            grant is not None
+            and grant.pub_rate is None
+            and not self._gw.user_rates.take(grant.sub, self._msg_len, time.monotonic())
+        ):
+            self._run(
+                session.publish_failed(
+                    p, Err.PUBLISH_RATE_LIMITED, "over the publish volume of your user"
+                )
+            )
+            return
         try:
             fut = self._gw.host.publish(p.gid, p.t, p.d)
         except Overloaded as exc:
@@ -470,6 +509,10 @@ class Gateway:
         self.demo_page = True
         #: "" when the node is ready, else why not: ``GET /readyz`` here.
         self.readiness: Callable[[], str] | None = None
+        #: Notices EMFILE on accept, which no loop reports (core/fdwatch.py).
+        self.descriptors = DescriptorWatch()
+        #: Publish volume per user, across connections (core/userrate.py).
+        self.user_rates = UserBuckets(limits.user_publish_bytes)
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -508,6 +551,7 @@ class Gateway:
             lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=4096
         )
         self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
+        DescriptorWatch.warn_if_short(self.limits.max_connections)
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
@@ -517,6 +561,8 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            self.descriptors.check(now)
+            self.user_rates.prune(now)
             last = math.floor(now / interval)
             while self._wheel_next <= last:
                 slot = self._wheel_next

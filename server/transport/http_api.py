@@ -234,6 +234,60 @@ class _NodeCollector(Collector):
             "Journals found with a torn or corrupt tail and repaired",
             m.journal_repairs,
         )
+        yield counter(
+            "guildcast_journal_write_failures",
+            "Journal writes refused by the disk (publishes answered 503)",
+            m.journal_write_failures,
+        )
+        yield counter(
+            "guildcast_journal_cuts",
+            "Journals found cut below their high-water mark (new epoch)",
+            m.journal_cuts,
+        )
+        yield gauge(
+            "guildcast_journal_open_files", "Journal descriptors open", m.journal_open_files
+        )
+        yield counter(
+            "guildcast_journals_deleted",
+            "Journals deleted because their whole history aged out",
+            m.journals_deleted,
+        )
+        yield gauge(
+            "guildcast_history_bytes",
+            "Bytes of guild history held in memory (bounded by history_node_bytes)",
+            m.history_bytes,
+        )
+        yield counter(
+            "guildcast_history_evictions",
+            "History events evicted by the byte bounds (oldest first)",
+            m.history_evictions,
+        )
+        yield counter(
+            "guildcast_guild_actors_evicted",
+            "Guild actors without subscribers stopped to make room at max_guilds",
+            m.guilds_evicted,
+        )
+        yield counter(
+            "guildcast_user_guilds_refused",
+            "Subscriptions refused (1013) because the user holds user_guild_share of max_guilds",
+            m.user_guilds_refused,
+        )
+        yield counter(
+            "guildcast_user_publish_refused",
+            "PUBLISHes refused (4429) by the per-user publish volume",
+            m.user_publish_refused,
+        )
+        yield counter(
+            "guildcast_descriptors_exhausted",
+            "Probes that found the process out of file descriptors (connections dropped)",
+            m.descriptors_exhausted,
+        )
+        yield gauge("guildcast_open_descriptors", "File descriptors open", m.open_descriptors)
+        yield gauge(
+            "guildcast_descriptor_limit",
+            "The file descriptor limit (ulimit -n)",
+            m.descriptor_limit,
+        )
         if m.latency_buckets:
             yield HistogramMetricFamily(
                 "guildcast_publish_to_write_seconds",

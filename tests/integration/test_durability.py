@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,20 @@ from websockets.exceptions import ConnectionClosed
 
 from guildcast.broker.disk import GUILDS_DIR
 from guildcast.core import journal
+from guildcast.core.journal import event_prefix
 from guildcast.core.tokens import make_token
+from guildcast.protocol.wire import dispatch_json
 from tests.support.api import Api
 from tests.support.gateway import recv, subscribe
 from tests.support.node import SECRET, api_server, serve_process
 from tests.support.wait import TIMEOUT, until
 
 TOKEN = make_token(SECRET, "watcher", ["*"], [], None, 3600)
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
 
 
 def journal_file(data: Path, gid: str) -> Path:
@@ -125,15 +132,19 @@ async def test_damaged_journal_is_repaired_on_start_with_a_warning(tmp_path: Pat
     gid = "torn"
     async with serve_process(args, tmp_path / "run1.log") as node:
         async with Api(node.api_url) as api:
-            for n in range(1, 6):
+            for n in range(1, 5):
                 status, body, _ = await api.publish({"guild": gid, "t": "N", "d": n})
                 assert status == 200
         epoch = body["epoch"]
         assert await node.terminate() == 0
 
-    # 1. A torn tail (a crash in the middle of writing event 5).
+    # 1. A torn tail (a crash in the middle of writing event 5): all of its
+    # record but 7 bytes reached the file, and its high-water mark was never
+    # written (it follows a complete write). Cutting into an event that was
+    # completely written is a lost tail instead: tests/hardening/test_lost_tail.py.
     path = journal_file(data, gid)
-    os.truncate(path, path.stat().st_size - 7)
+    payload = dispatch_json(gid, "N", 5, b"5")
+    append_bytes(path, (event_prefix(5, "N", time.time(), payload) + payload)[:-7])
     async with serve_process(args, tmp_path / "run2.log") as node:
         async with Api(node.api_url) as api:
             status, page, _ = await api.get(f"/v1/guilds/{gid}/history")
