@@ -63,6 +63,8 @@ _SERVE_FLAGS: dict[str, str] = {
     "fsync": "journal fsync policy: always, interval or never",
     "fsync_interval": "seconds between journal fsyncs with --fsync interval",
     "presence_timeout": "seconds before a silent node's sessions leave presence",
+    "redis_timeout": "seconds a Redis command may take before it counts as failed",
+    "feed_deadline": "seconds the Redis pub/sub feed may stay silent before it is resubscribed",
 }
 
 

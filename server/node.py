@@ -188,6 +188,8 @@ class Server:
                 cfg.history_ttl,
                 node_id=self.node_id,
                 presence_timeout=cfg.presence_timeout,
+                op_timeout=cfg.redis_timeout,
+                feed_deadline=cfg.feed_deadline,
             )
         if cfg.data_dir:
             return DiskBroker(
@@ -212,7 +214,7 @@ class Server:
         if guild is not None:
             guild.cast_system(PresenceMsg(kind, member))
 
-    def _feed(self, gid: str, records: list[Record] | None) -> None:
+    def _feed(self, gid: str, records: list[Record] | str | None) -> None:
         """Broker feed -> the guild's mailbox (a system message: never dropped)."""
         guild = self.registry.lookup(gid)
         if guild is not None:
@@ -303,7 +305,8 @@ class Server:
         if not self._started:
             return "not started"
         if not self.broker.healthy:
-            return "broker unavailable"
+            # The Redis broker says which part is down (link, feed, policy).
+            return getattr(self.broker, "unhealthy_reason", "") or "broker unavailable"
         return ""
 
     def metrics(self) -> MetricsSnapshot:
