@@ -182,7 +182,10 @@ class FaultProxy:
         try:
             while True:
                 await self._until(lambda: self._mode(conn) != "stall")
-                data = await r.read(CHUNK)
+                try:
+                    data = await r.read(CHUNK)
+                except OSError:
+                    data = b""  # reset: what was already read still goes on
                 if not down:
                     if len(conn.head) < HEAD_BYTES:
                         conn.head += data[: HEAD_BYTES - len(conn.head)]

@@ -58,7 +58,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from guildcast.broker.base import (
     FEED_LOST,
@@ -399,36 +399,58 @@ class RedisBroker:
                 batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]] = []
                 while self._queue and len(batch) < MAX_PIPELINE:
                     batch.append(self._queue.popleft())
-                # A connection first: failing to get one means nothing was
-                # sent ("not published"); past it, a lost answer means the
-                # scripts may have run ("outcome unknown").
-                try:
-                    conn = await self._r.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-                except (RedisError, OSError) as e:
-                    self._mark_down(e)
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                await self._send(batch)
+
+    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]]) -> None:
+        """One pipeline of append scripts (EVALSHA; on NOSCRIPT, nothing ran:
+        load the script and send those again) and answer every future."""
+        for attempt in (1, 2):
+            # A connection first: failing to get one means nothing was sent
+            # ("not published"); past it, a lost answer means the scripts may
+            # have run ("outcome unknown").
+            try:
+                conn = await self._r.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                return
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    pipe.connection = conn
+                    for gid, args, _ in batch:
+                        pipe.evalsha(self._append_script.sha, 4, *_keys(gid), *args)
+                    results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(OutcomeUnknown(f"redis: no answer ({e})"))
+                return
+            again = []
+            for item, res in zip(batch, results, strict=True):
+                fut = item[2]
+                if fut.done():
                     continue
-                try:
-                    async with self._r.pipeline(transaction=False) as pipe:
-                        pipe.connection = conn
-                        for gid, args, _ in batch:
-                            await self._append_script(keys=_keys(gid), args=args, client=pipe)
-                        results = await pipe.execute(raise_on_error=False)
-                except (RedisError, OSError) as e:
-                    self._mark_down(e)
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(OutcomeUnknown(f"redis: no answer ({e})"))
-                    continue
-                for (_, _, fut), res in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(res, Exception):
-                        fut.set_exception(BrokerUnavailable(f"redis: {res}"))
-                    else:
-                        fut.set_result(res)
+                if isinstance(res, NoScriptError) and attempt == 1:
+                    again.append(item)
+                elif isinstance(res, Exception):
+                    # A script that failed part way may have sequenced some.
+                    fut.set_exception(OutcomeUnknown(f"redis: {res}"))
+                else:
+                    fut.set_result(res)
+            if not again:
+                return
+            try:
+                await self._r.script_load(_APPEND)
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+                for _, _, fut in again:
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                return
+            batch = again
 
     # --- presence ------------------------------------------------------------------
 
