@@ -33,7 +33,7 @@ from guildcast.broker.base import Broker, BrokerUnavailable, Presence, Record
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
-from guildcast.core.host import HistoryPage, Overloaded
+from guildcast.core.host import HistoryPage, OutcomeUnknown, Overloaded
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
@@ -421,6 +421,8 @@ def _relay(outer: asyncio.Future[tuple[int, str]], inner: asyncio.Future[tuple[i
         return
     if exc is None:
         outer.set_result(inner.result())
+    elif isinstance(exc, OutcomeUnknown):
+        outer.set_exception(exc)  # maybe sequenced: not a "retry later"
     elif isinstance(exc, _RETRY_LATER):
         outer.set_exception(Overloaded(str(exc) or type(exc).__name__))
     else:

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Final, Literal, NamedTuple, Protocol
 
+from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
+
 
 class Record(NamedTuple):
     """One stored event."""
@@ -46,9 +48,10 @@ class BrokerUnavailable(Exception):
     """The broker cannot be reached; nothing was appended. Retry later."""
 
 
-class OutcomeUnknown(BrokerUnavailable):
+class OutcomeUnknown(BrokerUnavailable, HostOutcomeUnknown):
     """The append was sent but no answer came (a timeout, a connection lost
-    while waiting): the events may or may not have been sequenced."""
+    while waiting): the events may or may not have been sequenced. Never
+    report it as "not published"."""
 
 
 class EpochChanged(Exception):

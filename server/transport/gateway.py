@@ -38,7 +38,7 @@ from websockets.http11 import Request
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
-from guildcast.core.host import GatewayHost, Overloaded
+from guildcast.core.host import GatewayHost, OutcomeUnknown, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close, Err
@@ -416,7 +416,12 @@ class Connection(asyncio.Protocol):
         if fut.cancelled():
             effects = session.publish_failed(p, Err.TRY_AGAIN_LATER, "publish cancelled")
         elif (exc := fut.exception()) is not None:
-            code = Close.DECODE_ERROR if isinstance(exc, ValueError) else Err.TRY_AGAIN_LATER
+            if isinstance(exc, ValueError):
+                code: int = Close.DECODE_ERROR
+            elif isinstance(exc, OutcomeUnknown):
+                code = Err.OUTCOME_UNKNOWN  # maybe sequenced: never "refused, retry"
+            else:
+                code = Err.TRY_AGAIN_LATER
             effects = session.publish_failed(p, code, str(exc))
         else:
             s, epoch = fut.result()

@@ -17,13 +17,14 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from guildcast.core.tokens import make_token
 from guildcast.loadtest.faultcheck import Ledger, Publisher, Subscriber, wait_clean
 from guildcast.loadtest.faultproxy import ThreadedFaultProxy
-from tests.cluster.nodes import NodeProc
+from tests.cluster.nodes import API_KEY, NodeProc
 from tests.redisproc import RedisProc
 from tests.util import eventually
 
@@ -261,3 +262,40 @@ async def test_a_node_paused_past_presence_timeout_reannounces_its_sessions(
             os.kill(c.a.proc.pid, signal.SIGCONT)
             await r.aclose()
         await eventually(whole, 20)
+
+
+async def test_a_late_redis_answer_is_outcome_unknown_not_refused(
+    redis: RedisProc, proxy: ThreadedFaultProxy
+) -> None:
+    a = NodeProc(proxy.url, SECRET, "a", *FAST)
+    await asyncio.to_thread(a.start)
+    pub = Publisher([a.url], token("p"), "p")
+    try:
+        assert await pub.publish("late")  # connected, script loaded
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+
+        async def ready() -> bool:
+            return (await a.get("/readyz"))[0] == 200
+
+        proxy.set_mode("delay", 1.6)  # every answer comes after the 1 s timeout
+        assert not await pub.publish("late")
+        assert pub.unknown == {"p-1"} and not pub.refused  # ERROR 4504, not 1013
+        proxy.heal()
+        await eventually(ready, 20)
+        async with aiohttp.ClientSession() as http:
+            proxy.set_mode("delay", 1.6)
+            body = {"guild": "late", "t": "EV", "d": {"k": "http-1"}}
+            async with http.post(a.api + "/v1/publish", json=body, headers=headers) as r:
+                status, answer = r.status, await r.json()
+        assert status == 504 and answer["outcome"] == "unknown", answer
+        proxy.heal()
+
+        async def both_sequenced() -> bool:
+            status, page = await a.get("/v1/guilds/late/history?after=0")
+            keys = {e["d"]["k"] for e in page.get("events", [])} if status == 200 else set()
+            return {"p-1", "http-1"} <= keys
+
+        await eventually(both_sequenced, 20)  # "unknown" was the honest answer
+    finally:
+        await pub.close()
+        await asyncio.to_thread(a.stop)
