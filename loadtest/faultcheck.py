@@ -10,11 +10,11 @@ harness (``guildcast.loadtest.faults``). Every published ``d`` is unique
 Counts (:meth:`Ledger.tally`), per subscriber and guild:
 
 - *lost*: an acknowledged event the subscriber was owed and never got. It is
-  owed every event of an epoch after the head it was given when it entered
-  that epoch (``SUBSCRIBED`` with ``recovered: false`` is the server saying
-  "reload, what came before is not replayed"), up to the last one it got in
-  that epoch, and for the guild's newest epoch every acknowledged event after
-  that head (a subscriber stuck on an old epoch is owed the new one);
+  owed every event after the head it was given at each ``SUBSCRIBED`` that
+  did not recover (the server saying "reload, what came before is not
+  replayed"), up to the last one it got before the next such SUBSCRIBED, and
+  after the last one every acknowledged event of that epoch; a subscriber
+  not on the guild's newest epoch is owed all of the newest epoch's events;
 - *doubled*: an event delivered more than once;
 - *mislabelled*: an event delivered under an ``(epoch, s)`` other than the
   one its publisher was acknowledged with.
@@ -56,8 +56,9 @@ class Subscriber:
     #: Per guild: the current epoch and the last s delivered in it.
     epoch: dict[str, str] = field(default_factory=dict)
     last: dict[str, int] = field(default_factory=dict)
-    #: Per guild and epoch: the head given when the subscriber entered it.
-    entered: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Per guild: the windows it was served, ``[epoch, head given, last s got]``;
+    #: a new one at each SUBSCRIBED that did not recover.
+    windows: dict[str, list[list[Any]]] = field(default_factory=dict)
     close_codes: list[int] = field(default_factory=list)
     reconnects: int = 0
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -111,13 +112,14 @@ class Subscriber:
                     if not d["recovered"] or d["epoch"] != self.epoch.get(g):
                         self.epoch[g] = d["epoch"]
                         self.last[g] = d["s"]
-                        self.entered.setdefault((g, d["epoch"]), d["s"])
+                        self.windows.setdefault(g, []).append([d["epoch"], d["s"], d["s"]])
                     pending.discard(g)
                     if not pending:
                         self.subscribed.set()
                 elif "s" in m and isinstance(m["d"], dict) and "k" in m["d"]:
                     self.got.setdefault(g, []).append((self.epoch[g], m["s"], m["d"]["k"]))
                     self.last[g] = m["s"]
+                    self.windows[g][-1][2] = m["s"]
         finally:
             hb.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -133,8 +135,9 @@ class Publisher:
         self.token = token
         self.name = name
         self.n = 0
-        #: key -> (guild, epoch, s) of every ACK.
+        #: key -> (guild, epoch, s) of every ACK, and when it came (monotonic).
         self.acked: dict[str, tuple[str, str, int]] = {}
+        self.acked_at: dict[str, float] = {}
         #: ERROR codes of refused publishes (not published), by code.
         self.refused: Counter[int] = Counter()
         #: Keys whose outcome is unknown (ERROR 4504 or a dropped connection).
@@ -173,6 +176,7 @@ class Publisher:
                     m = orjson.loads(await ws.recv())
                     if m["op"] == 12 and m["d"].get("nonce") == key:
                         self.acked[key] = (gid, m["d"]["epoch"], int(m["d"]["s"]))
+                        self.acked_at[key] = time.monotonic()
                         return True
                     if m["op"] == 13 and m["d"].get("nonce") == key:
                         code = int(m["d"]["code"])
@@ -225,22 +229,28 @@ class Ledger:
         self.publishers = publishers
         self.subscribers = subscribers
 
-    def acked(self) -> dict[str, tuple[str, str, int]]:
+    def acked(self, until: float | None = None) -> dict[str, tuple[str, str, int]]:
+        """Every ACK (or those that came before ``until``, monotonic)."""
         out: dict[str, tuple[str, str, int]] = {}
         for p in self.publishers:
-            out.update(p.acked)
+            if until is None:
+                out.update(p.acked)
+            else:
+                out.update((k, v) for k, v in p.acked.items() if p.acked_at[k] <= until)
         return out
 
-    def tally(self) -> Tally:
-        acked = self.acked()
+    def tally(self, until: float | None = None) -> Tally:
+        """The counts over every ACK (or those before ``until``)."""
+        acked = self.acked(until)
+        at = {k: t for p in self.publishers for k, t in p.acked_at.items() if k in acked}
         t = Tally(acknowledged=len(acked))
         by_epoch: dict[tuple[str, str], dict[int, str]] = {}
         newest: dict[str, str] = {}
         for key, (g, e, s) in acked.items():
             by_epoch.setdefault((g, e), {})[s] = key
-        for p in self.publishers:  # the newest epoch: the one of each guild's last ACK
-            for g, e, _ in p.acked.values():
-                newest[g] = e
+        for key in sorted(at, key=at.__getitem__):  # each guild's epoch at its last ACK
+            g, e, _ = acked[key]
+            newest[g] = e
         for sub in self.subscribers:
             for g in sub.guilds:
                 got = sub.got.get(g, [])
@@ -254,14 +264,12 @@ class Ledger:
                             t.details.append(f"{g}: {k} acked {acked[k][1:]} got {(e_label, s)}")
                 owed: set[str] = set()
                 final = sub.epoch.get(g)
-                for (gg, e), start in sub.entered.items():
-                    if gg != g:
-                        continue
+                wins = sub.windows.get(g, [])
+                for i, (e, start, top) in enumerate(wins):
                     ss = by_epoch.get((g, e), {})
-                    if e == final:
+                    if i == len(wins) - 1:
                         owed.update(k for s, k in ss.items() if s > start)
                     else:
-                        top = max((s for ee, s, _ in got if ee == e), default=start)
                         owed.update(k for s, k in ss.items() if start < s <= top)
                 if g in newest and newest[g] != final:
                     owed.update(by_epoch.get((g, newest[g]), {}).values())
@@ -272,14 +280,16 @@ class Ledger:
         return t
 
 
-async def wait_clean(ledger: Ledger, timeout: float) -> tuple[Tally, float]:
-    """Poll until nothing acknowledged is missing (or ``timeout``); returns the
-    last tally and the seconds it took."""
+async def wait_clean(
+    ledger: Ledger, timeout: float, until: float | None = None
+) -> tuple[Tally, float]:
+    """Poll until nothing acknowledged (before ``until``) is missing, or
+    ``timeout``; returns the last tally and the seconds it took."""
     t0 = time.monotonic()
-    tally = ledger.tally()
+    tally = ledger.tally(until)
     while time.monotonic() - t0 < timeout:
-        tally = ledger.tally()
+        tally = ledger.tally(until)
         if tally.lost == 0:
             break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
     return tally, time.monotonic() - t0
