@@ -12,7 +12,8 @@ upstream (a ``redis-server``). A test or the fault harness
   both directions, and forward no close (packets stop, nothing closes);
 - ``zombie``: forward client -> server, discard server -> client (a
   connection that stays open and delivers nothing);
-- :meth:`drop`: abort every open connection (RST) once; new ones pass.
+- :meth:`drop`: abort every open connection (RST) once (or, with ``only``,
+  those whose client sent those bytes); new ones pass.
 
 ``set_mode(mode, only=b"SUBSCRIBE")`` applies the mode only to connections
 whose client has sent a chunk containing those bytes (say, the pub/sub
@@ -75,7 +76,7 @@ class FaultProxy:
         self.only: bytes | None = None
         self._changed = asyncio.Event()
         self._server: asyncio.Server | None = None
-        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._conns: dict[_Conn, tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: Connections accepted so far (for tests that want to see a reconnect).
         self.accepted = 0
@@ -110,12 +111,14 @@ class FaultProxy:
     def heal(self) -> None:
         self.set_mode("pass")
 
-    def drop(self) -> None:
-        """Abort (RST) every open connection."""
-        for a, b in list(self._conns):
+    def drop(self, only: bytes | None = None) -> None:
+        """Abort (RST) every open connection (or those whose client sent ``only``)."""
+        for conn, (a, b) in list(self._conns.items()):
+            if only is not None and only not in conn.head and only not in conn.marks:
+                continue
             for w in (a, b):
                 w.transport.abort()
-        self._conns.clear()
+            del self._conns[conn]
 
     # --- forwarding --------------------------------------------------------------
 
@@ -139,9 +142,8 @@ class FaultProxy:
         except OSError:
             cw.transport.abort()
             return
-        pair = (cw, uw)
-        self._conns.add(pair)
         conn = _Conn()
+        self._conns[conn] = (cw, uw)
         tasks = [
             asyncio.create_task(self._pipe(conn, cr, uw, False)),
             asyncio.create_task(self._pipe(conn, ur, cw, True)),
@@ -151,7 +153,7 @@ class FaultProxy:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self._tasks.difference_update(tasks)
-            self._conns.discard(pair)
+            self._conns.pop(conn, None)
             for w in (cw, uw):
                 w.transport.abort()
 
@@ -257,8 +259,8 @@ class ThreadedFaultProxy:
     def heal(self) -> None:
         self._call(self.proxy.heal)
 
-    def drop(self) -> None:
-        self._call(self.proxy.drop)
+    def drop(self, only: bytes | None = None) -> None:
+        self._call(lambda: self.proxy.drop(only))
 
     def stop(self) -> None:
         if self._proxy is not None:

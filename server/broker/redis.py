@@ -593,7 +593,7 @@ class RedisBroker:
                 try:
                     await ps.subscribe(channel(gid))
                 except (RedisError, OSError) as e:
-                    self._mark_down(e)
+                    self._feed_down(e)  # the reader reconnects and subscribes it
             self._pubsub_wake.set()
         assert isinstance(fut, asyncio.Future)
         try:
@@ -616,7 +616,7 @@ class RedisBroker:
             try:
                 await ps.unsubscribe(channel(gid))
             except (RedisError, OSError) as e:
-                self._mark_down(e)
+                self._feed_down(e)
 
     async def _reader(self) -> None:
         """Owns the pub/sub connection: (re)subscribes, delivers records, and
