@@ -215,6 +215,8 @@ class Tally:
     lost: int = 0
     doubled: int = 0
     mislabelled: int = 0
+    #: SUBSCRIBED without recovery after a subscriber's first, per guild.
+    reloads: int = 0
     details: list[str] = field(default_factory=list)
 
     @property
@@ -265,6 +267,7 @@ class Ledger:
                 owed: set[str] = set()
                 final = sub.epoch.get(g)
                 wins = sub.windows.get(g, [])
+                t.reloads += max(0, len(wins) - 1)
                 for i, (e, start, top) in enumerate(wins):
                     ss = by_epoch.get((g, e), {})
                     if i == len(wins) - 1:

@@ -16,8 +16,11 @@ upstream (a ``redis-server``). A test or the fault harness
   those whose client sent those bytes); new ones pass.
 
 ``set_mode(mode, only=b"SUBSCRIBE")`` applies the mode only to connections
-whose client has sent a chunk containing those bytes (say, the pub/sub
-connection of a Redis client); the others pass.
+whose client has sent those bytes (say, the pub/sub connection of a Redis
+client); the others pass. ``only`` is matched against the first
+``HEAD_BYTES`` a client sent and against every chunk for the ``markers``
+given to the proxy (``SUBSCRIBE`` by default: a Redis client may turn a
+pooled command connection into its pub/sub connection at any time).
 
 Consistency model: one asyncio loop owns every connection; a mode change
 applies to the next chunk read on every connection. Bounds: each direction
@@ -58,14 +61,20 @@ class _Conn:
         #: The first ``HEAD_BYTES`` the client sent (where a Redis client's
         #: SUBSCRIBE is), to match ``only`` against.
         self.head = bytearray()
-        #: ``only`` values the client sent after its head.
+        #: Markers (and ``only`` values) the client sent after its head.
         self.marks: set[bytes] = set()
 
 
 class FaultProxy:
     """Forwards ``127.0.0.1:port`` to ``upstream``; see the module docstring."""
 
-    def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        host: str = "127.0.0.1",
+        markers: tuple[bytes, ...] = (b"SUBSCRIBE",),
+    ) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError("the fault proxy listens on loopback only")
         self.upstream = (upstream_host, upstream_port)
@@ -74,6 +83,7 @@ class FaultProxy:
         self.mode = "pass"
         self.delay = 0.0
         self.only: bytes | None = None
+        self.markers = markers
         self._changed = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._conns: dict[_Conn, tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = {}
@@ -191,6 +201,9 @@ class FaultProxy:
                 if not down:
                     if len(conn.head) < HEAD_BYTES:
                         conn.head += data[: HEAD_BYTES - len(conn.head)]
+                    for m in self.markers:
+                        if m in data:
+                            conn.marks.add(m)
                     if self.only is not None and self.only in data:
                         conn.marks.add(self.only)
                 if data and self._discards(conn, down):

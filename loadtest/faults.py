@@ -3,14 +3,16 @@
 For each fault it starts a fresh cluster on 127.0.0.1: a ``redis-server``,
 node A reaching it through the fault proxy (``guildcast.loadtest.faultproxy``)
 and nodes B, C directly (``guildcast serve --redis`` processes). Publishers
-on B and C publish unique events with ACK; subscribers on every node (they
+on A, B and C publish unique events with ACK; subscribers on every node (they
 fall back to the next node when closed) keep every event with the epoch it
 was labelled with. After ``--warmup`` seconds the fault is applied for
 ``--fault-seconds`` (``--pause`` for SIGSTOP), healed, publishing goes on for
 ``--after`` seconds, then stops. Per fault it prints events acknowledged,
 delivered (to every subscriber, summed), lost, doubled, mislabelled
-(``guildcast.loadtest.faultcheck``), publishes answered "outcome unknown"
-or refused, and the time to heal: from the heal until every subscriber had
+(``guildcast.loadtest.faultcheck``), reloads (SUBSCRIBED ``recovered:
+false`` after the first: a subscriber away longer than the history window
+is told to reload rather than given a gap), publishes answered "outcome
+unknown" or refused, and the time to heal: from the heal until every subscriber had
 every event acknowledged before it (or ``>N`` when it had not within
 ``--settle`` seconds).
 
@@ -215,9 +217,8 @@ async def run_fault(fault: str, args: argparse.Namespace, workdir: Path) -> Row:
             Subscriber(urls[i % 3 :] + urls[: i % 3], _token(f"s{i}"), GUILDS)
             for i in range(args.subscribers)
         ]
-        pubs = [
-            Publisher([urls[1 + i % 2]], _token(f"p{i}"), f"p{i}") for i in range(args.publishers)
-        ]
+        # Publisher i on node i % 3 (A, B, C, A, ...), staying there.
+        pubs = [Publisher([urls[i % 3]], _token(f"p{i}"), f"p{i}") for i in range(args.publishers)]
         ledger = Ledger(pubs, subs)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(s.run()) for s in subs]
@@ -278,15 +279,15 @@ async def run_fault(fault: str, args: argparse.Namespace, workdir: Path) -> Row:
 def _table(rows: list[Row], settle: float) -> str:
     head = (
         "| fault | acknowledged | delivered | lost | doubled | mislabelled "
-        "| outcome unknown | refused | time to heal |"
+        "| reloads | outcome unknown | refused | time to heal |"
     )
-    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r.tally
         heal = f"{r.heal:.1f} s" if r.heal is not None else f">{settle:g} s"
         out.append(
             f"| {r.fault} | {t.acknowledged} | {t.delivered} | {t.lost} | {t.doubled} "
-            f"| {t.mislabelled} | {r.unknown} | {r.refused} | {heal} |"
+            f"| {t.mislabelled} | {t.reloads} | {r.unknown} | {r.refused} | {heal} |"
         )
     return "\n".join(out)
 
@@ -295,7 +296,7 @@ def build_parser(prog: str = "guildcast loadtest faults") -> argparse.ArgumentPa
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0] if __doc__ else "")
     ap.add_argument("--faults", default=",".join(FAULTS), help="comma-separated (default: all)")
     ap.add_argument("--subscribers", type=int, default=12, help="subscribers over the 3 nodes")
-    ap.add_argument("--publishers", type=int, default=2, help="publishers on B and C")
+    ap.add_argument("--publishers", type=int, default=3, help="publishers, on A, B, C in turn")
     ap.add_argument("--pause-between", type=float, default=0.01, help="s between publishes")
     ap.add_argument("--warmup", type=float, default=3.0, help="s of publishing before the fault")
     ap.add_argument("--fault-seconds", type=float, default=10.0, help="s each fault lasts")

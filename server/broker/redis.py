@@ -292,7 +292,6 @@ class RedisBroker:
         #: Listeners per guild: an old guild actor still stopping and its
         #: successor may overlap, so listen/unlisten are counted.
         self._listeners: dict[str, int] = {}
-        self._pubsub_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self.reconnects = 0
@@ -594,7 +593,6 @@ class RedisBroker:
                     await ps.subscribe(channel(gid))
                 except (RedisError, OSError) as e:
                     self._feed_down(e)  # the reader reconnects and subscribes it
-            self._pubsub_wake.set()
         assert isinstance(fut, asyncio.Future)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -638,14 +636,10 @@ class RedisBroker:
                 delay = 0.05
                 alive = time.monotonic()
                 next_ping = alive + every
+                # Pinged whether or not anything is subscribed: a feed found
+                # dead stays "dead" (not ready) until a connection answers,
+                # even once its guilds stopped listening.
                 while True:
-                    if not ps.subscribed:
-                        self._feed_up()  # nothing subscribed: nothing to miss
-                        self._pubsub_wake.clear()
-                        await self._pubsub_wake.wait()
-                        alive = time.monotonic()
-                        next_ping = alive + every
-                        continue
                     msg = await ps.get_message(timeout=max(0.01, next_ping - time.monotonic()))
                     now = time.monotonic()
                     if msg is not None:
