@@ -59,6 +59,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from guildcast.broker.base import (
     FEED_LOST,
@@ -254,6 +255,13 @@ class RedisBroker:
             socket_timeout=op_timeout,
             socket_connect_timeout=op_timeout,
             retry_on_timeout=False,
+            # redis-py skips its check of a pooled connection the server has
+            # closed (EOF waiting) while maintenance notifications are on
+            # (their default, "auto"): an append or catch-up read then failed
+            # on the first stale connection after a Redis restart, as "no
+            # answer" although nothing had been sent. Off: a stale pooled
+            # connection is reconnected before use.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
         self._r: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._append_script = self._r.register_script(_APPEND)
