@@ -138,7 +138,8 @@ class Publisher:
         #: key -> (guild, epoch, s) of every ACK, and when it came (monotonic).
         self.acked: dict[str, tuple[str, str, int]] = {}
         self.acked_at: dict[str, float] = {}
-        #: ERROR codes of refused publishes (not published), by code.
+        #: ERROR codes of refused publishes (not published), by code; 0 for
+        #: "no connection to send it on".
         self.refused: Counter[int] = Counter()
         #: Keys whose outcome is unknown (ERROR 4504 or a dropped connection).
         self.unknown: set[str] = set()
@@ -166,9 +167,14 @@ class Publisher:
         """One event; True when acknowledged."""
         key = f"{self.name}-{self.n}"
         self.n += 1
-        try:
-            if self._ws is None:
+        if self._ws is None:
+            try:
                 self._ws = await self._connect()
+            except (OSError, websockets.WebSocketException, TimeoutError, ConnectionError):
+                self.refused[0] += 1  # no connection: nothing was sent
+                await asyncio.sleep(0.05)
+                return False
+        try:
             ws = self._ws
             await send(ws, 5, {"guild": gid, "t": "EV", "d": {"k": key}, "nonce": key})
             async with asyncio.timeout(timeout):
@@ -191,11 +197,6 @@ class Publisher:
                 with contextlib.suppress(Exception):
                     await self._ws.close()
             self._ws = None
-            await asyncio.sleep(0.05)
-            return False
-        except ConnectionError:
-            self._ws = None
-            self.refused[0] += 1
             await asyncio.sleep(0.05)
             return False
 
