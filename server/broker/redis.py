@@ -58,7 +58,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from guildcast.broker.base import (
@@ -286,6 +286,7 @@ class RedisBroker:
         #: Why Redis may not be used (an evicting maxmemory-policy), or None.
         self._policy_error: str | None = None
         self._policy_checked = 0.0
+        self._policy_unknown_logged = False
         #: Every member this node announced and has not withdrawn: announced
         #: again if another node's reaper removed them (this node was paused
         #: past presence_timeout). Bounded by sessions x their guilds.
@@ -732,7 +733,15 @@ class RedisBroker:
     async def _check_policy(self) -> None:
         """Refuse a ``maxmemory-policy`` that can evict our keys (module docstring)."""
         self._policy_checked = time.monotonic()
-        info: Any = await self._r.info("memory")
+        try:
+            info: Any = await self._r.info("memory")
+        except ResponseError as e:  # INFO renamed or refused (some managed Redis)
+            if not self._policy_unknown_logged:
+                self._policy_unknown_logged = True
+                log.warning(
+                    "cannot read redis maxmemory-policy (%s): it must be %s", e, SAFE_POLICY
+                )
+            return
         policy = info.get("maxmemory_policy", SAFE_POLICY)
         if isinstance(policy, bytes):
             policy = policy.decode()
