@@ -205,31 +205,35 @@ async def test_redis_restart_empty_every_node_sees_the_new_epoch(
             await pub.close()
 
 
-@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
-async def test_an_evicting_maxmemory_policy_fails_readiness(
-    redis: RedisProc, proxy: ThreadedFaultProxy, policy: str
-) -> None:
-    async with cluster(proxy.url, redis.url) as c:
-        r = await asyncio.open_connection("127.0.0.1", redis.port)
-        try:
-            cmd = f"CONFIG SET maxmemory-policy {policy}\r\n".encode()
-            r[1].write(cmd)
-            assert (await r[0].readline()).startswith(b"+OK")
+async def test_an_evicting_maxmemory_policy_fails_readiness_and_refuses(redis: RedisProc) -> None:
+    node = NodeProc(redis.url, SECRET, "b", *FAST)
+    await asyncio.to_thread(node.start)
+    raw = aioredis.Redis(port=redis.port)
+    pub = Publisher([node.url], token("p"), "p")
+    try:
+        assert await pub.publish("g")
+        for policy in ("allkeys-lru", "volatile-ttl"):  # any key / keys with a TTL
+            await raw.config_set("maxmemory-policy", policy)
 
-            async def refused() -> bool:
-                status, body = await c.b.get("/readyz")
-                return status == 503 and "maxmemory-policy" in body["detail"]
+            async def refused(policy: str = policy) -> bool:
+                status, body = await node.get("/readyz")
+                return status == 503 and f"maxmemory-policy is {policy}" in body["detail"]
 
             await eventually(refused, 15)
-            r[1].write(b"CONFIG SET maxmemory-policy noeviction\r\n")
-            assert (await r[0].readline()).startswith(b"+OK")
+            assert not await pub.publish("g")  # not sequenced: s is never reused
+            assert set(pub.refused) == {1013} and not pub.unknown
+        await raw.config_set("maxmemory-policy", "noeviction")
 
-            async def ready() -> bool:
-                return await c.ready(c.b)
+        async def ready() -> bool:
+            return (await node.get("/readyz"))[0] == 200
 
-            await eventually(ready, 15)
-        finally:
-            r[1].close()
+        await eventually(ready, 15)
+        assert await pub.publish("g")
+        assert [s for _, _, s in pub.acked.values()] == [1, 2]
+    finally:
+        await pub.close()
+        await raw.aclose()
+        await asyncio.to_thread(node.stop)
 
 
 async def test_a_node_paused_past_presence_timeout_reannounces_its_sessions(
