@@ -630,19 +630,25 @@ class RedisBroker:
         checks the feed is alive (a PING answered within ``feed_deadline``).
 
         After any failure it starts a fresh connection with a bounded
-        backoff and resubscribes every wanted channel; each confirmation of
-        an already confirmed channel tells its listener to catch up.
+        backoff and resubscribes every wanted channel. The first reply of any
+        kind on the new connection proves its SUBSCRIBE took effect (Redis
+        answers in order): then every guild that was listening before is
+        told to catch up (``feed(gid, None)``), whichever reply it was.
         """
-        delay = 0.05
+        # The first reconnect is immediate (a reset connection usually comes
+        # back at once: the feed is "dead" for one round trip), then backs off.
+        delay = 0.0
         every = self.feed_deadline / 3
         while True:
             ps: Any = self._r.pubsub()
             try:
                 await asyncio.wait_for(ps.connect(), self.op_timeout)
                 self._pubsub = ps
+                # Guilds confirmed on an earlier connection: owed a catch-up.
+                owed = [g for g, fut in self._listening.items() if fut is None]
                 if self._listening:
                     await ps.subscribe(*[channel(g) for g in self._listening])
-                delay = 0.05
+                delay = 0.0
                 alive = time.monotonic()
                 next_ping = alive + every
                 # Pinged whether or not anything is subscribed: a feed found
@@ -653,6 +659,9 @@ class RedisBroker:
                     now = time.monotonic()
                     if msg is not None:
                         alive = now
+                        if owed:
+                            self._resync(owed)
+                            owed = []
                         self._on_pubsub(msg)
                     if now - alive > self.feed_deadline:
                         raise _FeedSilent(f"no answer to PING in {now - alive:.1f} s")
@@ -664,7 +673,7 @@ class RedisBroker:
             except Exception as e:
                 self._feed_down(e)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(max(delay * 2, 0.05), 2.0)
             finally:
                 self._pubsub = None
                 with contextlib.suppress(Exception):
@@ -726,8 +735,14 @@ class RedisBroker:
                 if not fut.done():
                     fut.set_result(None)
                 self._listening[gid] = None
-            elif fut is None and self._feed is not None:
-                # A resubscription after a reconnect: records may be missing.
+
+    def _resync(self, gids: list[str]) -> None:
+        """A new feed connection delivers again: records sent while it was
+        down may be missing; each guild still listening checks with read()."""
+        if self._feed is None:
+            return
+        for gid in gids:
+            if gid in self._listening:
                 self._feed(gid, None)
 
     async def _check_policy(self) -> None:
