@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "soak": "guildcast.loadtest.soak",
     "clusterbench": "guildcast.loadtest.clusterbench",
     "sendcost": "guildcast.loadtest.sendcost",
+    "faults": "guildcast.loadtest.faults",
 }
 
 

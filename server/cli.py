@@ -78,11 +78,14 @@ _SERVE_FLAGS: dict[str, str] = {
     "fsync": "journal fsync policy: always, interval or never",
     "fsync_interval": "seconds between journal fsyncs with --fsync interval",
     "presence_timeout": "seconds before a silent node's sessions leave presence",
-    # --- Hardening limits (docs/SECURITY.md "Resource limits"; owner: h5) ---
+    # --- Hardening limits (docs/SECURITY.md "Resource limits") ---
     "history_guild_bytes": "bytes of history one guild keeps in memory (oldest leave first)",
     "history_node_bytes": "bytes of history all guilds keep in memory (oldest leave first)",
     "user_publish_bytes": "PUBLISH bytes/s per user over all connections (0: unlimited)",
     "user_guild_share": "share of --max-guilds one user's subscriptions may start",
+    # --- Cluster (docs/OPERATIONS.md "Cluster: Redis requirements and faults") ---
+    "redis_timeout": "seconds a Redis command may take before it counts as failed",
+    "feed_deadline": "seconds the Redis pub/sub feed may stay silent before it is resubscribed",
 }
 
 

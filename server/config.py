@@ -69,6 +69,12 @@ class Config:
     #: Seconds after a node's last heartbeat before its sessions drop out
     #: of presence (a node beats every second).
     presence_timeout: float = 10.0
+    #: Seconds a Redis command may take before it counts as failed (an
+    #: append then answers "outcome unknown", docs/PROTOCOL.md "Publishing").
+    redis_timeout: float = 5.0
+    #: Seconds the Redis pub/sub feed may stay silent (its PING unanswered)
+    #: before it is declared dead and resubscribed (docs/OPERATIONS.md).
+    feed_deadline: float = 3.0
 
     # Operations (docs/OPERATIONS.md)
     #: Serve the demo board at ``/`` and ``/demo`` on the gateway port; a

@@ -36,7 +36,7 @@ from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
 from guildcast.core import fdwatch
-from guildcast.core.host import HistoryPage, Overloaded
+from guildcast.core.host import HistoryPage, OutcomeUnknown, Overloaded
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
@@ -268,6 +268,8 @@ class Server:
                 cfg.history_ttl,
                 node_id=self.node_id,
                 presence_timeout=cfg.presence_timeout,
+                op_timeout=cfg.redis_timeout,
+                feed_deadline=cfg.feed_deadline,
             )
         if cfg.data_dir:
             disk = DiskBroker(
@@ -307,7 +309,7 @@ class Server:
         if guild is not None:
             guild.cast_system(PresenceMsg(kind, member))
 
-    def _feed(self, gid: str, records: list[Record] | None) -> None:
+    def _feed(self, gid: str, records: list[Record] | str | None) -> None:
         """Broker feed -> the guild's mailbox (a system message: never dropped)."""
         guild = self.registry.lookup(gid)
         if guild is not None:
@@ -418,7 +420,8 @@ class Server:
             broker = self.broker
             if isinstance(broker, DiskBroker) and broker.persist_error:
                 return broker.persist_error  # "cannot persist to DIR: No space left..."
-            return "broker unavailable"
+            # The Redis broker says which part is down (link, feed, policy).
+            return getattr(broker, "unhealthy_reason", "") or "broker unavailable"
         return ""
 
     def metrics(self) -> MetricsSnapshot:
@@ -584,6 +587,8 @@ def _relay(outer: asyncio.Future[tuple[int, str]], inner: asyncio.Future[tuple[i
         return
     if exc is None:
         outer.set_result(inner.result())
+    elif isinstance(exc, OutcomeUnknown):
+        outer.set_exception(exc)  # maybe sequenced: not a "retry later"
     elif isinstance(exc, _RETRY_LATER):
         outer.set_exception(Overloaded(str(exc) or type(exc).__name__))
     else:

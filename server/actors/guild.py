@@ -13,6 +13,12 @@ below it are duplicates and dropped; a record past ``cursor + 1`` means the
 feed skipped some, which are read back from history first; if history no
 longer has them, or the epoch changed, the guild's history is lost: every
 local session is closed with 4000 and recovers what it can on reconnect.
+A feed record carrying another epoch than the guild's (the broker lost its
+data and a new epoch began) is never forwarded: history lost, as above. A
+catch-up that cannot read history (the broker is still unreachable), or a
+broker reporting its feed lost (``FEED_LOST``), closes the local sessions
+with 4000 too: a session this node cannot serve recovers where it can,
+rather than wait here for events that are not coming.
 
 Subscriptions arrive as :class:`Subscribe` messages in mailbox order with
 feed records, so the head a session is told in SUBSCRIBED, its replay and
@@ -36,7 +42,7 @@ from typing import Any
 from guildcast.actors.actor import Actor, MailboxFull, _Call
 from guildcast.actors.groups import GroupEvent, Groups
 from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove
-from guildcast.broker.base import Broker, BrokerUnavailable, Presence, Record
+from guildcast.broker.base import FEED_LOST, Broker, BrokerUnavailable, Presence, Record
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
@@ -101,11 +107,12 @@ class Left:
 
 
 class Feed:
-    """Records from the broker's live feed, or None: "you may have missed some"."""
+    """Records from the broker's live feed, None: "you may have missed some",
+    or ``FEED_LOST``: "nothing is reaching you"."""
 
     __slots__ = ("records",)
 
-    def __init__(self, records: list[Record] | None) -> None:
+    def __init__(self, records: list[Record] | str | None) -> None:
         self.records = records
 
 
@@ -260,7 +267,7 @@ class Guild(Actor):
             return
         if self.listening and epoch != self.epoch:
             # The broker lost this guild's history (say, Redis restarted empty).
-            self._history_lost(f"epoch changed to {epoch}")
+            await self._history_lost(f"epoch changed to {epoch}")
         self.published += len(ss)
         self.stats.published += len(ss)
         for call, s in zip(pubs, ss, strict=True):
@@ -285,13 +292,21 @@ class Guild(Actor):
 
     # --- delivery --------------------------------------------------------------
 
-    async def _on_feed(self, records: list[Record] | None) -> None:
+    async def _on_feed(self, records: list[Record] | str | None) -> None:
         if not self.listening:
             return
         if records is None:
             await self._catch_up()
             return
+        if isinstance(records, str):
+            assert records == FEED_LOST
+            await self._history_lost("the broker's feed is lost", "guild feed lost; reconnect")
+            return
         for rec in records:
+            if rec.epoch and rec.epoch != self.epoch:
+                # Never forward a record of another epoch as this one's.
+                await self._history_lost(f"feed record of epoch {rec.epoch}")
+                return
             if rec.s <= self.cursor:
                 continue
             if rec.s > self.cursor + 1:
@@ -299,24 +314,27 @@ class Guild(Actor):
                 if not self.listening or rec.s <= self.cursor:
                     continue
                 if rec.s > self.cursor + 1:
-                    self._history_lost("events missing from history")
+                    await self._history_lost("events missing from history")
                     return
             self._emit(rec)
 
     async def _catch_up(self, upto: int | None = None) -> None:
         """Read back records after the cursor (up to ``upto``) and emit them."""
-        while upto is None or self.cursor < upto:
+        while self.listening and (upto is None or self.cursor < upto):
             try:
                 epoch, recs = await self.broker.read(self.gid, self.cursor, READ_PAGE)
-            except BrokerUnavailable:
-                return  # the broker will tell us again when it is back
+            except BrokerUnavailable as e:
+                # Whether records were missed is unknown: never wait silently.
+                why = f"catch-up failed: {e}"
+                await self._history_lost(why, "guild catch-up failed; reconnect")
+                return
             if epoch != self.epoch:
-                self._history_lost(f"epoch changed to {epoch}")
+                await self._history_lost(f"epoch changed to {epoch}")
                 return
             if not recs:
                 return
             if recs[0].s > self.cursor + 1:
-                self._history_lost("events missing from history")
+                await self._history_lost("events missing from history")
                 return
             for rec in recs:
                 if rec.s == self.cursor + 1 and (upto is None or rec.s <= upto):
@@ -362,17 +380,24 @@ class Guild(Actor):
         for p in self.partitions:
             p.cast_system(msg)
 
-    def _history_lost(self, why: str) -> None:
-        """The guild's history is gone: local sessions must reload (close 4000)."""
-        log.warning("guild %s: history lost (%s); closing its local sessions", self.gid, why)
+    async def _history_lost(self, why: str, reason: str = "guild history lost; reconnect") -> None:
+        """This node cannot go on serving the guild's sessions from its feed
+        (history gone, epoch changed, feed lost): they must reconnect and
+        recover (close 4000); frames not yet fanned out are dropped."""
+        log.warning("guild %s: %s; closing its local sessions", self.gid, why)
         self._frames = []
         self._names = []
         self._stamps = []
         for sink in list(self.where):
-            sink.close(Close.UNKNOWN_ERROR, "guild history lost; reconnect")
+            sink.close(Close.UNKNOWN_ERROR, reason)
         # Listen afresh at the next subscribe: it reads the new epoch and head.
-        self.listening = False
-        self.epoch = None
+        if self.listening:
+            self.listening = False
+            self.epoch = None
+            try:
+                await self.broker.unlisten(self.gid)
+            except BrokerUnavailable:
+                pass
 
     def _shed(self, p: Partition) -> None:
         """A partition fell hopelessly behind: its sessions are slow consumers."""

@@ -10,7 +10,12 @@ Consistency model: within an epoch, ``s`` grows by exactly one per event and
 no two events share an ``s``. An epoch changes only when the guild's history
 is lost; a reader seeing a new epoch must treat every old Position as lost.
 Live feeds may repeat or skip records across a broker reconnect; listeners
-dedupe by ``s`` and fill gaps with ``read`` (the guild actor does).
+dedupe by ``s`` and fill gaps with ``read`` (the guild actor does). A feed
+record may carry the epoch it was sequenced under (``Record.epoch``; the
+Redis broker's does): a listener must not forward a record of another epoch
+as the continuation of its own. A broker that cannot bridge a feed outage
+tells each listener :data:`FEED_LOST`: the listener must stop serving from
+that feed (the guild actor closes its sessions with 4000).
 
 Implementations: ``guildcast.broker.redis.RedisBroker`` (cluster). The shared
 test suite in ``tests/broker/`` runs against every implementation.
@@ -19,7 +24,9 @@ test suite in ``tests/broker/`` runs against every implementation.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
+
+from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
 
 
 class Record(NamedTuple):
@@ -31,19 +38,33 @@ class Record(NamedTuple):
     ts: float
     #: The DISPATCH envelope as JSON: ``{"op":0,"t":…,"g":…,"s":…,"d":…}``.
     payload: bytes
+    #: The epoch the record was sequenced under, where the feed carries it
+    #: ("" where it does not: in-process brokers, whose epoch cannot change
+    #: under a listener).
+    epoch: str = ""
 
 
 class BrokerUnavailable(Exception):
     """The broker cannot be reached; nothing was appended. Retry later."""
 
 
+class OutcomeUnknown(BrokerUnavailable, HostOutcomeUnknown):
+    """The append was sent but no answer came (a timeout, a connection lost
+    while waiting): the events may or may not have been sequenced. Never
+    report it as "not published"."""
+
+
 class EpochChanged(Exception):
     """The guild's history was lost: its epoch is not the one the caller knew."""
 
 
-#: A listener gets records in ``s`` order (possibly repeated after a reconnect)
-#: or ``None`` to be told "you may have missed records: check with read()".
-Feed = Callable[[str, "list[Record] | None"], None]
+#: Told to a listener when the broker's feed has been dead too long to bridge.
+FEED_LOST: Final = "lost"
+
+#: A listener gets records in ``s`` order (possibly repeated after a reconnect),
+#: ``None`` to be told "you may have missed records: check with read()", or
+#: :data:`FEED_LOST`: "records are not reaching you; stop serving from me".
+Feed = Callable[[str, "list[Record] | Literal['lost'] | None"], None]
 
 #: Presence changes of a listened guild: ``(gid, "join" | "leave", member)``.
 PresenceFeed = Callable[[str, str, "Presence"], None]

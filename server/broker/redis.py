@@ -2,15 +2,19 @@
 
 Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
 
-- ``gc:{gid}:epoch`` — the epoch; created on first use; a new one only when
-  the guild's keys were lost (Redis lost its data).
+- ``gc:{gid}:epoch`` — the epoch; created on first use (with ``seq`` at 0); a
+  new one only when the guild's keys were lost (Redis lost its data, or one
+  of the two keys is missing: an evicted ``seq`` never restarts ``s`` under
+  the same epoch).
 - ``gc:{gid}:seq`` — the last ``s``.
 - ``gc:{gid}:log`` — a stream holding the history, entry id ``s-0`` with
   fields ``t``, ``ts`` (ms) and ``p`` (the DISPATCH JSON); capped by count
   (``MAXLEN``) and by age (oldest entries deleted on each append; the whole
   stream expires after ``history_ttl`` without appends, when every entry
   would be too old anyway).
-- channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|payload``.
+- channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|epoch|payload``
+  (the epoch beside the DISPATCH bytes, never inside them: a listener checks
+  it before forwarding a record; ``payload`` is exactly what ``read`` returns).
 
 One Lua script per append batch does all of it atomically, so every node
 sees one order. Appends from all guild actors of this node are queued and
@@ -19,6 +23,25 @@ sent in one pipeline per event-loop turn (one round trip for many guilds).
 The live feed uses one pub/sub connection per node, subscribed only to the
 channels of guilds with local subscribers. On a reconnect it resubscribes
 and tells every listener to check for missed records (``feed(gid, None)``).
+A connection that stays open but delivers nothing (a black-holed link, a
+zombie) is found by a PING on the pub/sub connection every
+``feed_deadline / 3`` s: no answer, and no message, within ``feed_deadline``
+and the feed is declared dead (logged, readiness fails), the connection is
+dropped and a new one resubscribes and catches up. A feed dead for longer
+than ``FEED_LOST_AFTER`` deadlines tells every listener ``FEED_LOST`` (its
+sessions are closed with 4000 and recover on a node that can serve them).
+
+Health (``healthy``, ``unhealthy_reason``; ``/readyz``): the command link
+(heartbeat every ``health_interval``), the feed, and Redis's
+``maxmemory-policy``: anything but ``noeviction`` can evict a guild's keys
+(``allkeys-*`` any key, ``volatile-*`` the history streams, which carry a
+TTL), so it is checked at start (refused), on every reconnect and every
+``POLICY_CHECK_INTERVAL`` s (appends refused and not ready while it holds).
+
+Outcomes: an append that fails before it was sent (no connection, refused)
+raises ``BrokerUnavailable`` ("not published"); one whose answer did not
+come (timeout, connection lost after sending) raises ``OutcomeUnknown``:
+it may have been sequenced.
 """
 
 from __future__ import annotations
@@ -34,18 +57,30 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
-from guildcast.broker.base import Broker, BrokerUnavailable, Feed, Presence, PresenceFeed, Record
+from guildcast.broker.base import (
+    FEED_LOST,
+    Broker,
+    BrokerUnavailable,
+    Feed,
+    OutcomeUnknown,
+    Presence,
+    PresenceFeed,
+    Record,
+)
 
 log = logging.getLogger("guildcast.broker.redis")
 
 _APPEND = """
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then
+if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('SET', KEYS[2], 0)
+  redis.call('DEL', KEYS[3])
 end
 local gid = ARGV[2]
 local maxlen = tonumber(ARGV[3])
@@ -61,7 +96,7 @@ for i = 1, n do
   if maxlen > 0 then
     redis.call('XADD', KEYS[3], 'MAXLEN', maxlen, s .. '-0', 't', t, 'ts', now, 'p', p)
   end
-  redis.call('PUBLISH', KEYS[4], s .. '|' .. t .. '|' .. now .. '|' .. p)
+  redis.call('PUBLISH', KEYS[4], s .. '|' .. t .. '|' .. now .. '|' .. epoch .. '|' .. p)
   out[#out + 1] = s
 end
 if maxlen > 0 then
@@ -82,10 +117,11 @@ return out
 
 _HEAD = """
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then
+if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('SET', KEYS[2], 0)
+  redis.call('DEL', KEYS[3])
 end
 return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
@@ -143,10 +179,38 @@ MAX_QUEUED_PRESENCE = 100_000
 #: pipeline, so these serve reads, heads and presence queries in parallel.
 MAX_REDIS_CONNECTIONS = 32
 
+#: A feed dead for this many ``feed_deadline`` in a row is reported lost to
+#: its listeners (they close their sessions, which recover elsewhere): short
+#: blips are bridged by a resubscribe and a catch-up read, long ones are not
+#: left silent.
+FEED_LOST_AFTER = 2.0
+
+#: Seconds between checks of Redis's ``maxmemory-policy`` (also checked at
+#: start and on every reconnect): an operator may change it at run time.
+POLICY_CHECK_INTERVAL = 5.0
+
+#: The one ``maxmemory-policy`` under which Redis never evicts our keys.
+SAFE_POLICY = "noeviction"
+
 #: Appends queued across guilds before a pipeline is sent regardless.
 MAX_PIPELINE = 512
 #: Bound on queued appends; past it appends fail at once (try again later).
 MAX_QUEUED_APPENDS = 50_000
+
+
+class _FeedSilent(Exception):
+    """The pub/sub connection delivered nothing, not even a PONG, in time."""
+
+
+def parse_record(data: bytes) -> Record:
+    """A feed message ``s|t|ts_ms|epoch|payload`` (or, from a node of an
+    earlier version, ``s|t|ts_ms|payload``: no epoch) as a Record."""
+    s_b, t_b, ts_b, rest = data.split(b"|", 3)
+    epoch = ""
+    if not rest.startswith(b"{"):
+        e_b, rest = rest.split(b"|", 1)
+        epoch = e_b.decode()
+    return Record(int(s_b), t_b.decode(), int(ts_b) / 1000.0, rest, epoch)
 
 
 def _keys(gid: str) -> list[str]:
@@ -170,8 +234,13 @@ class RedisBroker:
         op_timeout: float = 5.0,
         node_id: str = "node",
         presence_timeout: float = 10.0,
+        feed_deadline: float = 3.0,
     ) -> None:
         self.url = url
+        self.op_timeout = op_timeout
+        #: Seconds the pub/sub connection may stay silent (no message, no
+        #: answer to its PING) before the feed is declared dead.
+        self.feed_deadline = feed_deadline
         self.history_size = history_size
         self.history_ttl_ms = int(history_ttl * 1000)
         self.health_interval = health_interval
@@ -186,6 +255,13 @@ class RedisBroker:
             socket_timeout=op_timeout,
             socket_connect_timeout=op_timeout,
             retry_on_timeout=False,
+            # redis-py skips its check of a pooled connection the server has
+            # closed (EOF waiting) while maintenance notifications are on
+            # (their default, "auto"): an append or catch-up read then failed
+            # on the first stale connection after a Redis restart, as "no
+            # answer" although nothing had been sent. Off: a stale pooled
+            # connection is reconnected before use.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
         self._r: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._append_script = self._r.register_script(_APPEND)
@@ -199,7 +275,25 @@ class RedisBroker:
         self._presence_feed: PresenceFeed | None = None
         self.presence_dropped = 0
         self._feed: Feed | None = None
+        #: The command link answers (heartbeat, commands).
         self._healthy = False
+        #: The pub/sub connection delivers (or nothing is subscribed).
+        self._feed_ok = True
+        #: When the feed was declared dead (monotonic), and whether its
+        #: listeners were told FEED_LOST since.
+        self._feed_down_since = 0.0
+        self._feed_lost_told = False
+        #: Why Redis may not be used (an evicting maxmemory-policy), or None.
+        self._policy_error: str | None = None
+        self._policy_checked = 0.0
+        self._policy_unknown_logged = False
+        #: Every member this node announced and has not withdrawn: announced
+        #: again if another node's reaper removed them (this node was paused
+        #: past presence_timeout). Bounded by sessions x their guilds.
+        self._members: dict[tuple[str, str], Presence] = {}
+        self._beaten = False
+        #: Times the feed was found dead (a metric for tests and logs).
+        self.feed_deaths = 0
         self._queue: deque[tuple[str, list[Any], asyncio.Future[list[Any]]]] = deque()
         self._queue_ready = asyncio.Event()
         #: Wanted channels: a pending future until Redis confirms, then None.
@@ -207,7 +301,6 @@ class RedisBroker:
         #: Listeners per guild: an old guild actor still stopping and its
         #: successor may overlap, so listen/unlisten are counted.
         self._listeners: dict[str, int] = {}
-        self._pubsub_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self.reconnects = 0
@@ -216,7 +309,19 @@ class RedisBroker:
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        """Ready to serve: the link answers, the feed delivers, the policy is safe."""
+        return self._healthy and self._feed_ok and self._policy_error is None
+
+    @property
+    def unhealthy_reason(self) -> str:
+        """Why :attr:`healthy` is False ("" when it is not)."""
+        if self._policy_error is not None:
+            return f"broker unusable: {self._policy_error}"
+        if not self._healthy:
+            return "broker unavailable"
+        if not self._feed_ok:
+            return "broker feed dead"
+        return ""
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -229,8 +334,11 @@ class RedisBroker:
     async def start(self) -> None:
         try:
             await self._r.ping()
+            await self._check_policy()
         except (RedisError, OSError) as e:
             raise BrokerUnavailable(f"cannot reach {self.url}: {e}") from None
+        if self._policy_error is not None:
+            raise BrokerUnavailable(f"refusing {self.url}: {self._policy_error}")
         self._healthy = True
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -260,8 +368,12 @@ class RedisBroker:
     # --- sequencing and history --------------------------------------------------
 
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
+        # Only the command link and the policy matter here: a feed reconnect
+        # does not stop this node from sequencing.
         if not self._healthy:
             raise BrokerUnavailable("redis is unreachable")
+        if self._policy_error is not None:
+            raise BrokerUnavailable(self._policy_error)
         if len(self._queue) >= MAX_QUEUED_APPENDS:
             raise BrokerUnavailable("too many appends queued")
         args: list[Any] = [
@@ -295,32 +407,80 @@ class RedisBroker:
                 batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]] = []
                 while self._queue and len(batch) < MAX_PIPELINE:
                     batch.append(self._queue.popleft())
-                try:
-                    async with self._r.pipeline(transaction=False) as pipe:
-                        for gid, args, _ in batch:
-                            await self._append_script(keys=_keys(gid), args=args, client=pipe)
-                        results = await pipe.execute(raise_on_error=False)
-                except (RedisError, OSError) as e:
-                    self._mark_down(e)
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                await self._send(batch)
+
+    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]]) -> None:
+        """One pipeline of append scripts (EVALSHA; on NOSCRIPT, nothing ran:
+        load the script and send those again) and answer every future."""
+        for attempt in (1, 2):
+            # A connection first: failing to get one means nothing was sent
+            # ("not published"); past it, a lost answer means the scripts may
+            # have run ("outcome unknown").
+            try:
+                conn = await self._r.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                return
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    pipe.connection = conn
+                    for gid, args, _ in batch:
+                        pipe.evalsha(self._append_script.sha, 4, *_keys(gid), *args)
+                    results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(OutcomeUnknown(f"redis: no answer ({e})"))
+                return
+            again = []
+            for item, res in zip(batch, results, strict=True):
+                fut = item[2]
+                if fut.done():
                     continue
-                for (_, _, fut), res in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(res, Exception):
-                        fut.set_exception(BrokerUnavailable(f"redis: {res}"))
-                    else:
-                        fut.set_result(res)
+                if isinstance(res, NoScriptError) and attempt == 1:
+                    again.append(item)
+                elif isinstance(res, Exception):
+                    # A script that failed part way may have sequenced some.
+                    fut.set_exception(OutcomeUnknown(f"redis: {res}"))
+                else:
+                    fut.set_result(res)
+            if not again:
+                return
+            try:
+                await self._r.script_load(_APPEND)
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+                for _, _, fut in again:
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                return
+            batch = again
 
     # --- presence ------------------------------------------------------------------
 
     def presence_join(self, gid: str, member: Presence) -> None:
+        self._members[(gid, member.key)] = member
         self._queue_presence(True, gid, member)
 
     def presence_leave(self, gid: str, member: Presence) -> None:
+        self._members.pop((gid, member.key), None)
         self._queue_presence(False, gid, member)
+
+    def _reannounce(self) -> None:
+        """Another node reaped this one (it was paused or cut off longer than
+        ``presence_timeout``): announce every live member again."""
+        log.warning(
+            "this node was dropped from presence (silent longer than %g s); "
+            "announcing its %d members again",
+            self.presence_timeout,
+            len(self._members),
+        )
+        for (gid, _), m in list(self._members.items()):
+            self._queue_presence(True, gid, m)
 
     def _queue_presence(self, join: bool, gid: str, member: Presence) -> None:
         if len(self._presence_q) >= MAX_QUEUED_PRESENCE:
@@ -368,24 +528,42 @@ class RedisBroker:
         return out
 
     async def head(self, gid: str) -> tuple[str, int]:
-        try:
-            epoch, s = await self._head_script(keys=_keys(gid), args=[secrets.token_hex(8)])
-        except (RedisError, OSError) as e:
-            self._mark_down(e)
-            raise BrokerUnavailable(f"redis: {e}") from None
+        # Retried once on a lost connection: it creates at most one epoch
+        # (the script is atomic and a second run finds the first one's).
+        for attempt in (1, 2):
+            try:
+                epoch, s = await self._head_script(keys=_keys(gid), args=[secrets.token_hex(8)])
+                break
+            except RedisConnectionError as e:
+                if attempt == 2:
+                    self._mark_down(e)
+                    raise BrokerUnavailable(f"redis: {e}") from None
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+                raise BrokerUnavailable(f"redis: {e}") from None
         return epoch.decode(), int(s)
 
     async def read(self, gid: str, after: int, limit: int) -> tuple[str, list[Record]]:
         k = _keys(gid)
-        try:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.get(k[0])
-                pipe.xrange(k[2], min=f"{after + 1}-0", max="+", count=limit)
-                epoch, entries = await pipe.execute()
-        except (RedisError, OSError) as e:
-            self._mark_down(e)
-            raise BrokerUnavailable(f"redis: {e}") from None
-        if epoch is None:
+        # A read is safe to repeat: retried once on a connection Redis had
+        # closed (say, a pooled one after a Redis restart), so a catch-up
+        # does not fail for a connection that was merely stale.
+        for attempt in (1, 2):
+            try:
+                async with self._r.pipeline(transaction=True) as pipe:
+                    pipe.get(k[0])
+                    pipe.exists(k[1])
+                    pipe.xrange(k[2], min=f"{after + 1}-0", max="+", count=limit)
+                    epoch, has_seq, entries = await pipe.execute()
+                break
+            except RedisConnectionError as e:
+                if attempt == 2:
+                    self._mark_down(e)
+                    raise BrokerUnavailable(f"redis: {e}") from None
+            except (RedisError, OSError) as e:
+                self._mark_down(e)
+                raise BrokerUnavailable(f"redis: {e}") from None
+        if epoch is None or not has_seq:
             epoch_s, _ = await self.head(gid)
             return epoch_s, []
         out = []
@@ -423,8 +601,7 @@ class RedisBroker:
                 try:
                     await ps.subscribe(channel(gid))
                 except (RedisError, OSError) as e:
-                    self._mark_down(e)
-            self._pubsub_wake.set()
+                    self._feed_down(e)  # the reader reconnects and subscribes it
         assert isinstance(fut, asyncio.Future)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -446,45 +623,95 @@ class RedisBroker:
             try:
                 await ps.unsubscribe(channel(gid))
             except (RedisError, OSError) as e:
-                self._mark_down(e)
+                self._feed_down(e)
 
     async def _reader(self) -> None:
-        """Owns the pub/sub connection: (re)subscribes and delivers records.
+        """Owns the pub/sub connection: (re)subscribes, delivers records, and
+        checks the feed is alive (a PING answered within ``feed_deadline``).
 
         After any failure it starts a fresh connection with a bounded
-        backoff and resubscribes every wanted channel; each confirmation of
-        an already confirmed channel tells its listener to catch up.
+        backoff and resubscribes every wanted channel. The first reply of any
+        kind on the new connection proves its SUBSCRIBE took effect (Redis
+        answers in order): then every guild that was listening before is
+        told to catch up (``feed(gid, None)``), whichever reply it was.
         """
-        delay = 0.05
+        # The first reconnect is immediate (a reset connection usually comes
+        # back at once: the feed is "dead" for one round trip), then backs off.
+        delay = 0.0
+        every = self.feed_deadline / 3
         while True:
             ps: Any = self._r.pubsub()
             try:
-                await ps.connect()
+                await asyncio.wait_for(ps.connect(), self.op_timeout)
                 self._pubsub = ps
+                # Guilds confirmed on an earlier connection: owed a catch-up.
+                owed = [g for g, fut in self._listening.items() if fut is None]
                 if self._listening:
                     await ps.subscribe(*[channel(g) for g in self._listening])
-                delay = 0.05
+                delay = 0.0
+                alive = time.monotonic()
+                next_ping = alive + every
+                # Pinged whether or not anything is subscribed: a feed found
+                # dead stays "dead" (not ready) until a connection answers,
+                # even once its guilds stopped listening.
                 while True:
-                    if not ps.subscribed:
-                        self._pubsub_wake.clear()
-                        await self._pubsub_wake.wait()
-                        continue
-                    msg = await ps.get_message(timeout=1.0)
+                    msg = await ps.get_message(timeout=max(0.01, next_ping - time.monotonic()))
+                    now = time.monotonic()
                     if msg is not None:
+                        alive = now
+                        if owed:
+                            self._resync(owed)
+                            owed = []
                         self._on_pubsub(msg)
+                    if now - alive > self.feed_deadline:
+                        raise _FeedSilent(f"no answer to PING in {now - alive:.1f} s")
+                    if now >= next_ping:
+                        next_ping = now + every
+                        await asyncio.wait_for(ps.ping(), self.feed_deadline)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                self._mark_down(e)
+                self._feed_down(e)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(max(delay * 2, 0.05), 2.0)
             finally:
                 self._pubsub = None
                 with contextlib.suppress(Exception):
                     await ps.aclose()
 
+    def _feed_down(self, e: BaseException) -> None:
+        self.feed_deaths += 1
+        if self._feed_ok:
+            log.warning("redis feed dead (%s); reconnecting and resubscribing", e or type(e))
+            self._feed_ok = False
+            self._feed_down_since = time.monotonic()
+            self._feed_lost_told = False
+
+    def _feed_up(self) -> None:
+        if not self._feed_ok:
+            log.warning("redis feed is live again")
+            self._feed_ok = True
+
+    def _check_feed_lost(self) -> None:
+        """Tell every listener FEED_LOST once the feed has been dead too long."""
+        if self._feed_ok or self._feed_lost_told or self._feed is None:
+            return
+        if time.monotonic() - self._feed_down_since < FEED_LOST_AFTER * self.feed_deadline:
+            return
+        self._feed_lost_told = True
+        log.warning(
+            "redis feed dead for %.1f s: closing the sessions of %d guilds so they recover",
+            time.monotonic() - self._feed_down_since,
+            len(self._listening),
+        )
+        for gid in list(self._listening):
+            self._feed(gid, FEED_LOST)
+
     def _on_pubsub(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
+        if kind in (b"pong", "pong"):
+            self._feed_up()
+            return
         ch = msg["channel"]
         if isinstance(ch, bytes):
             ch = ch.decode()
@@ -500,40 +727,84 @@ class RedisBroker:
                     m = Presence(d["user"], d["session"], d["node"])
                     self._presence_feed(gid, kind_b.decode(), m)
                 return
-            s_b, t_b, ts_b, payload = data.split(b"|", 3)
-            self._feed(gid, [Record(int(s_b), t_b.decode(), int(ts_b) / 1000.0, payload)])
+            self._feed(gid, [parse_record(data)])
         elif kind in (b"subscribe", "subscribe"):
-            self._healthy = True
+            self._feed_up()
             fut = self._listening.get(gid, False)
             if isinstance(fut, asyncio.Future):
                 if not fut.done():
                     fut.set_result(None)
                 self._listening[gid] = None
-            elif fut is None and self._feed is not None:
-                # A resubscription after a reconnect: records may be missing.
+
+    def _resync(self, gids: list[str]) -> None:
+        """A new feed connection delivers again: records sent while it was
+        down may be missing; each guild still listening checks with read()."""
+        if self._feed is None:
+            return
+        for gid in gids:
+            if gid in self._listening:
                 self._feed(gid, None)
 
+    async def _check_policy(self) -> None:
+        """Refuse a ``maxmemory-policy`` that can evict our keys (module docstring)."""
+        self._policy_checked = time.monotonic()
+        try:
+            info: Any = await self._r.info("memory")
+        except ResponseError as e:  # INFO renamed or refused (some managed Redis)
+            if not self._policy_unknown_logged:
+                self._policy_unknown_logged = True
+                log.warning(
+                    "cannot read redis maxmemory-policy (%s): it must be %s", e, SAFE_POLICY
+                )
+            return
+        policy = info.get("maxmemory_policy", SAFE_POLICY)
+        if isinstance(policy, bytes):
+            policy = policy.decode()
+        if policy == SAFE_POLICY:
+            if self._policy_error is not None:
+                log.warning("redis maxmemory-policy is %s again: usable", policy)
+            self._policy_error = None
+            return
+        why = (
+            f"redis maxmemory-policy is {policy}: it can evict guild keys and reuse (epoch, s); "
+            f"configure maxmemory-policy {SAFE_POLICY} (docs/OPERATIONS.md)"
+        )
+        if self._policy_error != why:
+            log.error("%s; refusing publishes until it is", why)
+        self._policy_error = why
+
     async def _beat(self) -> None:
-        """Heartbeat this node and reap nodes that stopped beating."""
+        """Heartbeat this node and reap nodes that stopped beating.
+
+        The heartbeat adding this node anew (after its first) means another
+        node reaped it: its members are announced again."""
         now_ms = int(time.time() * 1000)
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.zadd("gc:nodes", {self.node_id: now_ms})
             await self._reap_script(
                 keys=[], args=[now_ms - int(self.presence_timeout * 1000), ""], client=pipe
             )
-            await pipe.execute()
+            added, _ = await pipe.execute()
+        if added and self._beaten and self._members:
+            self._reannounce()
+        self._beaten = True
 
     async def _health(self) -> None:
         while True:
             try:
                 await self._beat()
+                recovered = not self._healthy
+                if recovered or time.monotonic() - self._policy_checked >= POLICY_CHECK_INTERVAL:
+                    await self._check_policy()
             except (RedisError, OSError) as e:
                 self._mark_down(e)
             else:
-                if not self._healthy:
+                if recovered:
                     log.warning("redis is reachable again")
                     self._healthy = True
+                if self._presence_q:
                     self._queue_ready.set()  # send presence queued while down
+            self._check_feed_lost()
             await asyncio.sleep(self.health_interval)
 
     def _mark_down(self, e: BaseException) -> None:

@@ -50,6 +50,13 @@ class Overloaded(Exception):
     """The target cannot accept more work now; try again later (1013)."""
 
 
+class OutcomeUnknown(Exception):
+    """A publish was handed to the sequencer but its answer never came (a
+    timeout, a connection lost while waiting): it may or may not have been
+    sequenced. ERROR 4504 on the gateway, HTTP 504 ``"outcome": "unknown"``
+    (PROTOCOL.md "Publishing")."""
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
     """Stored events of one guild after a given ``s`` (``GET .../history``)."""

@@ -66,6 +66,9 @@ class Err(IntEnum):
     PAYLOAD_TOO_LARGE = 4413
     PUBLISH_RATE_LIMITED = 4429
     TOO_MANY_SUBSCRIPTIONS = 4430
+    #: The PUBLISH reached the sequencer but its answer did not come back: it
+    #: may or may not have been sequenced (not "refused, retry").
+    OUTCOME_UNKNOWN = 4504
 
 
 #: Event names a publisher may not use (PROTOCOL.md, "Publishing").

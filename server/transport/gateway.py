@@ -39,7 +39,7 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from guildcast.core.fdwatch import DescriptorWatch
-from guildcast.core.host import GatewayHost, Overloaded
+from guildcast.core.host import GatewayHost, OutcomeUnknown, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
@@ -458,7 +458,12 @@ class Connection(asyncio.Protocol):
         if fut.cancelled():
             effects = session.publish_failed(p, Err.TRY_AGAIN_LATER, "publish cancelled")
         elif (exc := fut.exception()) is not None:
-            code = Close.DECODE_ERROR if isinstance(exc, ValueError) else Err.TRY_AGAIN_LATER
+            if isinstance(exc, ValueError):
+                code: int = Close.DECODE_ERROR
+            elif isinstance(exc, OutcomeUnknown):
+                code = Err.OUTCOME_UNKNOWN  # maybe sequenced: never "refused, retry"
+            else:
+                code = Err.TRY_AGAIN_LATER
             effects = session.publish_failed(p, code, str(exc))
         else:
             s, epoch = fut.result()

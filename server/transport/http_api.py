@@ -19,7 +19,10 @@ Consistency: a publish is answered after every event in it is sequenced
 (and stored, with a durable broker); a batch is handed to the guilds in its
 order, so events of one guild get increasing ``s`` in batch order. A batch
 is not atomic: when the node refuses an event midway (a guild busy), the
-503 answer lists what became of each event.
+503 answer lists what became of each event. An event handed to its guild
+whose answer never came (the broker's reply lost or late, or no answer in
+``PUBLISH_TIMEOUT``) may have been sequenced: it is answered 504 with
+``"outcome": "unknown"``, never 503 "not published".
 
 Bounds and overflow policy: request bodies up to ``max_body`` bytes (413
 past it, before reading when Content-Length says so); at most ``max_batch``
@@ -57,7 +60,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from guildcast.core.host import ApiHost, Overloaded
+from guildcast.core.host import ApiHost, OutcomeUnknown, Overloaded
 from guildcast.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from guildcast.protocol import wire
 from guildcast.protocol.bucket import TokenBucket
@@ -137,6 +140,10 @@ class ApiSettings:
     idle_timeout: float = 60.0
     #: When set, every ``/metrics`` series carries ``node="<this>"``.
     node: str | None = None
+
+
+#: Body fields of an answer whose events may or may not have been sequenced.
+_UNKNOWN: dict[str, Any] = {"outcome": "unknown"}
 
 
 class ApiError(Exception):
@@ -503,14 +510,23 @@ class HttpApi:
         failed: ApiError | None = None
         for (gid, _, _), r in zip(events, results, strict=True):
             if isinstance(r, ApiError):
-                failed = failed or r
-                out.append({"g": gid, "error": r.error, "detail": r.detail})
+                if failed is None or (r.status == 504 and failed.status != 504):
+                    failed = r
+                outcome = "unknown" if r.status == 504 else "not_published"
+                out.append({"g": gid, "error": r.error, "detail": r.detail, "outcome": outcome})
             else:
                 out.append({"g": gid, "s": r[0], "epoch": r[1]})
         if failed is None:
             return _json(out if batch else out[0])
         if not batch:
             raise failed
+        if failed.status == 504:
+            raise ApiError(
+                504,
+                "outcome_unknown",
+                "some events may or may not have been published; see results",
+                extra={"results": out, **_UNKNOWN},
+            )
         raise ApiError(
             503,
             "unavailable",
@@ -579,11 +595,20 @@ class HttpApi:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 done = await asyncio.gather(*futs, return_exceptions=True)
         except TimeoutError:
-            done = [ApiError(503, "timeout", f"no answer in {PUBLISH_TIMEOUT:g} s")] * len(futs)
+            # Handed to their guilds: each may have been sequenced since.
+            late = ApiError(
+                504, "outcome_unknown", f"no answer in {PUBLISH_TIMEOUT:g} s", extra=_UNKNOWN
+            )
+            done = [
+                (f.exception() or f.result()) if f.done() and not f.cancelled() else late
+                for f in futs
+            ]
         out: list[tuple[int, str] | ApiError] = []
         for r in done:
             if isinstance(r, ApiError):
                 out.append(r)
+            elif isinstance(r, OutcomeUnknown):
+                out.append(ApiError(504, "outcome_unknown", str(r), extra=_UNKNOWN))
             elif isinstance(r, Overloaded):
                 out.append(ApiError(503, "unavailable", str(r)))
             elif isinstance(r, ValueError):

@@ -75,7 +75,10 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                     "description": (
                         "Answers once every event is sequenced (and written, with "
                         "`--data-dir`). A batch is sequenced in its order; it is not "
-                        "atomic: on 503 `results` says which events were published."
+                        "atomic: on 503 or 504 `results` says what became of each event. "
+                        "503: not published, retry. 504 (`outcome: unknown`): the "
+                        "answer was lost after the event reached the sequencer; it may "
+                        "or may not have been published (PROTOCOL.md, Publishing)."
                     ),
                     "requestBody": {
                         "required": True,
@@ -99,6 +102,11 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                             {"Retry-After": {"required": True, "schema": {"type": "string"}}},
                         ),
                         "503": _UNAVAILABLE,
+                        "504": _error(
+                            "Outcome unknown (`outcome: unknown`): the event reached the "
+                            "sequencer but its answer did not come back; it may or may not "
+                            "have been published. Retrying may publish it twice."
+                        ),
                     },
                 }
             },
@@ -282,6 +290,11 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                     "properties": {
                         "error": {"type": "string", "description": "A stable code."},
                         "detail": {"type": "string", "description": "What is wrong."},
+                        "outcome": {
+                            "type": "string",
+                            "enum": ["unknown"],
+                            "description": "On 504: the events may or may not have been published.",
+                        },
                         "results": {
                             "type": "array",
                             "description": "Batch publish only: each event's outcome.",
@@ -295,6 +308,10 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                                             "g": _ref("GuildId"),
                                             "error": {"type": "string"},
                                             "detail": {"type": "string"},
+                                            "outcome": {
+                                                "type": "string",
+                                                "enum": ["not_published", "unknown"],
+                                            },
                                         },
                                     },
                                 ]

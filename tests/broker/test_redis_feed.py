@@ -1,0 +1,104 @@
+"""The Redis broker's pub/sub feed under faults (through the fault proxy).
+
+- A pub/sub reconnect alone does not refuse publishes.
+- A feed that stays open and delivers nothing is found dead within its
+  deadline (readiness fails), resubscribed, and its listeners told to catch
+  up; dead for longer, they are told FEED_LOST.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from guildcast.broker.base import FEED_LOST, Record
+from guildcast.broker.redis import RedisBroker
+from guildcast.loadtest.faultproxy import FaultProxy
+from tests.support.redis import RedisProc
+from tests.support.wait import until
+
+
+@pytest.fixture
+async def proxy(redis_proc: RedisProc) -> AsyncIterator[FaultProxy]:
+    p = FaultProxy("127.0.0.1", redis_proc.port)
+    await p.start()
+    yield p
+    await p.close()
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.signals: list[str | None] = []
+
+    def __call__(self, gid: str, recs: list[Record] | str | None) -> None:
+        if isinstance(recs, list):
+            self.records.extend(recs)
+        else:
+            self.signals.append(recs)
+
+
+async def test_a_pubsub_reconnect_does_not_refuse_publishes(proxy: FaultProxy) -> None:
+    b = RedisBroker(f"redis://127.0.0.1:{proxy.port}/0", 50, 300, feed_deadline=5)
+    seen = Seen()
+    await b.start()
+    b.set_feed(seen)
+    try:
+        await b.listen("g")
+        for i in range(5):
+            proxy.drop(only=b"SUBSCRIBE")  # the feed's connection only
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.3:  # publishes go on meanwhile
+                await b.append("g", [("EV", b"%d" % i)])
+
+            async def resubscribed(n: int = i + 1) -> bool:
+                return seen.signals.count(None) >= n
+
+            await until(resubscribed, timeout=10)  # and the listener is told to catch up
+        assert b.feed_deaths >= 5
+    finally:
+        await b.close()
+
+
+async def test_a_silent_feed_is_found_dead_resubscribed_then_lost(proxy: FaultProxy) -> None:
+    b = RedisBroker(
+        f"redis://127.0.0.1:{proxy.port}/0", 50, 300, feed_deadline=0.6, health_interval=0.1
+    )
+    seen = Seen()
+    await b.start()
+    b.set_feed(seen)
+    try:
+        await b.listen("g")
+        await b.append("g", [("EV", b"1")])
+
+        async def delivered(n: int) -> bool:
+            return len(seen.records) >= n
+
+        await until(lambda: delivered(1))
+        assert b.healthy
+        proxy.set_mode("zombie", only=b"SUBSCRIBE")
+
+        async def dead() -> bool:
+            return not b.healthy and b.unhealthy_reason == "broker feed dead"
+
+        await until(dead, timeout=10)
+        await b.append("g", [("EV", b"2")])  # sequencing goes on: the link is fine
+        proxy.heal()
+
+        async def live() -> bool:
+            return b.healthy and None in seen.signals
+
+        await until(live, timeout=10)  # resubscribed; the listener catches up with read()
+        _, recs = await b.read("g", 1, 10)
+        assert [r.s for r in recs] == [2]
+        proxy.set_mode("zombie", only=b"SUBSCRIBE")
+
+        async def lost() -> bool:
+            return FEED_LOST in seen.signals
+
+        await until(lost, timeout=10)  # dead past FEED_LOST_AFTER deadlines
+        proxy.heal()
+    finally:
+        await b.close()
