@@ -6,58 +6,27 @@ test-artifacts/."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
+from tests.browser.test_board import (
+    WAIT_MS,
+    browser,  # noqa: F401 - the fixture
+    pytestmark,  # noqa: F401 - the same skips (chromium, playwright)
+)
 from tests.examples.test_kanban import Service
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-WAIT_MS = 30_000
-
 try:
-    from playwright.async_api import Browser, Page, async_playwright, expect
-except ImportError:  # pragma: no cover - depends on the environment
-    async_playwright = None
+    from playwright.async_api import Browser, Page, expect
+except ImportError:  # pragma: no cover - skipped by pytestmark
+    pass
 
-pytestmark = [
-    pytest.mark.skipif(
-        not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} missing: apt-get install chromium"
-    ),
-    pytest.mark.skipif(
-        async_playwright is None, reason="playwright missing: pip install -e '.[test]'"
-    ),
-]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    assert async_playwright is not None
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-async def open_board(browser: Browser, url: str, errors: list[str]) -> Page:
-    ctx = await browser.new_context(viewport={"width": 960, "height": 520})
+async def open_board(chromium: Browser, url: str, errors: list[str]) -> Page:
+    ctx = await chromium.new_context(viewport={"width": 960, "height": 520})
     page = await ctx.new_page()
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     await page.goto(url)
@@ -65,7 +34,10 @@ async def open_board(browser: Browser, url: str, errors: list[str]) -> Page:
     return page
 
 
-async def test_two_tabs_drag_a_card_and_survive_a_restart(browser: Browser, tmp_path: Path) -> None:
+async def test_two_tabs_drag_a_card_and_survive_a_restart(
+    browser: Browser,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     svc = Service(tmp_path / "data")
     await svc.start()
     errors: list[str] = []
