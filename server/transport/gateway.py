@@ -102,6 +102,7 @@ def _select_subprotocol(
         f"unsupported subprotocol ({quoted}); this server speaks {SUBPROTOCOL} (or none)"
     )
 
+
 #: Frames one message may arrive in (the first and its continuations); one
 #: more closes with 1009 (PROTOCOL.md "Transport"). Browsers send one frame
 #: per message and libraries that fragment use frames of kilobytes, so 1,024
