@@ -271,6 +271,11 @@ export class GuildcastClient extends EventTarget {
     return this._identified;
   }
 
+  /** The subprotocol the current connection agreed ("guildcast.v1"), or null. */
+  get subprotocol() {
+    return this._ws && this._ws.protocol ? this._ws.protocol : null;
+  }
+
   /** A copy of each followed guild's last seen Position (for persisting). */
   get positions() {
     return Object.fromEntries(this._desired);
