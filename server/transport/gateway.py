@@ -1,8 +1,10 @@
 """The WebSocket gateway: an ``asyncio.Protocol`` per connection around
 websockets' Sans-I/O ``ServerProtocol`` (DESIGN.md rule 5).
 
-websockets does the opening handshake, frame parsing, ping/pong, UTF-8
-and size checks, and the close handshake. We assemble fragmented messages,
+websockets does the opening handshake (with our choice of subprotocol,
+:func:`_select_subprotocol`), frame parsing, ping/pong, UTF-8 and size
+checks, and the close handshake; a ping or pong also tells the session the
+client is alive (protocol 1.1). We assemble fragmented messages,
 drive the gateway :class:`~guildcast.protocol.session.Session` straight from
 ``data_received`` and carry out its effects. There is no task per
 connection: one sweeper task per gateway enforces every deadline
