@@ -48,6 +48,7 @@ from typing import Any, TypeAlias
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from guildcast.client.backoff import Backoff
@@ -56,7 +57,7 @@ from guildcast.protocol.client import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
 from guildcast.protocol.client import Event as Event
 from guildcast.protocol.client import Position as Position
 from guildcast.protocol.client import Resync as Resync
-from guildcast.protocol.codes import ABNORMAL_CLOSURE, Close, CloseAction
+from guildcast.protocol.codes import ABNORMAL_CLOSURE, SUBPROTOCOL, Close, CloseAction
 from guildcast.protocol.codes import FATAL_CLOSE_CODES as FATAL_CLOSE_CODES
 
 log = logging.getLogger("guildcast.client")
@@ -356,6 +357,13 @@ class Client:
         return self._session.ready
 
     @property
+    def subprotocol(self) -> str | None:
+        """The subprotocol the current connection agreed (``guildcast.v1``
+        with a 1.1 server), or None (not connected, or a 1.0 server)."""
+        ws = self._ws
+        return None if ws is None else ws.subprotocol
+
+    @property
     def positions(self) -> dict[str, Position | None]:
         """A copy of each followed guild's last seen Position (for persisting)."""
         return self._session.positions
@@ -652,6 +660,8 @@ class Client:
                 compression=None,  # PROTOCOL.md "Connecting": off
                 max_size=None,  # the server bounds what it sends
                 user_agent_header="guildcast-python-client",
+                # PROTOCOL.md "Connecting" (1.1); a 1.0 server ignores the offer.
+                subprotocols=[Subprotocol(SUBPROTOCOL)],
             )
         except InvalidStatus as exc:
             code, reason = self._session.connect_failed(exc.response.status_code)

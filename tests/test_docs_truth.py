@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from guildcast.core.metrics import MetricsSnapshot
+from guildcast.protocol.codes import PROTOCOL_VERSION, SUBPROTOCOL, Err
 from guildcast.transport.http_api import ApiSettings, HttpApi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +69,13 @@ def test_readme_does_not_say_idle_guilds_change_epoch() -> None:
     text = " ".join((ROOT / "README.md").read_text().split())
     assert "or the guild actor stops after `idle_timeout`" not in text
     assert "keeps its history and epoch" in text
+
+
+def test_protocol_md_names_every_error_code_and_the_subprotocol() -> None:
+    """Protocol 1.1: what a client author needs is written where they look."""
+    text = (ROOT / "docs" / "PROTOCOL.md").read_text()
+    assert text.startswith(f"# The Guildcast gateway protocol (version {PROTOCOL_VERSION})")
+    assert f"`{SUBPROTOCOL}`" in text
+    for code in Err:
+        assert str(int(code)) in text, code
+    assert f"| {int(Err.INVALID_EVENT_NAME)} |" in text

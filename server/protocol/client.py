@@ -38,7 +38,7 @@ import orjson
 
 from guildcast.protocol.codes import ABNORMAL_CLOSURE, RESERVED_EVENTS, CloseAction, Op
 from guildcast.protocol.codes import classify_close as _classify
-from guildcast.protocol.wire import valid_event, valid_guild
+from guildcast.protocol.wire import EVENT_RULE, GUILD_RULE, valid_event, valid_guild
 
 #: The HEARTBEAT message (PROTOCOL.md "Messages", op 1).
 HEARTBEAT = b'{"op":1,"d":null}'
@@ -282,15 +282,18 @@ def publish_message(gid: str, t: str, d: Any, nonce: str | None = None) -> bytes
 def check_guild(gid: object) -> str:
     """``gid`` if it is a valid guild id, else ValueError."""
     if not valid_guild(gid):
-        raise ValueError(f"invalid guild id {gid!r}: 1-128 characters of [A-Za-z0-9_.:-]")
+        raise ValueError(f"invalid guild id {gid!r}: {GUILD_RULE}")
     return gid
 
 
 def check_publish(gid: object, t: object) -> None:
-    """ValueError for what the server would answer with a fatal 4002 or ERROR 4403."""
+    """ValueError for what the server would refuse: a guild id it closes 4002
+    for, an event name it answers ERROR 4422 for (protocol 1.1; 4002 in 1.0)
+    or a reserved name (ERROR 4403). Checked here so the mistake shows at
+    the call, not as an answer later."""
     check_guild(gid)
     if not valid_event(t):
-        raise ValueError(f"invalid event name {t!r}: 1-64 characters of [A-Z0-9_]")
+        raise ValueError(f"invalid event name {t!r}: {EVENT_RULE}")
     if t in RESERVED_EVENTS:
         raise ValueError(f"{t} is a reserved event name")
 

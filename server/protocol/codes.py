@@ -1,9 +1,20 @@
-"""Opcodes, close codes and ERROR codes of the gateway protocol (PROTOCOL.md,
-"Opcodes" and "Close codes"). Plain ints so the hot path compares ints."""
+"""Opcodes, close codes, ERROR codes and the WebSocket subprotocol of the
+gateway protocol (PROTOCOL.md, "Connecting", "Messages" and "Close codes").
+Plain ints so the hot path compares ints."""
 
 from __future__ import annotations
 
 from enum import Enum, IntEnum
+
+#: The version of PROTOCOL.md this package implements. 1.1 only adds to 1.0:
+#: a 1.0 client (no subprotocol, 1.0 frames) is served unchanged.
+PROTOCOL_VERSION = "1.1"
+#: The WebSocket subprotocol (``Sec-WebSocket-Protocol``, RFC 6455 1.9) a
+#: client may offer, and the server echoes (PROTOCOL.md "Connecting"). It
+#: names the frame format, which 1.x only extends, so it stays ``v1``.
+SUBPROTOCOL = "guildcast.v1"
+#: Every subprotocol the server accepts, preferred first.
+SUBPROTOCOLS = (SUBPROTOCOL,)
 
 
 class Op(IntEnum):
@@ -65,6 +76,9 @@ class Err(IntEnum):
     FORBIDDEN = 4403
     PAYLOAD_TOO_LARGE = 4413
     PUBLISH_RATE_LIMITED = 4429
+    #: A PUBLISH whose ``t`` is a string outside the event-name grammar
+    #: (protocol 1.1; 1.0 closed with 4002).
+    INVALID_EVENT_NAME = 4422
     TOO_MANY_SUBSCRIPTIONS = 4430
     #: The PUBLISH reached the sequencer but its answer did not come back: it
     #: may or may not have been sequenced (not "refused, retry").

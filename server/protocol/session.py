@@ -251,6 +251,13 @@ class Session:
             return self._close(Close.NOT_IDENTIFIED, "no IDENTIFY in time")
         return self._close(Close.SESSION_TIMEOUT, "no heartbeat in time")
 
+    def alive(self, now: float) -> None:
+        """A WebSocket ping or pong arrived (PROTOCOL.md "A session, step by
+        step" 4, protocol 1.1): like any message it proves the connection
+        alive once identified; before IDENTIFY it extends nothing."""
+        if self.state is State.READY:
+            self.deadline = now + self.limits.heartbeat_interval_ms * 1.5 / 1000.0
+
     def closed(self) -> None:
         """The connection is gone; the session absorbs everything from now on."""
         self.state = State.CLOSED
@@ -409,8 +416,8 @@ class Session:
         gid, t, nonce = d.get("guild"), d.get("t"), d.get("nonce")
         if not wire.valid_guild(gid):
             raise _Reject(Close.DECODE_ERROR, "PUBLISH needs a valid guild id")
-        if not wire.valid_event(t):
-            raise _Reject(Close.DECODE_ERROR, "PUBLISH needs a valid event name t")
+        if type(t) is not str:
+            raise _Reject(Close.DECODE_ERROR, "PUBLISH needs an event name t (a string)")
         if nonce is not None and (type(nonce) is not str or len(nonce) > self.limits.max_nonce):
             raise _Reject(Close.DECODE_ERROR, "nonce must be a short string")
         pending = self._pending
@@ -422,6 +429,12 @@ class Session:
         pending.append(p)
         grant = self.grant
         assert grant is not None
+        if not wire.valid_event(t):
+            # Protocol 1.1: a string outside the grammar is a failed command
+            # (ERROR 4422, no token taken), not a broken client (1.0: 4002).
+            return self.publish_failed(
+                p, Err.INVALID_EVENT_NAME, f"invalid event name: t must be {wire.EVENT_RULE}"
+            )
         if t in RESERVED_EVENTS:
             return self._forbid(p, f"{t} is a reserved event name")
         if not grant.may_publish(gid):

@@ -20,7 +20,9 @@ from guildcast.protocol.frames import text_frame
 
 __all__ = [
     "EVENT_PATTERN",
+    "EVENT_RULE",
     "GUILD_PATTERN",
+    "GUILD_RULE",
     "HEARTBEAT_ACK_FRAME",
     "RECONNECT_FRAME",
     "JSONDecodeError",
@@ -42,6 +44,12 @@ JSONDecodeError = orjson.JSONDecodeError
 #: the same in Python and ECMA-262 (the OpenAPI document's patterns).
 GUILD_PATTERN = "[A-Za-z0-9_.:-]{1,128}"
 EVENT_PATTERN = "[A-Z0-9_]{1,64}"
+#: The grammar in words, for error messages (the gateway's ERROR, the HTTP
+#: API's 400, the clients' ValueError all say the same). Both are
+#: case-sensitive; event names are upper case only (PROTOCOL.md "Messages"
+#: says why).
+GUILD_RULE = "1-128 characters of [A-Za-z0-9_.:-]"
+EVENT_RULE = "1-64 characters of [A-Z0-9_] (upper case)"
 _GUILD_RE = re.compile(GUILD_PATTERN)
 _EVENT_RE = re.compile(EVENT_PATTERN)
 

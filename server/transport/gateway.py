@@ -1,8 +1,10 @@
 """The WebSocket gateway: an ``asyncio.Protocol`` per connection around
 websockets' Sans-I/O ``ServerProtocol`` (DESIGN.md rule 5).
 
-websockets does the opening handshake, frame parsing, ping/pong, UTF-8
-and size checks, and the close handshake. We assemble fragmented messages,
+websockets does the opening handshake (with our choice of subprotocol,
+:func:`_select_subprotocol`), frame parsing, ping/pong, UTF-8 and size
+checks, and the close handshake; a ping or pong also tells the session the
+client is alive (protocol 1.1). We assemble fragmented messages,
 drive the gateway :class:`~guildcast.protocol.session.Session` straight from
 ``data_received`` and carry out its effects. There is no task per
 connection: one sweeper task per gateway enforces every deadline
@@ -29,21 +31,23 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from websockets.exceptions import NegotiationError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost, OutcomeUnknown, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
-from guildcast.protocol.codes import Close, Err
+from guildcast.protocol.codes import SUBPROTOCOL, SUBPROTOCOLS, Close, Err
 from guildcast.protocol.session import (
     Authenticator,
     CloseConn,
@@ -73,6 +77,34 @@ _LOGGED_CLOSES: dict[int, tuple[str, int]] = {
 }
 
 GATEWAY_PATH = "/gateway"
+#: Request paths that open the gateway (PROTOCOL.md "Connecting"): a proxy
+#: or library that appends a slash reaches it too. The query string is
+#: ignored (``?v=1`` means nothing: the subprotocol names the version).
+GATEWAY_PATHS = frozenset({GATEWAY_PATH, GATEWAY_PATH + "/"})
+#: Characters of a refused ``Sec-WebSocket-Protocol`` offer quoted back in the 400.
+_MAX_OFFER_ECHO = 100
+_SUBPROTOCOLS = [Subprotocol(sp) for sp in SUBPROTOCOLS]
+
+
+def _select_subprotocol(
+    proto: ServerProtocol, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """PROTOCOL.md "Connecting" (protocol 1.1): no offer is served as a 1.0
+    client was (no subprotocol); an offer including ``guildcast.v1`` is
+    answered with it; an offer of only others is refused with HTTP 400
+    (websockets turns :class:`NegotiationError` into that answer, its text
+    in the body) naming the one we speak."""
+    if not offered:
+        return None
+    for sp in _SUBPROTOCOLS:
+        if sp in offered:
+            return sp
+    quoted = ", ".join(offered)[:_MAX_OFFER_ECHO]
+    raise NegotiationError(
+        f"unsupported subprotocol ({quoted}); this server speaks {SUBPROTOCOL} (or none)"
+    )
+
+
 #: Frames one message may arrive in (the first and its continuations); one
 #: more closes with 1009 (PROTOCOL.md "Transport"). Browsers send one frame
 #: per message and libraries that fragment use frames of kilobytes, so 1,024
@@ -127,7 +159,12 @@ class Connection(asyncio.Protocol):
         #: ``limits.max_buffer``, read on every send (one attribute, not three).
         self._max_buffer = gw.limits.max_buffer
         self._transport: asyncio.Transport | None = None
-        self.proto = ServerProtocol(max_size=gw.limits.max_frame, logger=_ws_log)
+        self.proto = ServerProtocol(
+            subprotocols=_SUBPROTOCOLS,
+            select_subprotocol=_select_subprotocol,
+            max_size=gw.limits.max_frame,
+            logger=_ws_log,
+        )
         self.session: Session | None = None
         self.events: frozenset[str] | None = None
         self.closing = False
@@ -325,7 +362,7 @@ class Connection(asyncio.Protocol):
         ):
             proto.send_response(page)  # demo page, health checks (static.py); then closed
             return
-        if path != GATEWAY_PATH:
+        if path not in GATEWAY_PATHS:
             proto.send_response(proto.reject(404, "Not Found: the gateway is at /gateway\n"))
             return
         resp = proto.accept(req)
@@ -381,7 +418,14 @@ class Connection(asyncio.Protocol):
             session = self.session
             if session is not None:
                 self._run(session.receive_binary())
-        # PING, PONG and CLOSE are answered by websockets itself.
+        elif op is Opcode.PING or op is Opcode.PONG:
+            # websockets answers a ping itself; both prove the client alive
+            # (PROTOCOL.md "A session, step by step" 4, protocol 1.1), so a
+            # library that pings on its own needs no HEARTBEAT.
+            session = self.session
+            if session is not None:
+                session.alive(time.monotonic())
+        # CLOSE is answered by websockets itself.
 
     def _on_message(self, data: bytes | bytearray | memoryview) -> None:
         session = self.session

@@ -560,11 +560,9 @@ class HttpApi:
             raise ApiError(400, "bad_shape", f"{where}unknown fields {sorted(unknown)}")
         gid, t, d = e.get("guild"), e.get("t"), e.get("d")
         if not wire.valid_guild(gid):
-            raise ApiError(
-                400, "invalid_guild", f"{where}guild must be 1-128 characters of [A-Za-z0-9_.:-]"
-            )
+            raise ApiError(400, "invalid_guild", f"{where}guild must be {wire.GUILD_RULE}")
         if not wire.valid_event(t):
-            raise ApiError(400, "invalid_event", f"{where}t must be 1-64 characters of [A-Z0-9_]")
+            raise ApiError(400, "invalid_event", f"{where}t must be {wire.EVENT_RULE}")
         if t in RESERVED_EVENTS:
             raise ApiError(400, "reserved_event", f"{where}{t} is a reserved event name")
         try:

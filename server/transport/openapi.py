@@ -248,6 +248,10 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                 "GuildId": {"type": "string", "pattern": GUILD_PATTERN},
                 "EventName": {
                     "type": "string",
+                    "description": (
+                        f"{wire.EVENT_RULE}: case-sensitive, one spelling per name "
+                        '(PROTOCOL.md "Messages").'
+                    ),
                     "pattern": EVENT_PATTERN,
                     "not": {"enum": sorted(RESERVED_EVENTS)},
                 },

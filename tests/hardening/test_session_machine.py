@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,9 @@ POSITIONS: list[dict[str, Any] | None] = [
 ]
 #: Valid names weighted up (sampled_from draws uniformly): most PUBLISHes pass.
 EVENTS = ["MSG", "MSG", "MSG", "A_1", "A_1", "X" * 64, *sorted(RESERVED_EVENTS)]
+#: Strings outside the event-name grammar: ERROR 4422 since protocol 1.1
+#: (PROTOCOL.md "Messages"), no longer a close.
+EVENTS += ["msg", "Mixed", "X" * 65, ""]
 #: Invalid guild ids (PROTOCOL.md "Envelope"): each closes with 4002.
 BAD_GUILDS: list[Any] = ["", "x" * 129, "a/b", "../etc", "nul\x00", "sp ace", "é", 5, None]
 BAD_POSITIONS: list[Any] = [
@@ -413,7 +417,9 @@ class SessionMachine(RuleBasedStateMachine):
             entry = _Entry(gid, nonce)
             self.pending.append(entry)
             code: int | None = None
-            if t in RESERVED_EVENTS or not _match(self.tok.pub, gid):
+            if re.fullmatch("[A-Z0-9_]{1,64}", t) is None:
+                code = Err.INVALID_EVENT_NAME
+            elif t in RESERVED_EVENTS or not _match(self.tok.pub, gid):
                 code = Err.FORBIDDEN
             elif len(data) > LIMITS.max_payload:
                 code = Err.PAYLOAD_TOO_LARGE
@@ -558,9 +564,8 @@ class SessionMachine(RuleBasedStateMachine):
                 "publish",
                 {"t": "MSG", "d": 1},
                 {"guild": "g-1", "d": 1},
-                {"guild": "g-1", "t": "msg"},
-                {"guild": "g-1", "t": "X" * 65},
                 {"guild": "g-1", "t": 7},
+                {"guild": "g-1", "t": ["MSG"]},
                 {"guild": "g-1", "t": "MSG", "nonce": 5},
                 {"guild": "g-1", "t": "MSG", "nonce": "n" * 129},
                 {"guild": "g-1", "t": "MSG", "nonce": ["n"]},

@@ -14,6 +14,7 @@ import pytest
 from guildcast.protocol import client as pc
 from guildcast.protocol import wire
 from guildcast.protocol.client import ClientSession, Event, Position, Resync
+from guildcast.protocol.codes import PROTOCOL_VERSION, SUBPROTOCOL, Err
 
 CASES = json.loads((Path(__file__).parent / "cases.json").read_text())
 
@@ -44,6 +45,13 @@ def test_client_messages_are_exact(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("code", sorted(CASES["close_codes"]))
 def test_close_code_classification(code: str) -> None:
     assert pc.classify_close(int(code)).value == CASES["close_codes"][code]
+
+
+def test_protocol_1_1_constants() -> None:
+    """The subprotocol and ERROR codes both clients must agree on."""
+    assert CASES["protocol_version"] == PROTOCOL_VERSION
+    assert CASES["subprotocol"] == SUBPROTOCOL
+    assert CASES["error_codes"] == {"invalid_event_name": Err.INVALID_EVENT_NAME}
 
 
 def test_grammar() -> None:

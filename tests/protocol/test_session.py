@@ -257,9 +257,8 @@ def test_bad_unsubscribe_closes_4002(d: Any) -> None:
         {"t": "E"},
         {"guild": 1, "t": "E"},
         {"guild": "g", "t": 1},
-        {"guild": "g", "t": "lower"},
-        {"guild": "g", "t": ""},
-        {"guild": "g", "t": "A" * 65},
+        {"guild": "g", "t": None},
+        {"guild": "g", "t": ["E"]},
         {"guild": "g", "t": "E", "nonce": 1},
         {"guild": "g", "t": "E", "nonce": ["n"]},
         {"guild": "g", "t": "E", "nonce": "n" * 129},
@@ -524,6 +523,46 @@ def test_reserved_event_name_is_error_4403(name: str) -> None:
     (err,) = sent(pub(s, t=name, nonce="r"))
     assert err["d"]["code"] == Err.FORBIDDEN and err["d"]["nonce"] == "r"
     assert s.state is State.READY
+
+
+@pytest.mark.parametrize("name", ["lower", "message_create", "Mixed", "", "A" * 65, "A-B", "É"])
+def test_bad_event_name_is_error_4422(name: str) -> None:
+    """Protocol 1.1: a string ``t`` outside the grammar is a failed command
+    (ERROR 4422 with the nonce and guild), it takes no token, and the
+    connection stays; 1.0 closed with 4002."""
+    s = ready(pub=["*"], pub_rate=1)
+    (err,) = sent(pub(s, t=name, nonce="bad"))
+    assert err["op"] == Op.ERROR
+    assert err["d"]["code"] == Err.INVALID_EVENT_NAME == 4422
+    assert err["d"]["nonce"] == "bad" and err["d"]["g"] == "g-1"
+    assert "[A-Z0-9_]" in err["d"]["message"]
+    assert s.state is State.READY and s.pending_publishes == 0
+    # The one token of a pub_rate of 1 is still there for a valid name.
+    (p,) = pub(s, nonce="good")
+    assert isinstance(p, Publish)
+
+
+def test_bad_event_name_answer_waits_its_turn() -> None:
+    s = ready(pub=["*"], pub_rate=0)
+    (p1,) = pub(s, nonce="a")
+    assert isinstance(p1, Publish)
+    assert pub(s, t="lower", nonce="b") == []  # 4422, queued behind p1
+    out = sent(s.publish_done(p1, "g-1", 1, "e"))
+    assert [(m["op"], m["d"]["nonce"]) for m in out] == [(Op.ACK, "a"), (Op.ERROR, "b")]
+
+
+def test_ping_or_pong_extends_deadline_once_identified() -> None:
+    """Protocol 1.1: a WebSocket ping/pong is a sign of life (the gateway
+    calls ``alive``); before IDENTIFY it extends nothing."""
+    s = new(Limits(heartbeat_interval_ms=1000, identify_timeout=10.0))
+    s.alive(T0 + 5)
+    assert s.deadline == T0 + 10.0
+    s = ready(Limits(heartbeat_interval_ms=1000))
+    s.alive(T0 + 1.0)
+    assert s.check_timeout(T0 + 2.4) == []
+    s.alive(T0 + 2.4)
+    assert s.check_timeout(T0 + 3.8) == []
+    assert close_code(s.check_timeout(T0 + 3.9 + 0.01)) == Close.SESSION_TIMEOUT
 
 
 def test_payload_too_large_is_error_4413() -> None:

@@ -8,7 +8,9 @@ import { readFileSync } from "node:fs";
 import {
   GuildcastClient,
   HEARTBEAT,
+  INVALID_EVENT_NAME,
   PublishError,
+  SUBPROTOCOL,
   SubscribeError,
   classifyClose,
   identifyMessage,
@@ -39,6 +41,11 @@ test("close codes are classified as the cases say", () => {
   for (const [code, action] of Object.entries(CASES.close_codes)) assert.equal(classifyClose(Number(code)), action, code);
 });
 
+test("protocol 1.1: subprotocol and ERROR codes as the cases say", () => {
+  assert.equal(SUBPROTOCOL, CASES.subprotocol);
+  assert.deepEqual({ invalid_event_name: INVALID_EVENT_NAME }, CASES.error_codes);
+});
+
 test("guild id and event name grammar", () => {
   const g = CASES.grammar;
   for (const x of g.valid_guilds) assert.ok(validGuild(x), x);
@@ -50,8 +57,9 @@ test("guild id and event name grammar", () => {
 /** A WebSocket the test drives: it records what the client sends. */
 class ScriptedSocket {
   static all = [];
-  constructor(url) {
+  constructor(url, protocols) {
     this.url = url;
+    this.protocols = protocols;
     this.readyState = 1;
     this.sent = [];
     ScriptedSocket.all.push(this);
@@ -102,6 +110,7 @@ for (const sc of CASES.sessions) {
           await settle();
           assert.ok(ScriptedSocket.all.length > 0, where);
           ws = ScriptedSocket.all.shift();
+          assert.deepEqual(ws.protocols, [CASES.subprotocol], where); // protocol 1.1
           seen = 0;
         } else if (step.recv) {
           ws.receive(step.recv);

@@ -49,6 +49,7 @@ test("connect, subscribe, publish: ACKed s matches the delivered event", { skip 
   try {
     await c.connect();
     assert.equal(c.user, "js-tester");
+    assert.equal(c.subprotocol, "guildcast.v1"); // protocol 1.1: offered and echoed
     const pos = await c.subscribe("js-basic");
     assert.equal(typeof pos.epoch, "string");
     const s = await c.publish("js-basic", "CARD_ADDED", { text: "hello" });

@@ -53,7 +53,12 @@ const ZOMBIE_MIN_MS = 5000;
 // The server's default max_frame: a larger message would be closed with the
 // fatal 1009, so the client refuses to send it.
 const DEFAULT_MAX_MESSAGE = 64 * 1024;
+/** PROTOCOL.md "Connecting" (protocol 1.1): the WebSocket subprotocol the client offers. */
+export const SUBPROTOCOL = "guildcast.v1";
+/** ERROR code of a PUBLISH whose event name is outside the grammar (protocol 1.1). */
+export const INVALID_EVENT_NAME = 4422;
 const GUILD_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
+// Upper case only: names are case-sensitive and have one spelling each (PROTOCOL.md "Messages").
 const EVENT_RE = /^[A-Z0-9_]{1,64}$/;
 const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED"]);
 /** The HEARTBEAT message (op 1). */
@@ -65,7 +70,7 @@ export function validGuild(gid) {
   return typeof gid === "string" && GUILD_RE.test(gid);
 }
 
-/** Event names are 1-64 characters of A-Z 0-9 _ */
+/** Event names are 1-64 characters of A-Z 0-9 _ (upper case) */
 export function validEvent(t) {
   return typeof t === "string" && EVENT_RE.test(t);
 }
@@ -264,6 +269,11 @@ export class GuildcastClient extends EventTarget {
   /** True while the current connection is READY. */
   get connected() {
     return this._identified;
+  }
+
+  /** The subprotocol the current connection agreed ("guildcast.v1"), or null. */
+  get subprotocol() {
+    return this._ws && this._ws.protocol ? this._ws.protocol : null;
   }
 
   /** A copy of each followed guild's last seen Position (for persisting). */
@@ -467,7 +477,7 @@ export class GuildcastClient extends EventTarget {
     if (this._closing) return { code: 1000, reason: "client closing" };
     let ws;
     try {
-      ws = new this._WS(this.url);
+      ws = new this._WS(this.url, [SUBPROTOCOL]);
     } catch (err) {
       return { code: 4002, reason: `bad gateway URL: ${err}` };
     }
