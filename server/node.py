@@ -27,11 +27,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from guildcast.actors.actor import ActorExited, CallTimeout, MailboxFull
+from guildcast.actors.feed import FeedRouter
 from guildcast.actors.groups import Groups
-from guildcast.actors.guild import Feed, Guild, GuildSettings, PresenceMsg
+from guildcast.actors.guild import Guild, GuildSettings
 from guildcast.actors.hub import Hub
+from guildcast.actors.partition import Partition
 from guildcast.actors.registry import Registry
-from guildcast.broker.base import Broker, BrokerUnavailable, Presence, Record
+from guildcast.broker.base import Broker, BrokerUnavailable
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
@@ -135,7 +137,6 @@ class Server:
                 await self.broker.close()
             await tg.__aexit__(None, None, None)
             raise
-        self.broker.set_feed(self._feed, self._presence_feed)
         self.groups = Groups("guilds")
         broker = self.broker
         counters = self.stats_counters
@@ -144,6 +145,9 @@ class Server:
             tg,
             max_actors=cfg.max_guilds,
         )
+        # Only a remote feed (Redis) arrives as messages; in-process logs hand
+        # appended records back to the appending guild (actors/feed.py).
+        FeedRouter(self.registry).attach(broker)
         share = cfg.user_guild_share
         self.hub = Hub(
             self.registry,
@@ -303,18 +307,6 @@ class Server:
             if n := broker.sweep():
                 log.debug("forgot %d idle guild logs", n)
 
-    def _presence_feed(self, gid: str, kind: str, member: Presence) -> None:
-        """Broker presence change -> the guild's mailbox."""
-        guild = self.registry.lookup(gid)
-        if guild is not None:
-            guild.cast_system(PresenceMsg(kind, member))
-
-    def _feed(self, gid: str, records: list[Record] | str | None) -> None:
-        """Broker feed -> the guild's mailbox (a system message: never dropped)."""
-        guild = self.registry.lookup(gid)
-        if guild is not None:
-            guild.cast_system(Feed(records))
-
     async def stop(self, drain: bool = True) -> None:
         """Stop the node. With ``drain`` every session gets RECONNECT then 1001."""
         if not self._started:
@@ -460,6 +452,8 @@ class Server:
             guilds.total += depth
             guilds.max = max(guilds.max, depth)
             for p in guild.partitions:
+                if type(p) is not Partition:
+                    continue  # the guild's own writer has no mailbox
                 depth = p.mailbox_depth
                 parts.total += depth
                 parts.max = max(parts.max, depth)

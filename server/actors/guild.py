@@ -41,8 +41,15 @@ from typing import Any
 
 from guildcast.actors.actor import Actor, MailboxFull, _Call
 from guildcast.actors.groups import GroupEvent, Groups
-from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove
-from guildcast.broker.base import FEED_LOST, Broker, BrokerUnavailable, Presence, Record
+from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove, Writer
+from guildcast.broker.base import (
+    FEED_LOST,
+    Broker,
+    BrokerUnavailable,
+    LocalLog,
+    Presence,
+    Record,
+)
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
@@ -167,12 +174,16 @@ class Guild(Actor):
         #: The last ``s`` fanned out on this node.
         self.cursor = 0
         self.listening = False
-        self.partitions: list[Partition] = []
-        self.where: dict[Sink, Partition] = {}
+        #: An in-process log hands appended records back (one step per publish).
+        self._local: LocalLog | None = broker if isinstance(broker, LocalLog) else None
+        #: Placement: ``partitions[0]`` is the :class:`Writer` this actor writes
+        #: itself; every later one a :class:`Partition` actor (partition.py).
+        self.partitions: list[Writer | Partition] = []
+        self.where: dict[Sink, Writer | Partition] = {}
         #: Presence identity of each local session (announced on join/leave).
         self.members: dict[Sink, Presence] = {}
         #: Sessions per partition, kept in step with ``where``.
-        self.load: dict[Partition, int] = {}
+        self.load: dict[Writer | Partition, int] = {}
         self.published = 0
         self.delivered = 0
         self._frames: list[bytes] = []
@@ -197,7 +208,8 @@ class Guild(Actor):
     async def on_stop(self, reason: BaseException | None) -> None:
         self._demonitor()
         for p in self.partitions:
-            p.stop()
+            if type(p) is Partition:
+                p.stop()
         if reason is not None:
             # Let it crash: the sessions reconnect and recover what they can.
             for sink in list(self.where):
@@ -258,8 +270,14 @@ class Guild(Actor):
         self._fan_out()
 
     async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        local = self._local
+        recs: list[Record] | None = None
         try:
-            epoch, ss = await self.broker.append(self.gid, items)
+            if local is not None:
+                epoch, recs = await local.append_local(self.gid, items)
+                ss = [r.s for r in recs]
+            else:
+                epoch, ss = await self.broker.append(self.gid, items)
         except BrokerUnavailable as e:
             for call in pubs:
                 if not call.future.done():
@@ -273,6 +291,10 @@ class Guild(Actor):
         for call, s in zip(pubs, ss, strict=True):
             if not call.future.done():
                 call.future.set_result((s, epoch))
+        if recs is not None and self.listening:
+            # The log is in this process and this actor its one listener:
+            # emit in this step, no feed message (docs/ARCHITECTURE.md).
+            await self._on_feed(recs)
 
     async def _answer(self, call: _Call) -> None:
         msg = call.msg
@@ -356,14 +378,11 @@ class Guild(Actor):
         self._names = []
         self._stamps = []
         self.delivered += len(run.frames)
-        parts = self.partitions
-        if len(parts) == 1 and parts[0].parked:
-            # A small guild whose one partition has nothing queued: write in
-            # this step rather than wake the partition for it (one task step
-            # less per event; the same writes, in the same order).
-            parts[0].write_now(run)
-            return
-        for p in parts:
+        for p in self.partitions:
+            if type(p) is Writer:
+                p.write(run.frames, run.names, run.stamps)
+                continue
+            assert type(p) is Partition
             try:
                 p.cast(run)
             except MailboxFull:
@@ -378,7 +397,11 @@ class Guild(Actor):
         self._fan_out()  # keep the order of what came before
         msg = PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid))
         for p in self.partitions:
-            p.cast_system(msg)
+            if type(p) is Writer:
+                p.send_presence(msg.frame)
+            else:
+                assert type(p) is Partition
+                p.cast_system(msg)
 
     async def _history_lost(self, why: str, reason: str = "guild history lost; reconnect") -> None:
         """This node cannot go on serving the guild's sessions from its feed
@@ -441,7 +464,11 @@ class Guild(Actor):
             p = self._partition_with_room()
             self.where[sink] = p
             self.load[p] += 1
-        p.cast_system(Add(sink, preamble, msg.presence))
+        if type(p) is Writer:
+            p.add(sink, preamble, msg.presence)
+        else:
+            assert type(p) is Partition
+            p.cast_system(Add(sink, preamble, msg.presence))
         if msg.member is not None and sink not in self.members:
             self.members[sink] = msg.member
             self.broker.presence_join(self.gid, msg.member)
@@ -477,7 +504,11 @@ class Guild(Actor):
         if p is None:
             return
         self.load[p] -= 1
-        p.cast_system(Remove(sink, farewell))
+        if type(p) is Writer:
+            p.remove(sink, farewell)
+        else:
+            assert type(p) is Partition
+            p.cast_system(Remove(sink, farewell))
         if not self.where and self.listening:
             # Nodes listen to a guild only while they have local subscribers.
             self.listening = False
@@ -487,12 +518,20 @@ class Guild(Actor):
             except BrokerUnavailable:
                 pass
 
-    def _partition_with_room(self) -> Partition:
-        """The first partition below ``partition_size`` sessions, or a new one."""
+    def _partition_with_room(self) -> Writer | Partition:
+        """The placement rule, the one place it is made: the first writer below
+        ``partition_size`` sessions, or a new one: the guild's own
+        :class:`Writer` first, then a :class:`Partition` actor per further
+        ``partition_size`` sessions (docs/ARCHITECTURE.md, "Placement")."""
         size = self.settings.partition_size
-        for p, n in self.load.items():
+        for w, n in self.load.items():
             if n < size:
-                return p
+                return w
+        if not self.partitions:
+            w = Writer(self.stats)
+            self.partitions.append(w)
+            self.load[w] = 0
+            return w
         p = Partition(f"{self.gid}/{len(self.partitions)}", stats=self.stats)
         p.monitor(self._partition_exited)
         p.start(self._tg)

@@ -24,7 +24,7 @@ test suite in ``tests/broker/`` runs against every implementation.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Final, Literal, NamedTuple, Protocol
+from typing import Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
 
@@ -152,4 +152,22 @@ class Broker(Protocol):
 
         Members of a node that stopped heart-beating are left out once its
         ``presence_timeout`` has passed, and removed for good soon after.
+        """
+
+
+@runtime_checkable
+class LocalLog(Protocol):
+    """A capability of an in-process broker (memory, disk): the log lives in
+    this process, so the one appender of a guild (its actor; the registry
+    never runs two) is also its only listener on this node.
+
+    Found by protocol (``isinstance(broker, LocalLog)``), never by class.
+    """
+
+    async def append_local(
+        self, gid: str, items: Sequence[tuple[str, bytes]]
+    ) -> tuple[str, list[Record]]:
+        """Like :meth:`Broker.append`, but the appended records are returned
+        instead of being delivered to the feed: the caller emits them in the
+        same step (one guild step per publish). Raises :class:`BrokerUnavailable`.
         """

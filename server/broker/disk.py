@@ -76,7 +76,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from guildcast.broker.base import Broker, BrokerUnavailable, Record
+from guildcast.broker.base import Broker, BrokerUnavailable, LocalLog, Record
 from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, MemoryBroker
 from guildcast.core import journal
 from guildcast.core.journal import FSYNC_POLICIES, TMP_SUFFIX, Journal, Loaded, event_prefix
@@ -358,17 +358,29 @@ class DiskBroker(MemoryBroker):
     # --- the contract --------------------------------------------------------
 
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
+        epoch, recs = await self._locked_append(gid, items, True)
+        return epoch, [r.s for r in recs]
+
+    async def append_local(
+        self, gid: str, items: Sequence[tuple[str, bytes]]
+    ) -> tuple[str, list[Record]]:
+        """``LocalLog``: the records go back to the appender, not to the feed."""
+        return await self._locked_append(gid, items, False)
+
+    async def _locked_append(
+        self, gid: str, items: Sequence[tuple[str, bytes]], feed: bool
+    ) -> tuple[str, list[Record]]:
         lg = await self._get(gid)
         lg.busy += 1
         try:
             async with lg.lock:
-                return await self._append(gid, lg, items)
+                return await self._append(gid, lg, items, feed)
         finally:
             lg.busy -= 1
 
     async def _append(
-        self, gid: str, lg: _GuildLog, items: Sequence[tuple[str, bytes]]
-    ) -> tuple[str, list[int]]:
+        self, gid: str, lg: _GuildLog, items: Sequence[tuple[str, bytes]], feed: bool
+    ) -> tuple[str, list[Record]]:
         now = time.time()
         s = lg.seq
         recs: list[Record] = []
@@ -380,7 +392,7 @@ class DiskBroker(MemoryBroker):
             parts.append(event_prefix(s, t, now, payload))
             parts.append(payload)
         if not recs:
-            return lg.epoch, []
+            return lg.epoch, recs
         j = lg.journal
         created = not j.exists
         before = (j.size, j.count, j.first_ts)
@@ -419,10 +431,10 @@ class DiskBroker(MemoryBroker):
                 self._storage_failed(gid, e)
                 raise BrokerUnavailable(f"cannot fsync the journal of {gid}: {e}") from e
             self.fsyncs += 1
-        if gid in self._listening and self._feed is not None:
+        if feed and gid in self._listening and self._feed is not None:
             self._feed(gid, recs)
         await self._maybe_compact(gid, lg, now)
-        return lg.epoch, [r.s for r in recs]
+        return lg.epoch, recs
 
     def _undo(
         self, gid: str, lg: _GuildLog, created: bool, before: tuple[int, int, float | None]
@@ -442,9 +454,6 @@ class DiskBroker(MemoryBroker):
             # write until a restart, whose load sees them (and keeps them:
             # nobody was told their s, and the next s follows them).
             j.broken = f"an unmarked write could not be undone ({e})"
-
-    def append_now(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
-        raise NotImplementedError("a durable append waits for the disk: use append()")
 
     def sweep(self) -> int:
         """Nothing to sweep: idle guild logs leave memory by themselves (LRU)."""
@@ -832,6 +841,7 @@ def _cut(loaded: Loaded, mark: tuple[str, int] | None) -> str | None:
 def _conforms() -> None:
     """mypy checks the implementation against the contract (DESIGN.md house style)."""
     _: type[Broker] = DiskBroker
+    _local: type[LocalLog] = DiskBroker
 
 
 def _boot_id() -> str | None:

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 
-from guildcast.broker.base import Broker, Feed, Presence, PresenceFeed, Record
+from guildcast.broker.base import Broker, Feed, LocalLog, Presence, PresenceFeed, Record
 from guildcast.core.histbudget import HistoryBudget
 from guildcast.protocol import wire
 
@@ -120,8 +120,8 @@ class MemoryBroker:
         if budget.over:
             budget.enforce(self._logs.values())
 
-    def append_now(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
-        """Synchronous append (the memory broker never waits)."""
+    def _sequence(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
+        """Sequence and store ``items`` (the memory broker never waits)."""
         log = self._log(gid)
         now = time.time()
         out: list[Record] = []
@@ -133,12 +133,18 @@ class MemoryBroker:
         if self.history_size > 0:
             self._keep(log, out)
         self._prune(log, now)
-        if gid in self._listening and self._feed is not None:
-            self._feed(gid, out)
         return log.epoch, out
 
+    async def append_local(
+        self, gid: str, items: Sequence[tuple[str, bytes]]
+    ) -> tuple[str, list[Record]]:
+        """``LocalLog``: the records go back to the appender, not to the feed."""
+        return self._sequence(gid, items)
+
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
-        epoch, recs = self.append_now(gid, items)
+        epoch, recs = self._sequence(gid, items)
+        if gid in self._listening and self._feed is not None:
+            self._feed(gid, recs)
         return epoch, [r.s for r in recs]
 
     async def head(self, gid: str) -> tuple[str, int]:
@@ -185,3 +191,4 @@ class MemoryBroker:
 def _conforms() -> None:
     """mypy checks the implementation against the contract (DESIGN.md house style)."""
     _: type[Broker] = MemoryBroker
+    _local: type[LocalLog] = MemoryBroker

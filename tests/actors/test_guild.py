@@ -26,6 +26,7 @@ from guildcast.actors.guild import (
     Subscribe,
     Unsubscribe,
 )
+from guildcast.actors.partition import Writer
 from guildcast.broker.memory import MemoryBroker
 from guildcast.protocol.codes import Close
 from tests.actors.support import scope
@@ -367,18 +368,17 @@ async def test_stopped_guild_refuses_calls() -> None:
         assert type(info.value).__name__ == "ActorExited"
 
 
-async def test_small_guild_writes_in_its_own_step_when_its_partition_is_parked() -> None:
-    """One partition with nothing queued: the guild writes the event in the
-    step that sequenced it, so it is on the socket before the publisher's
-    ACK is even seen (through the partition's mailbox it would come a step
-    later)."""
+async def test_small_guild_writes_in_its_own_step() -> None:
+    """A guild of at most ``partition_size`` sessions is written by the guild
+    itself (placement), in the step that sequenced the event, so it is on
+    the socket before the publisher's ACK is even seen (through a
+    partition's mailbox it would come a step later)."""
     async with guild_env() as env:
         sink = FakeSink("a")
         env.subscribe(sink)
         await sink.wait_count(1)  # SUBSCRIBED
         (p,) = env.guild.partitions
-        await asyncio.sleep(0)  # let the partition park after its Add
-        assert p.parked
+        assert type(p) is Writer  # the guild's own writer: no actor, no mailbox
         for n in range(1, 4):
             fut = env.guild.call_nowait(PublishMsg("E", n))
             s, _epoch = await fut
