@@ -123,6 +123,21 @@ class Feed:
         self.records = records
 
 
+class Written:
+    """A partition's credit: it has written every run sent to it so far."""
+
+    __slots__ = ("partition",)
+
+    def __init__(self, partition: Partition) -> None:
+        self.partition = partition
+
+
+#: Events a guild holds back while a partition still writes the previous run
+#: (the cadence that makes partitions batch as one writer would); past it the
+#: run goes out anyway and the partition's mailbox bound applies.
+HOLD_FRAMES = 4096
+
+
 class PresenceMsg:
     """A presence change from the broker: ``kind`` is "join" or "leave"."""
 
@@ -184,6 +199,8 @@ class Guild(Actor):
         self.members: dict[Sink, Presence] = {}
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Writer | Partition, int] = {}
+        #: Partitions that have not yet written the last run sent to them.
+        self._writing: set[Partition] = set()
         self.published = 0
         self.delivered = 0
         self._frames: list[bytes] = []
@@ -250,13 +267,15 @@ class Guild(Actor):
                 await self._answer(item)
             elif tp is Feed:
                 await self._on_feed(item.records)
+            elif tp is Written:
+                self._writing.discard(item.partition)
             elif tp is PresenceMsg:
                 self._on_presence(item.kind, item.member)
             else:
                 if pubs:
                     await self._append(pubs, items)
                     pubs, items = [], []
-                self._fan_out()
+                self._fan_out(force=True)
                 if tp is Subscribe:
                     await self._subscribe(item)
                 elif tp is Unsubscribe:
@@ -370,8 +389,15 @@ class Guild(Actor):
         self._names.append(rec.t)
         self._stamps.append(rec.ts)
 
-    def _fan_out(self) -> None:
+    def _fan_out(self, force: bool = False) -> None:
+        """Send the events emitted so far to every writer: now if ``force``
+        (a membership change or presence dispatch comes next), else once
+        every partition has written the previous run (``Written``) or
+        ``HOLD_FRAMES`` are held: a big guild's partitions then get runs as
+        long as one writer would (docs/ARCHITECTURE.md, "Placement")."""
         if not self._frames:
+            return
+        if self._writing and not force and len(self._frames) < HOLD_FRAMES:
             return
         run = Frames(self._frames, self._names, self._stamps)
         self._frames = []
@@ -380,13 +406,15 @@ class Guild(Actor):
         self.delivered += len(run.frames)
         for p in self.partitions:
             if type(p) is Writer:
-                p.write(run.frames, run.names, run.stamps)
+                p.write(run.frames, run.names, run.stamps, run.data)
                 continue
             assert type(p) is Partition
             try:
                 p.cast(run)
             except MailboxFull:
                 self._shed(p)
+                continue
+            self._writing.add(p)
 
     def _on_presence(self, kind: str, member: Presence) -> None:
         """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
@@ -394,7 +422,7 @@ class Guild(Actor):
         if not self.partitions:
             return
         t = "PRESENCE_JOIN" if kind == "join" else "PRESENCE_LEAVE"
-        self._fan_out()  # keep the order of what came before
+        self._fan_out(force=True)  # keep the order of what came before
         msg = PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid))
         for p in self.partitions:
             if type(p) is Writer:
@@ -533,6 +561,7 @@ class Guild(Actor):
             self.load[w] = 0
             return w
         p = Partition(f"{self.gid}/{len(self.partitions)}", stats=self.stats)
+        p.on_written = lambda: self.cast_system(Written(p))
         p.monitor(self._partition_exited)
         p.start(self._tg)
         self.partitions.append(p)

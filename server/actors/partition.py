@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from guildcast.actors.actor import Actor
@@ -42,7 +43,7 @@ class Frames:
     publish-to-write latency metric; None when unknown.
     """
 
-    __slots__ = ("frames", "names", "stamps")
+    __slots__ = ("data", "frames", "names", "stamps")
 
     def __init__(
         self, frames: list[bytes], names: list[str], stamps: list[float] | None = None
@@ -50,6 +51,8 @@ class Frames:
         self.frames = frames
         self.names = names
         self.stamps = stamps
+        #: ``frames`` joined, once for every writer (what plain sessions get).
+        self.data = frames[0] if len(frames) == 1 else b"".join(frames)
 
 
 class Add:
@@ -130,9 +133,17 @@ class Writer:
         for sink in self.presence:
             sink.send(frame)
 
-    def write(self, frames: list[bytes], names: list[str], stamps: list[float] | None) -> None:
-        """Write a run of event frames (``stamps``: their publish times, or None)."""
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+    def write(
+        self,
+        frames: list[bytes],
+        names: list[str],
+        stamps: list[float] | None,
+        data: bytes | None = None,
+    ) -> None:
+        """Write a run of event frames (``stamps``: their publish times, or
+        None; ``data``: ``frames`` already joined, if the caller has it)."""
+        if data is None:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
         plain = self.plain
         for sink in plain:
             sink.send(data)
@@ -180,6 +191,9 @@ class Partition(Actor):
     ) -> None:
         super().__init__(name, mailbox_bound=mailbox_bound)
         self.writer = Writer(stats)
+        #: Called after each batch that wrote events: the guild's credit
+        #: (it sends the next run once every partition has written this one).
+        self.on_written: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.writer)
@@ -197,20 +211,17 @@ class Partition(Actor):
 
     async def handle_batch(self, batch: deque[Any]) -> None:
         w = self.writer
-        frames: list[bytes] = []
-        names: list[str] = []
-        stamps: list[float] = []
+        runs: list[Frames] = []
+        wrote = False
         for item in batch:
             tp = type(item)
             if tp is Frames:
-                frames += item.frames
-                names += item.names
-                if item.stamps:
-                    stamps += item.stamps
+                runs.append(item)
             else:
-                if frames:
-                    w.write(frames, names, stamps)
-                    frames, names, stamps = [], [], []
+                if runs:
+                    _write_runs(w, runs)
+                    runs = []
+                    wrote = True
                 if tp is Add:
                     w.add(item.sink, item.preamble, item.presence)
                 elif tp is PresenceFrame:
@@ -219,5 +230,25 @@ class Partition(Actor):
                     w.remove(item.sink, item.farewell)
                 else:
                     raise TypeError(f"partition got {item!r}")
-        if frames:
-            w.write(frames, names, stamps)
+        if runs:
+            _write_runs(w, runs)
+            wrote = True
+        if wrote and self.on_written is not None:
+            self.on_written()
+
+
+def _write_runs(w: Writer, runs: list[Frames]) -> None:
+    """Write consecutive runs as one (one ``send`` per session for all of them)."""
+    if len(runs) == 1:
+        run = runs[0]
+        w.write(run.frames, run.names, run.stamps, run.data)
+        return
+    frames: list[bytes] = []
+    names: list[str] = []
+    stamps: list[float] = []
+    for run in runs:
+        frames += run.frames
+        names += run.names
+        if run.stamps:
+            stamps += run.stamps
+    w.write(frames, names, stamps, b"".join([run.data for run in runs]))
