@@ -33,7 +33,13 @@ from guildcast.actors.guild import Guild, GuildSettings
 from guildcast.actors.hub import Hub
 from guildcast.actors.partition import Partition
 from guildcast.actors.registry import Registry
-from guildcast.broker.base import Broker, BrokerUnavailable
+from guildcast.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    ExplainsHealth,
+    ReportsMetrics,
+    Sweeps,
+)
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
@@ -190,7 +196,7 @@ class Server:
             await self.broker.close()
             await tg.__aexit__(None, None, None)
             raise
-        if isinstance(self.broker, MemoryBroker):
+        if isinstance(self.broker, Sweeps):
             self._broker_sweeper = tg.create_task(
                 self._sweep_broker(self.broker), name="broker-sweeper"
             )
@@ -296,7 +302,7 @@ class Server:
             history_node_bytes=cfg.history_node_bytes,
         )
 
-    async def _sweep_broker(self, broker: MemoryBroker) -> None:
+    async def _sweep_broker(self, broker: Sweeps) -> None:
         """Every ``history_ttl`` (1 s to ``BROKER_SWEEP_MAX``), forget the guild
         logs whose history has aged out and that no guild listens to
         (``MemoryBroker.sweep``): without it every guild id ever used keeps
@@ -410,10 +416,11 @@ class Server:
             return "not started"
         if not self.broker.healthy:
             broker = self.broker
-            if isinstance(broker, DiskBroker) and broker.persist_error:
-                return broker.persist_error  # "cannot persist to DIR: No space left..."
-            # The Redis broker says which part is down (link, feed, policy).
-            return getattr(broker, "unhealthy_reason", "") or "broker unavailable"
+            # Disk: "cannot persist to DIR: No space left..."; Redis: which
+            # part is down (link, feed, policy).
+            if isinstance(broker, ExplainsHealth) and broker.unhealthy_reason:
+                return broker.unhealthy_reason
+            return "broker unavailable"
         return ""
 
     def metrics(self) -> MetricsSnapshot:
@@ -458,17 +465,8 @@ class Server:
                 parts.total += depth
                 parts.max = max(parts.max, depth)
         broker = self.broker
-        if isinstance(broker, MemoryBroker):
-            m.history_bytes = broker.budget.total
-            m.history_evictions = broker.budget.evicted
-        if isinstance(broker, DiskBroker):
-            m.journal_bytes = broker.bytes_written
-            m.journal_fsyncs = broker.fsyncs
-            m.journal_repairs = broker.repairs
-            m.journal_write_failures = broker.write_failures
-            m.journal_cuts = broker.cuts
-            m.journal_open_files = len(broker._open)
-            m.journals_deleted = broker.journals_deleted
+        if isinstance(broker, ReportsMetrics):
+            broker.report_metrics(m)
         m.guilds_evicted = self.registry.evicted
         m.user_guilds_refused = self.hub.share_refused
         m.user_publish_refused = gw.user_rates.refused

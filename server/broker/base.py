@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
+from guildcast.core.metrics import MetricsSnapshot
 
 
 class Record(NamedTuple):
@@ -153,6 +154,35 @@ class Broker(Protocol):
         Members of a node that stopped heart-beating are left out once its
         ``presence_timeout`` has passed, and removed for good soon after.
         """
+
+
+# --- optional capabilities, found by protocol (``isinstance``), never by class --
+
+
+@runtime_checkable
+class Sweeps(Protocol):
+    """A broker holding per-guild state in process that must be forgotten
+    from time to time (the node calls ``sweep`` every ``history_ttl``)."""
+
+    def sweep(self) -> int:
+        """Forget what no one uses any more; returns how many guilds."""
+
+
+@runtime_checkable
+class ExplainsHealth(Protocol):
+    """A broker that says why it is unhealthy (``/readyz``)."""
+
+    @property
+    def unhealthy_reason(self) -> str:
+        """ "" while healthy, else what is down, in a few words."""
+
+
+@runtime_checkable
+class ReportsMetrics(Protocol):
+    """A broker with counters of its own for ``/metrics``."""
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """Fill this broker's fields of ``m`` (read at scrape time)."""
 
 
 @runtime_checkable

@@ -76,11 +76,19 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from guildcast.broker.base import Broker, BrokerUnavailable, LocalLog, Record
+from guildcast.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    ExplainsHealth,
+    LocalLog,
+    Record,
+    ReportsMetrics,
+)
 from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, MemoryBroker
 from guildcast.core import journal
 from guildcast.core.journal import FSYNC_POLICIES, TMP_SUFFIX, Journal, Loaded, event_prefix
 from guildcast.core.marks import Marks
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.protocol import wire
 
@@ -454,6 +462,22 @@ class DiskBroker(MemoryBroker):
             # write until a restart, whose load sees them (and keeps them:
             # nobody was told their s, and the next s follows them).
             j.broken = f"an unmarked write could not be undone ({e})"
+
+    @property
+    def unhealthy_reason(self) -> str:
+        """``ExplainsHealth``: "cannot persist to DIR: No space left ..." or ""."""
+        return self.persist_error or ""
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: the history budget and the journals."""
+        super().report_metrics(m)
+        m.journal_bytes = self.bytes_written
+        m.journal_fsyncs = self.fsyncs
+        m.journal_repairs = self.repairs
+        m.journal_write_failures = self.write_failures
+        m.journal_cuts = self.cuts
+        m.journal_open_files = len(self._open)
+        m.journals_deleted = self.journals_deleted
 
     def sweep(self) -> int:
         """Nothing to sweep: idle guild logs leave memory by themselves (LRU)."""
@@ -842,6 +866,8 @@ def _conforms() -> None:
     """mypy checks the implementation against the contract (DESIGN.md house style)."""
     _: type[Broker] = DiskBroker
     _local: type[LocalLog] = DiskBroker
+    _health: type[ExplainsHealth] = DiskBroker
+    _report: type[ReportsMetrics] = DiskBroker
 
 
 def _boot_id() -> str | None:

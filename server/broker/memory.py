@@ -21,8 +21,18 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 
-from guildcast.broker.base import Broker, Feed, LocalLog, Presence, PresenceFeed, Record
+from guildcast.broker.base import (
+    Broker,
+    Feed,
+    LocalLog,
+    Presence,
+    PresenceFeed,
+    Record,
+    ReportsMetrics,
+    Sweeps,
+)
 from guildcast.core.histbudget import HistoryBudget
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.protocol import wire
 
 #: Defaults of the history byte bounds (``Config.history_guild_bytes`` and
@@ -175,6 +185,11 @@ class MemoryBroker:
         else:
             self._listening.pop(gid, None)
 
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: the history byte budget."""
+        m.history_bytes = self.budget.total
+        m.history_evictions = self.budget.evicted
+
     def sweep(self) -> int:
         """Forget guilds with no history left and no listener; returns how many."""
         now = time.time()
@@ -192,3 +207,5 @@ def _conforms() -> None:
     """mypy checks the implementation against the contract (DESIGN.md house style)."""
     _: type[Broker] = MemoryBroker
     _local: type[LocalLog] = MemoryBroker
+    _sweeps: type[Sweeps] = MemoryBroker
+    _report: type[ReportsMetrics] = MemoryBroker
