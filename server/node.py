@@ -18,6 +18,7 @@ and closes its journals).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -98,6 +99,7 @@ class Server:
         self.stats_counters = NodeStats()
         self.draining = False
         self._tg: asyncio.TaskGroup | None = None
+        self._stack = contextlib.AsyncExitStack()
         self._started = False
         #: Forgets aged-out guild logs of an in-process broker (``_sweep_broker``).
         self._broker_sweeper: asyncio.Task[None] | None = None
@@ -126,23 +128,37 @@ class Server:
         """Start the node; on return the gateway is listening on ``self.port``."""
         if self._started:
             raise RuntimeError("server already started")
+        # The node's one task group, left in stop(); every task of the node
+        # (actors, the gateway's sweeper, the broker's tasks) is started in it.
+        self._stack = contextlib.AsyncExitStack()
+        tg = self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        # What start() has started, undone in reverse if a later step fails.
+        unwind = contextlib.AsyncExitStack()
+        try:
+            await self._start_parts(tg, unwind)
+        except BaseException:
+            self._gateway_up = False
+            await unwind.aclose()
+            await self._stack.aclose()
+            raise
+        unwind.pop_all()  # from here on stop() stops the parts, in its order
+        self._started = True
+        log.info("gateway listening on %s", self.url, extra={"url": self.url})
+
+    async def _start_parts(self, tg: asyncio.TaskGroup, unwind: contextlib.AsyncExitStack) -> None:
         cfg = self.config
-        tg = self._tg = asyncio.TaskGroup()
-        await tg.__aenter__()
         settings = GuildSettings(
             partition_size=cfg.partition_size,
             idle_timeout=cfg.idle_timeout,
             mailbox_bound=cfg.guild_mailbox,
         )
         self.broker = self._make_broker()
-        try:
-            await self._start_broker()
-        except BaseException:
-            await self._stop_api()
-            if cfg.redis:  # never started: only its client to let go of
-                await self.broker.close()
-            await tg.__aexit__(None, None, None)
-            raise
+        if cfg.redis:  # even never started: its client to let go of
+            unwind.push_async_callback(self.broker.close)
+        unwind.push_async_callback(self._stop_api)
+        await self._start_broker()
+        if not cfg.redis:
+            unwind.push_async_callback(self.broker.close)
         self.groups = Groups("guilds")
         broker = self.broker
         counters = self.stats_counters
@@ -185,23 +201,14 @@ class Server:
         self.gateway.demo_page = cfg.demo_page
         self.gateway.readiness = lambda: "" if self.ready else self.not_ready_reason
         self._gateway_up = True
-        try:
-            self.port = await self.gateway.start(cfg.host, cfg.port, tg, cfg.reuse_port)
-            if self.api is None:
-                await self._start_api()
-        except BaseException:
-            self._gateway_up = False
-            await self._stop_api()
-            await self.gateway.close()
-            await self.broker.close()
-            await tg.__aexit__(None, None, None)
-            raise
+        unwind.push_async_callback(self.gateway.close)
+        self.port = await self.gateway.start(cfg.host, cfg.port, tg, cfg.reuse_port)
+        if self.api is None:
+            await self._start_api()
         if isinstance(self.broker, Sweeps):
             self._broker_sweeper = tg.create_task(
                 self._sweep_broker(self.broker), name="broker-sweeper"
             )
-        self._started = True
-        log.info("gateway listening on %s", self.url, extra={"url": self.url})
 
     async def _start_api(self) -> None:
         """Start the HTTP API (and the per-node listener) when configured."""
@@ -243,7 +250,7 @@ class Server:
         the broker"; the gateway listens once Redis answers. Other brokers
         fail at once."""
         try:
-            await self.broker.start()
+            await self.broker.start(self._tg)
             return
         except BrokerUnavailable as e:
             if not self.config.redis:
@@ -255,7 +262,7 @@ class Server:
         while True:
             await asyncio.sleep(BROKER_RETRY)
             try:
-                await self.broker.start()
+                await self.broker.start(self._tg)
             except BrokerUnavailable as e:
                 self._waiting_broker = str(e)
                 now = asyncio.get_running_loop().time()
@@ -334,7 +341,7 @@ class Server:
                 self._broker_sweeper.cancel()
             await self.broker.close()
         finally:
-            await self._tg.__aexit__(None, None, None)
+            await self._stack.aclose()
         log.info("node stopped")
 
     # --- embedded API --------------------------------------------------------

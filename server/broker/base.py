@@ -23,8 +23,9 @@ test suite in ``tests/broker/`` runs against every implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Final, Literal, NamedTuple, Protocol, runtime_checkable
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
 from guildcast.core.metrics import MetricsSnapshot
@@ -96,8 +97,14 @@ class Broker(Protocol):
     def healthy(self) -> bool:
         """False while the broker is unreachable (publishes then fail)."""
 
-    async def start(self) -> None:
-        """Connect; raises :class:`BrokerUnavailable` if it cannot."""
+    async def start(self, tg: asyncio.TaskGroup | None = None) -> None:
+        """Connect; raises :class:`BrokerUnavailable` if it cannot.
+
+        Background tasks (a Redis reader, a journal syncer) are started in
+        ``tg``, the node's task group; :meth:`close` cancels and awaits them.
+        Without one (a broker used on its own) they are the loop's, owned by
+        the broker until :meth:`close`.
+        """
 
     async def close(self) -> None: ...
 
@@ -154,6 +161,15 @@ class Broker(Protocol):
         Members of a node that stopped heart-beating are left out once its
         ``presence_timeout`` has passed, and removed for good soon after.
         """
+
+
+def spawn(
+    tg: asyncio.TaskGroup | None, coro: Coroutine[Any, Any, None], name: str
+) -> asyncio.Task[None]:
+    """Start a broker's background task in ``tg`` (see :meth:`Broker.start`)."""
+    if tg is not None:
+        return tg.create_task(coro, name=name)
+    return asyncio.get_running_loop().create_task(coro, name=name)
 
 
 # --- optional capabilities, found by protocol (``isinstance``), never by class --

@@ -83,6 +83,7 @@ from guildcast.broker.base import (
     LocalLog,
     Record,
     ReportsMetrics,
+    spawn,
 )
 from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, MemoryBroker
 from guildcast.core import journal
@@ -218,7 +219,7 @@ class DiskBroker(MemoryBroker):
     def healthy(self) -> bool:
         return self.persist_error is None
 
-    async def start(self) -> None:
+    async def start(self, tg: asyncio.TaskGroup | None = None) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             suspect = await asyncio.to_thread(self._begin)
@@ -240,10 +241,10 @@ class DiskBroker(MemoryBroker):
                 suspect,
                 extra={"data_dir": str(self.root), "generation": self.generation},
             )
-        # Owned by the broker: cancelled and awaited in close(). It fsyncs
-        # (``interval``), fsyncs the marks, and probes a data dir that refused
-        # a write.
-        self._syncer = asyncio.create_task(self._sync_loop(), name="journal-syncer")
+        # In the node's task group; cancelled and awaited in close(). It
+        # fsyncs (``interval``), fsyncs the marks, and probes a data dir that
+        # refused a write.
+        self._syncer = spawn(tg, self._sync_loop(), "journal-syncer")
 
     async def close(self) -> None:
         """Stop the syncer, fsync what is pending (unless ``never``) and close files."""

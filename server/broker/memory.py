@@ -15,6 +15,7 @@ is bounded by those limits plus one small log per guild in use.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import deque
@@ -81,8 +82,8 @@ class MemoryBroker:
     def healthy(self) -> bool:
         return True
 
-    async def start(self) -> None:
-        pass
+    async def start(self, tg: asyncio.TaskGroup | None = None) -> None:
+        pass  # no background task: the node's sweeper calls ``sweep``
 
     async def close(self) -> None:
         self._listening.clear()

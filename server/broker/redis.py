@@ -70,6 +70,7 @@ from guildcast.broker.base import (
     Presence,
     PresenceFeed,
     Record,
+    spawn,
 )
 
 log = logging.getLogger("guildcast.broker.redis")
@@ -331,7 +332,7 @@ class RedisBroker:
         self._feed = feed
         self._presence_feed = presence
 
-    async def start(self) -> None:
+    async def start(self, tg: asyncio.TaskGroup | None = None) -> None:
         try:
             await self._r.ping()
             await self._check_policy()
@@ -340,11 +341,11 @@ class RedisBroker:
         if self._policy_error is not None:
             raise BrokerUnavailable(f"refusing {self.url}: {self._policy_error}")
         self._healthy = True
-        loop = asyncio.get_running_loop()
+        # In the node's task group; cancelled and awaited in close().
         self._tasks = [
-            loop.create_task(self._pipeliner(), name="redis-pipeliner"),
-            loop.create_task(self._reader(), name="redis-pubsub"),
-            loop.create_task(self._health(), name="redis-health"),
+            spawn(tg, self._pipeliner(), "redis-pipeliner"),
+            spawn(tg, self._reader(), "redis-pubsub"),
+            spawn(tg, self._health(), "redis-health"),
         ]
 
     async def close(self) -> None:
