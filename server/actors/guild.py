@@ -8,17 +8,17 @@ subscribers it listens to the broker's feed: each record arrives in ``s``
 order, is framed once (``wire.text_frame``) and the same bytes go to every
 partition (DESIGN.md, "The path of one event"). It never writes to a socket.
 
-Delivery cursor: ``cursor`` is the last ``s`` fanned out here. Records at or
-below it are duplicates and dropped; a record past ``cursor + 1`` means the
-feed skipped some, which are read back from history first; if history no
-longer has them, or the epoch changed, the guild's history is lost: every
+Delivery cursor: ``cursor.Cursor`` (a pure state machine, ``cursor.py``)
+decides what is delivered: duplicates dropped, gaps read back from history,
+another epoch or missing history: the guild's history is lost, and every
 local session is closed with 4000 and recovers what it can on reconnect.
-A feed record carrying another epoch than the guild's (the broker lost its
-data and a new epoch began) is never forwarded: history lost, as above. A
-catch-up that cannot read history (the broker is still unreachable), or a
-broker reporting its feed lost (``FEED_LOST``), closes the local sessions
-with 4000 too: a session this node cannot serve recovers where it can,
-rather than wait here for events that are not coming.
+The guild carries out its steps (``_drive``). A catch-up that cannot read
+history (the broker is still unreachable), or a broker reporting its feed
+lost (``FEED_LOST``), closes the local sessions with 4000 too: a session
+this node cannot serve recovers where it can, rather than wait here for
+events that are not coming. With an in-process log (``LocalLog``) the
+records a publish appended go to the cursor in the same step; a remote
+feed's come as ``Feed`` messages (``feed.py``).
 
 Subscriptions arrive as :class:`Subscribe` messages in mailbox order with
 feed records, so the head a session is told in SUBSCRIBED, its replay and
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from guildcast.actors.actor import Actor, MailboxFull, _Call
+from guildcast.actors.cursor import Cursor, Lost, ReadBack, Step
 from guildcast.actors.groups import GroupEvent, Groups
 from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove, Writer
 from guildcast.broker.base import (
@@ -186,8 +187,8 @@ class Guild(Actor):
         self.broker = broker
         #: The epoch of what this node delivers (None until it listens).
         self.epoch: str | None = None
-        #: The last ``s`` fanned out on this node.
-        self.cursor = 0
+        #: The delivery cursor while listening (``cursor.py``).
+        self._cur: Cursor | None = None
         self.listening = False
         #: An in-process log hands appended records back (one step per publish).
         self._local: LocalLog | None = broker if isinstance(broker, LocalLog) else None
@@ -210,6 +211,11 @@ class Guild(Actor):
         #: The node's counters (``/metrics``), shared with the partitions.
         self.stats = stats if stats is not None else NodeStats()
         self._demonitor = groups.monitor(gid, self._on_group_event)
+
+    @property
+    def cursor(self) -> int:
+        """The last ``s`` fanned out on this node (0 while not listening)."""
+        return self._cur.s if self._cur is not None else 0
 
     # --- group monitor (runs synchronously inside Groups.leave) -------------
 
@@ -334,57 +340,43 @@ class Guild(Actor):
     # --- delivery --------------------------------------------------------------
 
     async def _on_feed(self, records: list[Record] | str | None) -> None:
-        if not self.listening:
+        cur = self._cur
+        if not self.listening or cur is None:
             return
         if records is None:
-            await self._catch_up()
-            return
-        if isinstance(records, str):
+            await self._drive(cur.missed())
+        elif isinstance(records, str):
             assert records == FEED_LOST
             await self._history_lost("the broker's feed is lost", "guild feed lost; reconnect")
-            return
-        for rec in records:
-            if rec.epoch and rec.epoch != self.epoch:
-                # Never forward a record of another epoch as this one's.
-                await self._history_lost(f"feed record of epoch {rec.epoch}")
-                return
-            if rec.s <= self.cursor:
-                continue
-            if rec.s > self.cursor + 1:
-                await self._catch_up(rec.s - 1)
-                if not self.listening or rec.s <= self.cursor:
-                    continue
-                if rec.s > self.cursor + 1:
-                    await self._history_lost("events missing from history")
-                    return
-            self._emit(rec)
+        else:
+            await self._drive(cur.feed(records))
 
-    async def _catch_up(self, upto: int | None = None) -> None:
-        """Read back records after the cursor (up to ``upto``) and emit them."""
-        while self.listening and (upto is None or self.cursor < upto):
+    async def _drive(self, step: Step) -> None:
+        """Carry out what the delivery cursor (``cursor.py``) says: emit its
+        records, read history back for it, or give the history up."""
+        out, nxt = step
+        while True:
+            for rec in out:
+                self._emit(rec)
+            if nxt is None:
+                return
+            if type(nxt) is Lost:
+                await self._history_lost(nxt.why)
+                return
+            assert type(nxt) is ReadBack
             try:
-                epoch, recs = await self.broker.read(self.gid, self.cursor, READ_PAGE)
+                epoch, recs = await self.broker.read(self.gid, nxt.after, nxt.limit)
             except BrokerUnavailable as e:
                 # Whether records were missed is unknown: never wait silently.
                 why = f"catch-up failed: {e}"
                 await self._history_lost(why, "guild catch-up failed; reconnect")
                 return
-            if epoch != self.epoch:
-                await self._history_lost(f"epoch changed to {epoch}")
+            cur = self._cur
+            if not self.listening or cur is None:
                 return
-            if not recs:
-                return
-            if recs[0].s > self.cursor + 1:
-                await self._history_lost("events missing from history")
-                return
-            for rec in recs:
-                if rec.s == self.cursor + 1 and (upto is None or rec.s <= upto):
-                    self._emit(rec)
-            if len(recs) < READ_PAGE:
-                return
+            out, nxt = cur.page(epoch, recs)
 
     def _emit(self, rec: Record) -> None:
-        self.cursor = rec.s
         self._frames.append(wire.text_frame(rec.payload))
         self._names.append(rec.t)
         self._stamps.append(rec.ts)
@@ -445,6 +437,7 @@ class Guild(Actor):
         if self.listening:
             self.listening = False
             self.epoch = None
+            self._cur = None
             try:
                 await self.broker.unlisten(self.gid)
             except BrokerUnavailable:
@@ -472,7 +465,7 @@ class Guild(Actor):
                 return
             self.listening = True
             self.epoch = epoch
-            self.cursor = head
+            self._cur = Cursor(epoch, head, READ_PAGE)
         assert self.epoch is not None
         head = self.cursor
         recovered = False
@@ -541,6 +534,7 @@ class Guild(Actor):
             # Nodes listen to a guild only while they have local subscribers.
             self.listening = False
             self.epoch = None
+            self._cur = None
             try:
                 await self.broker.unlisten(self.gid)
             except BrokerUnavailable:
