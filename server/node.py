@@ -31,7 +31,7 @@ from guildcast.actors.actor import ActorExited, CallTimeout, MailboxFull
 from guildcast.actors.feed import FeedRouter
 from guildcast.actors.groups import Groups
 from guildcast.actors.guild import Guild, GuildSettings
-from guildcast.actors.hub import Hub
+from guildcast.actors.hub import Hub, check_publish
 from guildcast.actors.partition import Partition
 from guildcast.actors.registry import Registry
 from guildcast.broker.base import (
@@ -352,12 +352,12 @@ class Server:
         Raises ValueError for a bad guild id, event name or non-JSON ``d``, and
         :class:`guildcast.core.host.Overloaded` when the guild is busy.
         """
-        s, _epoch = await self.hub.publish(gid, t, d)
+        s, _epoch = await self.hub.publish(gid, t, check_publish(gid, t, d))
         return s
 
     async def publish_ex(self, gid: str, t: str, d: Any = None) -> tuple[int, str]:
         """Like :meth:`publish` but returns ``(s, epoch)``."""
-        return await self.hub.publish(gid, t, d)
+        return await self.hub.publish(gid, t, check_publish(gid, t, d))
 
     async def head(self, gid: str) -> tuple[str, int]:
         """``(epoch, s)`` of guild ``gid``'s last event (``s`` is 0 if none):
@@ -494,12 +494,12 @@ class NodeApi:
     def __init__(self, srv: Server) -> None:
         self._srv = srv
 
-    def publish(self, gid: str, t: str, d: Any) -> asyncio.Future[tuple[int, str]]:
+    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
         outer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         if not self._srv._gateway_up:
             outer.set_exception(Overloaded(self._srv.not_ready_reason))
             return outer
-        inner = self._srv.hub.publish(gid, t, d)
+        inner = self._srv.hub.publish(gid, t, d_json)
         inner.add_done_callback(functools.partial(_relay, outer))
         return outer
 

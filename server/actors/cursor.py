@@ -69,10 +69,24 @@ class Cursor:
 
     def feed(self, records: Sequence[Record]) -> Step:
         """Records from the live feed, in the order they came."""
-        self._waiting.extend(records)
         if self.reading:
+            self._waiting.extend(records)
             return [], None  # delivered once the read-back is answered
-        return self._run([])
+        # The common case, taken without the queue: the next records, in order.
+        s = self.s
+        epoch = self.epoch
+        n = 0
+        for rec in records:
+            if rec.s != s + 1 or (rec.epoch and rec.epoch != epoch):
+                break
+            s = rec.s
+            n += 1
+        self.s = s
+        if n == len(records):
+            return list(records), None
+        out = list(records[:n])
+        self._waiting.extend(records[n:])
+        return self._run(out)
 
     def missed(self) -> Step:
         """The feed says records may have been missed: read back to the end."""

@@ -70,13 +70,14 @@ class GuildSettings:
 
 
 class PublishMsg:
-    """Call message: sequence event ``t`` with data ``d``; replies ``(s, epoch)``."""
+    """Call message: sequence event ``t`` with ``d_json`` (``d`` encoded once,
+    at the edge that validated it); replies ``(s, epoch)``."""
 
-    __slots__ = ("d", "t")
+    __slots__ = ("d_json", "t")
 
-    def __init__(self, t: str, d: Any) -> None:
+    def __init__(self, t: str, d_json: bytes) -> None:
         self.t = t
-        self.d = d
+        self.d_json = d_json
 
 
 class Subscribe:
@@ -258,14 +259,8 @@ class Guild(Actor):
             if tp is _Call:
                 msg = item.msg
                 if type(msg) is PublishMsg:
-                    try:
-                        d_json = wire.encode(msg.d)
-                    except TypeError as e:
-                        if not item.future.done():
-                            item.future.set_exception(ValueError(f"d is not JSON: {e}"))
-                        continue
                     pubs.append(item)
-                    items.append((msg.t, d_json))
+                    items.append((msg.t, msg.d_json))
                     continue
                 if pubs:
                     await self._append(pubs, items)

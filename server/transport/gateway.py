@@ -459,7 +459,13 @@ class Connection(asyncio.Protocol):
             )
             return
         try:
-            fut = self._gw.host.publish(p.gid, p.t, p.d)
+            # Encoded once, here; its bytes go to the broker as they are.
+            d_json = wire.encode(p.d)
+        except TypeError as exc:  # decodable but not encodable (nested too deep)
+            self._run(session.publish_failed(p, Close.DECODE_ERROR, f"d is not JSON: {exc}"))
+            return
+        try:
+            fut = self._gw.host.publish(p.gid, p.t, d_json)
         except Overloaded as exc:
             self._run(session.publish_failed(p, Err.TRY_AGAIN_LATER, str(exc)))
             return
