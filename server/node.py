@@ -18,6 +18,7 @@ and closes its journals).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -27,11 +28,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from guildcast.actors.actor import ActorExited, CallTimeout, MailboxFull
+from guildcast.actors.feed import FeedRouter
 from guildcast.actors.groups import Groups
-from guildcast.actors.guild import Feed, Guild, GuildSettings, PresenceMsg
-from guildcast.actors.hub import Hub
+from guildcast.actors.guild import Guild, GuildSettings
+from guildcast.actors.hub import Hub, check_publish
+from guildcast.actors.partition import Partition
 from guildcast.actors.registry import Registry
-from guildcast.broker.base import Broker, BrokerUnavailable, Presence, Record
+from guildcast.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    ExplainsHealth,
+    ReportsMetrics,
+    Sweeps,
+)
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
@@ -90,6 +99,7 @@ class Server:
         self.stats_counters = NodeStats()
         self.draining = False
         self._tg: asyncio.TaskGroup | None = None
+        self._stack = contextlib.AsyncExitStack()
         self._started = False
         #: Forgets aged-out guild logs of an in-process broker (``_sweep_broker``).
         self._broker_sweeper: asyncio.Task[None] | None = None
@@ -118,24 +128,37 @@ class Server:
         """Start the node; on return the gateway is listening on ``self.port``."""
         if self._started:
             raise RuntimeError("server already started")
+        # The node's one task group, left in stop(); every task of the node
+        # (actors, the gateway's sweeper, the broker's tasks) is started in it.
+        self._stack = contextlib.AsyncExitStack()
+        tg = self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        # What start() has started, undone in reverse if a later step fails.
+        unwind = contextlib.AsyncExitStack()
+        try:
+            await self._start_parts(tg, unwind)
+        except BaseException:
+            self._gateway_up = False
+            await unwind.aclose()
+            await self._stack.aclose()
+            raise
+        unwind.pop_all()  # from here on stop() stops the parts, in its order
+        self._started = True
+        log.info("gateway listening on %s", self.url, extra={"url": self.url})
+
+    async def _start_parts(self, tg: asyncio.TaskGroup, unwind: contextlib.AsyncExitStack) -> None:
         cfg = self.config
-        tg = self._tg = asyncio.TaskGroup()
-        await tg.__aenter__()
         settings = GuildSettings(
             partition_size=cfg.partition_size,
             idle_timeout=cfg.idle_timeout,
             mailbox_bound=cfg.guild_mailbox,
         )
         self.broker = self._make_broker()
-        try:
-            await self._start_broker()
-        except BaseException:
-            await self._stop_api()
-            if cfg.redis:  # never started: only its client to let go of
-                await self.broker.close()
-            await tg.__aexit__(None, None, None)
-            raise
-        self.broker.set_feed(self._feed, self._presence_feed)
+        if cfg.redis:  # even never started: its client to let go of
+            unwind.push_async_callback(self.broker.close)
+        unwind.push_async_callback(self._stop_api)
+        await self._start_broker()
+        if not cfg.redis:
+            unwind.push_async_callback(self.broker.close)
         self.groups = Groups("guilds")
         broker = self.broker
         counters = self.stats_counters
@@ -144,6 +167,9 @@ class Server:
             tg,
             max_actors=cfg.max_guilds,
         )
+        # Only a remote feed (Redis) arrives as messages; in-process logs hand
+        # appended records back to the appending guild (actors/feed.py).
+        FeedRouter(self.registry).attach(broker)
         share = cfg.user_guild_share
         self.hub = Hub(
             self.registry,
@@ -175,23 +201,14 @@ class Server:
         self.gateway.demo_page = cfg.demo_page
         self.gateway.readiness = lambda: "" if self.ready else self.not_ready_reason
         self._gateway_up = True
-        try:
-            self.port = await self.gateway.start(cfg.host, cfg.port, tg, cfg.reuse_port)
-            if self.api is None:
-                await self._start_api()
-        except BaseException:
-            self._gateway_up = False
-            await self._stop_api()
-            await self.gateway.close()
-            await self.broker.close()
-            await tg.__aexit__(None, None, None)
-            raise
-        if isinstance(self.broker, MemoryBroker):
+        unwind.push_async_callback(self.gateway.close)
+        self.port = await self.gateway.start(cfg.host, cfg.port, tg, cfg.reuse_port)
+        if self.api is None:
+            await self._start_api()
+        if isinstance(self.broker, Sweeps):
             self._broker_sweeper = tg.create_task(
                 self._sweep_broker(self.broker), name="broker-sweeper"
             )
-        self._started = True
-        log.info("gateway listening on %s", self.url, extra={"url": self.url})
 
     async def _start_api(self) -> None:
         """Start the HTTP API (and the per-node listener) when configured."""
@@ -233,7 +250,7 @@ class Server:
         the broker"; the gateway listens once Redis answers. Other brokers
         fail at once."""
         try:
-            await self.broker.start()
+            await self.broker.start(self._tg)
             return
         except BrokerUnavailable as e:
             if not self.config.redis:
@@ -245,7 +262,7 @@ class Server:
         while True:
             await asyncio.sleep(BROKER_RETRY)
             try:
-                await self.broker.start()
+                await self.broker.start(self._tg)
             except BrokerUnavailable as e:
                 self._waiting_broker = str(e)
                 now = asyncio.get_running_loop().time()
@@ -292,7 +309,7 @@ class Server:
             history_node_bytes=cfg.history_node_bytes,
         )
 
-    async def _sweep_broker(self, broker: MemoryBroker) -> None:
+    async def _sweep_broker(self, broker: Sweeps) -> None:
         """Every ``history_ttl`` (1 s to ``BROKER_SWEEP_MAX``), forget the guild
         logs whose history has aged out and that no guild listens to
         (``MemoryBroker.sweep``): without it every guild id ever used keeps
@@ -302,18 +319,6 @@ class Server:
             await asyncio.sleep(interval)
             if n := broker.sweep():
                 log.debug("forgot %d idle guild logs", n)
-
-    def _presence_feed(self, gid: str, kind: str, member: Presence) -> None:
-        """Broker presence change -> the guild's mailbox."""
-        guild = self.registry.lookup(gid)
-        if guild is not None:
-            guild.cast_system(PresenceMsg(kind, member))
-
-    def _feed(self, gid: str, records: list[Record] | str | None) -> None:
-        """Broker feed -> the guild's mailbox (a system message: never dropped)."""
-        guild = self.registry.lookup(gid)
-        if guild is not None:
-            guild.cast_system(Feed(records))
 
     async def stop(self, drain: bool = True) -> None:
         """Stop the node. With ``drain`` every session gets RECONNECT then 1001."""
@@ -336,7 +341,7 @@ class Server:
                 self._broker_sweeper.cancel()
             await self.broker.close()
         finally:
-            await self._tg.__aexit__(None, None, None)
+            await self._stack.aclose()
         log.info("node stopped")
 
     # --- embedded API --------------------------------------------------------
@@ -347,12 +352,12 @@ class Server:
         Raises ValueError for a bad guild id, event name or non-JSON ``d``, and
         :class:`guildcast.core.host.Overloaded` when the guild is busy.
         """
-        s, _epoch = await self.hub.publish(gid, t, d)
+        s, _epoch = await self.hub.publish(gid, t, check_publish(gid, t, d))
         return s
 
     async def publish_ex(self, gid: str, t: str, d: Any = None) -> tuple[int, str]:
         """Like :meth:`publish` but returns ``(s, epoch)``."""
-        return await self.hub.publish(gid, t, d)
+        return await self.hub.publish(gid, t, check_publish(gid, t, d))
 
     async def head(self, gid: str) -> tuple[str, int]:
         """``(epoch, s)`` of guild ``gid``'s last event (``s`` is 0 if none):
@@ -418,10 +423,11 @@ class Server:
             return "not started"
         if not self.broker.healthy:
             broker = self.broker
-            if isinstance(broker, DiskBroker) and broker.persist_error:
-                return broker.persist_error  # "cannot persist to DIR: No space left..."
-            # The Redis broker says which part is down (link, feed, policy).
-            return getattr(broker, "unhealthy_reason", "") or "broker unavailable"
+            # Disk: "cannot persist to DIR: No space left..."; Redis: which
+            # part is down (link, feed, policy).
+            if isinstance(broker, ExplainsHealth) and broker.unhealthy_reason:
+                return broker.unhealthy_reason
+            return "broker unavailable"
         return ""
 
     def metrics(self) -> MetricsSnapshot:
@@ -460,21 +466,14 @@ class Server:
             guilds.total += depth
             guilds.max = max(guilds.max, depth)
             for p in guild.partitions:
+                if type(p) is not Partition:
+                    continue  # the guild's own writer has no mailbox
                 depth = p.mailbox_depth
                 parts.total += depth
                 parts.max = max(parts.max, depth)
         broker = self.broker
-        if isinstance(broker, MemoryBroker):
-            m.history_bytes = broker.budget.total
-            m.history_evictions = broker.budget.evicted
-        if isinstance(broker, DiskBroker):
-            m.journal_bytes = broker.bytes_written
-            m.journal_fsyncs = broker.fsyncs
-            m.journal_repairs = broker.repairs
-            m.journal_write_failures = broker.write_failures
-            m.journal_cuts = broker.cuts
-            m.journal_open_files = len(broker._open)
-            m.journals_deleted = broker.journals_deleted
+        if isinstance(broker, ReportsMetrics):
+            broker.report_metrics(m)
         m.guilds_evicted = self.registry.evicted
         m.user_guilds_refused = self.hub.share_refused
         m.user_publish_refused = gw.user_rates.refused
@@ -495,12 +494,12 @@ class NodeApi:
     def __init__(self, srv: Server) -> None:
         self._srv = srv
 
-    def publish(self, gid: str, t: str, d: Any) -> asyncio.Future[tuple[int, str]]:
+    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
         outer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         if not self._srv._gateway_up:
             outer.set_exception(Overloaded(self._srv.not_ready_reason))
             return outer
-        inner = self._srv.hub.publish(gid, t, d)
+        inner = self._srv.hub.publish(gid, t, d_json)
         inner.add_done_callback(functools.partial(_relay, outer))
         return outer
 

@@ -8,17 +8,17 @@ subscribers it listens to the broker's feed: each record arrives in ``s``
 order, is framed once (``wire.text_frame``) and the same bytes go to every
 partition (DESIGN.md, "The path of one event"). It never writes to a socket.
 
-Delivery cursor: ``cursor`` is the last ``s`` fanned out here. Records at or
-below it are duplicates and dropped; a record past ``cursor + 1`` means the
-feed skipped some, which are read back from history first; if history no
-longer has them, or the epoch changed, the guild's history is lost: every
+Delivery cursor: ``cursor.Cursor`` (a pure state machine, ``cursor.py``)
+decides what is delivered: duplicates dropped, gaps read back from history,
+another epoch or missing history: the guild's history is lost, and every
 local session is closed with 4000 and recovers what it can on reconnect.
-A feed record carrying another epoch than the guild's (the broker lost its
-data and a new epoch began) is never forwarded: history lost, as above. A
-catch-up that cannot read history (the broker is still unreachable), or a
-broker reporting its feed lost (``FEED_LOST``), closes the local sessions
-with 4000 too: a session this node cannot serve recovers where it can,
-rather than wait here for events that are not coming.
+The guild carries out its steps (``_drive``). A catch-up that cannot read
+history (the broker is still unreachable), or a broker reporting its feed
+lost (``FEED_LOST``), closes the local sessions with 4000 too: a session
+this node cannot serve recovers where it can, rather than wait here for
+events that are not coming. With an in-process log (``LocalLog``) the
+records a publish appended go to the cursor in the same step; a remote
+feed's come as ``Feed`` messages (``feed.py``).
 
 Subscriptions arrive as :class:`Subscribe` messages in mailbox order with
 feed records, so the head a session is told in SUBSCRIBED, its replay and
@@ -40,9 +40,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from guildcast.actors.actor import Actor, MailboxFull, _Call
+from guildcast.actors.cursor import Cursor, Lost, ReadBack, Step
 from guildcast.actors.groups import GroupEvent, Groups
-from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove
-from guildcast.broker.base import FEED_LOST, Broker, BrokerUnavailable, Presence, Record
+from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove, Writer
+from guildcast.broker.base import (
+    FEED_LOST,
+    Broker,
+    BrokerUnavailable,
+    LocalLog,
+    Presence,
+    Record,
+)
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
@@ -62,13 +70,14 @@ class GuildSettings:
 
 
 class PublishMsg:
-    """Call message: sequence event ``t`` with data ``d``; replies ``(s, epoch)``."""
+    """Call message: sequence event ``t`` with ``d_json`` (``d`` encoded once,
+    at the edge that validated it); replies ``(s, epoch)``."""
 
-    __slots__ = ("d", "t")
+    __slots__ = ("d_json", "t")
 
-    def __init__(self, t: str, d: Any) -> None:
+    def __init__(self, t: str, d_json: bytes) -> None:
         self.t = t
-        self.d = d
+        self.d_json = d_json
 
 
 class Subscribe:
@@ -114,6 +123,21 @@ class Feed:
 
     def __init__(self, records: list[Record] | str | None) -> None:
         self.records = records
+
+
+class Written:
+    """A partition's credit: it has written every run sent to it so far."""
+
+    __slots__ = ("partition",)
+
+    def __init__(self, partition: Partition) -> None:
+        self.partition = partition
+
+
+#: Events a guild holds back while a partition still writes the previous run
+#: (the cadence that makes partitions batch as one writer would); past it the
+#: run goes out anyway and the partition's mailbox bound applies.
+HOLD_FRAMES = 4096
 
 
 class PresenceMsg:
@@ -164,15 +188,21 @@ class Guild(Actor):
         self.broker = broker
         #: The epoch of what this node delivers (None until it listens).
         self.epoch: str | None = None
-        #: The last ``s`` fanned out on this node.
-        self.cursor = 0
+        #: The delivery cursor while listening (``cursor.py``).
+        self._cur: Cursor | None = None
         self.listening = False
-        self.partitions: list[Partition] = []
-        self.where: dict[Sink, Partition] = {}
+        #: An in-process log hands appended records back (one step per publish).
+        self._local: LocalLog | None = broker if isinstance(broker, LocalLog) else None
+        #: Placement: ``partitions[0]`` is the :class:`Writer` this actor writes
+        #: itself; every later one a :class:`Partition` actor (partition.py).
+        self.partitions: list[Writer | Partition] = []
+        self.where: dict[Sink, Writer | Partition] = {}
         #: Presence identity of each local session (announced on join/leave).
         self.members: dict[Sink, Presence] = {}
         #: Sessions per partition, kept in step with ``where``.
-        self.load: dict[Partition, int] = {}
+        self.load: dict[Writer | Partition, int] = {}
+        #: Partitions that have not yet written the last run sent to them.
+        self._writing: set[Partition] = set()
         self.published = 0
         self.delivered = 0
         self._frames: list[bytes] = []
@@ -182,6 +212,11 @@ class Guild(Actor):
         #: The node's counters (``/metrics``), shared with the partitions.
         self.stats = stats if stats is not None else NodeStats()
         self._demonitor = groups.monitor(gid, self._on_group_event)
+
+    @property
+    def cursor(self) -> int:
+        """The last ``s`` fanned out on this node (0 while not listening)."""
+        return self._cur.s if self._cur is not None else 0
 
     # --- group monitor (runs synchronously inside Groups.leave) -------------
 
@@ -197,7 +232,8 @@ class Guild(Actor):
     async def on_stop(self, reason: BaseException | None) -> None:
         self._demonitor()
         for p in self.partitions:
-            p.stop()
+            if type(p) is Partition:
+                p.stop()
         if reason is not None:
             # Let it crash: the sessions reconnect and recover what they can.
             for sink in list(self.where):
@@ -223,14 +259,8 @@ class Guild(Actor):
             if tp is _Call:
                 msg = item.msg
                 if type(msg) is PublishMsg:
-                    try:
-                        d_json = wire.encode(msg.d)
-                    except TypeError as e:
-                        if not item.future.done():
-                            item.future.set_exception(ValueError(f"d is not JSON: {e}"))
-                        continue
                     pubs.append(item)
-                    items.append((msg.t, d_json))
+                    items.append((msg.t, msg.d_json))
                     continue
                 if pubs:
                     await self._append(pubs, items)
@@ -238,13 +268,15 @@ class Guild(Actor):
                 await self._answer(item)
             elif tp is Feed:
                 await self._on_feed(item.records)
+            elif tp is Written:
+                self._writing.discard(item.partition)
             elif tp is PresenceMsg:
                 self._on_presence(item.kind, item.member)
             else:
                 if pubs:
                     await self._append(pubs, items)
                     pubs, items = [], []
-                self._fan_out()
+                self._fan_out(force=True)
                 if tp is Subscribe:
                     await self._subscribe(item)
                 elif tp is Unsubscribe:
@@ -258,8 +290,14 @@ class Guild(Actor):
         self._fan_out()
 
     async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        local = self._local
+        recs: list[Record] | None = None
         try:
-            epoch, ss = await self.broker.append(self.gid, items)
+            if local is not None:
+                epoch, recs = await local.append_local(self.gid, items)
+                ss = [r.s for r in recs]
+            else:
+                epoch, ss = await self.broker.append(self.gid, items)
         except BrokerUnavailable as e:
             for call in pubs:
                 if not call.future.done():
@@ -273,6 +311,10 @@ class Guild(Actor):
         for call, s in zip(pubs, ss, strict=True):
             if not call.future.done():
                 call.future.set_result((s, epoch))
+        if recs is not None and self.listening:
+            # The log is in this process and this actor its one listener:
+            # emit in this step, no feed message (docs/ARCHITECTURE.md).
+            await self._on_feed(recs)
 
     async def _answer(self, call: _Call) -> None:
         msg = call.msg
@@ -293,81 +335,73 @@ class Guild(Actor):
     # --- delivery --------------------------------------------------------------
 
     async def _on_feed(self, records: list[Record] | str | None) -> None:
-        if not self.listening:
+        cur = self._cur
+        if not self.listening or cur is None:
             return
         if records is None:
-            await self._catch_up()
-            return
-        if isinstance(records, str):
+            await self._drive(cur.missed())
+        elif isinstance(records, str):
             assert records == FEED_LOST
             await self._history_lost("the broker's feed is lost", "guild feed lost; reconnect")
-            return
-        for rec in records:
-            if rec.epoch and rec.epoch != self.epoch:
-                # Never forward a record of another epoch as this one's.
-                await self._history_lost(f"feed record of epoch {rec.epoch}")
-                return
-            if rec.s <= self.cursor:
-                continue
-            if rec.s > self.cursor + 1:
-                await self._catch_up(rec.s - 1)
-                if not self.listening or rec.s <= self.cursor:
-                    continue
-                if rec.s > self.cursor + 1:
-                    await self._history_lost("events missing from history")
-                    return
-            self._emit(rec)
+        else:
+            await self._drive(cur.feed(records))
 
-    async def _catch_up(self, upto: int | None = None) -> None:
-        """Read back records after the cursor (up to ``upto``) and emit them."""
-        while self.listening and (upto is None or self.cursor < upto):
+    async def _drive(self, step: Step) -> None:
+        """Carry out what the delivery cursor (``cursor.py``) says: emit its
+        records, read history back for it, or give the history up."""
+        out, nxt = step
+        while True:
+            for rec in out:
+                self._emit(rec)
+            if nxt is None:
+                return
+            if type(nxt) is Lost:
+                await self._history_lost(nxt.why)
+                return
+            assert type(nxt) is ReadBack
             try:
-                epoch, recs = await self.broker.read(self.gid, self.cursor, READ_PAGE)
+                epoch, recs = await self.broker.read(self.gid, nxt.after, nxt.limit)
             except BrokerUnavailable as e:
                 # Whether records were missed is unknown: never wait silently.
                 why = f"catch-up failed: {e}"
                 await self._history_lost(why, "guild catch-up failed; reconnect")
                 return
-            if epoch != self.epoch:
-                await self._history_lost(f"epoch changed to {epoch}")
+            cur = self._cur
+            if not self.listening or cur is None:
                 return
-            if not recs:
-                return
-            if recs[0].s > self.cursor + 1:
-                await self._history_lost("events missing from history")
-                return
-            for rec in recs:
-                if rec.s == self.cursor + 1 and (upto is None or rec.s <= upto):
-                    self._emit(rec)
-            if len(recs) < READ_PAGE:
-                return
+            out, nxt = cur.page(epoch, recs)
 
     def _emit(self, rec: Record) -> None:
-        self.cursor = rec.s
         self._frames.append(wire.text_frame(rec.payload))
         self._names.append(rec.t)
         self._stamps.append(rec.ts)
 
-    def _fan_out(self) -> None:
+    def _fan_out(self, force: bool = False) -> None:
+        """Send the events emitted so far to every writer: now if ``force``
+        (a membership change or presence dispatch comes next), else once
+        every partition has written the previous run (``Written``) or
+        ``HOLD_FRAMES`` are held: a big guild's partitions then get runs as
+        long as one writer would (docs/ARCHITECTURE.md, "Placement")."""
         if not self._frames:
+            return
+        if self._writing and not force and len(self._frames) < HOLD_FRAMES:
             return
         run = Frames(self._frames, self._names, self._stamps)
         self._frames = []
         self._names = []
         self._stamps = []
         self.delivered += len(run.frames)
-        parts = self.partitions
-        if len(parts) == 1 and parts[0].parked:
-            # A small guild whose one partition has nothing queued: write in
-            # this step rather than wake the partition for it (one task step
-            # less per event; the same writes, in the same order).
-            parts[0].write_now(run)
-            return
-        for p in parts:
+        for p in self.partitions:
+            if type(p) is Writer:
+                p.write(run.frames, run.names, run.stamps, run.data)
+                continue
+            assert type(p) is Partition
             try:
                 p.cast(run)
             except MailboxFull:
                 self._shed(p)
+                continue
+            self._writing.add(p)
 
     def _on_presence(self, kind: str, member: Presence) -> None:
         """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
@@ -375,10 +409,14 @@ class Guild(Actor):
         if not self.partitions:
             return
         t = "PRESENCE_JOIN" if kind == "join" else "PRESENCE_LEAVE"
-        self._fan_out()  # keep the order of what came before
+        self._fan_out(force=True)  # keep the order of what came before
         msg = PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid))
         for p in self.partitions:
-            p.cast_system(msg)
+            if type(p) is Writer:
+                p.send_presence(msg.frame)
+            else:
+                assert type(p) is Partition
+                p.cast_system(msg)
 
     async def _history_lost(self, why: str, reason: str = "guild history lost; reconnect") -> None:
         """This node cannot go on serving the guild's sessions from its feed
@@ -394,6 +432,7 @@ class Guild(Actor):
         if self.listening:
             self.listening = False
             self.epoch = None
+            self._cur = None
             try:
                 await self.broker.unlisten(self.gid)
             except BrokerUnavailable:
@@ -421,7 +460,7 @@ class Guild(Actor):
                 return
             self.listening = True
             self.epoch = epoch
-            self.cursor = head
+            self._cur = Cursor(epoch, head, READ_PAGE)
         assert self.epoch is not None
         head = self.cursor
         recovered = False
@@ -441,7 +480,11 @@ class Guild(Actor):
             p = self._partition_with_room()
             self.where[sink] = p
             self.load[p] += 1
-        p.cast_system(Add(sink, preamble, msg.presence))
+        if type(p) is Writer:
+            p.add(sink, preamble, msg.presence)
+        else:
+            assert type(p) is Partition
+            p.cast_system(Add(sink, preamble, msg.presence))
         if msg.member is not None and sink not in self.members:
             self.members[sink] = msg.member
             self.broker.presence_join(self.gid, msg.member)
@@ -477,23 +520,37 @@ class Guild(Actor):
         if p is None:
             return
         self.load[p] -= 1
-        p.cast_system(Remove(sink, farewell))
+        if type(p) is Writer:
+            p.remove(sink, farewell)
+        else:
+            assert type(p) is Partition
+            p.cast_system(Remove(sink, farewell))
         if not self.where and self.listening:
             # Nodes listen to a guild only while they have local subscribers.
             self.listening = False
             self.epoch = None
+            self._cur = None
             try:
                 await self.broker.unlisten(self.gid)
             except BrokerUnavailable:
                 pass
 
-    def _partition_with_room(self) -> Partition:
-        """The first partition below ``partition_size`` sessions, or a new one."""
+    def _partition_with_room(self) -> Writer | Partition:
+        """The placement rule, the one place it is made: the first writer below
+        ``partition_size`` sessions, or a new one: the guild's own
+        :class:`Writer` first, then a :class:`Partition` actor per further
+        ``partition_size`` sessions (docs/ARCHITECTURE.md, "Placement")."""
         size = self.settings.partition_size
-        for p, n in self.load.items():
+        for w, n in self.load.items():
             if n < size:
-                return p
+                return w
+        if not self.partitions:
+            w = Writer(self.stats)
+            self.partitions.append(w)
+            self.load[w] = 0
+            return w
         p = Partition(f"{self.gid}/{len(self.partitions)}", stats=self.stats)
+        p.on_written = lambda: self.cast_system(Written(p))
         p.monitor(self._partition_exited)
         p.start(self._tg)
         self.partitions.append(p)

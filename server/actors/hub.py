@@ -37,6 +37,21 @@ from guildcast.protocol import wire
 from guildcast.protocol.codes import RESERVED_EVENTS
 
 
+def check_publish(gid: object, t: object, d: Any) -> bytes:
+    """Validate an embedded publish (``Server.publish``) as the session and
+    the HTTP API validate theirs; returns ``d`` encoded, once. Raises
+    ValueError for a bad guild id, a bad or reserved event name, or a ``d``
+    that is not JSON."""
+    if not wire.valid_guild(gid):
+        raise ValueError(f"invalid guild id {gid!r}")
+    if not wire.valid_event(t) or t in RESERVED_EVENTS:
+        raise ValueError(f"invalid or reserved event name {t!r}")
+    try:
+        return wire.encode(d)
+    except TypeError as e:
+        raise ValueError(f"d is not JSON: {e}") from None
+
+
 class Hub:
     """Routes gateway and API commands to guild actors."""
 
@@ -82,16 +97,13 @@ class Hub:
             guild.cast_system(Unsubscribe(sub))
         self.groups.leave(gid, sub)
 
-    def publish(self, gid: str, t: str, d: Any) -> asyncio.Future[tuple[int, str]]:
-        """Sequence ``t``/``d`` in ``gid``; raises ValueError on a bad id or name,
+    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+        """Sequence ``t``/``d_json`` in ``gid``, validated at the edge (the
+        session, the HTTP API, ``Server.publish``: ``check_publish``); raises
         :class:`Overloaded` if the guild's mailbox is full."""
-        if not wire.valid_guild(gid):
-            raise ValueError(f"invalid guild id {gid!r}")
-        if not wire.valid_event(t) or t in RESERVED_EVENTS:
-            raise ValueError(f"invalid or reserved event name {t!r}")
         guild = self._guild(gid)
         try:
-            return guild.call_nowait(PublishMsg(t, d))
+            return guild.call_nowait(PublishMsg(t, d_json))
         except (MailboxFull, ActorExited):
             raise Overloaded(f"guild {gid} is busy") from None
 

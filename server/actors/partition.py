@@ -1,15 +1,23 @@
-"""Partition actor: owns a slice of one guild's sessions and writes to them.
+"""Session writers: one slice of a guild's sessions and the writes to them.
 
-Hot path (DESIGN.md rules 2-4): each batch drains the whole mailbox; a run
-of event frames between membership changes is joined into one ``bytes``
-and written with one ``send`` per session; per-recipient work is one call
-(the buffer-bound check lives in ``Sink.send``); nothing awaits a client.
-Sessions with an ``events`` filter get the frames their filter passes,
-joined once per distinct filter per run.
+:class:`Writer` is the plain structure: the sessions of the slice (plain,
+filtered, presence) and ``write``, which joins a run of event frames into one
+``bytes`` and writes it with one ``send`` per session (DESIGN.md rules 2-4);
+per-recipient work is one call (the buffer-bound check lives in
+``Sink.send``); nothing awaits a client. Sessions with an ``events`` filter
+get the frames their filter passes, joined once per distinct filter per run.
 
-Order: messages are applied strictly in mailbox order, so an ``Add`` queued
-by the guild after event ``s`` means the session gets exactly the events
-after ``s``, right behind its preamble (SUBSCRIBED and any replay).
+Placement (the guild decides, once, in ``Guild._writer_with_room``; see
+docs/ARCHITECTURE.md "Placement"): a guild's first ``partition_size``
+sessions are in a :class:`Writer` the guild writes itself, in the step that
+sequenced the events; each further ``partition_size`` sessions get a
+:class:`Partition` actor, which owns a :class:`Writer` and writes in its own
+steps. A session never moves, so its order is its writer's order. Partitions
+exist to bound how much one loop step writes.
+
+Order: a partition applies its messages strictly in mailbox order, so an
+``Add`` queued by the guild after event ``s`` means the session gets exactly
+the events after ``s``, right behind its preamble (SUBSCRIBED and any replay).
 
 Mailbox: event runs are bounded (``mailbox_bound``, overflow raises to the
 guild, which sheds this partition's sessions with 4010); Add/Remove are
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from guildcast.actors.actor import Actor
@@ -34,7 +43,7 @@ class Frames:
     publish-to-write latency metric; None when unknown.
     """
 
-    __slots__ = ("frames", "names", "stamps")
+    __slots__ = ("data", "frames", "names", "stamps")
 
     def __init__(
         self, frames: list[bytes], names: list[str], stamps: list[float] | None = None
@@ -42,6 +51,8 @@ class Frames:
         self.frames = frames
         self.names = names
         self.stamps = stamps
+        #: ``frames`` joined, once for every writer (what plain sessions get).
+        self.data = frames[0] if len(frames) == 1 else b"".join(frames)
 
 
 class Add:
@@ -79,64 +90,25 @@ class Remove:
 PARTITION_MAILBOX_BOUND = 4096
 
 
-class Partition(Actor):
-    """Writes a guild's events to at most ``partition_size`` sessions."""
+class Writer:
+    """At most ``partition_size`` sessions of one guild and the writes to them."""
 
-    def __init__(
-        self,
-        name: str,
-        mailbox_bound: int = PARTITION_MAILBOX_BOUND,
-        stats: NodeStats | None = None,
-    ) -> None:
-        super().__init__(name, mailbox_bound=mailbox_bound)
+    __slots__ = ("bytes_out", "deliveries", "filtered", "plain", "presence", "stats")
+
+    def __init__(self, stats: NodeStats | None = None) -> None:
         self.plain: dict[Sink, None] = {}
         self.filtered: dict[Sink, frozenset[str]] = {}
         #: Sessions that asked for PRESENCE_JOIN/LEAVE (a subset of the above).
         self.presence: set[Sink] = set()
         self.deliveries = 0
         self.bytes_out = 0
-        #: The node's counters (``/metrics``): added to once per flush.
+        #: The node's counters (``/metrics``): added to once per write.
         self.stats = stats
-        self._stamps: list[float] = []
 
     def __len__(self) -> int:
         return len(self.plain) + len(self.filtered)
 
-    async def handle_batch(self, batch: deque[Any]) -> None:
-        frames: list[bytes] = []
-        names: list[str] = []
-        for item in batch:
-            tp = type(item)
-            if tp is Frames:
-                frames += item.frames
-                names += item.names
-                if item.stamps:
-                    self._stamps += item.stamps
-            else:
-                if frames:
-                    self._flush(frames, names)
-                    frames = []
-                    names = []
-                if tp is Add:
-                    self._add(item.sink, item.preamble, item.presence)
-                elif tp is PresenceFrame:
-                    for sink in self.presence:
-                        sink.send(item.frame)
-                elif tp is Remove:
-                    self._remove(item.sink, item.farewell)
-                else:
-                    raise TypeError(f"partition got {item!r}")
-        if frames:
-            self._flush(frames, names)
-
-    def write_now(self, run: Frames) -> None:
-        """Write ``run`` from the caller's step; only while :attr:`parked`
-        (nothing queued ahead of it, so the order is the mailbox's)."""
-        if run.stamps:
-            self._stamps += run.stamps
-        self._flush(run.frames, run.names)
-
-    def _add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
+    def add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
         self.presence.discard(sink)
         self.plain.pop(sink, None)
         self.filtered.pop(sink, None)
@@ -150,15 +122,28 @@ class Partition(Actor):
         else:
             self.filtered[sink] = sink.events
 
-    def _remove(self, sink: Sink, farewell: bytes | None) -> None:
+    def remove(self, sink: Sink, farewell: bytes | None) -> None:
         self.presence.discard(sink)
         self.plain.pop(sink, None)
         self.filtered.pop(sink, None)
         if farewell is not None:
             sink.send(farewell)
 
-    def _flush(self, frames: list[bytes], names: list[str]) -> None:
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+    def send_presence(self, frame: bytes) -> None:
+        for sink in self.presence:
+            sink.send(frame)
+
+    def write(
+        self,
+        frames: list[bytes],
+        names: list[str],
+        stamps: list[float] | None,
+        data: bytes | None = None,
+    ) -> None:
+        """Write a run of event frames (``stamps``: their publish times, or
+        None; ``data``: ``frames`` already joined, if the caller has it)."""
+        if data is None:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
         plain = self.plain
         for sink in plain:
             sink.send(data)
@@ -184,13 +169,86 @@ class Partition(Actor):
         if stats is not None:
             stats.deliveries += deliveries
             stats.bytes_out += out
-            if deliveries and self._stamps:
-                # Once per event per partition that wrote it, never per recipient.
+            if deliveries and stamps:
+                # Once per event per writer that wrote it, never per recipient.
                 now = time.time()
                 observe = stats.latency.observe
-                for ts in self._stamps:
+                for ts in stamps:
                     observe(now - ts)
-        self._stamps = []
 
     def sinks(self) -> list[Sink]:
         return [*self.plain, *self.filtered]
+
+
+class Partition(Actor):
+    """A :class:`Writer` in its own actor: writes a big guild's further sessions."""
+
+    def __init__(
+        self,
+        name: str,
+        mailbox_bound: int = PARTITION_MAILBOX_BOUND,
+        stats: NodeStats | None = None,
+    ) -> None:
+        super().__init__(name, mailbox_bound=mailbox_bound)
+        self.writer = Writer(stats)
+        #: Called after each batch that wrote events: the guild's credit
+        #: (it sends the next run once every partition has written this one).
+        self.on_written: Callable[[], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.writer)
+
+    @property
+    def deliveries(self) -> int:
+        return self.writer.deliveries
+
+    @property
+    def bytes_out(self) -> int:
+        return self.writer.bytes_out
+
+    def sinks(self) -> list[Sink]:
+        return self.writer.sinks()
+
+    async def handle_batch(self, batch: deque[Any]) -> None:
+        w = self.writer
+        runs: list[Frames] = []
+        wrote = False
+        for item in batch:
+            tp = type(item)
+            if tp is Frames:
+                runs.append(item)
+            else:
+                if runs:
+                    _write_runs(w, runs)
+                    runs = []
+                    wrote = True
+                if tp is Add:
+                    w.add(item.sink, item.preamble, item.presence)
+                elif tp is PresenceFrame:
+                    w.send_presence(item.frame)
+                elif tp is Remove:
+                    w.remove(item.sink, item.farewell)
+                else:
+                    raise TypeError(f"partition got {item!r}")
+        if runs:
+            _write_runs(w, runs)
+            wrote = True
+        if wrote and self.on_written is not None:
+            self.on_written()
+
+
+def _write_runs(w: Writer, runs: list[Frames]) -> None:
+    """Write consecutive runs as one (one ``send`` per session for all of them)."""
+    if len(runs) == 1:
+        run = runs[0]
+        w.write(run.frames, run.names, run.stamps, run.data)
+        return
+    frames: list[bytes] = []
+    names: list[str] = []
+    stamps: list[float] = []
+    for run in runs:
+        frames += run.frames
+        names += run.names
+        if run.stamps:
+            stamps += run.stamps
+    w.write(frames, names, stamps, b"".join([run.data for run in runs]))

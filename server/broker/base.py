@@ -23,10 +23,12 @@ test suite in ``tests/broker/`` runs against every implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Final, Literal, NamedTuple, Protocol
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
+from guildcast.core.metrics import MetricsSnapshot
 
 
 class Record(NamedTuple):
@@ -95,8 +97,14 @@ class Broker(Protocol):
     def healthy(self) -> bool:
         """False while the broker is unreachable (publishes then fail)."""
 
-    async def start(self) -> None:
-        """Connect; raises :class:`BrokerUnavailable` if it cannot."""
+    async def start(self, tg: asyncio.TaskGroup | None = None) -> None:
+        """Connect; raises :class:`BrokerUnavailable` if it cannot.
+
+        Background tasks (a Redis reader, a journal syncer) are started in
+        ``tg``, the node's task group; :meth:`close` cancels and awaits them.
+        Without one (a broker used on its own) they are the loop's, owned by
+        the broker until :meth:`close`.
+        """
 
     async def close(self) -> None: ...
 
@@ -152,4 +160,60 @@ class Broker(Protocol):
 
         Members of a node that stopped heart-beating are left out once its
         ``presence_timeout`` has passed, and removed for good soon after.
+        """
+
+
+def spawn(
+    tg: asyncio.TaskGroup | None, coro: Coroutine[Any, Any, None], name: str
+) -> asyncio.Task[None]:
+    """Start a broker's background task in ``tg`` (see :meth:`Broker.start`)."""
+    if tg is not None:
+        return tg.create_task(coro, name=name)
+    return asyncio.get_running_loop().create_task(coro, name=name)
+
+
+# --- optional capabilities, found by protocol (``isinstance``), never by class --
+
+
+@runtime_checkable
+class Sweeps(Protocol):
+    """A broker holding per-guild state in process that must be forgotten
+    from time to time (the node calls ``sweep`` every ``history_ttl``)."""
+
+    def sweep(self) -> int:
+        """Forget what no one uses any more; returns how many guilds."""
+
+
+@runtime_checkable
+class ExplainsHealth(Protocol):
+    """A broker that says why it is unhealthy (``/readyz``)."""
+
+    @property
+    def unhealthy_reason(self) -> str:
+        """ "" while healthy, else what is down, in a few words."""
+
+
+@runtime_checkable
+class ReportsMetrics(Protocol):
+    """A broker with counters of its own for ``/metrics``."""
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """Fill this broker's fields of ``m`` (read at scrape time)."""
+
+
+@runtime_checkable
+class LocalLog(Protocol):
+    """A capability of an in-process broker (memory, disk): the log lives in
+    this process, so the one appender of a guild (its actor; the registry
+    never runs two) is also its only listener on this node.
+
+    Found by protocol (``isinstance(broker, LocalLog)``), never by class.
+    """
+
+    async def append_local(
+        self, gid: str, items: Sequence[tuple[str, bytes]]
+    ) -> tuple[str, list[Record]]:
+        """Like :meth:`Broker.append`, but the appended records are returned
+        instead of being delivered to the feed: the caller emits them in the
+        same step (one guild step per publish). Raises :class:`BrokerUnavailable`.
         """

@@ -76,11 +76,20 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from guildcast.broker.base import Broker, BrokerUnavailable, Record
+from guildcast.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    ExplainsHealth,
+    LocalLog,
+    Record,
+    ReportsMetrics,
+    spawn,
+)
 from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, MemoryBroker
 from guildcast.core import journal
 from guildcast.core.journal import FSYNC_POLICIES, TMP_SUFFIX, Journal, Loaded, event_prefix
 from guildcast.core.marks import Marks
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.protocol import wire
 
@@ -210,7 +219,7 @@ class DiskBroker(MemoryBroker):
     def healthy(self) -> bool:
         return self.persist_error is None
 
-    async def start(self) -> None:
+    async def start(self, tg: asyncio.TaskGroup | None = None) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             suspect = await asyncio.to_thread(self._begin)
@@ -232,10 +241,10 @@ class DiskBroker(MemoryBroker):
                 suspect,
                 extra={"data_dir": str(self.root), "generation": self.generation},
             )
-        # Owned by the broker: cancelled and awaited in close(). It fsyncs
-        # (``interval``), fsyncs the marks, and probes a data dir that refused
-        # a write.
-        self._syncer = asyncio.create_task(self._sync_loop(), name="journal-syncer")
+        # In the node's task group; cancelled and awaited in close(). It
+        # fsyncs (``interval``), fsyncs the marks, and probes a data dir that
+        # refused a write.
+        self._syncer = spawn(tg, self._sync_loop(), "journal-syncer")
 
     async def close(self) -> None:
         """Stop the syncer, fsync what is pending (unless ``never``) and close files."""
@@ -358,17 +367,29 @@ class DiskBroker(MemoryBroker):
     # --- the contract --------------------------------------------------------
 
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
+        epoch, recs = await self._locked_append(gid, items, True)
+        return epoch, [r.s for r in recs]
+
+    async def append_local(
+        self, gid: str, items: Sequence[tuple[str, bytes]]
+    ) -> tuple[str, list[Record]]:
+        """``LocalLog``: the records go back to the appender, not to the feed."""
+        return await self._locked_append(gid, items, False)
+
+    async def _locked_append(
+        self, gid: str, items: Sequence[tuple[str, bytes]], feed: bool
+    ) -> tuple[str, list[Record]]:
         lg = await self._get(gid)
         lg.busy += 1
         try:
             async with lg.lock:
-                return await self._append(gid, lg, items)
+                return await self._append(gid, lg, items, feed)
         finally:
             lg.busy -= 1
 
     async def _append(
-        self, gid: str, lg: _GuildLog, items: Sequence[tuple[str, bytes]]
-    ) -> tuple[str, list[int]]:
+        self, gid: str, lg: _GuildLog, items: Sequence[tuple[str, bytes]], feed: bool
+    ) -> tuple[str, list[Record]]:
         now = time.time()
         s = lg.seq
         recs: list[Record] = []
@@ -380,7 +401,7 @@ class DiskBroker(MemoryBroker):
             parts.append(event_prefix(s, t, now, payload))
             parts.append(payload)
         if not recs:
-            return lg.epoch, []
+            return lg.epoch, recs
         j = lg.journal
         created = not j.exists
         before = (j.size, j.count, j.first_ts)
@@ -419,10 +440,10 @@ class DiskBroker(MemoryBroker):
                 self._storage_failed(gid, e)
                 raise BrokerUnavailable(f"cannot fsync the journal of {gid}: {e}") from e
             self.fsyncs += 1
-        if gid in self._listening and self._feed is not None:
+        if feed and gid in self._listening and self._feed is not None:
             self._feed(gid, recs)
         await self._maybe_compact(gid, lg, now)
-        return lg.epoch, [r.s for r in recs]
+        return lg.epoch, recs
 
     def _undo(
         self, gid: str, lg: _GuildLog, created: bool, before: tuple[int, int, float | None]
@@ -443,8 +464,21 @@ class DiskBroker(MemoryBroker):
             # nobody was told their s, and the next s follows them).
             j.broken = f"an unmarked write could not be undone ({e})"
 
-    def append_now(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
-        raise NotImplementedError("a durable append waits for the disk: use append()")
+    @property
+    def unhealthy_reason(self) -> str:
+        """``ExplainsHealth``: "cannot persist to DIR: No space left ..." or ""."""
+        return self.persist_error or ""
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: the history budget and the journals."""
+        super().report_metrics(m)
+        m.journal_bytes = self.bytes_written
+        m.journal_fsyncs = self.fsyncs
+        m.journal_repairs = self.repairs
+        m.journal_write_failures = self.write_failures
+        m.journal_cuts = self.cuts
+        m.journal_open_files = len(self._open)
+        m.journals_deleted = self.journals_deleted
 
     def sweep(self) -> int:
         """Nothing to sweep: idle guild logs leave memory by themselves (LRU)."""
@@ -832,6 +866,9 @@ def _cut(loaded: Loaded, mark: tuple[str, int] | None) -> str | None:
 def _conforms() -> None:
     """mypy checks the implementation against the contract (DESIGN.md house style)."""
     _: type[Broker] = DiskBroker
+    _local: type[LocalLog] = DiskBroker
+    _health: type[ExplainsHealth] = DiskBroker
+    _report: type[ReportsMetrics] = DiskBroker
 
 
 def _boot_id() -> str | None:

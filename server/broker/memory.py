@@ -15,14 +15,25 @@ is bounded by those limits plus one small log per guild in use.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 
-from guildcast.broker.base import Broker, Feed, Presence, PresenceFeed, Record
+from guildcast.broker.base import (
+    Broker,
+    Feed,
+    LocalLog,
+    Presence,
+    PresenceFeed,
+    Record,
+    ReportsMetrics,
+    Sweeps,
+)
 from guildcast.core.histbudget import HistoryBudget
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.protocol import wire
 
 #: Defaults of the history byte bounds (``Config.history_guild_bytes`` and
@@ -71,8 +82,8 @@ class MemoryBroker:
     def healthy(self) -> bool:
         return True
 
-    async def start(self) -> None:
-        pass
+    async def start(self, tg: asyncio.TaskGroup | None = None) -> None:
+        pass  # no background task: the node's sweeper calls ``sweep``
 
     async def close(self) -> None:
         self._listening.clear()
@@ -120,8 +131,8 @@ class MemoryBroker:
         if budget.over:
             budget.enforce(self._logs.values())
 
-    def append_now(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
-        """Synchronous append (the memory broker never waits)."""
+    def _sequence(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
+        """Sequence and store ``items`` (the memory broker never waits)."""
         log = self._log(gid)
         now = time.time()
         out: list[Record] = []
@@ -133,12 +144,18 @@ class MemoryBroker:
         if self.history_size > 0:
             self._keep(log, out)
         self._prune(log, now)
-        if gid in self._listening and self._feed is not None:
-            self._feed(gid, out)
         return log.epoch, out
 
+    async def append_local(
+        self, gid: str, items: Sequence[tuple[str, bytes]]
+    ) -> tuple[str, list[Record]]:
+        """``LocalLog``: the records go back to the appender, not to the feed."""
+        return self._sequence(gid, items)
+
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
-        epoch, recs = self.append_now(gid, items)
+        epoch, recs = self._sequence(gid, items)
+        if gid in self._listening and self._feed is not None:
+            self._feed(gid, recs)
         return epoch, [r.s for r in recs]
 
     async def head(self, gid: str) -> tuple[str, int]:
@@ -169,6 +186,11 @@ class MemoryBroker:
         else:
             self._listening.pop(gid, None)
 
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: the history byte budget."""
+        m.history_bytes = self.budget.total
+        m.history_evictions = self.budget.evicted
+
     def sweep(self) -> int:
         """Forget guilds with no history left and no listener; returns how many."""
         now = time.time()
@@ -185,3 +207,6 @@ class MemoryBroker:
 def _conforms() -> None:
     """mypy checks the implementation against the contract (DESIGN.md house style)."""
     _: type[Broker] = MemoryBroker
+    _local: type[LocalLog] = MemoryBroker
+    _sweeps: type[Sweeps] = MemoryBroker
+    _report: type[ReportsMetrics] = MemoryBroker

@@ -70,6 +70,7 @@ from guildcast.broker.base import (
     Presence,
     PresenceFeed,
     Record,
+    spawn,
 )
 
 log = logging.getLogger("guildcast.broker.redis")
@@ -126,6 +127,50 @@ end
 return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 
+# --- the key schema: every key and channel name, in this one place -------------
+
+#: The heartbeat sorted set (node id -> last beat, ms).
+NODES = "gc:nodes"
+
+
+def guild_keys(gid: str) -> list[str]:
+    """The guild's epoch, seq, log and channel (the append script's KEYS)."""
+    return [f"gc:{{{gid}}}:epoch", f"gc:{{{gid}}}:seq", f"gc:{{{gid}}}:log", channel(gid)]
+
+
+def channel(gid: str) -> str:
+    """The guild's pub/sub channel (records and presence changes)."""
+    return f"gc:{{{gid}}}:ch"
+
+
+def channel_guild(ch: str) -> str:
+    """The guild id of a :func:`channel` name."""
+    return ch[4:-4]  # "gc:{" gid "}:ch"
+
+
+def presence_key(gid: str) -> str:
+    """The guild's presence hash (member key -> member JSON)."""
+    return f"gc:pg:{{{gid}}}"
+
+
+def node_members(node: str) -> str:
+    """A node's index of its presence entries (set of "gid NUL key")."""
+    return f"gc:node:{node}:members"
+
+
+# The same names as Lua expressions, for the script that computes its keys.
+def _lua_node_members(var: str) -> str:
+    return f"'gc:node:' .. {var} .. ':members'"
+
+
+def _lua_presence_key(var: str) -> str:
+    return f"'gc:pg:{{' .. {var} .. '}}'"
+
+
+def _lua_channel(var: str) -> str:
+    return f"'gc:{{' .. {var} .. '}}:ch'"
+
+
 # Presence: ``gc:pg:{gid}`` hash (member key -> member JSON), the node's own
 # index ``gc:node:<id>:members`` (set of "gid NUL key") and the heartbeat
 # sorted set ``gc:nodes`` (node id -> last beat, ms). Scripts touch keys they
@@ -146,27 +191,27 @@ return n
 
 # Remove every member of each node whose heartbeat is older than ARGV[1] (or
 # of node ARGV[2] when given), telling listeners; returns members removed.
-_REAP = """
+_REAP = f"""
 local dead
-if ARGV[2] ~= '' then dead = {ARGV[2]} else
-  dead = redis.call('ZRANGEBYSCORE', 'gc:nodes', '-inf', ARGV[1]) end
+if ARGV[2] ~= '' then dead = {{ARGV[2]}} else
+  dead = redis.call('ZRANGEBYSCORE', '{NODES}', '-inf', ARGV[1]) end
 local removed = 0
 for _, node in ipairs(dead) do
-  local idx = 'gc:node:' .. node .. ':members'
+  local idx = {_lua_node_members("node")}
   for _, entry in ipairs(redis.call('SMEMBERS', idx)) do
     local sep = string.find(entry, '\\0', 1, true)
     local gid = string.sub(entry, 1, sep - 1)
     local key = string.sub(entry, sep + 1)
-    local h = 'gc:pg:{' .. gid .. '}'
+    local h = {_lua_presence_key("gid")}
     local info = redis.call('HGET', h, key)
     if info then
       redis.call('HDEL', h, key)
-      redis.call('PUBLISH', 'gc:{' .. gid .. '}:ch', 'P|leave|' .. info)
+      redis.call('PUBLISH', {_lua_channel("gid")}, 'P|leave|' .. info)
       removed = removed + 1
     end
   end
   redis.call('DEL', idx)
-  redis.call('ZREM', 'gc:nodes', node)
+  redis.call('ZREM', '{NODES}', node)
 end
 return removed
 """
@@ -211,14 +256,6 @@ def parse_record(data: bytes) -> Record:
         e_b, rest = rest.split(b"|", 1)
         epoch = e_b.decode()
     return Record(int(s_b), t_b.decode(), int(ts_b) / 1000.0, rest, epoch)
-
-
-def _keys(gid: str) -> list[str]:
-    return [f"gc:{{{gid}}}:epoch", f"gc:{{{gid}}}:seq", f"gc:{{{gid}}}:log", f"gc:{{{gid}}}:ch"]
-
-
-def channel(gid: str) -> str:
-    return f"gc:{{{gid}}}:ch"
 
 
 class RedisBroker:
@@ -331,7 +368,7 @@ class RedisBroker:
         self._feed = feed
         self._presence_feed = presence
 
-    async def start(self) -> None:
+    async def start(self, tg: asyncio.TaskGroup | None = None) -> None:
         try:
             await self._r.ping()
             await self._check_policy()
@@ -340,11 +377,11 @@ class RedisBroker:
         if self._policy_error is not None:
             raise BrokerUnavailable(f"refusing {self.url}: {self._policy_error}")
         self._healthy = True
-        loop = asyncio.get_running_loop()
+        # In the node's task group; cancelled and awaited in close().
         self._tasks = [
-            loop.create_task(self._pipeliner(), name="redis-pipeliner"),
-            loop.create_task(self._reader(), name="redis-pubsub"),
-            loop.create_task(self._health(), name="redis-health"),
+            spawn(tg, self._pipeliner(), "redis-pipeliner"),
+            spawn(tg, self._reader(), "redis-pubsub"),
+            spawn(tg, self._health(), "redis-health"),
         ]
 
     async def close(self) -> None:
@@ -428,7 +465,7 @@ class RedisBroker:
                 async with self._r.pipeline(transaction=False) as pipe:
                     pipe.connection = conn
                     for gid, args, _ in batch:
-                        pipe.evalsha(self._append_script.sha, 4, *_keys(gid), *args)
+                        pipe.evalsha(self._append_script.sha, 4, *guild_keys(gid), *args)
                     results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as e:
                 self._mark_down(e)
@@ -493,13 +530,13 @@ class RedisBroker:
 
     async def _flush_presence(self) -> None:
         q = self._presence_q
-        idx = f"gc:node:{self.node_id}:members"
+        idx = node_members(self.node_id)
         while q:
             batch = [q.popleft() for _ in range(min(len(q), MAX_PIPELINE))]
             try:
                 async with self._r.pipeline(transaction=False) as pipe:
                     for join, gid, m in batch:
-                        keys = [f"gc:pg:{{{gid}}}", idx, channel(gid)]
+                        keys = [presence_key(gid), idx, channel(gid)]
                         args: list[Any] = [m.key, orjson.dumps(m.as_dict()), gid]
                         script = self._join_script if join else self._leave_script
                         await script(keys=keys, args=args, client=pipe)
@@ -512,8 +549,8 @@ class RedisBroker:
         now_ms = int(time.time() * 1000)
         try:
             async with self._r.pipeline(transaction=False) as pipe:
-                pipe.hgetall(f"gc:pg:{{{gid}}}")
-                pipe.zrangebyscore("gc:nodes", now_ms - int(self.presence_timeout * 1000), "+inf")
+                pipe.hgetall(presence_key(gid))
+                pipe.zrangebyscore(NODES, now_ms - int(self.presence_timeout * 1000), "+inf")
                 raw, alive = await pipe.execute()
         except (RedisError, OSError) as e:
             self._mark_down(e)
@@ -532,7 +569,9 @@ class RedisBroker:
         # (the script is atomic and a second run finds the first one's).
         for attempt in (1, 2):
             try:
-                epoch, s = await self._head_script(keys=_keys(gid), args=[secrets.token_hex(8)])
+                epoch, s = await self._head_script(
+                    keys=guild_keys(gid), args=[secrets.token_hex(8)]
+                )
                 break
             except RedisConnectionError as e:
                 if attempt == 2:
@@ -544,7 +583,7 @@ class RedisBroker:
         return epoch.decode(), int(s)
 
     async def read(self, gid: str, after: int, limit: int) -> tuple[str, list[Record]]:
-        k = _keys(gid)
+        k = guild_keys(gid)
         # A read is safe to repeat: retried once on a connection Redis had
         # closed (say, a pooled one after a Redis restart), so a catch-up
         # does not fail for a connection that was merely stale.
@@ -575,7 +614,7 @@ class RedisBroker:
     async def first(self, gid: str) -> int | None:
         """The oldest ``s`` still in history, or None."""
         try:
-            e: Any = await self._r.xrange(_keys(gid)[2], min="-", max="+", count=1)
+            e: Any = await self._r.xrange(guild_keys(gid)[2], min="-", max="+", count=1)
         except (RedisError, OSError) as exc:
             self._mark_down(exc)
             raise BrokerUnavailable(f"redis: {exc}") from None
@@ -715,7 +754,7 @@ class RedisBroker:
         ch = msg["channel"]
         if isinstance(ch, bytes):
             ch = ch.decode()
-        gid = ch[4:-4]  # "gc:{" gid "}:ch"
+        gid = channel_guild(ch)
         if kind in (b"message", "message"):
             if gid not in self._listening or self._feed is None:
                 return
@@ -780,7 +819,7 @@ class RedisBroker:
         node reaped it: its members are announced again."""
         now_ms = int(time.time() * 1000)
         async with self._r.pipeline(transaction=False) as pipe:
-            pipe.zadd("gc:nodes", {self.node_id: now_ms})
+            pipe.zadd(NODES, {self.node_id: now_ms})
             await self._reap_script(
                 keys=[], args=[now_ms - int(self.presence_timeout * 1000), ""], client=pipe
             )

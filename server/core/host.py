@@ -39,10 +39,13 @@ class GatewayHost(Protocol):
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         """Leave ``gid``; the guild answers UNSUBSCRIBED through ``sub`` after its last event."""
 
-    def publish(self, gid: str, t: str, d: Any) -> asyncio.Future[tuple[int, str]]:
+    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
         """Sequence an event; the future gives ``(s, epoch)``.
 
-        Raises :class:`Overloaded` at once when the guild cannot take more.
+        The edge has validated it: ``gid`` and ``t`` are valid and not
+        reserved, ``d_json`` is ``d`` encoded once (``wire.encode``); its
+        bytes reach the broker as they are. Raises :class:`Overloaded` at
+        once when the guild cannot take more.
         """
 
 
@@ -79,12 +82,13 @@ class ApiHost(Protocol):
     broker trouble, a draining node). Anything else is a bug.
     """
 
-    def publish(self, gid: str, t: str, d: Any) -> asyncio.Future[tuple[int, str]]:
+    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
         """Queue an event for sequencing; the future gives ``(s, epoch)`` once it
         is sequenced (and stored, with a durable broker).
 
-        Raises ValueError (bad id or name) or :class:`Overloaded` at once; the
-        future fails with ValueError (``d`` not JSON) or :class:`Overloaded`.
+        Validated by the HTTP API (ids, names, ``d`` encoded once: ``d_json``).
+        Raises :class:`Overloaded` at once; the future fails with
+        :class:`Overloaded` or ``OutcomeUnknown``.
         Calls made one after another are sequenced in that order per guild.
         """
 

@@ -307,7 +307,8 @@ class Session:
         if type(msg) is not dict:
             raise _Reject(Close.DECODE_ERROR, "a message must be a JSON object")
         op = msg.get("op")
-        if type(op) is not int:
+        if type(op) is not int or op.bit_length() > 64:
+            # Numbers are decoded exactly (wire.decode): a 2**64 is no opcode.
             raise _Reject(Close.DECODE_ERROR, "op must be an integer")
         if op not in CLIENT_OPS:
             raise _Reject(Close.UNKNOWN_OPCODE, f"unknown opcode {op}")

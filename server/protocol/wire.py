@@ -6,10 +6,19 @@ broker's Lua script writes the same bytes), the guild actor frames it once
 (:func:`text_frame`, from :mod:`guildcast.protocol.frames`) and every
 recipient gets the same bytes. The client-side messages (IDENTIFY, SUBSCRIBE,
 PUBLISH, ...) are built in :mod:`guildcast.protocol.client`.
+
+Numbers are kept exactly: orjson handles integers of up to 64 bits and
+turns bigger ones into floats when it reads them, and refuses them when it
+writes. :func:`decode` therefore reads a document holding a run of 19 or
+more digits (the only place such an integer can hide) again with the
+standard library, whose integers are exact, and :func:`encode` writes an
+object holding one with the standard library: ``d`` reaches subscribers as
+the publisher wrote it (docs/PROTOCOL.md, "Messages").
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, TypeGuard
 
@@ -64,14 +73,49 @@ def valid_event(t: object) -> TypeGuard[str]:
     return type(t) is str and _EVENT_RE.fullmatch(t) is not None
 
 
+#: 19 digits in a row: the shortest text of an integer orjson may not keep
+#: (2**63 has 19 digits); a document without one takes the fast path alone.
+#: Found by mapping every digit to "0" and everything else to " " (one C
+#: pass, about 0.3 us for a 250-byte PUBLISH; a regex takes 2 us).
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # unreachable: orjson refused it first
+
+
 def decode(data: bytes | bytearray | memoryview | str) -> Any:
-    """Parse one JSON document; raises :data:`JSONDecodeError` on bad JSON or UTF-8."""
-    return orjson.loads(data)
+    """Parse one JSON document; raises :data:`JSONDecodeError` on bad JSON or UTF-8.
+
+    Integers are exact, whatever their size (the module docstring).
+    """
+    doc = orjson.loads(data)
+    if isinstance(data, str):
+        raw: bytes | bytearray = data.encode()
+    elif isinstance(data, memoryview):
+        raw = data.tobytes()
+    else:
+        raw = data
+    if _LONG_RUN not in raw.translate(_DIGITS_AS_ZERO):
+        return doc
+    # orjson accepted it, so it is valid JSON and UTF-8: only the numbers differ.
+    return json.loads(raw, parse_constant=_reject_constant)
 
 
 def encode(obj: Any) -> bytes:
-    """Serialise ``obj`` as compact UTF-8 JSON."""
-    return orjson.dumps(obj)
+    """Serialise ``obj`` as compact UTF-8 JSON; integers of any size are
+    written exactly. Raises TypeError for what is not JSON."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError as e:
+        if "Integer exceeds 64-bit range" not in str(e):
+            raise
+    try:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as e:  # NaN or infinity, which orjson writes as null
+        raise TypeError(str(e)) from None
+    return text.encode()
 
 
 def dispatch_json(gid: str, t: str, s: int, d_json: bytes) -> bytes:

@@ -139,6 +139,8 @@ class Connection(asyncio.Protocol):
     """One client connection: transport, websockets protocol and gateway session."""
 
     __slots__ = (
+        "_answers",
+        "_cork",
         "_due",
         "_exit_hooks",
         "_frags",
@@ -159,6 +161,11 @@ class Connection(asyncio.Protocol):
         #: ``limits.max_buffer``, read on every send (one attribute, not three).
         self._max_buffer = gw.limits.max_buffer
         self._transport: asyncio.Transport | None = None
+        #: PUBLISH answers due in this loop iteration (``_answer``); bounded
+        #: by the session's ``max_pending_publishes``.
+        self._answers: list[list[Effect]] | None = None
+        #: While answers are written: their frames, sent as one write.
+        self._cork: list[bytes] | None = None
         self.proto = ServerProtocol(
             subprotocols=_SUBPROTOCOLS,
             select_subprotocol=_select_subprotocol,
@@ -205,6 +212,9 @@ class Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.closing:
             return
+        if self._cork is not None:
+            self._cork.append(data)
+            return
         t = self._transport
         assert t is not None
         t.write(data)
@@ -215,6 +225,15 @@ class Connection(asyncio.Protocol):
     def close(self, code: int, reason: str) -> None:
         if self.closing:
             return
+        cork = self._cork
+        if cork:  # answers written before the close frame, in order
+            data = b"".join(cork)
+            cork.clear()
+            self._cork = None
+            self.send(data)
+            self._cork = cork
+            if self.closing:  # the send itself closed (slow consumer)
+                return
         self.closing = True
         self._gw.close_codes[code] = self._gw.close_codes.get(code, 0) + 1
         if code in _LOGGED_CLOSES:
@@ -484,7 +503,13 @@ class Connection(asyncio.Protocol):
             )
             return
         try:
-            fut = self._gw.host.publish(p.gid, p.t, p.d)
+            # Encoded once, here; its bytes go to the broker as they are.
+            d_json = wire.encode(p.d)
+        except TypeError as exc:  # decodable but not encodable (nested too deep)
+            self._run(session.publish_failed(p, Close.DECODE_ERROR, f"d is not JSON: {exc}"))
+            return
+        try:
+            fut = self._gw.host.publish(p.gid, p.t, d_json)
         except Overloaded as exc:
             self._run(session.publish_failed(p, Err.TRY_AGAIN_LATER, str(exc)))
             return
@@ -512,7 +537,32 @@ class Connection(asyncio.Protocol):
         else:
             s, epoch = fut.result()
             effects = session.publish_done(p, p.gid, s, epoch)
-        self._run(effects)
+        self._answer(effects)
+
+    def _answer(self, effects: list[Effect]) -> None:
+        """Queue a PUBLISH answer: the answers one loop iteration brings (a
+        busy publisher's events, sequenced by many guilds) go out in one
+        write, after the callbacks already queued (``call_soon``)."""
+        answers = self._answers
+        if answers is None:
+            answers = self._answers = []
+            asyncio.get_running_loop().call_soon(self._write_answers)
+        answers.append(effects)
+
+    def _write_answers(self) -> None:
+        answers = self._answers
+        self._answers = None
+        if answers is None or self.closing:
+            return
+        cork: list[bytes] = []
+        self._cork = cork
+        try:
+            for effects in answers:
+                self._run(effects)
+        finally:
+            self._cork = None
+        if cork:
+            self.send(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def next_deadline(self) -> float:
         """The earliest deadline :meth:`tick` enforces (monotonic; may be inf)."""

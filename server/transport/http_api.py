@@ -534,7 +534,7 @@ class HttpApi:
             extra={"results": out},
         )
 
-    def _events(self, doc: Any) -> tuple[list[tuple[str, str, Any]], bool]:
+    def _events(self, doc: Any) -> tuple[list[tuple[str, str, bytes]], bool]:
         """Validated ``(guild, t, d)`` of a publish body and whether it was a batch."""
         if type(doc) is not dict:
             raise ApiError(400, "bad_shape", 'the body must be an event or {"events": [...]}')
@@ -552,7 +552,7 @@ class HttpApi:
             )
         return [self._event(e, f"events[{i}]: ") for i, e in enumerate(evs)], True
 
-    def _event(self, e: Any, where: str) -> tuple[str, str, Any]:
+    def _event(self, e: Any, where: str) -> tuple[str, str, bytes]:
         if type(e) is not dict:
             raise ApiError(400, "bad_shape", f'{where}an event is {{"guild", "t", "d"}}')
         unknown = set(e) - {"guild", "t", "d"}
@@ -566,19 +566,20 @@ class HttpApi:
         if t in RESERVED_EVENTS:
             raise ApiError(400, "reserved_event", f"{where}{t} is a reserved event name")
         try:
-            size = len(wire.encode(d))
+            d_json = wire.encode(d)  # once: these bytes go to the broker
         except TypeError as e:  # decodable but not encodable: nested past 254 levels
             raise ApiError(400, "bad_shape", f"{where}d cannot be re-encoded: {e}") from None
+        size = len(d_json)
         if size > self.settings.max_payload:
             raise ApiError(
                 413,
                 "payload_too_large",
                 f"{where}d is {size} bytes of JSON, over {self.settings.max_payload}",
             )
-        return gid, t, d
+        return gid, t, d_json
 
     async def _sequence(
-        self, events: list[tuple[str, str, Any]]
+        self, events: list[tuple[str, str, bytes]]
     ) -> list[tuple[int, str] | ApiError]:
         """Hand the events to their guilds in order; each one's ``(s, epoch)`` or error."""
         futs: list[asyncio.Future[tuple[int, str]]] = []

@@ -26,7 +26,10 @@ from guildcast.actors.guild import (
     Subscribe,
     Unsubscribe,
 )
+from guildcast.actors.hub import check_publish
+from guildcast.actors.partition import Writer
 from guildcast.broker.memory import MemoryBroker
+from guildcast.protocol import wire
 from guildcast.protocol.codes import Close
 from tests.actors.support import scope
 from tests.protocol.framing import unframe
@@ -99,7 +102,9 @@ class Env:
     groups: Groups
 
     async def publish(self, t: str, d: Any = None) -> tuple[int, str]:
-        result: tuple[int, str] = await self.guild.call(PublishMsg(t, d), timeout=10)
+        # Validated and encoded at the edge, as every entry point does.
+        msg = PublishMsg(t, check_publish(self.guild.gid, t, d))
+        result: tuple[int, str] = await self.guild.call(msg, timeout=10)
         return result
 
     def subscribe(self, sink: FakeSink, position: tuple[str, int] | None = None) -> None:
@@ -331,7 +336,7 @@ async def test_abandoned_call_does_not_crash_the_guild() -> None:
         with pytest.raises(CallTimeout):
             await env.guild.call(HistoryMsg(0, 10), timeout=0)
         with pytest.raises(CallTimeout):
-            await env.guild.call(PublishMsg("E", 1), timeout=0)
+            await env.guild.call(PublishMsg("E", wire.encode(1)), timeout=0)
         assert await env.publish("E", 2) == (2, (await env.broker.head("g-1"))[0])
         assert env.guild.alive
 
@@ -367,20 +372,19 @@ async def test_stopped_guild_refuses_calls() -> None:
         assert type(info.value).__name__ == "ActorExited"
 
 
-async def test_small_guild_writes_in_its_own_step_when_its_partition_is_parked() -> None:
-    """One partition with nothing queued: the guild writes the event in the
-    step that sequenced it, so it is on the socket before the publisher's
-    ACK is even seen (through the partition's mailbox it would come a step
-    later)."""
+async def test_small_guild_writes_in_its_own_step() -> None:
+    """A guild of at most ``partition_size`` sessions is written by the guild
+    itself (placement), in the step that sequenced the event, so it is on
+    the socket before the publisher's ACK is even seen (through a
+    partition's mailbox it would come a step later)."""
     async with guild_env() as env:
         sink = FakeSink("a")
         env.subscribe(sink)
         await sink.wait_count(1)  # SUBSCRIBED
         (p,) = env.guild.partitions
-        await asyncio.sleep(0)  # let the partition park after its Add
-        assert p.parked
+        assert type(p) is Writer  # the guild's own writer: no actor, no mailbox
         for n in range(1, 4):
-            fut = env.guild.call_nowait(PublishMsg("E", n))
+            fut = env.guild.call_nowait(PublishMsg("E", wire.encode(n)))
             s, _epoch = await fut
             assert s == n
             assert sink.events_s() == list(range(1, n + 1))
@@ -396,7 +400,7 @@ async def test_small_guild_queues_behind_a_pending_add() -> None:
         await first.wait_count(1)
         await env.publish("E", 1)
         env.subscribe(late)
-        fut = env.guild.call_nowait(PublishMsg("E", 2))  # same guild batch as the Add
+        fut = env.guild.call_nowait(PublishMsg("E", wire.encode(2)))  # same guild batch as the Add
         await fut
         msgs = await late.wait_count(2)
         assert [m.get("t") for m in msgs] == ["SUBSCRIBED", "E"]

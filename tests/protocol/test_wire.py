@@ -120,3 +120,40 @@ def test_the_envelope_builder_is_orjsons_envelope(gid: str, t: str, s: int, d: o
     expected = orjson.dumps({"op": 0, "t": t, "g": gid, "s": s, "d": d})
     assert wire.dispatch_payload(gid, t, s, d) == expected
     assert wire.dispatch_json(gid, t, s, orjson.dumps(d)) == expected
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**200), max_value=2**200)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(json_values)
+def test_decode_and_encode_keep_every_number_exactly(value: object) -> None:
+    """Integers of any size survive a round trip as integers (orjson alone
+    turns those beyond 64 bits into floats, and refuses to write them)."""
+    text = wire.encode(value)
+    back = wire.decode(text)
+    assert back == value
+    assert wire.decode(text.decode()) == value
+    assert wire.decode(bytearray(text)) == value
+    assert wire.encode(back) == text
+
+
+def test_a_long_digit_run_in_a_string_changes_nothing() -> None:
+    assert wire.decode(b'{"id":"12345678901234567890123","f":2.5}') == {
+        "id": "12345678901234567890123",
+        "f": 2.5,
+    }
+    assert type(wire.decode(b"[98765432109876543210987]")[0]) is int
+
+
+def test_decode_still_refuses_what_is_not_json() -> None:
+    for bad in (b"[NaN, 12345678901234567890123]", b"[1234567890123456789012", b"\xff"):
+        with pytest.raises(wire.JSONDecodeError):
+            wire.decode(bad)
