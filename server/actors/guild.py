@@ -6,7 +6,7 @@ that is this actor's own log, in cluster mode one Redis script), and the
 publishers are answered with ``(s, epoch)``. While the guild has local
 subscribers it listens to the broker's feed: each record arrives in ``s``
 order, is framed once (``wire.text_frame``) and the same bytes go to every
-partition (DESIGN.md, "The path of one event"). It never writes to a socket.
+partition (docs/DESIGN.md, "The path of one event"). It never writes to a socket.
 
 Delivery cursor: ``cursor.Cursor`` (a pure state machine, ``cursor.py``)
 decides what is delivered: duplicates dropped, gaps read back from history,

@@ -2,7 +2,7 @@
 
 :class:`Writer` is the plain structure: the sessions of the slice (plain,
 filtered, presence) and ``write``, which joins a run of event frames into one
-``bytes`` and writes it with one ``send`` per session (DESIGN.md rules 2-4);
+``bytes`` and writes it with one ``send`` per session (docs/DESIGN.md rules 2-4);
 per-recipient work is one call (the buffer-bound check lives in
 ``Sink.send``); nothing awaits a client. Sessions with an ``events`` filter
 get the frames their filter passes, joined once per distinct filter per run.

@@ -3,7 +3,7 @@
 The memory broker's job (per guild: epoch, last ``s``, bounded history, the
 live feed to this node's guild actor) plus one append-only journal file per
 guild (``guildcast.core.journal``), so a restarted node continues every
-guild's ``s`` and epoch and clients recover across the restart (DESIGN.md,
+guild's ``s`` and epoch and clients recover across the restart (docs/DESIGN.md,
 "Durability").
 
 Writer: a guild's records are appended only by that guild's actor (its
@@ -864,7 +864,7 @@ def _cut(loaded: Loaded, mark: tuple[str, int] | None) -> str | None:
 
 
 def _conforms() -> None:
-    """mypy checks the implementation against the contract (DESIGN.md house style)."""
+    """mypy checks the implementation against the contract (docs/DESIGN.md house style)."""
     _: type[Broker] = DiskBroker
     _local: type[LocalLog] = DiskBroker
     _health: type[ExplainsHealth] = DiskBroker

@@ -205,7 +205,7 @@ class MemoryBroker:
 
 
 def _conforms() -> None:
-    """mypy checks the implementation against the contract (DESIGN.md house style)."""
+    """mypy checks the implementation against the contract (docs/DESIGN.md house style)."""
     _: type[Broker] = MemoryBroker
     _local: type[LocalLog] = MemoryBroker
     _sweeps: type[Sweeps] = MemoryBroker

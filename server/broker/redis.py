@@ -853,5 +853,5 @@ class RedisBroker:
 
 
 def _conforms() -> None:
-    """mypy checks the implementation against the contract (DESIGN.md house style)."""
+    """mypy checks the implementation against the contract (docs/DESIGN.md house style)."""
     _: type[Broker] = RedisBroker

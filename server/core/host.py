@@ -2,7 +2,7 @@
 
 The transport (``server/transport``) may not import the actors; the node
 wires an implementation of :class:`GatewayHost` (``guildcast.actors.hub.Hub``)
-into the gateway, whose methods return without awaiting (DESIGN.md rule 3),
+into the gateway, whose methods return without awaiting (docs/DESIGN.md rule 3),
 and one of :class:`ApiHost` (``guildcast.node.NodeApi``) into the HTTP API.
 """
 

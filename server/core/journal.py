@@ -1,7 +1,7 @@
 """Durable guild history: one append-only journal file per guild (``--data-dir``).
 
 Owns the on-disk format, its loading and its repair. The guild actor that
-owns a guild is the only writer of that guild's file (DESIGN.md,
+owns a guild is the only writer of that guild's file (docs/DESIGN.md,
 "Durability"): its appends go through the disk broker
 (``guildcast.broker.disk``), one write per mailbox batch. A :class:`Journal`
 has no locks. Blocking calls (``load``, ``rewrite``, ``sync``) are plain
@@ -25,7 +25,7 @@ The header record (``H``) comes first and exactly once; ``base`` is the
 ``s`` before the file's first event (0 for a new guild, more after a
 compaction). Event records (``E``) follow with ``s = base + 1, base + 2,
 ...``; ``payload`` is the DISPATCH JSON exactly as sent to subscribers
-(encoded once, DESIGN.md rule 1). ``gen`` is the data directory's
+(encoded once, docs/DESIGN.md rule 1). ``gen`` is the data directory's
 generation when the header was written (``guildcast.broker.disk``: a start
 after a possible power failure raises the generation below which epochs
 are no longer trusted).

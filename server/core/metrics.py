@@ -4,7 +4,7 @@ The hot path only ever adds to plain attributes of one :class:`NodeStats`
 per node (a guild per fanout run, a partition per flush); nothing here
 takes a lock or allocates per event. ``/metrics`` reads everything at
 scrape time through :class:`MetricsSnapshot`, so the Prometheus library
-stays out of the actors (DESIGN.md, hot-path rules).
+stays out of the actors (docs/DESIGN.md, hot-path rules).
 
 Consistency model: single event loop, single writer per attribute at a
 time, so a snapshot is exact for its moment; counters only grow for the

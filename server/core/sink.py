@@ -1,7 +1,7 @@
 """The small interface the transport gives the actors for one connection.
 
 A partition actor only ever calls :meth:`Sink.send` (one write of already
-framed bytes) and :meth:`Sink.close`; it never awaits a client (DESIGN.md,
+framed bytes) and :meth:`Sink.close`; it never awaits a client (docs/DESIGN.md,
 hot-path rule 3). The unsent-bytes bound is enforced inside ``send``.
 """
 

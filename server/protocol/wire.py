@@ -1,6 +1,6 @@
 """Envelope codec and the id/event-name grammar: the only user of orjson.
 
-Encoding happens once per event per node (DESIGN.md, hot-path rule 1): the
+Encoding happens once per event per node (docs/DESIGN.md, hot-path rule 1): the
 broker builds each event's JSON once with :func:`dispatch_payload` (the Redis
 broker's Lua script writes the same bytes), the guild actor frames it once
 (:func:`text_frame`, from :mod:`guildcast.protocol.frames`) and every

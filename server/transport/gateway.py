@@ -1,5 +1,5 @@
 """The WebSocket gateway: an ``asyncio.Protocol`` per connection around
-websockets' Sans-I/O ``ServerProtocol`` (DESIGN.md rule 5).
+websockets' Sans-I/O ``ServerProtocol`` (docs/DESIGN.md rule 5).
 
 websockets does the opening handshake (with our choice of subprotocol,
 :func:`_select_subprotocol`), frame parsing, ping/pong, UTF-8 and size

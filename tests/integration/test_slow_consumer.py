@@ -1,6 +1,6 @@
 """A client that stops reading is closed with 4010 while 50 others keep
 receiving every event on time, and server memory stays bounded
-(PROTOCOL.md "Close codes" 4010; DESIGN.md hot-path rule 3)."""
+(PROTOCOL.md "Close codes" 4010; docs/DESIGN.md hot-path rule 3)."""
 
 from __future__ import annotations
 
