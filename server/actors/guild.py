@@ -134,6 +134,16 @@ class Written:
         self.partition = partition
 
 
+class Removed:
+    """A partition has written a session's last messages (its ``Remove``)."""
+
+    __slots__ = ("partition", "sink")
+
+    def __init__(self, partition: Partition, sink: Sink) -> None:
+        self.partition = partition
+        self.sink = sink
+
+
 #: Events a guild holds back while a partition still writes the previous run
 #: (the cadence that makes partitions batch as one writer would); past it the
 #: run goes out anyway and the partition's mailbox bound applies.
@@ -203,6 +213,12 @@ class Guild(Actor):
         self.load: dict[Writer | Partition, int] = {}
         #: Partitions that have not yet written the last run sent to them.
         self._writing: set[Partition] = set()
+        #: Sessions removed from a partition actor whose ``Remove`` it has not
+        #: handled yet (its mailbox still holds their last events and their
+        #: UNSUBSCRIBED): one that subscribes again in that window goes back
+        #: to that partition, so what it receives stays in order. An entry
+        #: leaves with the partition's ``Removed``: bounded by its mailbox.
+        self._parted: dict[Sink, Partition] = {}
         self.published = 0
         self.delivered = 0
         self._frames: list[bytes] = []
@@ -270,6 +286,9 @@ class Guild(Actor):
                 await self._on_feed(item.records)
             elif tp is Written:
                 self._writing.discard(item.partition)
+            elif tp is Removed:
+                if self._parted.get(item.sink) is item.partition:
+                    del self._parted[item.sink]
             elif tp is PresenceMsg:
                 self._on_presence(item.kind, item.member)
             else:
@@ -477,7 +496,7 @@ class Guild(Actor):
             preamble = b"".join([preamble, *replay])
         p = self.where.get(sink)
         if p is None:
-            p = self._partition_with_room()
+            p = self._parted.pop(sink, None) or self._partition_with_room()
             self.where[sink] = p
             self.load[p] += 1
         if type(p) is Writer:
@@ -525,6 +544,7 @@ class Guild(Actor):
         else:
             assert type(p) is Partition
             p.cast_system(Remove(sink, farewell))
+            self._parted[sink] = p
         if not self.where and self.listening:
             # Nodes listen to a guild only while they have local subscribers.
             self.listening = False
@@ -551,6 +571,7 @@ class Guild(Actor):
             return w
         p = Partition(f"{self.gid}/{len(self.partitions)}", stats=self.stats)
         p.on_written = lambda: self.cast_system(Written(p))
+        p.on_removed = lambda sink: self.cast_system(Removed(p, sink))
         p.monitor(self._partition_exited)
         p.start(self._tg)
         self.partitions.append(p)

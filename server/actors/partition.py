@@ -194,6 +194,9 @@ class Partition(Actor):
         #: Called after each batch that wrote events: the guild's credit
         #: (it sends the next run once every partition has written this one).
         self.on_written: Callable[[], None] | None = None
+        #: Called after a session's ``Remove`` is written (the guild may then
+        #: place that session anywhere again).
+        self.on_removed: Callable[[Sink], None] | None = None
 
     def __len__(self) -> int:
         return len(self.writer)
@@ -228,6 +231,8 @@ class Partition(Actor):
                     w.send_presence(item.frame)
                 elif tp is Remove:
                     w.remove(item.sink, item.farewell)
+                    if self.on_removed is not None:
+                        self.on_removed(item.sink)
                 else:
                     raise TypeError(f"partition got {item!r}")
         if runs:

@@ -225,6 +225,10 @@ class Connection(asyncio.Protocol):
     def close(self, code: int, reason: str) -> None:
         if self.closing:
             return
+        if self._answers is not None and self._cork is None:
+            self._write_answers()  # answers already due go before the close frame
+            if self.closing:  # writing them closed it (slow consumer)
+                return
         cork = self._cork
         if cork:  # answers written before the close frame, in order
             data = b"".join(cork)
@@ -463,7 +467,13 @@ class Connection(asyncio.Protocol):
         for e in effects:
             tp = type(e)
             if tp is Send:
-                self.send(e.data)  # type: ignore[union-attr]
+                if self._answers is not None and self._cork is None:
+                    # PUBLISH answers of this iteration are queued: what the
+                    # session says now goes after them, in the session's order
+                    # (PROTOCOL.md: answers in the order the PUBLISHes came).
+                    self._answers.append([e])
+                else:
+                    self.send(e.data)  # type: ignore[union-attr]
             elif tp is Forbidden:
                 assert isinstance(e, Forbidden)
                 self._log_forbidden(e.gid, e.message)

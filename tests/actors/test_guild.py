@@ -423,3 +423,37 @@ async def test_a_sink_failing_in_a_small_guilds_own_step_crashes_the_guild() -> 
         await env.guild.wait()
         assert isinstance(env.guild.exit_reason, RuntimeError)
         assert await good.wait_closed() == (Close.UNKNOWN_ERROR, "guild failed")
+
+
+async def test_a_session_subscribing_again_keeps_its_order_across_writers() -> None:
+    """UNSUBSCRIBE then SUBSCRIBE while its partition still holds its last
+    event and its UNSUBSCRIBED: it goes back to that partition, so it gets
+    the old subscription's messages, then the new SUBSCRIBED, then only
+    later events (placement would otherwise put it on the guild's own
+    writer, which answers at once, ahead of the partition's queue)."""
+    async with guild_env(partition_size=1) as env:
+        a, b, c = FakeSink("a"), FakeSink("b"), FakeSink("c")
+        for s in (a, b, c):
+            env.subscribe(s)
+            await s.wait_count(1)
+        g = env.guild
+        g.cast_system(Unsubscribe(a))  # the guild's own writer has room again
+        await a.wait_count(2)
+        fut = g.call_nowait(PublishMsg("E", check_publish(g.gid, "E", 1)))
+        g.cast_system(Unsubscribe(b))
+        env.groups.leave(g.gid, b)
+        env.subscribe(b)
+        await fut
+        await env.publish("E", 2)
+        msgs = await b.wait_for(lambda ms: any(m.get("s") == 2 for m in ms))
+        kinds = [
+            (m["t"], m.get("s") if m["t"] == "E" else m["d"] and m["d"].get("s")) for m in msgs
+        ]
+        assert kinds == [
+            ("SUBSCRIBED", 0),
+            ("E", 1),
+            ("UNSUBSCRIBED", None),
+            ("SUBSCRIBED", 1),
+            ("E", 2),
+        ], kinds
+        assert not g._parted or all(s is not b for s in g._parted)

@@ -1,0 +1,106 @@
+"""PUBLISH answers leave a connection in the order the PUBLISHes came
+(docs/PROTOCOL.md, "Publishing"), also when the gateway coalesces one loop
+iteration's answers into one write and a later PUBLISH is refused at once.
+
+The race needs a later PUBLISH to arrive in the loop iteration between an
+earlier one's answer and that answer's write, which real sockets cannot be
+made to hit on demand; so the real Gateway, Connection and Session are
+driven here with a transport that records what is written."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import orjson
+
+from guildcast.core.host import Overloaded
+from guildcast.core.tokens import TokenVerifier, make_token
+from guildcast.protocol.session import Limits, Session
+from guildcast.transport.gateway import Connection, Gateway, GatewayLimits
+
+SECRET = "answer-order-secret-0123456789abcdef0123"
+
+
+class Recorder:
+    """The part of an asyncio transport a Connection writes through."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class Host:
+    """A guild layer whose answers the test gives by hand; guild "busy" is
+    refused at once, as a full mailbox is."""
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[tuple[int, str]]] = []
+
+    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+        if gid == "busy":
+            raise Overloaded("busy")
+        fut: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        self.futures.append(fut)
+        return fut
+
+
+def publish(gid: str, nonce: str) -> bytes:
+    return orjson.dumps({"op": 5, "d": {"guild": gid, "t": "E", "d": 1, "nonce": nonce}})
+
+
+def identified() -> tuple[Connection, Recorder, Host]:
+    host = Host()
+    gw = Gateway(host, TokenVerifier(SECRET), Limits(), GatewayLimits())  # type: ignore[arg-type]
+    conn = Connection(gw)
+    rec = Recorder()
+    conn._transport = rec  # type: ignore[assignment]
+    session = Session(gw.authenticate, gw.session_limits, "sid", 0.0)
+    conn.session = session
+    token = make_token(SECRET, "u", ["*"], ["*"], None, 600)
+    session.receive(orjson.dumps({"op": 2, "d": {"token": token, "guilds": {}}}), 0.0)
+    return conn, rec, host
+
+
+def nonces(out: bytearray) -> list[str]:
+    return [n.decode() for n in re.findall(rb'"nonce":"(\w+)"', bytes(out))]
+
+
+async def test_a_refusal_does_not_overtake_an_earlier_ack() -> None:
+    conn, rec, host = identified()
+    conn._on_message(publish("g1", "A"))
+    host.futures[0].set_result((1, "ep"))  # the guild answers A ...
+    loop = asyncio.get_running_loop()
+    loop.call_soon(conn._on_message, publish("busy", "B"))  # ... and B arrives meanwhile
+    loop.call_soon(conn._on_message, publish("g1", "C"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    host.futures[1].set_result((2, "ep"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert nonces(rec.out) == ["A", "B", "C"]
+
+
+async def test_answers_due_are_written_before_a_close() -> None:
+    conn, rec, host = identified()
+    conn._on_message(publish("g1", "A"))
+    host.futures[0].set_result((1, "ep"))
+    await asyncio.sleep(0)  # A's answer is queued for this iteration's write
+    conn.close(1001, "going away")
+    # Sequenced, so answered: not dropped because the close came first.
+    assert nonces(rec.out) == ["A"]
