@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +50,7 @@ import aiohttp
 from guildcast.core.tokens import make_token
 from guildcast.loadtest.faultcheck import Ledger, Publisher, Subscriber, Tally, wait_clean
 from guildcast.loadtest.faultproxy import ThreadedFaultProxy
+from guildcast.loadtest.redisserver import RedisServer, free_port
 
 FAULTS = (
     "delay",
@@ -71,12 +71,6 @@ GUILDS = ["alpha", "beta", "gamma"]
 START_TIMEOUT = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _token(user: str) -> str:
     return make_token(SECRET, user, ["*"], ["*"], pub_rate=0)
 
@@ -94,37 +88,6 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     raise RuntimeError(f"{what} did not listen within {START_TIMEOUT:g} s")
 
 
-class Redis:
-    """One redis-server on a free loopback port (restartable on the same port)."""
-
-    def __init__(self, workdir: Path, persist: bool) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.exe = exe
-        self.dir = workdir
-        self.persist = persist
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--save", "", "--daemonize", "no", "--loglevel", "warning"]
-        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else []
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port, self.proc, "redis-server")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
 class Node:
     """``guildcast serve --redis URL`` on free loopback ports."""
 
@@ -132,8 +95,8 @@ class Node:
         self.redis_url = redis_url
         self.name = name
         self.flags = list(flags)
-        self.port = _free_port()
-        self.api_port = _free_port()
+        self.port = free_port()
+        self.api_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -189,8 +152,8 @@ class Row:
 @contextlib.asynccontextmanager
 async def _cluster(
     workdir: Path, persist: bool, flags: Sequence[str]
-) -> AsyncIterator[tuple[Redis, ThreadedFaultProxy, list[Node]]]:
-    redis = Redis(workdir, persist)
+) -> AsyncIterator[tuple[RedisServer, ThreadedFaultProxy, list[Node]]]:
+    redis = RedisServer(workdir, persist)
     redis.start()
     proxy = ThreadedFaultProxy("127.0.0.1", redis.port)
     proxy.start()
