@@ -448,14 +448,7 @@ class Guild(Actor):
         for sink in list(self.where):
             sink.close(Close.UNKNOWN_ERROR, reason)
         # Listen afresh at the next subscribe: it reads the new epoch and head.
-        if self.listening:
-            self.listening = False
-            self.epoch = None
-            self._cur = None
-            try:
-                await self.broker.unlisten(self.gid)
-            except BrokerUnavailable:
-                pass
+        await self._unlisten()
 
     def _shed(self, p: Partition) -> None:
         """A partition fell hopelessly behind: its sessions are slow consumers."""
@@ -545,15 +538,21 @@ class Guild(Actor):
             assert type(p) is Partition
             p.cast_system(Remove(sink, farewell))
             self._parted[sink] = p
-        if not self.where and self.listening:
+        if not self.where:
             # Nodes listen to a guild only while they have local subscribers.
-            self.listening = False
-            self.epoch = None
-            self._cur = None
-            try:
-                await self.broker.unlisten(self.gid)
-            except BrokerUnavailable:
-                pass
+            await self._unlisten()
+
+    async def _unlisten(self) -> None:
+        """Stop listening to the guild's feed, forgetting its epoch and cursor."""
+        if not self.listening:
+            return
+        self.listening = False
+        self.epoch = None
+        self._cur = None
+        try:
+            await self.broker.unlisten(self.gid)
+        except BrokerUnavailable:
+            pass
 
     def _partition_with_room(self) -> Writer | Partition:
         """The placement rule, the one place it is made: the first writer below

@@ -52,7 +52,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -567,12 +567,18 @@ class RedisBroker:
     async def head(self, gid: str) -> tuple[str, int]:
         # Retried once on a lost connection: it creates at most one epoch
         # (the script is atomic and a second run finds the first one's).
+        epoch, s = await self._idempotent(
+            lambda: self._head_script(keys=guild_keys(gid), args=[secrets.token_hex(8)])
+        )
+        return epoch.decode(), int(s)
+
+    async def _idempotent(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``await call()``, retried once on a connection error (a pooled
+        connection Redis had closed, say): only for commands safe to repeat.
+        Raises :class:`BrokerUnavailable` (and marks Redis down) otherwise."""
         for attempt in (1, 2):
             try:
-                epoch, s = await self._head_script(
-                    keys=guild_keys(gid), args=[secrets.token_hex(8)]
-                )
-                break
+                return await call()
             except RedisConnectionError as e:
                 if attempt == 2:
                     self._mark_down(e)
@@ -580,28 +586,23 @@ class RedisBroker:
             except (RedisError, OSError) as e:
                 self._mark_down(e)
                 raise BrokerUnavailable(f"redis: {e}") from None
-        return epoch.decode(), int(s)
+        raise AssertionError("unreachable")
 
     async def read(self, gid: str, after: int, limit: int) -> tuple[str, list[Record]]:
         k = guild_keys(gid)
         # A read is safe to repeat: retried once on a connection Redis had
         # closed (say, a pooled one after a Redis restart), so a catch-up
         # does not fail for a connection that was merely stale.
-        for attempt in (1, 2):
-            try:
-                async with self._r.pipeline(transaction=True) as pipe:
-                    pipe.get(k[0])
-                    pipe.exists(k[1])
-                    pipe.xrange(k[2], min=f"{after + 1}-0", max="+", count=limit)
-                    epoch, has_seq, entries = await pipe.execute()
-                break
-            except RedisConnectionError as e:
-                if attempt == 2:
-                    self._mark_down(e)
-                    raise BrokerUnavailable(f"redis: {e}") from None
-            except (RedisError, OSError) as e:
-                self._mark_down(e)
-                raise BrokerUnavailable(f"redis: {e}") from None
+
+        async def fetch() -> list[Any]:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.get(k[0])
+                pipe.exists(k[1])
+                pipe.xrange(k[2], min=f"{after + 1}-0", max="+", count=limit)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        epoch, has_seq, entries = await self._idempotent(fetch)
         if epoch is None or not has_seq:
             epoch_s, _ = await self.head(gid)
             return epoch_s, []

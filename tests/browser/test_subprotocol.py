@@ -7,19 +7,18 @@ as in 1.0. The demo board's own guildcast.js offers it on every connection
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
 from guildcast import Server
-from tests.browser.test_board import CHROMIUM, CHROMIUM_ARGS
-from tests.browser.test_board import pytestmark as pytestmark
+from tests.browser.test_board import (
+    browser,  # noqa: F401 - the fixture
+    pytestmark,  # noqa: F401 - the same skips (chromium, playwright)
+)
 
 try:
-    from playwright.async_api import Browser, async_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    async_playwright = None
+    from playwright.async_api import Browser
+except ImportError:  # pragma: no cover - skipped by pytestmark
+    pass
 
 #: Runs in the page: one connection with ``offer`` (null: none), HELLO,
 #: IDENTIFY, READY; resolves with what the page saw.
@@ -37,18 +36,7 @@ OPEN = """async ([url, token, offer]) => new Promise((resolve) => {
 })"""
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    assert async_playwright is not None
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-async def test_chromium_subprotocol(browser: Browser, server: Server) -> None:
+async def test_chromium_subprotocol(browser: Browser, server: Server) -> None:  # noqa: F811
     page = await browser.new_page()
     await page.goto(server.url.replace("ws://", "http://").replace("/gateway", "/healthz"))
     tok = server.token("chromium")
