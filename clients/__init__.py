@@ -4,6 +4,7 @@ the one real file, the server's package data ``server/transport/static/guildcast
 
 from guildcast.client.backoff import Backoff, full_jitter, window
 from guildcast.client.client import (
+    Activity,
     AuthenticationFailed,
     Client,
     ClientClosed,
@@ -22,6 +23,7 @@ from guildcast.client.client import (
 )
 
 __all__ = [
+    "Activity",
     "AuthenticationFailed",
     "Backoff",
     "Client",

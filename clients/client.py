@@ -18,6 +18,13 @@ changed or the history window was passed), the application gets a
 :class:`Resync` item in :meth:`Client.events` (and ``on_unrecovered(gid)``)
 before that guild's next event, and must reload that guild's state.
 
+Passive guilds (``subscribe(gid, passive=True)``, PROTOCOL.md "Passive
+subscriptions") deliver no events, only :class:`Activity` items (the
+guild's head, at most once per the server's ``passive_interval``);
+:meth:`Client.unread` counts the events since the guild's Position, and
+:meth:`Client.activate` switches it to active on the live connection: the
+events missed while passive are replayed first, then live ones.
+
 Bounds and overflow policies:
 
 - The event queue holds at most ``max_pending_events`` items. When it is
@@ -54,6 +61,7 @@ from websockets.uri import parse_uri
 from guildcast.client.backoff import Backoff
 from guildcast.protocol import client as proto
 from guildcast.protocol.client import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
+from guildcast.protocol.client import Activity as Activity
 from guildcast.protocol.client import Event as Event
 from guildcast.protocol.client import Position as Position
 from guildcast.protocol.client import Resync as Resync
@@ -81,7 +89,7 @@ class SubscriptionLost:
     message: str
 
 
-Item: TypeAlias = Event | Resync | SubscriptionLost
+Item: TypeAlias = Event | Resync | SubscriptionLost | Activity
 TokenProvider: TypeAlias = Callable[[], str | Awaitable[str]]
 
 
@@ -401,7 +409,9 @@ class Client:
                 return
             yield item
 
-    async def subscribe(self, gid: str, position: Position | None = None) -> Position:
+    async def subscribe(
+        self, gid: str, position: Position | None = None, *, passive: bool = False
+    ) -> Position:
         """Follow guild ``gid``; returns its Position once SUBSCRIBED.
 
         With ``position`` (for example one saved from :attr:`positions`), the
@@ -409,16 +419,58 @@ class Client:
         if it cannot. Raises :class:`SubscribeError` on ERROR (4403: the token
         does not allow this guild) and :class:`GuildcastClosed` if the client
         stops. While disconnected it waits for the next connection.
+
+        ``passive=True``: no events, only :class:`Activity` items (PROTOCOL.md
+        "Passive subscriptions"). For a guild already followed in the other
+        mode this switches it, as :meth:`activate` / :meth:`deactivate` do.
         """
         proto.check_guild(gid)
         self._require_usable()
+        if self._session.follows(gid) and self._session.is_passive(gid) != passive:
+            return await self._switch(gid, passive)
         pos = self._session.subscribed(gid)
         if pos is not None:
             return pos
         fut = self._sub_waiters.get(gid)
         if fut is None:
             fut = self._sub_waiters[gid] = asyncio.get_running_loop().create_future()
-        await self._carry_out(self._session.subscribe(gid, position))
+        await self._carry_out(self._session.subscribe(gid, position, passive))
+        return await asyncio.shield(fut)
+
+    async def activate(self, gid: str) -> Position:
+        """Switch followed guild ``gid`` from passive to active; returns the
+        Position its stream resumes from once SUBSCRIBED. The events missed
+        while passive follow (within the server's history; else a
+        :class:`Resync` comes first), then live ones, with no gap or duplicate."""
+        return await self._switch(gid, False)
+
+    async def deactivate(self, gid: str) -> Position:
+        """Switch followed guild ``gid`` to passive; returns its Position (what
+        :meth:`activate` resumes from) once the server confirms."""
+        return await self._switch(gid, True)
+
+    def unread(self, gid: str) -> int | None:
+        """Events of passive guild ``gid`` after its Position by the last
+        :class:`Activity` (0 when active; None when unknown)."""
+        return self._session.unread(gid)
+
+    def is_passive(self, gid: str) -> bool:
+        """True if ``gid`` is followed passively."""
+        return self._session.is_passive(gid)
+
+    async def _switch(self, gid: str, passive: bool) -> Position:
+        proto.check_guild(gid)
+        self._require_usable()
+        if not self._session.follows(gid):
+            raise ValueError(f"guild {gid!r} is not followed: subscribe first")
+        if self._session.is_passive(gid) == passive:
+            pos = self._session.subscribed(gid)
+            if pos is not None and gid not in self._sub_waiters:
+                return pos
+        fut = self._sub_waiters.get(gid)
+        if fut is None or fut.done():
+            fut = self._sub_waiters[gid] = asyncio.get_running_loop().create_future()
+        await self._carry_out(self._session.set_passive(gid, passive))
         return await asyncio.shield(fut)
 
     async def unsubscribe(self, gid: str) -> None:
@@ -541,9 +593,14 @@ class Client:
             elif isinstance(o, Event):
                 await self._deliver(o)
             elif isinstance(o, proto.Subscribed):
-                fut = self._sub_waiters.pop(o.guild, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(o.position)
+                # A SUBSCRIBED of the mode asked for (a switch may still be
+                # answered by one of the mode it left).
+                if o.passive == self._session.is_passive(o.guild):
+                    fut = self._sub_waiters.pop(o.guild, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(o.position)
+            elif isinstance(o, Activity):
+                await self._deliver(o)
             elif isinstance(o, Resync):
                 await self._deliver(o)
                 await self._call(self._on_unrecovered, o.guild)

@@ -61,6 +61,8 @@ _SERVE_FLAGS: dict[str, str] = {
     "max_pending_publishes": "PUBLISHes awaiting an answer per session (close 4008 past it)",
     "max_guilds": "guild actors alive at once",
     "idle_timeout": "seconds before an unused guild actor stops",
+    "passive_interval": "seconds between two activity notices of a guild to its passive "
+    "subscribers",
     "drain_timeout": "seconds a graceful shutdown waits for clients",
     "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",
     "node_id": "this node's name in presence and metrics (default host:pid with --redis, "

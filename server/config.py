@@ -42,6 +42,9 @@ class Config:
     partition_size: int = 512
     #: A guild with no session and no message for this long stops (seconds).
     idle_timeout: float = 300.0
+    #: Seconds between two GUILD_ACTIVITY notices of a guild to its passive
+    #: subscribers (PROTOCOL.md "Passive subscriptions").
+    passive_interval: float = 1.0
     #: Publishes queued per guild before publishers get "try again later".
     guild_mailbox: int = 10_000
     #: Guild actors alive at once; past it new guilds get "try again later".

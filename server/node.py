@@ -33,6 +33,7 @@ from guildcast.actors.groups import Groups
 from guildcast.actors.guild import Guild, GuildSettings
 from guildcast.actors.hub import Hub, check_publish
 from guildcast.actors.partition import Partition
+from guildcast.actors.passive import PassiveBoard
 from guildcast.actors.registry import Registry
 from guildcast.broker.base import (
     Broker,
@@ -77,6 +78,8 @@ class Server:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
         if cfg.data_dir and cfg.redis:
             raise ValueError("data_dir and redis exclude each other: Redis holds the history")
+        if not cfg.passive_interval > 0:
+            raise ValueError("passive_interval must be > 0 seconds")
         if cfg.secret == "" or "" in cfg.api_keys:
             # An empty GUILDCAST_SECRET is a mistake, never "generate one".
             raise ValueError("the secret and API keys must not be empty")
@@ -103,6 +106,9 @@ class Server:
         self._started = False
         #: Forgets aged-out guild logs of an in-process broker (``_sweep_broker``).
         self._broker_sweeper: asyncio.Task[None] | None = None
+        #: The passive subscriptions' notice ticker (``PassiveBoard.run``).
+        self._passive_ticker: asyncio.Task[None] | None = None
+        self.passive: PassiveBoard
         self.groups: Groups
         self.registry: Registry[Guild]
         self.hub: Hub
@@ -162,8 +168,12 @@ class Server:
         self.groups = Groups("guilds")
         broker = self.broker
         counters = self.stats_counters
+        # Passive subscriptions' notices: one board and one ticker per node.
+        board = self.passive = PassiveBoard(cfg.passive_interval)
+        self._passive_ticker = tg.create_task(board.run(), name="passive-notices")
+        unwind.callback(self._passive_ticker.cancel)
         self.registry = Registry(
-            lambda gid: Guild(gid, settings, self.groups, tg, broker, counters),
+            lambda gid: Guild(gid, settings, self.groups, tg, broker, counters, board),
             tg,
             max_actors=cfg.max_guilds,
         )
@@ -339,6 +349,8 @@ class Server:
             await self.gateway.close()
             if self._broker_sweeper is not None:
                 self._broker_sweeper.cancel()
+            if self._passive_ticker is not None:
+                self._passive_ticker.cancel()
             await self.broker.close()
         finally:
             await self._stack.aclose()

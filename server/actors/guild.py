@@ -20,6 +20,13 @@ events that are not coming. With an in-process log (``LocalLog``) the
 records a publish appended go to the cursor in the same step; a remote
 feed's come as ``Feed`` messages (``feed.py``).
 
+Passive subscriptions (PROTOCOL.md "Passive subscriptions") are not in any
+writer: the guild keeps them in its entry on the node's
+:class:`~guildcast.actors.passive.PassiveBoard`, sets the entry's head after
+each step, and the board's ticker sends the notices; switching a session
+between the modes is a :class:`Subscribe` like any other, carried out in
+mailbox order (``_passivate``, and ``_subscribe`` for the way back).
+
 Subscriptions arrive as :class:`Subscribe` messages in mailbox order with
 feed records, so the head a session is told in SUBSCRIBED, its replay and
 the moment it joins its partition form one atomic step: no gap, no
@@ -43,6 +50,7 @@ from guildcast.actors.actor import Actor, MailboxFull, _Call
 from guildcast.actors.cursor import Cursor, Lost, ReadBack, Step
 from guildcast.actors.groups import GroupEvent, Groups
 from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove, Writer
+from guildcast.actors.passive import PassiveBoard, PassiveGuild
 from guildcast.broker.base import (
     FEED_LOST,
     Broker,
@@ -82,9 +90,10 @@ class PublishMsg:
 
 class Subscribe:
     """Add ``sink`` (recovering from ``position``); ``member`` is its presence
-    identity, ``presence`` whether it wants PRESENCE_JOIN/LEAVE dispatches."""
+    identity, ``presence`` whether it wants PRESENCE_JOIN/LEAVE dispatches;
+    ``passive``: notices only, no events (``position`` is then not replayed)."""
 
-    __slots__ = ("member", "position", "presence", "sink")
+    __slots__ = ("member", "passive", "position", "presence", "sink")
 
     def __init__(
         self,
@@ -92,11 +101,13 @@ class Subscribe:
         position: tuple[str, int] | None,
         member: Presence | None = None,
         presence: bool = False,
+        passive: bool = False,
     ) -> None:
         self.sink = sink
         self.position = position
         self.member = member
         self.presence = presence
+        self.passive = passive
 
 
 class Unsubscribe:
@@ -187,6 +198,7 @@ class Guild(Actor):
         tg: asyncio.TaskGroup,
         broker: Broker,
         stats: NodeStats | None = None,
+        board: PassiveBoard | None = None,
     ) -> None:
         super().__init__(
             gid, mailbox_bound=settings.mailbox_bound, idle_timeout=settings.idle_timeout
@@ -219,6 +231,9 @@ class Guild(Actor):
         #: to that partition, so what it receives stays in order. An entry
         #: leaves with the partition's ``Removed``: bounded by its mailbox.
         self._parted: dict[Sink, Partition] = {}
+        #: ``Remove`` messages cast for a session and not yet written (its
+        #: ``_parted`` entry stays until they all are).
+        self._unwritten: dict[Sink, int] = {}
         self.published = 0
         self.delivered = 0
         self._frames: list[bytes] = []
@@ -227,6 +242,17 @@ class Guild(Actor):
         self._stamps: list[float] = []
         #: The node's counters (``/metrics``), shared with the partitions.
         self.stats = stats if stats is not None else NodeStats()
+        #: The node's passive-notice board (passive.py) and this guild's entry
+        #: on it while it has passive sessions; ``passive`` is that entry's
+        #: ``sinks``: the sessions receiving notices.
+        self._board = board if board is not None else PassiveBoard()
+        self._entry: PassiveGuild | None = None
+        self.passive: dict[Sink, None] = {}
+        #: Sessions switched to passive while a partition actor still writes
+        #: their last events and their passive SUBSCRIBED: they join
+        #: ``passive`` at the partition's ``Removed`` (no notice overtakes
+        #: those). Bounded like ``_parted``.
+        self._passivating: set[Sink] = set()
         self._demonitor = groups.monitor(gid, self._on_group_event)
 
     @property
@@ -242,8 +268,13 @@ class Guild(Actor):
 
     # --- life cycle ----------------------------------------------------------
 
+    @property
+    def has_sessions(self) -> bool:
+        """True while any local session, active or passive, is subscribed."""
+        return bool(self.where or self.passive or self._passivating)
+
     def on_idle(self) -> bool:
-        return not self.where
+        return not self.has_sessions
 
     async def on_stop(self, reason: BaseException | None) -> None:
         self._demonitor()
@@ -252,9 +283,10 @@ class Guild(Actor):
                 p.stop()
         if reason is not None:
             # Let it crash: the sessions reconnect and recover what they can.
-            for sink in list(self.where):
+            for sink in [*self.where, *self.passive, *self._passivating]:
                 sink.close(Close.UNKNOWN_ERROR, "guild failed")
         self.where.clear()
+        self._drop_passive()
         for member in self.members.values():
             self.broker.presence_leave(self.gid, member)
         self.members.clear()
@@ -287,8 +319,7 @@ class Guild(Actor):
             elif tp is Written:
                 self._writing.discard(item.partition)
             elif tp is Removed:
-                if self._parted.get(item.sink) is item.partition:
-                    del self._parted[item.sink]
+                self._removed(item.partition, item.sink)
             elif tp is PresenceMsg:
                 self._on_presence(item.kind, item.member)
             else:
@@ -307,6 +338,9 @@ class Guild(Actor):
         if pubs:
             await self._append(pubs, items)
         self._fan_out()
+        entry = self._entry
+        if entry is not None and self._cur is not None:
+            entry.head = self._cur.s
 
     async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
         local = self._local
@@ -445,8 +479,10 @@ class Guild(Actor):
         self._frames = []
         self._names = []
         self._stamps = []
-        for sink in list(self.where):
+        for sink in [*self.where, *self.passive, *self._passivating]:
             sink.close(Close.UNKNOWN_ERROR, reason)
+        # Passive ones too: their notices would name an epoch they never saw.
+        self._drop_passive()
         # Listen afresh at the next subscribe: it reads the new epoch and head.
         await self._unlisten()
 
@@ -474,6 +510,14 @@ class Guild(Actor):
             self.epoch = epoch
             self._cur = Cursor(epoch, head, READ_PAGE)
         assert self.epoch is not None
+        if msg.passive:
+            self._passivate(sink)
+            if msg.member is not None and sink not in self.members:
+                self.members[sink] = msg.member
+                self.broker.presence_join(self.gid, msg.member)
+            return
+        # Active again (or still): no notice after the SUBSCRIBED below.
+        self._unpassive(sink)
         head = self.cursor
         recovered = False
         replay: list[bytes] = []
@@ -528,6 +572,12 @@ class Guild(Actor):
         member = self.members.pop(sink, None)
         if member is not None:
             self.broker.presence_leave(self.gid, member)
+        if self._unpassive(sink):
+            if farewell is not None:
+                self._send_after_partition(sink, farewell)
+            if not self.has_sessions:
+                await self._unlisten()
+            return
         p = self.where.pop(sink, None)
         if p is None:
             return
@@ -536,11 +586,98 @@ class Guild(Actor):
             p.remove(sink, farewell)
         else:
             assert type(p) is Partition
-            p.cast_system(Remove(sink, farewell))
-            self._parted[sink] = p
-        if not self.where:
+            self._remove_via(p, sink, farewell)
+        if not self.has_sessions:
             # Nodes listen to a guild only while they have local subscribers.
             await self._unlisten()
+
+    # --- passive subscriptions (passive.py) -------------------------------------
+
+    def _passivate(self, sink: Sink) -> None:
+        """Make ``sink`` passive: SUBSCRIBED ``passive`` after every event it
+        was sent, then notices only. From active, its writer writes that
+        SUBSCRIBED last (a partition actor: the session joins ``passive`` at
+        the partition's ``Removed``)."""
+        assert self.epoch is not None
+        frame = wire.subscribed_frame(self.gid, self.epoch, self.cursor, False, passive=True)
+        p = self.where.pop(sink, None)
+        if p is not None:
+            self.load[p] -= 1
+            if type(p) is Writer:
+                p.remove(sink, frame)
+                self._notice_to(sink)
+                return
+            assert type(p) is Partition
+            self._remove_via(p, sink, frame)
+            self.passive.pop(sink, None)
+            self._passivating.add(sink)
+            return
+        if self._send_after_partition(sink, frame):
+            self.passive.pop(sink, None)
+            self._passivating.add(sink)
+        elif sink not in self._passivating:
+            self._notice_to(sink)
+
+    def _send_after_partition(self, sink: Sink, frame: bytes) -> bool:
+        """Send ``frame`` to a session no writer holds: through the partition
+        that still writes its last messages if there is one (order; returns
+        True), else now."""
+        part = self._parted.get(sink)
+        if part is not None:
+            self._remove_via(part, sink, frame)
+            return True
+        sink.send(frame)
+        return False
+
+    def _remove_via(self, p: Partition, sink: Sink, farewell: bytes | None) -> None:
+        """Cast ``Remove(sink, farewell)`` to partition ``p``: until ``p`` has
+        written every such Remove (``_removed``), what this guild sends the
+        session goes through ``p`` too (``_parted``)."""
+        p.cast_system(Remove(sink, farewell))
+        self._parted[sink] = p
+        self._unwritten[sink] = self._unwritten.get(sink, 0) + 1
+
+    def _removed(self, p: Partition, sink: Sink) -> None:
+        """Partition ``p`` has written one ``Remove`` of ``sink``."""
+        n = self._unwritten.get(sink, 0) - 1
+        if n > 0:
+            self._unwritten[sink] = n
+            return
+        self._unwritten.pop(sink, None)
+        if self._parted.get(sink) is p:
+            del self._parted[sink]
+        if sink in self._passivating:
+            self._passivating.discard(sink)
+            self._notice_to(sink)
+
+    def _notice_to(self, sink: Sink) -> None:
+        """``sink`` receives this guild's notices from now on."""
+        if sink.is_closed:
+            return
+        entry = self._entry
+        if entry is None:
+            assert self.epoch is not None
+            entry = self._entry = self._board.attach(self.gid, self.epoch, self.cursor)
+            entry.sinks = self.passive
+        self.passive[sink] = None
+
+    def _unpassive(self, sink: Sink) -> bool:
+        """``sink`` is passive no more; True if it was."""
+        was = sink in self.passive or sink in self._passivating
+        self.passive.pop(sink, None)
+        self._passivating.discard(sink)
+        if not self.passive and self._entry is not None:
+            self._board.detach(self._entry)
+            self._entry = None
+        return was
+
+    def _drop_passive(self) -> None:
+        """Forget every passive session (they are closed or the guild stops)."""
+        self.passive.clear()
+        self._passivating.clear()
+        if self._entry is not None:
+            self._board.detach(self._entry)
+            self._entry = None
 
     async def _unlisten(self) -> None:
         """Stop listening to the guild's feed, forgetting its epoch and cursor."""
@@ -588,6 +725,6 @@ class Guild(Actor):
             "guild": self.gid,
             "epoch": epoch,
             "s": head,
-            "subscribers": len(self.where),
+            "subscribers": len(self.where) + len(self.passive) + len(self._passivating),
             "history": {"first": first, "last": head if first is not None else None},
         }

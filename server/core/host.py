@@ -33,8 +33,12 @@ class Subscriber(Sink, Member, Protocol):
 
 
 class GatewayHost(Protocol):
-    def subscribe(self, sub: Subscriber, gid: str, position: tuple[str, int] | None) -> None:
-        """Join ``gid``; the guild answers SUBSCRIBED (and any replay) through ``sub``."""
+    def subscribe(
+        self, sub: Subscriber, gid: str, position: tuple[str, int] | None, passive: bool = False
+    ) -> None:
+        """Join ``gid``; the guild answers SUBSCRIBED (and any replay) through
+        ``sub``. ``passive``: notices only (PROTOCOL.md "Passive
+        subscriptions"); subscribing again switches the mode."""
 
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         """Leave ``gid``; the guild answers UNSUBSCRIBED through ``sub`` after its last event."""

@@ -21,6 +21,11 @@ none within an epoch; with an ``events`` filter gaps are expected and not
 reported). A SUBSCRIBED with ``recovered: false`` after a Position was sent
 yields a :class:`Resync` before that guild's next event.
 
+Passive guilds (PROTOCOL.md "Passive subscriptions") keep their Position
+while passive: it is where :meth:`ClientSession.activate` resumes, so the
+events missed meanwhile are replayed. Their GUILD_ACTIVITY notices come out
+as :class:`Activity` and set the head :meth:`ClientSession.unread` counts to.
+
 Bounds: the guilds followed are the application's; PUBLISHes awaiting an ACK
 are bounded by the adapter (``max_inflight_publishes``); one connection's
 tables are cleared when it ends (:meth:`ClientSession.connection_lost`).
@@ -29,14 +34,20 @@ tables are cleared when it ends (:meth:`ClientSession.connection_lost`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeAlias
 
 import orjson
 
-from guildcast.protocol.codes import ABNORMAL_CLOSURE, RESERVED_EVENTS, CloseAction, Op
+from guildcast.protocol.codes import (
+    ABNORMAL_CLOSURE,
+    ACTIVITY_EVENT,
+    RESERVED_EVENTS,
+    CloseAction,
+    Op,
+)
 from guildcast.protocol.codes import classify_close as _classify
 from guildcast.protocol.wire import EVENT_RULE, GUILD_RULE, valid_event, valid_guild
 
@@ -120,11 +131,22 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Subscribed:
-    """SUBSCRIBED ``guild``; ``position`` is where its stream resumes."""
+    """SUBSCRIBED ``guild``; ``position`` is where its stream resumes
+    (``passive``: where an activation will resume; no event follows)."""
 
     guild: str
     position: Position
     recovered: bool
+    passive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """GUILD_ACTIVITY: passive guild ``guild``'s head was at least ``s``."""
+
+    guild: str
+    epoch: str
+    s: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +230,7 @@ Output: TypeAlias = (
     | ReconnectRequested
     | Event
     | Resync
+    | Activity
 )
 
 
@@ -244,22 +267,35 @@ def position_json(pos: Position | None) -> dict[str, Any] | None:
     return None if pos is None else {"epoch": pos.epoch, "s": pos.s}
 
 
+def request_json(pos: Position | None, passive: bool = False) -> dict[str, Any] | None:
+    """A guild's value in IDENTIFY/SUBSCRIBE ``guilds``: its Position (or
+    null), with ``"passive": true`` for a passive subscription (1.1)."""
+    if not passive:
+        return position_json(pos)
+    d: dict[str, Any] = {} if pos is None else {"epoch": pos.epoch, "s": pos.s}
+    d["passive"] = True
+    return d
+
+
 def identify_message(
-    token: str, guilds: dict[str, Position | None], events: list[str] | None = None
+    token: str,
+    guilds: dict[str, Position | None],
+    events: list[str] | None = None,
+    passive: Collection[str] = (),
 ) -> bytes:
-    """IDENTIFY (op 2)."""
+    """IDENTIFY (op 2); the guilds in ``passive`` are subscribed passively."""
     d: dict[str, Any] = {
         "token": token,
-        "guilds": {gid: position_json(pos) for gid, pos in guilds.items()},
+        "guilds": {gid: request_json(pos, gid in passive) for gid, pos in guilds.items()},
     }
     if events is not None:
         d["events"] = events
     return orjson.dumps({"op": Op.IDENTIFY, "d": d})
 
 
-def subscribe_message(guilds: dict[str, Position | None]) -> bytes:
-    """SUBSCRIBE (op 3)."""
-    d = {"guilds": {gid: position_json(pos) for gid, pos in guilds.items()}}
+def subscribe_message(guilds: dict[str, Position | None], passive: Collection[str] = ()) -> bytes:
+    """SUBSCRIBE (op 3); the guilds in ``passive`` are subscribed passively."""
+    d = {"guilds": {gid: request_json(pos, gid in passive) for gid, pos in guilds.items()}}
     return orjson.dumps({"op": Op.SUBSCRIBE, "d": d})
 
 
@@ -347,6 +383,10 @@ class ClientSession:
         self._desired: dict[str, Position | None] = {}
         for gid in guilds:
             self._desired[check_guild(gid)] = None
+        #: Followed guilds subscribed passively, and the last head each was
+        #: seen at (passive SUBSCRIBED or GUILD_ACTIVITY): what ``unread`` counts to.
+        self._passive: set[str] = set()
+        self._heads: dict[str, Position] = {}
         self._nonces = itertools.count(1)
         self._auth_failures = 0
         #: Events dropped because their ``s`` was already handed out.
@@ -393,6 +433,23 @@ class ClientSession:
     def subscribed(self, gid: str) -> Position | None:
         """The guild's Position if it is SUBSCRIBED on this connection, else None."""
         return self._desired.get(gid) if gid in self._subscribed else None
+
+    def is_passive(self, gid: str) -> bool:
+        """True if ``gid`` is followed passively (notices only)."""
+        return gid in self._passive
+
+    def unread(self, gid: str) -> int | None:
+        """Events of passive guild ``gid`` after its Position, by the last
+        head heard of (0 for an active guild); None when unknown (no head
+        yet, or the head is of another epoch: then they are lost)."""
+        if gid not in self._desired:
+            return None
+        if gid not in self._passive:
+            return 0
+        head, pos = self._heads.get(gid), self._desired[gid]
+        if head is None or pos is None or head.epoch != pos.epoch:
+            return None
+        return max(0, head.s - pos.s)
 
     # --- connection lifecycle ------------------------------------------------------
 
@@ -464,15 +521,46 @@ class ClientSession:
 
     # --- commands ----------------------------------------------------------------
 
-    def subscribe(self, gid: str, position: Position | None = None) -> list[Output]:
-        """Follow ``gid`` (from ``position`` if it is new); SUBSCRIBE now if READY."""
+    def subscribe(
+        self, gid: str, position: Position | None = None, passive: bool = False
+    ) -> list[Output]:
+        """Follow ``gid`` (from ``position`` if it is new; ``passive``: notices
+        only); SUBSCRIBE now if READY. For a guild already followed in the
+        other mode this switches it (:meth:`set_passive`)."""
         check_guild(gid)
         if gid not in self._desired:
             self._desired[gid] = position
+            if passive:
+                self._passive.add(gid)
+        elif passive != (gid in self._passive):
+            return self.set_passive(gid, passive)
         if self.state is not State.READY or gid in self._sent:
             return []
         pos = self._sent[gid] = self._desired[gid]
-        return [Send(subscribe_message({gid: pos}))]
+        return [Send(subscribe_message({gid: pos}, self._passive))]
+
+    def set_passive(self, gid: str, passive: bool) -> list[Output]:
+        """Switch followed guild ``gid`` to passive, or back to active: the
+        SUBSCRIBE carries its Position, so an activation replays the events
+        missed while passive (``recovered: false`` past the history window)."""
+        check_guild(gid)
+        if gid not in self._desired:
+            raise ValueError(f"guild {gid!r} is not followed: subscribe first")
+        if passive == (gid in self._passive):
+            return []
+        if passive:
+            self._passive.add(gid)
+        else:
+            self._passive.discard(gid)
+            self._heads.pop(gid, None)
+        if self.state is not State.READY or gid not in self._sent:
+            return []  # the next IDENTIFY or SUBSCRIBE carries the mode
+        pos = self._sent[gid] = self._desired[gid]
+        return [Send(subscribe_message({gid: pos}, self._passive))]
+
+    def activate(self, gid: str) -> list[Output]:
+        """:meth:`set_passive` ``(gid, False)``."""
+        return self.set_passive(gid, False)
 
     def unsubscribe(self, gid: str) -> list[Output]:
         """Stop following ``gid``. An UNSUBSCRIBE is sent (and :class:`Unsubscribed`
@@ -480,6 +568,8 @@ class ClientSession:
         check_guild(gid)
         if self._desired.pop(gid, _MISSING) is _MISSING:
             return []
+        self._passive.discard(gid)
+        self._heads.pop(gid, None)
         self._subscribed.discard(gid)
         if self.state is not State.READY or self._sent.pop(gid, _MISSING) is _MISSING:
             return []
@@ -535,7 +625,7 @@ class ClientSession:
         self.next_tick = now + self.interval
         self.state = State.IDENTIFYING
         self._sent = dict(self._desired)
-        return [Send(identify_message(self._token, self._sent, self.events))]
+        return [Send(identify_message(self._token, self._sent, self.events, self._passive))]
 
     def _message(self, msg: dict[str, Any]) -> list[Output]:
         op = msg.get("op")
@@ -550,6 +640,8 @@ class ClientSession:
                 raise _Bad("g must be a guild id")
             if t == "SUBSCRIBED":
                 return self._subscribed_guild(g, _obj(d, "SUBSCRIBED"))
+            if t == ACTIVITY_EVENT:
+                return self._activity(g, _obj(d, ACTIVITY_EVENT))
             if t == "UNSUBSCRIBED":
                 if g in self._leaving:
                     self._leaving.discard(g)
@@ -579,7 +671,7 @@ class ClientSession:
         missing = {gid: pos for gid, pos in self._desired.items() if gid not in self._sent}
         if missing:
             self._sent.update(missing)
-            out.append(Send(subscribe_message(missing)))
+            out.append(Send(subscribe_message(missing, self._passive)))
         # Guilds IDENTIFY asked for that the application left meanwhile: the
         # server is subscribing them, so unsubscribe now (UNSUBSCRIBED follows).
         stale = [gid for gid in self._sent if gid not in self._desired]
@@ -597,10 +689,24 @@ class ClientSession:
         epoch, head, recovered = d.get("epoch"), d.get("s"), d.get("recovered")
         if type(epoch) is not str or type(head) is not int or type(recovered) is not bool:
             raise _Bad("SUBSCRIBED needs {epoch: str, s: int, recovered: bool}")
+        passive = d.get("passive", False)
+        if type(passive) is not bool:
+            raise _Bad("SUBSCRIBED passive must be true or false")
         sent = self._sent.get(gid)
         current = self._desired[gid]
         self._subscribed.add(gid)
         out: list[Output] = []
+        if passive:
+            # No replay: the Position stays where an activation resumes; a
+            # fresh one (or one of a lost epoch) starts at the head.
+            self._heads[gid] = Position(epoch, head)
+            pos = current if current is not None else Position(epoch, head)
+            if current is None or current.epoch != epoch:
+                pos = self._desired[gid] = Position(epoch, head)
+                if sent is not None:
+                    out.append(Resync(gid, epoch, head))
+            out.append(Subscribed(gid, pos, False, True))
+            return out
         if recovered and current is not None and current.epoch == epoch:
             pos = current  # the replay s+1..head follows
         else:
@@ -609,6 +715,17 @@ class ClientSession:
                 out.append(Resync(gid, epoch, head))
         out.append(Subscribed(gid, pos, recovered))
         return out
+
+    def _activity(self, gid: str, d: dict[str, Any]) -> list[Output]:
+        epoch, s = d.get("epoch"), d.get("s")
+        if type(epoch) is not str or type(s) is not int:
+            raise _Bad("GUILD_ACTIVITY needs {epoch: str, s: int}")
+        if gid not in self._desired:
+            return []
+        known = self._heads.get(gid)
+        if known is None or known.epoch != epoch or s > known.s:
+            self._heads[gid] = Position(epoch, s)
+        return [Activity(gid, epoch, s)]
 
     def _event(self, gid: str, t: str, s: int, d: Any) -> list[Output]:
         if gid not in self._desired:

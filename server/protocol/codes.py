@@ -85,8 +85,11 @@ class Err(IntEnum):
     OUTCOME_UNKNOWN = 4504
 
 
+#: The dispatch a passive subscription gets instead of events (PROTOCOL.md,
+#: "Passive subscriptions"): the guild's head moved.
+ACTIVITY_EVENT = "GUILD_ACTIVITY"
 #: Event names a publisher may not use (PROTOCOL.md, "Publishing").
-RESERVED_EVENTS = frozenset({"READY", "SUBSCRIBED", "UNSUBSCRIBED"})
+RESERVED_EVENTS = frozenset({"READY", "SUBSCRIBED", "UNSUBSCRIBED", ACTIVITY_EVENT})
 
 
 class CloseAction(Enum):

@@ -111,10 +111,13 @@ class CloseConn:
 
 @dataclass(slots=True)
 class Subscribe:
-    """Join guild ``gid``; ``position`` is ``(epoch, s)`` to recover from, or None."""
+    """Join guild ``gid``; ``position`` is ``(epoch, s)`` to recover from, or
+    None; ``passive``: notices only (PROTOCOL.md "Passive subscriptions"),
+    also the way to switch a subscribed guild between the two modes."""
 
     gid: str
     position: tuple[str, int] | None
+    passive: bool = False
 
 
 @dataclass(slots=True)
@@ -335,7 +338,7 @@ class Session:
         if op == Op.SUBSCRIBE:
             if type(d) is not dict:
                 raise _Reject(Close.DECODE_ERROR, "SUBSCRIBE needs d.guilds")
-            return self._subscribe(_guild_positions(d.get("guilds")))
+            return self._subscribe(_guild_requests(d.get("guilds")))
         return self._unsubscribe(d)
 
     def _count_command(self, now: float) -> None:
@@ -353,7 +356,7 @@ class Session:
         token = d.get("token")
         if type(token) is not str:
             raise _Reject(Close.DECODE_ERROR, "IDENTIFY needs a token string")
-        guilds = _guild_positions(d.get("guilds", {}))
+        guilds = _guild_requests(d.get("guilds", {}))
         presence = d.get("presence", False)
         if type(presence) is not bool:
             raise _Reject(Close.DECODE_ERROR, "presence must be true or false")
@@ -381,12 +384,12 @@ class Session:
         out.extend(self._subscribe(guilds))
         return out
 
-    def _subscribe(self, guilds: dict[str, tuple[str, int] | None]) -> list[Effect]:
+    def _subscribe(self, guilds: dict[str, wire.SubscribeRequest]) -> list[Effect]:
         grant = self.grant
         assert grant is not None
         out: list[Effect] = []
         subs = self.subscriptions
-        for gid, pos in guilds.items():
+        for gid, req in guilds.items():
             if not grant.may_subscribe(gid):
                 out.append(Forbidden(gid, "guild not allowed"))
                 out.append(Send(error_frame(Err.FORBIDDEN, "guild not allowed", g=gid)))
@@ -395,7 +398,7 @@ class Session:
                 out.append(Send(error_frame(Err.TOO_MANY_SUBSCRIPTIONS, "too many guilds", g=gid)))
                 continue
             subs.add(gid)
-            out.append(Subscribe(gid, pos))
+            out.append(Subscribe(gid, req.position, req.passive))
         return out
 
     def _unsubscribe(self, d: Any) -> list[Effect]:
@@ -453,21 +456,9 @@ class Session:
         return 0 if self._pending is None else len(self._pending)
 
 
-def _guild_positions(guilds: Any) -> dict[str, tuple[str, int] | None]:
-    """Validate ``{gid: Position or null}`` (PROTOCOL.md "Opcodes"); raises _Reject."""
-    if type(guilds) is not dict:
-        raise _Reject(Close.DECODE_ERROR, "guilds must be an object of guild id to Position")
-    out: dict[str, tuple[str, int] | None] = {}
-    for gid, pos in guilds.items():
-        if not wire.valid_guild(gid):
-            raise _Reject(Close.DECODE_ERROR, "invalid guild id")
-        if pos is None:
-            out[gid] = None
-            continue
-        if type(pos) is not dict:
-            raise _Reject(Close.DECODE_ERROR, "a Position is an object {epoch, s}")
-        epoch, s = pos.get("epoch"), pos.get("s")
-        if type(epoch) is not str or len(epoch) > 64 or type(s) is not int or s < 0:
-            raise _Reject(Close.DECODE_ERROR, "a Position is {epoch: str, s: int >= 0}")
-        out[gid] = (epoch, s)
-    return out
+def _guild_requests(guilds: Any) -> dict[str, wire.SubscribeRequest]:
+    """``wire.subscribe_requests`` with its ValueError as a 4002 close (_Reject)."""
+    try:
+        return wire.subscribe_requests(guilds)
+    except ValueError as e:
+        raise _Reject(Close.DECODE_ERROR, str(e)) from None

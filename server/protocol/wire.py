@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import orjson
 
-from guildcast.protocol.codes import Op
+from guildcast.protocol.codes import ACTIVITY_EVENT, Op
 from guildcast.protocol.frames import text_frame
 
 __all__ = [
@@ -33,13 +34,17 @@ __all__ = [
     "GUILD_PATTERN",
     "GUILD_RULE",
     "HEARTBEAT_ACK_FRAME",
+    "MAX_EPOCH",
     "RECONNECT_FRAME",
     "JSONDecodeError",
+    "SubscribeRequest",
+    "activity_frame",
     "decode",
     "dispatch_json",
     "dispatch_payload",
     "encode",
     "message",
+    "subscribe_requests",
     "subscribed_frame",
     "text_frame",
     "unsubscribed_frame",
@@ -145,11 +150,78 @@ def message(op: int, d: Any = None, t: str | None = None, g: str | None = None) 
     return text_frame(orjson.dumps(obj))
 
 
-def subscribed_frame(gid: str, epoch: str, head: int, recovered: bool) -> bytes:
-    """PROTOCOL.md, "Subscribing and recovery", step 1."""
-    return message(
-        Op.DISPATCH, {"epoch": epoch, "s": head, "recovered": recovered}, t="SUBSCRIBED", g=gid
-    )
+def subscribed_frame(
+    gid: str, epoch: str, head: int, recovered: bool, passive: bool = False
+) -> bytes:
+    """PROTOCOL.md, "Subscribing and recovery", step 1; a passive
+    subscription's carries ``"passive": true`` ("Passive subscriptions")."""
+    d: dict[str, Any] = {"epoch": epoch, "s": head, "recovered": recovered}
+    if passive:
+        d["passive"] = True
+    return message(Op.DISPATCH, d, t="SUBSCRIBED", g=gid)
+
+
+def activity_frame(gid: str, epoch: str, s: int) -> bytes:
+    """The GUILD_ACTIVITY notice of a passive subscription (PROTOCOL.md,
+    "Passive subscriptions"): guild ``gid``'s head was at least ``s``. Built
+    once per guild per notice interval; the same bytes go to every passive
+    subscriber. No top-level ``s``: it is not a guild event."""
+    return message(Op.DISPATCH, {"s": s, "epoch": epoch}, t=ACTIVITY_EVENT, g=gid)
+
+
+# --- a guild's subscribe request (IDENTIFY and SUBSCRIBE ``guilds``) ------------
+
+#: Longest epoch a Position may name (the server's are far shorter).
+MAX_EPOCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeRequest:
+    """What a client asks of one guild in IDENTIFY or SUBSCRIBE ``guilds``
+    (PROTOCOL.md "Messages"): its value is ``null``, a Position
+    ``{"epoch", "s"}``, or (1.1) an object with optional keys beside the
+    Position's. Every option of a guild's subscription is parsed here, once
+    (:func:`subscribe_requests`)."""
+
+    #: ``(epoch, s)`` to recover from, or None: "from now on".
+    position: tuple[str, int] | None = None
+    #: (1.1) ``"passive": true``: no events, only GUILD_ACTIVITY notices.
+    passive: bool = False
+
+
+#: The request of ``null``: active, from now on (shared: most guilds ask this).
+_PLAIN = SubscribeRequest()
+
+
+def subscribe_requests(guilds: Any) -> dict[str, SubscribeRequest]:
+    """Validate IDENTIFY/SUBSCRIBE ``guilds``: ``{gid: null | object}``.
+
+    An object's ``epoch`` and ``s`` come together or not at all (a Position);
+    ``passive`` is a boolean; other keys are ignored (later 1.x options).
+    Raises ValueError, with the message for the 4002 close, on anything else.
+    """
+    if type(guilds) is not dict:
+        raise ValueError("guilds must be an object of guild id to Position")
+    out: dict[str, SubscribeRequest] = {}
+    for gid, req in guilds.items():
+        if not valid_guild(gid):
+            raise ValueError("invalid guild id")
+        if req is None:
+            out[gid] = _PLAIN
+            continue
+        if type(req) is not dict:
+            raise ValueError("a Position is an object {epoch, s}")
+        epoch, s = req.get("epoch"), req.get("s")
+        position: tuple[str, int] | None = None
+        if epoch is not None or s is not None or not req:
+            if type(epoch) is not str or len(epoch) > MAX_EPOCH or type(s) is not int or s < 0:
+                raise ValueError("a Position is {epoch: str, s: int >= 0}")
+            position = (epoch, s)
+        passive = req.get("passive", False)
+        if type(passive) is not bool:
+            raise ValueError("passive must be true or false")
+        out[gid] = SubscribeRequest(position, passive)
+    return out
 
 
 def unsubscribed_frame(gid: str) -> bytes:
