@@ -119,6 +119,12 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
     g.add_argument("--connect-timeout", type=float, help="seconds for every client to connect")
     g.add_argument("--drain-timeout", type=float, help="seconds for every delivery to arrive")
     g.add_argument("--seed", type=int, help="seed of every random choice (1)")
+    g.add_argument("--per-client", type=int, help="guilds per client (passive: 20)")
+    g.add_argument(
+        "--active",
+        type=int,
+        help="passive: guilds each client subscribes actively (1; the rest passive)",
+    )
     s = ap.add_argument_group("server")
     s.add_argument(
         "--server",
@@ -176,6 +182,8 @@ PLAN_KEYS = (
     "seed",
     "max_buffer",
     "history_size",
+    "per_client",
+    "active",
 )
 
 

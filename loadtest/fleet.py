@@ -52,7 +52,7 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from guildcast.loadtest import wire
 from guildcast.protocol.client import Position
-from guildcast.protocol.codes import Op
+from guildcast.protocol.codes import ACTIVITY_EVENT, Op
 from guildcast.protocol.frames import (
     OP_CLOSE,
     OP_CONT,
@@ -118,6 +118,9 @@ class ClientSpec:
     role: str = "stay"
     #: Records end-to-end latency (``--lat-sample`` picks a fraction of clients).
     lat: bool = True
+    #: Guilds of ``gids`` subscribed passively (the ``passive`` scenario):
+    #: no events expected from them, only GUILD_ACTIVITY notices.
+    passive: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -168,6 +171,7 @@ class Sub(asyncio.Protocol):
         "last",
         "lat",
         "leave_at",
+        "passive",
         "paused",
         "pos",
         "rejoin",
@@ -189,6 +193,7 @@ class Sub(asyncio.Protocol):
         self.role = spec.role
         self.gids = spec.gids
         self.gids_b = tuple(g.encode() for g in spec.gids)
+        self.passive = frozenset(spec.passive)
         self.src = src
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
@@ -295,6 +300,7 @@ class Sub(asyncio.Protocol):
     # --- receiving -------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self.fleet.bytes_in += len(data)
         if self.state == CONNECTING:
             self._handshake(data)
         else:
@@ -425,13 +431,15 @@ class Sub(asyncio.Protocol):
                 self._subscribed(g.encode(), d)
             elif t == "UNSUBSCRIBED" and isinstance(g, str):
                 self._unsubscribed(g.encode())
+            elif t == ACTIVITY_EVENT and isinstance(g, str) and g in self.passive:
+                f.notices += 1
             else:
                 f.other_dispatches += 1
         elif op == Op.HELLO:
             self.hb_interval = float(d["heartbeat_interval"]) / 1000.0 if d else 30.0
             self.hb_due = time.monotonic() + self.hb_interval * random.uniform(0.5, 0.9)
             guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
-            self.send_raw(wire.identify(self._token(), guilds))
+            self.send_raw(wire.identify(self._token(), guilds, self.passive))
         elif op == Op.HEARTBEAT_ACK:
             pass
         elif op == Op.RECONNECT:  # the close (1001) follows
@@ -467,7 +475,11 @@ class Sub(asyncio.Protocol):
         head = int(d["s"])
         epoch = str(d["epoch"])
         asked = self.pos.pop(gb, None)
-        if asked is not None and self.epochs.get(gb) is not None:
+        if d.get("passive"):
+            # No events come from a passive guild: nothing to track, so a
+            # reconnect subscribes it from now on.
+            self.epochs[gb] = epoch
+        elif asked is not None and self.epochs.get(gb) is not None:
             if d.get("recovered") and epoch == self.epochs[gb]:
                 f.recovered += 1
                 self.last[gb] = asked  # the replay asked + 1 .. head follows
@@ -491,7 +503,7 @@ class Sub(asyncio.Protocol):
         self.unsub_pending -= 1
         if self.unsub_pending == 0 and self.state == SUBSCRIBING:
             guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
-            self.send_raw(wire.subscribe(guilds))
+            self.send_raw(wire.subscribe(guilds, self.passive))
 
     def _go_live(self) -> None:
         f = self.fleet
@@ -624,6 +636,10 @@ class Fleet:
         self.churners = [c for c in self.clients if c.role == "churn"]
         # Counters (cumulative).
         self.delivered = 0
+        #: GUILD_ACTIVITY notices received, and every byte read (frames,
+        #: handshake), for bytes per session.
+        self.notices = 0
+        self.bytes_in = 0
         self.gaps = 0
         self.gap_events = 0
         self.dups = 0
@@ -841,6 +857,8 @@ class Fleet:
             "reconnects": self.reconnects,
             "reconnect_requests": self.reconnect_requests,
             "delivered": self.delivered,
+            "notices": self.notices,
+            "bytes_in": self.bytes_in,
             "gaps": self.gaps,
             "gap_events": self.gap_events,
             "dups": self.dups,

@@ -49,6 +49,8 @@ SUMMED = (
     "slow_clients",
     "slow_live",
     "lat_clamped",
+    "notices",
+    "bytes_in",
 )
 #: Per-code dicts summed over workers.
 DICTS = ("closes", "errors", "slow_closed", "connect_errors")

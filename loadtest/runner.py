@@ -343,7 +343,7 @@ class Run:
         """Events publishers may still send before being ``max_lag`` ahead of
         the average subscriber (see loadtest/publish.py, flow control)."""
         p = self.plan
-        per_event = max(1e-9, (p.clients - self.slow_count) / p.guilds)
+        per_event = max(1e-9, (p.clients - self.slow_count) * p.active_per_client / p.guilds)
         workers = self.workers
         stats = self.pubstats
 
@@ -521,6 +521,7 @@ class Run:
 
         window = _window(m_pub, m_drained)
         delivered_w = _delta(m_pub, m_drained, "delivered")
+        acked_w = _delta(m_pub, m_drained, "pub_acked")
         srv_cpu = None
         if m_pub and m_drained and m_pub.server and m_drained.server:
             srv_cpu = (m_drained.server["user"] + m_drained.server["system"]) - (
@@ -621,6 +622,13 @@ class Run:
                 "lagging": m_drained.counters["lagging"] if m_drained else None,
                 "recovered": final["recovered"],
                 "unrecovered": final["unrecovered"],
+                # Passive subscriptions' GUILD_ACTIVITY notices (all run).
+                "notices": final["notices"],
+                # Bytes the clients read in the window, per client (frames
+                # of events, notices, heartbeat answers).
+                "bytes_per_client": round(_delta(m_pub, m_drained, "bytes_in") / p.clients, 1)
+                if m_pub and m_drained
+                else None,
             },
             "latency_us": lat,
             "server_usage": {
@@ -630,6 +638,11 @@ class Run:
                 # adds a start-up).
                 "cpu_per_delivery_us": round(srv_cpu / delivered_w * 1e6, 3)
                 if srv_cpu and delivered_w and p.publishes and self.drop_mode != "restart"
+                else None,
+                # Per event published and acknowledged in the window: what
+                # one event costs, whoever receives it (the passive scenario).
+                "cpu_per_event_us": round(srv_cpu / acked_w * 1e6, 3)
+                if srv_cpu and acked_w and p.publishes and self.drop_mode != "restart"
                 else None,
                 "wait_percent": srv_wait,
                 "busy_percent": srv_busy,

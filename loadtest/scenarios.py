@@ -43,6 +43,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "slow_fraction": 0.1,
         "max_buffer": 1024 * 1024,
     },
+    # Discord's lazy guilds: each client in 20 of 1,000 guilds, looking at
+    # one (active) and passive in 19; events spread over every guild at a
+    # fixed rate. ``--active 20`` is the same sessions all active.
+    "passive": {
+        "clients": 10_000,
+        "guilds": 1000,
+        "per_client": 20,
+        "active": 1,
+        "rate": 500.0,
+        "duration": 10.0,
+    },
 }
 
 #: Defaults shared by every scenario.
@@ -73,6 +84,11 @@ COMMON: dict[str, Any] = {
     #: Small receive buffer for slow consumers, so they stop the server's
     #: writes soon (a phone on a bad link has a small window too).
     "slow_rcvbuf": 16384,
+    #: Guilds per client (client i is in guilds i, i + G/n, i + 2G/n, ...
+    #: modulo G) and how many of them, the first ones, are active (None:
+    #: all); the others are subscribed passively.
+    "per_client": 1,
+    "active": None,
 }
 
 SCENARIOS = tuple(DEFAULTS)
@@ -111,6 +127,13 @@ class Plan:
     seed: int
     slow_rcvbuf: int
     server_opts: dict[str, Any] = field(default_factory=dict)
+    per_client: int = 1
+    active: int | None = None
+
+    @property
+    def active_per_client(self) -> int:
+        """Guilds each client subscribes actively."""
+        return self.per_client if self.active is None else self.active
 
     @property
     def publishes(self) -> bool:
@@ -173,6 +196,10 @@ def _validate(p: Plan) -> None:
         raise ValueError("--source-addrs must be 1..254")
     if p.via not in ("gateway", "http"):
         raise ValueError("--via is gateway or http")
+    if not 1 <= p.per_client <= p.guilds:
+        raise ValueError("--per-client must be 1..guilds")
+    if p.active is not None and not 1 <= p.active <= p.per_client:
+        raise ValueError("--active must be 1..per-client")
 
 
 def assign(plan: Plan) -> list[list[ClientSpec]]:
@@ -190,9 +217,13 @@ def assign(plan: Plan) -> list[list[ClientSpec]]:
         role[i] = "churn"
     lat_rng = random.Random(plan.seed + 1)
     per: list[list[ClientSpec]] = [[] for _ in range(plan.workers)]
+    n, g = plan.per_client, plan.guilds
+    stride = max(1, g // n)
+    active = plan.active_per_client
     for i in range(plan.clients):
+        gids = tuple(f"lt-{(i + k * stride) % g}" for k in range(n))
         spec = ClientSpec(
-            i, (f"lt-{i % plan.guilds}",), role[i], lat=lat_rng.random() < plan.lat_sample
+            i, gids, role[i], lat=lat_rng.random() < plan.lat_sample, passive=gids[active:]
         )
         per[i % plan.workers].append(spec)
     return per

@@ -23,6 +23,8 @@ measured correctly, only more slowly.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import orjson
 from websockets.client import ClientProtocol
 from websockets.protocol import State
@@ -102,14 +104,16 @@ def close_frame(code: int, reason: str = "") -> bytes:
     return client_frame(OP_CLOSE, close_payload(code, reason))
 
 
-def identify(token: str, guilds: dict[str, pc.Position | None]) -> bytes:
-    """A framed IDENTIFY."""
-    return text(pc.identify_message(token, guilds))
+def identify(
+    token: str, guilds: dict[str, pc.Position | None], passive: Collection[str] = ()
+) -> bytes:
+    """A framed IDENTIFY (the guilds in ``passive`` subscribed passively)."""
+    return text(pc.identify_message(token, guilds, passive=passive))
 
 
-def subscribe(guilds: dict[str, pc.Position | None]) -> bytes:
-    """A framed SUBSCRIBE."""
-    return text(pc.subscribe_message(guilds))
+def subscribe(guilds: dict[str, pc.Position | None], passive: Collection[str] = ()) -> bytes:
+    """A framed SUBSCRIBE (the guilds in ``passive`` subscribed passively)."""
+    return text(pc.subscribe_message(guilds, passive))
 
 
 def unsubscribe(guilds: list[str]) -> bytes:
