@@ -28,9 +28,12 @@ def build(kind: str, args: dict[str, Any]) -> bytes:
         return pc.HEARTBEAT
     if kind == "identify":
         guilds = {g: _pos(p) for g, p in args["guilds"].items()}
-        return pc.identify_message(args["token"], guilds, args.get("events"))
+        return pc.identify_message(
+            args["token"], guilds, args.get("events"), set(args.get("passive", []))
+        )
     if kind == "subscribe":
-        return pc.subscribe_message({g: _pos(p) for g, p in args["guilds"].items()})
+        guilds = {g: _pos(p) for g, p in args["guilds"].items()}
+        return pc.subscribe_message(guilds, set(args.get("passive", [])))
     if kind == "unsubscribe":
         return pc.unsubscribe_message(args["guilds"])
     assert kind == "publish", kind
@@ -84,7 +87,11 @@ class Driver:
         elif "subscribe" in step:
             if s.subscribed(step["subscribe"]) is None:
                 self.waiters.add(step["subscribe"])
-            outs = s.subscribe(step["subscribe"])
+            outs = s.subscribe(step["subscribe"], passive=step.get("passive", False))
+        elif "activate" in step or "deactivate" in step:
+            gid = step.get("activate") or step["deactivate"]
+            self.waiters.add(gid)
+            outs = s.set_passive(gid, "deactivate" in step)
         elif "unsubscribe" in step:
             self.waiters.discard(step["unsubscribe"])
             outs = s.unsubscribe(step["unsubscribe"])
@@ -114,6 +121,8 @@ class Driver:
             kind = "subscribe_refused" if o.guild in self.waiters else "subscription_lost"
             self.waiters.discard(o.guild)
             return {"kind": kind, "guild": o.guild, "code": o.code}
+        if isinstance(o, pc.Activity):
+            return {"kind": "activity", "guild": o.guild, "epoch": o.epoch, "s": o.s}
         if isinstance(o, pc.Acked):
             return {"kind": "acked", "nonce": o.nonce, "s": o.s}
         if isinstance(o, pc.PublishRefused):
@@ -138,3 +147,6 @@ def test_session_scenario(scenario: dict[str, Any]) -> None:
             assert got == step["positions"], where
         if "duplicates" in step:
             assert d.session.duplicates_dropped == step["duplicates"], where
+        if "unread" in step:
+            got_unread = {g: d.session.unread(g) for g in step["unread"]}
+            assert got_unread == step["unread"], where

@@ -25,8 +25,8 @@ const CASES = JSON.parse(readFileSync(new URL("../../../tests/protocol/cases.jso
 
 const BUILD = {
   heartbeat: () => HEARTBEAT,
-  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null),
-  subscribe: (a) => subscribeMessage(a.guilds),
+  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null, a.passive ?? []),
+  subscribe: (a) => subscribeMessage(a.guilds, a.passive ?? []),
   unsubscribe: (a) => unsubscribeMessage(a.guilds),
   publish: (a) => publishMessage(a.guild, a.t, a.d, a.nonce ?? null),
 };
@@ -95,6 +95,7 @@ for (const sc of CASES.sessions) {
     c.on("resync", (e) => items.push({ kind: "resync", guild: e.guild, epoch: e.epoch, s: e.s }));
     c.on("ready", (e) => items.push({ kind: "ready", session_id: e.sessionId, user: e.user }));
     c.on("subscriptionlost", (e) => items.push({ kind: "subscription_lost", guild: e.guild, code: e.code }));
+    c.on("activity", (e) => items.push({ kind: "activity", guild: e.guild, epoch: e.epoch, s: e.s }));
     c.on("disconnect", () => stops.push(true));
     c.on("closed", () => stops.push(false));
     c.connect().catch(() => {});
@@ -114,8 +115,11 @@ for (const sc of CASES.sessions) {
           seen = 0;
         } else if (step.recv) {
           ws.receive(step.recv);
+        } else if (step.activate || step.deactivate) {
+          const gid = step.activate || step.deactivate;
+          (step.activate ? c.activate(gid) : c.deactivate(gid)).then((p) => items.push({ kind: "subscribed", guild: gid, epoch: p.epoch, s: p.s }));
         } else if (step.subscribe) {
-          c.subscribe(step.subscribe).then(
+          c.subscribe(step.subscribe, null, { passive: step.passive ?? false }).then(
             (p) => items.push({ kind: "subscribed", guild: step.subscribe, epoch: p.epoch, s: p.s }),
             (e) => e instanceof SubscribeError && e.code !== 0 && items.push({ kind: "subscribe_refused", guild: e.guild, code: e.code }),
           );
@@ -139,6 +143,7 @@ for (const sc of CASES.sessions) {
         if ("reconnects" in step) assert.deepEqual(stops, [step.reconnects], where);
         if ("positions" in step) assert.deepEqual(c.positions, step.positions, where);
         if ("duplicates" in step) assert.equal(c.duplicatesDropped, step.duplicates, where);
+        if ("unread" in step) assert.deepEqual(Object.fromEntries(Object.keys(step.unread).map((g) => [g, c.unread(g)])), step.unread, where);
       }
     } finally {
       await c.close();

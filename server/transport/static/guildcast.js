@@ -16,9 +16,16 @@
 // (recovered: false after a Position was sent) a "resync" event comes before
 // that guild's next event: reload that guild's state.
 //
+// Passive guilds (subscribe(gid, {passive: true}), PROTOCOL.md "Passive
+// subscriptions") dispatch no events, only "activity" (the guild's head, at
+// most once per the server's passive_interval); unread(gid) counts the events
+// after the guild's Position, and activate(gid) switches it to active on the
+// live connection: the events missed while passive are replayed, then live.
+//
 // Events (an EventTarget; `client.on(type, fn)` passes event.detail to fn):
 //   "event"            {guild, name, s, data}
 //   "resync"           {guild, epoch, s}
+//   "activity"         {guild, epoch, s}       (a passive guild's head moved)
 //   "subscriptionlost" {guild, code, message}  (re-subscribe refused)
 //   "ready"            {sessionId, user}
 //   "disconnect"       {code, reason, delay}   (a reconnect follows after delay s)
@@ -60,7 +67,9 @@ export const INVALID_EVENT_NAME = 4422;
 const GUILD_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
 // Upper case only: names are case-sensitive and have one spelling each (PROTOCOL.md "Messages").
 const EVENT_RE = /^[A-Z0-9_]{1,64}$/;
-const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED"]);
+/** The notice a passive subscription gets instead of events (a reserved name). */
+export const ACTIVITY_EVENT = "GUILD_ACTIVITY";
+const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED", ACTIVITY_EVENT]);
 /** The HEARTBEAT message (op 1). */
 export const HEARTBEAT = '{"op":1,"d":null}';
 const OP = { DISPATCH: 0, HEARTBEAT: 1, IDENTIFY: 2, SUBSCRIBE: 3, UNSUBSCRIBE: 4, PUBLISH: 5, RECONNECT: 7, HELLO: 10, HEARTBEAT_ACK: 11, ACK: 12, ERROR: 13 };
@@ -75,16 +84,30 @@ export function validEvent(t) {
   return typeof t === "string" && EVENT_RE.test(t);
 }
 
-/** IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}) or null. */
-export function identifyMessage(token, guilds, events = null) {
-  const d = { token, guilds };
+/** A guild's value in IDENTIFY/SUBSCRIBE: its Position (or null), with "passive": true (1.1). */
+export function requestJson(pos, passive = false) {
+  if (!passive) return pos === null || pos === undefined ? null : { epoch: pos.epoch, s: pos.s };
+  const d = pos === null || pos === undefined ? {} : { epoch: pos.epoch, s: pos.s };
+  d.passive = true;
+  return d;
+}
+
+function requests(guilds, passive) {
+  const out = {};
+  for (const [gid, pos] of Object.entries(guilds)) out[gid] = requestJson(pos, passive.has(gid));
+  return out;
+}
+
+/** IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}) or null; those in `passive` subscribe passively. */
+export function identifyMessage(token, guilds, events = null, passive = new Set()) {
+  const d = { token, guilds: requests(guilds, new Set(passive)) };
   if (events !== null && events !== undefined) d.events = events;
   return JSON.stringify({ op: OP.IDENTIFY, d });
 }
 
-/** SUBSCRIBE (op 3). */
-export function subscribeMessage(guilds) {
-  return JSON.stringify({ op: OP.SUBSCRIBE, d: { guilds } });
+/** SUBSCRIBE (op 3); the guilds in `passive` subscribe passively. */
+export function subscribeMessage(guilds, passive = new Set()) {
+  return JSON.stringify({ op: OP.SUBSCRIBE, d: { guilds: requests(guilds, new Set(passive)) } });
 }
 
 /** UNSUBSCRIBE (op 4). */
@@ -230,6 +253,8 @@ export class GuildcastClient extends EventTarget {
       checkGuild(gid);
       this._desired.set(gid, null);
     }
+    this._passive = new Set(); // followed guilds subscribed passively
+    this._heads = new Map(); // passive guild -> last head heard of ({epoch, s})
     this._subscribed = new Set(); // SUBSCRIBED on the current connection
     this._sent = new Map(); // requested on the current connection -> Position sent
     this._subWaiters = new Map();
@@ -316,22 +341,80 @@ export class GuildcastClient extends EventTarget {
   /**
    * Follow guild `gid`; resolves with its Position once SUBSCRIBED. With a
    * `position`, the server replays after it (or a "resync" comes first).
-   * Rejects with SubscribeError on ERROR (4403: not allowed).
+   * Rejects with SubscribeError on ERROR (4403: not allowed). The third
+   * argument `{passive: true}` subscribes passively ("activity" only); for a
+   * guild already followed in the other mode it switches it (activate()).
    */
-  async subscribe(gid, position = null) {
+  async subscribe(gid, position = null, { passive = false } = {}) {
     checkGuild(gid);
     this._requireUsable();
+    if (this._desired.has(gid) && this._passive.has(gid) !== passive) return this._switch(gid, passive);
     if (this._subscribed.has(gid)) return this._desired.get(gid);
     let waiter = this._subWaiters.get(gid);
     if (!waiter) {
       waiter = deferred();
       this._subWaiters.set(gid, waiter);
     }
-    if (!this._desired.has(gid)) this._desired.set(gid, position);
+    if (!this._desired.has(gid)) {
+      this._desired.set(gid, position);
+      if (passive) this._passive.add(gid);
+    }
     if (this._ws && this._identified && !this._sent.has(gid)) {
       const pos = this._desired.get(gid);
       this._sent.set(gid, pos);
-      this._send(subscribeMessage({ [gid]: pos }));
+      this._send(subscribeMessage({ [gid]: pos }, this._passive));
+    }
+    return waiter.promise;
+  }
+
+  /** Switch passive guild `gid` to active: the events missed while passive are replayed, then live ones. */
+  activate(gid) {
+    return this._switch(gid, false);
+  }
+
+  /** Switch followed guild `gid` to passive (its Position is kept for activate()). */
+  deactivate(gid) {
+    return this._switch(gid, true);
+  }
+
+  /** True if `gid` is followed passively. */
+  isPassive(gid) {
+    return this._passive.has(gid);
+  }
+
+  /** Events of passive guild `gid` after its Position by the last "activity" (0 when active; null when unknown). */
+  unread(gid) {
+    if (!this._desired.has(gid)) return null;
+    if (!this._passive.has(gid)) return 0;
+    const head = this._heads.get(gid);
+    const pos = this._desired.get(gid);
+    if (!head || !pos || head.epoch !== pos.epoch) return null;
+    return Math.max(0, head.s - pos.s);
+  }
+
+  async _switch(gid, passive) {
+    checkGuild(gid);
+    this._requireUsable();
+    if (!this._desired.has(gid)) throw new TypeError(`guild ${gid} is not followed: subscribe first`);
+    if (this._passive.has(gid) === passive && this._subscribed.has(gid) && !this._subWaiters.has(gid)) {
+      return this._desired.get(gid);
+    }
+    let waiter = this._subWaiters.get(gid);
+    if (!waiter) {
+      waiter = deferred();
+      this._subWaiters.set(gid, waiter);
+    }
+    if (this._passive.has(gid) !== passive) {
+      if (passive) this._passive.add(gid);
+      else {
+        this._passive.delete(gid);
+        this._heads.delete(gid);
+      }
+      if (this._ws && this._identified && this._sent.has(gid)) {
+        const pos = this._desired.get(gid);
+        this._sent.set(gid, pos);
+        this._send(subscribeMessage({ [gid]: pos }, this._passive));
+      }
     }
     return waiter.promise;
   }
@@ -342,6 +425,8 @@ export class GuildcastClient extends EventTarget {
     this._requireUsable();
     if (!this._desired.has(gid)) return;
     this._desired.delete(gid);
+    this._passive.delete(gid);
+    this._heads.delete(gid);
     this._subscribed.delete(gid);
     const waiter = this._subWaiters.get(gid);
     if (waiter) {
@@ -504,7 +589,7 @@ export class GuildcastClient extends EventTarget {
             if (ws.readyState === 1) ws.send(HEARTBEAT);
           }, interval);
           this._sent = new Map(this._desired);
-          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter));
+          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter, this._passive));
           return;
         }
         this._handle(ws, msg);
@@ -533,6 +618,7 @@ export class GuildcastClient extends EventTarget {
       const { t, g } = msg;
       if (t === "READY") this._ready(d);
       else if (t === "SUBSCRIBED" && g != null) this._subscribedGuild(g, d);
+      else if (t === ACTIVITY_EVENT && g != null) this._activity(g, d);
       else if (t === "UNSUBSCRIBED" && g != null) {
         const w = this._unsubWaiters.get(g);
         this._unsubWaiters.delete(g);
@@ -564,7 +650,7 @@ export class GuildcastClient extends EventTarget {
         any = true;
       }
     }
-    if (any) this._send(subscribeMessage(missing));
+    if (any) this._send(subscribeMessage(missing, this._passive));
     this._firstReady.resolve();
     this._wakeReady();
     this._emit("ready", { sessionId: this.sessionId, user: this.user });
@@ -576,16 +662,35 @@ export class GuildcastClient extends EventTarget {
     const current = this._desired.get(gid);
     this._subscribed.add(gid);
     let pos;
-    if (d.recovered && current && current.epoch === d.epoch) {
+    if (d.passive === true) {
+      // No replay: the Position stays where activate() resumes; a fresh one
+      // (or one of a lost epoch) starts at the head.
+      this._heads.set(gid, { epoch: d.epoch, s: d.s });
+      pos = current;
+      if (!current || current.epoch !== d.epoch) {
+        pos = { epoch: d.epoch, s: d.s };
+        this._desired.set(gid, pos);
+        if (sent !== null) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
+      }
+    } else if (d.recovered && current && current.epoch === d.epoch) {
       pos = current; // the replay s+1..head follows
     } else {
       pos = { epoch: d.epoch, s: d.s };
       this._desired.set(gid, pos);
       if (sent !== null) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
     }
+    // A SUBSCRIBED of the mode asked for (a switch may still be answered by one of the mode it left).
+    if ((d.passive === true) !== this._passive.has(gid)) return;
     const w = this._subWaiters.get(gid);
     this._subWaiters.delete(gid);
     if (w) w.resolve(pos);
+  }
+
+  _activity(gid, d) {
+    if (!this._desired.has(gid) || !d || typeof d.epoch !== "string" || !Number.isInteger(d.s)) return;
+    const known = this._heads.get(gid);
+    if (!known || known.epoch !== d.epoch || d.s > known.s) this._heads.set(gid, { epoch: d.epoch, s: d.s });
+    this._emit("activity", { guild: gid, epoch: d.epoch, s: d.s });
   }
 
   _event(gid, t, s, d) {
