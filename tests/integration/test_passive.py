@@ -303,3 +303,39 @@ async def test_python_client_passive_then_activate(fast: Server) -> None:
         assert pos.s == 30 and c.is_passive("busy")
         with contextlib.suppress(Exception):
             await items.aclose()
+
+
+async def test_identify_passive_with_a_position_then_activate_replays_from_it(
+    fast: Server,
+) -> None:
+    """Recovery: a reconnect may come back passive with its Position, and the
+    activation replays from that Position; an ``events`` filter applies to
+    the replay, not to the notices (they carry the guild's head)."""
+    token = fast.token("rex", guilds=["*"])
+    ws, subs = await gw.session(fast.url, token, {"rx": None})
+    epoch = subs["rx"]["epoch"]
+    for i in range(10):
+        await fast.publish("rx", "KEEP" if i % 2 else "DROP", {"i": i + 1})
+    got = [await gw.recv(ws) for _ in range(10)]
+    assert [m["s"] for m in got] == list(range(1, 11))
+    await ws.close()
+    for i in range(10, 20):
+        await fast.publish("rx", "KEEP" if i % 2 else "DROP", {"i": i + 1})
+    ws = await gw.open_ws(fast.url)
+    await gw.identify(
+        ws, token, {"rx": {"epoch": epoch, "s": 10, "passive": True}}, events=["KEEP"]
+    )
+    _, sub = await until_msg(ws, lambda m: is_subscribed(m, "rx"))
+    assert sub["d"] == {"epoch": epoch, "s": 20, "recovered": False, "passive": True}
+    await fast.publish("rx", "DROP", {"i": 21})
+    before, _ = await until_msg(ws, lambda m: is_activity(m, "rx", 21))
+    assert all(is_activity(m, "rx") for m in before), before
+    await gw.send(ws, gw.SUBSCRIBE, {"guilds": {"rx": {"epoch": epoch, "s": 10}}})
+    before, sub = await until_msg(ws, lambda m: is_subscribed(m, "rx"))
+    assert sub["d"] == {"epoch": epoch, "s": 21, "recovered": True}
+    replay = [await gw.recv(ws) for _ in range(5)]
+    assert [(m["t"], m["s"]) for m in replay] == [("KEEP", s) for s in (12, 14, 16, 18, 20)]
+    await fast.publish("rx", "KEEP", {"i": 22})
+    m = await gw.recv(ws)
+    assert (m["t"], m["s"]) == ("KEEP", 22), m
+    await ws.close()
