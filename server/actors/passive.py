@@ -20,12 +20,16 @@ board owns the notice schedule; the guild actors own who is passive:
   per interval: the moved guilds' passive subscriptions plus one write per
   session, never per event.
 
-Consistency model: single-threaded (the event loop). :meth:`tick` runs in
-one step, without awaiting, so it sees each guild's passive set between two
-guild steps: a session the guild has made active again (it sent SUBSCRIBED
-first) gets no notice after it. A notice says only "the head was at least
-``s`` when the tick ran"; it may repeat the ``s`` a session's SUBSCRIBED
-gave it.
+Consistency model: single-threaded (the event loop). A tick is spread over
+several loop steps (``VISIT_SLICE``, ``SEND_SLICE``) so that 10,000
+sessions in 19 passive guilds each do not stall the loop for a whole tick;
+guild steps run in between. A notice is written only if, at the moment it
+is written, the session is still in that guild's passive set: a session the
+guild has made active again (it sent the active SUBSCRIBED first) gets no
+notice after it. A session made passive during a tick may miss that tick
+(its SUBSCRIBED told it the head). A notice says only "the head was at least
+``s`` when the tick built it"; it may repeat the ``s`` a session's
+SUBSCRIBED gave it.
 
 Bounds: one entry per guild with passive sessions on this node (guild
 actors are bounded by ``max_guilds``); one tick's work and its per-session
@@ -45,6 +49,12 @@ from guildcast.protocol import wire
 #: The default ``passive_interval`` (seconds): how often a passive
 #: subscriber may hear about a guild (PROTOCOL.md "Passive subscriptions").
 DEFAULT_INTERVAL = 1.0
+#: Passive subscriptions a tick visits, and sessions it writes, per loop
+#: step: about 1 ms and 5-10 ms of one step on this class of machine (a
+#: write is 10-15 us here), instead of ~150 ms for 10,000 sessions in 19
+#: passive guilds in one step.
+VISIT_SLICE = 8192
+SEND_SLICE = 512
 
 
 @dataclass(slots=True, eq=False)
@@ -93,35 +103,45 @@ class PassiveBoard:
         if self.entries.get(entry.gid) is entry:
             del self.entries[entry.gid]
 
-    def tick(self) -> int:
+    async def tick(self) -> int:
         """Send the notices due now; returns how many sessions were written."""
         self.ticks += 1
-        due: dict[Sink, list[bytes]] = {}
+        due: dict[Sink, list[tuple[PassiveGuild, bytes]]] = {}
         built = 0
-        sent = 0
-        for e in self.entries.values():
+        visited = 0
+        for e in list(self.entries.values()):
             if e.head == e.noticed or not e.sinks:
                 continue
             e.noticed = e.head
-            frame = wire.activity_frame(e.gid, e.epoch, e.head)
+            note = (e, wire.activity_frame(e.gid, e.epoch, e.head))
             built += 1
-            sent += len(e.sinks)
-            for sink in e.sinks:
-                frames = due.get(sink)
-                if frames is None:
-                    due[sink] = [frame]
+            for sink in e.sinks:  # no await inside: the guild cannot change it here
+                notes = due.get(sink)
+                if notes is None:
+                    due[sink] = [note]
                 else:
-                    frames.append(frame)
-        out = 0
-        for sink, frames in due.items():
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            out += len(data)
-            sink.send(data)
+                    notes.append(note)
+            visited += len(e.sinks)
+            if visited >= VISIT_SLICE:
+                visited = 0
+                await asyncio.sleep(0)
+        out = sent = writes = 0
+        for sink, notes in due.items():
+            # Still passive there now (a guild step may have run since).
+            frames = [frame for e, frame in notes if sink in e.sinks]
+            if frames:
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+                sink.send(data)
+                out += len(data)
+                sent += len(frames)
+                writes += 1
+                if writes % SEND_SLICE == 0:
+                    await asyncio.sleep(0)
         self.notices_built += built
         self.notices_sent += sent
-        self.writes += len(due)
+        self.writes += writes
         self.bytes_out += out
-        return len(due)
+        return writes
 
     async def run(self) -> None:
         """Tick every ``interval`` until cancelled (the node's TaskGroup owns it).
@@ -131,4 +151,4 @@ class PassiveBoard:
         """
         while True:
             await asyncio.sleep(self.interval)
-            self.tick()
+            await self.tick()

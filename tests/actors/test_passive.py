@@ -1,13 +1,15 @@
 """The passive-notice board (actors/passive.py) driven tick by tick: a
 notice only when a guild's head moved, built once per guild per tick and the
 same bytes to each passive session, a session's notices of one tick in one
-write."""
+write; a session no longer passive when its write comes gets none."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from guildcast.actors.passive import PassiveBoard
+from guildcast.actors.passive import SEND_SLICE, PassiveBoard
 from guildcast.protocol import wire
 from tests.actors.test_guild import FakeSink
 
@@ -20,7 +22,7 @@ def notices(sink: FakeSink) -> list[tuple[str, int]]:
     return out
 
 
-def test_a_notice_only_when_the_head_moved_one_write_per_session() -> None:
+async def test_a_notice_only_when_the_head_moved_one_write_per_session() -> None:
     board = PassiveBoard(1.0)
     a, b = FakeSink("a"), FakeSink("b")
     g1 = board.attach("g1", "e", 5)
@@ -28,9 +30,9 @@ def test_a_notice_only_when_the_head_moved_one_write_per_session() -> None:
     g1.sinks[a] = None
     g1.sinks[b] = None
     g2.sinks[a] = None
-    assert board.tick() == 0 and a.writes == 0  # nothing moved since attach
+    assert await board.tick() == 0 and a.writes == 0  # nothing moved since attach
     g1.head, g2.head = 9, 3
-    assert board.tick() == 2
+    assert await board.tick() == 2
     assert notices(a) == [("g1", 9), ("g2", 3)] and a.writes == 1
     assert notices(b) == [("g1", 9)] and b.writes == 1
     # The same bytes to every passive session of a guild.
@@ -38,14 +40,30 @@ def test_a_notice_only_when_the_head_moved_one_write_per_session() -> None:
     assert bytes(b.buf) == frame and bytes(a.buf).startswith(frame)
     assert frame.endswith(b'{"op":0,"d":{"s":9,"epoch":"e"},"t":"GUILD_ACTIVITY","g":"g1"}')
     # Not moved: no notice; one moved: only its own.
-    assert board.tick() == 0
+    assert await board.tick() == 0
     g2.head = 4
-    board.tick()
+    await board.tick()
     assert notices(a)[-1] == ("g2", 4) and a.writes == 2 and b.writes == 1
     assert (board.notices_built, board.notices_sent, board.writes) == (3, 4, 3)
 
 
-def test_detached_and_closed_sessions_get_nothing() -> None:
+async def test_a_session_made_active_during_a_tick_gets_no_notice() -> None:
+    board = PassiveBoard(1.0)
+    sinks = [FakeSink(f"s{i}") for i in range(3 * SEND_SLICE)]
+    e = board.attach("g", "e", 0)
+    for s in sinks:
+        e.sinks[s] = None
+    e.head = 1
+    tick = asyncio.create_task(board.tick())
+    await asyncio.sleep(0)  # the tick has written its first slice and yielded
+    assert sum(s.writes for s in sinks) == SEND_SLICE
+    last = sinks[-1]
+    del e.sinks[last]  # what Guild._unpassive does in a guild step
+    assert await tick == 3 * SEND_SLICE - 1
+    assert last.writes == 0
+
+
+async def test_detached_and_closed_sessions_get_nothing() -> None:
     board = PassiveBoard(0.5)
     a, c = FakeSink("a"), FakeSink("c")
     e = board.attach("g", "e", 0)
@@ -54,12 +72,12 @@ def test_detached_and_closed_sessions_get_nothing() -> None:
     c.close(4000, "gone")
     board.detach(e)
     e.head = 1
-    assert board.tick() == 0 and a.writes == 0
+    assert await board.tick() == 0 and a.writes == 0
     e2 = board.attach("g", "e", 1)
     assert e2 is not e
     e2.sinks[a] = None
     e2.head = 2
-    board.tick()
+    await board.tick()
     assert notices(a) == [("g", 2)]
 
 
