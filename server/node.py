@@ -473,7 +473,7 @@ class Server:
         guilds = m.mailboxes["guild"] = MailboxDepth()
         parts = m.mailboxes["partition"] = MailboxDepth()
         for guild in self.registry:
-            m.subscriptions += len(guild.where)
+            m.subscriptions += guild.subscribers
             depth = guild.mailbox_depth
             guilds.total += depth
             guilds.max = max(guilds.max, depth)

@@ -273,6 +273,11 @@ class Guild(Actor):
         """True while any local session, active or passive, is subscribed."""
         return bool(self.where or self.passive or self._passivating)
 
+    @property
+    def subscribers(self) -> int:
+        """Local sessions subscribed, active and passive."""
+        return len(self.where) + len(self.passive) + len(self._passivating)
+
     def on_idle(self) -> bool:
         return not self.has_sessions
 
@@ -725,6 +730,6 @@ class Guild(Actor):
             "guild": self.gid,
             "epoch": epoch,
             "s": head,
-            "subscribers": len(self.where) + len(self.passive) + len(self._passivating),
+            "subscribers": self.subscribers,
             "history": {"first": first, "last": head if first is not None else None},
         }

@@ -68,6 +68,7 @@ async def test_a_passive_subscriber_gets_notices_and_never_a_payload(fast: Serve
     epoch = subs["p1"]["epoch"]
     assert subs["p1"] == {"epoch": epoch, "s": 0, "recovered": False, "passive": True}
     assert osubs["p1"] == subs["p1"]
+    assert fast.metrics().subscriptions == 4  # passive ones count
     for i in range(50):
         await fast.publish("p1", "EV", {"i": i})
     # The active subscriber gets every event; the passive ones only notices,
