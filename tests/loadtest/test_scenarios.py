@@ -84,6 +84,22 @@ def test_manyguilds(tmp_path: Path) -> None:
     check(r, "latency recorded")
 
 
+def test_passive(tmp_path: Path) -> None:
+    """Each client in 5 of 10 guilds, 1 active: every event reaches exactly
+    the 4 clients active in its guild, the passive ones hear notices; all
+    active, every event reaches its 20 members."""
+    args = "passive --server embedded --clients 40 --guilds 10 --per-client 5 --rate 100"
+    args += " --duration 2 --server-opt passive_interval=0.2"
+    r = run(tmp_path, args)
+    assert_clean(r, 40)
+    assert r["delivery"]["delivered"] == 4 * r["publish"]["acked"]
+    assert r["delivery"]["notices"] > 0
+    r = run(tmp_path, args + " --active 5")
+    assert_clean(r, 40)
+    assert r["delivery"]["delivered"] == 20 * r["publish"]["acked"]
+    assert r["delivery"]["notices"] == 0
+
+
 def test_connect(tmp_path: Path) -> None:
     r = run(tmp_path, "connect --server embedded --clients 50 --guilds 5 --duration 1")
     assert_clean(r, 50)
