@@ -449,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     if args.fsync not in FSYNC_POLICIES:
         return _fail(f"--fsync must be one of {FSYNC_POLICIES}")
+    if not args.passive_interval > 0:
+        return _fail("--passive-interval must be > 0 seconds")
     if args.secret == "":
         return _fail("the secret is empty (--secret or GUILDCAST_SECRET): give one, or unset it")
     if "GUILDCAST_API_KEYS" in os.environ and not args.env_api_keys and not args.api_keys:

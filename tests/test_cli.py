@@ -259,6 +259,7 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
         (["--redis", "redis://127.0.0.1:notaport/0"], ("--redis", "not a URL")),
         (["--redis", "redis://127.0.0.1:6379/zero"], ("--redis", "database")),
         (["--redis", "redis://127.0.0.1:6379/0", "--data-dir", "d"], ("--redis", "--data-dir")),
+        (["--passive-interval", "0"], ("--passive-interval", "> 0")),
     ],
 )
 def test_bad_redis_settings_are_one_line(
