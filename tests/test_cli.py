@@ -259,13 +259,17 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
         (["--redis", "redis://127.0.0.1:notaport/0"], ("--redis", "not a URL")),
         (["--redis", "redis://127.0.0.1:6379/zero"], ("--redis", "database")),
         (["--redis", "redis://127.0.0.1:6379/0", "--data-dir", "d"], ("--redis", "--data-dir")),
-        (["--passive-interval", "0"], ("--passive-interval", "> 0")),
     ],
 )
 def test_bad_redis_settings_are_one_line(
     tmp_path: Path, args: list[str], words: tuple[str, ...]
 ) -> None:
     one_line_error(run(tmp_path, "serve", "--secret", SECRET, *args), 2, *words)
+
+
+def test_a_passive_interval_of_zero_is_one_line(tmp_path: Path) -> None:
+    r = run(tmp_path, "serve", "--secret", SECRET, "--passive-interval", "0")
+    one_line_error(r, 2, "--passive-interval", "> 0")
 
 
 @pytest.mark.parametrize(
