@@ -51,6 +51,7 @@ _SERVE_FLAGS: dict[str, str] = {
     "heartbeat_interval_ms": "heartbeat interval announced in HELLO",
     "history_size": "events kept per guild for recovery",
     "history_ttl": "seconds an event stays in history",
+    "max_rewind": "most events a rewind replays to a fresh subscriber (0: rewinds off)",
     "partition_size": "sessions per partition actor",
     "max_buffer": "unsent bytes per connection before close 4010",
     "max_frame": "largest incoming message in bytes (1009 past it)",
@@ -447,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     if args.fsync not in FSYNC_POLICIES:
         return _fail(f"--fsync must be one of {FSYNC_POLICIES}")
+    if args.max_rewind < 0:
+        return _fail("--max-rewind must be 0 (rewinds off) or more")
     if args.secret == "":
         return _fail("the secret is empty (--secret or GUILDCAST_SECRET): give one, or unset it")
     if "GUILDCAST_API_KEYS" in os.environ and not args.env_api_keys and not args.api_keys:

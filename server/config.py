@@ -38,6 +38,13 @@ class Config:
     #: Events kept per guild for recovery, by count and by age (seconds).
     history_size: int = 1000
     history_ttl: float = 300.0
+    #: The most events a rewind (PROTOCOL.md "Rewind", protocol 1.1) replays
+    #: to a fresh subscriber; 0 turns rewinds off (answered with none). 100:
+    #: a rewind of the largest PUBLISHes (100 x ``max_payload`` 32 KiB = 3.2
+    #: MiB) still fits in ``max_buffer`` (4 MiB), so a rewind alone never
+    #: makes its client a slow consumer (4010); and a crowd of fresh clients
+    #: (page loads) costs at most a tenth of the default history each.
+    max_rewind: int = 100
     #: Sessions per partition actor: bounds the work of one fanout step.
     partition_size: int = 512
     #: A guild with no session and no message for this long stops (seconds).

@@ -60,6 +60,11 @@ log = logging.getLogger("guildcast.guild")
 
 #: Records read back per broker round trip when catching up or replaying.
 READ_PAGE = 1000
+#: Reads of a rewind whose history start moved under it (trimmed by another
+#: node between finding the oldest event and reading it) before it gives up
+#: and replays nothing: each retry starts at the new oldest event, so only
+#: a history trimmed faster than one read round trip, three times, gets there.
+REWIND_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,8 @@ class GuildSettings:
     partition_size: int = 512
     idle_timeout: float = 300.0
     mailbox_bound: int = 10_000
+    #: The most events one rewind replays (``Config.max_rewind``).
+    max_rewind: int = 100
 
 
 class PublishMsg:
@@ -82,9 +89,11 @@ class PublishMsg:
 
 class Subscribe:
     """Add ``sink`` (recovering from ``position``); ``member`` is its presence
-    identity, ``presence`` whether it wants PRESENCE_JOIN/LEAVE dispatches."""
+    identity, ``presence`` whether it wants PRESENCE_JOIN/LEAVE dispatches;
+    ``rewind`` (1.1, only without a ``position``): replay the guild's last
+    this many events first (bounded by ``GuildSettings.max_rewind``)."""
 
-    __slots__ = ("member", "position", "presence", "sink")
+    __slots__ = ("member", "position", "presence", "rewind", "sink")
 
     def __init__(
         self,
@@ -92,11 +101,13 @@ class Subscribe:
         position: tuple[str, int] | None,
         member: Presence | None = None,
         presence: bool = False,
+        rewind: int | None = None,
     ) -> None:
         self.sink = sink
         self.position = position
         self.member = member
         self.presence = presence
+        self.rewind = rewind
 
 
 class Unsubscribe:
@@ -477,6 +488,7 @@ class Guild(Actor):
         head = self.cursor
         recovered = False
         replay: list[bytes] = []
+        rewound: int | None = None
         if position is not None:
             epoch, after = position
             if epoch == self.epoch and after <= head:
@@ -484,7 +496,11 @@ class Guild(Actor):
                 if got is not None:
                     recovered = True
                     replay = got
-        preamble = wire.subscribed_frame(self.gid, self.epoch, head, recovered)
+        elif msg.rewind is not None:
+            rewound, replay = await self._rewind(msg.rewind, head, sink.events)
+            # Recovered: every event asked for follows (min(N, head) of them).
+            recovered = rewound == min(msg.rewind, head)
+        preamble = wire.subscribed_frame(self.gid, self.epoch, head, recovered, rewound)
         if replay:
             preamble = b"".join([preamble, *replay])
         p = self.where.get(sink)
@@ -523,6 +539,31 @@ class Guild(Actor):
                     out.append(wire.text_frame(rec.payload))
                 nxt = rec.s + 1
         return out
+
+    async def _rewind(
+        self, n: int, head: int, want: frozenset[str] | None
+    ) -> tuple[int, list[bytes]]:
+        """A rewind (PROTOCOL.md "Rewind"): ``(k, frames)``, the last ``k`` events
+        ``head-k+1 .. head`` (filtered), ``k`` at most ``n``, ``max_rewind``
+        and what history holds. A replay from a Position ``k`` back
+        (:meth:`_replay`); history that moved under the read (trimmed by
+        another node) is read again from its new start, at most
+        ``REWIND_TRIES`` times, then nothing is replayed (``k`` = 0)."""
+        after = max(0, head - min(n, self.settings.max_rewind))
+        for _ in range(REWIND_TRIES):
+            if after >= head:
+                return 0, []
+            try:
+                first = await self.broker.first(self.gid)
+            except BrokerUnavailable:
+                return 0, []
+            if first is None or first > head:
+                return 0, []  # nothing at or below the head is left
+            after = max(after, first - 1)
+            got = await self._replay(after, head, want)
+            if got is not None:
+                return head - after, got
+        return 0, []
 
     async def _remove(self, sink: Sink, farewell: bytes | None) -> None:
         member = self.members.pop(sink, None)

@@ -74,7 +74,13 @@ class Hub:
         nothing (its history is the broker's)."""
         return guild.parked and not guild.where and self.groups.count(guild.name) == 0
 
-    def subscribe(self, sub: Subscriber, gid: str, position: tuple[str, int] | None) -> None:
+    def subscribe(
+        self,
+        sub: Subscriber,
+        gid: str,
+        position: tuple[str, int] | None,
+        rewind: int | None = None,
+    ) -> None:
         if sub.is_closed:
             return
         limit = self.user_guild_limit
@@ -87,7 +93,7 @@ class Hub:
             self._charge(sub.user, gid, guild)
         self.groups.join(gid, sub)
         member = Presence(sub.user, sub.session_id, guild.broker.node_id)
-        guild.cast_system(Subscribe(sub, position, member, sub.wants_presence))
+        guild.cast_system(Subscribe(sub, position, member, sub.wants_presence, rewind))
 
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         guild = self.registry.lookup(gid)

@@ -33,8 +33,15 @@ class Subscriber(Sink, Member, Protocol):
 
 
 class GatewayHost(Protocol):
-    def subscribe(self, sub: Subscriber, gid: str, position: tuple[str, int] | None) -> None:
-        """Join ``gid``; the guild answers SUBSCRIBED (and any replay) through ``sub``."""
+    def subscribe(
+        self,
+        sub: Subscriber,
+        gid: str,
+        position: tuple[str, int] | None,
+        rewind: int | None = None,
+    ) -> None:
+        """Join ``gid``; the guild answers SUBSCRIBED (and any replay) through
+        ``sub``: after ``position``, or (1.1) the last ``rewind`` events."""
 
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         """Leave ``gid``; the guild answers UNSUBSCRIBED through ``sub`` after its last event."""

@@ -111,10 +111,13 @@ class CloseConn:
 
 @dataclass(slots=True)
 class Subscribe:
-    """Join guild ``gid``; ``position`` is ``(epoch, s)`` to recover from, or None."""
+    """Join guild ``gid``; ``position`` is ``(epoch, s)`` to recover from, or None;
+    ``rewind`` (1.1) asks for the guild's last N events first (never with a
+    ``position``; ``wire.GuildRequest``)."""
 
     gid: str
     position: tuple[str, int] | None
+    rewind: int | None = None
 
 
 @dataclass(slots=True)
@@ -381,12 +384,12 @@ class Session:
         out.extend(self._subscribe(guilds))
         return out
 
-    def _subscribe(self, guilds: dict[str, tuple[str, int] | None]) -> list[Effect]:
+    def _subscribe(self, guilds: dict[str, wire.GuildRequest]) -> list[Effect]:
         grant = self.grant
         assert grant is not None
         out: list[Effect] = []
         subs = self.subscriptions
-        for gid, pos in guilds.items():
+        for gid, req in guilds.items():
             if not grant.may_subscribe(gid):
                 out.append(Forbidden(gid, "guild not allowed"))
                 out.append(Send(error_frame(Err.FORBIDDEN, "guild not allowed", g=gid)))
@@ -395,7 +398,7 @@ class Session:
                 out.append(Send(error_frame(Err.TOO_MANY_SUBSCRIPTIONS, "too many guilds", g=gid)))
                 continue
             subs.add(gid)
-            out.append(Subscribe(gid, pos))
+            out.append(Subscribe(gid, req.position, req.rewind))
         return out
 
     def _unsubscribe(self, d: Any) -> list[Effect]:
@@ -453,21 +456,18 @@ class Session:
         return 0 if self._pending is None else len(self._pending)
 
 
-def _guild_positions(guilds: Any) -> dict[str, tuple[str, int] | None]:
-    """Validate ``{gid: Position or null}`` (PROTOCOL.md "Opcodes"); raises _Reject."""
+def _guild_positions(guilds: Any) -> dict[str, wire.GuildRequest]:
+    """Validate ``{gid: null, a Position or (1.1) an object of options}``
+    (PROTOCOL.md "Messages"; each value parsed by ``wire.guild_request``);
+    raises _Reject."""
     if type(guilds) is not dict:
         raise _Reject(Close.DECODE_ERROR, "guilds must be an object of guild id to Position")
-    out: dict[str, tuple[str, int] | None] = {}
-    for gid, pos in guilds.items():
+    out: dict[str, wire.GuildRequest] = {}
+    for gid, value in guilds.items():
         if not wire.valid_guild(gid):
             raise _Reject(Close.DECODE_ERROR, "invalid guild id")
-        if pos is None:
-            out[gid] = None
-            continue
-        if type(pos) is not dict:
-            raise _Reject(Close.DECODE_ERROR, "a Position is an object {epoch, s}")
-        epoch, s = pos.get("epoch"), pos.get("s")
-        if type(epoch) is not str or len(epoch) > 64 or type(s) is not int or s < 0:
-            raise _Reject(Close.DECODE_ERROR, "a Position is {epoch: str, s: int >= 0}")
-        out[gid] = (epoch, s)
+        try:
+            out[gid] = wire.guild_request(value)
+        except ValueError as e:
+            raise _Reject(Close.DECODE_ERROR, str(e)) from None
     return out

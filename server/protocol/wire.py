@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import orjson
@@ -30,15 +31,19 @@ from guildcast.protocol.frames import text_frame
 __all__ = [
     "EVENT_PATTERN",
     "EVENT_RULE",
+    "FROM_NOW",
     "GUILD_PATTERN",
     "GUILD_RULE",
     "HEARTBEAT_ACK_FRAME",
+    "MAX_EPOCH",
     "RECONNECT_FRAME",
+    "GuildRequest",
     "JSONDecodeError",
     "decode",
     "dispatch_json",
     "dispatch_payload",
     "encode",
+    "guild_request",
     "message",
     "subscribed_frame",
     "text_frame",
@@ -71,6 +76,62 @@ def valid_guild(gid: object) -> TypeGuard[str]:
 def valid_event(t: object) -> TypeGuard[str]:
     """True if ``t`` is a string of 1-64 characters of ``[A-Z0-9_]``."""
     return type(t) is str and _EVENT_RE.fullmatch(t) is not None
+
+
+#: Longest epoch a Position may name (the server's are 16 hex digits).
+MAX_EPOCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class GuildRequest:
+    """What a session asks of one guild: the value of ``guilds[gid]`` in
+    IDENTIFY and SUBSCRIBE (PROTOCOL.md "Subscribing and recovering").
+
+    ``null`` is "from now on"; a Position ``{"epoch", "s"}`` recovers after
+    it; (1.1) an object may carry options beside or instead of a Position:
+    ``rewind`` (the guild's last N events first, never with a Position).
+    Parsed in one place, :func:`guild_request`.
+    """
+
+    #: ``(epoch, s)`` to recover after, or None.
+    position: tuple[str, int] | None = None
+    #: 1.1: replay the last this many events before going live (None: no rewind).
+    rewind: int | None = None
+
+
+#: ``null``: from now on, nothing replayed.
+FROM_NOW = GuildRequest()
+
+#: Keys (1.1) that make an object without ``epoch``/``s`` a request of its
+#: own; an object with none of them and no Position is not a request.
+_OPTION_KEYS = ("rewind",)
+
+
+def guild_request(value: object) -> GuildRequest:
+    """Parse one guild's value of IDENTIFY/SUBSCRIBE ``guilds``; ValueError
+    (a decode error, close 4002, for the session) says what is wrong.
+
+    Keys the server does not know are ignored, beside a Position as in 1.0.
+    """
+    if value is None:
+        return FROM_NOW
+    if type(value) is not dict:
+        raise ValueError("a guild's value is null, a Position {epoch, s} or an object of options")
+    position: tuple[str, int] | None = None
+    if "epoch" in value or "s" in value or not any(k in value for k in _OPTION_KEYS):
+        epoch, s = value.get("epoch"), value.get("s")
+        if type(epoch) is not str or len(epoch) > MAX_EPOCH or type(s) is not int or s < 0:
+            raise ValueError("a Position is {epoch: str, s: int >= 0}")
+        position = (epoch, s)
+    rewind: int | None = None
+    if "rewind" in value:
+        r = value["rewind"]
+        if type(r) is not int or r < 1:
+            raise ValueError("rewind must be a positive integer (events to replay)")
+        if position is not None:
+            raise ValueError("a guild takes a Position or a rewind, not both")
+        rewind = r
+    return GuildRequest(position, rewind)
 
 
 #: 19 digits in a row: the shortest text of an integer orjson may not keep
@@ -145,11 +206,15 @@ def message(op: int, d: Any = None, t: str | None = None, g: str | None = None) 
     return text_frame(orjson.dumps(obj))
 
 
-def subscribed_frame(gid: str, epoch: str, head: int, recovered: bool) -> bytes:
-    """PROTOCOL.md, "Subscribing and recovery", step 1."""
-    return message(
-        Op.DISPATCH, {"epoch": epoch, "s": head, "recovered": recovered}, t="SUBSCRIBED", g=gid
-    )
+def subscribed_frame(
+    gid: str, epoch: str, head: int, recovered: bool, rewound: int | None = None
+) -> bytes:
+    """PROTOCOL.md, "Subscribing and recovering", step 1; ``rewound`` (1.1,
+    only in answer to a rewind): the events ``head - rewound + 1 .. head`` follow."""
+    d: dict[str, Any] = {"epoch": epoch, "s": head, "recovered": recovered}
+    if rewound is not None:
+        d["rewound"] = rewound
+    return message(Op.DISPATCH, d, t="SUBSCRIBED", g=gid)
 
 
 def unsubscribed_frame(gid: str) -> bytes:

@@ -480,7 +480,7 @@ class Connection(asyncio.Protocol):
             elif tp is Subscribe:
                 assert isinstance(e, Subscribe)
                 try:
-                    gw.host.subscribe(self, e.gid, e.position)
+                    gw.host.subscribe(self, e.gid, e.position, e.rewind)
                 except Overloaded as exc:
                     if self.session is not None:
                         self.session.subscriptions.discard(e.gid)
