@@ -213,6 +213,10 @@ class Client:
             attempt for a fresh token. With a provider, one 4004 (token
             refused) is retried with a new token; a second in a row is fatal.
         guilds: guilds to subscribe to from the first IDENTIFY.
+        rewind: protocol 1.1 (PROTOCOL.md "Rewind"): those guilds start with
+            their last ``rewind`` events (as many as the server's history and
+            ``max_rewind`` allow) instead of from now; once SUBSCRIBED a
+            reconnect recovers from the last event, never rewinding again.
         events: event names this session wants (IDENTIFY ``events``);
             None for all.
         backoff: the reconnect schedule (default: 0.5 s base, 30 s cap,
@@ -249,6 +253,7 @@ class Client:
         max_message: int = DEFAULT_MAX_MESSAGE,
         open_timeout: float = 10.0,
         close_timeout: float = 5.0,
+        rewind: int | None = None,
     ) -> None:
         try:
             parse_uri(url)
@@ -266,6 +271,7 @@ class Client:
             renewable_token=token_provider is not None,
             max_message=max_message,
             hello_timeout=open_timeout,
+            rewind=rewind,
         )
         self._backoff = backoff if backoff is not None else Backoff()
         self._on_unrecovered = on_unrecovered
@@ -401,16 +407,27 @@ class Client:
                 return
             yield item
 
-    async def subscribe(self, gid: str, position: Position | None = None) -> Position:
+    async def subscribe(
+        self, gid: str, position: Position | None = None, *, rewind: int | None = None
+    ) -> Position:
         """Follow guild ``gid``; returns its Position once SUBSCRIBED.
 
         With ``position`` (for example one saved from :attr:`positions`), the
         server replays the events after it, or a :class:`Resync` comes first
-        if it cannot. Raises :class:`SubscribeError` on ERROR (4403: the token
-        does not allow this guild) and :class:`GuildcastClosed` if the client
-        stops. While disconnected it waits for the next connection.
+        if it cannot. With ``rewind`` instead (protocol 1.1, PROTOCOL.md
+        "Rewind"), the guild's last ``rewind`` events come first (at most what
+        the server's history and ``max_rewind`` hold), then live ones; the
+        returned Position is the one before them. Raises ValueError for both,
+        or a rewind that is not a positive integer;
+        :class:`SubscribeError` on ERROR (4403: the token does not allow this
+        guild) and :class:`GuildcastClosed` if the client stops. While
+        disconnected it waits for the next connection.
         """
         proto.check_guild(gid)
+        if position is not None and rewind is not None:
+            raise ValueError("give a position or a rewind, not both")
+        if rewind is not None:
+            proto.Rewind(rewind)  # ValueError now, not at the SUBSCRIBE
         self._require_usable()
         pos = self._session.subscribed(gid)
         if pos is not None:
@@ -418,7 +435,7 @@ class Client:
         fut = self._sub_waiters.get(gid)
         if fut is None:
             fut = self._sub_waiters[gid] = asyncio.get_running_loop().create_future()
-        await self._carry_out(self._session.subscribe(gid, position))
+        await self._carry_out(self._session.subscribe(gid, position, rewind))
         return await asyncio.shield(fut)
 
     async def unsubscribe(self, gid: str) -> None:

@@ -19,7 +19,10 @@ with no duplicate: ``s <= last seen`` is dropped (and counted) as a safety
 net; ``s > last + 1`` is reported as a :class:`Gap` (the server promises
 none within an epoch; with an ``events`` filter gaps are expected and not
 reported). A SUBSCRIBED with ``recovered: false`` after a Position was sent
-yields a :class:`Resync` before that guild's next event.
+yields a :class:`Resync` before that guild's next event. A :class:`Rewind`
+(protocol 1.1) asked for a guild becomes a Position at its SUBSCRIBED
+(``{epoch, head - rewound}``): the replay follows it, and a reconnect
+recovers from the last event handed out, never rewinding twice.
 
 Bounds: the guilds followed are the application's; PUBLISHes awaiting an ACK
 are bounded by the adapter (``max_inflight_publishes``); one connection's
@@ -29,7 +32,7 @@ tables are cleared when it ends (:meth:`ClientSession.connection_lost`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeAlias
@@ -65,6 +68,19 @@ class Position:
 
     epoch: str
     s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rewind:
+    """Protocol 1.1 (PROTOCOL.md "Rewind"): start a guild with no Position from
+    its last ``n`` events (the server bounds them by its history and
+    ``max_rewind``) instead of from now."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if type(self.n) is not int or self.n < 1:
+            raise ValueError(f"rewind must be a positive integer, not {self.n!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,22 +260,29 @@ def position_json(pos: Position | None) -> dict[str, Any] | None:
     return None if pos is None else {"epoch": pos.epoch, "s": pos.s}
 
 
+def start_json(start: Position | Rewind | None) -> dict[str, Any] | None:
+    """A guild's value in IDENTIFY/SUBSCRIBE: a Position, ``{"rewind": n}`` or null."""
+    if type(start) is Rewind:
+        return {"rewind": start.n}
+    return position_json(start)  # type: ignore[arg-type]
+
+
 def identify_message(
-    token: str, guilds: dict[str, Position | None], events: list[str] | None = None
+    token: str, guilds: Mapping[str, Position | Rewind | None], events: list[str] | None = None
 ) -> bytes:
     """IDENTIFY (op 2)."""
     d: dict[str, Any] = {
         "token": token,
-        "guilds": {gid: position_json(pos) for gid, pos in guilds.items()},
+        "guilds": {gid: start_json(pos) for gid, pos in guilds.items()},
     }
     if events is not None:
         d["events"] = events
     return orjson.dumps({"op": Op.IDENTIFY, "d": d})
 
 
-def subscribe_message(guilds: dict[str, Position | None]) -> bytes:
+def subscribe_message(guilds: Mapping[str, Position | Rewind | None]) -> bytes:
     """SUBSCRIBE (op 3)."""
-    d = {"guilds": {gid: position_json(pos) for gid, pos in guilds.items()}}
+    d = {"guilds": {gid: start_json(pos) for gid, pos in guilds.items()}}
     return orjson.dumps({"op": Op.SUBSCRIBE, "d": d})
 
 
@@ -333,6 +356,7 @@ class ClientSession:
         renewable_token: bool = False,
         max_message: int = DEFAULT_MAX_MESSAGE,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        rewind: int | None = None,
     ) -> None:
         self.events = None if events is None else list(events)
         for name in self.events or ():
@@ -342,11 +366,13 @@ class ClientSession:
         self.renewable_token = renewable_token
         self.max_message = max_message
         self.hello_timeout = hello_timeout
-        #: Guilds followed, each with the last Position handed out (None until
-        #: the first SUBSCRIBED): the source of every IDENTIFY.
-        self._desired: dict[str, Position | None] = {}
+        #: Guilds followed, each with the last Position handed out (None, or
+        #: the Rewind asked for, until the first SUBSCRIBED): the source of
+        #: every IDENTIFY.
+        self._desired: dict[str, Position | Rewind | None] = {}
+        start = None if rewind is None else Rewind(rewind)
         for gid in guilds:
-            self._desired[check_guild(gid)] = None
+            self._desired[check_guild(gid)] = start
         self._nonces = itertools.count(1)
         self._auth_failures = 0
         #: Events dropped because their ``s`` was already handed out.
@@ -358,8 +384,8 @@ class ClientSession:
         self._reset_connection()
 
     def _reset_connection(self) -> None:
-        #: Guilds requested on this connection, with the Position sent.
-        self._sent: dict[str, Position | None] = {}
+        #: Guilds requested on this connection, with the Position (or Rewind) sent.
+        self._sent: dict[str, Position | Rewind | None] = {}
         #: Guilds SUBSCRIBED on this connection.
         self._subscribed: set[str] = set()
         #: PUBLISH nonces awaiting their answer on this connection.
@@ -384,15 +410,17 @@ class ClientSession:
 
     @property
     def positions(self) -> dict[str, Position | None]:
-        """A copy of each followed guild's last Position."""
-        return dict(self._desired)
+        """A copy of each followed guild's last Position (None before its
+        first SUBSCRIBED, a pending rewind included)."""
+        return {g: p if type(p) is Position else None for g, p in self._desired.items()}
 
     def follows(self, gid: str) -> bool:
         return gid in self._desired
 
     def subscribed(self, gid: str) -> Position | None:
         """The guild's Position if it is SUBSCRIBED on this connection, else None."""
-        return self._desired.get(gid) if gid in self._subscribed else None
+        pos = self._desired.get(gid) if gid in self._subscribed else None
+        return pos if type(pos) is Position else None
 
     # --- connection lifecycle ------------------------------------------------------
 
@@ -464,11 +492,16 @@ class ClientSession:
 
     # --- commands ----------------------------------------------------------------
 
-    def subscribe(self, gid: str, position: Position | None = None) -> list[Output]:
-        """Follow ``gid`` (from ``position`` if it is new); SUBSCRIBE now if READY."""
+    def subscribe(
+        self, gid: str, position: Position | None = None, rewind: int | None = None
+    ) -> list[Output]:
+        """Follow ``gid`` (if it is new: from ``position``, or from its last
+        ``rewind`` events, protocol 1.1; not both); SUBSCRIBE now if READY."""
         check_guild(gid)
+        if position is not None and rewind is not None:
+            raise ValueError("give a position or a rewind, not both")
         if gid not in self._desired:
-            self._desired[gid] = position
+            self._desired[gid] = position if rewind is None else Rewind(rewind)
         if self.state is not State.READY or gid in self._sent:
             return []
         pos = self._sent[gid] = self._desired[gid]
@@ -601,11 +634,17 @@ class ClientSession:
         current = self._desired[gid]
         self._subscribed.add(gid)
         out: list[Output] = []
-        if recovered and current is not None and current.epoch == epoch:
+        if type(sent) is Rewind and type(current) is Rewind:
+            # The rewind becomes a Position: the replay head-k+1..head follows.
+            k = d.get("rewound")
+            if type(k) is not int or not 0 <= k <= head:
+                raise _Bad("SUBSCRIBED to a rewind needs rewound: int in 0..s")
+            pos = self._desired[gid] = Position(epoch, head - k)
+        elif recovered and type(current) is Position and current.epoch == epoch:
             pos = current  # the replay s+1..head follows
         else:
             pos = self._desired[gid] = Position(epoch, head)
-            if sent is not None:
+            if isinstance(sent, Position):
                 out.append(Resync(gid, epoch, head))
         out.append(Subscribed(gid, pos, recovered))
         return out
@@ -613,7 +652,9 @@ class ClientSession:
     def _event(self, gid: str, t: str, s: int, d: Any) -> list[Output]:
         if gid not in self._desired:
             return []  # unsubscribed: the server stops at UNSUBSCRIBED
-        pos = self._desired[gid]
+        start = self._desired[gid]
+        # A Rewind: no SUBSCRIBED yet, nothing to compare with.
+        pos = start if isinstance(start, Position) else None
         out: list[Output] = []
         if pos is not None:
             if s <= pos.s:

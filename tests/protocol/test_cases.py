@@ -13,13 +13,15 @@ import pytest
 
 from guildcast.protocol import client as pc
 from guildcast.protocol import wire
-from guildcast.protocol.client import ClientSession, Event, Position, Resync
+from guildcast.protocol.client import ClientSession, Event, Position, Resync, Rewind
 from guildcast.protocol.codes import PROTOCOL_VERSION, SUBPROTOCOL, Err
 
 CASES = json.loads((Path(__file__).parent / "cases.json").read_text())
 
 
-def _pos(p: dict[str, Any] | None) -> Position | None:
+def _pos(p: dict[str, Any] | None) -> Position | Rewind | None:
+    if p is not None and "rewind" in p:
+        return Rewind(p["rewind"])  # protocol 1.1
     return None if p is None else Position(p["epoch"], p["s"])
 
 
@@ -67,8 +69,8 @@ class Driver:
     asyncio client does (a refusal answers a waiting subscribe(), else it
     is a lost subscription)."""
 
-    def __init__(self, guilds: list[str]) -> None:
-        self.session = ClientSession(guilds)
+    def __init__(self, guilds: list[str], rewind: int | None = None) -> None:
+        self.session = ClientSession(guilds, rewind=rewind)
         self.waiters: set[str] = set()
         self.now = 100.0
 
@@ -84,7 +86,7 @@ class Driver:
         elif "subscribe" in step:
             if s.subscribed(step["subscribe"]) is None:
                 self.waiters.add(step["subscribe"])
-            outs = s.subscribe(step["subscribe"])
+            outs = s.subscribe(step["subscribe"], rewind=step.get("rewind"))
         elif "unsubscribe" in step:
             self.waiters.discard(step["unsubscribe"])
             outs = s.unsubscribe(step["unsubscribe"])
@@ -123,7 +125,7 @@ class Driver:
 
 @pytest.mark.parametrize("scenario", CASES["sessions"], ids=lambda c: c["name"][:40])
 def test_session_scenario(scenario: dict[str, Any]) -> None:
-    d = Driver(scenario["guilds"])
+    d = Driver(scenario["guilds"], scenario.get("rewind"))
     for i, step in enumerate(scenario["steps"]):
         sent, items, reconnects = d.step(step)
         where = f"step {i}: {step}"

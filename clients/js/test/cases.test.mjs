@@ -88,7 +88,7 @@ const settle = async () => {
 for (const sc of CASES.sessions) {
   test(`session: ${sc.name}`, async () => {
     ScriptedSocket.all = [];
-    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0 } });
+    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, rewind: sc.rewind ?? null, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0 } });
     let items = [];
     let stops = [];
     c.on("event", (e) => items.push({ kind: "event", guild: e.guild, name: e.name, s: e.s, data: e.data }));
@@ -115,7 +115,7 @@ for (const sc of CASES.sessions) {
         } else if (step.recv) {
           ws.receive(step.recv);
         } else if (step.subscribe) {
-          c.subscribe(step.subscribe).then(
+          c.subscribe(step.subscribe, null, { rewind: step.rewind ?? null }).then(
             (p) => items.push({ kind: "subscribed", guild: step.subscribe, epoch: p.epoch, s: p.s }),
             (e) => e instanceof SubscribeError && e.code !== 0 && items.push({ kind: "subscribe_refused", guild: e.guild, code: e.code }),
           );

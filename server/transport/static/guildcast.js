@@ -14,7 +14,10 @@
 // see each guild's events in increasing s with no duplicates (s <= last seen
 // is dropped as a safety net). When the server cannot recover a guild
 // (recovered: false after a Position was sent) a "resync" event comes before
-// that guild's next event: reload that guild's state.
+// that guild's next event: reload that guild's state. A rewind (protocol 1.1,
+// PROTOCOL.md "Rewind": a guild's last N events first) becomes a Position at
+// its SUBSCRIBED ({epoch, s: head - rewound}), so a reconnect recovers from
+// the last event dispatched and never rewinds twice.
 //
 // Events (an EventTarget; `client.on(type, fn)` passes event.detail to fn):
 //   "event"            {guild, name, s, data}
@@ -75,7 +78,7 @@ export function validEvent(t) {
   return typeof t === "string" && EVENT_RE.test(t);
 }
 
-/** IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}) or null. */
+/** IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}), {rewind: n} (1.1) or null. */
 export function identifyMessage(token, guilds, events = null) {
   const d = { token, guilds };
   if (events !== null && events !== undefined) d.events = events;
@@ -97,6 +100,16 @@ export function publishMessage(guild, t, d, nonce = null) {
   const body = { guild, t, d };
   if (nonce !== null && nonce !== undefined) body.nonce = nonce;
   return JSON.stringify({ op: OP.PUBLISH, d: body });
+}
+
+/** A guild's rewind request ({rewind: n}, protocol 1.1), as kept and sent. */
+function isRewind(p) {
+  return p !== null && typeof p === "object" && "rewind" in p;
+}
+
+function checkRewind(n) {
+  if (!Number.isInteger(n) || n < 1) throw new TypeError(`rewind must be a positive integer, not ${JSON.stringify(n)}`);
+  return { rewind: n };
 }
 
 // Exponent ceiling: keeps the arithmetic finite after any number of attempts.
@@ -205,14 +218,15 @@ function deferred() {
  *
  * Options: token or tokenProvider (sync or async, called before every
  * attempt; with it one 4004 is retried with a fresh token), guilds (array to
- * follow from the first IDENTIFY), events (event-name filter), backoff (a
- * Backoff or its options), WebSocket (constructor; default the global),
- * maxMessage (bytes), openTimeout and closeTimeout (ms).
+ * follow from the first IDENTIFY), rewind (protocol 1.1: those guilds start
+ * with their last `rewind` events instead of from now), events (event-name
+ * filter), backoff (a Backoff or its options), WebSocket (constructor;
+ * default the global), maxMessage (bytes), openTimeout and closeTimeout (ms).
  */
 export class GuildcastClient extends EventTarget {
   constructor(url, options = {}) {
     super();
-    const { token = null, tokenProvider = null, guilds = [], events = null, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
+    const { token = null, tokenProvider = null, guilds = [], rewind = null, events = null, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
     if (token === null && tokenProvider === null) throw new TypeError("give a token or a tokenProvider");
     if (typeof WS !== "function") throw new TypeError("no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)");
     this.url = url;
@@ -224,11 +238,13 @@ export class GuildcastClient extends EventTarget {
     this._maxMessage = maxMessage;
     this._openTimeout = openTimeout;
     this._closeTimeout = closeTimeout;
-    /** guild -> last seen Position ({epoch, s}) or null: the source of every IDENTIFY. */
+    /** guild -> last seen Position ({epoch, s}), or null or {rewind: n} before
+     * its first SUBSCRIBED: the source of every IDENTIFY. */
     this._desired = new Map();
+    const start = rewind === null ? null : checkRewind(rewind);
     for (const gid of guilds) {
       checkGuild(gid);
-      this._desired.set(gid, null);
+      this._desired.set(gid, start);
     }
     this._subscribed = new Set(); // SUBSCRIBED on the current connection
     this._sent = new Map(); // requested on the current connection -> Position sent
@@ -276,9 +292,9 @@ export class GuildcastClient extends EventTarget {
     return this._ws && this._ws.protocol ? this._ws.protocol : null;
   }
 
-  /** A copy of each followed guild's last seen Position (for persisting). */
+  /** A copy of each followed guild's last seen Position (for persisting; null before its first SUBSCRIBED). */
   get positions() {
-    return Object.fromEntries(this._desired);
+    return Object.fromEntries([...this._desired].map(([g, p]) => [g, isRewind(p) ? null : p]));
   }
 
   /** Send no HEARTBEAT for `ms`: the server closes with 4009 and the client recovers. For tests. */
@@ -316,10 +332,15 @@ export class GuildcastClient extends EventTarget {
   /**
    * Follow guild `gid`; resolves with its Position once SUBSCRIBED. With a
    * `position`, the server replays after it (or a "resync" comes first).
-   * Rejects with SubscribeError on ERROR (4403: not allowed).
+   * With `{ rewind: n }` instead (protocol 1.1), the guild's last n events
+   * come first (as many as the server's history and max_rewind hold), and
+   * it resolves with the Position before them. Rejects with SubscribeError
+   * on ERROR (4403: not allowed).
    */
-  async subscribe(gid, position = null) {
+  async subscribe(gid, position = null, { rewind = null } = {}) {
     checkGuild(gid);
+    if (position !== null && rewind !== null) throw new TypeError("give a position or a rewind, not both");
+    const start = rewind === null ? position : checkRewind(rewind);
     this._requireUsable();
     if (this._subscribed.has(gid)) return this._desired.get(gid);
     let waiter = this._subWaiters.get(gid);
@@ -327,7 +348,7 @@ export class GuildcastClient extends EventTarget {
       waiter = deferred();
       this._subWaiters.set(gid, waiter);
     }
-    if (!this._desired.has(gid)) this._desired.set(gid, position);
+    if (!this._desired.has(gid)) this._desired.set(gid, start);
     if (this._ws && this._identified && !this._sent.has(gid)) {
       const pos = this._desired.get(gid);
       this._sent.set(gid, pos);
@@ -532,7 +553,7 @@ export class GuildcastClient extends EventTarget {
     if (op === OP.DISPATCH) {
       const { t, g } = msg;
       if (t === "READY") this._ready(d);
-      else if (t === "SUBSCRIBED" && g != null) this._subscribedGuild(g, d);
+      else if (t === "SUBSCRIBED" && g != null) this._subscribedGuild(ws, g, d);
       else if (t === "UNSUBSCRIBED" && g != null) {
         const w = this._unsubWaiters.get(g);
         this._unsubWaiters.delete(g);
@@ -570,19 +591,28 @@ export class GuildcastClient extends EventTarget {
     this._emit("ready", { sessionId: this.sessionId, user: this.user });
   }
 
-  _subscribedGuild(gid, d) {
+  _subscribedGuild(ws, gid, d) {
     if (!this._desired.has(gid)) return; // unsubscribed meanwhile
     const sent = this._sent.get(gid) ?? null;
     const current = this._desired.get(gid);
-    this._subscribed.add(gid);
     let pos;
-    if (d.recovered && current && current.epoch === d.epoch) {
+    if (isRewind(sent) && isRewind(current)) {
+      // The rewind becomes a Position: the replay head-k+1..head follows.
+      const k = d.rewound;
+      if (!Number.isInteger(k) || k < 0 || k > d.s) {
+        ws.close(4000, "bad message from server");
+        return;
+      }
+      pos = { epoch: d.epoch, s: d.s - k };
+      this._desired.set(gid, pos);
+    } else if (d.recovered && current && !isRewind(current) && current.epoch === d.epoch) {
       pos = current; // the replay s+1..head follows
     } else {
       pos = { epoch: d.epoch, s: d.s };
       this._desired.set(gid, pos);
-      if (sent !== null) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
+      if (sent !== null && !isRewind(sent)) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
     }
+    this._subscribed.add(gid);
     const w = this._subWaiters.get(gid);
     this._subWaiters.delete(gid);
     if (w) w.resolve(pos);
@@ -590,7 +620,8 @@ export class GuildcastClient extends EventTarget {
 
   _event(gid, t, s, d) {
     if (!this._desired.has(gid)) return;
-    const pos = this._desired.get(gid);
+    const start = this._desired.get(gid);
+    const pos = isRewind(start) ? null : start; // a rewind: no SUBSCRIBED yet
     if (pos && s <= pos.s) {
       this.duplicatesDropped += 1;
       return;
