@@ -271,7 +271,46 @@ def test_verdicts() -> None:
     assert s.connect_failed(429)[0] == 1006 and s.connect_failed(None)[0] == 1006
 
 
+def test_rewind_is_checked_at_the_call() -> None:
+    with pytest.raises(ValueError):
+        ClientSession(["g"], rewind=0)
+    s = ready()
+    for bad in (0, -2, 1.5, "3", True):
+        with pytest.raises(ValueError):
+            s.subscribe("g", rewind=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not both"):
+        s.subscribe("g", Position("e", 1), rewind=3)
+    assert not s.follows("g")
+
+
+def test_a_rewind_becomes_a_position_at_subscribed() -> None:
+    s = ready()
+    (out,) = s.subscribe("g", rewind=4)
+    assert sends([out]) == [{"op": 3, "d": {"guilds": {"g": {"rewind": 4}}}}]
+    assert s.positions == {"g": None} and s.subscribed("g") is None
+    sub = subscribed("g", "e", 9, True)
+    sub["d"]["rewound"] = 4
+    assert recv(s, sub) == [pc.Subscribed("g", Position("e", 5), True)]
+    assert [o for o in recv(s, event("g", 6)) if isinstance(o, Event)] == [Event("g", "N", 6, None)]
+    assert s.subscribed("g") == Position("e", 6)
+    s.connection_lost()
+    s.connection_made("tok", T0)
+    (again,) = recv(s, HELLO)
+    assert sends([again])[0]["d"]["guilds"] == {"g": {"epoch": "e", "s": 6}}
+
+
+@pytest.mark.parametrize("rewound", [None, -1, 10, "2", 1.0])
+def test_subscribed_to_a_rewind_without_a_good_rewound_closes(rewound: Any) -> None:
+    s = ready(("g",), rewind=3)
+    sub = subscribed("g", "e", 9, True)
+    if rewound is not None:
+        sub["d"]["rewound"] = rewound
+    (out,) = recv(s, sub)
+    assert isinstance(out, pc.CloseConn) and out.code == pc.BAD_SERVER
+
+
 # --- the state machine --------------------------------------------------------------
+
 
 GUILDS = ("a", "b", "c")
 CODES = (1000, 1001, 1006, 1013, 4000, 4002, 4004, 4008, 4009, 4010)

@@ -740,3 +740,43 @@ def test_a_refused_publish_waiting_its_turn_keeps_only_its_answer() -> None:
     assert waiting.answer is not None and waiting.d is None
     out = sent(s.publish_done(p1, "ok", 1, "e"))
     assert [m["d"].get("code") for m in out] == [None, Err.PAYLOAD_TOO_LARGE]
+
+
+# --- rewind (protocol 1.1, PROTOCOL.md "Rewind") ----------------------------------
+
+
+def test_rewind_in_identify_and_subscribe_becomes_the_effect() -> None:
+    s = new()
+    guilds = {"a": {"rewind": 5}, "b": None, "c": {"epoch": "e", "s": 2}}
+    effects = s.receive(msg(Op.IDENTIFY, {"token": token(guilds=["*"]), "guilds": guilds}), T0)
+    assert [e for e in effects if isinstance(e, Subscribe)] == [
+        Subscribe("a", None, 5),
+        Subscribe("b", None),
+        Subscribe("c", ("e", 2)),
+    ]
+    # A huge rewind is no error: the guild caps it at max_rewind.
+    big = b'{"op":3,"d":{"guilds":{"d":{"rewind":1000000000000000000000000000000}}}}'
+    assert s.receive(big, T0) == [Subscribe("d", None, 10**30)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"rewind": 0},
+        {"rewind": -1},
+        {"rewind": 1.5},
+        {"rewind": "3"},
+        {"rewind": True},
+        {"rewind": None},
+        {"rewind": 3, "epoch": "e", "s": 1},
+        {"rewind": 3, "s": 1},
+    ],
+    ids=repr,
+)
+def test_bad_rewind_is_a_decode_error(value: Any) -> None:
+    s = ready()
+    effects = s.receive(msg(Op.SUBSCRIBE, {"guilds": {"g": value}}), T0)
+    assert_closed_with(s, effects, Close.DECODE_ERROR)
+    s = new()
+    effects = s.receive(msg(Op.IDENTIFY, {"token": token(), "guilds": {"g": value}}), T0)
+    assert_closed_with(s, effects, Close.DECODE_ERROR)
