@@ -128,6 +128,35 @@ test("4010 and 4009: reconnects, recovers, every event exactly once and in order
   }
 });
 
+test("rewind (1.1): a fresh client gets the last events, then live; a reconnect recovers and never rewinds again", { skip }, async () => {
+  await control("/publish?guild=js-rewind&from=1&to=6");
+  await control("/publish?guild=js-rewind-2&from=1&to=3");
+  const c = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF, guilds: ["js-rewind"], rewind: 4 });
+  const items = recorder(c);
+  try {
+    await c.connect();
+    await waitFor(() => items.length === 4, "the rewind");
+    assert.deepEqual(items.map((i) => [i.s, i.data]), [[3, 3], [4, 4], [5, 5], [6, 6]]);
+    await control("/publish?guild=js-rewind&from=7&to=7");
+    await waitFor(() => items.length === 5, "a live event");
+    await control("/disconnect?code=4000");
+    await control("/publish?guild=js-rewind&from=8&to=9");
+    await waitFor(() => c.sessions === 2 && items.length === 7, "recovery after 4000");
+    assert.deepEqual(items.map((i) => i.s), [3, 4, 5, 6, 7, 8, 9]);
+    assert.ok(items.every((i) => i.kind === "event"), "no resync");
+    assert.equal(c.duplicatesDropped, 0, "the reconnect recovered from its Position, not by rewinding again");
+    // subscribe(gid, null, { rewind }): resolves with the Position before the replay.
+    const pos = await c.subscribe("js-rewind-2", null, { rewind: 2 });
+    assert.equal(pos.s, 1);
+    await waitFor(() => items.length === 9, "the second rewind");
+    assert.deepEqual(items.slice(7).map((i) => [i.guild, i.s]), [["js-rewind-2", 2], ["js-rewind-2", 3]]);
+    await assert.rejects(c.subscribe("js-x", { epoch: "e", s: 1 }, { rewind: 2 }), TypeError);
+    await assert.rejects(c.subscribe("js-x", null, { rewind: 0 }), TypeError);
+  } finally {
+    await c.close();
+  }
+});
+
 test("server restart (1001): reconnects; a new epoch is reported as resync", { skip }, async () => {
   const c = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF, guilds: ["js-restart"] });
   const items = recorder(c);
