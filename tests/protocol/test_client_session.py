@@ -321,7 +321,8 @@ class ClientMachine(RuleBasedStateMachine):
     the invariants are the client's promises: each followed guild's events
     come out in increasing ``s`` with no duplicate, every PUBLISH is answered
     at most once (ACK, ERROR or interrupted), nothing is sent while not
-    connected, and a guild is refused or resynced only as the protocol says."""
+    connected, and a guild is refused or resynced only as the protocol says;
+    a rewind (1.1) is asked for until its SUBSCRIBED and never after."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -335,6 +336,8 @@ class ClientMachine(RuleBasedStateMachine):
         self.answered: set[str] = set()
         #: Client promise: last s handed out per (guild, epoch).
         self.last: dict[tuple[str, str], int] = {}
+        #: Guilds followed by a rewind not yet answered with SUBSCRIBED.
+        self.rewinds: dict[str, int] = {}
 
     def feed(self, outs: list[pc.Output]) -> None:
         for o in outs:
@@ -343,6 +346,7 @@ class ClientMachine(RuleBasedStateMachine):
             elif isinstance(o, Event):
                 pos = self.s.positions[o.guild]
                 assert pos is not None and pos.s == o.s
+                assert pos.epoch == self.server[o.guild][0]  # the SUBSCRIBED one
                 key = (o.guild, pos.epoch)
                 assert o.s > self.last.get(key, -1), (o, self.last)
                 self.last[key] = o.s
@@ -371,7 +375,8 @@ class ClientMachine(RuleBasedStateMachine):
         outs = recv(self.s, HELLO, self.now)
         (identify,) = sends(outs)
         assert identify["d"]["guilds"] == {
-            g: pc.position_json(p) for g, p in self.s.positions.items()
+            g: {"rewind": self.rewinds[g]} if g in self.rewinds else pc.position_json(p)
+            for g, p in self.s.positions.items()
         }
         self.feed(outs)
 
@@ -400,6 +405,16 @@ class ClientMachine(RuleBasedStateMachine):
         if lost:
             self.server.pop(gid, None)
         epoch, head = self.head(gid)
+        n = self.rewinds.pop(gid, None)
+        if n is not None:  # the model's history holds every event
+            k = min(n, head)
+            sub = subscribed(gid, epoch, head, True)
+            sub["d"]["rewound"] = k
+            outs = recv(self.s, sub, self.now)
+            assert outs == [pc.Subscribed(gid, Position(epoch, head - k), True)]
+            for s in range(head - k + 1, head + 1):  # the replay
+                self.feed(recv(self.s, event(gid, s, d=s), self.now))
+            return
         pos = self.s.positions[gid]
         ok = pos is not None and pos.epoch == epoch and pos.s <= head
         outs = recv(self.s, subscribed(gid, epoch, head, ok), self.now)
@@ -418,6 +433,8 @@ class ClientMachine(RuleBasedStateMachine):
         outs = recv(self.s, {"op": 13, "d": {"code": 4403, "message": "no", "g": gid}}, self.now)
         assert (outs == [pc.SubscribeRefused(gid, 4403, "no")]) == pending
         assert not pending or not self.s.follows(gid)
+        if pending:
+            self.rewinds.pop(gid, None)
 
     @precondition(lambda self: self.s.ready)
     @rule(gid=st.sampled_from(GUILDS), dup=st.booleans())
@@ -433,8 +450,15 @@ class ClientMachine(RuleBasedStateMachine):
     def subscribe(self, gid: str) -> None:
         self.feed(self.s.subscribe(gid))
 
+    @rule(gid=st.sampled_from(GUILDS), n=st.integers(1, 5))
+    def subscribe_rewind(self, gid: str, n: int) -> None:
+        if not self.s.follows(gid):
+            self.rewinds[gid] = n
+        self.feed(self.s.subscribe(gid, rewind=n))
+
     @rule(gid=st.sampled_from(GUILDS))
     def unsubscribe(self, gid: str) -> None:
+        self.rewinds.pop(gid, None)
         self.feed(self.s.unsubscribe(gid))
         assert not self.s.follows(gid)
         if self.s.leaving(gid) and self.s.ready:
