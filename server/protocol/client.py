@@ -262,9 +262,9 @@ def position_json(pos: Position | None) -> dict[str, Any] | None:
 
 def start_json(start: Position | Rewind | None) -> dict[str, Any] | None:
     """A guild's value in IDENTIFY/SUBSCRIBE: a Position, ``{"rewind": n}`` or null."""
-    if type(start) is Rewind:
+    if isinstance(start, Rewind):
         return {"rewind": start.n}
-    return position_json(start)  # type: ignore[arg-type]
+    return position_json(start)
 
 
 def identify_message(
