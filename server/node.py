@@ -151,6 +151,7 @@ class Server:
             partition_size=cfg.partition_size,
             idle_timeout=cfg.idle_timeout,
             mailbox_bound=cfg.guild_mailbox,
+            presence_limit=cfg.presence_limit,
         )
         self.broker = self._make_broker()
         if cfg.redis:  # even never started: its client to let go of

@@ -24,7 +24,7 @@ async def test_dead_node_members_are_dropped_after_the_timeout(tmp_path: Path) -
         leaves: list[Presence] = []
         left = asyncio.Event()
 
-        def presence(gid: str, kind: str, m: Presence) -> None:
+        def presence(gid: str, kind: str, m: Presence, v: int | None) -> None:
             if kind == "leave":
                 leaves.append(m)
                 left.set()
