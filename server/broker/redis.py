@@ -12,9 +12,14 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
   (``MAXLEN``) and by age (oldest entries deleted on each append; the whole
   stream expires after ``history_ttl`` without appends, when every entry
   would be too old anyway).
+- ``gc:pg:{gid}`` and ``gc:pg:{gid}:v`` — the guild's presence (member key ->
+  member JSON) and its version (one INCR per change, kept for good); see
+  "Presence" below.
 - channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|epoch|payload``
   (the epoch beside the DISPATCH bytes, never inside them: a listener checks
-  it before forwarding a record; ``payload`` is exactly what ``read`` returns).
+  it before forwarding a record; ``payload`` is exactly what ``read`` returns),
+  and each presence change as ``P|join|`` or ``P|leave|`` and the member JSON
+  with its version as ``"v"``.
 
 One Lua script per append batch does all of it atomically, so every node
 sees one order. Appends from all guild actors of this node are queued and
