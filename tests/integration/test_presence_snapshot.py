@@ -125,15 +125,21 @@ async def test_presence_limit_zero_lists_nobody_but_counts() -> None:
 
 
 async def publish_refused(srv: Server, api: Api, name: str) -> None:
-    ws, _ = await gw.session(srv.url, srv.token("p", guilds=["g"], pub=["g"]), {"g": None})
-    await gw.send(ws, gw.PUBLISH, {"guild": "g", "t": name, "d": {}, "nonce": "1"})
+    g = f"g-{name.lower()}"
+    ws, _ = await gw.session(srv.url, srv.token("p", guilds=[g], pub=[g]), {g: None})
+    await gw.send(ws, gw.PUBLISH, {"guild": g, "t": name, "d": {}, "nonce": "1"})
     m = await gw.recv(ws)
     assert m["op"] == gw.ERROR, m
     assert m["d"]["code"] == 4403 and m["d"]["nonce"] == "1", m
     assert "reserved" in m["d"]["message"]
     await gw.still_open(ws)  # a refused command; the session stays
-    status, body, _ = await api.publish({"guild": "g", "t": name, "d": {}})
+    status, body, _ = await api.publish({"guild": g, "t": name, "d": {}})
     assert status == 400 and body["error"] == "reserved_event", body
+    batch = {"events": [{"guild": g, "t": "E", "d": 1}, {"guild": g, "t": name, "d": 2}]}
+    status, body, _ = await api.publish(batch)
+    assert status == 400 and body["error"] == "reserved_event", body
+    # Nothing of the refused batch was published: the next event is s=1.
+    assert await srv.publish(g, "AFTER", None) == 1
     await ws.close()
 
 
