@@ -462,6 +462,8 @@ class Guild(Actor):
         """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
         is not part of the guild's event sequence and is not replayed), each
         only to the sessions whose snapshot is older than its version."""
+        if not self.listening:
+            return  # queued before the feed stopped: no session is served from it
         if v is not None:
             snap = self._psnap
             base = self._pv if self._pv is not None else (snap.version if snap else None)

@@ -79,9 +79,12 @@ class MemoryBroker:
         #: Presence of each guild: member key -> member, in join order.
         self._presence: dict[str, dict[str, Presence]] = {}
         #: The version of each guild's presence (``PresenceSnapshot``): kept
-        #: while the guild has members or a listener (one that holds a
-        #: version must never see it start again), forgotten after.
+        #: while the guild has members or a listener, forgotten after. A
+        #: version never repeats: a guild's versions start again above every
+        #: version forgotten (``_pfloor``), so a change still queued from
+        #: before is always older than a snapshot taken after.
         self._pversion: dict[str, int] = {}
+        self._pfloor = 0
 
     @property
     def healthy(self) -> bool:
@@ -102,7 +105,7 @@ class MemoryBroker:
         if members.get(member.key) == member:
             return  # already present: no change, nothing to tell
         members[member.key] = member
-        v = self._pversion[gid] = self._pversion.get(gid, 0) + 1
+        v = self._pversion[gid] = self._pversion.get(gid, self._pfloor) + 1
         if self._presence_feed is not None and gid in self._listening:
             self._presence_feed(gid, "join", member, v)
 
@@ -110,7 +113,7 @@ class MemoryBroker:
         members = self._presence.get(gid)
         if members is None or members.pop(member.key, None) is None:
             return
-        v = self._pversion[gid] = self._pversion.get(gid, 0) + 1
+        v = self._pversion[gid] = self._pversion.get(gid, self._pfloor) + 1
         if not members:
             del self._presence[gid]
         if self._presence_feed is not None and gid in self._listening:
@@ -120,7 +123,7 @@ class MemoryBroker:
     def _forget_version(self, gid: str) -> None:
         """Forget the presence version of a guild nobody holds one of."""
         if gid not in self._presence and gid not in self._listening:
-            self._pversion.pop(gid, None)
+            self._pfloor = max(self._pfloor, self._pversion.pop(gid, 0))
 
     async def presence(self, gid: str) -> list[Presence]:
         return list(self._presence.get(gid, {}).values())
@@ -128,7 +131,7 @@ class MemoryBroker:
     async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
         members = self._presence.get(gid, {})
         listed = list(islice(members.values(), max(0, limit)))
-        return PresenceSnapshot(self._pversion.get(gid, 0), len(members), listed)
+        return PresenceSnapshot(self._pversion.get(gid, self._pfloor), len(members), listed)
 
     def _log(self, gid: str) -> _Log:
         log = self._logs.get(gid)
