@@ -99,7 +99,8 @@ class PresenceSnapshot(NamedTuple):
     apart. A snapshot at ``version`` holds exactly the changes up to it: a
     listener that subscribed to the guild's feed before taking it applies
     the changes after ``version`` and skips the ones at or before it (they
-    may still be on their way) to stay exactly in step
+    may still be on their way) to stay exactly in step. A guild's versions
+    never go back, even after the broker forgot an unused guild
     (docs/RELIABILITY.md, "Presence snapshot and diffs").
     """
 
