@@ -165,3 +165,24 @@ async def test_a_version_gap_resynchronises_every_presence_session() -> None:
             ("PRESENCE_JOIN", "a"),
             ("PRESENCE_JOIN", "b"),
         ]
+
+
+async def test_a_change_without_a_version_from_an_older_node_goes_to_everyone() -> None:
+    """A node of an earlier version announces changes without a version:
+    they are forwarded to every presence session as before, and do not
+    disturb the versioned ones."""
+    async with presence_env() as env:
+        a = FakeSink("a")
+        env.subscribe(a, "a")
+        await env.settle()
+        env.guild.cast_system(PresenceMsg("join", Presence("old", "old", "n0"), None))
+        b = FakeSink("b")
+        env.subscribe(b, "b")
+        await env.settle()
+        assert presence(a) == [
+            ("snapshot", []),
+            ("PRESENCE_JOIN", "a"),
+            ("PRESENCE_JOIN", "old"),
+            ("PRESENCE_JOIN", "b"),
+        ]
+        assert presence(b) == [("snapshot", ["a"]), ("PRESENCE_JOIN", "b")]
