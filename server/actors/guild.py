@@ -76,11 +76,12 @@ READ_PAGE = 1000
 
 
 #: Members a PRESENCE_SNAPSHOT lists by default (``Config.presence_limit``;
-#: past it: the count and ``truncated``). At ~100 bytes a member the snapshot
-#: stays near 10 KiB, well inside every client library's default message
-#: size and about what one event costs, so a reconnect storm of presence
-#: subscribers costs 10 KiB each; it is also the size of list a member UI
-#: shows at once, and Pusher's presence-channel member limit.
+#: past it: the count and ``truncated``). A member is about 75 bytes of JSON
+#: (16-character session ids, a ``host:pid`` node id): 100 make a 7.5 KB
+#: frame, well inside every client library's default message size and about
+#: what one large event costs, so a reconnect storm of presence subscribers
+#: costs 7.5 KB each; it is also the size of list a member UI shows at once,
+#: and Pusher's presence-channel member limit.
 PRESENCE_LIMIT = 100
 
 
