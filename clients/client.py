@@ -18,6 +18,15 @@ changed or the history window was passed), the application gets a
 :class:`Resync` item in :meth:`Client.events` (and ``on_unrecovered(gid)``)
 before that guild's next event, and must reload that guild's state.
 
+Presence (``presence=True``, PROTOCOL.md "Presence"): each subscribed
+guild's members are kept as a :class:`Roster` (:meth:`Client.roster`): the
+PRESENCE_SNAPSHOT that follows SUBSCRIBED, then every join and leave after
+it, which the server sends with no change missed or doubled. The same
+changes come through :meth:`Client.events` in order with the guild's events
+(:class:`PresenceSnapshot`, :class:`PresenceJoin`, :class:`PresenceLeave`).
+A roster belongs to one connection: after a reconnect it is None until the
+new snapshot arrives.
+
 Bounds and overflow policies:
 
 - The event queue holds at most ``max_pending_events`` items. When it is
@@ -55,8 +64,13 @@ from guildcast.client.backoff import Backoff
 from guildcast.protocol import client as proto
 from guildcast.protocol.client import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
 from guildcast.protocol.client import Event as Event
+from guildcast.protocol.client import Member as Member
 from guildcast.protocol.client import Position as Position
+from guildcast.protocol.client import PresenceJoin as PresenceJoin
+from guildcast.protocol.client import PresenceLeave as PresenceLeave
+from guildcast.protocol.client import PresenceSnapshot as PresenceSnapshot
 from guildcast.protocol.client import Resync as Resync
+from guildcast.protocol.client import Roster as Roster
 from guildcast.protocol.codes import ABNORMAL_CLOSURE, SUBPROTOCOL, Close, CloseAction
 from guildcast.protocol.codes import FATAL_CLOSE_CODES as FATAL_CLOSE_CODES
 
@@ -81,7 +95,9 @@ class SubscriptionLost:
     message: str
 
 
-Item: TypeAlias = Event | Resync | SubscriptionLost
+Item: TypeAlias = (
+    Event | Resync | SubscriptionLost | PresenceSnapshot | PresenceJoin | PresenceLeave
+)
 TokenProvider: TypeAlias = Callable[[], str | Awaitable[str]]
 
 
@@ -219,6 +235,8 @@ class Client:
             reconnect recovers from the last event, never rewinding again.
         events: event names this session wants (IDENTIFY ``events``);
             None for all.
+        presence: ask for presence (IDENTIFY ``presence``): each guild's
+            :meth:`roster`, and its changes as items of :meth:`events`.
         backoff: the reconnect schedule (default: 0.5 s base, 30 s cap,
             unbounded attempts).
         on_unrecovered: called with a guild id when that guild could not be
@@ -244,6 +262,7 @@ class Client:
         token_provider: TokenProvider | None = None,
         guilds: Iterable[str] = (),
         events: Iterable[str] | None = None,
+        presence: bool = False,
         backoff: Backoff | None = None,
         on_unrecovered: Callable[[str], Any] | None = None,
         on_ready: Callable[[str], Any] | None = None,
@@ -272,6 +291,7 @@ class Client:
             max_message=max_message,
             hello_timeout=open_timeout,
             rewind=rewind,
+            presence=presence,
         )
         self._backoff = backoff if backoff is not None else Backoff()
         self._on_unrecovered = on_unrecovered
@@ -374,6 +394,13 @@ class Client:
         """A copy of each followed guild's last seen Position (for persisting)."""
         return self._session.positions
 
+    def roster(self, gid: str) -> Roster | None:
+        """``gid``'s members as this connection knows them (with
+        ``presence=True``): its PRESENCE_SNAPSHOT and every join and leave
+        since, already received (:meth:`events` may still hold them); None
+        before the snapshot (not subscribed, or reconnecting)."""
+        return self._session.roster(gid)
+
     @property
     def duplicates_dropped(self) -> int:
         """Events dropped because their ``s`` was already seen (safety net)."""
@@ -394,7 +421,9 @@ class Client:
 
     async def events(self) -> AsyncIterator[Item]:
         """Yield :class:`Event`, :class:`Resync` and :class:`SubscriptionLost`
-        items in order, until the client is closed.
+        items (and, with ``presence=True``, :class:`PresenceSnapshot`,
+        :class:`PresenceJoin` and :class:`PresenceLeave`) in order, until the
+        client is closed.
 
         Raises the client's :class:`GuildcastClosed` error when it stopped for
         good (after the items queued before it). One consumer at a time.
@@ -555,7 +584,7 @@ class Client:
                         await ws.send(o.data, text=True)
                     except ConnectionClosed:
                         pass
-            elif isinstance(o, Event):
+            elif isinstance(o, Event | PresenceSnapshot | PresenceJoin | PresenceLeave):
                 await self._deliver(o)
             elif isinstance(o, proto.Subscribed):
                 fut = self._sub_waiters.pop(o.guild, None)

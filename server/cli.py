@@ -79,6 +79,7 @@ _SERVE_FLAGS: dict[str, str] = {
     "fsync": "journal fsync policy: always, interval or never",
     "fsync_interval": "seconds between journal fsyncs with --fsync interval",
     "presence_timeout": "seconds before a silent node's sessions leave presence",
+    "presence_limit": "members a PRESENCE_SNAPSHOT lists (past it: the count, truncated)",
     # --- Hardening limits (docs/SECURITY.md "Resource limits") ---
     "history_guild_bytes": "bytes of history one guild keeps in memory (oldest leave first)",
     "history_node_bytes": "bytes of history all guilds keep in memory (oldest leave first)",

@@ -76,6 +76,10 @@ class Config:
     #: Seconds after a node's last heartbeat before its sessions drop out
     #: of presence (a node beats every second).
     presence_timeout: float = 10.0
+    #: Members one PRESENCE_SNAPSHOT lists (docs/PROTOCOL.md "Presence"); past
+    #: it the snapshot gives the count and says it is truncated. 0 lists none.
+    #: Why 100: ``guildcast.actors.guild.PRESENCE_LIMIT``.
+    presence_limit: int = 100
     #: Seconds a Redis command may take before it counts as failed (an
     #: append then answers "outcome unknown", docs/PROTOCOL.md "Publishing").
     redis_timeout: float = 5.0

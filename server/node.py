@@ -152,6 +152,7 @@ class Server:
             idle_timeout=cfg.idle_timeout,
             mailbox_bound=cfg.guild_mailbox,
             max_rewind=cfg.max_rewind,
+            presence_limit=cfg.presence_limit,
         )
         self.broker = self._make_broker()
         if cfg.redis:  # even never started: its client to let go of

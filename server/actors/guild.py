@@ -26,6 +26,18 @@ the moment it joins its partition form one atomic step: no gap, no
 duplicate, however publishes race the subscribe (PROTOCOL.md "Subscribing
 and recovery"). Leaves come from the guild's process group monitor.
 
+Presence (docs/RELIABILITY.md, "Presence snapshot and diffs"): a session
+that asked for presence gets a PRESENCE_SNAPSHOT right after its SUBSCRIBED,
+then the joins and leaves after it. Every presence change carries the
+broker's version of the guild's presence; the snapshot is taken at one
+version, in the same step that adds the session, and its writer sends it
+only the changes of later versions, in mailbox order: no change is missed or
+doubled however joins race the subscribe. A version out of step (a change
+lost while the feed was down) or a feed reconnect resynchronises: a fresh
+PRESENCE_SNAPSHOT to every presence session. The last snapshot read is kept
+(at most ``presence_limit`` members) and reused while no later change has
+been fanned out.
+
 Mailbox: publishes are bounded (``mailbox_bound``; past it publishers get
 "try again later"); Subscribe/Unsubscribe/Left/Feed are system messages.
 Idle: with no session and no message for ``idle_timeout`` it stops.
@@ -49,6 +61,7 @@ from guildcast.broker.base import (
     BrokerUnavailable,
     LocalLog,
     Presence,
+    PresenceSnapshot,
     Record,
 )
 from guildcast.core.metrics import NodeStats
@@ -67,6 +80,16 @@ READ_PAGE = 1000
 REWIND_TRIES = 3
 
 
+#: Members a PRESENCE_SNAPSHOT lists by default (``Config.presence_limit``;
+#: past it: the count and ``truncated``). A member is about 75 bytes of JSON
+#: (16-character session ids, a ``host:pid`` node id): 100 make a 7.5 KB
+#: frame, well inside every client library's default message size and about
+#: what one large event costs, so a reconnect storm of presence subscribers
+#: costs 7.5 KB each; it is also the size of list a member UI shows at once,
+#: and Pusher's presence-channel member limit.
+PRESENCE_LIMIT = 100
+
+
 @dataclass(frozen=True, slots=True)
 class GuildSettings:
     partition_size: int = 512
@@ -74,6 +97,7 @@ class GuildSettings:
     mailbox_bound: int = 10_000
     #: The most events one rewind replays (``Config.max_rewind``).
     max_rewind: int = 100
+    presence_limit: int = PRESENCE_LIMIT
 
 
 class PublishMsg:
@@ -162,13 +186,15 @@ HOLD_FRAMES = 4096
 
 
 class PresenceMsg:
-    """A presence change from the broker: ``kind`` is "join" or "leave"."""
+    """A presence change from the broker: ``kind`` is "join" or "leave", ``v``
+    its version (None from a node of an earlier version)."""
 
-    __slots__ = ("kind", "member")
+    __slots__ = ("kind", "member", "v")
 
-    def __init__(self, kind: str, member: Presence) -> None:
+    def __init__(self, kind: str, member: Presence, v: int | None = None) -> None:
         self.kind = kind
         self.member = member
+        self.v = v
 
 
 class InfoMsg:
@@ -220,6 +246,13 @@ class Guild(Actor):
         self.where: dict[Sink, Writer | Partition] = {}
         #: Presence identity of each local session (announced on join/leave).
         self.members: dict[Sink, Presence] = {}
+        #: Local sessions that asked for presence (snapshot and changes).
+        self._watchers: set[Sink] = set()
+        #: Version of the last presence change fanned out (None: none since
+        #: this node listens), and the last snapshot read (reused while no
+        #: later change was fanned out); both forgotten with the feed.
+        self._pv: int | None = None
+        self._psnap: PresenceSnapshot | None = None
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Writer | Partition, int] = {}
         #: Partitions that have not yet written the last run sent to them.
@@ -266,6 +299,7 @@ class Guild(Actor):
             for sink in list(self.where):
                 sink.close(Close.UNKNOWN_ERROR, "guild failed")
         self.where.clear()
+        self._watchers.clear()
         for member in self.members.values():
             self.broker.presence_leave(self.gid, member)
         self.members.clear()
@@ -301,7 +335,7 @@ class Guild(Actor):
                 if self._parted.get(item.sink) is item.partition:
                     del self._parted[item.sink]
             elif tp is PresenceMsg:
-                self._on_presence(item.kind, item.member)
+                await self._on_presence(item.kind, item.member, item.v)
             else:
                 if pubs:
                     await self._append(pubs, items)
@@ -370,6 +404,9 @@ class Guild(Actor):
             return
         if records is None:
             await self._drive(cur.missed())
+            if self.listening:
+                # Presence changes may have been lost with the feed too.
+                await self._presence_resync()
         elif isinstance(records, str):
             assert records == FEED_LOST
             await self._history_lost("the broker's feed is lost", "guild feed lost; reconnect")
@@ -433,20 +470,73 @@ class Guild(Actor):
                 continue
             self._writing.add(p)
 
-    def _on_presence(self, kind: str, member: Presence) -> None:
+    async def _on_presence(self, kind: str, member: Presence, v: int | None) -> None:
         """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
-        is not part of the guild's event sequence and is not replayed)."""
-        if not self.partitions:
+        is not part of the guild's event sequence and is not replayed), each
+        only to the sessions whose snapshot is older than its version."""
+        if not self.listening:
+            return  # queued before the feed stopped: no session is served from it
+        if v is not None:
+            snap = self._psnap
+            base = self._pv if self._pv is not None else (snap.version if snap else None)
+            if base is not None and v <= base:
+                return  # in every snapshot sent (a resync's, or the one served since)
+            if base is not None and v > base + 1:
+                await self._presence_resync()  # versions base+1 .. v-1 were lost
+                return
+            self._pv = v
+        if not self._watchers:
             return
         t = "PRESENCE_JOIN" if kind == "join" else "PRESENCE_LEAVE"
         self._fan_out(force=True)  # keep the order of what came before
-        msg = PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid))
+        self._send_presence(PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid), v=v))
+
+    def _send_presence(self, msg: PresenceFrame) -> None:
         for p in self.partitions:
             if type(p) is Writer:
-                p.send_presence(msg.frame)
+                p.send_presence(msg.frame, msg.v, msg.reset)
             else:
                 assert type(p) is Partition
                 p.cast_system(msg)
+
+    async def _presence_snapshot(self) -> PresenceSnapshot:
+        """The guild's presence for a session subscribing now: the last one
+        read while no later change has been fanned out, else a fresh one."""
+        snap = self._psnap
+        if snap is None or (self._pv is not None and snap.version < self._pv):
+            snap = self._psnap = await self.broker.presence_snapshot(
+                self.gid, self.settings.presence_limit
+            )
+        return snap
+
+    def _snapshot_frame(self, snap: PresenceSnapshot) -> bytes:
+        members = [m.as_dict() for m in snap.members]
+        return wire.presence_snapshot_frame(
+            self.gid, members, snap.total, self.settings.presence_limit
+        )
+
+    async def _presence_resync(self) -> None:
+        """Presence changes may have been lost: read the presence afresh and,
+        unless nothing changed, send every presence session a new
+        PRESENCE_SNAPSHOT (it replaces theirs) at that version."""
+        base = self._pv if self._pv is not None else (self._psnap.version if self._psnap else None)
+        self._psnap = None
+        if not self._watchers:
+            self._pv = None
+            return
+        try:
+            snap = await self.broker.presence_snapshot(self.gid, self.settings.presence_limit)
+        except BrokerUnavailable:
+            self._pv = None
+            for sink in list(self._watchers):
+                sink.close(Close.UNKNOWN_ERROR, "presence resync failed; reconnect")
+            return
+        self._psnap = snap
+        self._pv = snap.version
+        if snap.version == base:
+            return  # nothing changed: every session is up to date
+        self._fan_out(force=True)
+        self._send_presence(PresenceFrame(self._snapshot_frame(snap), reset=snap.version))
 
     async def _history_lost(self, why: str, reason: str = "guild history lost; reconnect") -> None:
         """This node cannot go on serving the guild's sessions from its feed
@@ -501,6 +591,20 @@ class Guild(Actor):
             # Recovered: every event asked for follows (min(N, head) of them).
             recovered = rewound == min(msg.rewind, head)
         preamble = wire.subscribed_frame(self.gid, self.epoch, head, recovered, rewound)
+        since = -1
+        if msg.presence:
+            try:
+                snap = await self._presence_snapshot()
+            except BrokerUnavailable:
+                sink.close(Close.TRY_AGAIN_LATER, "broker unavailable")
+                if not self.where:
+                    await self._unlisten()
+                return
+            since = snap.version
+            preamble += self._snapshot_frame(snap)
+            self._watchers.add(sink)
+        else:
+            self._watchers.discard(sink)
         if replay:
             preamble = b"".join([preamble, *replay])
         p = self.where.get(sink)
@@ -509,10 +613,10 @@ class Guild(Actor):
             self.where[sink] = p
             self.load[p] += 1
         if type(p) is Writer:
-            p.add(sink, preamble, msg.presence)
+            p.add(sink, preamble, msg.presence, since)
         else:
             assert type(p) is Partition
-            p.cast_system(Add(sink, preamble, msg.presence))
+            p.cast_system(Add(sink, preamble, msg.presence, since))
         if msg.member is not None and sink not in self.members:
             self.members[sink] = msg.member
             self.broker.presence_join(self.gid, msg.member)
@@ -566,6 +670,7 @@ class Guild(Actor):
         return 0, []
 
     async def _remove(self, sink: Sink, farewell: bytes | None) -> None:
+        self._watchers.discard(sink)
         member = self.members.pop(sink, None)
         if member is not None:
             self.broker.presence_leave(self.gid, member)
@@ -590,6 +695,8 @@ class Guild(Actor):
         self.listening = False
         self.epoch = None
         self._cur = None
+        self._pv = None
+        self._psnap = None
         try:
             await self.broker.unlisten(self.gid)
         except BrokerUnavailable:

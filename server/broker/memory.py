@@ -28,6 +28,7 @@ from guildcast.broker.base import (
     LocalLog,
     Presence,
     PresenceFeed,
+    PresenceSnapshot,
     Record,
     ReportsMetrics,
     Sweeps,
@@ -77,6 +78,13 @@ class MemoryBroker:
         self._presence_feed: PresenceFeed | None = None
         #: Presence of each guild: member key -> member, in join order.
         self._presence: dict[str, dict[str, Presence]] = {}
+        #: The version of each guild's presence (``PresenceSnapshot``): kept
+        #: while the guild has members or a listener, forgotten after. A
+        #: version never repeats: a guild's versions start again above every
+        #: version forgotten (``_pfloor``), so a change still queued from
+        #: before is always older than a snapshot taken after.
+        self._pversion: dict[str, int] = {}
+        self._pfloor = 0
 
     @property
     def healthy(self) -> bool:
@@ -93,21 +101,37 @@ class MemoryBroker:
         self._presence_feed = presence
 
     def presence_join(self, gid: str, member: Presence) -> None:
-        self._presence.setdefault(gid, {})[member.key] = member
+        members = self._presence.setdefault(gid, {})
+        if members.get(member.key) == member:
+            return  # already present: no change, nothing to tell
+        members[member.key] = member
+        v = self._pversion[gid] = self._pversion.get(gid, self._pfloor) + 1
         if self._presence_feed is not None and gid in self._listening:
-            self._presence_feed(gid, "join", member)
+            self._presence_feed(gid, "join", member, v)
 
     def presence_leave(self, gid: str, member: Presence) -> None:
         members = self._presence.get(gid)
         if members is None or members.pop(member.key, None) is None:
             return
+        v = self._pversion[gid] = self._pversion.get(gid, self._pfloor) + 1
         if not members:
             del self._presence[gid]
         if self._presence_feed is not None and gid in self._listening:
-            self._presence_feed(gid, "leave", member)
+            self._presence_feed(gid, "leave", member, v)
+        self._forget_version(gid)
+
+    def _forget_version(self, gid: str) -> None:
+        """Forget the presence version of a guild nobody holds one of."""
+        if gid not in self._presence and gid not in self._listening:
+            self._pfloor = max(self._pfloor, self._pversion.pop(gid, 0))
 
     async def presence(self, gid: str) -> list[Presence]:
         return list(self._presence.get(gid, {}).values())
+
+    async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
+        members = self._presence.get(gid, {})
+        listed = list(islice(members.values(), max(0, limit)))
+        return PresenceSnapshot(self._pversion.get(gid, self._pfloor), len(members), listed)
 
     def _log(self, gid: str) -> _Log:
         log = self._logs.get(gid)
@@ -185,6 +209,7 @@ class MemoryBroker:
             self._listening[gid] = n
         else:
             self._listening.pop(gid, None)
+            self._forget_version(gid)
 
     def report_metrics(self, m: MetricsSnapshot) -> None:
         """``ReportsMetrics``: the history byte budget."""

@@ -12,9 +12,14 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
   (``MAXLEN``) and by age (oldest entries deleted on each append; the whole
   stream expires after ``history_ttl`` without appends, when every entry
   would be too old anyway).
+- ``gc:pg:{gid}`` and ``gc:pg:{gid}:v`` — the guild's presence (member key ->
+  member JSON) and its version (one INCR per change, kept for good); see
+  "Presence" below.
 - channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|epoch|payload``
   (the epoch beside the DISPATCH bytes, never inside them: a listener checks
-  it before forwarding a record; ``payload`` is exactly what ``read`` returns).
+  it before forwarding a record; ``payload`` is exactly what ``read`` returns),
+  and each presence change as ``P|join|`` or ``P|leave|`` and the member JSON
+  with its version as ``"v"``.
 
 One Lua script per append batch does all of it atomically, so every node
 sees one order. Appends from all guild actors of this node are queued and
@@ -69,6 +74,7 @@ from guildcast.broker.base import (
     OutcomeUnknown,
     Presence,
     PresenceFeed,
+    PresenceSnapshot,
     Record,
     spawn,
 )
@@ -153,6 +159,12 @@ def presence_key(gid: str) -> str:
     return f"gc:pg:{{{gid}}}"
 
 
+def presence_version_key(gid: str) -> str:
+    """The version of the guild's presence (``base.PresenceSnapshot``): one
+    INCR per change, in the script that makes and announces the change."""
+    return f"gc:pg:{{{gid}}}:v"
+
+
 def node_members(node: str) -> str:
     """A node's index of its presence entries (set of "gid NUL key")."""
     return f"gc:node:{node}:members"
@@ -171,22 +183,67 @@ def _lua_channel(var: str) -> str:
     return f"'gc:{{' .. {var} .. '}}:ch'"
 
 
-# Presence: ``gc:pg:{gid}`` hash (member key -> member JSON), the node's own
+def _lua_presence_version_key(var: str) -> str:
+    return f"'gc:pg:{{' .. {var} .. '}}:v'"
+
+
+# A presence announcement on the guild's channel: ``P|join|`` or ``P|leave|``
+# and the member's JSON with the change's version added as ``"v"`` (a node of
+# an earlier version reads the member and ignores ``v``). ``info`` is the
+# member JSON as stored (an object: its closing brace is replaced).
+def _lua_announce(kind: str, info: str, v: str) -> str:
+    return f"'P|{kind}|' .. string.sub({info}, 1, -2) .. ',\"v\":' .. {v} .. '}}'"
+
+
+# Presence: ``gc:pg:{gid}`` hash (member key -> member JSON), its version
+# ``gc:pg:{gid}:v`` (one INCR per change, in the same script as the change
+# and its PUBLISH: the feed carries changes in version order), the node's own
 # index ``gc:node:<id>:members`` (set of "gid NUL key") and the heartbeat
 # sorted set ``gc:nodes`` (node id -> last beat, ms). Scripts touch keys they
-# compute, so presence needs one Redis (not Redis Cluster).
-_PRESENCE_JOIN = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+# compute, so presence needs one Redis (not Redis Cluster). The version key
+# is kept for good, like the guild's epoch: a listener holding a version
+# must never see it start again (a Redis that lost it also lost the feed,
+# and every listener resynchronises, docs/RELIABILITY.md).
+_PRESENCE_JOIN = f"""
 redis.call('SADD', KEYS[2], ARGV[3] .. '\\0' .. ARGV[1])
-redis.call('PUBLISH', KEYS[3], 'P|join|' .. ARGV[2])
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local v = redis.call('INCR', KEYS[4])
+redis.call('PUBLISH', KEYS[3], {_lua_announce("join", "ARGV[2]", "v")})
 return 1
 """
 
-_PRESENCE_LEAVE = """
+_PRESENCE_LEAVE = f"""
 local n = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[3] .. '\\0' .. ARGV[1])
-if n > 0 then redis.call('PUBLISH', KEYS[3], 'P|leave|' .. ARGV[2]) end
+if n > 0 then
+  local v = redis.call('INCR', KEYS[4])
+  redis.call('PUBLISH', KEYS[3], {_lua_announce("leave", "ARGV[2]", "v")})
+end
 return n
+"""
+
+# The guild's presence at one version: {version, member count, at most
+# ARGV[1] member JSONs} in one atomic step (HSCAN past the limit: the same
+# members each time while the hash does not change).
+_PRESENCE_SNAPSHOT = """
+local v = tonumber(redis.call('GET', KEYS[2]) or '0')
+local n = redis.call('HLEN', KEYS[1])
+local limit = tonumber(ARGV[1])
+local out = {}
+if n <= limit then
+  out = redis.call('HVALS', KEYS[1])
+elseif limit > 0 then
+  local cursor = '0'
+  repeat
+    local r = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', limit)
+    cursor = r[1]
+    local kv = r[2]
+    for i = 2, #kv, 2 do
+      if #out < limit then out[#out + 1] = kv[i] end
+    end
+  until cursor == '0' or #out >= limit
+end
+return {v, n, out}
 """
 
 # Remove every member of each node whose heartbeat is older than ARGV[1] (or
@@ -206,7 +263,8 @@ for _, node in ipairs(dead) do
     local info = redis.call('HGET', h, key)
     if info then
       redis.call('HDEL', h, key)
-      redis.call('PUBLISH', {_lua_channel("gid")}, 'P|leave|' .. info)
+      local v = redis.call('INCR', {_lua_presence_version_key("gid")})
+      redis.call('PUBLISH', {_lua_channel("gid")}, {_lua_announce("leave", "info", "v")})
       removed = removed + 1
     end
   end
@@ -306,6 +364,7 @@ class RedisBroker:
         self._join_script = self._r.register_script(_PRESENCE_JOIN)
         self._leave_script = self._r.register_script(_PRESENCE_LEAVE)
         self._reap_script = self._r.register_script(_REAP)
+        self._snapshot_script = self._r.register_script(_PRESENCE_SNAPSHOT)
         self.node_id = node_id
         self.presence_timeout = presence_timeout
         self._presence_q: deque[tuple[bool, str, Presence]] = deque()
@@ -536,7 +595,7 @@ class RedisBroker:
             try:
                 async with self._r.pipeline(transaction=False) as pipe:
                     for join, gid, m in batch:
-                        keys = [presence_key(gid), idx, channel(gid)]
+                        keys = [presence_key(gid), idx, channel(gid), presence_version_key(gid)]
                         args: list[Any] = [m.key, orjson.dumps(m.as_dict()), gid]
                         script = self._join_script if join else self._leave_script
                         await script(keys=keys, args=args, client=pipe)
@@ -563,6 +622,21 @@ class RedisBroker:
                 out.append(Presence(d["user"], d["session"], d["node"]))
         out.sort(key=lambda m: (m.node, m.session))
         return out
+
+    async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
+        # Not filtered by node liveness, unlike presence(): the snapshot is
+        # what the versioned changes apply to, and a dead node's members
+        # leave it (with a version) when they are reaped.
+        v, n, raw = await self._idempotent(
+            lambda: self._snapshot_script(
+                keys=[presence_key(gid), presence_version_key(gid)], args=[max(0, limit)]
+            )
+        )
+        members = []
+        for info in raw:
+            d = orjson.loads(info)
+            members.append(Presence(d["user"], d["session"], d["node"]))
+        return PresenceSnapshot(int(v), int(n), members)
 
     async def head(self, gid: str) -> tuple[str, int]:
         # Retried once on a lost connection: it creates at most one epoch
@@ -765,7 +839,8 @@ class RedisBroker:
                     _, kind_b, info = data.split(b"|", 2)
                     d = orjson.loads(info)
                     m = Presence(d["user"], d["session"], d["node"])
-                    self._presence_feed(gid, kind_b.decode(), m)
+                    v = d.get("v")  # None from a node of an earlier version
+                    self._presence_feed(gid, kind_b.decode(), m, v if type(v) is int else None)
                 return
             self._feed(gid, [parse_record(data)])
         elif kind in (b"subscribe", "subscribe"):

@@ -24,6 +24,12 @@ yields a :class:`Resync` before that guild's next event. A :class:`Rewind`
 (``{epoch, head - rewound}``): the replay follows it, and a reconnect
 recovers from the last event handed out, never rewinding twice.
 
+Presence (with ``presence=True``, PROTOCOL.md "Presence"): per guild, a
+:class:`Roster` of this connection: PRESENCE_SNAPSHOT replaces it, each
+PRESENCE_JOIN/LEAVE after it applies to it (the server sends no change
+twice and misses none between snapshot and changes); it is forgotten when
+the connection ends or the guild is left, and rebuilt by the next snapshot.
+
 Bounds: the guilds followed are the application's; PUBLISHes awaiting an ACK
 are bounded by the adapter (``max_inflight_publishes``); one connection's
 tables are cleared when it ends (:meth:`ClientSession.connection_lost`).
@@ -39,7 +45,13 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from guildcast.protocol.codes import ABNORMAL_CLOSURE, RESERVED_EVENTS, CloseAction, Op
+from guildcast.protocol.codes import (
+    ABNORMAL_CLOSURE,
+    PRESENCE_EVENTS,
+    RESERVED_EVENTS,
+    CloseAction,
+    Op,
+)
 from guildcast.protocol.codes import classify_close as _classify
 from guildcast.protocol.wire import EVENT_RULE, GUILD_RULE, valid_event, valid_guild
 
@@ -104,6 +116,53 @@ class Resync:
     guild: str
     epoch: str
     s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A session in a guild's presence (PROTOCOL.md "Presence")."""
+
+    user: str
+    session: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Roster:
+    """A guild's presence as this connection knows it: ``members`` (at most
+    the server's limit of them, in the order learnt) out of ``count``;
+    ``truncated`` when the snapshot could not list them all."""
+
+    guild: str
+    members: tuple[Member, ...]
+    count: int
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSnapshot:
+    """PRESENCE_SNAPSHOT: ``guild``'s presence now replaces what was known."""
+
+    guild: str
+    members: tuple[Member, ...]
+    count: int
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceJoin:
+    """PRESENCE_JOIN: ``member`` subscribed to ``guild``."""
+
+    guild: str
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceLeave:
+    """PRESENCE_LEAVE: ``member`` left ``guild``."""
+
+    guild: str
+    member: Member
 
 
 # --- outputs -----------------------------------------------------------------
@@ -224,6 +283,9 @@ Output: TypeAlias = (
     | ReconnectRequested
     | Event
     | Resync
+    | PresenceSnapshot
+    | PresenceJoin
+    | PresenceLeave
 )
 
 
@@ -268,15 +330,20 @@ def start_json(start: Position | Rewind | None) -> dict[str, Any] | None:
 
 
 def identify_message(
-    token: str, guilds: Mapping[str, Position | Rewind | None], events: list[str] | None = None
+    token: str,
+    guilds: Mapping[str, Position | Rewind | None],
+    events: list[str] | None = None,
+    presence: bool = False,
 ) -> bytes:
-    """IDENTIFY (op 2)."""
+    """IDENTIFY (op 2); ``presence`` asks for PRESENCE_SNAPSHOT/JOIN/LEAVE."""
     d: dict[str, Any] = {
         "token": token,
         "guilds": {gid: start_json(pos) for gid, pos in guilds.items()},
     }
     if events is not None:
         d["events"] = events
+    if presence:
+        d["presence"] = True
     return orjson.dumps({"op": Op.IDENTIFY, "d": d})
 
 
@@ -336,6 +403,25 @@ def _obj(d: Any, what: str) -> dict[str, Any]:
     return d
 
 
+def _member(d: Any, what: str) -> Member:
+    m = _obj(d, what)
+    user, session, node = m.get("user"), m.get("session"), m.get("node")
+    if type(user) is not str or type(session) is not str or type(node) is not str:
+        raise _Bad(f"{what} needs {{user, session, node}} strings")
+    return Member(user, session, node)
+
+
+class _Roster:
+    """One guild's presence on this connection: session id -> member, and the count."""
+
+    __slots__ = ("count", "members", "truncated")
+
+    def __init__(self, members: dict[str, Member], count: int, truncated: bool) -> None:
+        self.members = members
+        self.count = count
+        self.truncated = truncated
+
+
 # --- the session ---------------------------------------------------------------
 
 
@@ -357,8 +443,11 @@ class ClientSession:
         max_message: int = DEFAULT_MAX_MESSAGE,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         rewind: int | None = None,
+        presence: bool = False,
     ) -> None:
         self.events = None if events is None else list(events)
+        #: IDENTIFY ``presence``: keep a :class:`Roster` per guild.
+        self.presence = presence
         for name in self.events or ():
             if not valid_event(name):
                 raise ValueError(f"invalid event name {name!r}")
@@ -392,6 +481,8 @@ class ClientSession:
         self._inflight: set[str] = set()
         #: Guilds whose UNSUBSCRIBED is awaited on this connection.
         self._leaving: set[str] = set()
+        #: Presence of each guild on this connection (after its snapshot).
+        self._rosters: dict[str, _Roster] = {}
         self.interval = 0.0
         self._last_recv = 0.0
         self._paused_until = 0.0
@@ -421,6 +512,18 @@ class ClientSession:
         """The guild's Position if it is SUBSCRIBED on this connection, else None."""
         pos = self._desired.get(gid) if gid in self._subscribed else None
         return pos if type(pos) is Position else None
+
+    def rosters(self) -> dict[str, Roster]:
+        """Every guild's :meth:`roster` known on this connection."""
+        return {gid: r for gid in self._rosters if (r := self.roster(gid)) is not None}
+
+    def roster(self, gid: str) -> Roster | None:
+        """``gid``'s presence as this connection knows it (its snapshot and
+        the changes since), or None before its PRESENCE_SNAPSHOT."""
+        r = self._rosters.get(gid)
+        if r is None:
+            return None
+        return Roster(gid, tuple(r.members.values()), r.count, r.truncated)
 
     # --- connection lifecycle ------------------------------------------------------
 
@@ -514,6 +617,7 @@ class ClientSession:
         if self._desired.pop(gid, _MISSING) is _MISSING:
             return []
         self._subscribed.discard(gid)
+        self._rosters.pop(gid, None)
         if self.state is not State.READY or self._sent.pop(gid, _MISSING) is _MISSING:
             return []
         self._leaving.add(gid)
@@ -568,7 +672,7 @@ class ClientSession:
         self.next_tick = now + self.interval
         self.state = State.IDENTIFYING
         self._sent = dict(self._desired)
-        return [Send(identify_message(self._token, self._sent, self.events))]
+        return [Send(identify_message(self._token, self._sent, self.events, self.presence))]
 
     def _message(self, msg: dict[str, Any]) -> list[Output]:
         op = msg.get("op")
@@ -593,7 +697,9 @@ class ClientSession:
                 if type(t) is not str:
                     raise _Bad("an event needs its name t")
                 return self._event(g, t, s, d)
-            return []  # no s: presence, not a guild event
+            if self.presence and t in PRESENCE_EVENTS and g in self._desired:
+                return self._presence(g, t, d)
+            return []  # no s: presence (not asked for), not a guild event
         if op == Op.ACK:
             return self._ack(_obj(d, "ACK"))
         if op == Op.ERROR:
@@ -667,6 +773,28 @@ class ClientSession:
         out.append(Event(gid, t, s, d))
         return out
 
+    def _presence(self, gid: str, t: Any, d: Any) -> list[Output]:
+        """PRESENCE_SNAPSHOT replaces the roster; JOIN/LEAVE apply to it."""
+        if t == "PRESENCE_SNAPSHOT":
+            snap = _obj(d, t)
+            raw, count, truncated = snap.get("members"), snap.get("count"), snap.get("truncated")
+            if type(raw) is not list or type(count) is not int or type(truncated) is not bool:
+                raise _Bad("PRESENCE_SNAPSHOT needs {members: list, count: int, truncated: bool}")
+            members = [_member(m, "a PRESENCE_SNAPSHOT member") for m in raw]
+            self._rosters[gid] = _Roster({m.session: m for m in members}, count, truncated)
+            return [PresenceSnapshot(gid, tuple(members), count, truncated)]
+        member = _member(d, str(t))
+        r = self._rosters.get(gid)
+        if t == "PRESENCE_JOIN":
+            if r is not None and member.session not in r.members:
+                r.members[member.session] = member
+                r.count += 1
+            return [PresenceJoin(gid, member)]
+        if r is not None:
+            if r.members.pop(member.session, None) is not None or r.truncated:
+                r.count = max(0, r.count - 1)
+        return [PresenceLeave(gid, member)]
+
     def _ack(self, d: dict[str, Any]) -> list[Output]:
         nonce, g, s, epoch = d.get("nonce"), d.get("g"), d.get("s"), d.get("epoch")
         if nonce not in self._inflight:
@@ -694,6 +822,7 @@ class ClientSession:
             # A SUBSCRIBE (or IDENTIFY guild) was refused: stop following it.
             self._desired.pop(gid, None)
             self._sent.pop(gid, None)
+            self._rosters.pop(gid, None)
             return [SubscribeRefused(gid, code, message)]
         return [ServerError(code, message, gid)]
 

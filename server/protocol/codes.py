@@ -85,8 +85,13 @@ class Err(IntEnum):
     OUTCOME_UNKNOWN = 4504
 
 
-#: Event names a publisher may not use (PROTOCOL.md, "Publishing").
-RESERVED_EVENTS = frozenset({"READY", "SUBSCRIBED", "UNSUBSCRIBED"})
+#: The dispatch names of presence (PROTOCOL.md, "Presence"): sent by the
+#: server only, so a publisher cannot forge a join, a leave or a snapshot.
+PRESENCE_EVENTS = frozenset({"PRESENCE_JOIN", "PRESENCE_LEAVE", "PRESENCE_SNAPSHOT"})
+
+#: Event names a publisher may not use (PROTOCOL.md, "Publishing"): every
+#: dispatch name the server sends itself.
+RESERVED_EVENTS = frozenset({"READY", "SUBSCRIBED", "UNSUBSCRIBED"}) | PRESENCE_EVENTS
 
 
 class CloseAction(Enum):

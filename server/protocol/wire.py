@@ -218,6 +218,16 @@ def subscribed_frame(
     return message(Op.DISPATCH, d, t="SUBSCRIBED", g=gid)
 
 
+def presence_snapshot_frame(
+    gid: str, members: list[dict[str, str]], count: int, limit: int
+) -> bytes:
+    """PRESENCE_SNAPSHOT (PROTOCOL.md, "Presence"): at most ``limit`` of the
+    guild's ``count`` members; ``truncated`` says whether some are left out."""
+    listed = members[: max(0, limit)]
+    d = {"members": listed, "count": count, "truncated": len(listed) < count}
+    return message(Op.DISPATCH, d, t="PRESENCE_SNAPSHOT", g=gid)
+
+
 def unsubscribed_frame(gid: str) -> bytes:
     """The answer to UNSUBSCRIBE (PROTOCOL.md, "Subscribing and recovery")."""
     return message(Op.DISPATCH, None, t="UNSUBSCRIBED", g=gid)

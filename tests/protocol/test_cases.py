@@ -30,7 +30,9 @@ def build(kind: str, args: dict[str, Any]) -> bytes:
         return pc.HEARTBEAT
     if kind == "identify":
         guilds = {g: _pos(p) for g, p in args["guilds"].items()}
-        return pc.identify_message(args["token"], guilds, args.get("events"))
+        return pc.identify_message(
+            args["token"], guilds, args.get("events"), args.get("presence", False)
+        )
     if kind == "subscribe":
         return pc.subscribe_message({g: _pos(p) for g, p in args["guilds"].items()})
     if kind == "unsubscribe":
@@ -69,8 +71,10 @@ class Driver:
     asyncio client does (a refusal answers a waiting subscribe(), else it
     is a lost subscription)."""
 
-    def __init__(self, guilds: list[str], rewind: int | None = None) -> None:
-        self.session = ClientSession(guilds, rewind=rewind)
+    def __init__(
+        self, guilds: list[str], rewind: int | None = None, presence: bool = False
+    ) -> None:
+        self.session = ClientSession(guilds, rewind=rewind, presence=presence)
         self.waiters: set[str] = set()
         self.now = 100.0
 
@@ -120,12 +124,29 @@ class Driver:
             return {"kind": "acked", "nonce": o.nonce, "s": o.s}
         if isinstance(o, pc.PublishRefused):
             return {"kind": "publish_refused", "nonce": o.nonce, "code": o.code}
+        if isinstance(o, pc.PresenceSnapshot):
+            sessions = [m.session for m in o.members]
+            return {
+                "kind": "presence_snapshot",
+                "guild": o.guild,
+                "sessions": sessions,
+                "count": o.count,
+                "truncated": o.truncated,
+            }
+        if isinstance(o, pc.PresenceJoin | pc.PresenceLeave):
+            kind = "presence_join" if isinstance(o, pc.PresenceJoin) else "presence_leave"
+            return {
+                "kind": kind,
+                "guild": o.guild,
+                "user": o.member.user,
+                "session": o.member.session,
+            }
         return None
 
 
 @pytest.mark.parametrize("scenario", CASES["sessions"], ids=lambda c: c["name"][:40])
 def test_session_scenario(scenario: dict[str, Any]) -> None:
-    d = Driver(scenario["guilds"], scenario.get("rewind"))
+    d = Driver(scenario["guilds"], scenario.get("rewind"), scenario.get("presence", False))
     for i, step in enumerate(scenario["steps"]):
         sent, items, reconnects = d.step(step)
         where = f"step {i}: {step}"
@@ -140,3 +161,13 @@ def test_session_scenario(scenario: dict[str, Any]) -> None:
             assert got == step["positions"], where
         if "duplicates" in step:
             assert d.session.duplicates_dropped == step["duplicates"], where
+        if "rosters" in step:
+            rosters = {
+                g: {
+                    "sessions": [m.session for m in r.members],
+                    "count": r.count,
+                    "truncated": r.truncated,
+                }
+                for g, r in d.session.rosters().items()
+            }
+            assert rosters == step["rosters"], where

@@ -25,7 +25,7 @@ const CASES = JSON.parse(readFileSync(new URL("../../../tests/protocol/cases.jso
 
 const BUILD = {
   heartbeat: () => HEARTBEAT,
-  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null),
+  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null, a.presence ?? false),
   subscribe: (a) => subscribeMessage(a.guilds),
   unsubscribe: (a) => unsubscribeMessage(a.guilds),
   publish: (a) => publishMessage(a.guild, a.t, a.d, a.nonce ?? null),
@@ -88,13 +88,20 @@ const settle = async () => {
 for (const sc of CASES.sessions) {
   test(`session: ${sc.name}`, async () => {
     ScriptedSocket.all = [];
-    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, rewind: sc.rewind ?? null, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0 } });
+    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, rewind: sc.rewind ?? null, presence: sc.presence ?? false, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0 } });
     let items = [];
     let stops = [];
     c.on("event", (e) => items.push({ kind: "event", guild: e.guild, name: e.name, s: e.s, data: e.data }));
     c.on("resync", (e) => items.push({ kind: "resync", guild: e.guild, epoch: e.epoch, s: e.s }));
     c.on("ready", (e) => items.push({ kind: "ready", session_id: e.sessionId, user: e.user }));
     c.on("subscriptionlost", (e) => items.push({ kind: "subscription_lost", guild: e.guild, code: e.code }));
+    c.on("presence", (e) =>
+      items.push(
+        e.kind === "snapshot"
+          ? { kind: "presence_snapshot", guild: e.guild, sessions: e.members.map((m) => m.session), count: e.count, truncated: e.truncated }
+          : { kind: `presence_${e.kind}`, guild: e.guild, user: e.member.user, session: e.member.session },
+      ),
+    );
     c.on("disconnect", () => stops.push(true));
     c.on("closed", () => stops.push(false));
     c.connect().catch(() => {});
@@ -139,6 +146,10 @@ for (const sc of CASES.sessions) {
         if ("reconnects" in step) assert.deepEqual(stops, [step.reconnects], where);
         if ("positions" in step) assert.deepEqual(c.positions, step.positions, where);
         if ("duplicates" in step) assert.equal(c.duplicatesDropped, step.duplicates, where);
+        if ("rosters" in step) {
+          const rosters = Object.fromEntries(Object.entries(c.rosters).map(([g, r]) => [g, { sessions: r.members.map((m) => m.session), count: r.count, truncated: r.truncated }]));
+          assert.deepEqual(rosters, step.rosters, where);
+        }
       }
     } finally {
       await c.close();

@@ -194,3 +194,39 @@ test("a 'fix the client' close code (4002) stops the client for good", { skip },
   assert.equal(c.sessions, 1);
   await c.close();
 });
+
+test("presence: the roster is the snapshot, then every join and leave after it", { skip }, async () => {
+  const gid = "js-presence";
+  const early = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF });
+  const watcher = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF, presence: true });
+  const late = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF });
+  const seen = [];
+  watcher.on("presence", (e) => seen.push(e));
+  try {
+    await early.connect();
+    await early.subscribe(gid);
+    await watcher.connect();
+    assert.equal(watcher.roster(gid), null); // not subscribed yet
+    await watcher.subscribe(gid);
+    await waitFor(() => watcher.roster(gid) !== null, "the snapshot");
+    assert.equal(seen[0].kind, "snapshot");
+    assert.deepEqual(seen[0].members.map((m) => m.session), [early.sessionId]);
+    const sessions = () => watcher.roster(gid).members.map((m) => m.session).sort();
+    // Its own join follows its snapshot.
+    await waitFor(() => watcher.roster(gid).count === 2, "the watcher's own join");
+    assert.deepEqual(sessions(), [early.sessionId, watcher.sessionId].sort());
+    await late.connect();
+    await late.subscribe(gid);
+    await waitFor(() => watcher.roster(gid).count === 3, "a later join");
+    await early.unsubscribe(gid);
+    await waitFor(() => watcher.roster(gid).count === 2, "a leave");
+    assert.deepEqual(sessions(), [watcher.sessionId, late.sessionId].sort());
+    assert.deepEqual(
+      seen.map((e) => e.kind),
+      ["snapshot", "join", "join", "leave"],
+    );
+    assert.equal(watcher.roster(gid).truncated, false);
+  } finally {
+    await Promise.all([early.close(), watcher.close(), late.close()]);
+  }
+});

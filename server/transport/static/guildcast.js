@@ -23,10 +23,18 @@
 //   "event"            {guild, name, s, data}
 //   "resync"           {guild, epoch, s}
 //   "subscriptionlost" {guild, code, message}  (re-subscribe refused)
+//   "presence"         {guild, kind: "snapshot", members, count, truncated} or
+//                      {guild, kind: "join" | "leave", member}  (with options.presence)
 //   "ready"            {sessionId, user}
 //   "disconnect"       {code, reason, delay}   (a reconnect follows after delay s)
 //   "closed"           {code, reason, error}   (stopped for good; error null if by close())
 // Listeners run synchronously in arrival order; there is no queue to bound.
+//
+// Presence (options.presence, PROTOCOL.md "Presence"): each guild's members
+// are kept per connection, client.roster(gid) -> {guild, members, count,
+// truncated} or null: the PRESENCE_SNAPSHOT after SUBSCRIBED replaces it,
+// each PRESENCE_JOIN/LEAVE after it applies (the server misses none and
+// doubles none); null again after a disconnect until the next snapshot.
 
 // The protocol's pure parts (message builders, grammar, close-code
 // classification) are exported below and checked against the same golden
@@ -63,7 +71,9 @@ export const INVALID_EVENT_NAME = 4422;
 const GUILD_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
 // Upper case only: names are case-sensitive and have one spelling each (PROTOCOL.md "Messages").
 const EVENT_RE = /^[A-Z0-9_]{1,64}$/;
-const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED"]);
+const PRESENCE_EVENTS = new Set(["PRESENCE_JOIN", "PRESENCE_LEAVE", "PRESENCE_SNAPSHOT"]);
+// Every dispatch name the server sends itself (PROTOCOL.md "Publishing").
+const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED", ...PRESENCE_EVENTS]);
 /** The HEARTBEAT message (op 1). */
 export const HEARTBEAT = '{"op":1,"d":null}';
 const OP = { DISPATCH: 0, HEARTBEAT: 1, IDENTIFY: 2, SUBSCRIBE: 3, UNSUBSCRIBE: 4, PUBLISH: 5, RECONNECT: 7, HELLO: 10, HEARTBEAT_ACK: 11, ACK: 12, ERROR: 13 };
@@ -78,10 +88,11 @@ export function validEvent(t) {
   return typeof t === "string" && EVENT_RE.test(t);
 }
 
-/** IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}), {rewind: n} (1.1) or null. */
-export function identifyMessage(token, guilds, events = null) {
+/** IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}), {rewind: n} (1.1) or null; presence asks for presence. */
+export function identifyMessage(token, guilds, events = null, presence = false) {
   const d = { token, guilds };
   if (events !== null && events !== undefined) d.events = events;
+  if (presence) d.presence = true;
   return JSON.stringify({ op: OP.IDENTIFY, d });
 }
 
@@ -220,19 +231,23 @@ function deferred() {
  * attempt; with it one 4004 is retried with a fresh token), guilds (array to
  * follow from the first IDENTIFY), rewind (protocol 1.1: those guilds start
  * with their last `rewind` events instead of from now), events (event-name
- * filter), backoff (a Backoff or its options), WebSocket (constructor;
+ * filter), presence (true: ask for presence, see roster() and the "presence"
+ * event), backoff (a Backoff or its options), WebSocket (constructor;
  * default the global), maxMessage (bytes), openTimeout and closeTimeout (ms).
  */
 export class GuildcastClient extends EventTarget {
   constructor(url, options = {}) {
     super();
-    const { token = null, tokenProvider = null, guilds = [], rewind = null, events = null, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
+    const { token = null, tokenProvider = null, guilds = [], rewind = null, events = null, presence = false, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
     if (token === null && tokenProvider === null) throw new TypeError("give a token or a tokenProvider");
     if (typeof WS !== "function") throw new TypeError("no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)");
     this.url = url;
     this._token = token;
     this._tokenProvider = tokenProvider;
     this._eventFilter = events === null ? null : [...events];
+    this._presence = Boolean(presence);
+    /** guild -> {members: Map(session -> member), count, truncated}, on this connection. */
+    this._rosters = new Map();
     this._backoff = backoff instanceof Backoff ? backoff : new Backoff(backoff ?? {});
     this._WS = WS;
     this._maxMessage = maxMessage;
@@ -295,6 +310,17 @@ export class GuildcastClient extends EventTarget {
   /** A copy of each followed guild's last seen Position (for persisting; null before its first SUBSCRIBED). */
   get positions() {
     return Object.fromEntries([...this._desired].map(([g, p]) => [g, isRewind(p) ? null : p]));
+  }
+
+  /** `gid`'s presence on this connection ({guild, members, count, truncated}), or null before its snapshot. */
+  roster(gid) {
+    const r = this._rosters.get(gid);
+    return r ? { guild: gid, members: [...r.members.values()], count: r.count, truncated: r.truncated } : null;
+  }
+
+  /** Every guild's roster known on this connection, by guild id. */
+  get rosters() {
+    return Object.fromEntries([...this._rosters.keys()].map((g) => [g, this.roster(g)]));
   }
 
   /** Send no HEARTBEAT for `ms`: the server closes with 4009 and the client recovers. For tests. */
@@ -364,6 +390,7 @@ export class GuildcastClient extends EventTarget {
     if (!this._desired.has(gid)) return;
     this._desired.delete(gid);
     this._subscribed.delete(gid);
+    this._rosters.delete(gid);
     const waiter = this._subWaiters.get(gid);
     if (waiter) {
       this._subWaiters.delete(gid);
@@ -525,7 +552,7 @@ export class GuildcastClient extends EventTarget {
             if (ws.readyState === 1) ws.send(HEARTBEAT);
           }, interval);
           this._sent = new Map(this._desired);
-          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter));
+          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter, this._presence));
           return;
         }
         this._handle(ws, msg);
@@ -538,6 +565,7 @@ export class GuildcastClient extends EventTarget {
         this._identified = false;
         this._subscribed.clear();
         this._sent.clear();
+        this._rosters.clear();
         const interrupted = new PublishInterrupted("connection closed before the ACK");
         for (const w of this._publishes.values()) w.reject(interrupted);
         for (const w of this._unsubWaiters.values()) w.resolve();
@@ -559,6 +587,7 @@ export class GuildcastClient extends EventTarget {
         this._unsubWaiters.delete(g);
         if (w) w.resolve();
       } else if (g != null && Number.isInteger(msg.s)) this._event(g, t, msg.s, d);
+      else if (g != null && this._presence && PRESENCE_EVENTS.has(t) && this._desired.has(g)) this._presenceDispatch(g, t, d);
     } else if (op === OP.ACK) {
       const w = this._publishes.get(d.nonce);
       if (w) w.resolve(d.s);
@@ -630,6 +659,28 @@ export class GuildcastClient extends EventTarget {
     this._emit("event", { guild: gid, name: t, s, data: d });
   }
 
+  // PRESENCE_SNAPSHOT replaces the guild's roster; PRESENCE_JOIN/LEAVE apply to it.
+  _presenceDispatch(gid, t, d) {
+    if (t === "PRESENCE_SNAPSHOT") {
+      const members = d.members.map(({ user, session, node }) => ({ user, session, node }));
+      this._rosters.set(gid, { members: new Map(members.map((m) => [m.session, m])), count: d.count, truncated: d.truncated });
+      this._emit("presence", { guild: gid, kind: "snapshot", members, count: d.count, truncated: d.truncated });
+      return;
+    }
+    const member = { user: d.user, session: d.session, node: d.node };
+    const r = this._rosters.get(gid);
+    if (t === "PRESENCE_JOIN") {
+      if (r && !r.members.has(member.session)) {
+        r.members.set(member.session, member);
+        r.count += 1;
+      }
+      this._emit("presence", { guild: gid, kind: "join", member });
+      return;
+    }
+    if (r && (r.members.delete(member.session) || r.truncated)) r.count = Math.max(0, r.count - 1);
+    this._emit("presence", { guild: gid, kind: "leave", member });
+  }
+
   _error(d) {
     const { code, message, nonce, g } = d;
     if (nonce != null) {
@@ -640,6 +691,7 @@ export class GuildcastClient extends EventTarget {
     if (g != null && this._sent.has(g) && !this._subscribed.has(g)) {
       this._desired.delete(g);
       this._sent.delete(g);
+      this._rosters.delete(g);
       const w = this._subWaiters.get(g);
       this._subWaiters.delete(g);
       if (w) w.reject(new SubscribeError(code, message, g));
