@@ -12,6 +12,13 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
   (``MAXLEN``) and by age (oldest entries deleted on each append; the whole
   stream expires after ``history_ttl`` without appends, when every entry
   would be too old anyway).
+- ``gc:{gid}:idem`` — the idempotency window: a hash of key ->
+  ``s|epoch|digest`` (PROTOCOL.md "Idempotent publish"), and
+  ``gc:{gid}:idemq``, a sorted set of the same keys by publish time (ms):
+  the script drops keys older than the window's TTL before it looks one
+  up, and the oldest past the window's count after it adds; both expire
+  after the TTL without keyed appends. A key of another epoch is not in
+  the window; a new epoch deletes both.
 - channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|epoch|payload``
   (the epoch beside the DISPATCH bytes, never inside them: a listener checks
   it before forwarding a record; ``payload`` is exactly what ``read`` returns).
@@ -72,6 +79,12 @@ from guildcast.broker.base import (
     Record,
     spawn,
 )
+from guildcast.core.idempotency import (
+    IDEMPOTENCY_GUILD_KEYS,
+    IDEMPOTENCY_TTL,
+    Replayed,
+    digest,
+)
 
 log = logging.getLogger("guildcast.broker.redis")
 
@@ -81,24 +94,71 @@ if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
   redis.call('SET', KEYS[2], 0)
-  redis.call('DEL', KEYS[3])
+  redis.call('DEL', KEYS[3], KEYS[5], KEYS[6])
 end
 local gid = ARGV[2]
 local maxlen = tonumber(ARGV[3])
 local now = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
+local keyed = ARGV[7] == '1'
+local wttl = tonumber(ARGV[8])
+local wmax = tonumber(ARGV[9])
+local stride = 2
+if keyed then
+  stride = 4
+  local old = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', '(' .. (now - wttl))
+  for _, k in ipairs(old) do redis.call('HDEL', KEYS[5], k) end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. (now - wttl)) end
+end
 local out = {epoch}
 for i = 1, n do
-  local t = ARGV[5 + 2 * i]
-  local d = ARGV[6 + 2 * i]
-  local s = redis.call('INCR', KEYS[2])
-  local p = '{"op":0,"t":"' .. t .. '","g":"' .. gid .. '","s":' .. s .. ',"d":' .. d .. '}'
-  if maxlen > 0 then
-    redis.call('XADD', KEYS[3], 'MAXLEN', maxlen, s .. '-0', 't', t, 'ts', now, 'p', p)
+  local at = 9 + stride * (i - 1)
+  local t = ARGV[at + 1]
+  local d = ARGV[at + 2]
+  local k = ''
+  local h = ''
+  local seen = nil
+  if keyed then
+    k = ARGV[at + 3]
+    h = ARGV[at + 4]
+    if k ~= '' then
+      local v = redis.call('HGET', KEYS[5], k)
+      if v then
+        local a = string.find(v, '|', 1, true)
+        local b = string.find(v, '|', a + 1, true)
+        if string.sub(v, a + 1, b - 1) == epoch then
+          seen = string.sub(v, 1, a - 1)
+          if string.sub(v, b + 1) == h then seen = 'r' .. seen else seen = 'c' .. seen end
+        end
+      end
+    end
   end
-  redis.call('PUBLISH', KEYS[4], s .. '|' .. t .. '|' .. now .. '|' .. epoch .. '|' .. p)
-  out[#out + 1] = s
+  if seen then
+    out[#out + 1] = seen
+  else
+    local s = redis.call('INCR', KEYS[2])
+    local p = '{"op":0,"t":"' .. t .. '","g":"' .. gid .. '","s":' .. s .. ',"d":' .. d .. '}'
+    if maxlen > 0 then
+      redis.call('XADD', KEYS[3], 'MAXLEN', maxlen, s .. '-0', 't', t, 'ts', now, 'p', p)
+    end
+    redis.call('PUBLISH', KEYS[4], s .. '|' .. t .. '|' .. now .. '|' .. epoch .. '|' .. p)
+    out[#out + 1] = s
+    if k ~= '' then
+      redis.call('HSET', KEYS[5], k, s .. '|' .. epoch .. '|' .. h)
+      redis.call('ZADD', KEYS[6], now, k)
+    end
+  end
+end
+if keyed then
+  local c = redis.call('ZCARD', KEYS[6])
+  if c > wmax then
+    local drop = redis.call('ZRANGE', KEYS[6], 0, c - wmax - 1)
+    for _, k in ipairs(drop) do redis.call('HDEL', KEYS[5], k) end
+    redis.call('ZREMRANGEBYRANK', KEYS[6], 0, c - wmax - 1)
+  end
+  redis.call('PEXPIRE', KEYS[5], wttl)
+  redis.call('PEXPIRE', KEYS[6], wttl)
 end
 if maxlen > 0 then
   local cutoff = now - ttl
@@ -134,8 +194,10 @@ NODES = "gc:nodes"
 
 
 def guild_keys(gid: str) -> list[str]:
-    """The guild's epoch, seq, log and channel (the append script's KEYS)."""
-    return [f"gc:{{{gid}}}:epoch", f"gc:{{{gid}}}:seq", f"gc:{{{gid}}}:log", channel(gid)]
+    """The guild's epoch, seq, log, channel and idempotency window (its hash
+    and its order): the append script's KEYS."""
+    g = f"gc:{{{gid}}}"
+    return [f"{g}:epoch", f"{g}:seq", f"{g}:log", channel(gid), f"{g}:idem", f"{g}:idemq"]
 
 
 def channel(gid: str) -> str:
@@ -272,6 +334,8 @@ class RedisBroker:
         node_id: str = "node",
         presence_timeout: float = 10.0,
         feed_deadline: float = 3.0,
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
+        idempotency_keys: int = IDEMPOTENCY_GUILD_KEYS,
     ) -> None:
         self.url = url
         self.op_timeout = op_timeout
@@ -280,6 +344,10 @@ class RedisBroker:
         self.feed_deadline = feed_deadline
         self.history_size = history_size
         self.history_ttl_ms = int(history_ttl * 1000)
+        #: The idempotency window per guild: milliseconds and keys (both
+        #: > 0, else keys are accepted and ignored).
+        self.idempotency_ttl_ms = int(idempotency_ttl * 1000)
+        self.idempotency_keys = idempotency_keys
         self.health_interval = health_interval
         # A blocking pool: past MAX_REDIS_CONNECTIONS commands wait (up to
         # op_timeout) for a connection instead of failing, so a burst of
@@ -405,6 +473,52 @@ class RedisBroker:
     # --- sequencing and history --------------------------------------------------
 
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
+        args = self._append_args(gid, len(items), False)
+        for t, d in items:
+            args.append(t)
+            args.append(d)
+        out = await self._queue_append(gid, args)
+        return out[0].decode(), [int(s) for s in out[1:]]
+
+    async def append_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[int | Replayed]]:
+        """The window lives in Redis beside the log: the one script looks
+        each key up and records it as it sequences, atomically for every
+        node (module docstring)."""
+        on = self.idempotency_ttl_ms > 0 and self.idempotency_keys > 0
+        args = self._append_args(gid, len(items), on)
+        for (t, d), key in zip(items, keys, strict=True):
+            args.append(t)
+            args.append(d)
+            if on:
+                args.append(key or "")
+                args.append(digest(t, d) if key is not None else b"")
+        out = await self._queue_append(gid, args)
+        res: list[int | Replayed] = []
+        for v in out[1:]:
+            # A number: sequenced now. "r<s>": the window's (same content),
+            # "c<s>": the window's with other content (a conflict).
+            if isinstance(v, bytes):
+                res.append(Replayed(int(v[1:]), v[:1] == b"c"))
+            else:
+                res.append(int(v))
+        return out[0].decode(), res
+
+    def _append_args(self, gid: str, n: int, keyed: bool) -> list[Any]:
+        return [
+            secrets.token_hex(8),
+            gid,
+            self.history_size,
+            int(time.time() * 1000),
+            self.history_ttl_ms,
+            n,
+            1 if keyed else 0,
+            self.idempotency_ttl_ms,
+            self.idempotency_keys,
+        ]
+
+    async def _queue_append(self, gid: str, args: list[Any]) -> list[Any]:
         # Only the command link and the policy matter here: a feed reconnect
         # does not stop this node from sequencing.
         if not self._healthy:
@@ -413,22 +527,10 @@ class RedisBroker:
             raise BrokerUnavailable(self._policy_error)
         if len(self._queue) >= MAX_QUEUED_APPENDS:
             raise BrokerUnavailable("too many appends queued")
-        args: list[Any] = [
-            secrets.token_hex(8),
-            gid,
-            self.history_size,
-            int(time.time() * 1000),
-            self.history_ttl_ms,
-            len(items),
-        ]
-        for t, d in items:
-            args.append(t)
-            args.append(d)
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((gid, args, fut))
         self._queue_ready.set()
-        out = await fut
-        return out[0].decode(), [int(s) for s in out[1:]]
+        return await fut
 
     async def _pipeliner(self) -> None:
         """Sends queued appends, many guilds per round trip, in queue order."""
@@ -465,7 +567,7 @@ class RedisBroker:
                 async with self._r.pipeline(transaction=False) as pipe:
                     pipe.connection = conn
                     for gid, args, _ in batch:
-                        pipe.evalsha(self._append_script.sha, 4, *guild_keys(gid), *args)
+                        pipe.evalsha(self._append_script.sha, 6, *guild_keys(gid), *args)
                     results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as e:
                 self._mark_down(e)
