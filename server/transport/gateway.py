@@ -519,7 +519,11 @@ class Connection(asyncio.Protocol):
             self._run(session.publish_failed(p, Close.DECODE_ERROR, f"d is not JSON: {exc}"))
             return
         try:
-            fut = self._gw.host.publish(p.gid, p.t, d_json, p.key)
+            host = self._gw.host
+            if p.key is None:
+                fut = host.publish(p.gid, p.t, d_json)
+            else:
+                fut = host.publish(p.gid, p.t, d_json, p.key)
         except Overloaded as exc:
             self._run(session.publish_failed(p, Err.TRY_AGAIN_LATER, str(exc)))
             return

@@ -616,7 +616,10 @@ class HttpApi:
         refused: ApiError | None = None
         for gid, t, d, key in events:
             try:
-                futs.append(self.host.publish(gid, t, d, key))
+                if key is None:
+                    futs.append(self.host.publish(gid, t, d))
+                else:
+                    futs.append(self.host.publish(gid, t, d, key))
             except Overloaded as e:
                 refused = ApiError(503, "unavailable", str(e))
                 break
