@@ -145,7 +145,7 @@ class Config:
     #: node for every guild together (single node brokers; the node's
     #: oldest leave first).
     idempotency_guild_keys: int = 10_000
-    idempotency_node_keys: int = 500_000
+    idempotency_node_keys: int = 200_000
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -37,19 +37,20 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-#: Defaults of the window (``Config.idempotency_ttl`` and friends; docs/RELIABILITY.md
-#: "Retrying a publish"). 300 s: Centrifugo's window, ten times the HTTP API's
-#: 30 s publish timeout. 10,000 keys per guild: a guild publishing 30 keyed
-#: events/s keeps them for the whole TTL. 500,000 per node: about 100 MiB
-#: (:data:`ENTRY_BYTES` each), a quarter of what history may take by default.
+#: Defaults of the window (``Config.idempotency_ttl`` and friends; docs/PROTOCOL.md
+#: "Idempotent publish"). 300 s: Centrifugo's window, ten times the HTTP API's
+#: 30 s publish timeout, room for retries with backoff. 10,000 keys per guild:
+#: a guild publishing 30 keyed events/s keeps every key for the whole TTL.
+#: 200,000 per node: about 92 MiB (:data:`ENTRY_BYTES` each), a third of
+#: what history may take by default (``history_node_bytes``, 256 MiB).
 IDEMPOTENCY_TTL = 300.0
 IDEMPOTENCY_GUILD_KEYS = 10_000
-IDEMPOTENCY_NODE_KEYS = 500_000
-#: Bytes one entry costs in CPython with a 36-character key (a UUID): the
-#: key string, the entry tuple and its digest, a slot in the guild's
-#: ordered dict and a tuple in the node's order (measured with tracemalloc,
-#: rounded up).
-ENTRY_BYTES = 200
+IDEMPOTENCY_NODE_KEYS = 200_000
+#: Bytes one entry costs in CPython with a 36-character key (a UUID):
+#: the key string (85), its digest (41), the entry tuple and its numbers,
+#: the guild's ordered-dict slot and the node order's tuple (330),
+#: measured with tracemalloc over 100,000 entries, rounded up.
+ENTRY_BYTES = 480
 #: Bytes of the content digest: enough that two different events of one
 #: guild's window never collide by accident (it guards against a client bug,
 #: not an adversary, who may publish to the guild anyway).
