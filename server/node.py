@@ -466,6 +466,8 @@ class Server:
             guilds_alive=len(self.registry),
             guilds_started=self.registry.started,
             published=st.published,
+            publish_replays=st.publish_replays,
+            publish_conflicts=st.publish_conflicts,
             deliveries=st.deliveries,
             bytes_out=st.bytes_out,
             latency_buckets=st.latency.cumulative(),

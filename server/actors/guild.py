@@ -372,8 +372,10 @@ class Guild(Actor):
             else:
                 assert isinstance(r, Replayed)
                 if r.conflict:
+                    self.stats.publish_conflicts += 1
                     call.future.set_exception(KeyConflict(r.s, epoch))
                 else:
+                    self.stats.publish_replays += 1
                     call.future.set_result((r.s, epoch))
         if recs and self.listening:
             await self._on_feed(recs)

@@ -230,6 +230,16 @@ class _NodeCollector(Collector):
         yield counter("guildcast_guild_actors_started", "Guild actors started", m.guilds_started)
         yield counter("guildcast_events_published", "Events sequenced by this node", m.published)
         yield counter(
+            "guildcast_publish_replays",
+            "Keyed publishes answered from the idempotency window, not sequenced again",
+            m.publish_replays,
+        )
+        yield counter(
+            "guildcast_publish_conflicts",
+            "Keyed publishes refused: the key was used by an event of other content",
+            m.publish_conflicts,
+        )
+        yield counter(
             "guildcast_deliveries", "Events written to sessions (per recipient)", m.deliveries
         )
         yield counter("guildcast_bytes_written", "Event bytes written to sessions", m.bytes_out)

@@ -235,6 +235,11 @@ async def test_http_conflict_and_repeats_within_a_batch() -> None:
         with pytest.raises(KeyConflict):
             await srv.publish("g", "ORDER", {"i": 6}, idempotency_key="c")
         assert (await srv.head("g"))[1] == 4
+        status, text, _ = await api.get("/metrics")
+        assert status == 200
+        lines = text.decode().splitlines()
+        assert "guildcast_publish_replays_total 2.0" in lines  # the batch's repeat, "c"
+        assert "guildcast_publish_conflicts_total 3.0" in lines
 
 
 async def test_concurrent_publishes_of_one_key_sequence_once() -> None:
