@@ -568,7 +568,7 @@ class DiskBroker(MemoryBroker):
         recs = lg.records
         if not recs or self.history_size <= 0:
             return lg.epoch, []
-        start = max(0, after + 1 - recs[0].s)
+        start = min(len(recs), max(0, after + 1 - recs[0].s))  # after may be near 2**63
         return lg.epoch, list(islice(recs, start, start + limit))
 
     async def first(self, gid: str) -> int | None:

@@ -201,7 +201,7 @@ class MemoryBroker:
         recs = log.records
         if not recs:
             return log.epoch, []
-        start = max(0, after + 1 - recs[0].s)
+        start = min(len(recs), max(0, after + 1 - recs[0].s))  # after may be near 2**63
         return log.epoch, list(islice(recs, start, start + limit))
 
     async def first(self, gid: str) -> int | None:

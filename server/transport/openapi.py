@@ -273,7 +273,7 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                         "t": _ref("EventName"),
                         "d": {"description": "Any JSON value (absent: null)."},
                         "idempotency_key": {
-                            "type": "string",
+                            "type": ["string", "null"],
                             "pattern": f"^{wire.IDEMPOTENCY_KEY_PATTERN}$",
                             "minLength": 1,
                             "maxLength": 128,
@@ -282,7 +282,7 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                                 "(default 300 s and 10,000 keys) an event with a key "
                                 "already sequenced is answered with the original `s` and "
                                 "`epoch` and not sequenced again; with another `t` or `d`, "
-                                '409. PROTOCOL.md "Idempotent publish".'
+                                '409; null: no key. PROTOCOL.md "Idempotent publish".'
                             ),
                         },
                     },
@@ -310,6 +310,9 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                         "s": {"type": "integer", "minimum": 1},
                         "epoch": {"type": "string"},
                     },
+                    # A batch's failed entry may carry the original's s and
+                    # epoch too (a conflict): it is told apart by its error.
+                    "not": {"required": ["error"]},
                 },
                 "Error": {
                     "type": "object",
