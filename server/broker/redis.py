@@ -18,7 +18,9 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
   the script drops keys older than the window's TTL before it looks one
   up, and the oldest past the window's count after it adds; both expire
   after the TTL without keyed appends. A key of another epoch is not in
-  the window; a new epoch deletes both.
+  the window; a new epoch found by a keyed append deletes both. Only
+  keyed appends name these keys (and pay for them): an unkeyed append
+  sends the script exactly the KEYS and ARGV it did before keys existed.
 - channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|epoch|payload``
   (the epoch beside the DISPATCH bytes, never inside them: a listener checks
   it before forwarding a record; ``payload`` is exactly what ``read`` returns).
@@ -94,18 +96,26 @@ if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
   redis.call('SET', KEYS[2], 0)
-  redis.call('DEL', KEYS[3], KEYS[5], KEYS[6])
+  redis.call('DEL', KEYS[3])
+  if #KEYS > 4 then redis.call('DEL', KEYS[5], KEYS[6]) end
 end
 local gid = ARGV[2]
 local maxlen = tonumber(ARGV[3])
 local now = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
-local keyed = ARGV[7] == '1'
-local wttl = tonumber(ARGV[8])
-local wmax = tonumber(ARGV[9])
+-- Keyed (the window's two keys given): ARGV[7], ARGV[8] are the window's
+-- TTL (ms) and count, and each item is t, d, key ('' for none), digest;
+-- unkeyed, each item is t, d from ARGV[7] on.
+local keyed = #KEYS > 4
+local first = 6
 local stride = 2
+local wttl = 0
+local wmax = 0
 if keyed then
+  wttl = tonumber(ARGV[7])
+  wmax = tonumber(ARGV[8])
+  first = 8
   stride = 4
   local old = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', '(' .. (now - wttl))
   for _, k in ipairs(old) do redis.call('HDEL', KEYS[5], k) end
@@ -113,7 +123,7 @@ if keyed then
 end
 local out = {epoch}
 for i = 1, n do
-  local at = 9 + stride * (i - 1)
+  local at = first + stride * (i - 1)
   local t = ARGV[at + 1]
   local d = ARGV[at + 2]
   local k = ''
@@ -194,10 +204,14 @@ NODES = "gc:nodes"
 
 
 def guild_keys(gid: str) -> list[str]:
-    """The guild's epoch, seq, log, channel and idempotency window (its hash
-    and its order): the append script's KEYS."""
-    g = f"gc:{{{gid}}}"
-    return [f"{g}:epoch", f"{g}:seq", f"{g}:log", channel(gid), f"{g}:idem", f"{g}:idemq"]
+    """The guild's epoch, seq, log and channel (the append script's KEYS)."""
+    return [f"gc:{{{gid}}}:epoch", f"gc:{{{gid}}}:seq", f"gc:{{{gid}}}:log", channel(gid)]
+
+
+def window_keys(gid: str) -> list[str]:
+    """The guild's idempotency window, its hash and its order: the append
+    script's KEYS[5] and KEYS[6], given for keyed appends only."""
+    return [f"gc:{{{gid}}}:idem", f"gc:{{{gid}}}:idemq"]
 
 
 def channel(gid: str) -> str:
@@ -399,7 +413,8 @@ class RedisBroker:
         self._beaten = False
         #: Times the feed was found dead (a metric for tests and logs).
         self.feed_deaths = 0
-        self._queue: deque[tuple[str, list[Any], asyncio.Future[list[Any]]]] = deque()
+        #: Queued appends: the script's KEYS, its ARGV, the caller's future.
+        self._queue: deque[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = deque()
         self._queue_ready = asyncio.Event()
         #: Wanted channels: a pending future until Redis confirms, then None.
         self._listening: dict[str, asyncio.Future[None] | None] = {}
@@ -473,11 +488,18 @@ class RedisBroker:
     # --- sequencing and history --------------------------------------------------
 
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
-        args = self._append_args(gid, len(items), False)
+        args: list[Any] = [
+            secrets.token_hex(8),
+            gid,
+            self.history_size,
+            int(time.time() * 1000),
+            self.history_ttl_ms,
+            len(items),
+        ]
         for t, d in items:
             args.append(t)
             args.append(d)
-        out = await self._queue_append(gid, args)
+        out = await self._queue_append(guild_keys(gid), args)
         return out[0].decode(), [int(s) for s in out[1:]]
 
     async def append_keyed(
@@ -486,15 +508,25 @@ class RedisBroker:
         """The window lives in Redis beside the log: the one script looks
         each key up and records it as it sequences, atomically for every
         node (module docstring)."""
-        on = self.idempotency_ttl_ms > 0 and self.idempotency_keys > 0
-        args = self._append_args(gid, len(items), on)
+        if self.idempotency_ttl_ms <= 0 or self.idempotency_keys <= 0:
+            epoch, ss = await self.append(gid, items)  # the window is off
+            return epoch, list(ss)
+        args: list[Any] = [
+            secrets.token_hex(8),
+            gid,
+            self.history_size,
+            int(time.time() * 1000),
+            self.history_ttl_ms,
+            len(items),
+            self.idempotency_ttl_ms,
+            self.idempotency_keys,
+        ]
         for (t, d), key in zip(items, keys, strict=True):
             args.append(t)
             args.append(d)
-            if on:
-                args.append(key or "")
-                args.append(digest(t, d) if key is not None else b"")
-        out = await self._queue_append(gid, args)
+            args.append(key or "")
+            args.append(digest(t, d) if key is not None else b"")
+        out = await self._queue_append([*guild_keys(gid), *window_keys(gid)], args)
         res: list[int | Replayed] = []
         for v in out[1:]:
             # A number: sequenced now. "r<s>": the window's (same content),
@@ -505,20 +537,8 @@ class RedisBroker:
                 res.append(int(v))
         return out[0].decode(), res
 
-    def _append_args(self, gid: str, n: int, keyed: bool) -> list[Any]:
-        return [
-            secrets.token_hex(8),
-            gid,
-            self.history_size,
-            int(time.time() * 1000),
-            self.history_ttl_ms,
-            n,
-            1 if keyed else 0,
-            self.idempotency_ttl_ms,
-            self.idempotency_keys,
-        ]
-
-    async def _queue_append(self, gid: str, args: list[Any]) -> list[Any]:
+    def _queue_append(self, keys: list[str], args: list[Any]) -> asyncio.Future[list[Any]]:
+        """Queue one append script call for the pipeliner; its future."""
         # Only the command link and the policy matter here: a feed reconnect
         # does not stop this node from sequencing.
         if not self._healthy:
@@ -528,9 +548,9 @@ class RedisBroker:
         if len(self._queue) >= MAX_QUEUED_APPENDS:
             raise BrokerUnavailable("too many appends queued")
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((gid, args, fut))
+        self._queue.append((keys, args, fut))
         self._queue_ready.set()
-        return await fut
+        return fut
 
     async def _pipeliner(self) -> None:
         """Sends queued appends, many guilds per round trip, in queue order."""
@@ -543,12 +563,14 @@ class RedisBroker:
                 except (RedisError, OSError) as e:
                     self._mark_down(e)
             while self._queue:
-                batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]] = []
+                batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = []
                 while self._queue and len(batch) < MAX_PIPELINE:
                     batch.append(self._queue.popleft())
                 await self._send(batch)
 
-    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]]
+    ) -> None:
         """One pipeline of append scripts (EVALSHA; on NOSCRIPT, nothing ran:
         load the script and send those again) and answer every future."""
         for attempt in (1, 2):
@@ -566,8 +588,8 @@ class RedisBroker:
             try:
                 async with self._r.pipeline(transaction=False) as pipe:
                     pipe.connection = conn
-                    for gid, args, _ in batch:
-                        pipe.evalsha(self._append_script.sha, 6, *guild_keys(gid), *args)
+                    for keys, args, _ in batch:
+                        pipe.evalsha(self._append_script.sha, len(keys), *keys, *args)
                     results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as e:
                 self._mark_down(e)

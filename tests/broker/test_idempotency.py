@@ -12,7 +12,7 @@ import orjson
 
 from guildcast.broker.base import Broker, Record
 from guildcast.broker.disk import DiskBroker
-from guildcast.broker.redis import RedisBroker, guild_keys
+from guildcast.broker.redis import RedisBroker, guild_keys, window_keys
 from guildcast.core import journal
 from guildcast.core.idempotency import KeyWindows, Replayed
 from tests.support.redis import RedisProc
@@ -179,9 +179,9 @@ async def test_redis_window_is_bounded_by_count_oldest_first(tmp_path: Path) -> 
     try:
         for i in range(5):
             await b.append_keyed("g", [("E", b"1")], [f"k{i}"])
-        zset = guild_keys("g")[5]
+        zset = window_keys("g")[1]
         assert await b.redis.zcard(zset) == 3
-        assert await b.redis.hlen(guild_keys("g")[4]) == 3
+        assert await b.redis.hlen(window_keys("g")[0]) == 3
         _, out = await b.append_keyed("g", [("E", b"1")] * 3, ["k2", "k3", "k4"])
         assert out == [Replayed(3, False), Replayed(4, False), Replayed(5, False)]
         _, out = await b.append_keyed("g", [("E", b"1")], ["k0"])  # evicted: new
@@ -198,8 +198,8 @@ async def test_redis_window_expires_by_time(tmp_path: Path) -> None:
     await b.start()
     try:
         await b.append_keyed("g", [("E", b"1")], ["k"])
-        assert await b.redis.ttl(guild_keys("g")[4]) >= 0
-        hash_key = guild_keys("g")[4]
+        assert await b.redis.ttl(window_keys("g")[0]) >= 0
+        hash_key = window_keys("g")[0]
 
         async def gone() -> bool:
             return not await b.redis.exists(hash_key)
