@@ -487,22 +487,32 @@ class Client:
         await self._carry_out(out)
         await asyncio.shield(fut)
 
-    async def publish(self, gid: str, t: str, d: Any = None) -> int:
+    async def publish(
+        self, gid: str, t: str, d: Any = None, *, idempotency_key: str | None = None
+    ) -> int:
         """Publish event ``t`` with data ``d`` to guild ``gid``; returns its ``s``.
 
         Waits for a connection if there is none. Raises ValueError for an
-        invalid guild id, event name, non-JSON data or an oversized message,
-        :class:`PublishError` when the server refuses it (4403, 4413, 4429,
-        1013), :class:`PublishInterrupted` when the connection closes before
-        the ACK, and :class:`GuildcastClosed` if the client stops.
+        invalid guild id, event name, idempotency key, non-JSON data or an
+        oversized message, :class:`PublishError` when the server refuses it
+        (4403, 4409, 4413, 4429, 1013, or 4504: outcome unknown),
+        :class:`PublishInterrupted` when the connection closes before the
+        ACK, and :class:`GuildcastClosed` if the client stops.
+
+        With ``idempotency_key`` (protocol 1.1), a publish whose outcome is
+        unknown (4504, :class:`PublishInterrupted`) is safe to retry with the
+        same key: within the server's window the retry returns the original
+        ``s`` and subscribers see the event once (PROTOCOL.md "Idempotent
+        publish"). The same key with other ``t``/``d`` is refused with 4409.
         """
         proto.check_publish(gid, t)
+        proto.check_idempotency_key(idempotency_key)
         slots = self._publish_slots
         if slots is None:
             raise GuildcastError("client not connected: use 'async with Client(...)'")
         async with slots:
             ws = await self._wait_ready()
-            nonce, send = self._session.publish(gid, t, d)
+            nonce, send = self._session.publish(gid, t, d, idempotency_key)
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._publishes[nonce] = fut
             try:

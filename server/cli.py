@@ -85,6 +85,9 @@ _SERVE_FLAGS: dict[str, str] = {
     "history_node_bytes": "bytes of history all guilds keep in memory (oldest leave first)",
     "user_publish_bytes": "PUBLISH bytes/s per user over all connections (0: unlimited)",
     "user_guild_share": "share of --max-guilds one user's subscriptions may start",
+    "idempotency_ttl": "seconds a publish's idempotency key is remembered (0: off)",
+    "idempotency_guild_keys": "idempotency keys remembered per guild (oldest leave first)",
+    "idempotency_node_keys": "idempotency keys remembered per node, single node brokers",
     # --- Cluster (docs/OPERATIONS.md "Cluster: Redis requirements and faults") ---
     "redis_timeout": "seconds a Redis command may take before it counts as failed",
     "feed_deadline": "seconds the Redis pub/sub feed may stay silent before it is resubscribed",

@@ -146,6 +146,18 @@ class Config:
     #: to are stopped first when ``max_guilds`` is reached.
     user_guild_share: float = 0.25
 
+    # Idempotent publish (docs/PROTOCOL.md "Idempotent publish",
+    # docs/RELIABILITY.md "Retrying a publish")
+    #: Seconds a publish's idempotency key is remembered: a retry with the
+    #: same key within it gets the original ``s`` and epoch. 0 turns the
+    #: window off (keys are accepted and ignored).
+    idempotency_ttl: float = 300.0
+    #: Keys remembered per guild (its oldest leave first past it), and per
+    #: node for every guild together (single node brokers; the node's
+    #: oldest leave first).
+    idempotency_guild_keys: int = 10_000
+    idempotency_node_keys: int = 200_000
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]

@@ -64,6 +64,8 @@ from guildcast.broker.base import (
     PresenceSnapshot,
     Record,
 )
+from guildcast.core.host import KeyConflict
+from guildcast.core.idempotency import Replayed
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
@@ -102,13 +104,15 @@ class GuildSettings:
 
 class PublishMsg:
     """Call message: sequence event ``t`` with ``d_json`` (``d`` encoded once,
-    at the edge that validated it); replies ``(s, epoch)``."""
+    at the edge that validated it) under idempotency ``key`` (or None);
+    replies ``(s, epoch)``."""
 
-    __slots__ = ("d_json", "t")
+    __slots__ = ("d_json", "key", "t")
 
-    def __init__(self, t: str, d_json: bytes) -> None:
+    def __init__(self, t: str, d_json: bytes, key: str | None = None) -> None:
         self.t = t
         self.d_json = d_json
+        self.key = key
 
 
 class Subscribe:
@@ -354,6 +358,9 @@ class Guild(Actor):
         self._fan_out()
 
     async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        if any(call.msg.key is not None for call in pubs):
+            await self._append_keyed(pubs, items)
+            return
         local = self._local
         recs: list[Record] | None = None
         try:
@@ -378,6 +385,44 @@ class Guild(Actor):
         if recs is not None and self.listening:
             # The log is in this process and this actor its one listener:
             # emit in this step, no feed message (docs/ARCHITECTURE.md).
+            await self._on_feed(recs)
+
+    async def _append_keyed(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        """:meth:`_append` for a batch holding idempotency keys: the broker
+        sequences only what its window does not hold (PROTOCOL.md
+        "Idempotent publish"); the others get the original's answer."""
+        keys = [call.msg.key for call in pubs]
+        local = self._local
+        recs: list[Record] | None = None
+        try:
+            if local is not None:
+                epoch, recs, out = await local.append_local_keyed(self.gid, items, keys)
+            else:
+                epoch, out = await self.broker.append_keyed(self.gid, items, keys)
+        except BrokerUnavailable as e:
+            for call in pubs:
+                if not call.future.done():
+                    call.future.set_exception(e)
+            return
+        if self.listening and epoch != self.epoch:
+            await self._history_lost(f"epoch changed to {epoch}")
+        new = sum(1 for r in out if type(r) is int)
+        self.published += new
+        self.stats.published += new
+        for call, r in zip(pubs, out, strict=True):
+            if call.future.done():
+                continue
+            if type(r) is int:
+                call.future.set_result((r, epoch))
+            else:
+                assert isinstance(r, Replayed)
+                if r.conflict:
+                    self.stats.publish_conflicts += 1
+                    call.future.set_exception(KeyConflict(r.s, epoch))
+                else:
+                    self.stats.publish_replays += 1
+                    call.future.set_result((r.s, epoch))
+        if recs and self.listening:
             await self._on_feed(recs)
 
     async def _answer(self, call: _Call) -> None:

@@ -103,13 +103,16 @@ class Hub:
             guild.cast_system(Unsubscribe(sub))
         self.groups.leave(gid, sub)
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         """Sequence ``t``/``d_json`` in ``gid``, validated at the edge (the
-        session, the HTTP API, ``Server.publish``: ``check_publish``); raises
-        :class:`Overloaded` if the guild's mailbox is full."""
+        session, the HTTP API, ``Server.publish``: ``check_publish``), with
+        an idempotency ``key`` or None; raises :class:`Overloaded` if the
+        guild's mailbox is full."""
         guild = self._guild(gid)
         try:
-            return guild.call_nowait(PublishMsg(t, d_json))
+            return guild.call_nowait(PublishMsg(t, d_json, key))
         except (MailboxFull, ActorExited):
             raise Overloaded(f"guild {gid} is busy") from None
 

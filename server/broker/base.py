@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
+from guildcast.core.idempotency import Replayed
 from guildcast.core.metrics import MetricsSnapshot
 
 
@@ -142,6 +143,19 @@ class Broker(Protocol):
         Raises :class:`BrokerUnavailable`.
         """
 
+    async def append_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[int | Replayed]]:
+        """:meth:`append` with an idempotency key (or None) per item.
+
+        An item whose key is in the guild's window under the current epoch
+        (or repeats an earlier item's key in ``items``) is not sequenced:
+        its answer is ``Replayed(original s, conflict)``, ``conflict`` when
+        its ``t``/``d`` differ from the original's; every other item gets
+        its new ``s``. Sequencing and the window's update are one atomic
+        step per guild (PROTOCOL.md "Publishing", "Idempotent publish").
+        """
+
     async def head(self, gid: str) -> tuple[str, int]:
         """The guild's ``(epoch, last s)``, creating its epoch if it has none."""
 
@@ -249,3 +263,9 @@ class LocalLog(Protocol):
         instead of being delivered to the feed: the caller emits them in the
         same step (one guild step per publish). Raises :class:`BrokerUnavailable`.
         """
+
+    async def append_local_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """:meth:`Broker.append_keyed` returning the new records too (only
+        those of items that were sequenced), like :meth:`append_local`."""

@@ -53,7 +53,14 @@ from guildcast.protocol.codes import (
     Op,
 )
 from guildcast.protocol.codes import classify_close as _classify
-from guildcast.protocol.wire import EVENT_RULE, GUILD_RULE, valid_event, valid_guild
+from guildcast.protocol.wire import (
+    EVENT_RULE,
+    GUILD_RULE,
+    IDEMPOTENCY_KEY_RULE,
+    valid_event,
+    valid_guild,
+    valid_idempotency_key,
+)
 
 #: The HEARTBEAT message (PROTOCOL.md "Messages", op 1).
 HEARTBEAT = b'{"op":1,"d":null}'
@@ -358,11 +365,16 @@ def unsubscribe_message(guilds: list[str]) -> bytes:
     return orjson.dumps({"op": Op.UNSUBSCRIBE, "d": {"guilds": guilds}})
 
 
-def publish_message(gid: str, t: str, d: Any, nonce: str | None = None) -> bytes:
-    """PUBLISH (op 5); raises ValueError when ``d`` is not JSON serialisable."""
+def publish_message(
+    gid: str, t: str, d: Any, nonce: str | None = None, idempotency_key: str | None = None
+) -> bytes:
+    """PUBLISH (op 5); raises ValueError when ``d`` is not JSON serialisable.
+    ``idempotency_key`` (protocol 1.1) is left out when None."""
     body: dict[str, Any] = {"guild": gid, "t": t, "d": d}
     if nonce is not None:
         body["nonce"] = nonce
+    if idempotency_key is not None:
+        body["idempotency_key"] = idempotency_key
     try:
         return orjson.dumps({"op": Op.PUBLISH, "d": body})
     except TypeError as exc:
@@ -386,6 +398,13 @@ def check_publish(gid: object, t: object) -> None:
         raise ValueError(f"invalid event name {t!r}: {EVENT_RULE}")
     if t in RESERVED_EVENTS:
         raise ValueError(f"{t} is a reserved event name")
+
+
+def check_idempotency_key(key: object) -> None:
+    """ValueError for an idempotency key the server would refuse (ERROR 4422,
+    protocol 1.1); None (no key) passes."""
+    if key is not None and not valid_idempotency_key(key):
+        raise ValueError(f"invalid idempotency key {key!r}: {IDEMPOTENCY_KEY_RULE}")
 
 
 def classify_close(code: int) -> CloseAction:
@@ -627,14 +646,21 @@ class ClientSession:
         """True while an UNSUBSCRIBED of ``gid`` is awaited."""
         return gid in self._leaving
 
-    def publish(self, gid: str, t: str, d: Any = None) -> tuple[str, Send]:
+    def publish(
+        self, gid: str, t: str, d: Any = None, idempotency_key: str | None = None
+    ) -> tuple[str, Send]:
         """A PUBLISH with a fresh nonce, on a READY connection; ValueError for
-        an invalid guild or event name, non-JSON data or an oversized message."""
+        an invalid guild or event name, idempotency key, non-JSON data or an
+        oversized message. Publishing again with the same ``idempotency_key``
+        (after a lost answer: 4504, an interrupted connection) is answered
+        with the original's ``s`` within the server's window (PROTOCOL.md
+        "Idempotent publish")."""
         check_publish(gid, t)
+        check_idempotency_key(idempotency_key)
         if self.state is not State.READY:
             raise RuntimeError("publish needs a READY connection")
         nonce = str(next(self._nonces))
-        body = publish_message(gid, t, d, nonce)
+        body = publish_message(gid, t, d, nonce, idempotency_key)
         if len(body) > self.max_message:
             raise ValueError(f"message of {len(body)} bytes exceeds {self.max_message}")
         self._inflight.add(nonce)

@@ -146,6 +146,8 @@ class Publish:
     t: str
     d: Any
     nonce: str | None
+    #: The idempotency key (protocol 1.1), validated, or None.
+    key: str | None = None
     #: Set when answered: the framed ACK or ERROR for this PUBLISH.
     answer: bytes | None = field(default=None)
 
@@ -429,7 +431,8 @@ class Session:
             pending = self._pending = deque()
         elif len(pending) >= self.limits.max_pending_publishes:
             raise _Reject(Close.RATE_LIMITED, "too many PUBLISH awaiting an answer")
-        p = Publish(gid, t, d.get("d"), nonce)
+        key = d.get("idempotency_key")
+        p = Publish(gid, t, d.get("d"), nonce, key)
         pending.append(p)
         grant = self.grant
         assert grant is not None
@@ -438,6 +441,14 @@ class Session:
             # (ERROR 4422, no token taken), not a broken client (1.0: 4002).
             return self.publish_failed(
                 p, Err.INVALID_EVENT_NAME, f"invalid event name: t must be {wire.EVENT_RULE}"
+            )
+        if key is not None and not wire.valid_idempotency_key(key):
+            # Protocol 1.1, like a bad t: this PUBLISH fails, the session stays.
+            p.key = None
+            return self.publish_failed(
+                p,
+                Err.INVALID_IDEMPOTENCY_KEY,
+                f"invalid idempotency_key: it must be {wire.IDEMPOTENCY_KEY_RULE}",
             )
         if t in RESERVED_EVENTS:
             return self._forbid(p, f"{t} is a reserved event name")

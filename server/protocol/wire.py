@@ -34,6 +34,8 @@ __all__ = [
     "GUILD_PATTERN",
     "GUILD_RULE",
     "HEARTBEAT_ACK_FRAME",
+    "IDEMPOTENCY_KEY_PATTERN",
+    "IDEMPOTENCY_KEY_RULE",
     "MAX_EPOCH",
     "RECONNECT_FRAME",
     "GuildRequest",
@@ -49,6 +51,7 @@ __all__ = [
     "unsubscribed_frame",
     "valid_event",
     "valid_guild",
+    "valid_idempotency_key",
 ]
 
 JSONDecodeError = orjson.JSONDecodeError
@@ -65,6 +68,13 @@ GUILD_RULE = "1-128 characters of [A-Za-z0-9_.:-]"
 EVENT_RULE = "1-64 characters of [A-Z0-9_] (upper case)"
 _GUILD_RE = re.compile(GUILD_PATTERN)
 _EVENT_RE = re.compile(EVENT_PATTERN)
+#: PROTOCOL.md "Idempotent publish" (1.1): a publish's idempotency key is
+#: 1-128 visible ASCII characters (``!`` to ``~``: no space, no control
+#: character), so a UUID, a hex or base64 digest or an order id fit, and
+#: a key is safe in logs, in an HTTP header and as a Redis hash field.
+IDEMPOTENCY_KEY_PATTERN = "[!-~]{1,128}"
+IDEMPOTENCY_KEY_RULE = "1-128 visible ASCII characters ([!-~], no space)"
+_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 def valid_guild(gid: object) -> TypeGuard[str]:
@@ -133,6 +143,11 @@ def guild_request(value: object) -> GuildRequest:
             raise ValueError("a guild takes a Position or a rewind, not both")
         rewind = r
     return GuildRequest(position, rewind)
+
+
+def valid_idempotency_key(key: object) -> TypeGuard[str]:
+    """True if ``key`` is a string of 1-128 characters of ``[!-~]``."""
+    return type(key) is str and _KEY_RE.fullmatch(key) is not None
 
 
 #: 19 digits in a row: the shortest text of an integer orjson may not keep

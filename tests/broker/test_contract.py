@@ -189,3 +189,11 @@ async def test_listen_is_counted(broker: Broker) -> None:
     async with asyncio.timeout(30):
         await arrived.wait()
     assert got == [1]
+
+
+async def test_read_after_a_huge_s_returns_nothing(broker: Broker) -> None:
+    """``after`` near 2**63 (an HTTP history query may carry it): no records,
+    no exception (an islice bound past sys.maxsize crashed the guild actor)."""
+    await broker.append("huge", [("E", b"1")])
+    _, recs = await broker.read("huge", 2**63 - 2, 100)
+    assert recs == []

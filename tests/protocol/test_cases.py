@@ -38,7 +38,9 @@ def build(kind: str, args: dict[str, Any]) -> bytes:
     if kind == "unsubscribe":
         return pc.unsubscribe_message(args["guilds"])
     assert kind == "publish", kind
-    return pc.publish_message(args["guild"], args["t"], args["d"], args.get("nonce"))
+    return pc.publish_message(
+        args["guild"], args["t"], args["d"], args.get("nonce"), args.get("idempotency_key")
+    )
 
 
 @pytest.mark.parametrize("case", CASES["messages"], ids=lambda c: c["build"])
@@ -55,7 +57,11 @@ def test_protocol_1_1_constants() -> None:
     """The subprotocol and ERROR codes both clients must agree on."""
     assert CASES["protocol_version"] == PROTOCOL_VERSION
     assert CASES["subprotocol"] == SUBPROTOCOL
-    assert CASES["error_codes"] == {"invalid_event_name": Err.INVALID_EVENT_NAME}
+    assert CASES["error_codes"] == {
+        "invalid_event_name": Err.INVALID_EVENT_NAME,
+        "invalid_idempotency_key": Err.INVALID_IDEMPOTENCY_KEY,
+        "idempotency_conflict": Err.IDEMPOTENCY_CONFLICT,
+    }
 
 
 def test_grammar() -> None:
@@ -64,6 +70,12 @@ def test_grammar() -> None:
     assert not any(wire.valid_guild(x) for x in g["invalid_guilds"])
     assert all(wire.valid_event(x) for x in g["valid_events"])
     assert not any(wire.valid_event(x) for x in g["invalid_events"])
+    assert all(wire.valid_idempotency_key(x) for x in g["valid_idempotency_keys"])
+    assert not any(wire.valid_idempotency_key(x) for x in g["invalid_idempotency_keys"])
+    for x in g["invalid_idempotency_keys"]:
+        if x is not None:  # None is "no key", which the client leaves out
+            with pytest.raises(ValueError):
+                pc.check_idempotency_key(x)
 
 
 class Driver:
@@ -96,7 +108,7 @@ class Driver:
             outs = s.unsubscribe(step["unsubscribe"])
         elif "publish" in step:
             p = step["publish"]
-            outs = [s.publish(p["guild"], p["t"], p["d"])[1]]
+            outs = [s.publish(p["guild"], p["t"], p["d"], p.get("idempotency_key"))[1]]
         else:
             outs = s.connection_lost()
             reconnects = not s.verdict(step["close"], "").give_up

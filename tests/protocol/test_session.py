@@ -551,6 +551,29 @@ def test_bad_event_name_answer_waits_its_turn() -> None:
     assert [(m["op"], m["d"]["nonce"]) for m in out] == [(Op.ACK, "a"), (Op.ERROR, "b")]
 
 
+def test_publish_carries_its_idempotency_key() -> None:
+    """Protocol 1.1: ``idempotency_key`` rides in the Publish effect; null is no key."""
+    s = ready(pub=["*"], pub_rate=0)
+    (p,) = pub(s, nonce="a", idempotency_key="order-7:paid")
+    assert isinstance(p, Publish) and p.key == "order-7:paid" and p.nonce == "a"
+    (q,) = pub(s, nonce="b", idempotency_key=None)
+    assert isinstance(q, Publish) and q.key is None
+
+
+@pytest.mark.parametrize("key", ["", "a b", "k" * 129, "é", "tab\t", 7, [], {}, True])
+def test_bad_idempotency_key_is_error_4422(key: Any) -> None:
+    """Protocol 1.1: a present key that is not one fails this PUBLISH (ERROR
+    4422, nonce and guild), takes no token, and the connection stays."""
+    s = ready(pub=["*"], pub_rate=1)
+    (err,) = sent(pub(s, nonce="bad", idempotency_key=key))
+    assert err["op"] == Op.ERROR and err["d"]["code"] == Err.INVALID_IDEMPOTENCY_KEY == 4422
+    assert err["d"]["nonce"] == "bad" and err["d"]["g"] == "g-1"
+    assert "idempotency_key" in err["d"]["message"]
+    assert s.state is State.READY and s.pending_publishes == 0
+    (p,) = pub(s, nonce="good", idempotency_key="k")  # the token is still there
+    assert isinstance(p, Publish) and p.key == "k"
+
+
 def test_ping_or_pong_extends_deadline_once_identified() -> None:
     """Protocol 1.1: a WebSocket ping/pong is a sign of life (the gateway
     calls ``alive``); before IDENTIFY it extends nothing."""

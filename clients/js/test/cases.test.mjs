@@ -8,6 +8,7 @@ import { readFileSync } from "node:fs";
 import {
   GuildcastClient,
   HEARTBEAT,
+  IDEMPOTENCY_CONFLICT,
   INVALID_EVENT_NAME,
   PublishError,
   SUBPROTOCOL,
@@ -19,6 +20,7 @@ import {
   unsubscribeMessage,
   validEvent,
   validGuild,
+  validIdempotencyKey,
 } from "../guildcast.js";
 
 const CASES = JSON.parse(readFileSync(new URL("../../../tests/protocol/cases.json", import.meta.url), "utf8"));
@@ -28,7 +30,7 @@ const BUILD = {
   identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null, a.presence ?? false),
   subscribe: (a) => subscribeMessage(a.guilds),
   unsubscribe: (a) => unsubscribeMessage(a.guilds),
-  publish: (a) => publishMessage(a.guild, a.t, a.d, a.nonce ?? null),
+  publish: (a) => publishMessage(a.guild, a.t, a.d, a.nonce ?? null, a.idempotency_key ?? null),
 };
 
 for (const c of CASES.messages) {
@@ -43,7 +45,10 @@ test("close codes are classified as the cases say", () => {
 
 test("protocol 1.1: subprotocol and ERROR codes as the cases say", () => {
   assert.equal(SUBPROTOCOL, CASES.subprotocol);
-  assert.deepEqual({ invalid_event_name: INVALID_EVENT_NAME }, CASES.error_codes);
+  assert.deepEqual(
+    { invalid_event_name: INVALID_EVENT_NAME, invalid_idempotency_key: INVALID_EVENT_NAME, idempotency_conflict: IDEMPOTENCY_CONFLICT },
+    CASES.error_codes,
+  );
 });
 
 test("guild id and event name grammar", () => {
@@ -52,6 +57,8 @@ test("guild id and event name grammar", () => {
   for (const x of g.invalid_guilds) assert.ok(!validGuild(x), String(x));
   for (const x of g.valid_events) assert.ok(validEvent(x), x);
   for (const x of g.invalid_events) assert.ok(!validEvent(x), String(x));
+  for (const x of g.valid_idempotency_keys) assert.ok(validIdempotencyKey(x), x);
+  for (const x of g.invalid_idempotency_keys) assert.ok(!validIdempotencyKey(x), String(x));
 });
 
 /** A WebSocket the test drives: it records what the client sends. */
@@ -131,7 +138,7 @@ for (const sc of CASES.sessions) {
         } else if (step.publish) {
           const n = String(++nonce);
           const p = step.publish;
-          c.publish(p.guild, p.t, p.d).then(
+          c.publish(p.guild, p.t, p.d, { idempotencyKey: p.idempotency_key ?? null }).then(
             (s) => items.push({ kind: "acked", nonce: n, s }),
             (e) => e instanceof PublishError && items.push({ kind: "publish_refused", nonce: n, code: e.code }),
           );

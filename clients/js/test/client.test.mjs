@@ -12,6 +12,7 @@ import {
   AuthenticationFailed,
   GuildcastClient,
   GuildcastClosed,
+  IDEMPOTENCY_CONFLICT,
   PublishError,
   SubscribeError,
 } from "../guildcast.js";
@@ -60,6 +61,29 @@ test("connect, subscribe, publish: ACKed s matches the delivered event", { skip 
     await c.publish("js-basic", "CARD_ADDED", { text: "after" });
     await c.publish("js-other", "CARD_ADDED", {}); // a round trip after the one above
     assert.equal(items.length, 1, "no event after unsubscribe");
+  } finally {
+    await c.close();
+  }
+});
+
+test("idempotencyKey (1.1): a retry resolves with the original s; other data is 4409", { skip }, async () => {
+  const c = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF });
+  const items = recorder(c);
+  try {
+    await c.connect();
+    const pos = await c.subscribe("js-idem");
+    const key = `js-${Date.now()}-${Math.random()}`;
+    const s = await c.publish("js-idem", "PAID", { n: 1 }, { idempotencyKey: key });
+    assert.equal(await c.publish("js-idem", "PAID", { n: 1 }, { idempotencyKey: key }), s);
+    await assert.rejects(
+      c.publish("js-idem", "PAID", { n: 2 }, { idempotencyKey: key }),
+      (e) => e instanceof PublishError && e.code === IDEMPOTENCY_CONFLICT,
+    );
+    await assert.rejects(c.publish("js-idem", "PAID", 1, { idempotencyKey: "a b" }), TypeError);
+    const next = await c.publish("js-idem", "END", null);
+    assert.equal(next, s + 1);
+    await waitFor(() => items.length === 2, "the two events");
+    assert.deepEqual(items.map((e) => e.s), [pos.s + 1, pos.s + 2]);
   } finally {
     await c.close();
   }

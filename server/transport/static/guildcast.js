@@ -74,6 +74,9 @@ const EVENT_RE = /^[A-Z0-9_]{1,64}$/;
 const PRESENCE_EVENTS = new Set(["PRESENCE_JOIN", "PRESENCE_LEAVE", "PRESENCE_SNAPSHOT"]);
 // Every dispatch name the server sends itself (PROTOCOL.md "Publishing").
 const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED", ...PRESENCE_EVENTS]);
+const IDEMPOTENCY_KEY_RE = /^[!-~]{1,128}$/;
+/** ERROR code of a PUBLISH whose idempotency key was used by an event of other content (protocol 1.1). */
+export const IDEMPOTENCY_CONFLICT = 4409;
 /** The HEARTBEAT message (op 1). */
 export const HEARTBEAT = '{"op":1,"d":null}';
 const OP = { DISPATCH: 0, HEARTBEAT: 1, IDENTIFY: 2, SUBSCRIBE: 3, UNSUBSCRIBE: 4, PUBLISH: 5, RECONNECT: 7, HELLO: 10, HEARTBEAT_ACK: 11, ACK: 12, ERROR: 13 };
@@ -81,6 +84,11 @@ const OP = { DISPATCH: 0, HEARTBEAT: 1, IDENTIFY: 2, SUBSCRIBE: 3, UNSUBSCRIBE: 
 /** PROTOCOL.md "Messages": guild ids are 1-128 characters of A-Z a-z 0-9 _ . : - */
 export function validGuild(gid) {
   return typeof gid === "string" && GUILD_RE.test(gid);
+}
+
+/** PROTOCOL.md "Idempotent publish" (1.1): 1-128 visible ASCII characters (! to ~, no space). */
+export function validIdempotencyKey(key) {
+  return typeof key === "string" && IDEMPOTENCY_KEY_RE.test(key);
 }
 
 /** Event names are 1-64 characters of A-Z 0-9 _ (upper case) */
@@ -106,10 +114,11 @@ export function unsubscribeMessage(guilds) {
   return JSON.stringify({ op: OP.UNSUBSCRIBE, d: { guilds } });
 }
 
-/** PUBLISH (op 5); the nonce is left out when null. */
-export function publishMessage(guild, t, d, nonce = null) {
+/** PUBLISH (op 5); the nonce and the idempotency key (protocol 1.1) are left out when null. */
+export function publishMessage(guild, t, d, nonce = null, idempotencyKey = null) {
   const body = { guild, t, d };
   if (nonce !== null && nonce !== undefined) body.nonce = nonce;
+  if (idempotencyKey !== null && idempotencyKey !== undefined) body.idempotency_key = idempotencyKey;
   return JSON.stringify({ op: OP.PUBLISH, d: body });
 }
 
@@ -412,14 +421,23 @@ export class GuildcastClient extends EventTarget {
    * Waits for a connection if there is none. Rejects with PublishError when
    * refused (4403, 4413, 4429, 1013), PublishInterrupted when the connection
    * closes before the ACK, GuildcastClosed if the client stops.
+   *
+   * `options.idempotencyKey` (protocol 1.1): a publish whose outcome is
+   * unknown (ERROR 4504, PublishInterrupted) is safe to retry with the same
+   * key: within the server's window the retry resolves with the original s
+   * and subscribers see the event once. The same key with other t/d is
+   * refused with 4409 (IDEMPOTENCY_CONFLICT).
    */
-  async publish(gid, t, d = null) {
+  async publish(gid, t, d = null, { idempotencyKey = null } = {}) {
     checkGuild(gid);
     if (!validEvent(t)) throw new TypeError(`invalid event name ${JSON.stringify(t)}`);
     if (RESERVED_EVENTS.has(t)) throw new TypeError(`${t} is a reserved event name`);
+    if (idempotencyKey !== null && !validIdempotencyKey(idempotencyKey)) {
+      throw new TypeError(`invalid idempotency key ${JSON.stringify(idempotencyKey)}`);
+    }
     const ws = await this._waitReady();
     const nonce = String(++this._nonce);
-    const body = publishMessage(gid, t, d, nonce);
+    const body = publishMessage(gid, t, d, nonce, idempotencyKey);
     if (new TextEncoder().encode(body).length > this._maxMessage) throw new RangeError(`message exceeds ${this._maxMessage} bytes`);
     const waiter = deferred();
     this._publishes.set(nonce, waiter);
