@@ -38,6 +38,13 @@ class Config:
     #: Events kept per guild for recovery, by count and by age (seconds).
     history_size: int = 1000
     history_ttl: float = 300.0
+    #: The most events a rewind (PROTOCOL.md "Rewind", protocol 1.1) replays
+    #: to a fresh subscriber; 0 turns rewinds off (answered with none). 100:
+    #: a rewind of the largest PUBLISHes (100 x ``max_payload`` 32 KiB = 3.2
+    #: MiB) still fits in ``max_buffer`` (4 MiB), so a rewind alone never
+    #: makes its client a slow consumer (4010); and a crowd of fresh clients
+    #: (page loads) costs at most a tenth of the default history each.
+    max_rewind: int = 100
     #: Sessions per partition actor: bounds the work of one fanout step.
     partition_size: int = 512
     #: A guild with no session and no message for this long stops (seconds).
@@ -72,6 +79,10 @@ class Config:
     #: Seconds after a node's last heartbeat before its sessions drop out
     #: of presence (a node beats every second).
     presence_timeout: float = 10.0
+    #: Members one PRESENCE_SNAPSHOT lists (docs/PROTOCOL.md "Presence"); past
+    #: it the snapshot gives the count and says it is truncated. 0 lists none.
+    #: Why 100: ``guildcast.actors.guild.PRESENCE_LIMIT``.
+    presence_limit: int = 100
     #: Seconds a Redis command may take before it counts as failed (an
     #: append then answers "outcome unknown", docs/PROTOCOL.md "Publishing").
     redis_timeout: float = 5.0
@@ -137,6 +148,18 @@ class Config:
     #: (ERROR 1013 for that guild past it); guild actors nobody subscribes
     #: to are stopped first when ``max_guilds`` is reached.
     user_guild_share: float = 0.25
+
+    # Idempotent publish (docs/PROTOCOL.md "Idempotent publish",
+    # docs/RELIABILITY.md "Retrying a publish")
+    #: Seconds a publish's idempotency key is remembered: a retry with the
+    #: same key within it gets the original ``s`` and epoch. 0 turns the
+    #: window off (keys are accepted and ignored).
+    idempotency_ttl: float = 300.0
+    #: Keys remembered per guild (its oldest leave first past it), and per
+    #: node for every guild together (single node brokers; the node's
+    #: oldest leave first).
+    idempotency_guild_keys: int = 10_000
+    idempotency_node_keys: int = 200_000
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -47,11 +47,12 @@ from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
 from guildcast.core import fdwatch
 from guildcast.core.host import HistoryPage, OutcomeUnknown, Overloaded
+from guildcast.core.idempotency import KeyWindows
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
 from guildcast.protocol.session import Limits, State
-from guildcast.protocol.wire import valid_guild
+from guildcast.protocol.wire import IDEMPOTENCY_KEY_RULE, valid_guild, valid_idempotency_key
 from guildcast.transport.gateway import Gateway, GatewayLimits
 from guildcast.transport.http_api import ApiSettings, HttpApi
 
@@ -157,6 +158,8 @@ class Server:
             partition_size=cfg.partition_size,
             idle_timeout=cfg.idle_timeout,
             mailbox_bound=cfg.guild_mailbox,
+            max_rewind=cfg.max_rewind,
+            presence_limit=cfg.presence_limit,
         )
         self.broker = self._make_broker()
         if cfg.redis:  # even never started: its client to let go of
@@ -297,7 +300,12 @@ class Server:
                 presence_timeout=cfg.presence_timeout,
                 op_timeout=cfg.redis_timeout,
                 feed_deadline=cfg.feed_deadline,
+                idempotency_ttl=cfg.idempotency_ttl,
+                idempotency_keys=cfg.idempotency_guild_keys,
             )
+        keys = KeyWindows(
+            cfg.idempotency_ttl, cfg.idempotency_guild_keys, cfg.idempotency_node_keys
+        )
         if cfg.data_dir:
             disk = DiskBroker(
                 cfg.data_dir,
@@ -307,6 +315,7 @@ class Server:
                 cfg.fsync_interval,
                 history_guild_bytes=cfg.history_guild_bytes,
                 history_node_bytes=cfg.history_node_bytes,
+                idempotency=keys,
             )
             disk.node_id = cfg.node_id or "local"
             return disk
@@ -317,6 +326,7 @@ class Server:
             node_id=cfg.node_id or "local",
             history_guild_bytes=cfg.history_guild_bytes,
             history_node_bytes=cfg.history_node_bytes,
+            idempotency=keys,
         )
 
     async def _sweep_broker(self, broker: Sweeps) -> None:
@@ -358,18 +368,28 @@ class Server:
 
     # --- embedded API --------------------------------------------------------
 
-    async def publish(self, gid: str, t: str, d: Any = None) -> int:
+    async def publish(
+        self, gid: str, t: str, d: Any = None, *, idempotency_key: str | None = None
+    ) -> int:
         """Publish event ``t`` with data ``d`` to guild ``gid``; returns its ``s``.
 
-        Raises ValueError for a bad guild id, event name or non-JSON ``d``, and
-        :class:`guildcast.core.host.Overloaded` when the guild is busy.
+        With ``idempotency_key``, a publish repeating a key of the guild's
+        window returns the original's ``s`` (PROTOCOL.md "Idempotent publish").
+        Raises ValueError for a bad guild id, event name, key or non-JSON
+        ``d``, :class:`guildcast.core.host.Overloaded` when the guild is
+        busy, and :class:`guildcast.core.host.KeyConflict` for a key used
+        by another event.
         """
-        s, _epoch = await self.hub.publish(gid, t, check_publish(gid, t, d))
+        s, _epoch = await self.publish_ex(gid, t, d, idempotency_key=idempotency_key)
         return s
 
-    async def publish_ex(self, gid: str, t: str, d: Any = None) -> tuple[int, str]:
+    async def publish_ex(
+        self, gid: str, t: str, d: Any = None, *, idempotency_key: str | None = None
+    ) -> tuple[int, str]:
         """Like :meth:`publish` but returns ``(s, epoch)``."""
-        return await self.hub.publish(gid, t, check_publish(gid, t, d))
+        if idempotency_key is not None and not valid_idempotency_key(idempotency_key):
+            raise ValueError(f"idempotency_key must be {IDEMPOTENCY_KEY_RULE}")
+        return await self.hub.publish(gid, t, check_publish(gid, t, d), idempotency_key)
 
     async def head(self, gid: str) -> tuple[str, int]:
         """``(epoch, s)`` of guild ``gid``'s last event (``s`` is 0 if none):
@@ -460,6 +480,8 @@ class Server:
             guilds_alive=len(self.registry),
             guilds_started=self.registry.started,
             published=st.published,
+            publish_replays=st.publish_replays,
+            publish_conflicts=st.publish_conflicts,
             deliveries=st.deliveries,
             bytes_out=st.bytes_out,
             latency_buckets=st.latency.cumulative(),
@@ -506,12 +528,14 @@ class NodeApi:
     def __init__(self, srv: Server) -> None:
         self._srv = srv
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         outer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         if not self._srv._gateway_up:
             outer.set_exception(Overloaded(self._srv.not_ready_reason))
             return outer
-        inner = self._srv.hub.publish(gid, t, d_json)
+        inner = self._srv.hub.publish(gid, t, d_json, key)
         inner.add_done_callback(functools.partial(_relay, outer))
         return outer
 

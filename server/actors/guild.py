@@ -33,6 +33,18 @@ the moment it joins its partition form one atomic step: no gap, no
 duplicate, however publishes race the subscribe (PROTOCOL.md "Subscribing
 and recovery"). Leaves come from the guild's process group monitor.
 
+Presence (docs/RELIABILITY.md, "Presence snapshot and diffs"): a session
+that asked for presence gets a PRESENCE_SNAPSHOT right after its SUBSCRIBED,
+then the joins and leaves after it. Every presence change carries the
+broker's version of the guild's presence; the snapshot is taken at one
+version, in the same step that adds the session, and its writer sends it
+only the changes of later versions, in mailbox order: no change is missed or
+doubled however joins race the subscribe. A version out of step (a change
+lost while the feed was down) or a feed reconnect resynchronises: a fresh
+PRESENCE_SNAPSHOT to every presence session. The last snapshot read is kept
+(at most ``presence_limit`` members) and reused while no later change has
+been fanned out.
+
 Mailbox: publishes are bounded (``mailbox_bound``; past it publishers get
 "try again later"); Subscribe/Unsubscribe/Left/Feed are system messages.
 Idle: with no session and no message for ``idle_timeout`` it stops.
@@ -57,8 +69,11 @@ from guildcast.broker.base import (
     BrokerUnavailable,
     LocalLog,
     Presence,
+    PresenceSnapshot,
     Record,
 )
+from guildcast.core.host import KeyConflict
+from guildcast.core.idempotency import Replayed
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
@@ -68,6 +83,21 @@ log = logging.getLogger("guildcast.guild")
 
 #: Records read back per broker round trip when catching up or replaying.
 READ_PAGE = 1000
+#: Reads of a rewind whose history start moved under it (trimmed by another
+#: node between finding the oldest event and reading it) before it gives up
+#: and replays nothing: each retry starts at the new oldest event, so only
+#: a history trimmed faster than one read round trip, three times, gets there.
+REWIND_TRIES = 3
+
+
+#: Members a PRESENCE_SNAPSHOT lists by default (``Config.presence_limit``;
+#: past it: the count and ``truncated``). A member is about 75 bytes of JSON
+#: (16-character session ids, a ``host:pid`` node id): 100 make a 7.5 KB
+#: frame, well inside every client library's default message size and about
+#: what one large event costs, so a reconnect storm of presence subscribers
+#: costs 7.5 KB each; it is also the size of list a member UI shows at once,
+#: and Pusher's presence-channel member limit.
+PRESENCE_LIMIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,25 +105,33 @@ class GuildSettings:
     partition_size: int = 512
     idle_timeout: float = 300.0
     mailbox_bound: int = 10_000
+    #: The most events one rewind replays (``Config.max_rewind``).
+    max_rewind: int = 100
+    presence_limit: int = PRESENCE_LIMIT
 
 
 class PublishMsg:
     """Call message: sequence event ``t`` with ``d_json`` (``d`` encoded once,
-    at the edge that validated it); replies ``(s, epoch)``."""
+    at the edge that validated it) under idempotency ``key`` (or None);
+    replies ``(s, epoch)``."""
 
-    __slots__ = ("d_json", "t")
+    __slots__ = ("d_json", "key", "t")
 
-    def __init__(self, t: str, d_json: bytes) -> None:
+    def __init__(self, t: str, d_json: bytes, key: str | None = None) -> None:
         self.t = t
         self.d_json = d_json
+        self.key = key
 
 
 class Subscribe:
     """Add ``sink`` (recovering from ``position``); ``member`` is its presence
     identity, ``presence`` whether it wants PRESENCE_JOIN/LEAVE dispatches;
-    ``passive``: notices only, no events (``position`` is then not replayed)."""
+    ``rewind`` (1.1, only without a ``position``): replay the guild's last
+    this many events first (bounded by ``GuildSettings.max_rewind``);
+    ``passive``: notices only, no events (``position`` is then not replayed,
+    and a passive request never carries a ``rewind``)."""
 
-    __slots__ = ("member", "passive", "position", "presence", "sink")
+    __slots__ = ("member", "passive", "position", "presence", "rewind", "sink")
 
     def __init__(
         self,
@@ -101,12 +139,14 @@ class Subscribe:
         position: tuple[str, int] | None,
         member: Presence | None = None,
         presence: bool = False,
+        rewind: int | None = None,
         passive: bool = False,
     ) -> None:
         self.sink = sink
         self.position = position
         self.member = member
         self.presence = presence
+        self.rewind = rewind
         self.passive = passive
 
 
@@ -162,13 +202,15 @@ HOLD_FRAMES = 4096
 
 
 class PresenceMsg:
-    """A presence change from the broker: ``kind`` is "join" or "leave"."""
+    """A presence change from the broker: ``kind`` is "join" or "leave", ``v``
+    its version (None from a node of an earlier version)."""
 
-    __slots__ = ("kind", "member")
+    __slots__ = ("kind", "member", "v")
 
-    def __init__(self, kind: str, member: Presence) -> None:
+    def __init__(self, kind: str, member: Presence, v: int | None = None) -> None:
         self.kind = kind
         self.member = member
+        self.v = v
 
 
 class InfoMsg:
@@ -221,6 +263,13 @@ class Guild(Actor):
         self.where: dict[Sink, Writer | Partition] = {}
         #: Presence identity of each local session (announced on join/leave).
         self.members: dict[Sink, Presence] = {}
+        #: Local sessions that asked for presence (snapshot and changes).
+        self._watchers: set[Sink] = set()
+        #: Version of the last presence change fanned out (None: none since
+        #: this node listens), and the last snapshot read (reused while no
+        #: later change was fanned out); both forgotten with the feed.
+        self._pv: int | None = None
+        self._psnap: PresenceSnapshot | None = None
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Writer | Partition, int] = {}
         #: Partitions that have not yet written the last run sent to them.
@@ -291,6 +340,7 @@ class Guild(Actor):
             for sink in [*self.where, *self.passive, *self._passivating]:
                 sink.close(Close.UNKNOWN_ERROR, "guild failed")
         self.where.clear()
+        self._watchers.clear()
         self._drop_passive()
         for member in self.members.values():
             self.broker.presence_leave(self.gid, member)
@@ -326,7 +376,7 @@ class Guild(Actor):
             elif tp is Removed:
                 self._removed(item.partition, item.sink)
             elif tp is PresenceMsg:
-                self._on_presence(item.kind, item.member)
+                await self._on_presence(item.kind, item.member, item.v)
             else:
                 if pubs:
                     await self._append(pubs, items)
@@ -348,6 +398,9 @@ class Guild(Actor):
             entry.head = self._cur.s
 
     async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        if any(call.msg.key is not None for call in pubs):
+            await self._append_keyed(pubs, items)
+            return
         local = self._local
         recs: list[Record] | None = None
         try:
@@ -374,6 +427,44 @@ class Guild(Actor):
             # emit in this step, no feed message (docs/ARCHITECTURE.md).
             await self._on_feed(recs)
 
+    async def _append_keyed(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        """:meth:`_append` for a batch holding idempotency keys: the broker
+        sequences only what its window does not hold (PROTOCOL.md
+        "Idempotent publish"); the others get the original's answer."""
+        keys = [call.msg.key for call in pubs]
+        local = self._local
+        recs: list[Record] | None = None
+        try:
+            if local is not None:
+                epoch, recs, out = await local.append_local_keyed(self.gid, items, keys)
+            else:
+                epoch, out = await self.broker.append_keyed(self.gid, items, keys)
+        except BrokerUnavailable as e:
+            for call in pubs:
+                if not call.future.done():
+                    call.future.set_exception(e)
+            return
+        if self.listening and epoch != self.epoch:
+            await self._history_lost(f"epoch changed to {epoch}")
+        new = sum(1 for r in out if type(r) is int)
+        self.published += new
+        self.stats.published += new
+        for call, r in zip(pubs, out, strict=True):
+            if call.future.done():
+                continue
+            if type(r) is int:
+                call.future.set_result((r, epoch))
+            else:
+                assert isinstance(r, Replayed)
+                if r.conflict:
+                    self.stats.publish_conflicts += 1
+                    call.future.set_exception(KeyConflict(r.s, epoch))
+                else:
+                    self.stats.publish_replays += 1
+                    call.future.set_result((r.s, epoch))
+        if recs and self.listening:
+            await self._on_feed(recs)
+
     async def _answer(self, call: _Call) -> None:
         msg = call.msg
         try:
@@ -398,6 +489,9 @@ class Guild(Actor):
             return
         if records is None:
             await self._drive(cur.missed())
+            if self.listening:
+                # Presence changes may have been lost with the feed too.
+                await self._presence_resync()
         elif isinstance(records, str):
             assert records == FEED_LOST
             await self._history_lost("the broker's feed is lost", "guild feed lost; reconnect")
@@ -461,20 +555,73 @@ class Guild(Actor):
                 continue
             self._writing.add(p)
 
-    def _on_presence(self, kind: str, member: Presence) -> None:
+    async def _on_presence(self, kind: str, member: Presence, v: int | None) -> None:
         """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
-        is not part of the guild's event sequence and is not replayed)."""
-        if not self.partitions:
+        is not part of the guild's event sequence and is not replayed), each
+        only to the sessions whose snapshot is older than its version."""
+        if not self.listening:
+            return  # queued before the feed stopped: no session is served from it
+        if v is not None:
+            snap = self._psnap
+            base = self._pv if self._pv is not None else (snap.version if snap else None)
+            if base is not None and v <= base:
+                return  # in every snapshot sent (a resync's, or the one served since)
+            if base is not None and v > base + 1:
+                await self._presence_resync()  # versions base+1 .. v-1 were lost
+                return
+            self._pv = v
+        if not self._watchers:
             return
         t = "PRESENCE_JOIN" if kind == "join" else "PRESENCE_LEAVE"
         self._fan_out(force=True)  # keep the order of what came before
-        msg = PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid))
+        self._send_presence(PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid), v=v))
+
+    def _send_presence(self, msg: PresenceFrame) -> None:
         for p in self.partitions:
             if type(p) is Writer:
-                p.send_presence(msg.frame)
+                p.send_presence(msg.frame, msg.v, msg.reset)
             else:
                 assert type(p) is Partition
                 p.cast_system(msg)
+
+    async def _presence_snapshot(self) -> PresenceSnapshot:
+        """The guild's presence for a session subscribing now: the last one
+        read while no later change has been fanned out, else a fresh one."""
+        snap = self._psnap
+        if snap is None or (self._pv is not None and snap.version < self._pv):
+            snap = self._psnap = await self.broker.presence_snapshot(
+                self.gid, self.settings.presence_limit
+            )
+        return snap
+
+    def _snapshot_frame(self, snap: PresenceSnapshot) -> bytes:
+        members = [m.as_dict() for m in snap.members]
+        return wire.presence_snapshot_frame(
+            self.gid, members, snap.total, self.settings.presence_limit
+        )
+
+    async def _presence_resync(self) -> None:
+        """Presence changes may have been lost: read the presence afresh and,
+        unless nothing changed, send every presence session a new
+        PRESENCE_SNAPSHOT (it replaces theirs) at that version."""
+        base = self._pv if self._pv is not None else (self._psnap.version if self._psnap else None)
+        self._psnap = None
+        if not self._watchers:
+            self._pv = None
+            return
+        try:
+            snap = await self.broker.presence_snapshot(self.gid, self.settings.presence_limit)
+        except BrokerUnavailable:
+            self._pv = None
+            for sink in list(self._watchers):
+                sink.close(Close.UNKNOWN_ERROR, "presence resync failed; reconnect")
+            return
+        self._psnap = snap
+        self._pv = snap.version
+        if snap.version == base:
+            return  # nothing changed: every session is up to date
+        self._fan_out(force=True)
+        self._send_presence(PresenceFrame(self._snapshot_frame(snap), reset=snap.version))
 
     async def _history_lost(self, why: str, reason: str = "guild history lost; reconnect") -> None:
         """This node cannot go on serving the guild's sessions from its feed
@@ -516,6 +663,10 @@ class Guild(Actor):
             self._cur = Cursor(epoch, head, READ_PAGE)
         assert self.epoch is not None
         if msg.passive:
+            # No replay, no rewind (the parser refuses one), no presence
+            # dispatch: a passive session gets notices only. It stays a member;
+            # an activation sends it a fresh PRESENCE_SNAPSHOT.
+            self._watchers.discard(sink)
             self._passivate(sink)
             if msg.member is not None and sink not in self.members:
                 self.members[sink] = msg.member
@@ -526,6 +677,7 @@ class Guild(Actor):
         head = self.cursor
         recovered = False
         replay: list[bytes] = []
+        rewound: int | None = None
         if position is not None:
             epoch, after = position
             if epoch == self.epoch and after <= head:
@@ -533,7 +685,25 @@ class Guild(Actor):
                 if got is not None:
                     recovered = True
                     replay = got
-        preamble = wire.subscribed_frame(self.gid, self.epoch, head, recovered)
+        elif msg.rewind is not None:
+            rewound, replay = await self._rewind(msg.rewind, head, sink.events)
+            # Recovered: every event asked for follows (min(N, head) of them).
+            recovered = rewound == min(msg.rewind, head)
+        preamble = wire.subscribed_frame(self.gid, self.epoch, head, recovered, rewound)
+        since = -1
+        if msg.presence:
+            try:
+                snap = await self._presence_snapshot()
+            except BrokerUnavailable:
+                sink.close(Close.TRY_AGAIN_LATER, "broker unavailable")
+                if not self.has_sessions:
+                    await self._unlisten()
+                return
+            since = snap.version
+            preamble += self._snapshot_frame(snap)
+            self._watchers.add(sink)
+        else:
+            self._watchers.discard(sink)
         if replay:
             preamble = b"".join([preamble, *replay])
         p = self.where.get(sink)
@@ -542,10 +712,10 @@ class Guild(Actor):
             self.where[sink] = p
             self.load[p] += 1
         if type(p) is Writer:
-            p.add(sink, preamble, msg.presence)
+            p.add(sink, preamble, msg.presence, since)
         else:
             assert type(p) is Partition
-            p.cast_system(Add(sink, preamble, msg.presence))
+            p.cast_system(Add(sink, preamble, msg.presence, since))
         if msg.member is not None and sink not in self.members:
             self.members[sink] = msg.member
             self.broker.presence_join(self.gid, msg.member)
@@ -573,7 +743,33 @@ class Guild(Actor):
                 nxt = rec.s + 1
         return out
 
+    async def _rewind(
+        self, n: int, head: int, want: frozenset[str] | None
+    ) -> tuple[int, list[bytes]]:
+        """A rewind (PROTOCOL.md "Rewind"): ``(k, frames)``, the last ``k`` events
+        ``head-k+1 .. head`` (filtered), ``k`` at most ``n``, ``max_rewind``
+        and what history holds. A replay from a Position ``k`` back
+        (:meth:`_replay`); history that moved under the read (trimmed by
+        another node) is read again from its new start, at most
+        ``REWIND_TRIES`` times, then nothing is replayed (``k`` = 0)."""
+        after = max(0, head - min(n, self.settings.max_rewind))
+        for _ in range(REWIND_TRIES):
+            if after >= head:
+                return 0, []
+            try:
+                first = await self.broker.first(self.gid)
+            except BrokerUnavailable:
+                return 0, []
+            if first is None or first > head:
+                return 0, []  # nothing at or below the head is left
+            after = max(after, first - 1)
+            got = await self._replay(after, head, want)
+            if got is not None:
+                return head - after, got
+        return 0, []
+
     async def _remove(self, sink: Sink, farewell: bytes | None) -> None:
+        self._watchers.discard(sink)
         member = self.members.pop(sink, None)
         if member is not None:
             self.broker.presence_leave(self.gid, member)
@@ -691,6 +887,8 @@ class Guild(Actor):
         self.listening = False
         self.epoch = None
         self._cur = None
+        self._pv = None
+        self._psnap = None
         try:
             await self.broker.unlisten(self.gid)
         except BrokerUnavailable:

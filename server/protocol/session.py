@@ -112,11 +112,14 @@ class CloseConn:
 @dataclass(slots=True)
 class Subscribe:
     """Join guild ``gid``; ``position`` is ``(epoch, s)`` to recover from, or
-    None; ``passive``: notices only (PROTOCOL.md "Passive subscriptions"),
-    also the way to switch a subscribed guild between the two modes."""
+    None; ``rewind`` (1.1) asks for the guild's last N events first (never
+    with a ``position`` or ``passive``; ``wire.GuildRequest``); ``passive``
+    (1.1): notices only (PROTOCOL.md "Passive subscriptions"), also the way
+    to switch a subscribed guild between the two modes."""
 
     gid: str
     position: tuple[str, int] | None
+    rewind: int | None = None
     passive: bool = False
 
 
@@ -146,6 +149,8 @@ class Publish:
     t: str
     d: Any
     nonce: str | None
+    #: The idempotency key (protocol 1.1), validated, or None.
+    key: str | None = None
     #: Set when answered: the framed ACK or ERROR for this PUBLISH.
     answer: bytes | None = field(default=None)
 
@@ -384,7 +389,7 @@ class Session:
         out.extend(self._subscribe(guilds))
         return out
 
-    def _subscribe(self, guilds: dict[str, wire.SubscribeRequest]) -> list[Effect]:
+    def _subscribe(self, guilds: dict[str, wire.GuildRequest]) -> list[Effect]:
         grant = self.grant
         assert grant is not None
         out: list[Effect] = []
@@ -398,7 +403,7 @@ class Session:
                 out.append(Send(error_frame(Err.TOO_MANY_SUBSCRIPTIONS, "too many guilds", g=gid)))
                 continue
             subs.add(gid)
-            out.append(Subscribe(gid, req.position, req.passive))
+            out.append(Subscribe(gid, req.position, req.rewind, req.passive))
         return out
 
     def _unsubscribe(self, d: Any) -> list[Effect]:
@@ -429,7 +434,8 @@ class Session:
             pending = self._pending = deque()
         elif len(pending) >= self.limits.max_pending_publishes:
             raise _Reject(Close.RATE_LIMITED, "too many PUBLISH awaiting an answer")
-        p = Publish(gid, t, d.get("d"), nonce)
+        key = d.get("idempotency_key")
+        p = Publish(gid, t, d.get("d"), nonce, key)
         pending.append(p)
         grant = self.grant
         assert grant is not None
@@ -438,6 +444,14 @@ class Session:
             # (ERROR 4422, no token taken), not a broken client (1.0: 4002).
             return self.publish_failed(
                 p, Err.INVALID_EVENT_NAME, f"invalid event name: t must be {wire.EVENT_RULE}"
+            )
+        if key is not None and not wire.valid_idempotency_key(key):
+            # Protocol 1.1, like a bad t: this PUBLISH fails, the session stays.
+            p.key = None
+            return self.publish_failed(
+                p,
+                Err.INVALID_IDEMPOTENCY_KEY,
+                f"invalid idempotency_key: it must be {wire.IDEMPOTENCY_KEY_RULE}",
             )
         if t in RESERVED_EVENTS:
             return self._forbid(p, f"{t} is a reserved event name")
@@ -456,9 +470,18 @@ class Session:
         return 0 if self._pending is None else len(self._pending)
 
 
-def _guild_requests(guilds: Any) -> dict[str, wire.SubscribeRequest]:
-    """``wire.subscribe_requests`` with its ValueError as a 4002 close (_Reject)."""
-    try:
-        return wire.subscribe_requests(guilds)
-    except ValueError as e:
-        raise _Reject(Close.DECODE_ERROR, str(e)) from None
+def _guild_requests(guilds: Any) -> dict[str, wire.GuildRequest]:
+    """Validate ``{gid: null, a Position or (1.1) an object of options}``
+    (PROTOCOL.md "Messages"; each value parsed by ``wire.guild_request``);
+    raises _Reject."""
+    if type(guilds) is not dict:
+        raise _Reject(Close.DECODE_ERROR, "guilds must be an object of guild id to Position")
+    out: dict[str, wire.GuildRequest] = {}
+    for gid, value in guilds.items():
+        if not wire.valid_guild(gid):
+            raise _Reject(Close.DECODE_ERROR, "invalid guild id")
+        try:
+            out[gid] = wire.guild_request(value)
+        except ValueError as e:
+            raise _Reject(Close.DECODE_ERROR, str(e)) from None
+    return out

@@ -43,7 +43,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from guildcast.core.fdwatch import DescriptorWatch
-from guildcast.core.host import GatewayHost, OutcomeUnknown, Overloaded
+from guildcast.core.host import GatewayHost, KeyConflict, OutcomeUnknown, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
@@ -480,7 +480,7 @@ class Connection(asyncio.Protocol):
             elif tp is Subscribe:
                 assert isinstance(e, Subscribe)
                 try:
-                    gw.host.subscribe(self, e.gid, e.position, e.passive)
+                    gw.host.subscribe(self, e.gid, e.position, e.rewind, e.passive)
                 except Overloaded as exc:
                     if self.session is not None:
                         self.session.subscriptions.discard(e.gid)
@@ -519,7 +519,11 @@ class Connection(asyncio.Protocol):
             self._run(session.publish_failed(p, Close.DECODE_ERROR, f"d is not JSON: {exc}"))
             return
         try:
-            fut = self._gw.host.publish(p.gid, p.t, d_json)
+            host = self._gw.host
+            if p.key is None:
+                fut = host.publish(p.gid, p.t, d_json)
+            else:
+                fut = host.publish(p.gid, p.t, d_json, p.key)
         except Overloaded as exc:
             self._run(session.publish_failed(p, Err.TRY_AGAIN_LATER, str(exc)))
             return
@@ -541,6 +545,8 @@ class Connection(asyncio.Protocol):
                 code: int = Close.DECODE_ERROR
             elif isinstance(exc, OutcomeUnknown):
                 code = Err.OUTCOME_UNKNOWN  # maybe sequenced: never "refused, retry"
+            elif isinstance(exc, KeyConflict):
+                code = Err.IDEMPOTENCY_CONFLICT
             else:
                 code = Err.TRY_AGAIN_LATER
             effects = session.publish_failed(p, code, str(exc))

@@ -239,7 +239,14 @@ async def test_publishing_the_notice_name_is_refused(server: Server) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [{"passive": 1}, {"passive": "yes"}, {"epoch": "e"}, {"s": 3, "passive": True}, {}],
+    [
+        {"passive": 1},
+        {"passive": "yes"},
+        {"epoch": "e"},
+        {"s": 3, "passive": True},
+        {},
+        {"rewind": 5, "passive": True},  # a passive subscriber receives no events
+    ],
 )
 async def test_a_malformed_guild_request_is_a_decode_error(server: Server, value: Any) -> None:
     token = server.token("mia", guilds=["*"])
@@ -263,9 +270,14 @@ async def test_passive_members_are_in_presence_and_get_no_presence_dispatch(
     # The join of bob would come before the event's notice: it never comes.
     before, _ = await until_msg(ws, lambda m: is_activity(m, "pr", 1))
     assert before == [], before
-    # Upgraded, the session gets presence dispatches again.
+    # Upgraded, the session gets presence dispatches again, after a
+    # PRESENCE_SNAPSHOT of the members now (the changes meanwhile in it).
     await gw.send(ws, gw.SUBSCRIBE, {"guilds": {"pr": None}})
     await until_msg(ws, lambda m: is_subscribed(m, "pr"))
+    snap = await gw.recv(ws)
+    assert snap["t"] == "PRESENCE_SNAPSHOT" and snap["g"] == "pr", snap
+    assert sorted(m["user"] for m in snap["d"]["members"]) == ["bob", "pat"], snap
+    assert snap["d"]["count"] == 2 and snap["d"]["truncated"] is False, snap
     await bob.close()
     _, left = await until_msg(ws, lambda m: m.get("t") == "PRESENCE_LEAVE")
     assert left["d"]["user"] == "bob"

@@ -13,13 +13,15 @@ import pytest
 
 from guildcast.protocol import client as pc
 from guildcast.protocol import wire
-from guildcast.protocol.client import ClientSession, Event, Position, Resync
+from guildcast.protocol.client import ClientSession, Event, Position, Resync, Rewind
 from guildcast.protocol.codes import PROTOCOL_VERSION, SUBPROTOCOL, Err
 
 CASES = json.loads((Path(__file__).parent / "cases.json").read_text())
 
 
-def _pos(p: dict[str, Any] | None) -> Position | None:
+def _pos(p: dict[str, Any] | None) -> Position | Rewind | None:
+    if p is not None and "rewind" in p:
+        return Rewind(p["rewind"])  # protocol 1.1
     return None if p is None else Position(p["epoch"], p["s"])
 
 
@@ -29,7 +31,11 @@ def build(kind: str, args: dict[str, Any]) -> bytes:
     if kind == "identify":
         guilds = {g: _pos(p) for g, p in args["guilds"].items()}
         return pc.identify_message(
-            args["token"], guilds, args.get("events"), set(args.get("passive", []))
+            args["token"],
+            guilds,
+            args.get("events"),
+            args.get("presence", False),
+            set(args.get("passive", [])),
         )
     if kind == "subscribe":
         guilds = {g: _pos(p) for g, p in args["guilds"].items()}
@@ -37,7 +43,9 @@ def build(kind: str, args: dict[str, Any]) -> bytes:
     if kind == "unsubscribe":
         return pc.unsubscribe_message(args["guilds"])
     assert kind == "publish", kind
-    return pc.publish_message(args["guild"], args["t"], args["d"], args.get("nonce"))
+    return pc.publish_message(
+        args["guild"], args["t"], args["d"], args.get("nonce"), args.get("idempotency_key")
+    )
 
 
 @pytest.mark.parametrize("case", CASES["messages"], ids=lambda c: c["build"])
@@ -54,7 +62,11 @@ def test_protocol_1_1_constants() -> None:
     """The subprotocol and ERROR codes both clients must agree on."""
     assert CASES["protocol_version"] == PROTOCOL_VERSION
     assert CASES["subprotocol"] == SUBPROTOCOL
-    assert CASES["error_codes"] == {"invalid_event_name": Err.INVALID_EVENT_NAME}
+    assert CASES["error_codes"] == {
+        "invalid_event_name": Err.INVALID_EVENT_NAME,
+        "invalid_idempotency_key": Err.INVALID_IDEMPOTENCY_KEY,
+        "idempotency_conflict": Err.IDEMPOTENCY_CONFLICT,
+    }
 
 
 def test_grammar() -> None:
@@ -63,6 +75,12 @@ def test_grammar() -> None:
     assert not any(wire.valid_guild(x) for x in g["invalid_guilds"])
     assert all(wire.valid_event(x) for x in g["valid_events"])
     assert not any(wire.valid_event(x) for x in g["invalid_events"])
+    assert all(wire.valid_idempotency_key(x) for x in g["valid_idempotency_keys"])
+    assert not any(wire.valid_idempotency_key(x) for x in g["invalid_idempotency_keys"])
+    for x in g["invalid_idempotency_keys"]:
+        if x is not None:  # None is "no key", which the client leaves out
+            with pytest.raises(ValueError):
+                pc.check_idempotency_key(x)
 
 
 class Driver:
@@ -70,8 +88,10 @@ class Driver:
     asyncio client does (a refusal answers a waiting subscribe(), else it
     is a lost subscription)."""
 
-    def __init__(self, guilds: list[str]) -> None:
-        self.session = ClientSession(guilds)
+    def __init__(
+        self, guilds: list[str], rewind: int | None = None, presence: bool = False
+    ) -> None:
+        self.session = ClientSession(guilds, rewind=rewind, presence=presence)
         self.waiters: set[str] = set()
         self.now = 100.0
 
@@ -87,7 +107,11 @@ class Driver:
         elif "subscribe" in step:
             if s.subscribed(step["subscribe"]) is None:
                 self.waiters.add(step["subscribe"])
-            outs = s.subscribe(step["subscribe"], passive=step.get("passive", False))
+            outs = s.subscribe(
+                step["subscribe"],
+                rewind=step.get("rewind"),
+                passive=step.get("passive", False),
+            )
         elif "activate" in step or "deactivate" in step:
             gid = step.get("activate") or step["deactivate"]
             self.waiters.add(gid)
@@ -97,7 +121,7 @@ class Driver:
             outs = s.unsubscribe(step["unsubscribe"])
         elif "publish" in step:
             p = step["publish"]
-            outs = [s.publish(p["guild"], p["t"], p["d"])[1]]
+            outs = [s.publish(p["guild"], p["t"], p["d"], p.get("idempotency_key"))[1]]
         else:
             outs = s.connection_lost()
             reconnects = not s.verdict(step["close"], "").give_up
@@ -127,12 +151,29 @@ class Driver:
             return {"kind": "acked", "nonce": o.nonce, "s": o.s}
         if isinstance(o, pc.PublishRefused):
             return {"kind": "publish_refused", "nonce": o.nonce, "code": o.code}
+        if isinstance(o, pc.PresenceSnapshot):
+            sessions = [m.session for m in o.members]
+            return {
+                "kind": "presence_snapshot",
+                "guild": o.guild,
+                "sessions": sessions,
+                "count": o.count,
+                "truncated": o.truncated,
+            }
+        if isinstance(o, pc.PresenceJoin | pc.PresenceLeave):
+            kind = "presence_join" if isinstance(o, pc.PresenceJoin) else "presence_leave"
+            return {
+                "kind": kind,
+                "guild": o.guild,
+                "user": o.member.user,
+                "session": o.member.session,
+            }
         return None
 
 
 @pytest.mark.parametrize("scenario", CASES["sessions"], ids=lambda c: c["name"][:40])
 def test_session_scenario(scenario: dict[str, Any]) -> None:
-    d = Driver(scenario["guilds"])
+    d = Driver(scenario["guilds"], scenario.get("rewind"), scenario.get("presence", False))
     for i, step in enumerate(scenario["steps"]):
         sent, items, reconnects = d.step(step)
         where = f"step {i}: {step}"
@@ -150,3 +191,13 @@ def test_session_scenario(scenario: dict[str, Any]) -> None:
         if "unread" in step:
             got_unread = {g: d.session.unread(g) for g in step["unread"]}
             assert got_unread == step["unread"], where
+        if "rosters" in step:
+            rosters = {
+                g: {
+                    "sessions": [m.session for m in r.members],
+                    "count": r.count,
+                    "truncated": r.truncated,
+                }
+                for g, r in d.session.rosters().items()
+            }
+            assert rosters == step["rosters"], where

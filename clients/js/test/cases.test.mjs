@@ -8,6 +8,7 @@ import { readFileSync } from "node:fs";
 import {
   GuildcastClient,
   HEARTBEAT,
+  IDEMPOTENCY_CONFLICT,
   INVALID_EVENT_NAME,
   PublishError,
   SUBPROTOCOL,
@@ -19,16 +20,17 @@ import {
   unsubscribeMessage,
   validEvent,
   validGuild,
+  validIdempotencyKey,
 } from "../guildcast.js";
 
 const CASES = JSON.parse(readFileSync(new URL("../../../tests/protocol/cases.json", import.meta.url), "utf8"));
 
 const BUILD = {
   heartbeat: () => HEARTBEAT,
-  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null, a.passive ?? []),
+  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null, a.presence ?? false, a.passive ?? []),
   subscribe: (a) => subscribeMessage(a.guilds, a.passive ?? []),
   unsubscribe: (a) => unsubscribeMessage(a.guilds),
-  publish: (a) => publishMessage(a.guild, a.t, a.d, a.nonce ?? null),
+  publish: (a) => publishMessage(a.guild, a.t, a.d, a.nonce ?? null, a.idempotency_key ?? null),
 };
 
 for (const c of CASES.messages) {
@@ -43,7 +45,10 @@ test("close codes are classified as the cases say", () => {
 
 test("protocol 1.1: subprotocol and ERROR codes as the cases say", () => {
   assert.equal(SUBPROTOCOL, CASES.subprotocol);
-  assert.deepEqual({ invalid_event_name: INVALID_EVENT_NAME }, CASES.error_codes);
+  assert.deepEqual(
+    { invalid_event_name: INVALID_EVENT_NAME, invalid_idempotency_key: INVALID_EVENT_NAME, idempotency_conflict: IDEMPOTENCY_CONFLICT },
+    CASES.error_codes,
+  );
 });
 
 test("guild id and event name grammar", () => {
@@ -52,6 +57,8 @@ test("guild id and event name grammar", () => {
   for (const x of g.invalid_guilds) assert.ok(!validGuild(x), String(x));
   for (const x of g.valid_events) assert.ok(validEvent(x), x);
   for (const x of g.invalid_events) assert.ok(!validEvent(x), String(x));
+  for (const x of g.valid_idempotency_keys) assert.ok(validIdempotencyKey(x), x);
+  for (const x of g.invalid_idempotency_keys) assert.ok(!validIdempotencyKey(x), String(x));
 });
 
 /** A WebSocket the test drives: it records what the client sends. */
@@ -88,7 +95,7 @@ const settle = async () => {
 for (const sc of CASES.sessions) {
   test(`session: ${sc.name}`, async () => {
     ScriptedSocket.all = [];
-    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0 } });
+    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, rewind: sc.rewind ?? null, presence: sc.presence ?? false, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0 } });
     let items = [];
     let stops = [];
     c.on("event", (e) => items.push({ kind: "event", guild: e.guild, name: e.name, s: e.s, data: e.data }));
@@ -96,6 +103,13 @@ for (const sc of CASES.sessions) {
     c.on("ready", (e) => items.push({ kind: "ready", session_id: e.sessionId, user: e.user }));
     c.on("subscriptionlost", (e) => items.push({ kind: "subscription_lost", guild: e.guild, code: e.code }));
     c.on("activity", (e) => items.push({ kind: "activity", guild: e.guild, epoch: e.epoch, s: e.s }));
+    c.on("presence", (e) =>
+      items.push(
+        e.kind === "snapshot"
+          ? { kind: "presence_snapshot", guild: e.guild, sessions: e.members.map((m) => m.session), count: e.count, truncated: e.truncated }
+          : { kind: `presence_${e.kind}`, guild: e.guild, user: e.member.user, session: e.member.session },
+      ),
+    );
     c.on("disconnect", () => stops.push(true));
     c.on("closed", () => stops.push(false));
     c.connect().catch(() => {});
@@ -119,7 +133,7 @@ for (const sc of CASES.sessions) {
           const gid = step.activate || step.deactivate;
           (step.activate ? c.activate(gid) : c.deactivate(gid)).then((p) => items.push({ kind: "subscribed", guild: gid, epoch: p.epoch, s: p.s }));
         } else if (step.subscribe) {
-          c.subscribe(step.subscribe, null, { passive: step.passive ?? false }).then(
+          c.subscribe(step.subscribe, null, { rewind: step.rewind ?? null, passive: step.passive ?? false }).then(
             (p) => items.push({ kind: "subscribed", guild: step.subscribe, epoch: p.epoch, s: p.s }),
             (e) => e instanceof SubscribeError && e.code !== 0 && items.push({ kind: "subscribe_refused", guild: e.guild, code: e.code }),
           );
@@ -128,7 +142,7 @@ for (const sc of CASES.sessions) {
         } else if (step.publish) {
           const n = String(++nonce);
           const p = step.publish;
-          c.publish(p.guild, p.t, p.d).then(
+          c.publish(p.guild, p.t, p.d, { idempotencyKey: p.idempotency_key ?? null }).then(
             (s) => items.push({ kind: "acked", nonce: n, s }),
             (e) => e instanceof PublishError && items.push({ kind: "publish_refused", nonce: n, code: e.code }),
           );
@@ -144,6 +158,10 @@ for (const sc of CASES.sessions) {
         if ("positions" in step) assert.deepEqual(c.positions, step.positions, where);
         if ("duplicates" in step) assert.equal(c.duplicatesDropped, step.duplicates, where);
         if ("unread" in step) assert.deepEqual(Object.fromEntries(Object.keys(step.unread).map((g) => [g, c.unread(g)])), step.unread, where);
+        if ("rosters" in step) {
+          const rosters = Object.fromEntries(Object.entries(c.rosters).map(([g, r]) => [g, { sessions: r.members.map((m) => m.session), count: r.count, truncated: r.truncated }]));
+          assert.deepEqual(rosters, step.rosters, where);
+        }
       }
     } finally {
       await c.close();
