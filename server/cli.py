@@ -62,6 +62,9 @@ _SERVE_FLAGS: dict[str, str] = {
     "max_guilds": "guild actors alive at once",
     "idle_timeout": "seconds before an unused guild actor stops",
     "drain_timeout": "seconds a graceful shutdown waits for clients",
+    "drain_spread": "seconds a graceful shutdown spreads its RECONNECTs over (at most)",
+    "admit_rate": "IDENTIFYs admitted per second, resumes first (0: no bound; close 1013 "
+    "with a retry hint past it)",
     "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",
     "node_id": "this node's name in presence and metrics (default host:pid with --redis, "
     "else 'local')",

@@ -196,6 +196,7 @@ class Server:
                 handshake_timeout=cfg.handshake_timeout,
                 close_timeout=cfg.close_timeout,
                 user_publish_bytes=cfg.user_publish_bytes,
+                admit_rate=cfg.admit_rate,
             ),
         )
         self.gateway.demo_page = cfg.demo_page
@@ -330,7 +331,7 @@ class Server:
         try:
             log.info("draining: %d sessions", len(self.gateway.connections))
             if drain:
-                await self.gateway.drain(self.config.drain_timeout)
+                await self.gateway.drain(self.config.drain_timeout, self.config.drain_spread)
             else:
                 await self.gateway.drain(0)
             if self.api is not None:

@@ -32,7 +32,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 from websockets.exceptions import NegotiationError
@@ -46,7 +46,7 @@ from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost, OutcomeUnknown, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
-from guildcast.protocol import wire
+from guildcast.protocol import hints, wire
 from guildcast.protocol.codes import SUBPROTOCOL, SUBPROTOCOLS, Close, Err
 from guildcast.protocol.session import (
     Authenticator,
@@ -61,7 +61,9 @@ from guildcast.protocol.session import (
     Unsubscribe,
     error_frame,
 )
+from guildcast.transport import drain as staggered
 from guildcast.transport import static
+from guildcast.transport.admission import Admission
 
 log = logging.getLogger("guildcast.gateway")
 #: websockets logs every open and close at INFO; that is our job, at our level.
@@ -133,6 +135,9 @@ class GatewayLimits:
     #: PUBLISH bytes/s per user over all their connections (0: unlimited;
     #: ERROR 4429 past it; core/userrate.py).
     user_publish_bytes: float = 0.0
+    #: IDENTIFYs admitted per second (handshakes: twice that); past it close
+    #: 1013 with a retry hint, resumes first (transport/admission.py). 0: no bound.
+    admit_rate: float = 0.0
 
 
 class Connection(asyncio.Protocol):
@@ -395,17 +400,24 @@ class Connection(asyncio.Protocol):
         req.headers.clear()
         if resp.status_code != 101:
             return
-        if len(gw.connections) >= gw.limits.max_connections:
+        now = time.monotonic()
+        refusal = (
+            "server full"
+            if len(gw.connections) >= gw.limits.max_connections
+            else gw.admission.handshake(now)
+        )
+        if refusal is not None:
             # Stays in ``pending`` so the sweeper drops it if it never answers.
             gw.refused += 1
             self._flush()
-            self.close(Close.TRY_AGAIN_LATER, "server full")
+            self.close(Close.TRY_AGAIN_LATER, refusal)
             return
         gw.pending.discard(self)
         gw.connections.add(self)
         gw.accepted += 1
-        now = time.monotonic()
         self.session = Session(gw.authenticate, gw.session_limits, secrets.token_hex(8), now)
+        if gw.admission.rate > 0:
+            self.session.admit = gw.admission.identify
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
         # The 101 response and HELLO leave in one write.
@@ -592,6 +604,15 @@ class Connection(asyncio.Protocol):
             self._run(effects)
 
 
+def _reconnect(conn: Connection) -> None:
+    """RECONNECT (with a delay range for a 1.1 session), then close 1001."""
+    if conn.proto.subprotocol is not None:
+        conn.send(hints.reconnect_frame(*staggered.RECONNECT_DELAY_MS))
+    else:
+        conn.send(wire.RECONNECT_FRAME)
+    conn.close(Close.GOING_AWAY, "server shutting down")
+
+
 class Gateway:
     """Listens for WebSocket connections and owns them until they close."""
 
@@ -622,6 +643,8 @@ class Gateway:
         self.descriptors = DescriptorWatch()
         #: Publish volume per user, across connections (core/userrate.py).
         self.user_rates = UserBuckets(limits.user_publish_bytes)
+        #: Handshakes and IDENTIFYs per second, resumes first (admission.py).
+        self.admission = Admission(limits.admit_rate, time.monotonic())
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -693,16 +716,22 @@ class Gateway:
         if self._server is not None:
             self._server.close()
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, timeout: float, spread: float = 0.0) -> None:
         """Graceful shutdown (PROTOCOL.md op 7 and close 1001): stop accepting,
-        send RECONNECT then close 1001 to every session, and wait up to
-        ``timeout`` s for the close handshakes before dropping the rest."""
+        send RECONNECT then close 1001 to every session, in waves over at
+        most ``spread`` s (transport/drain.py; a 1.1 session's RECONNECT
+        names a reconnect delay range), and wait up to ``timeout`` s in all
+        for the close handshakes before dropping the rest."""
         self.stop_accepting()
-        for conn in list(self.connections):
-            conn.send(wire.RECONNECT_FRAME)
-            conn.close(Close.GOING_AWAY, "server shutting down")
+        started = time.monotonic()
         for conn in list(self.pending):
             conn.close(Close.GOING_AWAY, "server shutting down")
+        conns = list(self.connections)
+        window = staggered.drain_window(
+            len(conns), min(spread, timeout / 2), self.limits.admit_rate
+        )
+        await staggered.reconnect_in_waves(conns, window, _reconnect)
+        timeout = max(0.0, timeout - (time.monotonic() - started))
         if self.connections or self.pending:
             self._all_gone.clear()
             try:
@@ -733,4 +762,5 @@ class Gateway:
             "refused": self.refused,
             "slow_consumers": self.slow_consumers,
             "close_codes": dict(self.close_codes),
+            "admission": asdict(self.admission.stats),
         }

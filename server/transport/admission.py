@@ -1,0 +1,132 @@
+"""Admission control of one node's gateway (PROTOCOL.md "Pacing: retry
+hints and staggered RECONNECT"; docs/OPERATIONS.md "Deploying without a
+reconnect storm").
+
+Owns two token buckets, refilled continuously, both starting full:
+
+- **IDENTIFYs** at ``rate`` per second (``Config.admit_rate``), burst one
+  second's worth. A session coming back with a Position (a resume: cheap,
+  served from history, and its user is waiting for the events it missed)
+  may take any token; a fresh session only while more than
+  ``FRESH_RESERVE`` of the burst is left, so in a storm resumes are
+  admitted first and fresh sessions wait.
+- **Handshakes** (WebSocket upgrades) at ``HANDSHAKE_FACTOR`` x ``rate``:
+  at upgrade time we cannot yet tell a resume from a fresh session, so this
+  bound only stops a flood of upgrades from starving the IDENTIFYs of
+  what they need.
+
+A refusal is a close 1013 whose reason carries a retry hint
+(:func:`guildcast.protocol.hints.retry_reason`): the wait until this class
+of session would find a token, plus a spread as wide as the crowd refused
+in the last second takes to admit at ``rate``, so the clients refused
+together come back spread out, not together.
+
+Live traffic of connected sessions is never refused here: only handshakes
+and IDENTIFYs are counted. Consistency model: one instance per gateway,
+used only from its event loop; time is passed in (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from guildcast.protocol.hints import MAX_HINT_MS, retry_reason
+
+__all__ = ["Admission", "AdmissionStats"]
+
+#: Share of the IDENTIFY burst held back for resumes: a fresh session is
+#: refused once the bucket is below it, a resume only once it is empty.
+FRESH_RESERVE = 0.5
+#: Handshakes allowed per IDENTIFY allowed: every admitted session needs
+#: one handshake, and a refused one usually comes back once.
+HANDSHAKE_FACTOR = 2.0
+#: Seconds of refusals remembered to size the spread of the hint.
+CROWD_WINDOW = 1.0
+#: The narrowest spread a hint gives (ms): below it, clients refused in the
+#: same millisecond would come back in the same millisecond.
+MIN_SPREAD_MS = 250
+
+
+@dataclass(slots=True)
+class AdmissionStats:
+    """Counters since start (``/metrics``, ``Gateway.stats``)."""
+
+    admitted_resume: int = 0
+    admitted_fresh: int = 0
+    refused_resume: int = 0
+    refused_fresh: int = 0
+    refused_handshake: int = 0
+
+
+class _Bucket:
+    __slots__ = ("at", "cap", "rate", "tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.cap = max(rate, 1.0)
+        self.tokens = self.cap
+        self.at = now
+
+    def level(self, now: float) -> float:
+        self.tokens = min(self.cap, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return self.tokens
+
+
+class Admission:
+    """Bounds handshakes and IDENTIFYs per second; ``rate <= 0`` admits all."""
+
+    __slots__ = ("_crowd", "_crowd_at", "_hs", "_id", "rate", "stats")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.stats = AdmissionStats()
+        self._id = _Bucket(rate, now) if rate > 0 else None
+        self._hs = _Bucket(rate * HANDSHAKE_FACTOR, now) if rate > 0 else None
+        #: Refusals within the current crowd window, and when it opened.
+        self._crowd = 0
+        self._crowd_at = now
+
+    def handshake(self, now: float) -> str | None:
+        """None to go on with an upgraded connection, else the close reason (1013)."""
+        b = self._hs
+        if b is None or b.level(now) >= 1.0:
+            if b is not None:
+                b.tokens -= 1.0
+            return None
+        self.stats.refused_handshake += 1
+        return self._refusal("too many connections at once", (1.0 - b.tokens) / b.rate, now)
+
+    def identify(self, resume: bool, now: float) -> str | None:
+        """None to admit an IDENTIFY (``resume``: it names a Position), else
+        the close reason (1013) with its retry hint."""
+        st = self.stats
+        b = self._id
+        if b is None:
+            if resume:
+                st.admitted_resume += 1
+            else:
+                st.admitted_fresh += 1
+            return None
+        need = 1.0 if resume else 1.0 + FRESH_RESERVE * b.cap
+        if b.level(now) >= need:
+            b.tokens -= 1.0
+            if resume:
+                st.admitted_resume += 1
+            else:
+                st.admitted_fresh += 1
+            return None
+        if resume:
+            st.refused_resume += 1
+        else:
+            st.refused_fresh += 1
+        return self._refusal("server busy", (need - b.tokens) / b.rate, now)
+
+    def _refusal(self, why: str, wait: float, now: float) -> str:
+        if now - self._crowd_at >= CROWD_WINDOW:
+            self._crowd_at = now
+            self._crowd = 0
+        self._crowd += 1
+        lo = int(wait * 1000) + 1
+        spread = max(MIN_SPREAD_MS, int(1000 * self._crowd / max(self.rate, 1.0)))
+        return retry_reason(why, lo, min(MAX_HINT_MS, lo + spread))
