@@ -37,8 +37,8 @@ from typing import Any, TypeAlias
 import orjson
 
 from guildcast.protocol.codes import ABNORMAL_CLOSURE, RESERVED_EVENTS, Close, CloseAction, Op
-from guildcast.protocol.hints import parse_reconnect, parse_retry
 from guildcast.protocol.codes import classify_close as _classify
+from guildcast.protocol.hints import parse_reconnect, parse_retry
 from guildcast.protocol.wire import EVENT_RULE, GUILD_RULE, valid_event, valid_guild
 
 #: The HEARTBEAT message (PROTOCOL.md "Messages", op 1).
