@@ -108,7 +108,9 @@ class Admission:
             else:
                 st.admitted_fresh += 1
             return None
-        need = 1.0 if resume else 1.0 + FRESH_RESERVE * b.cap
+        # A fresh session leaves the reserve untouched (of a burst of one,
+        # nothing can be reserved: then both classes are alike).
+        need = 1.0 if resume else 1.0 + FRESH_RESERVE * (b.cap - 1.0)
         if b.level(now) >= need:
             b.tokens -= 1.0
             if resume:

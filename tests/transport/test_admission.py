@@ -1,0 +1,216 @@
+"""Admission control and staggered drain (PROTOCOL.md "Pacing: retry hints
+and staggered RECONNECT"): resumes before fresh sessions, the retry hint of
+a close 1013, RECONNECTs spread over the drain window with a delay range
+for 1.1 sessions, and both of our clients honouring the hints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from guildcast.client import Backoff, Client
+from guildcast.protocol import hints
+from guildcast.protocol.codes import SUBPROTOCOL
+from guildcast.transport.admission import FRESH_RESERVE, Admission
+from guildcast.transport.drain import drain_window
+from tests.support.gateway import (
+    DISPATCH,
+    HELLO,
+    IDENTIFY,
+    RECONNECT,
+    close_code,
+    open_ws,
+    recv,
+    send,
+    session,
+)
+from tests.support.node import node, restartable
+from tests.support.wait import TIMEOUT, until
+
+FAST = {"base": 0.02, "cap": 0.2}
+
+
+# --- the policy, with the clock given --------------------------------------------
+
+
+def test_resumes_are_admitted_where_fresh_sessions_are_refused() -> None:
+    a = Admission(10.0, now=0.0)
+    # A burst of fresh sessions takes the bucket down to the resumes' reserve...
+    fresh = [a.identify(False, 0.0) for _ in range(10)]
+    admitted = sum(r is None for r in fresh)
+    # Fresh ones need 1 + FRESH_RESERVE x 9 = 5.5 tokens: 5 get in, 5 are left.
+    assert FRESH_RESERVE == 0.5 and admitted == 5
+    refusal = next(r for r in fresh if r is not None)
+    # ... where every resume still gets in, until the bucket is empty.
+    resumes = [a.identify(True, 0.0) for _ in range(10)]
+    assert sum(r is None for r in resumes) == 10 - admitted
+    assert a.stats.admitted_resume == 10 - admitted
+    assert a.stats.refused_fresh == 5 and a.stats.refused_resume == 5
+    # The hint: a range that starts when this class would find a token again.
+    lo, hi = hints.parse_retry(refusal) or (0, 0)
+    assert 0 < lo < hi
+    assert a.identify(False, lo / 1000.0) is not None  # resumes took what refilled
+    assert a.identify(True, 1.0) is None  # a second later, tokens again
+
+
+def test_hint_spread_grows_with_the_crowd() -> None:
+    a = Admission(100.0, now=0.0)
+    for _ in range(100):
+        a.identify(True, 0.0)
+    first = hints.parse_retry(a.identify(True, 0.0) or "")
+    for _ in range(498):
+        a.identify(True, 0.0)
+    last = hints.parse_retry(a.identify(True, 0.0) or "")
+    assert first is not None and last is not None
+    # 500 refused at 100/s: the last is told to spread over about 5 s.
+    assert last[1] - last[0] >= 4000 > first[1] - first[0]
+
+
+def test_handshakes_are_bounded_at_twice_the_rate() -> None:
+    a = Admission(5.0, now=0.0)
+    got = [a.handshake(0.0) for _ in range(12)]
+    assert sum(r is None for r in got) == 10
+    assert a.stats.refused_handshake == 2
+    assert hints.parse_retry(got[-1] or "") is not None
+    assert Admission(0.0, now=0.0).handshake(0.0) is None  # 0: no bound
+
+
+def test_drain_window() -> None:
+    assert drain_window(1, 5.0, 100.0) == 0.0
+    assert drain_window(50, 5.0, 100.0) == 0.5  # the time to admit them
+    assert drain_window(10_000, 5.0, 100.0) == 5.0  # at most the spread
+    assert drain_window(10_000, 5.0, 0.0) == 0.0  # no bound: all at once
+
+
+# --- a real node -------------------------------------------------------------------
+
+
+async def _identify_raw(url: str, token: str, guilds: dict[str, Any]) -> Any:
+    """IDENTIFY with a plain websockets client; returns the socket after
+    HELLO and IDENTIFY are through (READY or a close follows)."""
+    ws = await open_ws(url)
+    assert (await recv(ws))["op"] == HELLO
+    await send(ws, IDENTIFY, {"token": token, "guilds": guilds})
+    return ws
+
+
+async def _first_answer(ws: Any) -> tuple[int | None, list[Any]]:
+    """``(None, [READY])``, or the close code if the server closed instead."""
+    try:
+        return None, [await recv(ws)]
+    except ConnectionClosed:
+        return ws.close_code, []
+
+
+async def _admitted(url: str, token: str, subprotocols: list[Subprotocol] | None) -> Any:
+    """A READY session, following the retry hints of the 1013s on the way."""
+    while True:
+        ws = await open_ws(url, subprotocols=subprotocols)
+        assert (await recv(ws))["op"] == HELLO
+        await send(ws, IDENTIFY, {"token": token, "guilds": {}})
+        code, _ = await _first_answer(ws)
+        if code is None:
+            return ws
+        hint = hints.parse_retry(ws.close_reason or "")
+        assert code == 1013 and hint is not None
+        await asyncio.sleep(hint[0] / 1000)
+
+
+async def test_node_refuses_fresh_with_a_hint_and_admits_resumes() -> None:
+    async with node(admit_rate=20.0) as srv:
+        tok = srv.token("u", guilds=["*"])
+        ws0, subs = await session(srv.url, tok, {"g": None})
+        position = {"epoch": subs["g"]["epoch"], "s": subs["g"]["s"]}
+        # Fresh sessions, ten at a time, until one is refused (the bucket
+        # then holds less than the reserve; refills only add to it).
+        refused: tuple[int | None, str] | None = None
+        for _ in range(20):
+            batch = await asyncio.gather(*(_identify_raw(srv.url, tok, {}) for _ in range(10)))
+            for ws in batch:
+                code, seen = await _first_answer(ws)
+                if code is None:
+                    assert seen[0]["t"] == "READY", seen
+                    await ws.close()
+                    continue
+                refused = (code, ws.close_reason or "")
+            if refused is not None:
+                break
+        assert refused is not None, "fresh sessions were never refused at 20/s"
+        code, reason = refused
+        assert code == 1013
+        hint = hints.parse_retry(reason)
+        assert hint is not None and 0 < hint[0] <= hint[1], reason
+        # A resume (a Position) at that moment is admitted.
+        ws = await _identify_raw(srv.url, tok, {"g": position})
+        m = await recv(ws)
+        assert m["op"] == DISPATCH and m["t"] == "READY", m
+        m = await recv(ws)
+        assert m["t"] == "SUBSCRIBED" and m["d"]["recovered"] is True
+        assert srv.gateway.admission.stats.refused_fresh >= 1
+        await ws.close()
+        await ws0.close()
+
+
+async def test_staggered_reconnect_with_a_delay_range() -> None:
+    n = 12
+    async with restartable(admit_rate=10.0, drain_spread=3.0, drain_timeout=TIMEOUT) as r:
+        tok = r.srv.token("u", guilds=["*"])
+        one_one = [Subprotocol(SUBPROTOCOL)]
+        socks = [await _admitted(r.url, tok, one_one) for _ in range(n)]
+        socks.append(await _admitted(r.url, tok, None))  # protocol 1.0: no subprotocol
+        arrived: list[tuple[float, Any]] = []
+
+        async def reconnect_of(ws: Any) -> None:
+            m = await recv(ws, TIMEOUT)
+            assert m["op"] == RECONNECT, m
+            arrived.append((time.monotonic(), m["d"]))
+            code, _ = await close_code(ws)
+            assert code == 1001
+
+        waiting = [asyncio.create_task(reconnect_of(ws)) for ws in socks]
+        stop = asyncio.create_task(r.srv.stop())
+        await asyncio.gather(*waiting)
+        await stop
+        ds = [d for _, d in arrived]
+        assert ds.count(None) == 1  # the 1.0 session: d null, as in 1.0
+        for d in ds:
+            if d is not None:
+                assert hints.parse_reconnect(d) == (0, 1000)
+        # 13 sessions at 10/s: spread over 1.3 s (in waves), not sent at once.
+        times = sorted(t for t, _ in arrived)
+        assert times[-1] - times[0] >= 0.5, times
+
+
+async def test_python_client_follows_retry_hints() -> None:
+    async with node(admit_rate=5.0) as srv:
+        tok = srv.token("u", guilds=["*"])
+        clients = [Client(srv.url, tok, guilds=["g"], backoff=Backoff(**FAST)) for _ in range(15)]
+        started = time.monotonic()
+        try:
+            await asyncio.gather(*(c.connect() for c in clients))
+            took = time.monotonic() - started
+            waits = sum(c.counters["hinted_waits"] for c in clients)
+            assert sum(c.counters["try_again_later"] for c in clients) >= 1
+            assert waits >= 1 and all(c.counters["gave_up"] == 0 for c in clients)
+            # 15 fresh sessions at 5/s with half the burst reserved: the hints,
+            # not the 0.2 s backoff cap, paced them.
+            assert took >= 1.0
+            assert srv.gateway.admission.stats.admitted_fresh == 15
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_python_client_waits_the_reconnect_delay() -> None:
+    async with restartable(drain_timeout=TIMEOUT) as r:
+        tok = r.srv.token("u", guilds=["*"])
+        async with Client(r.url, tok, guilds=["g"], backoff=Backoff(**FAST)) as c:
+            await c.connect()
+            await r.restart()
+            await until(lambda: c.sessions == 2, "the client to come back")
+            assert c.counters["reconnect_requests"] == 1
+            assert c.counters["hinted_waits"] == 1
+            assert c.subprotocol == SUBPROTOCOL
