@@ -107,6 +107,8 @@ class Run:
         self.drop_mode: str | None = None
         #: Seconds the server took to start (cold start = this + connecting).
         self.server_start_s = 0.0
+        #: Seconds the drop itself took (a restart: drain, exit, start again).
+        self.restart_s = 0.0
         #: Live-event latency from the drop until every client recovered.
         self.storm_hist: Any = None
         self._redis: tgt.RedisProcess | None = None
@@ -425,6 +427,7 @@ class Run:
         # Clients that must come back before the storm is over: all of them,
         # but one worker's share when one worker of several is killed.
         need = n
+        restarting = time.monotonic()
         if mode == "disconnect_all":
             t.disconnect_all(4000)
         elif mode in ("restart", "kill"):
@@ -438,6 +441,7 @@ class Run:
             need = 1 if stopped < t.gateways else n
         else:
             self._send_all({"cmd": "drop"})
+        self.restart_s = time.monotonic() - restarting
         ok = await self._until(
             lambda c: c["reconnects"] - before >= need and c["live"] >= n, p.drain_timeout
         )
@@ -533,6 +537,7 @@ class Run:
         return {
             "mode": self.drop_mode,
             "server_start_seconds": round(self.server_start_s, 3),
+            "restart_seconds": round(self.restart_s, 3),
             "connect_seconds": round(connect_s, 3),
             "cold_seconds": cold,
             "recovery_seconds": rec_s,
