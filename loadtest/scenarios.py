@@ -48,6 +48,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lat_sample": 0.25,
         "connect_timeout": 180.0,
         "drain_timeout": 120.0,
+        # Every client on its own, as real ones are: a storm is all of them
+        # at once, and the harness must not queue them (a pool of 256 opens
+        # would pace the storm by the server's latency under load).
+        "connect_concurrency": 19_000,
     },
     # 10% of clients stop reading; the server closes them (4010) and the rest
     # keep their latency; the server's memory stays bounded.

@@ -62,7 +62,8 @@ _SERVE_FLAGS: dict[str, str] = {
     "max_guilds": "guild actors alive at once",
     "idle_timeout": "seconds before an unused guild actor stops",
     "drain_timeout": "seconds a graceful shutdown waits for clients",
-    "drain_spread": "seconds a graceful shutdown spreads its RECONNECTs over (at most)",
+    "drain_spread": "seconds a graceful shutdown spreads its RECONNECTs over, at most "
+    "(default: 5 with --redis or --workers, else 0)",
     "admit_rate": "IDENTIFYs admitted per second, resumes first (0: no bound; close 1013 "
     "with a retry hint past it)",
     "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",

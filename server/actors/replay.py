@@ -8,7 +8,8 @@ A :class:`ReplayPages` is what the guild has read back during one mailbox
 batch: the events ``first .. head`` of one epoch, each framed once
 (``wire.text_frame``). A replay that starts at or after ``first`` is a
 slice of it; one that starts earlier reads only the missing pages
-(``page`` records per broker read) in front of it. So a storm of
+(``page`` records per broker read, whole pages back from what it holds) in
+front of it. So a storm of
 recoveries on one guild costs one history read per page per batch, not
 one per session, and the frames are built once.
 
@@ -62,18 +63,29 @@ class ReplayPages:
         return [f for k, f in enumerate(self.frames[i:], i) if names[k] in want]
 
     async def _read_front(self, broker: Broker, after: int) -> bool:
-        """Read ``after+1 .. first-1`` and put it in front; False if lost."""
+        """Read at least ``after+1 .. first-1`` and put it in front; False if
+        history no longer holds ``after+1``. It reads whole pages back from
+        ``first`` (as far as history goes), so replays arriving from newest
+        to oldest Position still cost one read per page."""
         frames: list[bytes] = []
         names: list[str] = []
-        nxt, end = after + 1, self.first - 1
+        end = self.first - 1
+        start = max(1, min(after + 1, self.first - self.page))
+        nxt = start
         while nxt <= end:
             try:
                 epoch, recs = await broker.read(self.gid, nxt - 1, min(self.page, end - nxt + 1))
             except BrokerUnavailable:
                 return False
             self.reads += 1
-            if epoch != self.epoch or not recs or recs[0].s != nxt:
+            if epoch != self.epoch or not recs:
                 return False
+            if recs[0].s != nxt:
+                # History begins later than the page asked for: fine as long
+                # as it still holds the replay's first event.
+                if frames or recs[0].s > after + 1:
+                    return False
+                start = nxt = recs[0].s
             for rec in recs:
                 if rec.s > end:
                     break
@@ -82,5 +94,5 @@ class ReplayPages:
                 nxt = rec.s + 1
         self.frames[:0] = frames
         self.names[:0] = names
-        self.first = after + 1
+        self.first = start
         return True

@@ -24,8 +24,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
-__all__ = ["WAVE_INTERVAL", "drain_window", "reconnect_in_waves"]
+__all__ = ["PEER_DRAIN_SPREAD", "WAVE_INTERVAL", "drain_window", "reconnect_in_waves"]
 
+#: ``drain_spread`` of a node with peers (``Config.drain_spread`` None):
+#: 5 s spreads a full node (19,000 sessions) at under 4,000 a second.
+PEER_DRAIN_SPREAD = 5.0
 #: Seconds between two waves: short enough that a wave is a few hundred
 #: sessions on a full node, long enough to be one loop iteration's work.
 WAVE_INTERVAL = 0.05
