@@ -122,12 +122,16 @@ def summary(result: dict[str, Any], console: Console | None = None) -> None:
             "storm: 1013 refused / hinted waits / replayed",
             f"{st['refused_1013']} / {st['hinted_waits']} / {st['replayed']}",
         )
-        ld = st["live_latency_during_us"]
-        if ld.get("count"):
-            t.add_row(
-                "storm: live latency ms p50 / p99 / max",
-                " / ".join(_ms(ld[k]) for k in ("p50", "p99", "max")),
-            )
+        for key, when in (
+            ("live_latency_before_us", "before"),
+            ("live_latency_during_us", "during"),
+        ):
+            ld = st.get(key) or {}
+            if ld.get("count"):
+                t.add_row(
+                    f"storm: live latency {when}, ms p50 / p99 / max",
+                    " / ".join(_ms(ld[k]) for k in ("p50", "p99", "max")),
+                )
     d = result["delivery"]
     t.add_row("delivered", f"{d['delivered']:,}")
     t.add_row("deliveries/s (publish phase)", f"{d['per_s']:,.0f}")

@@ -111,6 +111,8 @@ class Run:
         self.restart_s = 0.0
         #: Live-event latency from the drop until every client recovered.
         self.storm_hist: Any = None
+        #: The same from the start of publishing until the drop.
+        self.before_hist: Any = None
         self._redis: tgt.RedisProcess | None = None
         self.server_stats: dict[str, Any] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -387,6 +389,8 @@ class Run:
         self.phase = "publish"
         self.ui.log(f"publishing for {p.duration:.0f} s at {p.rate or 'max'} events/s via {p.via}")
         self.monitor.mark("publish")
+        if p.scenario == "storm":
+            self.monitor.window = new_hist()  # live latency before the storm
         async with asyncio.TaskGroup() as tg:
             for k, pub in enumerate(pubs):
                 tg.create_task(pub.run(stop), name=f"publisher-{k}")
@@ -420,6 +424,7 @@ class Run:
             )
         self.drop_mode = mode
         self.monitor.mark("drop")
+        self.before_hist = self.monitor.window
         self.monitor.window = new_hist()  # live-event latency during the storm
         before = self.monitor.counters()["reconnects"]
         self.ui.log(f"dropping every session ({mode})")
@@ -552,6 +557,9 @@ class Run:
             "hinted_waits": final["hinted_waits"],
             "refused_1013": final["closes"].get("1013", 0),
             "live_latency_during_us": during,
+            "live_latency_before_us": percentiles(self.before_hist)
+            if self.before_hist is not None
+            else {},
             "rss_peak": mon.server_peak_rss or None,
         }
 

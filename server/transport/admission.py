@@ -15,6 +15,13 @@ Owns two token buckets, refilled continuously, both starting full:
   bound only stops a flood of upgrades from starving the IDENTIFYs of
   what they need.
 
+Both rates follow the node's event-loop lag (``loop_lag``, measured by the
+gateway's sweeper every ``sweep_interval``): past ``LAG_TARGET`` the node
+is behind its live traffic, and the admitted share of ``rate`` is halved
+(down to ``MIN_SHARE``); while it keeps up the share grows back by
+``SHARE_STEP`` a sweep. A storm therefore admits only what the node can
+take on besides its live traffic, on an idle machine or a busy one.
+
 A refusal is a close 1013 whose reason carries a retry hint
 (:func:`guildcast.protocol.hints.retry_reason`): the wait until this class
 of session would find a token, plus a spread as wide as the crowd refused
@@ -42,6 +49,17 @@ FRESH_RESERVE = 0.5
 HANDSHAKE_FACTOR = 2.0
 #: Seconds of refusals remembered to size the spread of the hint.
 CROWD_WINDOW = 1.0
+#: Event-loop lag (s) past which admissions slow down: well above what a
+#: busy node's live traffic alone causes (tens of ms on a shared 2-core
+#: machine), so only a node swamped by new sessions backs off.
+LAG_TARGET = 0.2
+#: The least share of ``rate`` admitted however late the loop is: the
+#: storm still drains, at a quarter of the rate (a late loop on a machine
+#: busy with other work is not ours to fix by refusing everyone).
+MIN_SHARE = 0.25
+#: Share regained per sweep on time (0.5 s): from the floor back to the
+#: full rate in about 5 s.
+SHARE_STEP = 0.1
 #: The narrowest spread a hint gives (ms): below it, clients refused in the
 #: same millisecond would come back in the same millisecond.
 MIN_SPREAD_MS = 250
@@ -56,6 +74,8 @@ class AdmissionStats:
     refused_resume: int = 0
     refused_fresh: int = 0
     refused_handshake: int = 0
+    #: Sweeps that found the loop late and halved the admitted share.
+    slowdowns: int = 0
 
 
 class _Bucket:
@@ -76,7 +96,7 @@ class _Bucket:
 class Admission:
     """Bounds handshakes and IDENTIFYs per second; ``rate <= 0`` admits all."""
 
-    __slots__ = ("_crowd", "_crowd_at", "_hs", "_id", "rate", "stats")
+    __slots__ = ("_crowd", "_crowd_at", "_hs", "_id", "rate", "share", "stats")
 
     def __init__(self, rate: float, now: float) -> None:
         self.rate = rate
@@ -86,6 +106,21 @@ class Admission:
         #: Refusals within the current crowd window, and when it opened.
         self._crowd = 0
         self._crowd_at = now
+        #: Share of ``rate`` admitted now (``loop_lag``), in [MIN_SHARE, 1].
+        self.share = 1.0
+
+    def loop_lag(self, lag: float) -> None:
+        """The event loop was ``lag`` s late: slow down (halve the share) or
+        speed up again (one step back toward the full rate)."""
+        if self._id is None or self._hs is None:
+            return
+        if lag > LAG_TARGET:
+            self.share = max(MIN_SHARE, self.share / 2)
+            self.stats.slowdowns += 1
+        else:
+            self.share = min(1.0, self.share + SHARE_STEP)
+        self._id.rate = self.rate * self.share
+        self._hs.rate = self.rate * HANDSHAKE_FACTOR * self.share
 
     def handshake(self, now: float) -> str | None:
         """None to go on with an upgraded connection, else the close reason (1013)."""
@@ -130,5 +165,5 @@ class Admission:
             self._crowd = 0
         self._crowd += 1
         lo = int(wait * 1000) + 1
-        spread = max(MIN_SPREAD_MS, int(1000 * self._crowd / max(self.rate, 1.0)))
+        spread = max(MIN_SPREAD_MS, int(1000 * self._crowd / max(self.rate * self.share, 1.0)))
         return retry_reason(why, lo, min(MAX_HINT_MS, lo + spread))

@@ -690,9 +690,13 @@ class Gateway:
     async def _sweep(self) -> None:
         interval = self.limits.sweep_interval
         wheel = self._wheel
+        due = time.monotonic() + interval
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            # How late the loop was: admissions follow it (admission.py).
+            self.admission.loop_lag(now - due)
+            due = now + interval
             self.descriptors.check(now)
             self.user_rates.prune(now)
             last = math.floor(now / interval)

@@ -9,13 +9,14 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from guildcast.client import Backoff, Client
 from guildcast.protocol import hints
 from guildcast.protocol.codes import SUBPROTOCOL
-from guildcast.transport.admission import FRESH_RESERVE, Admission
+from guildcast.transport.admission import FRESH_RESERVE, LAG_TARGET, MIN_SHARE, Admission
 from guildcast.transport.drain import drain_window
 from tests.support.gateway import (
     DISPATCH,
@@ -214,3 +215,20 @@ async def test_python_client_waits_the_reconnect_delay() -> None:
             assert c.counters["reconnect_requests"] == 1
             assert c.counters["hinted_waits"] == 1
             assert c.subprotocol == SUBPROTOCOL
+
+
+def test_a_late_loop_slows_admissions_down_and_back_up() -> None:
+    a = Admission(100.0, now=0.0)
+    for _ in range(100):
+        assert a.identify(True, 0.0) is None  # the burst
+    a.loop_lag(LAG_TARGET * 4)  # behind its live traffic: halve
+    assert a.share == 0.5
+    # One second at half the rate refills 50 tokens, not 100.
+    assert sum(a.identify(True, 1.0) is None for _ in range(100)) == 50
+    for _ in range(10):
+        a.loop_lag(1.0)
+    assert a.share == MIN_SHARE and a.stats.slowdowns == 11
+    for _ in range(8):
+        a.loop_lag(0.0)  # on time again: back up step by step
+    assert a.share == pytest.approx(1.0)
+    Admission(0.0, now=0.0).loop_lag(1.0)  # no bound: nothing to slow
