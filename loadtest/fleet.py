@@ -353,6 +353,8 @@ class Sub(asyncio.Protocol):
                     lat[k] = lat.get(k, 0) + 1
             else:
                 self._frame(b0, data[p:end], now)
+                # A SUBSCRIBED in this chunk marks its replay, which follows.
+                replay_to = self.replay_to
                 if self.transport is None or self.state == CLOSING:
                     i = end
                     break

@@ -52,11 +52,11 @@ CROWD_WINDOW = 1.0
 #: Event-loop lag (s) past which admissions slow down: well above what a
 #: busy node's live traffic alone causes (tens of ms on a shared 2-core
 #: machine), so only a node swamped by new sessions backs off.
-LAG_TARGET = 0.2
+LAG_TARGET = 0.25
 #: The least share of ``rate`` admitted however late the loop is: the
-#: storm still drains, at a quarter of the rate (a late loop on a machine
-#: busy with other work is not ours to fix by refusing everyone).
-MIN_SHARE = 0.25
+#: storm still drains, at half the rate (a late loop on a machine busy
+#: with other work is not ours to fix by refusing everyone).
+MIN_SHARE = 0.5
 #: Share regained per sweep on time (0.5 s): from the floor back to the
 #: full rate in about 5 s.
 SHARE_STEP = 0.1

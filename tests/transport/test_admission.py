@@ -228,7 +228,7 @@ def test_a_late_loop_slows_admissions_down_and_back_up() -> None:
     for _ in range(10):
         a.loop_lag(1.0)
     assert a.share == MIN_SHARE and a.stats.slowdowns == 11
-    for _ in range(8):
+    for _ in range(5):
         a.loop_lag(0.0)  # on time again: back up step by step
     assert a.share == pytest.approx(1.0)
     Admission(0.0, now=0.0).loop_lag(1.0)  # no bound: nothing to slow
