@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -191,7 +190,6 @@ class Session:
         "_cmd_count",
         "_cmd_window_start",
         "_pending",
-        "admit",
         "deadline",
         "events",
         "grant",
@@ -223,11 +221,6 @@ class Session:
         #: first PUBLISH (an empty deque is ~600 bytes and most sessions
         #: never publish).
         self._pending: deque[Publish] | None = None
-        #: Admission control (the gateway's, transport/admission.py): asked
-        #: ``admit(resume, now)`` before an IDENTIFY is served, ``resume``
-        #: true when it names a Position; a string refuses it with close
-        #: 1013 and that reason (its retry hint). None admits every IDENTIFY.
-        self.admit: Callable[[bool, float], str | None] | None = None
 
     # --- inputs --------------------------------------------------------------
 
@@ -364,11 +357,6 @@ class Session:
         presence = d.get("presence", False)
         if type(presence) is not bool:
             raise _Reject(Close.DECODE_ERROR, "presence must be true or false")
-        admit = self.admit
-        if admit is not None:
-            refusal = admit(any(pos is not None for pos in guilds.values()), now)
-            if refusal is not None:
-                raise _Reject(Close.TRY_AGAIN_LATER, refusal)
         self.presence = presence
         events = d.get("events")
         if events is not None:

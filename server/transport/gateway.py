@@ -61,9 +61,10 @@ from guildcast.protocol.session import (
     Unsubscribe,
     error_frame,
 )
+from guildcast.protocol.session import State as SessionState
 from guildcast.transport import drain as staggered
 from guildcast.transport import static
-from guildcast.transport.admission import Admission
+from guildcast.transport.admission import QUEUED, Admission
 
 log = logging.getLogger("guildcast.gateway")
 #: websockets logs every open and close at INFO; that is our job, at our level.
@@ -144,12 +145,14 @@ class Connection(asyncio.Protocol):
     """One client connection: transport, websockets protocol and gateway session."""
 
     __slots__ = (
+        "_admitted",
         "_answers",
         "_cork",
         "_due",
         "_exit_hooks",
         "_frags",
         "_gw",
+        "_held",
         "_max_buffer",
         "_msg_len",
         "_transport",
@@ -188,6 +191,10 @@ class Connection(asyncio.Protocol):
         self._exit_hooks: list[Callable[[object], None]] | None = None
         #: The deadline-wheel slot this connection is filed in (None: not filed).
         self._due: int | None = None
+        #: Admission (admission.py): the IDENTIFY waiting for its turn (the
+        #: connection is not read meanwhile), and whether it has had it.
+        self._held: bytes | None = None
+        self._admitted = False
 
     def __repr__(self) -> str:
         sid = self.session.session_id if self.session else "-"
@@ -416,8 +423,6 @@ class Connection(asyncio.Protocol):
         gw.connections.add(self)
         gw.accepted += 1
         self.session = Session(gw.authenticate, gw.session_limits, secrets.token_hex(8), now)
-        if gw.admission.rate > 0:
-            self.session.admit = gw.admission.identify
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
         # The 101 response and HELLO leave in one write.
@@ -466,6 +471,13 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None or self.closing:
             return
+        if (
+            not self._admitted
+            and session.state is SessionState.AWAIT_IDENTIFY
+            and self._gw.admission.rate > 0
+            and self._wait_turn(data)
+        ):
+            return
         self._msg_len = len(data)  # what a PUBLISH in it costs its user
         effects = session.receive(data, time.monotonic())
         self.events = session.events
@@ -473,6 +485,37 @@ class Connection(asyncio.Protocol):
         # than the IDENTIFY timeout); later moves are found when the slot is due.
         self._gw._file(self, session.deadline)
         self._run(effects)
+
+    def _wait_turn(self, data: bytes | bytearray | memoryview) -> bool:
+        """Admission control of an IDENTIFY (admission.py): False to serve
+        it now; True when it waits its turn or was refused (close 1013)."""
+        resume = _identify_resume(data)
+        if resume is None:
+            return False  # not an IDENTIFY (or not one): the session judges it
+        gw = self._gw
+        verdict = gw.admission.arrive(self, resume, time.monotonic())
+        if verdict is None:
+            self._admitted = True
+            return False
+        if verdict is QUEUED:
+            self._held = bytes(data)
+            if self._transport is not None:
+                self._transport.pause_reading()
+            gw._admit_wake.set()
+            return True
+        self.close(Close.TRY_AGAIN_LATER, verdict)
+        return True
+
+    def admitted(self) -> None:
+        """The waiting IDENTIFY's turn (the gateway's admitter)."""
+        data, self._held = self._held, None
+        if self.closing or data is None:
+            return
+        self._admitted = True
+        if self._transport is not None:
+            self._transport.resume_reading()
+        self._on_message(data)
+        self._flush()
 
     def _run(self, effects: list[Effect]) -> None:
         gw = self._gw
@@ -604,6 +647,23 @@ class Connection(asyncio.Protocol):
             self._run(effects)
 
 
+def _identify_resume(data: bytes | bytearray | memoryview) -> bool | None:
+    """For an IDENTIFY: True if it names a Position for some guild (a
+    resume), False if none (fresh); None for anything else (the session
+    decodes and judges every message itself)."""
+    try:
+        msg = wire.decode(data)
+    except wire.JSONDecodeError:
+        return None
+    if type(msg) is not dict or msg.get("op") != 2:
+        return None
+    d = msg.get("d")
+    guilds = d.get("guilds") if type(d) is dict else None
+    if type(guilds) is not dict:
+        return None
+    return any(pos is not None for pos in guilds.values())
+
+
 def _reconnect(conn: Connection) -> None:
     """RECONNECT (with a delay range for a 1.1 session), then close 1001."""
     if conn.proto.subprotocol is not None:
@@ -643,8 +703,11 @@ class Gateway:
         self.descriptors = DescriptorWatch()
         #: Publish volume per user, across connections (core/userrate.py).
         self.user_rates = UserBuckets(limits.user_publish_bytes)
-        #: Handshakes and IDENTIFYs per second, resumes first (admission.py).
+        #: Handshakes and IDENTIFYs per second, resumes first (admission.py);
+        #: the admitter task serves its queue when woken.
         self.admission = Admission(limits.admit_rate, time.monotonic())
+        self._admit_wake = asyncio.Event()
+        self._admitter: asyncio.Task[None] | None = None
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -683,6 +746,8 @@ class Gateway:
             lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=4096
         )
         self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
+        if self.admission.rate > 0:
+            self._admitter = tg.create_task(self._admit(), name="gateway-admitter")
         DescriptorWatch.warn_if_short(self.limits.max_connections)
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
@@ -715,6 +780,25 @@ class Gateway:
                         log.exception("sweeping %r failed", conn)
                     if not conn.exited:
                         self._file(conn, conn.next_deadline())
+
+    async def _admit(self) -> None:
+        """Serve the admission queue: waiting IDENTIFYs as tokens come
+        (resumes first), and refuse those that waited too long."""
+        adm = self.admission
+        while True:
+            if not adm.waiting:
+                self._admit_wake.clear()
+                await self._admit_wake.wait()
+                continue
+            await asyncio.sleep(adm.next_due(time.monotonic()))
+            admitted, refused = adm.due(time.monotonic())
+            for conn in admitted:
+                try:
+                    cast(Connection, conn).admitted()
+                except Exception:
+                    log.exception("admitting %r failed", conn)
+            for conn, reason in refused:
+                cast(Connection, conn).close(Close.TRY_AGAIN_LATER, reason)
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -749,12 +833,13 @@ class Gateway:
 
     async def close(self) -> None:
         self.stop_accepting()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            try:
-                await self._sweeper
-            except asyncio.CancelledError:
-                pass
+        for task in (self._sweeper, self._admitter):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         if self._server is not None:
             await self._server.wait_closed()
 

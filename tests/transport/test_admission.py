@@ -16,7 +16,14 @@ from websockets.typing import Subprotocol
 from guildcast.client import Backoff, Client
 from guildcast.protocol import hints
 from guildcast.protocol.codes import SUBPROTOCOL
-from guildcast.transport.admission import FRESH_RESERVE, LAG_TARGET, MIN_SHARE, Admission
+from guildcast.transport.admission import (
+    FRESH_RESERVE,
+    LAG_TARGET,
+    MAX_WAIT,
+    MIN_SHARE,
+    QUEUED,
+    Admission,
+)
 from guildcast.transport.drain import drain_window
 from tests.support.gateway import (
     DISPATCH,
@@ -121,39 +128,85 @@ async def _admitted(url: str, token: str, subprotocols: list[Subprotocol] | None
         await asyncio.sleep(hint[0] / 1000)
 
 
-async def test_node_refuses_fresh_with_a_hint_and_admits_resumes() -> None:
-    async with node(admit_rate=20.0) as srv:
+async def test_node_queues_fresh_admits_resumes_first_and_hints_the_rest() -> None:
+    async with node(admit_rate=10.0) as srv:
+        adm = srv.gateway.admission
         tok = srv.token("u", guilds=["*"])
         ws0, subs = await session(srv.url, tok, {"g": None})
         position = {"epoch": subs["g"]["epoch"], "s": subs["g"]["s"]}
-        # Fresh sessions, ten at a time, until one is refused (the bucket
-        # then holds less than the reserve; refills only add to it).
-        refused: tuple[int | None, str] | None = None
-        for _ in range(20):
-            batch = await asyncio.gather(*(_identify_raw(srv.url, tok, {}) for _ in range(10)))
-            for ws in batch:
-                code, seen = await _first_answer(ws)
-                if code is None:
-                    assert seen[0]["t"] == "READY", seen
-                    await ws.close()
-                    continue
-                refused = (code, ws.close_reason or "")
-            if refused is not None:
-                break
-        assert refused is not None, "fresh sessions were never refused at 20/s"
-        code, reason = refused
-        assert code == 1013
-        hint = hints.parse_retry(reason)
-        assert hint is not None and 0 < hint[0] <= hint[1], reason
-        # A resume (a Position) at that moment is admitted.
+        # 15 fresh sessions at once: a few find a token (fresh ones leave
+        # half the burst to resumes), the rest wait their turn.
+        fresh = await asyncio.gather(*(_identify_raw(srv.url, tok, {}) for _ in range(15)))
+        await until(lambda: adm.stats.queued_fresh >= 5, "fresh sessions to wait")
+        # A resume (a Position) goes ahead of every waiting fresh session.
         ws = await _identify_raw(srv.url, tok, {"g": position})
         m = await recv(ws)
         assert m["op"] == DISPATCH and m["t"] == "READY", m
+        assert adm.waiting > 0  # fresh sessions that came first still wait
+        assert adm.stats.admitted_resume == 1 and adm.stats.refused_resume == 0
         m = await recv(ws)
         assert m["t"] == "SUBSCRIBED" and m["d"]["recovered"] is True
-        assert srv.gateway.admission.stats.refused_fresh >= 1
-        await ws.close()
-        await ws0.close()
+        # The waiting fresh ones get in as tokens come (10/s).
+        for code, seen in await asyncio.gather(*(_first_answer(w) for w in fresh)):
+            assert code is None and seen[0]["t"] == "READY", (code, seen)
+        assert adm.stats.admitted_fresh == 16 and adm.waiting == 0
+        for w in [ws0, ws, *fresh]:
+            await w.close()
+
+
+async def test_node_refuses_past_the_bound_with_a_retry_hint() -> None:
+    async with node(admit_rate=10.0) as srv:
+        # 40 upgrades at once: twice the rate's burst get through, the rest
+        # are closed 1013 with a hint the client can read.
+        socks = await asyncio.gather(*(open_ws(srv.url) for _ in range(40)))
+        refused = []
+        for ws in socks:
+            try:
+                assert (await recv(ws))["op"] == HELLO
+            except ConnectionClosed:
+                refused.append(ws)
+        assert len(refused) >= 15
+        for ws in refused:
+            assert ws.close_code == 1013
+            hint = hints.parse_retry(ws.close_reason or "")
+            assert hint is not None and 0 < hint[0] < hint[1], ws.close_reason
+        assert srv.gateway.admission.stats.refused_handshake == len(refused)
+        for ws in socks:
+            await ws.close()
+
+
+class _Waiting:
+    """What the queue holds of a connection (transport/admission.Waiter)."""
+
+    def __init__(self) -> None:
+        self.closing = False
+
+
+def test_the_queue_serves_resumes_first_and_is_bounded() -> None:
+    a = Admission(4.0, now=0.0)  # burst 4: fresh ones need 2.5 tokens
+    first = [_Waiting() for _ in range(2)]
+    assert [a.arrive(w, False, 0.0) for w in first] == [None, None]  # 4 -> 2 tokens
+    fresh = [_Waiting() for _ in range(5)]
+    assert all(a.arrive(w, False, 0.0) == QUEUED for w in fresh)
+    # Two tokens left: resumes go past the waiting fresh ones and take them.
+    assert [a.arrive(_Waiting(), True, 0.0) for _ in range(2)] == [None, None]
+    late = _Waiting()
+    assert a.arrive(late, True, 0.0) == QUEUED  # none left: first in the resume queue
+    gone = fresh.pop(0)
+    gone.closing = True  # closed while waiting: dropped, takes no token
+    # max_waiting = 2 s of 4/s = 8: six wait, two more fit, the third is refused.
+    assert a.arrive(_Waiting(), False, 0.0) == QUEUED
+    assert a.arrive(_Waiting(), False, 0.0) == QUEUED
+    refusal = a.arrive(_Waiting(), True, 0.0)
+    assert refusal is not None and refusal != QUEUED and hints.parse_retry(refusal)
+    admitted, refused = a.due(0.5)  # 2 tokens refilled: the resume, then nothing fresh
+    assert admitted == [late] and refused == []
+    admitted, _ = a.due(1.4)  # 1 + 3.6 tokens: fresh ones from 2.5 up, one each
+    assert admitted == fresh[:2]
+    admitted, refused = a.due(MAX_WAIT + 1)  # waited too long: refused with a hint
+    assert admitted == [] and len(refused) == 4
+    assert all(hints.parse_retry(r) for _, r in refused)
+    assert a.waiting == 0
 
 
 async def test_staggered_reconnect_with_a_delay_range() -> None:
