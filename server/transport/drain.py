@@ -24,7 +24,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
-__all__ = ["PEER_DRAIN_SPREAD", "WAVE_INTERVAL", "drain_window", "reconnect_in_waves"]
+__all__ = [
+    "PEER_DRAIN_SPREAD",
+    "WAVE_INTERVAL",
+    "drain_window",
+    "reconnect_delay_ms",
+    "reconnect_in_waves",
+]
 
 #: ``drain_spread`` of a node with peers (``Config.drain_spread`` None):
 #: 5 s spreads a full node (19,000 sessions) at under 4,000 a second.
@@ -32,9 +38,10 @@ PEER_DRAIN_SPREAD = 5.0
 #: Seconds between two waves: short enough that a wave is a few hundred
 #: sessions on a full node, long enough to be one loop iteration's work.
 WAVE_INTERVAL = 0.05
-#: Suggested reconnect delay range (ms) a RECONNECT names: the waves spread
-#: the sessions already; this spreads each wave's clients over a second.
-RECONNECT_DELAY_MS = (0, 1000)
+#: The shortest reconnect delay range (ms) a RECONNECT names: the waves
+#: spread the sessions already; this spreads each wave's clients over a
+#: second at least.
+MIN_RECONNECT_DELAY_MS = 1000
 
 
 class Leaving(Protocol):
@@ -51,6 +58,18 @@ def drain_window(sessions: int, spread: float, admit_rate: float) -> float:
     if sessions <= 1 or spread <= 0 or admit_rate <= 0:
         return 0.0
     return min(spread, sessions / admit_rate)
+
+
+def reconnect_delay_ms(sessions: int, window: float, admit_rate: float) -> tuple[int, int]:
+    """The delay range a RECONNECT suggests: what the waves do not spread
+    of the time ``sessions`` take to be admitted at ``admit_rate`` (a lone
+    node sends them all at once: its clients are spread over that whole
+    time, which is when the node started again can take them), at least
+    ``MIN_RECONNECT_DELAY_MS``. Arriving faster than admission serves them
+    would only fill the kernel's accept queue, whose overflow costs a
+    client seconds of TCP retransmission."""
+    rest = sessions / admit_rate - window if admit_rate > 0 else 0.0
+    return 0, max(MIN_RECONNECT_DELAY_MS, int(1000 * rest))
 
 
 async def reconnect_in_waves(conns: Sequence[C], window: float, send: Callable[[C], None]) -> None:

@@ -664,13 +664,15 @@ def _identify_resume(data: bytes | bytearray | memoryview) -> bool | None:
     return any(pos is not None for pos in guilds.values())
 
 
-def _reconnect(conn: Connection) -> None:
-    """RECONNECT (with a delay range for a 1.1 session), then close 1001."""
-    if conn.proto.subprotocol is not None:
-        conn.send(hints.reconnect_frame(*staggered.RECONNECT_DELAY_MS))
-    else:
-        conn.send(wire.RECONNECT_FRAME)
-    conn.close(Close.GOING_AWAY, "server shutting down")
+def _reconnecting(delay_ms: tuple[int, int]) -> Callable[[Connection], None]:
+    """RECONNECT (with ``delay_ms`` for a 1.1 session), then close 1001."""
+    frame = hints.reconnect_frame(*delay_ms)
+
+    def reconnect(conn: Connection) -> None:
+        conn.send(frame if conn.proto.subprotocol is not None else wire.RECONNECT_FRAME)
+        conn.close(Close.GOING_AWAY, "server shutting down")
+
+    return reconnect
 
 
 class Gateway:
@@ -818,7 +820,8 @@ class Gateway:
         window = staggered.drain_window(
             len(conns), min(spread, timeout / 2), self.limits.admit_rate
         )
-        await staggered.reconnect_in_waves(conns, window, _reconnect)
+        delay = staggered.reconnect_delay_ms(len(conns), window, self.limits.admit_rate)
+        await staggered.reconnect_in_waves(conns, window, _reconnecting(delay))
         timeout = max(0.0, timeout - (time.monotonic() - started))
         if self.connections or self.pending:
             self._all_gone.clear()

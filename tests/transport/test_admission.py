@@ -24,7 +24,7 @@ from guildcast.transport.admission import (
     QUEUED,
     Admission,
 )
-from guildcast.transport.drain import drain_window
+from guildcast.transport.drain import drain_window, reconnect_delay_ms
 from tests.support.gateway import (
     DISPATCH,
     HELLO,
@@ -85,6 +85,15 @@ def test_handshakes_are_bounded_at_twice_the_rate() -> None:
     assert a.stats.refused_handshake == 2
     assert hints.parse_retry(got[-1] or "") is not None
     assert Admission(0.0, now=0.0).handshake(0.0) is None  # 0: no bound
+
+
+def test_reconnect_delay_range() -> None:
+    assert reconnect_delay_ms(10, 0.0, 100.0) == (0, 1000)  # at least a second
+    # A lone node (no waves): its 19,000 clients over the 12.7 s it takes
+    # to admit them at 1,500/s when it is back.
+    assert reconnect_delay_ms(19_000, 0.0, 1500.0) == (0, 12_666)
+    assert reconnect_delay_ms(19_000, 5.0, 1500.0) == (0, 7666)  # waves did 5 s
+    assert reconnect_delay_ms(19_000, 0.0, 0.0) == (0, 1000)
 
 
 def test_drain_window() -> None:
