@@ -50,6 +50,7 @@ from typing import Any, cast
 import orjson
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
+from guildcast.client.backoff import DEFAULT_BASE, DEFAULT_CAP, full_jitter
 from guildcast.loadtest import wire
 from guildcast.protocol import hints
 from guildcast.protocol.client import Position
@@ -76,6 +77,9 @@ IP_BIND_ADDRESS_NO_PORT = 24
 OPEN_TIMEOUT = 30.0
 #: Seconds a client keeps retrying to reconnect (server restarts included).
 RECONNECT_DEADLINE = 60.0
+#: The reconnect backoff of our clients (clients/backoff.py), which the
+#: simulated ones follow: full jitter from 0.5 s, at most 30 s.
+BACKOFF_BASE, BACKOFF_CAP = DEFAULT_BASE, DEFAULT_CAP
 
 # Client states.
 IDLE, CONNECTING, OPENING, LIVE, SUBSCRIBING, CLOSING = range(6)
@@ -768,7 +772,9 @@ class Fleet:
                     # from a timer, so this connector serves the next client.
                     later = self._hinted(c)
                     break
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt) * self.rng.uniform(0.5, 1.0))
+                # As our clients back off (guildcast.client.backoff): full
+                # jitter, so a crowd cut off at once does not come back at once.
+                await asyncio.sleep(full_jitter(attempt, BACKOFF_BASE, BACKOFF_CAP, self.rng))
             self._queued.discard(c.spec.cid)
             if later is not None:
                 self._enqueue_later(c, later)
@@ -787,7 +793,11 @@ class Fleet:
             return  # slow consumers stay closed: their loss is expected
         if self.spec.reconnect:
             self.reconnects += 1
-            delay = self._hinted(c) if c.hint is not None else self.rng.uniform(0.0, 0.2)
+            delay = (
+                self._hinted(c)
+                if c.hint is not None
+                else full_jitter(0, BACKOFF_BASE, BACKOFF_CAP, self.rng)
+            )
             self._enqueue_later(c, delay)
 
     def _hinted(self, c: Sub) -> float:
