@@ -442,7 +442,16 @@ class Run:
                 self.monitor.server.switch(t.pid)
         elif mode in ("rolling", "kill-worker"):
             assert isinstance(t, tgt.ProcessTarget)
-            stopped = await t.rolling_restart(kill=mode == "kill-worker")
+            try:
+                stopped = await t.rolling_restart(kill=mode == "kill-worker")
+            except TimeoutError:
+                # A worker that never came back: say so (with what the
+                # server printed last) and let the checks fail, no crash.
+                self.notes.append(
+                    "rolling restart: a worker was not listening again within 60 s; the "
+                    "server's last lines: " + " | ".join(list(t.output)[-20:])
+                )
+                stopped = 0
             need = 1 if stopped < t.gateways else n
         else:
             self._send_all({"cmd": "drop"})
