@@ -191,9 +191,11 @@ class Connection(asyncio.Protocol):
         self._exit_hooks: list[Callable[[object], None]] | None = None
         #: The deadline-wheel slot this connection is filed in (None: not filed).
         self._due: int | None = None
-        #: Admission (admission.py): the IDENTIFY waiting for its turn (the
-        #: connection is not read meanwhile), and whether it has had it.
-        self._held: bytes | None = None
+        #: Admission (admission.py): the IDENTIFY waiting for its turn and
+        #: any message that came after it in the same read (the connection
+        #: is not read meanwhile, so this is at most one read's frames), and
+        #: whether it has had its turn.
+        self._held: list[bytes] | None = None
         self._admitted = False
 
     def __repr__(self) -> str:
@@ -471,6 +473,9 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None or self.closing:
             return
+        if self._held is not None:  # behind an IDENTIFY waiting its turn
+            self._held.append(bytes(data))
+            return
         if (
             not self._admitted
             and session.state is SessionState.AWAIT_IDENTIFY
@@ -498,7 +503,7 @@ class Connection(asyncio.Protocol):
             self._admitted = True
             return False
         if verdict is QUEUED:
-            self._held = bytes(data)
+            self._held = [bytes(data)]
             if self._transport is not None:
                 self._transport.pause_reading()
             gw._admit_wake.set()
@@ -508,13 +513,15 @@ class Connection(asyncio.Protocol):
 
     def admitted(self) -> None:
         """The waiting IDENTIFY's turn (the gateway's admitter)."""
-        data, self._held = self._held, None
-        if self.closing or data is None:
+        held, self._held = self._held, None
+        if self.closing or held is None:
             return
         self._admitted = True
-        if self._transport is not None:
-            self._transport.resume_reading()
-        self._on_message(data)
+        for data in held:
+            self._on_message(data)
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()  # also for a close handshake to finish
         self._flush()
 
     def _run(self, effects: list[Effect]) -> None:

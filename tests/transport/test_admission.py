@@ -30,6 +30,7 @@ from tests.support.gateway import (
     HELLO,
     IDENTIFY,
     RECONNECT,
+    SUBSCRIBE,
     close_code,
     open_ws,
     recv,
@@ -161,6 +162,25 @@ async def test_node_queues_fresh_admits_resumes_first_and_hints_the_rest() -> No
         assert adm.stats.admitted_fresh == 16 and adm.waiting == 0
         for w in [ws0, ws, *fresh]:
             await w.close()
+
+
+async def test_messages_behind_a_waiting_identify_keep_their_order() -> None:
+    async with node(admit_rate=1.0) as srv:  # one IDENTIFY a second
+        tok = srv.token("u", guilds=["*"])
+        ws0, _ = await session(srv.url, tok, {})
+        ws = await open_ws(srv.url)
+        assert (await recv(ws))["op"] == HELLO
+        # IDENTIFY waits for its token; the SUBSCRIBE sent right behind it
+        # waits with it, and both are served in order (no 4003).
+        await send(ws, IDENTIFY, {"token": tok, "guilds": {}})
+        await send(ws, SUBSCRIBE, {"guilds": {"g2": None}})
+        m = await recv(ws)
+        assert m["t"] == "READY", m
+        m = await recv(ws)
+        assert m["t"] == "SUBSCRIBED" and m["g"] == "g2", m
+        assert srv.gateway.admission.stats.queued_fresh == 1
+        await ws.close()
+        await ws0.close()
 
 
 async def test_node_refuses_past_the_bound_with_a_retry_hint() -> None:
