@@ -330,6 +330,12 @@ class Client:
         self.user: str | None = None
         #: Connections that reached READY, the first included.
         self.sessions = 0
+        #: What the reconnect loop did (PROTOCOL.md "Pacing"): RECONNECTs
+        #: received, closes 1013, waits that followed a server hint,
+        #: reconnects scheduled, and 1 once it gave up (backoff limits).
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("reconnect_requests", "try_again_later", "hinted_waits", "reconnects", "gave_up"), 0
+        )
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -702,6 +708,7 @@ class Client:
             elif isinstance(o, proto.ServerError):
                 log.warning("guildcast: server error %s %s (guild %s)", o.code, o.message, o.guild)
             elif isinstance(o, proto.ReconnectRequested):
+                self.counters["reconnect_requests"] += 1
                 log.info("guildcast: server asked to reconnect (draining)")
 
     async def _ready(self, r: proto.Ready) -> None:
@@ -753,10 +760,18 @@ class Client:
                     )
                     self._stop(cls(code, reason))
                     return
+                if code == Close.TRY_AGAIN_LATER:
+                    self.counters["try_again_later"] += 1
                 delay = self._backoff.next_delay(verdict.floor)
                 if delay is None:
+                    self.counters["gave_up"] += 1
                     self._stop(ReconnectFailed(code, f"gave up reconnecting ({reason})"))
                     return
+                if verdict.wait_ms is not None:
+                    # The server's pacing hint (PROTOCOL.md "Pacing"): never sooner.
+                    self.counters["hinted_waits"] += 1
+                    delay = proto.paced_delay(delay, verdict.wait_ms, self._backoff.rng.random())
+                self.counters["reconnects"] += 1
                 log.info("guildcast: closed %s %s; reconnecting in %.3f s", code, reason, delay)
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:

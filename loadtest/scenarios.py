@@ -30,6 +30,29 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "churn": {"clients": 2000, "guilds": 10, "rate": 200.0, "churn_fraction": 0.5},
     # Every session dropped mid-stream; every client recovers with its Position.
     "reconnect": {"clients": 2000, "guilds": 20, "rate": 200.0},
+    # A reconnect storm (docs/OPERATIONS.md "Deploying without a reconnect
+    # storm"): 19,000 clients over 1,000 guilds at 2,000 events/s; at
+    # --reconnect-at the server is restarted (restart: SIGTERM then start
+    # again, --data-dir; kill: kill -9), or with --reconnect-mode rolling /
+    # kill-worker a --workers 2 cluster on Redis has each worker restarted
+    # in turn, or one killed. 19,000 clients need several harness processes
+    # (20,000 open files each).
+    "storm": {
+        "clients": 19_000,
+        "guilds": 1000,
+        "rate": 2000.0,
+        "duration": 60.0,
+        "reconnect_at": 0.3,
+        "reconnect_mode": "restart",
+        "workers": 4,
+        "lat_sample": 0.25,
+        "connect_timeout": 180.0,
+        "drain_timeout": 120.0,
+        # Every client on its own, as real ones are: a storm is all of them
+        # at once, and the harness must not queue them (a pool of 256 opens
+        # would pace the storm by the server's latency under load).
+        "connect_concurrency": 19_000,
+    },
     # 10% of clients stop reading; the server closes them (4010) and the rest
     # keep their latency; the server's memory stays bounded.
     # At 200 x 4 KiB/s a stopped client passes 1 MiB of server buffer plus
@@ -92,6 +115,10 @@ COMMON: dict[str, Any] = {
 }
 
 SCENARIOS = tuple(DEFAULTS)
+#: Scenarios that drop every session and check that every client recovers.
+RECOVERY = ("reconnect", "storm")
+#: Workers of the cluster a storm's rolling / kill-worker modes start.
+CLUSTER_WORKERS = 2
 
 #: Longest run the harness accepts (runs are bounded in time).
 MAX_DURATION = 3600.0
@@ -134,6 +161,11 @@ class Plan:
     def active_per_client(self) -> int:
         """Guilds each client subscribes actively."""
         return self.per_client if self.active is None else self.active
+
+    @property
+    def cluster(self) -> bool:
+        """A storm on ``--workers N`` over Redis (rolling, kill-worker)."""
+        return self.scenario == "storm" and self.reconnect_mode in ("rolling", "kill-worker")
 
     @property
     def publishes(self) -> bool:

@@ -28,12 +28,13 @@ from collections.abc import Collection
 import orjson
 from websockets.client import ClientProtocol
 from websockets.protocol import State
+from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from guildcast.core.tokens import make_token
 from guildcast.protocol import client as pc
 from guildcast.protocol import wire as pw
-from guildcast.protocol.codes import Op
+from guildcast.protocol.codes import SUBPROTOCOL, Op
 from guildcast.protocol.frames import OP_CLOSE, OP_TEXT, client_frame, close_payload
 
 #: Event name of every load-test event (PROTOCOL.md: ``[A-Z0-9_]{1,64}``).
@@ -130,7 +131,11 @@ class Upgrade:
 
     def __init__(self, host: str, port: int, path: str) -> None:
         netloc = f"[{host}]" if ":" in host else host
-        self._proto = ClientProtocol(parse_uri(f"ws://{netloc}:{port}{path}"))
+        # Offers guildcast.v1 as our clients do (protocol 1.1: a RECONNECT
+        # then names its reconnect delay range).
+        self._proto = ClientProtocol(
+            parse_uri(f"ws://{netloc}:{port}{path}"), subprotocols=[Subprotocol(SUBPROTOCOL)]
+        )
         request = self._proto.connect()
         request.headers["User-Agent"] = "guildcast-loadtest"
         self._proto.send_request(request)

@@ -65,6 +65,10 @@ _SERVE_FLAGS: dict[str, str] = {
     "passive_interval": "seconds between two activity notices of a guild to its passive "
     "subscribers",
     "drain_timeout": "seconds a graceful shutdown waits for clients",
+    "drain_spread": "seconds a graceful shutdown spreads its RECONNECTs over, at most "
+    "(default: 5 with --redis or --workers, else 0)",
+    "admit_rate": "IDENTIFYs admitted per second, resumes first (0: no bound; close 1013 "
+    "with a retry hint past it)",
     "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",
     "node_id": "this node's name in presence and metrics (default host:pid with --redis, "
     "else 'local')",

@@ -66,6 +66,19 @@ class Config:
     close_timeout: float = 10.0
     #: Seconds a graceful shutdown waits for clients to finish closing.
     drain_timeout: float = 10.0
+    #: Seconds a graceful shutdown spreads its RECONNECTs over, at most (and
+    #: at most half of ``drain_timeout``); fewer sessions than ``admit_rate``
+    #: admits in that time are spread over less (transport/drain.py). None:
+    #: 5 s on a node whose sessions have somewhere else to go (``redis``,
+    #: ``reuse_port``), 0 on a lone node, where spreading would only delay
+    #: the restart they wait for.
+    drain_spread: float | None = None
+    #: IDENTIFYs admitted per second (handshakes: twice that), resumes with
+    #: a Position first; past it close 1013 with a retry hint
+    #: (transport/admission.py). 0: no bound. The default is about what one
+    #: node on this project's 2-core bench machine admits while 19,000
+    #: sessions connect (docs/OPERATIONS.md "Deploying without a reconnect storm").
+    admit_rate: float = 1500.0
     #: Share the listening port with other processes (SO_REUSEPORT); set for
     #: every worker of ``--workers N``.
     reuse_port: bool = False

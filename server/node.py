@@ -53,6 +53,7 @@ from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
 from guildcast.protocol.session import Limits, State
 from guildcast.protocol.wire import IDEMPOTENCY_KEY_RULE, valid_guild, valid_idempotency_key
+from guildcast.transport.drain import PEER_DRAIN_SPREAD
 from guildcast.transport.gateway import Gateway, GatewayLimits
 from guildcast.transport.http_api import ApiSettings, HttpApi
 
@@ -209,6 +210,7 @@ class Server:
                 handshake_timeout=cfg.handshake_timeout,
                 close_timeout=cfg.close_timeout,
                 user_publish_bytes=cfg.user_publish_bytes,
+                admit_rate=cfg.admit_rate,
             ),
         )
         self.gateway.demo_page = cfg.demo_page
@@ -340,6 +342,14 @@ class Server:
             if n := broker.sweep():
                 log.debug("forgot %d idle guild logs", n)
 
+    def _drain_spread(self) -> float:
+        """``drain_spread``, or its default: spread only where other nodes
+        can take the sessions (transport/drain.py)."""
+        cfg = self.config
+        if cfg.drain_spread is not None:
+            return cfg.drain_spread
+        return PEER_DRAIN_SPREAD if cfg.redis or cfg.reuse_port else 0.0
+
     async def stop(self, drain: bool = True) -> None:
         """Stop the node. With ``drain`` every session gets RECONNECT then 1001."""
         if not self._started:
@@ -350,7 +360,7 @@ class Server:
         try:
             log.info("draining: %d sessions", len(self.gateway.connections))
             if drain:
-                await self.gateway.drain(self.config.drain_timeout)
+                await self.gateway.drain(self.config.drain_timeout, self._drain_spread())
             else:
                 await self.gateway.drain(0)
             if self.api is not None:

@@ -63,6 +63,7 @@ from guildcast.actors.cursor import Cursor, Lost, ReadBack, Step
 from guildcast.actors.groups import GroupEvent, Groups
 from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove, Writer
 from guildcast.actors.passive import PassiveBoard, PassiveGuild
+from guildcast.actors.replay import ReplayPages
 from guildcast.broker.base import (
     FEED_LOST,
     Broker,
@@ -285,6 +286,10 @@ class Guild(Actor):
         self._unwritten: dict[Sink, int] = {}
         self.published = 0
         self.delivered = 0
+        #: History read back for replays in this batch (replay.py), and the
+        #: broker reads replays made since start.
+        self._pages: ReplayPages | None = None
+        self.replay_reads = 0
         self._frames: list[bytes] = []
         self._names: list[str] = []
         #: Publish times of ``_frames`` (for the latency metric).
@@ -355,6 +360,7 @@ class Guild(Actor):
     # --- messages ------------------------------------------------------------
 
     async def handle_batch(self, batch: deque[Any]) -> None:
+        self._pages = None
         pubs: list[_Call] = []
         items: list[tuple[str, bytes]] = []
         for item in batch:
@@ -396,6 +402,7 @@ class Guild(Actor):
         entry = self._entry
         if entry is not None and self._cur is not None:
             entry.head = self._cur.s
+        self._pages = None  # the batch's replays are served (replay.py)
 
     async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
         if any(call.msg.key is not None for call in pubs):
@@ -723,25 +730,17 @@ class Guild(Actor):
     async def _replay(
         self, after: int, head: int, want: frozenset[str] | None
     ) -> list[bytes] | None:
-        """Frames of events ``after+1 .. head`` (filtered), or None if history lacks some."""
-        out: list[bytes] = []
-        nxt = after + 1
-        while nxt <= head:
-            try:
-                epoch, recs = await self.broker.read(
-                    self.gid, nxt - 1, min(READ_PAGE, head - nxt + 1)
-                )
-            except BrokerUnavailable:
-                return None
-            if epoch != self.epoch or not recs or recs[0].s != nxt:
-                return None
-            for rec in recs:
-                if rec.s > head:
-                    break
-                if want is None or rec.t in want:
-                    out.append(wire.text_frame(rec.payload))
-                nxt = rec.s + 1
-        return out
+        """Frames of events ``after+1 .. head`` (filtered), or None if history
+        lacks some: read once per batch for every session it replays to
+        (replay.py)."""
+        assert self.epoch is not None
+        pages = self._pages
+        if pages is None or not pages.fits(self.epoch, head):
+            pages = self._pages = ReplayPages(self.gid, self.epoch, head, READ_PAGE)
+        reads = pages.reads
+        got = await pages.replay(self.broker, after, want)
+        self.replay_reads += pages.reads - reads
+        return got
 
     async def _rewind(
         self, n: int, head: int, want: frozenset[str] | None

@@ -59,10 +59,12 @@ from guildcast.protocol.codes import (
     ACTIVITY_EVENT,
     PRESENCE_EVENTS,
     RESERVED_EVENTS,
+    Close,
     CloseAction,
     Op,
 )
 from guildcast.protocol.codes import classify_close as _classify
+from guildcast.protocol.hints import parse_reconnect, parse_retry
 from guildcast.protocol.wire import (
     EVENT_RULE,
     GUILD_RULE,
@@ -293,7 +295,10 @@ class Gap:
 
 @dataclass(frozen=True, slots=True)
 class ReconnectRequested:
-    """RECONNECT: the server is draining; its close (1001) follows."""
+    """RECONNECT: the server is draining; its close (1001) follows.
+    ``delay_ms``: the reconnect delay range it suggests (protocol 1.1), if any."""
+
+    delay_ms: tuple[int, int] | None = None
 
 
 Output: TypeAlias = (
@@ -329,6 +334,19 @@ class Verdict:
     give_up: bool
     #: The backoff attempt floor (PROTOCOL.md "back off, reconnect").
     floor: int
+    #: The server's pacing hint (PROTOCOL.md "Pacing"), ms: a 1013's retry
+    #: hint, or the delay range of the RECONNECT before a 1001; None: none.
+    wait_ms: tuple[int, int] | None = None
+
+
+def paced_delay(backoff: float, wait_ms: tuple[int, int] | None, u: float) -> float:
+    """The wait (seconds) before reconnecting: the backoff's full-jitter
+    delay, or a uniform draw (``u`` in [0, 1)) from the server's hint when
+    that is longer; a client never comes back before the hint allows."""
+    if wait_ms is None:
+        return backoff
+    lo, hi = wait_ms
+    return max(backoff, (lo + u * (hi - lo)) / 1000.0)
 
 
 #: "back off, reconnect": the next delay starts at least from this attempt's
@@ -521,6 +539,8 @@ class ClientSession:
         self._heads: dict[str, Position] = {}
         self._nonces = itertools.count(1)
         self._auth_failures = 0
+        #: The delay range of the last RECONNECT (its 1001 follows).
+        self._reconnect_hint: tuple[int, int] | None = None
         #: Events dropped because their ``s`` was already handed out.
         self.duplicates_dropped = 0
         #: Gaps seen (the server promises none within an epoch).
@@ -604,6 +624,7 @@ class ClientSession:
     def connection_made(self, token: str, now: float) -> None:
         """A WebSocket is open: wait for HELLO (within ``hello_timeout``)."""
         self._reset_connection()
+        self._reconnect_hint = None
         self._token = token
         self.state = State.AWAIT_HELLO
         self._last_recv = now
@@ -625,7 +646,13 @@ class ClientSession:
             self._auth_failures += 1
             give_up = not self.renewable_token or self._auth_failures > 1
         floor = BACKOFF_FLOOR if action is CloseAction.BACKOFF else 0
-        return Verdict(code, reason, action, give_up, floor)
+        wait = None
+        if code == Close.TRY_AGAIN_LATER:
+            wait = parse_retry(reason)
+        elif code == Close.GOING_AWAY:
+            wait = self._reconnect_hint
+        self._reconnect_hint = None
+        return Verdict(code, reason, action, give_up, floor, wait)
 
     def connect_failed(self, status: int | None) -> tuple[int, str]:
         """The close code and reason of a connection that never opened: an
@@ -829,7 +856,8 @@ class ClientSession:
         if op == Op.ERROR:
             return self._error(_obj(d, "ERROR"))
         if op == Op.RECONNECT:
-            return [ReconnectRequested()]
+            self._reconnect_hint = parse_reconnect(d)
+            return [ReconnectRequested(self._reconnect_hint)]
         return []  # HEARTBEAT_ACK; unknown ops are ignored
 
     def _ready(self, d: dict[str, Any]) -> list[Output]:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from guildcast.protocol import client as pc
-from guildcast.protocol import wire
+from guildcast.protocol import hints, wire
 from guildcast.protocol.client import ClientSession, Event, Position, Resync, Rewind
 from guildcast.protocol.codes import PROTOCOL_VERSION, SUBPROTOCOL, Err
 
@@ -97,6 +97,7 @@ class Driver:
 
     def step(self, step: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], bool | None]:
         s = self.session
+        self.wait_ms: list[int] | None = None
         self.now += 0.001
         outs: list[pc.Output] = []
         reconnects: bool | None = None
@@ -124,7 +125,9 @@ class Driver:
             outs = [s.publish(p["guild"], p["t"], p["d"], p.get("idempotency_key"))[1]]
         else:
             outs = s.connection_lost()
-            reconnects = not s.verdict(step["close"], "").give_up
+            verdict = s.verdict(step["close"], step.get("reason", ""))
+            reconnects = not verdict.give_up
+            self.wait_ms = None if verdict.wait_ms is None else list(verdict.wait_ms)
         sent = [o.data.decode() for o in outs if isinstance(o, pc.Send)]
         return sent, [i for o in outs if (i := self.item(o)) is not None], reconnects
 
@@ -183,6 +186,8 @@ def test_session_scenario(scenario: dict[str, Any]) -> None:
             assert items == step["items"], where
         if "reconnects" in step:
             assert reconnects == step["reconnects"], where
+        if "wait_ms" in step:
+            assert d.wait_ms == step["wait_ms"], where
         if "positions" in step:
             got = {g: pc.position_json(p) for g, p in d.session.positions.items()}
             assert got == step["positions"], where
@@ -201,3 +206,31 @@ def test_session_scenario(scenario: dict[str, Any]) -> None:
                 for g, r in d.session.rosters().items()
             }
             assert rosters == step["rosters"], where
+
+
+@pytest.mark.parametrize("case", CASES["pacing"]["retry_hints"], ids=lambda c: c["reason"][:30])
+def test_retry_hint_parsing(case: dict[str, Any]) -> None:
+    got = hints.parse_retry(case["reason"])
+    assert (None if got is None else list(got)) == case["wait_ms"]
+
+
+@pytest.mark.parametrize("case", CASES["pacing"]["reconnect_delays"], ids=str)
+def test_reconnect_delay_parsing(case: dict[str, Any]) -> None:
+    got = hints.parse_reconnect(case["d"])
+    assert (None if got is None else list(got)) == case["wait_ms"]
+
+
+@pytest.mark.parametrize("case", CASES["pacing"]["paced_delays"], ids=str)
+def test_paced_delay(case: dict[str, Any]) -> None:
+    wait = None if case["wait_ms"] is None else tuple(case["wait_ms"])
+    assert pc.paced_delay(case["backoff"], wait, case["u"]) == pytest.approx(case["delay"])
+
+
+def test_server_hints_read_back() -> None:
+    """What the server writes (hints.retry_reason, hints.reconnect_frame) is
+    what the clients read."""
+    assert hints.parse_retry(hints.retry_reason("server busy", 10, 20)) == (10, 20)
+    frame = hints.reconnect_frame(0, 1000)
+    msg = orjson.loads(frame[2:])
+    assert msg == {"op": 7, "d": {"min_delay_ms": 0, "max_delay_ms": 1000}}
+    assert hints.parse_reconnect(msg["d"]) == (0, 1000)

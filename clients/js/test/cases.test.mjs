@@ -15,6 +15,9 @@ import {
   SubscribeError,
   classifyClose,
   identifyMessage,
+  pacedDelay,
+  parseReconnectDelay,
+  parseRetryHint,
   publishMessage,
   subscribeMessage,
   unsubscribeMessage,
@@ -95,9 +98,11 @@ const settle = async () => {
 for (const sc of CASES.sessions) {
   test(`session: ${sc.name}`, async () => {
     ScriptedSocket.all = [];
-    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, rewind: sc.rewind ?? null, presence: sc.presence ?? false, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0 } });
+    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, rewind: sc.rewind ?? null, presence: sc.presence ?? false, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0, random: () => 0 } });
     let items = [];
     let stops = [];
+    let waits = [];
+    c.on("disconnect", (e) => waits.push(e.wait));
     c.on("event", (e) => items.push({ kind: "event", guild: e.guild, name: e.name, s: e.s, data: e.data }));
     c.on("resync", (e) => items.push({ kind: "resync", guild: e.guild, epoch: e.epoch, s: e.s }));
     c.on("ready", (e) => items.push({ kind: "ready", session_id: e.sessionId, user: e.user }));
@@ -121,6 +126,7 @@ for (const sc of CASES.sessions) {
         const where = `step ${i}: ${JSON.stringify(step)}`;
         items = [];
         stops = [];
+        waits = [];
         if (step.open) {
           await settle();
           assert.ok(ScriptedSocket.all.length > 0, where);
@@ -147,7 +153,7 @@ for (const sc of CASES.sessions) {
             (e) => e instanceof PublishError && items.push({ kind: "publish_refused", nonce: n, code: e.code }),
           );
         } else {
-          ws.serverClose(step.close);
+          ws.serverClose(step.close, step.reason ?? "");
         }
         await settle();
         const sent = ws.sent.slice(seen);
@@ -155,6 +161,7 @@ for (const sc of CASES.sessions) {
         if ("sent" in step) assert.deepEqual(sent, step.sent, where);
         if ("items" in step) assert.deepEqual(items, step.items, where);
         if ("reconnects" in step) assert.deepEqual(stops, [step.reconnects], where);
+        if ("wait_ms" in step) assert.deepEqual(waits, [step.wait_ms], where);
         if ("positions" in step) assert.deepEqual(c.positions, step.positions, where);
         if ("duplicates" in step) assert.equal(c.duplicatesDropped, step.duplicates, where);
         if ("unread" in step) assert.deepEqual(Object.fromEntries(Object.keys(step.unread).map((g) => [g, c.unread(g)])), step.unread, where);
@@ -168,3 +175,10 @@ for (const sc of CASES.sessions) {
     }
   });
 }
+
+test("pacing: retry hints, RECONNECT delays and paced delays as the cases say", () => {
+  const p = CASES.pacing;
+  for (const c of p.retry_hints) assert.deepEqual(parseRetryHint(c.reason), c.wait_ms, c.reason);
+  for (const c of p.reconnect_delays) assert.deepEqual(parseReconnectDelay(c.d), c.wait_ms, JSON.stringify(c.d));
+  for (const c of p.paced_delays) assert.ok(Math.abs(pacedDelay(c.backoff, c.wait_ms, c.u) - c.delay) < 1e-9, JSON.stringify(c));
+});

@@ -33,7 +33,8 @@
 //   "presence"         {guild, kind: "snapshot", members, count, truncated} or
 //                      {guild, kind: "join" | "leave", member}  (with options.presence)
 //   "ready"            {sessionId, user}
-//   "disconnect"       {code, reason, delay}   (a reconnect follows after delay s)
+//   "disconnect"       {code, reason, delay, wait}   (a reconnect follows after delay s;
+//                      wait: the server's hint [minMs, maxMs] or null)
 //   "closed"           {code, reason, error}   (stopped for good; error null if by close())
 // Listeners run synchronously in arrival order; there is no queue to bound.
 //
@@ -162,6 +163,33 @@ function checkRewind(n) {
   return { rewind: n };
 }
 
+// Pacing hints (PROTOCOL.md "Pacing: retry hints and staggered RECONNECT"):
+// a delay range [min, max] in ms, from a 1013's reason or a RECONNECT's d.
+// A hint never names more than this (ms).
+export const MAX_HINT_MS = 60000;
+const clampHint = (lo, hi) => {
+  lo = Math.max(0, Math.min(lo, MAX_HINT_MS));
+  return [lo, Math.max(lo, Math.min(hi, MAX_HINT_MS))];
+};
+
+/** The [minMs, maxMs] retry hint of a close reason ("...; retry in MIN-MAX ms"), or null. */
+export function parseRetryHint(reason) {
+  const m = /retry in (\d{1,9})-(\d{1,9}) ms/.exec(reason ?? "");
+  return m ? clampHint(Number(m[1]), Number(m[2])) : null;
+}
+
+/** The [minMs, maxMs] of a RECONNECT's d ({min_delay_ms, max_delay_ms}), or null. */
+export function parseReconnectDelay(d) {
+  if (d === null || typeof d !== "object" || !Number.isInteger(d.min_delay_ms) || !Number.isInteger(d.max_delay_ms)) return null;
+  return clampHint(d.min_delay_ms, d.max_delay_ms);
+}
+
+/** The wait (s): the backoff's delay, or a draw (u in [0, 1)) from the hint when longer. */
+export function pacedDelay(backoff, waitMs, u) {
+  if (waitMs === null) return backoff;
+  return Math.max(backoff, (waitMs[0] + u * (waitMs[1] - waitMs[0])) / 1000);
+}
+
 // Exponent ceiling: keeps the arithmetic finite after any number of attempts.
 const MAX_EXPONENT = 32;
 
@@ -288,6 +316,10 @@ export class GuildcastClient extends EventTarget {
     /** guild -> {members: Map(session -> member), count, truncated}, on this connection. */
     this._rosters = new Map();
     this._backoff = backoff instanceof Backoff ? backoff : new Backoff(backoff ?? {});
+    // What the reconnect loop did (PROTOCOL.md "Pacing"), and the delay
+    // range of the last RECONNECT (its 1001 follows).
+    this.counters = { reconnect_requests: 0, try_again_later: 0, hinted_waits: 0, reconnects: 0, gave_up: 0 };
+    this._reconnectHint = null;
     this._WS = WS;
     this._maxMessage = maxMessage;
     this._openTimeout = openTimeout;
@@ -612,9 +644,21 @@ export class GuildcastClient extends EventTarget {
       if (this._closing) return;
       const failure = this._classify(code, reason);
       if (failure) return this._stop(failure);
-      const delay = this._backoff.nextDelay(classifyClose(code) === "backoff" ? BACKOFF_FLOOR : 0);
-      if (delay === null) return this._stop(new ReconnectFailed(code, `gave up reconnecting (${reason})`));
-      this._emit("disconnect", { code, reason, delay });
+      if (code === 1013) this.counters.try_again_later += 1;
+      const hint = code === 1013 ? parseRetryHint(reason) : code === 1001 ? this._reconnectHint : null;
+      this._reconnectHint = null;
+      let delay = this._backoff.nextDelay(classifyClose(code) === "backoff" ? BACKOFF_FLOOR : 0);
+      if (delay === null) {
+        this.counters.gave_up += 1;
+        return this._stop(new ReconnectFailed(code, `gave up reconnecting (${reason})`));
+      }
+      if (hint !== null) {
+        // The server's pacing hint: never sooner than it allows.
+        this.counters.hinted_waits += 1;
+        delay = pacedDelay(delay, hint, this._backoff.random());
+      }
+      this.counters.reconnects += 1;
+      this._emit("disconnect", { code, reason, delay, wait: hint });
       await new Promise((resolve) => {
         this._sleepWake = resolve;
         this._sleepTimer = setTimeout(resolve, delay * 1000);
@@ -705,8 +749,12 @@ export class GuildcastClient extends EventTarget {
       if (w) w.resolve(d.s);
     } else if (op === OP.ERROR) {
       this._error(d);
+    } else if (op === OP.RECONNECT) {
+      // Its close 1001 follows; the delay range it names paces the reconnect.
+      this.counters.reconnect_requests += 1;
+      this._reconnectHint = parseReconnectDelay(d);
     }
-    // HEARTBEAT_ACK refreshes lastRecv; RECONNECT is followed by close 1001.
+    // HEARTBEAT_ACK refreshes lastRecv.
   }
 
   _ready(d) {
