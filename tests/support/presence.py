@@ -102,22 +102,42 @@ async def watch(
         ready = await gw.recv(ws)
         assert ready["t"] == "READY", ready
         view.session_id = ready["d"]["session_id"]
-        async for raw in ws:
-            m = orjson.loads(raw)
-            if m.get("t") == "SUBSCRIBED" and m.get("g") == view.gid:
-                # SUBSCRIBED, then at once the snapshot: nothing of the guild between.
-                nxt = await gw.recv(ws)
-                assert nxt["t"] == "PRESENCE_SNAPSHOT" and nxt["g"] == view.gid, nxt
-                view.apply(nxt)
-                if resubscribes > 0:
-                    resubscribes -= 1
-                    await gw.send(ws, gw.SUBSCRIBE, {"guilds": {view.gid: None}})
-                else:
-                    subscribed.set()
-                continue
-            view.apply(m)
+        async with asyncio.TaskGroup() as tg:
+            # Alive however long the caller waits: a watcher closed 4009 (no
+            # heartbeat) would hide why its set did not converge.
+            beat = tg.create_task(heartbeat(ws, hello["d"]["heartbeat_interval"] / 1000.0))
+            try:
+                async for raw in ws:
+                    m = orjson.loads(raw)
+                    if m.get("t") == "SUBSCRIBED" and m.get("g") == view.gid:
+                        # SUBSCRIBED, then at once the snapshot: nothing of the guild between.
+                        nxt = await gw.recv(ws)
+                        while nxt["op"] == gw.HEARTBEAT_ACK:
+                            nxt = await gw.recv(ws)
+                        assert nxt["t"] == "PRESENCE_SNAPSHOT" and nxt["g"] == view.gid, nxt
+                        view.apply(nxt)
+                        if resubscribes > 0:
+                            resubscribes -= 1
+                            await gw.send(ws, gw.SUBSCRIBE, {"guilds": {view.gid: None}})
+                        else:
+                            subscribed.set()
+                        continue
+                    view.apply(m)
+            finally:
+                beat.cancel()
     finally:
         await ws.close()
+
+
+async def heartbeat(ws: gw.ClientConnection, interval: float) -> None:
+    """HEARTBEAT every half ``interval`` (HELLO's, in seconds) until the
+    connection closes (docs/PROTOCOL.md: the server closes 4009 without one)."""
+    while True:
+        await asyncio.sleep(interval / 2)
+        try:
+            await gw.send(ws, gw.HEARTBEAT)
+        except gw.ConnectionClosed:
+            return
 
 
 async def churn(

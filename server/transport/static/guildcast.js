@@ -687,7 +687,36 @@ export class GuildcastClient extends EventTarget {
     this._ws = ws;
     return new Promise((resolve) => {
       let lastRecv = Date.now();
-      const helloTimer = setTimeout(() => ws.close(4000, "no HELLO in time"), this._openTimeout);
+      let opened = false;
+      // Ends this attempt once: on its close event or, for an opening that
+      // failed, on its error. Node 20's WebSocket (undici 6) fires only
+      // "error" for a refused or aborted opening, never "close", and stays
+      // CONNECTING: waiting for a close event there hangs the client for good
+      // (a reconnect landing while a restarting server is down).
+      const finish = (code, reason) => {
+        clearTimeout(helloTimer);
+        clearInterval(this._heartbeatTimer);
+        ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+        this._ws = null;
+        this._identified = false;
+        this._subscribed.clear();
+        this._sent.clear();
+        this._rosters.clear();
+        const interrupted = new PublishInterrupted("connection closed before the ACK");
+        for (const w of this._publishes.values()) w.reject(interrupted);
+        for (const w of this._unsubWaiters.values()) w.resolve();
+        this._unsubWaiters.clear();
+        resolve({ code, reason });
+      };
+      const helloTimer = setTimeout(() => {
+        // Ended here: no close event may follow a socket still opening (see
+        // finish), and closing one fires its "error" at once.
+        finish(4000, "no HELLO in time");
+        if (ws.readyState <= 1) ws.close(4000, "no HELLO in time");
+      }, this._openTimeout);
+      ws.onopen = () => {
+        opened = true;
+      };
       ws.onmessage = (ev) => {
         lastRecv = Date.now();
         let msg;
@@ -712,22 +741,11 @@ export class GuildcastClient extends EventTarget {
         }
         this._handle(ws, msg);
       };
-      ws.onclose = (ev) => {
-        clearTimeout(helloTimer);
-        clearInterval(this._heartbeatTimer);
-        ws.onmessage = ws.onclose = ws.onerror = null;
-        this._ws = null;
-        this._identified = false;
-        this._subscribed.clear();
-        this._sent.clear();
-        this._rosters.clear();
-        const interrupted = new PublishInterrupted("connection closed before the ACK");
-        for (const w of this._publishes.values()) w.reject(interrupted);
-        for (const w of this._unsubWaiters.values()) w.resolve();
-        this._unsubWaiters.clear();
-        resolve({ code: ev.code || ABNORMAL_CLOSURE, reason: ev.reason || "" });
+      ws.onclose = (ev) => finish(ev.code || ABNORMAL_CLOSURE, ev.reason || "");
+      // Once open, a close event always follows an error; before, maybe none.
+      ws.onerror = () => {
+        if (!opened) finish(ABNORMAL_CLOSURE, "connection failed");
       };
-      ws.onerror = () => {}; // a close event always follows
     });
   }
 
