@@ -61,7 +61,7 @@ from guildcast.protocol.session import (
     Unsubscribe,
     error_frame,
 )
-from guildcast.transport import static
+from guildcast.transport import static, upgrade
 
 log = logging.getLogger("guildcast.gateway")
 #: websockets logs every open and close at INFO; that is our job, at our level.
@@ -94,6 +94,11 @@ def _select_subprotocol(
     answered with it; an offer of only others is refused with HTTP 400
     (websockets turns :class:`NegotiationError` into that answer, its text
     in the body) naming the one we speak."""
+    return _choose_subprotocol(offered)
+
+
+def _choose_subprotocol(offered: Sequence[str]) -> Subprotocol | None:
+    """:func:`_select_subprotocol` without websockets' protocol (upgrade.py's path)."""
     if not offered:
         return None
     for sp in _SUBPROTOCOLS:
@@ -166,12 +171,9 @@ class Connection(asyncio.Protocol):
         self._answers: list[list[Effect]] | None = None
         #: While answers are written: their frames, sent as one write.
         self._cork: list[bytes] | None = None
-        self.proto = ServerProtocol(
-            subprotocols=_SUBPROTOCOLS,
-            select_subprotocol=_select_subprotocol,
-            max_size=gw.limits.max_frame,
-            logger=_ws_log,
-        )
+        #: websockets' protocol, made on the first read (:meth:`_upgrade`):
+        #: OPEN after a handshake :mod:`upgrade` answered, else CONNECTING.
+        self.proto: ServerProtocol | None = None
         self.session: Session | None = None
         self.events: frozenset[str] | None = None
         self.closing = False
@@ -246,7 +248,7 @@ class Connection(asyncio.Protocol):
             self.session.closed()
         self.deadline = time.monotonic() + self._gw.limits.close_timeout
         self._gw._file(self, self.deadline)
-        if self.proto.state is WsState.OPEN:
+        if self.proto is not None and self.proto.state is WsState.OPEN:
             self.proto.send_close(code, reason[:120])
             self._flush()
         elif self._transport is not None:
@@ -303,6 +305,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         proto = self.proto
+        if proto is None:
+            proto = self._upgrade(data)
+            if proto is None:
+                return  # answered here (upgrade.py), frames sent with it handled
         proto.receive_data(data)
         for ev in proto.events_received():
             if type(ev) is Frame:
@@ -312,6 +318,8 @@ class Connection(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool | None:
+        if self.proto is None:
+            self.proto = self._new_proto(WsState.CONNECTING)
         self.proto.receive_eof()
         self._flush()
         return None
@@ -343,7 +351,7 @@ class Connection(asyncio.Protocol):
         t = self._transport
         if t is None:
             return
-        chunks = self.proto.data_to_send()
+        chunks = self.proto.data_to_send() if self.proto is not None else []
         if tail:
             chunks.append(tail)
         out: list[bytes] = []
@@ -375,9 +383,39 @@ class Connection(asyncio.Protocol):
         self._gw._file(self, self.deadline)
         t.write_eof()
 
+    def _new_proto(self, state: WsState) -> ServerProtocol:
+        return ServerProtocol(
+            subprotocols=_SUBPROTOCOLS,
+            select_subprotocol=_select_subprotocol,
+            max_size=self._gw.limits.max_frame,
+            state=state,
+            logger=_ws_log,
+        )
+
+    def _upgrade(self, data: bytes) -> ServerProtocol | None:
+        """The first read: a plain upgrade request is answered here
+        (:mod:`upgrade`; returns None); anything else goes to websockets in
+        CONNECTING state (returned, to be fed ``data``)."""
+        hs = upgrade.parse(data, GATEWAY_PATHS)
+        if hs is None:
+            self.proto = self._new_proto(WsState.CONNECTING)
+            return self.proto
+        try:
+            sp = _choose_subprotocol(hs.offered)
+        except NegotiationError:
+            self.proto = self._new_proto(WsState.CONNECTING)
+            return self.proto  # websockets writes the 400
+        proto = self.proto = self._new_proto(WsState.OPEN)
+        proto.subprotocol = sp
+        self._opened(upgrade.response(hs.accept, sp))
+        if hs.rest and not self.closing:
+            self.data_received(hs.rest)
+        return None
+
     def _on_request(self, req: Request) -> None:
         gw = self._gw
         proto = self.proto
+        assert proto is not None
         path = req.path.split("?", 1)[0]
         if (
             "Upgrade" not in req.headers
@@ -395,10 +433,16 @@ class Connection(asyncio.Protocol):
         req.headers.clear()
         if resp.status_code != 101:
             return
+        self._opened(b"")
+
+    def _opened(self, head: bytes) -> None:
+        """The upgrade is accepted; ``head`` is the 101 if this module wrote
+        it (else websockets has it queued)."""
+        gw = self._gw
         if len(gw.connections) >= gw.limits.max_connections:
             # Stays in ``pending`` so the sweeper drops it if it never answers.
             gw.refused += 1
-            self._flush()
+            self._flush(head)
             self.close(Close.TRY_AGAIN_LATER, "server full")
             return
         gw.pending.discard(self)
@@ -409,7 +453,7 @@ class Connection(asyncio.Protocol):
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
         # The 101 response and HELLO leave in one write.
-        self._flush(self.session.hello())
+        self._flush(head + self.session.hello())
 
     def _on_frame(self, frame: Frame) -> None:
         op = frame.opcode
