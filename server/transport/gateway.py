@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from websockets.typing import Subprotocol
 
 from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost, OutcomeUnknown, Overloaded
+from guildcast.core.ids import HexIds
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
@@ -109,6 +109,10 @@ def _choose_subprotocol(offered: Sequence[str]) -> Subprotocol | None:
         f"unsupported subprotocol ({quoted}); this server speaks {SUBPROTOCOL} (or none)"
     )
 
+
+#: Session ids: 8 random bytes in hex, as ``secrets.token_hex(8)``, one
+#: ``getrandom`` per 512 (core/ids.py).
+_session_ids = HexIds(8)
 
 #: Frames one message may arrive in (the first and its continuations); one
 #: more closes with 1009 (PROTOCOL.md "Transport"). Browsers send one frame
@@ -449,7 +453,7 @@ class Connection(asyncio.Protocol):
         gw.connections.add(self)
         gw.accepted += 1
         now = time.monotonic()
-        self.session = Session(gw.authenticate, gw.session_limits, secrets.token_hex(8), now)
+        self.session = Session(gw.authenticate, gw.session_limits, _session_ids.next(), now)
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
         # The 101 response and HELLO leave in one write.
