@@ -154,6 +154,7 @@ class Connection(asyncio.Protocol):
         "_exit_hooks",
         "_frags",
         "_gw",
+        "_held",
         "_max_buffer",
         "_msg_len",
         "_transport",
@@ -175,6 +176,12 @@ class Connection(asyncio.Protocol):
         self._answers: list[list[Effect]] | None = None
         #: While answers are written: their frames, sent as one write.
         self._cork: list[bytes] | None = None
+        #: Frames held to the end of the loop turn after a message that
+        #: subscribes (:meth:`_on_message`), so READY and the guild's
+        #: SUBSCRIBED leave in one write; None: not holding. Bound: what one
+        #: loop turn sends this connection, checked against ``max_buffer``
+        #: when released.
+        self._held: list[bytes] | None = None
         #: websockets' protocol, made on the first read (:meth:`_upgrade`):
         #: OPEN after a handshake :mod:`upgrade` answered, else CONNECTING.
         self.proto: ServerProtocol | None = None
@@ -221,6 +228,10 @@ class Connection(asyncio.Protocol):
         if self._cork is not None:
             self._cork.append(data)
             return
+        held = self._held
+        if held is not None:
+            held.append(data)
+            return
         t = self._transport
         assert t is not None
         t.write(data)
@@ -231,6 +242,10 @@ class Connection(asyncio.Protocol):
     def close(self, code: int, reason: str) -> None:
         if self.closing:
             return
+        if self._held is not None:
+            self._release()  # what is held goes before the close frame
+            if self.closing:  # writing it closed it (slow consumer)
+                return
         if self._answers is not None and self._cork is None:
             self._write_answers()  # answers already due go before the close frame
             if self.closing:  # writing them closed it (slow consumer)
@@ -359,6 +374,10 @@ class Connection(asyncio.Protocol):
         if tail:
             chunks.append(tail)
         out: list[bytes] = []
+        held = self._held
+        if held is not None and chunks:  # held frames go first, in this write
+            self._held = None
+            out.extend(held)
         for chunk in chunks:
             if chunk:
                 out.append(chunk)
@@ -508,7 +527,22 @@ class Connection(asyncio.Protocol):
         # IDENTIFY may move the deadline earlier (a heartbeat interval shorter
         # than the IDENTIFY timeout); later moves are found when the slot is due.
         self._gw._file(self, session.deadline)
+        if self._held is None and self._answers is None and Subscribe in map(type, effects):
+            # Hold READY (or what else this message answers) for the guild's
+            # SUBSCRIBED: the guild's step was scheduled by the subscribe,
+            # so it runs before the release scheduled after it, this turn.
+            self._held = []
+            self._run(effects)
+            asyncio.get_running_loop().call_soon(self._release)
+            return
         self._run(effects)
+
+    def _release(self) -> None:
+        """Write what :meth:`_on_message` held, as one write."""
+        held = self._held
+        self._held = None
+        if held and not self.closing:
+            self.send(held[0] if len(held) == 1 else b"".join(held))
 
     def _run(self, effects: list[Effect]) -> None:
         gw = self._gw

@@ -216,3 +216,28 @@ async def test_an_offer_of_other_subprotocols_gets_websockets_400(server: Server
         assert b"guildcast.v1" in bytes(c.buf) or b"guildcast.v1" in await c.recv_some()
     finally:
         c.close()
+
+
+async def test_identify_then_close_in_one_write_answers_ready_before_the_close(
+    server: Server,
+) -> None:
+    """READY held for SUBSCRIBED (gateway.py ``_held``) still goes out before
+    the close frame, and nothing follows the close frame."""
+    c = await RawWs.open(server.port)
+    try:
+        await c.sendall(_request())
+        status, _head = await c.http_response()
+        assert status == 101
+        assert (await c.next_json())["op"] == gw.HELLO
+        identify = {"op": gw.IDENTIFY, "d": {"token": server.token("u"), "guilds": {"g": None}}}
+        await c.sendall(
+            Frame(Opcode.TEXT, orjson.dumps(identify)).serialize(mask=True)
+            + Frame(Opcode.CLOSE, (1000).to_bytes(2, "big")).serialize(mask=True)
+        )
+        code, before = await c.read_until_close()
+        assert code == 1000
+        texts = [orjson.loads(p) for op, p in before if op == Opcode.TEXT.value]
+        assert texts and texts[0]["t"] == "READY", texts
+        assert c.frames() == []  # nothing after the close frame
+    finally:
+        c.close()
