@@ -2,7 +2,9 @@
 websockets' Sans-I/O ``ServerProtocol`` (docs/DESIGN.md rule 5).
 
 websockets does the opening handshake (with our choice of subprotocol,
-:func:`_select_subprotocol`), frame parsing, ping/pong, UTF-8 and size
+:func:`_select_subprotocol`; a plain upgrade request that arrives in one
+read is checked and answered the same way by :mod:`upgrade`, and
+websockets' protocol starts in OPEN state), frame parsing, ping/pong, UTF-8 and size
 checks, and the close handshake; a ping or pong also tells the session the
 client is alive (protocol 1.1). We assemble fragmented messages,
 drive the gateway :class:`~guildcast.protocol.session.Session` straight from
