@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from guildcast.config import Config
+from guildcast.core import gcpolicy
 
 log = logging.getLogger("guildcast")
 
@@ -353,6 +354,7 @@ async def _serve(cfg: Config, notes: list[str], print_token: bool) -> int:
         return _fail(str(e), 2)
     except BrokerUnavailable as e:  # a data dir that cannot be used
         return _fail(str(e), 1)
+    gcpolicy.tune()  # the node's structures exist now: frozen, never walked again
     try:
         print(f"guildcast: gateway on {srv.url}", flush=True)
         if srv.api is not None:

@@ -2,7 +2,9 @@
 websockets' Sans-I/O ``ServerProtocol`` (docs/DESIGN.md rule 5).
 
 websockets does the opening handshake (with our choice of subprotocol,
-:func:`_select_subprotocol`), frame parsing, ping/pong, UTF-8 and size
+:func:`_select_subprotocol`; a plain upgrade request that arrives in one
+read is checked and answered the same way by :mod:`upgrade`, and
+websockets' protocol starts in OPEN state), frame parsing, ping/pong, UTF-8 and size
 checks, and the close handshake; a ping or pong also tells the session the
 client is alive (protocol 1.1). We assemble fragmented messages,
 drive the gateway :class:`~guildcast.protocol.session.Session` straight from
@@ -29,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -44,6 +45,7 @@ from websockets.typing import Subprotocol
 
 from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost, KeyConflict, OutcomeUnknown, Overloaded
+from guildcast.core.ids import HexIds
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import hints, wire
@@ -63,7 +65,7 @@ from guildcast.protocol.session import (
 )
 from guildcast.protocol.session import State as SessionState
 from guildcast.transport import drain as staggered
-from guildcast.transport import static
+from guildcast.transport import static, upgrade
 from guildcast.transport.admission import QUEUED, Admission
 
 log = logging.getLogger("guildcast.gateway")
@@ -97,6 +99,11 @@ def _select_subprotocol(
     answered with it; an offer of only others is refused with HTTP 400
     (websockets turns :class:`NegotiationError` into that answer, its text
     in the body) naming the one we speak."""
+    return _choose_subprotocol(offered)
+
+
+def _choose_subprotocol(offered: Sequence[str]) -> Subprotocol | None:
+    """:func:`_select_subprotocol` without websockets' protocol (upgrade.py's path)."""
     if not offered:
         return None
     for sp in _SUBPROTOCOLS:
@@ -107,6 +114,10 @@ def _select_subprotocol(
         f"unsupported subprotocol ({quoted}); this server speaks {SUBPROTOCOL} (or none)"
     )
 
+
+#: Session ids: 8 random bytes in hex, as ``secrets.token_hex(8)``, one
+#: ``getrandom`` per 512 (core/ids.py).
+_session_ids = HexIds(8)
 
 #: Frames one message may arrive in (the first and its continuations); one
 #: more closes with 1009 (PROTOCOL.md "Transport"). Browsers send one frame
@@ -156,6 +167,7 @@ class Connection(asyncio.Protocol):
         "_max_buffer",
         "_msg_len",
         "_transport",
+        "_waiting",
         "closing",
         "deadline",
         "events",
@@ -174,12 +186,15 @@ class Connection(asyncio.Protocol):
         self._answers: list[list[Effect]] | None = None
         #: While answers are written: their frames, sent as one write.
         self._cork: list[bytes] | None = None
-        self.proto = ServerProtocol(
-            subprotocols=_SUBPROTOCOLS,
-            select_subprotocol=_select_subprotocol,
-            max_size=gw.limits.max_frame,
-            logger=_ws_log,
-        )
+        #: Frames held to the end of the loop turn after a message that
+        #: subscribes (:meth:`_on_message`), so READY and the guild's
+        #: SUBSCRIBED leave in one write; None: not holding. Bound: what one
+        #: loop turn sends this connection, checked against ``max_buffer``
+        #: when released.
+        self._held: list[bytes] | None = None
+        #: websockets' protocol, made on the first read (:meth:`_upgrade`):
+        #: OPEN after a handshake :mod:`upgrade` answered, else CONNECTING.
+        self.proto: ServerProtocol | None = None
         self.session: Session | None = None
         self.events: frozenset[str] | None = None
         self.closing = False
@@ -195,7 +210,7 @@ class Connection(asyncio.Protocol):
         #: any message that came after it in the same read (the connection
         #: is not read meanwhile, so this is at most one read's frames), and
         #: whether it has had its turn.
-        self._held: list[bytes] | None = None
+        self._waiting: list[bytes] | None = None
         self._admitted = False
 
     def __repr__(self) -> str:
@@ -229,6 +244,10 @@ class Connection(asyncio.Protocol):
         if self._cork is not None:
             self._cork.append(data)
             return
+        held = self._held
+        if held is not None:
+            held.append(data)
+            return
         t = self._transport
         assert t is not None
         t.write(data)
@@ -239,6 +258,10 @@ class Connection(asyncio.Protocol):
     def close(self, code: int, reason: str) -> None:
         if self.closing:
             return
+        if self._held is not None:
+            self._release()  # what is held goes before the close frame
+            if self.closing:  # writing it closed it (slow consumer)
+                return
         if self._answers is not None and self._cork is None:
             self._write_answers()  # answers already due go before the close frame
             if self.closing:  # writing them closed it (slow consumer)
@@ -260,7 +283,7 @@ class Connection(asyncio.Protocol):
             self.session.closed()
         self.deadline = time.monotonic() + self._gw.limits.close_timeout
         self._gw._file(self, self.deadline)
-        if self.proto.state is WsState.OPEN:
+        if self.proto is not None and self.proto.state is WsState.OPEN:
             self.proto.send_close(code, reason[:120])
             self._flush()
         elif self._transport is not None:
@@ -317,6 +340,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         proto = self.proto
+        if proto is None:
+            proto = self._upgrade(data)
+            if proto is None:
+                return  # answered here (upgrade.py), frames sent with it handled
         proto.receive_data(data)
         for ev in proto.events_received():
             if type(ev) is Frame:
@@ -326,6 +353,8 @@ class Connection(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool | None:
+        if self.proto is None:
+            self.proto = self._new_proto(WsState.CONNECTING)
         self.proto.receive_eof()
         self._flush()
         return None
@@ -357,10 +386,14 @@ class Connection(asyncio.Protocol):
         t = self._transport
         if t is None:
             return
-        chunks = self.proto.data_to_send()
+        chunks = self.proto.data_to_send() if self.proto is not None else []
         if tail:
             chunks.append(tail)
         out: list[bytes] = []
+        held = self._held
+        if held is not None and chunks:  # held frames go first, in this write
+            self._held = None
+            out.extend(held)
         for chunk in chunks:
             if chunk:
                 out.append(chunk)
@@ -389,9 +422,39 @@ class Connection(asyncio.Protocol):
         self._gw._file(self, self.deadline)
         t.write_eof()
 
+    def _new_proto(self, state: WsState) -> ServerProtocol:
+        return ServerProtocol(
+            subprotocols=_SUBPROTOCOLS,
+            select_subprotocol=_select_subprotocol,
+            max_size=self._gw.limits.max_frame,
+            state=state,
+            logger=_ws_log,
+        )
+
+    def _upgrade(self, data: bytes) -> ServerProtocol | None:
+        """The first read: a plain upgrade request is answered here
+        (:mod:`upgrade`; returns None); anything else goes to websockets in
+        CONNECTING state (returned, to be fed ``data``)."""
+        hs = upgrade.parse(data, GATEWAY_PATHS)
+        if hs is None:
+            self.proto = self._new_proto(WsState.CONNECTING)
+            return self.proto
+        try:
+            sp = _choose_subprotocol(hs.offered)
+        except NegotiationError:
+            self.proto = self._new_proto(WsState.CONNECTING)
+            return self.proto  # websockets writes the 400
+        proto = self.proto = self._new_proto(WsState.OPEN)
+        proto.subprotocol = sp
+        self._opened(upgrade.response(hs.accept, sp))
+        if hs.rest and not self.closing:
+            self.data_received(hs.rest)
+        return None
+
     def _on_request(self, req: Request) -> None:
         gw = self._gw
         proto = self.proto
+        assert proto is not None
         path = req.path.split("?", 1)[0]
         if (
             "Upgrade" not in req.headers
@@ -409,6 +472,12 @@ class Connection(asyncio.Protocol):
         req.headers.clear()
         if resp.status_code != 101:
             return
+        self._opened(b"")
+
+    def _opened(self, head: bytes) -> None:
+        """The upgrade is accepted; ``head`` is the 101 if this module wrote
+        it (else websockets has it queued). Both paths pass admission here."""
+        gw = self._gw
         now = time.monotonic()
         refusal = (
             "server full"
@@ -418,17 +487,17 @@ class Connection(asyncio.Protocol):
         if refusal is not None:
             # Stays in ``pending`` so the sweeper drops it if it never answers.
             gw.refused += 1
-            self._flush()
+            self._flush(head)
             self.close(Close.TRY_AGAIN_LATER, refusal)
             return
         gw.pending.discard(self)
         gw.connections.add(self)
         gw.accepted += 1
-        self.session = Session(gw.authenticate, gw.session_limits, secrets.token_hex(8), now)
+        self.session = Session(gw.authenticate, gw.session_limits, _session_ids.next(), now)
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
         # The 101 response and HELLO leave in one write.
-        self._flush(self.session.hello())
+        self._flush(head + self.session.hello())
 
     def _on_frame(self, frame: Frame) -> None:
         op = frame.opcode
@@ -473,8 +542,8 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None or self.closing:
             return
-        if self._held is not None:  # behind an IDENTIFY waiting its turn
-            self._held.append(bytes(data))
+        if self._waiting is not None:  # behind an IDENTIFY waiting its turn
+            self._waiting.append(bytes(data))
             return
         if (
             not self._admitted
@@ -489,6 +558,14 @@ class Connection(asyncio.Protocol):
         # IDENTIFY may move the deadline earlier (a heartbeat interval shorter
         # than the IDENTIFY timeout); later moves are found when the slot is due.
         self._gw._file(self, session.deadline)
+        if self._held is None and self._answers is None and Subscribe in map(type, effects):
+            # Hold READY (or what else this message answers) for the guild's
+            # SUBSCRIBED: the guild's step was scheduled by the subscribe,
+            # so it runs before the release scheduled after it, this turn.
+            self._held = []
+            self._run(effects)
+            asyncio.get_running_loop().call_soon(self._release)
+            return
         self._run(effects)
 
     def _wait_turn(self, data: bytes | bytearray | memoryview) -> bool:
@@ -503,7 +580,7 @@ class Connection(asyncio.Protocol):
             self._admitted = True
             return False
         if verdict is QUEUED:
-            self._held = [bytes(data)]
+            self._waiting = [bytes(data)]
             if self._transport is not None:
                 self._transport.pause_reading()
             gw._admit_wake.set()
@@ -513,7 +590,7 @@ class Connection(asyncio.Protocol):
 
     def admitted(self) -> None:
         """The waiting IDENTIFY's turn (the gateway's admitter)."""
-        held, self._held = self._held, None
+        held, self._waiting = self._waiting, None
         if self.closing or held is None:
             return
         self._admitted = True
@@ -523,6 +600,13 @@ class Connection(asyncio.Protocol):
         if t is not None and not t.is_closing():
             t.resume_reading()  # also for a close handshake to finish
         self._flush()
+
+    def _release(self) -> None:
+        """Write what :meth:`_on_message` held, as one write."""
+        held = self._held
+        self._held = None
+        if held and not self.closing:
+            self.send(held[0] if len(held) == 1 else b"".join(held))
 
     def _run(self, effects: list[Effect]) -> None:
         gw = self._gw
@@ -682,7 +766,9 @@ def _reconnecting(delay_ms: tuple[int, int]) -> Callable[[Connection], None]:
     frame = hints.reconnect_frame(*delay_ms)
 
     def reconnect(conn: Connection) -> None:
-        conn.send(frame if conn.proto.subprotocol is not None else wire.RECONNECT_FRAME)
+        proto = conn.proto
+        v11 = proto is not None and proto.subprotocol is not None
+        conn.send(frame if v11 else wire.RECONNECT_FRAME)
         conn.close(Close.GOING_AWAY, "server shutting down")
 
     return reconnect
