@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import secrets
@@ -27,7 +26,6 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from guildcast.actors.actor import ActorExited, CallTimeout, MailboxFull
 from guildcast.actors.feed import FeedRouter
 from guildcast.actors.groups import Groups
 from guildcast.actors.guild import Guild, GuildSettings
@@ -45,7 +43,8 @@ from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
 from guildcast.core import fdwatch
-from guildcast.core.host import HistoryPage, OutcomeUnknown, Overloaded
+from guildcast.core.failures import Overloaded
+from guildcast.core.host import HistoryPage
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
@@ -349,8 +348,11 @@ class Server:
     async def publish(self, gid: str, t: str, d: Any = None) -> int:
         """Publish event ``t`` with data ``d`` to guild ``gid``; returns its ``s``.
 
-        Raises ValueError for a bad guild id, event name or non-JSON ``d``, and
-        :class:`guildcast.core.host.Overloaded` when the guild is busy.
+        Raises ValueError for a bad guild id, event name or non-JSON ``d``,
+        :class:`guildcast.core.failures.Overloaded` when the guild is busy
+        (``MailboxFull``) or too many guilds are alive (``RegistryFull``), and
+        another runtime ``Failure`` (``BrokerUnavailable``, ``OutcomeUnknown``,
+        ``ActorExited``) as ``core/failures.py`` lists them.
         """
         s, _epoch = await self.hub.publish(gid, t, check_publish(gid, t, d))
         return s
@@ -363,15 +365,13 @@ class Server:
         """``(epoch, s)`` of guild ``gid``'s last event (``s`` is 0 if none):
         the Position a client subscribes with to get every event after it.
 
-        Raises ValueError for a bad guild id and
-        :class:`guildcast.core.host.Overloaded` when the guild cannot answer now.
+        Raises ValueError for a bad guild id and a runtime
+        :class:`guildcast.core.failures.Failure` (``CallTimeout``,
+        ``MailboxFull``, ...) when the guild cannot answer now.
         """
         if not valid_guild(gid):
             raise ValueError(f"invalid guild id {gid!r}")
-        try:
-            info = await self.hub.info(gid)
-        except _RETRY_LATER as e:
-            raise Overloaded(f"guild {gid}: {e!r}") from None
+        info = await self.hub.info(gid)
         return str(info["epoch"]), int(info["s"])
 
     def token(
@@ -486,22 +486,19 @@ class Server:
 class NodeApi:
     """The HTTP API's way into a node (implements ``guildcast.core.host.ApiHost``).
 
-    It turns the actors' and brokers' "try later" errors (full mailbox, actor
-    gone, call timeout, broker unavailable) into :class:`Overloaded`, so the
-    transport needs to know only the core's exceptions.
+    The actors' and brokers' failures (full mailbox, actor gone, call
+    timeout, broker unavailable, outcome unknown) pass through as they are:
+    each is a ``core.failures.Failure`` and the transport answers it from
+    the one table there.
     """
 
     def __init__(self, srv: Server) -> None:
         self._srv = srv
 
     def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
-        outer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         if not self._srv._gateway_up:
-            outer.set_exception(Overloaded(self._srv.not_ready_reason))
-            return outer
-        inner = self._srv.hub.publish(gid, t, d_json)
-        inner.add_done_callback(functools.partial(_relay, outer))
-        return outer
+            raise Overloaded(self._srv.not_ready_reason)
+        return self._srv.hub.publish(gid, t, d_json)
 
     def _broker(self) -> Broker:
         if not self._srv._gateway_up:
@@ -515,21 +512,18 @@ class NodeApi:
         ``max_guilds`` slot or live for ``idle_timeout``."""
         cfg = self._srv.config
         broker = self._broker()
-        try:
-            if self._srv.registry.lookup(gid) is not None:
-                info = await self._srv.hub.info(gid)
-            else:
-                epoch, head = await broker.head(gid)
-                first = await broker.first(gid)
-                info = {
-                    "guild": gid,
-                    "epoch": epoch,
-                    "s": head,
-                    "subscribers": 0,
-                    "history": {"first": first, "last": head if first is not None else None},
-                }
-        except _RETRY_LATER as e:
-            raise Overloaded(f"guild {gid}: {e!r}") from None
+        if self._srv.registry.lookup(gid) is not None:
+            info = await self._srv.hub.info(gid)
+        else:
+            epoch, head = await broker.head(gid)
+            first = await broker.first(gid)
+            info = {
+                "guild": gid,
+                "epoch": epoch,
+                "s": head,
+                "subscribers": 0,
+                "history": {"first": first, "last": head if first is not None else None},
+            }
         info["history"] = {
             **info["history"],
             "max_count": cfg.history_size,
@@ -541,15 +535,12 @@ class NodeApi:
         """Stored events after ``after``; like :meth:`info`, a guild not alive
         here is read from the broker without starting its actor."""
         broker = self._broker()
-        try:
-            if self._srv.registry.lookup(gid) is not None:
-                return await self._srv.hub.history_page(gid, after, limit)
-            # Records first: the head read after them is at or past their last s.
-            epoch2, records = await broker.read(gid, after, limit)
-            epoch, head = await broker.head(gid)
-            first = await broker.first(gid)
-        except _RETRY_LATER as e:
-            raise Overloaded(f"guild {gid}: {e!r}") from None
+        if self._srv.registry.lookup(gid) is not None:
+            return await self._srv.hub.history_page(gid, after, limit)
+        # Records first: the head read after them is at or past their last s.
+        epoch2, records = await broker.read(gid, after, limit)
+        epoch, head = await broker.head(gid)
+        first = await broker.first(gid)
         if epoch2 != epoch:  # the history restarted between the reads
             raise Overloaded(f"guild {gid}: its history changed; try again")
         return HistoryPage(gid, epoch, head, first, [r.payload for r in records])
@@ -561,34 +552,8 @@ class NodeApi:
         return self._srv.not_ready_reason
 
     async def presence(self, gid: str) -> list[dict[str, str]]:
-        broker = self._broker()
-        try:
-            members = await broker.presence(gid)
-        except BrokerUnavailable as e:
-            raise Overloaded(str(e)) from None
+        members = await self._broker().presence(gid)
         return [m.as_dict() for m in members]
 
     def metrics(self) -> MetricsSnapshot:
         return self._srv.metrics()
-
-
-#: Failures a caller should retry later (HTTP 503).
-_RETRY_LATER = (MailboxFull, ActorExited, CallTimeout, BrokerUnavailable)
-
-
-def _relay(outer: asyncio.Future[tuple[int, str]], inner: asyncio.Future[tuple[int, str]]) -> None:
-    """Copy ``inner``'s outcome to ``outer``, retry-later errors as Overloaded."""
-    if inner.cancelled():
-        outer.cancel()
-        return
-    exc = inner.exception()
-    if outer.done():
-        return
-    if exc is None:
-        outer.set_result(inner.result())
-    elif isinstance(exc, OutcomeUnknown):
-        outer.set_exception(exc)  # maybe sequenced: not a "retry later"
-    elif isinstance(exc, _RETRY_LATER):
-        outer.set_exception(Overloaded(str(exc) or type(exc).__name__))
-    else:
-        outer.set_exception(exc)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from guildcast.actors.actor import ActorExited, MailboxFull
+from guildcast.actors.actor import CallTimeout
 from guildcast.actors.groups import Groups
 from guildcast.actors.guild import (
     Guild,
@@ -30,9 +30,10 @@ from guildcast.actors.guild import (
     Subscribe,
     Unsubscribe,
 )
-from guildcast.actors.registry import Registry, RegistryFull
+from guildcast.actors.registry import Registry
 from guildcast.broker.base import Presence, Record
-from guildcast.core.host import HistoryPage, Overloaded, Subscriber
+from guildcast.core.failures import Failure, Overloaded
+from guildcast.core.host import HistoryPage, Subscriber
 from guildcast.protocol import wire
 from guildcast.protocol.codes import RESERVED_EVENTS
 
@@ -99,13 +100,11 @@ class Hub:
 
     def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
         """Sequence ``t``/``d_json`` in ``gid``, validated at the edge (the
-        session, the HTTP API, ``Server.publish``: ``check_publish``); raises
-        :class:`Overloaded` if the guild's mailbox is full."""
-        guild = self._guild(gid)
-        try:
-            return guild.call_nowait(PublishMsg(t, d_json))
-        except (MailboxFull, ActorExited):
-            raise Overloaded(f"guild {gid} is busy") from None
+        session, the HTTP API, ``Server.publish``: ``check_publish``). Raises
+        the runtime's failures as they are (``MailboxFull``, ``RegistryFull``,
+        ``ActorExited``; the future: ``BrokerUnavailable``, ``OutcomeUnknown``):
+        the transports answer them from one table, ``core/failures.py``."""
+        return self._guild(gid).call_nowait(PublishMsg(t, d_json))
 
     async def info(self, gid: str, timeout: float = 5.0) -> dict[str, Any]:
         """Head, epoch, subscribers and history bounds of ``gid`` (starts it if needed)."""
@@ -127,21 +126,22 @@ class Hub:
         """Stored events with ``s > after`` (at most ``limit``) with the head and
         history bounds read in the same guild step (``GET .../history``).
 
-        Raises :class:`Overloaded` if the guild cannot answer now.
+        Raises a runtime :class:`Failure` if the guild cannot answer now.
         """
         guild = self._guild(gid)
+        # Queued back to back: the guild answers both before anything else.
+        info_f = guild.call_nowait(InfoMsg())
         try:
-            # Queued back to back: the guild answers both before anything else.
-            info_f = guild.call_nowait(InfoMsg())
             page_f = guild.call_nowait(HistoryMsg(after, limit))
-        except (MailboxFull, ActorExited):
-            raise Overloaded(f"guild {gid} is busy") from None
+        except Failure:
+            info_f.cancel()
+            raise
         try:
             async with asyncio.timeout(timeout):
                 info = await info_f
                 epoch, records = await page_f
-        except (TimeoutError, ActorExited) as e:
-            raise Overloaded(f"guild {gid} did not answer: {e!r}") from None
+        except TimeoutError:
+            raise CallTimeout(f"guild {gid}: no answer within {timeout} s") from None
         finally:
             for f in (info_f, page_f):  # nothing left pending or unretrieved
                 if not f.done():
@@ -175,7 +175,6 @@ class Hub:
         return self._owned.get(user, 0)
 
     def _guild(self, gid: str) -> Guild:
-        try:
-            return self.registry.lookup_or_start(gid)
-        except RegistryFull:
-            raise Overloaded("too many guilds alive") from None
+        """The guild actor of ``gid``, started if needed; raises
+        ``RegistryFull`` (an :class:`Overloaded`) past ``max_guilds``."""
+        return self.registry.lookup_or_start(gid)

@@ -27,7 +27,8 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
-from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
+from guildcast.core.failures import Failure, Kind
+from guildcast.core.failures import OutcomeUnknown as HostOutcomeUnknown
 from guildcast.core.metrics import MetricsSnapshot
 
 
@@ -46,14 +47,18 @@ class Record(NamedTuple):
     epoch: str = ""
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(Failure):
     """The broker cannot be reached; nothing was appended. Retry later."""
+
+    kind = Kind.BROKER_UNAVAILABLE
 
 
 class OutcomeUnknown(BrokerUnavailable, HostOutcomeUnknown):
     """The append was sent but no answer came (a timeout, a connection lost
     while waiting): the events may or may not have been sequenced. Never
     report it as "not published"."""
+
+    kind = Kind.OUTCOME_UNKNOWN
 
 
 class EpochChanged(Exception):

@@ -12,6 +12,9 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from guildcast.core.failures import Failure as Failure
+from guildcast.core.failures import OutcomeUnknown as OutcomeUnknown
+from guildcast.core.failures import Overloaded as Overloaded
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.sink import Member, Sink
 
@@ -44,20 +47,10 @@ class GatewayHost(Protocol):
 
         The edge has validated it: ``gid`` and ``t`` are valid and not
         reserved, ``d_json`` is ``d`` encoded once (``wire.encode``); its
-        bytes reach the broker as they are. Raises :class:`Overloaded` at
-        once when the guild cannot take more.
+        bytes reach the broker as they are. Raises a runtime
+        :class:`Failure` (``core/failures.py``) at once when the guild cannot
+        take it; the future fails with one.
         """
-
-
-class Overloaded(Exception):
-    """The target cannot accept more work now; try again later (1013)."""
-
-
-class OutcomeUnknown(Exception):
-    """A publish was handed to the sequencer but its answer never came (a
-    timeout, a connection lost while waiting): it may or may not have been
-    sequenced. ERROR 4504 on the gateway, HTTP 504 ``"outcome": "unknown"``
-    (PROTOCOL.md "Publishing")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +70,10 @@ class HistoryPage:
 class ApiHost(Protocol):
     """What the HTTP API asks of the node.
 
-    Errors: ValueError for bad input, :class:`Overloaded` for anything the
-    caller should retry later (a full mailbox, too many guilds, storage or
-    broker trouble, a draining node). Anything else is a bug.
+    Errors: ValueError for bad input, a runtime :class:`Failure`
+    (``core/failures.py``: a full mailbox, too many guilds, storage or
+    broker trouble, a draining node, an unknown outcome) answered as its
+    row of the failure table says. Anything else is a bug.
     """
 
     def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
@@ -87,8 +81,7 @@ class ApiHost(Protocol):
         is sequenced (and stored, with a durable broker).
 
         Validated by the HTTP API (ids, names, ``d`` encoded once: ``d_json``).
-        Raises :class:`Overloaded` at once; the future fails with
-        :class:`Overloaded` or ``OutcomeUnknown``.
+        Raises a :class:`Failure` at once; the future fails with one.
         Calls made one after another are sequenced in that order per guild.
         """
 

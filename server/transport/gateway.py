@@ -42,8 +42,10 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from guildcast.core import failures
+from guildcast.core.failures import Failure, Kind
 from guildcast.core.fdwatch import DescriptorWatch
-from guildcast.core.host import GatewayHost, OutcomeUnknown, Overloaded
+from guildcast.core.host import GatewayHost
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
@@ -481,10 +483,11 @@ class Connection(asyncio.Protocol):
                 assert isinstance(e, Subscribe)
                 try:
                     gw.host.subscribe(self, e.gid, e.position)
-                except Overloaded as exc:
+                except Failure as exc:
                     if self.session is not None:
                         self.session.subscriptions.discard(e.gid)
-                    self.send(error_frame(Err.TRY_AGAIN_LATER, str(exc), g=e.gid))
+                    code = failures.answer(exc).error_code
+                    self.send(error_frame(code, str(exc), g=e.gid))
             elif tp is Unsubscribe:
                 assert isinstance(e, Unsubscribe)
                 gw.host.unsubscribe(self, e.gid)
@@ -520,11 +523,9 @@ class Connection(asyncio.Protocol):
             return
         try:
             fut = self._gw.host.publish(p.gid, p.t, d_json)
-        except Overloaded as exc:
-            self._run(session.publish_failed(p, Err.TRY_AGAIN_LATER, str(exc)))
-            return
-        except ValueError as exc:
-            self._run(session.publish_failed(p, Close.DECODE_ERROR, str(exc)))
+        except (Failure, ValueError) as exc:
+            code = failures.answer(exc).error_code
+            self._run(session.publish_failed(p, code, str(exc)))
             return
         fut.add_done_callback(lambda f: self._published(p, f))
 
@@ -535,15 +536,12 @@ class Connection(asyncio.Protocol):
                 fut.exception()  # retrieved: the answer of a gone session is dropped silently
             return
         if fut.cancelled():
-            effects = session.publish_failed(p, Err.TRY_AGAIN_LATER, "publish cancelled")
+            code = failures.ANSWERS[Kind.CANCELLED].error_code
+            effects = session.publish_failed(p, code, "publish cancelled")
         elif (exc := fut.exception()) is not None:
-            if isinstance(exc, ValueError):
-                code: int = Close.DECODE_ERROR
-            elif isinstance(exc, OutcomeUnknown):
-                code = Err.OUTCOME_UNKNOWN  # maybe sequenced: never "refused, retry"
-            else:
-                code = Err.TRY_AGAIN_LATER
-            effects = session.publish_failed(p, code, str(exc))
+            # One table for both transports (core/failures.py): 4504 for an
+            # outcome unknown, never "refused, retry".
+            effects = session.publish_failed(p, failures.answer(exc).error_code, str(exc))
         else:
             s, epoch = fut.result()
             effects = session.publish_done(p, p.gid, s, epoch)

@@ -60,7 +60,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from guildcast.core.host import ApiHost, OutcomeUnknown, Overloaded
+from guildcast.core import failures
+from guildcast.core.failures import Failure, Kind
+from guildcast.core.host import ApiHost
 from guildcast.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from guildcast.protocol import wire
 from guildcast.protocol.bucket import TokenBucket
@@ -156,6 +158,7 @@ class ApiError(Exception):
         detail: str,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        outcome: str = failures.NOT_PUBLISHED,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -163,10 +166,27 @@ class ApiError(Exception):
         self.detail = detail
         self.headers = headers
         self.extra = extra
+        #: What became of the event, in a batch answer's entry.
+        self.outcome = outcome
 
     def response(self) -> web.Response:
         body = {"error": self.error, "detail": self.detail, **(self.extra or {})}
         return _json(body, self.status, self.headers)
+
+
+def _answer(a: failures.Answer, detail: str) -> ApiError:
+    """The HTTP answer of the failure table's row ``a``."""
+    extra = _UNKNOWN if a.outcome == failures.UNKNOWN else None
+    return ApiError(a.status, a.error, detail, headers=a.headers, extra=extra, outcome=a.outcome)
+
+
+def refusal(exc: BaseException) -> ApiError:
+    """The HTTP answer to a runtime failure (``core/failures.py``); anything
+    the table calls unexpected is re-raised (a bug: 500, logged)."""
+    a = failures.answer(exc)
+    if a.kind is Kind.UNEXPECTED:
+        raise exc
+    return _answer(a, str(exc) or type(exc).__name__)
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -470,8 +490,9 @@ class HttpApi:
         bucket = self._authorize(request)
         if not self.host.ready():
             why = self.host.not_ready_reason()
-            raise ApiError(
-                503, "unavailable", f"the node is not ready ({why}); retry or use another"
+            raise _answer(
+                failures.ANSWERS[Kind.OVERLOADED],
+                f"the node is not ready ({why}); retry or use another",
             )
         if request.content_type != "application/json":
             raise ApiError(
@@ -512,8 +533,7 @@ class HttpApi:
             if isinstance(r, ApiError):
                 if failed is None or (r.status == 504 and failed.status != 504):
                     failed = r
-                outcome = "unknown" if r.status == 504 else "not_published"
-                out.append({"g": gid, "error": r.error, "detail": r.detail, "outcome": outcome})
+                out.append({"g": gid, "error": r.error, "detail": r.detail, "outcome": r.outcome})
             else:
                 out.append({"g": gid, "s": r[0], "epoch": r[1]})
         if failed is None:
@@ -531,6 +551,7 @@ class HttpApi:
             503,
             "unavailable",
             "some events were not published; see results",
+            headers=failed.headers,
             extra={"results": out},
         )
 
@@ -587,16 +608,16 @@ class HttpApi:
         for gid, t, d in events:
             try:
                 futs.append(self.host.publish(gid, t, d))
-            except Overloaded as e:
-                refused = ApiError(503, "unavailable", str(e))
+            except (Failure, ValueError) as e:
+                refused = refusal(e)
                 break
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 done = await asyncio.gather(*futs, return_exceptions=True)
         except TimeoutError:
             # Handed to their guilds: each may have been sequenced since.
-            late = ApiError(
-                504, "outcome_unknown", f"no answer in {PUBLISH_TIMEOUT:g} s", extra=_UNKNOWN
+            late = _answer(
+                failures.ANSWERS[Kind.OUTCOME_UNKNOWN], f"no answer in {PUBLISH_TIMEOUT:g} s"
             )
             done = [
                 (f.exception() or f.result()) if f.done() and not f.cancelled() else late
@@ -606,17 +627,16 @@ class HttpApi:
         for r in done:
             if isinstance(r, ApiError):
                 out.append(r)
-            elif isinstance(r, OutcomeUnknown):
-                out.append(ApiError(504, "outcome_unknown", str(r), extra=_UNKNOWN))
-            elif isinstance(r, Overloaded):
-                out.append(ApiError(503, "unavailable", str(r)))
-            elif isinstance(r, ValueError):
-                out.append(ApiError(400, "bad_shape", str(r)))
             elif isinstance(r, BaseException):
-                raise r
+                out.append(refusal(r))
             else:
                 out.append(r)
-        skipped = ApiError(503, "not_published", "not queued: an earlier event was refused")
+        skipped = ApiError(
+            503,
+            "not_published",
+            "not queued: an earlier event was refused",
+            headers=failures.ANSWERS[Kind.OVERLOADED].headers,
+        )
         while len(out) < len(events):
             out.append(refused if len(out) == len(futs) and refused is not None else skipped)
         return out
@@ -634,8 +654,8 @@ class HttpApi:
         gid = self._gid(request)
         try:
             info = await self.host.info(gid)
-        except Overloaded as e:
-            raise ApiError(503, "unavailable", str(e)) from None
+        except Failure as e:
+            raise refusal(e) from None
         return _json(info)
 
     async def _guild_presence(self, request: web.Request) -> web.StreamResponse:
@@ -643,8 +663,8 @@ class HttpApi:
         gid = self._gid(request)
         try:
             members = await self.host.presence(gid)
-        except Overloaded as e:
-            raise ApiError(503, "unavailable", str(e)) from None
+        except Failure as e:
+            raise refusal(e) from None
         return _json({"guild": gid, "members": members})
 
     async def _guild_history(self, request: web.Request) -> web.StreamResponse:
@@ -654,8 +674,8 @@ class HttpApi:
         limit = _query_int(request, "limit", HISTORY_PAGE_DEFAULT, 1, HISTORY_PAGE_MAX)
         try:
             page = await self.host.history(gid, after, limit)
-        except Overloaded as e:
-            raise ApiError(503, "unavailable", str(e)) from None
+        except Failure as e:
+            raise refusal(e) from None
         if after >= page.head:
             complete = after == page.head
         else:
