@@ -17,8 +17,12 @@ as the continuation of its own. A broker that cannot bridge a feed outage
 tells each listener :data:`FEED_LOST`: the listener must stop serving from
 that feed (the guild actor closes its sessions with 4000).
 
-Implementations: ``guildcast.broker.redis.RedisBroker`` (cluster). The shared
-test suite in ``tests/broker/`` runs against every implementation.
+Implementations: ``guildcast.broker.memory.MemoryBroker`` and
+``guildcast.broker.disk.DiskBroker`` (one node), ``guildcast.broker.redis.RedisBroker``
+(cluster). The shared contract suite, ``tests/broker/test_contract.py``, runs
+against every implementation, and against a third-party one given a small
+harness (how to make it and inject its faults: ``tests/broker/harness.py``)
+named in ``GUILDCAST_BROKER_HARNESS=module:Class``.
 """
 
 from __future__ import annotations
