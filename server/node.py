@@ -30,7 +30,6 @@ from guildcast.actors.feed import FeedRouter
 from guildcast.actors.groups import Groups
 from guildcast.actors.guild import Guild, GuildSettings
 from guildcast.actors.hub import Hub, check_publish
-from guildcast.actors.partition import Partition
 from guildcast.actors.registry import Registry
 from guildcast.broker.base import (
     Broker,
@@ -42,13 +41,12 @@ from guildcast.broker.base import (
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
-from guildcast.core import fdwatch
 from guildcast.core.failures import Overloaded
 from guildcast.core.host import HistoryPage
 from guildcast.core.journal import FSYNC_POLICIES
-from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
+from guildcast.core.metrics import MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
-from guildcast.protocol.session import Limits, State
+from guildcast.protocol.session import Limits
 from guildcast.protocol.wire import valid_guild
 from guildcast.transport.gateway import Gateway, GatewayLimits
 from guildcast.transport.http_api import ApiSettings, HttpApi
@@ -431,55 +429,16 @@ class Server:
         return ""
 
     def metrics(self) -> MetricsSnapshot:
-        """Everything ``/metrics`` exports, read now (O(connections + guilds))."""
+        """Everything ``/metrics`` exports, read now: each layer fills its own
+        fields (``ReportsMetrics``: the gateway, the hub for the guild
+        actors, the actors' counters, the broker); the node adds readiness."""
         if not self._gateway_up:  # the API runs while waiting for Redis
             return MetricsSnapshot(ready=False, broker_up=False)
-        gw = self.gateway
-        st = self.stats_counters
-        m = MetricsSnapshot(
-            connections=len(gw.connections),
-            connections_pending=len(gw.pending),
-            connections_accepted=gw.accepted,
-            connections_refused=gw.refused,
-            slow_consumers=gw.slow_consumers,
-            close_codes=dict(gw.close_codes),
-            ready=self.ready,
-            broker_up=self.broker.healthy,
-            guilds_alive=len(self.registry),
-            guilds_started=self.registry.started,
-            published=st.published,
-            deliveries=st.deliveries,
-            bytes_out=st.bytes_out,
-            latency_buckets=st.latency.cumulative(),
-            latency_sum=st.latency.total,
-            latency_count=st.latency.count,
-        )
-        for conn in gw.connections:
-            session = conn.session
-            if session is not None and session.state is State.READY:
-                m.sessions_identified += 1
-        guilds = m.mailboxes["guild"] = MailboxDepth()
-        parts = m.mailboxes["partition"] = MailboxDepth()
-        for guild in self.registry:
-            m.subscriptions += len(guild.where)
-            depth = guild.mailbox_depth
-            guilds.total += depth
-            guilds.max = max(guilds.max, depth)
-            for p in guild.partitions:
-                if type(p) is not Partition:
-                    continue  # the guild's own writer has no mailbox
-                depth = p.mailbox_depth
-                parts.total += depth
-                parts.max = max(parts.max, depth)
-        broker = self.broker
-        if isinstance(broker, ReportsMetrics):
-            broker.report_metrics(m)
-        m.guilds_evicted = self.registry.evicted
-        m.user_guilds_refused = self.hub.share_refused
-        m.user_publish_refused = gw.user_rates.refused
-        m.descriptors_exhausted = gw.descriptors.exhausted
-        m.open_descriptors = fdwatch.open_descriptors()
-        m.descriptor_limit = fdwatch.soft_limit()
+        m = MetricsSnapshot(ready=self.ready, broker_up=self.broker.healthy)
+        parts: tuple[object, ...] = (self.gateway, self.hub, self.stats_counters, self.broker)
+        for part in parts:
+            if isinstance(part, ReportsMetrics):
+                part.report_metrics(m)
         return m
 
 

@@ -30,10 +30,12 @@ from guildcast.actors.guild import (
     Subscribe,
     Unsubscribe,
 )
+from guildcast.actors.partition import Partition
 from guildcast.actors.registry import Registry
 from guildcast.broker.base import Presence, Record
 from guildcast.core.failures import Failure, Overloaded
 from guildcast.core.host import HistoryPage, Subscriber
+from guildcast.core.metrics import MailboxDepth, MetricsSnapshot
 from guildcast.protocol import wire
 from guildcast.protocol.codes import RESERVED_EVENTS
 
@@ -169,6 +171,29 @@ class Hub:
                 self._owned.pop(user, None)
 
         guild.add_exit_hook(release)
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: the guild actors (alive, started, evicted,
+        subscriptions, guild and partition mailboxes) and the per-user share
+        (O(guilds + partitions): scrape time only)."""
+        registry = self.registry
+        m.guilds_alive = len(registry)
+        m.guilds_started = registry.started
+        m.guilds_evicted = registry.evicted
+        m.user_guilds_refused = self.share_refused
+        guilds = m.mailboxes["guild"] = MailboxDepth()
+        parts = m.mailboxes["partition"] = MailboxDepth()
+        for guild in registry:
+            m.subscriptions += len(guild.where)
+            depth = guild.mailbox_depth
+            guilds.total += depth
+            guilds.max = max(guilds.max, depth)
+            for p in guild.partitions:
+                if type(p) is not Partition:
+                    continue  # the guild's own writer has no mailbox
+                depth = p.mailbox_depth
+                parts.total += depth
+                parts.max = max(parts.max, depth)
 
     def owned(self, user: str) -> int:
         """Guilds charged to ``user`` now."""

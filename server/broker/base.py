@@ -33,7 +33,7 @@ from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from guildcast.core.failures import Failure, Kind
 from guildcast.core.failures import OutcomeUnknown as HostOutcomeUnknown
-from guildcast.core.metrics import MetricsSnapshot
+from guildcast.core.metrics import ReportsMetrics as ReportsMetrics
 
 
 class Record(NamedTuple):
@@ -200,14 +200,6 @@ class ExplainsHealth(Protocol):
     @property
     def unhealthy_reason(self) -> str:
         """ "" while healthy, else what is down, in a few words."""
-
-
-@runtime_checkable
-class ReportsMetrics(Protocol):
-    """A broker with counters of its own for ``/metrics``."""
-
-    def report_metrics(self, m: MetricsSnapshot) -> None:
-        """Fill this broker's fields of ``m`` (read at scrape time)."""
 
 
 @runtime_checkable

@@ -42,10 +42,11 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from guildcast.core import failures
+from guildcast.core import failures, fdwatch
 from guildcast.core.failures import Failure, Kind
 from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
@@ -63,6 +64,7 @@ from guildcast.protocol.session import (
     Unsubscribe,
     error_frame,
 )
+from guildcast.protocol.session import State as SessionState
 from guildcast.transport import static
 
 log = logging.getLogger("guildcast.gateway")
@@ -722,6 +724,24 @@ class Gateway:
                 pass
         if self._server is not None:
             await self._server.wait_closed()
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: connections, sessions, refusals and descriptors
+        (O(connections): scrape time only)."""
+        m.connections = len(self.connections)
+        m.connections_pending = len(self.pending)
+        m.connections_accepted = self.accepted
+        m.connections_refused = self.refused
+        m.slow_consumers = self.slow_consumers
+        m.close_codes = dict(self.close_codes)
+        ready = SessionState.READY
+        m.sessions_identified = sum(
+            1 for c in self.connections if c.session is not None and c.session.state is ready
+        )
+        m.user_publish_refused = self.user_rates.refused
+        m.descriptors_exhausted = self.descriptors.exhausted
+        m.open_descriptors = fdwatch.open_descriptors()
+        m.descriptor_limit = fdwatch.soft_limit()
 
     def stats(self) -> dict[str, Any]:
         return {
