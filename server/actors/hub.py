@@ -75,9 +75,16 @@ class Hub:
     def _evictable(self, guild: Guild) -> bool:
         """No subscriber, nothing queued, between batches: stopping it loses
         nothing (its history is the broker's)."""
-        return guild.parked and not guild.where and self.groups.count(guild.name) == 0
+        return guild.parked and not guild.has_sessions and self.groups.count(guild.name) == 0
 
-    def subscribe(self, sub: Subscriber, gid: str, position: tuple[str, int] | None) -> None:
+    def subscribe(
+        self,
+        sub: Subscriber,
+        gid: str,
+        position: tuple[str, int] | None,
+        rewind: int | None = None,
+        passive: bool = False,
+    ) -> None:
         if sub.is_closed:
             return
         limit = self.user_guild_limit
@@ -90,7 +97,7 @@ class Hub:
             self._charge(sub.user, gid, guild)
         self.groups.join(gid, sub)
         member = Presence(sub.user, sub.session_id, guild.broker.node_id)
-        guild.cast_system(Subscribe(sub, position, member, sub.wants_presence))
+        guild.cast_system(Subscribe(sub, position, member, sub.wants_presence, rewind, passive))
 
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         guild = self.registry.lookup(gid)
@@ -100,13 +107,16 @@ class Hub:
             guild.cast_system(Unsubscribe(sub))
         self.groups.leave(gid, sub)
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         """Sequence ``t``/``d_json`` in ``gid``, validated at the edge (the
-        session, the HTTP API, ``Server.publish``: ``check_publish``). Raises
-        the runtime's failures as they are (``MailboxFull``, ``RegistryFull``,
-        ``ActorExited``; the future: ``BrokerUnavailable``, ``OutcomeUnknown``):
-        the transports answer them from one table, ``core/failures.py``."""
-        return self._guild(gid).call_nowait(PublishMsg(t, d_json))
+        session, the HTTP API, ``Server.publish``: ``check_publish``), with
+        an idempotency ``key`` or None. Raises the runtime's failures as they
+        are (``MailboxFull``, ``RegistryFull``, ``ActorExited``; the future:
+        ``BrokerUnavailable``, ``OutcomeUnknown``, ``KeyConflict``): the
+        transports answer them from one table, ``core/failures.py``."""
+        return self._guild(gid).call_nowait(PublishMsg(t, d_json, key))
 
     async def info(self, gid: str, timeout: float = 5.0) -> dict[str, Any]:
         """Head, epoch, subscribers and history bounds of ``gid`` (starts it if needed)."""
@@ -184,7 +194,7 @@ class Hub:
         guilds = m.mailboxes["guild"] = MailboxDepth()
         parts = m.mailboxes["partition"] = MailboxDepth()
         for guild in registry:
-            m.subscriptions += len(guild.where)
+            m.subscriptions += guild.subscribers  # passive ones too
             depth = guild.mailbox_depth
             guilds.total += depth
             guilds.max = max(guilds.max, depth)

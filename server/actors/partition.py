@@ -56,23 +56,33 @@ class Frames:
 
 
 class Add:
-    """Start writing to ``sink`` after writing ``preamble`` (SUBSCRIBED + replay)."""
+    """Start writing to ``sink`` after writing ``preamble`` (SUBSCRIBED + replay);
+    ``since``: the presence version of the snapshot in its preamble."""
 
-    __slots__ = ("preamble", "presence", "sink")
+    __slots__ = ("preamble", "presence", "since", "sink")
 
-    def __init__(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
+    def __init__(
+        self, sink: Sink, preamble: bytes, presence: bool = False, since: int = -1
+    ) -> None:
         self.sink = sink
         self.preamble = preamble
         self.presence = presence
+        self.since = since
 
 
 class PresenceFrame:
-    """A PRESENCE_JOIN/LEAVE dispatch for the sessions that asked for presence."""
+    """A presence dispatch for the sessions that asked for presence: a
+    PRESENCE_JOIN/LEAVE of version ``v`` (written to the sessions whose
+    snapshot is older; None: to all), or, with ``reset``, a PRESENCE_SNAPSHOT
+    at that version replacing every session's (docs/RELIABILITY.md,
+    "Presence snapshot and diffs")."""
 
-    __slots__ = ("frame",)
+    __slots__ = ("frame", "reset", "v")
 
-    def __init__(self, frame: bytes) -> None:
+    def __init__(self, frame: bytes, v: int | None = None, reset: int | None = None) -> None:
         self.frame = frame
+        self.v = v
+        self.reset = reset
 
 
 class Remove:
@@ -98,8 +108,10 @@ class Writer:
     def __init__(self, stats: NodeStats | None = None) -> None:
         self.plain: dict[Sink, None] = {}
         self.filtered: dict[Sink, frozenset[str]] = {}
-        #: Sessions that asked for PRESENCE_JOIN/LEAVE (a subset of the above).
-        self.presence: set[Sink] = set()
+        #: Sessions that asked for presence (a subset of the above), each with
+        #: the version of the presence snapshot it was sent: it gets the
+        #: changes of later versions only.
+        self.presence: dict[Sink, int] = {}
         self.deliveries = 0
         self.bytes_out = 0
         #: The node's counters (``/metrics``): added to once per write.
@@ -108,30 +120,39 @@ class Writer:
     def __len__(self) -> int:
         return len(self.plain) + len(self.filtered)
 
-    def add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
-        self.presence.discard(sink)
+    def add(self, sink: Sink, preamble: bytes, presence: bool = False, since: int = -1) -> None:
+        self.presence.pop(sink, None)
         self.plain.pop(sink, None)
         self.filtered.pop(sink, None)
         if sink.is_closed:
             return
         sink.send(preamble)
         if presence:
-            self.presence.add(sink)
+            self.presence[sink] = since
         if sink.events is None:
             self.plain[sink] = None
         else:
             self.filtered[sink] = sink.events
 
     def remove(self, sink: Sink, farewell: bytes | None) -> None:
-        self.presence.discard(sink)
+        self.presence.pop(sink, None)
         self.plain.pop(sink, None)
         self.filtered.pop(sink, None)
         if farewell is not None:
             sink.send(farewell)
 
-    def send_presence(self, frame: bytes) -> None:
-        for sink in self.presence:
-            sink.send(frame)
+    def send_presence(self, frame: bytes, v: int | None = None, reset: int | None = None) -> None:
+        """A change of version ``v`` to the sessions whose snapshot is older
+        (None: to all); with ``reset``, a snapshot to all, now at that version."""
+        presence = self.presence
+        if reset is not None:
+            for sink in presence:
+                presence[sink] = reset
+                sink.send(frame)
+            return
+        for sink, since in presence.items():
+            if v is None or v > since:
+                sink.send(frame)
 
     def write(
         self,
@@ -226,9 +247,9 @@ class Partition(Actor):
                     runs = []
                     wrote = True
                 if tp is Add:
-                    w.add(item.sink, item.preamble, item.presence)
+                    w.add(item.sink, item.preamble, item.presence, item.since)
                 elif tp is PresenceFrame:
-                    w.send_presence(item.frame)
+                    w.send_presence(item.frame, item.v, item.reset)
                 elif tp is Remove:
                     w.remove(item.sink, item.farewell)
                     if self.on_removed is not None:

@@ -64,6 +64,13 @@ acknowledged), logs at most one line per kind every few seconds, and makes
 the broker unhealthy (``/readyz`` 503, "cannot persist") until a write or
 the syncer's probe succeeds. A failed rewrite removes its temp file; a start
 removes any a crash left.
+
+Idempotency keys (``append_keyed``): looked up in the node's window
+(``guildcast.core.idempotency``) under the guild's lock, written with their
+events (``F`` records, ``guildcast.core.journal``) in the batch's one
+write, added to the window once written; a compaction writes the window out
+(``K`` records) and a load puts the keys of a kept epoch back, so a retry
+after a kill -9 and restart still gets the original ``s``.
 """
 
 from __future__ import annotations
@@ -89,8 +96,10 @@ from guildcast.broker.base import (
     LocalLog,
     Presence,
     PresenceFeed,
+    PresenceSnapshot,
     Record,
     ReportsMetrics,
+    Sweeps,
     spawn,
 )
 from guildcast.broker.history import History
@@ -98,7 +107,16 @@ from guildcast.broker.local import LocalFeed
 from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, GuildLog
 from guildcast.core import journal
 from guildcast.core.histbudget import HistoryBudget
-from guildcast.core.journal import FSYNC_POLICIES, TMP_SUFFIX, Journal, Loaded, event_prefix
+from guildcast.core.idempotency import KeyWindows, Replayed, Seen, settle
+from guildcast.core.journal import (
+    FSYNC_POLICIES,
+    TMP_SUFFIX,
+    Journal,
+    Loaded,
+    event_prefix,
+    key_record,
+    keyed_event_prefix,
+)
 from guildcast.core.marks import Marks
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.ratelog import RateLimitedLog
@@ -181,6 +199,7 @@ class DiskBroker:
         max_cached: int = MAX_CACHED_GUILDS,
         history_guild_bytes: int = HISTORY_GUILD_BYTES,
         history_node_bytes: int = HISTORY_NODE_BYTES,
+        idempotency: KeyWindows | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}")
@@ -191,6 +210,8 @@ class DiskBroker:
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.budget = HistoryBudget(history_guild_bytes, history_node_bytes)
+        #: The idempotency window of every guild (``append_keyed``).
+        self.keys = idempotency if idempotency is not None else KeyWindows()
         self.local = LocalFeed()
         self.directory = Path(directory) / GUILDS_DIR
         self.root = Path(directory)
@@ -400,15 +421,65 @@ class DiskBroker:
         history = History(self.history_size, self.history_ttl, self.budget)
         return _GuildLog(GuildLog(epoch, seq, history), j)
 
+    async def append_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[int | Replayed]]:
+        epoch, _, out = await self._locked_append_keyed(gid, items, keys, True)
+        return epoch, out
+
+    async def append_local_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """``LocalLog``: keyed, the new records back to the appender."""
+        return await self._locked_append_keyed(gid, items, keys, False)
+
+    async def _locked_append_keyed(
+        self,
+        gid: str,
+        items: Sequence[tuple[str, bytes]],
+        keys: Sequence[str | None],
+        feed: bool,
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """Under the guild's lock: look the keys up in the window, write the
+        new events with their keys (``F`` records), answer the rest with
+        the originals (docs/PROTOCOL.md "Idempotent publish")."""
+        lg = await self._get(gid)
+        lg.busy += 1
+        try:
+            async with lg.lock:
+                window = self.keys
+                epoch = lg.log.epoch
+                fresh, replayed, digests = window.resolve(gid, epoch, items, keys, time.time())
+                tags: list[tuple[str, bytes] | None] = []
+                for i in fresh:
+                    key, dg = keys[i], digests[i]
+                    tags.append((key, dg) if key is not None and dg is not None else None)
+                sel = [items[i] for i in fresh]
+                epoch, recs = await self._append(gid, lg, sel, feed, tags)
+                return epoch, recs, settle(fresh, [r.s for r in recs], replayed)
+        finally:
+            lg.busy -= 1
+
     async def _append(
-        self, gid: str, lg: _GuildLog, items: Sequence[tuple[str, bytes]], feed: bool
+        self,
+        gid: str,
+        lg: _GuildLog,
+        items: Sequence[tuple[str, bytes]],
+        feed: bool,
+        tags: Sequence[tuple[str, bytes] | None] | None = None,
     ) -> tuple[str, list[Record]]:
+        """Write ``items`` (with the idempotency key and digest in ``tags``,
+        if any) to the journal, then history, feed, reply."""
         now = time.time()
         glog = lg.log
         recs = glog.next_records(gid, items, now)
         parts: list[bytes] = []
-        for r in recs:
-            parts.append(event_prefix(r.s, r.t, now, r.payload))
+        for i, r in enumerate(recs):
+            tag = tags[i] if tags is not None else None
+            if tag is None:
+                parts.append(event_prefix(r.s, r.t, now, r.payload))
+            else:
+                parts.append(keyed_event_prefix(r.s, r.t, now, tag[0], tag[1], r.payload))
             parts.append(r.payload)
         if not recs:
             return glog.epoch, recs
@@ -440,6 +511,11 @@ class DiskBroker:
         self.bytes_written += sum(len(p) for p in parts)
         glog.commit(recs, now)
         self._enforce_budget()
+        if tags is not None:
+            # Before a compaction below, which writes the window out.
+            for rec, tag in zip(recs, tags, strict=True):
+                if tag is not None:
+                    self.keys.add(gid, tag[0], Seen(rec.s, glog.epoch, tag[1], now))
         if self.fsync == "always":
             try:
                 await asyncio.to_thread(j.sync)
@@ -490,6 +566,12 @@ class DiskBroker:
         m.journal_open_files = len(self._open)
         m.journals_deleted = self.journals_deleted
 
+    def sweep(self) -> int:
+        """``Sweeps``: nothing else to sweep (idle guild logs leave memory by
+        themselves, LRU); expired idempotency keys leave the window."""
+        self.keys.expire(time.time())
+        return 0
+
     async def head(self, gid: str) -> tuple[str, int]:
         glog = (await self._get(gid)).log
         return glog.epoch, glog.seq
@@ -519,6 +601,9 @@ class DiskBroker:
 
     async def presence(self, gid: str) -> list[Presence]:
         return self.local.members(gid)
+
+    async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
+        return self.local.snapshot(gid, limit)
 
     # --- loading and caching ---------------------------------------------------
 
@@ -575,8 +660,19 @@ class DiskBroker:
         self._cache(gid, lg)
         glog.history.count_restored()
         self._enforce_budget()
+        if glog.epoch == loaded.epoch:
+            self._restore_keys(gid, glog, loaded)
         fut.set_result(lg)
         return lg
+
+    def _restore_keys(self, gid: str, lg: GuildLog, loaded: Loaded) -> None:
+        """Put the idempotency keys a journal holds back in the window (a
+        restart keeps answering retries with the originals); keys of an
+        epoch that was not kept are gone with its history."""
+        now = time.time()
+        for k in loaded.keys:
+            if k.s <= lg.seq:
+                self.keys.restore(gid, k.key, Seen(k.s, lg.epoch, k.digest, k.ts), now)
 
     def _load(self, path: Path, gid: str) -> tuple[Loaded, _GuildLog, bool]:
         """Read (and repair) one journal; True if a possible power failure
@@ -676,6 +772,11 @@ class DiskBroker:
         if self.history_size <= 0:
             lg.log.history.clear()
         base, parts, first_ts = self._snapshot(lg)
+        # The window's keys first: they outlive the events a compaction drops.
+        parts[:0] = [
+            key_record(seen.s, seen.ts, key, seen.digest)
+            for key, seen in self.keys.entries(gid, lg.log.epoch, now)
+        ]
         j.close()  # on the loop, the only user of the append descriptor
         self._open.pop(gid, None)
         try:
@@ -792,6 +893,7 @@ class DiskBroker:
             except OSError:
                 continue
             deleted += 1
+            self.keys.forget(gid)
             with contextlib.suppress(OSError):
                 self.marks.forget(gid)
         self.journals_deleted += deleted
@@ -873,6 +975,7 @@ def _conforms() -> None:
     _local: type[LocalLog] = DiskBroker
     _health: type[ExplainsHealth] = DiskBroker
     _report: type[ReportsMetrics] = DiskBroker
+    _sweeps: type[Sweeps] = DiskBroker
 
 
 def _boot_id() -> str | None:

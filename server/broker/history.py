@@ -68,7 +68,7 @@ class History:
         recs = self.records
         if not recs:
             return []
-        start = max(0, after + 1 - recs[0].s)
+        start = min(len(recs), max(0, after + 1 - recs[0].s))  # after may be near 2**63
         return list(islice(recs, start, start + limit))
 
     def first(self, now: float) -> int | None:

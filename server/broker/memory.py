@@ -12,10 +12,15 @@ count and age per guild and by bytes per guild and per node
 (``guildcast.core.histbudget``: the oldest events leave first), so memory
 is bounded by those limits plus one small log per guild in use.
 
+Idempotency keys (``append_keyed``): the node's window of keys
+(``guildcast.core.idempotency``), consulted and updated in the same
+synchronous step that assigns ``s``, so two publishes with one key never
+both sequence.
+
 Parts: a :class:`GuildLog` per guild (epoch, last ``s``, the history ring of
 ``broker/history.py``), which the disk broker composes with a journal, and
 a :class:`~guildcast.broker.local.LocalFeed` (listeners, feed, presence),
-which the disk broker holds too.
+which the disk broker holds too (with the presence versions).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from guildcast.broker.base import (
     LocalLog,
     Presence,
     PresenceFeed,
+    PresenceSnapshot,
     Record,
     ReportsMetrics,
     Sweeps,
@@ -38,6 +44,7 @@ from guildcast.broker.base import (
 from guildcast.broker.history import History
 from guildcast.broker.local import LocalFeed
 from guildcast.core.histbudget import HistoryBudget
+from guildcast.core.idempotency import KeyWindows, Replayed, Seen, settle
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.protocol import wire
 
@@ -91,11 +98,14 @@ class MemoryBroker:
         node_id: str = "local",
         history_guild_bytes: int = HISTORY_GUILD_BYTES,
         history_node_bytes: int = HISTORY_NODE_BYTES,
+        idempotency: KeyWindows | None = None,
     ) -> None:
         self.node_id = node_id
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.budget = HistoryBudget(history_guild_bytes, history_node_bytes)
+        #: The idempotency window of every guild (``append_keyed``).
+        self.keys = idempotency if idempotency is not None else KeyWindows()
         self._logs: dict[str, GuildLog] = {}
         self.local = LocalFeed()
 
@@ -120,6 +130,9 @@ class MemoryBroker:
 
     async def presence(self, gid: str) -> list[Presence]:
         return self.local.members(gid)
+
+    async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
+        return self.local.snapshot(gid, limit)
 
     def _log(self, gid: str) -> GuildLog:
         log = self._logs.get(gid)
@@ -149,6 +162,30 @@ class MemoryBroker:
         epoch, recs = self._sequence(gid, items)
         self.local.records(gid, recs)
         return epoch, [r.s for r in recs]
+
+    def _sequence_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """Sequence the items the window does not already hold, remember their keys."""
+        now = time.time()
+        fresh, replayed, digests = self.keys.resolve(gid, self._log(gid).epoch, items, keys, now)
+        epoch, recs = self._sequence(gid, [items[i] for i in fresh])
+        remember(self.keys, gid, epoch, fresh, recs, keys, digests, now)
+        return epoch, recs, settle(fresh, [r.s for r in recs], replayed)
+
+    async def append_local_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """``LocalLog``: keyed, the new records back to the appender."""
+        return self._sequence_keyed(gid, items, keys)
+
+    async def append_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[int | Replayed]]:
+        epoch, recs, out = self._sequence_keyed(gid, items, keys)
+        if recs:
+            self.local.records(gid, recs)
+        return epoch, out
 
     async def head(self, gid: str) -> tuple[str, int]:
         log = self._log(gid)
@@ -182,7 +219,29 @@ class MemoryBroker:
                 gone.append(gid)
         for gid in gone:
             del self._logs[gid]
+            self.keys.forget(gid)  # its next use is a new epoch: the window goes too
+        self.keys.expire(now)
         return len(gone)
+
+
+def remember(
+    window: KeyWindows,
+    gid: str,
+    epoch: str,
+    fresh: list[int],
+    recs: Sequence[Record],
+    keys: Sequence[str | None],
+    digests: Sequence[bytes | None],
+    now: float,
+) -> None:
+    """Add the keys of the items that were just sequenced (``fresh[i]`` got
+    ``recs[i]``) to ``gid``'s window."""
+    for i, rec in zip(fresh, recs, strict=True):
+        key = keys[i]
+        if key is not None:
+            dg = digests[i]
+            assert dg is not None
+            window.add(gid, key, Seen(rec.s, epoch, dg, now))
 
 
 def _conforms() -> None:

@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from guildcast.protocol.codes import Close, Err
 
@@ -50,6 +50,9 @@ class Kind(Enum):
     #: A publish reached the sequencer but its answer did not come back: it may
     #: or may not have been sequenced (``OutcomeUnknown``; HTTP's publish timeout).
     OUTCOME_UNKNOWN = "outcome_unknown"
+    #: The publish's idempotency key is in the guild's window for an event of
+    #: other content (``KeyConflict``): refused, not sequenced.
+    KEY_CONFLICT = "key_conflict"
     #: The publish's future was cancelled before it was sequenced.
     CANCELLED = "cancelled"
     #: The request itself is wrong (a ``ValueError`` from the edge's checks).
@@ -62,6 +65,10 @@ class Failure(Exception):
     """A runtime failure the protocol has an answer for; ``kind`` names its row."""
 
     kind: ClassVar[Kind] = Kind.OVERLOADED
+
+    def fields(self) -> dict[str, Any]:
+        """Fields the HTTP answer's body carries besides ``error`` and ``detail``."""
+        return {}
 
 
 class Overloaded(Failure):
@@ -77,6 +84,23 @@ class OutcomeUnknown(Failure):
     (PROTOCOL.md "Publishing")."""
 
     kind = Kind.OUTCOME_UNKNOWN
+
+
+class KeyConflict(Failure):
+    """A publish's idempotency key is in the guild's window for an event of
+    other content (``t`` or ``d``): refused, not sequenced. ERROR 4409 on
+    the gateway, HTTP 409 ``idempotency_conflict`` with the original's ``s``
+    and ``epoch`` (PROTOCOL.md "Idempotent publish")."""
+
+    kind = Kind.KEY_CONFLICT
+
+    def __init__(self, s: int, epoch: str) -> None:
+        super().__init__(f"idempotency key already used for another event (s={s}, epoch {epoch})")
+        self.s = s
+        self.epoch = epoch
+
+    def fields(self) -> dict[str, Any]:
+        return {"s": self.s, "epoch": self.epoch}
 
 
 #: ``outcome`` of an HTTP batch entry: the event was not sequenced.
@@ -125,6 +149,14 @@ ANSWERS: Mapping[Kind, Answer] = {
     Kind.BROKER_UNAVAILABLE: _retry_later(Kind.BROKER_UNAVAILABLE),
     Kind.OUTCOME_UNKNOWN: Answer(
         Kind.OUTCOME_UNKNOWN, Err.OUTCOME_UNKNOWN, 504, "outcome_unknown", UNKNOWN, None
+    ),
+    Kind.KEY_CONFLICT: Answer(
+        Kind.KEY_CONFLICT,
+        Err.IDEMPOTENCY_CONFLICT,
+        409,
+        "idempotency_conflict",
+        NOT_PUBLISHED,
+        None,
     ),
     Kind.CANCELLED: _retry_later(Kind.CANCELLED),
     Kind.INVALID: Answer(Kind.INVALID, Close.DECODE_ERROR, 400, "bad_shape", NOT_PUBLISHED, None),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from guildcast.core.failures import Failure as Failure
+from guildcast.core.failures import KeyConflict as KeyConflict
 from guildcast.core.failures import OutcomeUnknown as OutcomeUnknown
 from guildcast.core.failures import Overloaded as Overloaded
 from guildcast.core.metrics import MetricsSnapshot
@@ -36,20 +37,34 @@ class Subscriber(Sink, Member, Protocol):
 
 
 class GatewayHost(Protocol):
-    def subscribe(self, sub: Subscriber, gid: str, position: tuple[str, int] | None) -> None:
-        """Join ``gid``; the guild answers SUBSCRIBED (and any replay) through ``sub``."""
+    def subscribe(
+        self,
+        sub: Subscriber,
+        gid: str,
+        position: tuple[str, int] | None,
+        rewind: int | None = None,
+        passive: bool = False,
+    ) -> None:
+        """Join ``gid``; the guild answers SUBSCRIBED (and any replay) through
+        ``sub``: after ``position``, or (1.1) the last ``rewind`` events.
+        ``passive``: notices only (PROTOCOL.md "Passive subscriptions");
+        subscribing again switches the mode."""
 
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         """Leave ``gid``; the guild answers UNSUBSCRIBED through ``sub`` after its last event."""
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         """Sequence an event; the future gives ``(s, epoch)``.
 
         The edge has validated it: ``gid`` and ``t`` are valid and not
         reserved, ``d_json`` is ``d`` encoded once (``wire.encode``); its
-        bytes reach the broker as they are. Raises a runtime
-        :class:`Failure` (``core/failures.py``) at once when the guild cannot
-        take it; the future fails with one.
+        bytes reach the broker as they are; ``key`` is a valid idempotency
+        key or None. Raises a runtime :class:`Failure` (``core/failures.py``)
+        at once when the guild cannot take it; the future fails with one. A
+        key already in the guild's window gives the original ``(s, epoch)``,
+        or fails with :class:`KeyConflict`.
         """
 
 
@@ -76,12 +91,16 @@ class ApiHost(Protocol):
     row of the failure table says. Anything else is a bug.
     """
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         """Queue an event for sequencing; the future gives ``(s, epoch)`` once it
-        is sequenced (and stored, with a durable broker).
+        is sequenced (and stored, with a durable broker), or the original's
+        for an idempotency ``key`` already in the guild's window.
 
-        Validated by the HTTP API (ids, names, ``d`` encoded once: ``d_json``).
-        Raises a :class:`Failure` at once; the future fails with one.
+        Validated by the HTTP API (ids, names, keys, ``d`` encoded once: ``d_json``).
+        Raises a :class:`Failure` at once; the future fails with one
+        (:class:`KeyConflict` for a key used for another event).
         Calls made one after another are sequenced in that order per guild.
         """
 

@@ -78,12 +78,18 @@ class NodeStats:
         "journal_fsyncs",
         "journal_repairs",
         "latency",
+        "publish_conflicts",
+        "publish_replays",
         "published",
     )
 
     def __init__(self) -> None:
         #: Events sequenced by this node's guilds.
         self.published = 0
+        #: Keyed publishes answered from the idempotency window (a retry:
+        #: not sequenced again), and those refused as a conflict (4409/409).
+        self.publish_replays = 0
+        self.publish_conflicts = 0
         #: Events written to sessions (one per event per recipient).
         self.deliveries = 0
         #: Bytes of event frames written to sessions by partitions.
@@ -99,6 +105,8 @@ class NodeStats:
     def report_metrics(self, m: MetricsSnapshot) -> None:
         """``ReportsMetrics``: the actors' counters and the latency histogram."""
         m.published = self.published
+        m.publish_replays = self.publish_replays
+        m.publish_conflicts = self.publish_conflicts
         m.deliveries = self.deliveries
         m.bytes_out = self.bytes_out
         m.latency_buckets = self.latency.cumulative()
@@ -132,6 +140,8 @@ class MetricsSnapshot:
     #: False while the broker (Redis) is unreachable.
     broker_up: bool = True
     published: int = 0
+    publish_replays: int = 0
+    publish_conflicts: int = 0
     deliveries: int = 0
     bytes_out: int = 0
     journal_bytes: int = 0

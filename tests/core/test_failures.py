@@ -14,7 +14,7 @@ from guildcast.actors.registry import RegistryFull
 from guildcast.broker.base import BrokerUnavailable
 from guildcast.broker.base import OutcomeUnknown as BrokerOutcomeUnknown
 from guildcast.core import failures
-from guildcast.core.failures import Kind, OutcomeUnknown, Overloaded
+from guildcast.core.failures import KeyConflict, Kind, OutcomeUnknown, Overloaded
 
 RETRY = (1013, 503, "unavailable", "not_published", {"Retry-After": "1"})
 UNKNOWN = (4504, 504, "outcome_unknown", "unknown", None)
@@ -28,6 +28,11 @@ ROWS: list[tuple[BaseException, Kind, tuple[object, ...]]] = [
     (BrokerUnavailable("redis is unreachable"), Kind.BROKER_UNAVAILABLE, RETRY),
     (BrokerOutcomeUnknown("redis: no answer"), Kind.OUTCOME_UNKNOWN, UNKNOWN),
     (OutcomeUnknown("no answer"), Kind.OUTCOME_UNKNOWN, UNKNOWN),
+    (
+        KeyConflict(7, "e1"),
+        Kind.KEY_CONFLICT,
+        (4409, 409, "idempotency_conflict", "not_published", None),
+    ),
     (asyncio.CancelledError(), Kind.CANCELLED, RETRY),
     (ValueError("invalid guild id"), Kind.INVALID, (4002, 400, "bad_shape", "not_published", None)),
     (RuntimeError("a bug"), Kind.UNEXPECTED, (1013, 500, "internal_error", "not_published", None)),
@@ -70,3 +75,14 @@ def test_busy_failures_are_overloaded_for_embedders() -> None:
     assert isinstance(MailboxFull("g"), Overloaded)
     assert isinstance(RegistryFull("n"), Overloaded)
     assert isinstance(CallTimeout("g"), TimeoutError)
+
+
+def test_a_key_conflict_carries_the_original() -> None:
+    """PROTOCOL.md "Idempotent publish": a 409 names the original's s and epoch;
+    the host's KeyConflict is the table's."""
+    from guildcast.core import host
+
+    exc = KeyConflict(7, "e1")
+    assert exc.fields() == {"s": 7, "epoch": "e1"}
+    assert Overloaded("busy").fields() == {}
+    assert host.KeyConflict is KeyConflict
