@@ -34,13 +34,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guildcast.config import Config
 from guildcast.core import gcpolicy
+
+if TYPE_CHECKING:
+    from guildcast.node import Server
 
 log = logging.getLogger("guildcast")
 
@@ -295,12 +298,15 @@ DEMO_TOKEN_TTL = 24 * 3600
 PARENT_CHECK_INTERVAL = 1.0
 
 
-def _die_with_supervisor(stop: asyncio.Event) -> asyncio.Task[None] | None:
+def _die_with_supervisor(
+    stop: Callable[[], None], tg: asyncio.TaskGroup
+) -> asyncio.Task[None] | None:
     """In a ``--workers`` worker: stop when the supervisor dies, even by
     SIGKILL (it cannot forward anything then). The kernel sends SIGTERM on
     the parent's death (Linux ``PR_SET_PDEATHSIG``: a graceful drain); a
-    watcher task also polls the parent pid, for other systems and for a
-    parent that died before the signal was armed. Returns the watcher."""
+    watcher task in ``tg`` also polls the parent pid, for other systems and
+    for a parent that died before the signal was armed. Returns the watcher
+    (its owner cancels it when the node has stopped)."""
     raw = os.environ.get("GUILDCAST_SUPERVISOR_PID")
     if not raw:
         return None
@@ -319,34 +325,60 @@ def _die_with_supervisor(stop: asyncio.Event) -> asyncio.Task[None] | None:
         while os.getppid() == supervisor:  # noqa: ASYNC110 - a pid has no event to wait on
             await asyncio.sleep(PARENT_CHECK_INTERVAL)
         log.warning("the --workers supervisor is gone; stopping")
-        stop.set()
+        stop()
 
-    return asyncio.get_running_loop().create_task(watch(), name="supervisor-watch")
+    return tg.create_task(watch(), name="supervisor-watch")
 
 
 async def _serve(cfg: Config, notes: list[str], print_token: bool) -> int:
-    from guildcast.broker.base import BrokerUnavailable
-    from guildcast.node import Server
+    """Run a node until SIGTERM/SIGINT (or the supervisor's death). Its one
+    extra task, the supervisor watcher, is owned by a TaskGroup; a signal
+    that comes while the node is still starting (waiting for Redis may take
+    long) cancels ``Server.start``, which unwinds what it started."""
+    from guildcast import node
 
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
     stop = asyncio.Event()
+    starting = True
+
+    def on_stop() -> None:
+        stop.set()
+        if starting and main is not None:
+            main.cancel()  # interrupts Server.start (below), nothing later
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    watcher = _die_with_supervisor(stop)
-    srv = Server(cfg)
-    # Started as a task: waiting for Redis may take long, and a signal must
-    # still stop it (``Server.start`` cleans up when cancelled).
-    starting = loop.create_task(srv.start(), name="node-start")
-    stopped = loop.create_task(stop.wait(), name="stop-signal")
-    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        starting.cancel()
-        await asyncio.gather(starting, return_exceptions=True)
-        print("guildcast: stopped before starting", flush=True)
-        return 0
-    stopped.cancel()
+        loop.add_signal_handler(sig, on_stop)
+    srv = node.Server(cfg)
+    async with asyncio.TaskGroup() as tg:
+        watcher = _die_with_supervisor(on_stop, tg)
+        try:
+            try:
+                status = await _start(srv)
+            except asyncio.CancelledError:
+                if not stop.is_set() or main is None:
+                    raise
+                main.uncancel()  # our own cancel, from on_stop
+                print("guildcast: stopped before starting", flush=True)
+                return 0
+            finally:
+                starting = False
+            if status is not None:
+                return status
+            await _run(srv, stop, notes, print_token)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+    print("guildcast: stopped", flush=True)
+    return 0
+
+
+async def _start(srv: Server) -> int | None:
+    """Start ``srv``; the exit status of a start that failed, else None."""
+    from guildcast.broker.base import BrokerUnavailable
+
     try:
-        starting.result()
+        await srv.start()
     except OSError as e:
         listening = e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
         return _fail(f"cannot listen: {e}" if listening else str(e), 1)
@@ -355,6 +387,11 @@ async def _serve(cfg: Config, notes: list[str], print_token: bool) -> int:
     except BrokerUnavailable as e:  # a data dir that cannot be used
         return _fail(str(e), 1)
     gcpolicy.tune()  # the node's structures exist now: frozen, never walked again
+    return None
+
+
+async def _run(srv: Server, stop: asyncio.Event, notes: list[str], print_token: bool) -> None:
+    """Say where the node listens, wait for the stop signal, stop it."""
     try:
         print(f"guildcast: gateway on {srv.url}", flush=True)
         if srv.api is not None:
@@ -374,11 +411,7 @@ async def _serve(cfg: Config, notes: list[str], print_token: bool) -> int:
         await stop.wait()
         print("guildcast: draining", flush=True)
     finally:
-        if watcher is not None:
-            watcher.cancel()
         await srv.stop()
-    print("guildcast: stopped", flush=True)
-    return 0
 
 
 def _fail(message: str, status: int = 2) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import secrets
@@ -27,12 +26,10 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from guildcast.actors.actor import ActorExited, CallTimeout, MailboxFull
 from guildcast.actors.feed import FeedRouter
 from guildcast.actors.groups import Groups
 from guildcast.actors.guild import Guild, GuildSettings
 from guildcast.actors.hub import Hub, check_publish
-from guildcast.actors.partition import Partition
 from guildcast.actors.passive import PassiveBoard
 from guildcast.actors.registry import Registry
 from guildcast.broker.base import (
@@ -45,13 +42,13 @@ from guildcast.broker.base import (
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
 from guildcast.config import Config
-from guildcast.core import fdwatch
-from guildcast.core.host import HistoryPage, OutcomeUnknown, Overloaded
+from guildcast.core.failures import Overloaded
+from guildcast.core.host import HistoryPage
 from guildcast.core.idempotency import KeyWindows
 from guildcast.core.journal import FSYNC_POLICIES
-from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
+from guildcast.core.metrics import MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
-from guildcast.protocol.session import Limits, State
+from guildcast.protocol.session import Limits
 from guildcast.protocol.wire import IDEMPOTENCY_KEY_RULE, valid_guild, valid_idempotency_key
 from guildcast.transport.drain import PEER_DRAIN_SPREAD
 from guildcast.transport.gateway import Gateway, GatewayLimits
@@ -386,9 +383,11 @@ class Server:
         With ``idempotency_key``, a publish repeating a key of the guild's
         window returns the original's ``s`` (PROTOCOL.md "Idempotent publish").
         Raises ValueError for a bad guild id, event name, key or non-JSON
-        ``d``, :class:`guildcast.core.host.Overloaded` when the guild is
-        busy, and :class:`guildcast.core.host.KeyConflict` for a key used
-        by another event.
+        ``d``, :class:`guildcast.core.failures.Overloaded` when the guild is
+        busy (``MailboxFull``) or too many guilds are alive (``RegistryFull``),
+        :class:`guildcast.core.failures.KeyConflict` for a key used by another
+        event, and another runtime ``Failure`` (``BrokerUnavailable``,
+        ``OutcomeUnknown``, ``ActorExited``) as ``core/failures.py`` lists them.
         """
         s, _epoch = await self.publish_ex(gid, t, d, idempotency_key=idempotency_key)
         return s
@@ -405,15 +404,13 @@ class Server:
         """``(epoch, s)`` of guild ``gid``'s last event (``s`` is 0 if none):
         the Position a client subscribes with to get every event after it.
 
-        Raises ValueError for a bad guild id and
-        :class:`guildcast.core.host.Overloaded` when the guild cannot answer now.
+        Raises ValueError for a bad guild id and a runtime
+        :class:`guildcast.core.failures.Failure` (``CallTimeout``,
+        ``MailboxFull``, ...) when the guild cannot answer now.
         """
         if not valid_guild(gid):
             raise ValueError(f"invalid guild id {gid!r}")
-        try:
-            info = await self.hub.info(gid)
-        except _RETRY_LATER as e:
-            raise Overloaded(f"guild {gid}: {e!r}") from None
+        info = await self.hub.info(gid)
         return str(info["epoch"]), int(info["s"])
 
     def token(
@@ -473,66 +470,26 @@ class Server:
         return ""
 
     def metrics(self) -> MetricsSnapshot:
-        """Everything ``/metrics`` exports, read now (O(connections + guilds))."""
+        """Everything ``/metrics`` exports, read now: each layer fills its own
+        fields (``ReportsMetrics``: the gateway, the hub for the guild
+        actors, the actors' counters, the broker); the node adds readiness."""
         if not self._gateway_up:  # the API runs while waiting for Redis
             return MetricsSnapshot(ready=False, broker_up=False)
-        gw = self.gateway
-        st = self.stats_counters
-        m = MetricsSnapshot(
-            connections=len(gw.connections),
-            connections_pending=len(gw.pending),
-            connections_accepted=gw.accepted,
-            connections_refused=gw.refused,
-            slow_consumers=gw.slow_consumers,
-            close_codes=dict(gw.close_codes),
-            ready=self.ready,
-            broker_up=self.broker.healthy,
-            guilds_alive=len(self.registry),
-            guilds_started=self.registry.started,
-            published=st.published,
-            publish_replays=st.publish_replays,
-            publish_conflicts=st.publish_conflicts,
-            deliveries=st.deliveries,
-            bytes_out=st.bytes_out,
-            latency_buckets=st.latency.cumulative(),
-            latency_sum=st.latency.total,
-            latency_count=st.latency.count,
-        )
-        for conn in gw.connections:
-            session = conn.session
-            if session is not None and session.state is State.READY:
-                m.sessions_identified += 1
-        guilds = m.mailboxes["guild"] = MailboxDepth()
-        parts = m.mailboxes["partition"] = MailboxDepth()
-        for guild in self.registry:
-            m.subscriptions += guild.subscribers
-            depth = guild.mailbox_depth
-            guilds.total += depth
-            guilds.max = max(guilds.max, depth)
-            for p in guild.partitions:
-                if type(p) is not Partition:
-                    continue  # the guild's own writer has no mailbox
-                depth = p.mailbox_depth
-                parts.total += depth
-                parts.max = max(parts.max, depth)
-        broker = self.broker
-        if isinstance(broker, ReportsMetrics):
-            broker.report_metrics(m)
-        m.guilds_evicted = self.registry.evicted
-        m.user_guilds_refused = self.hub.share_refused
-        m.user_publish_refused = gw.user_rates.refused
-        m.descriptors_exhausted = gw.descriptors.exhausted
-        m.open_descriptors = fdwatch.open_descriptors()
-        m.descriptor_limit = fdwatch.soft_limit()
+        m = MetricsSnapshot(ready=self.ready, broker_up=self.broker.healthy)
+        parts: tuple[object, ...] = (self.gateway, self.hub, self.stats_counters, self.broker)
+        for part in parts:
+            if isinstance(part, ReportsMetrics):
+                part.report_metrics(m)
         return m
 
 
 class NodeApi:
     """The HTTP API's way into a node (implements ``guildcast.core.host.ApiHost``).
 
-    It turns the actors' and brokers' "try later" errors (full mailbox, actor
-    gone, call timeout, broker unavailable) into :class:`Overloaded`, so the
-    transport needs to know only the core's exceptions.
+    The actors' and brokers' failures (full mailbox, actor gone, call
+    timeout, broker unavailable, outcome unknown) pass through as they are:
+    each is a ``core.failures.Failure`` and the transport answers it from
+    the one table there.
     """
 
     def __init__(self, srv: Server) -> None:
@@ -541,13 +498,9 @@ class NodeApi:
     def publish(
         self, gid: str, t: str, d_json: bytes, key: str | None = None
     ) -> asyncio.Future[tuple[int, str]]:
-        outer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         if not self._srv._gateway_up:
-            outer.set_exception(Overloaded(self._srv.not_ready_reason))
-            return outer
-        inner = self._srv.hub.publish(gid, t, d_json, key)
-        inner.add_done_callback(functools.partial(_relay, outer))
-        return outer
+            raise Overloaded(self._srv.not_ready_reason)
+        return self._srv.hub.publish(gid, t, d_json, key)
 
     def _broker(self) -> Broker:
         if not self._srv._gateway_up:
@@ -561,21 +514,18 @@ class NodeApi:
         ``max_guilds`` slot or live for ``idle_timeout``."""
         cfg = self._srv.config
         broker = self._broker()
-        try:
-            if self._srv.registry.lookup(gid) is not None:
-                info = await self._srv.hub.info(gid)
-            else:
-                epoch, head = await broker.head(gid)
-                first = await broker.first(gid)
-                info = {
-                    "guild": gid,
-                    "epoch": epoch,
-                    "s": head,
-                    "subscribers": 0,
-                    "history": {"first": first, "last": head if first is not None else None},
-                }
-        except _RETRY_LATER as e:
-            raise Overloaded(f"guild {gid}: {e!r}") from None
+        if self._srv.registry.lookup(gid) is not None:
+            info = await self._srv.hub.info(gid)
+        else:
+            epoch, head = await broker.head(gid)
+            first = await broker.first(gid)
+            info = {
+                "guild": gid,
+                "epoch": epoch,
+                "s": head,
+                "subscribers": 0,
+                "history": {"first": first, "last": head if first is not None else None},
+            }
         info["history"] = {
             **info["history"],
             "max_count": cfg.history_size,
@@ -587,15 +537,12 @@ class NodeApi:
         """Stored events after ``after``; like :meth:`info`, a guild not alive
         here is read from the broker without starting its actor."""
         broker = self._broker()
-        try:
-            if self._srv.registry.lookup(gid) is not None:
-                return await self._srv.hub.history_page(gid, after, limit)
-            # Records first: the head read after them is at or past their last s.
-            epoch2, records = await broker.read(gid, after, limit)
-            epoch, head = await broker.head(gid)
-            first = await broker.first(gid)
-        except _RETRY_LATER as e:
-            raise Overloaded(f"guild {gid}: {e!r}") from None
+        if self._srv.registry.lookup(gid) is not None:
+            return await self._srv.hub.history_page(gid, after, limit)
+        # Records first: the head read after them is at or past their last s.
+        epoch2, records = await broker.read(gid, after, limit)
+        epoch, head = await broker.head(gid)
+        first = await broker.first(gid)
         if epoch2 != epoch:  # the history restarted between the reads
             raise Overloaded(f"guild {gid}: its history changed; try again")
         return HistoryPage(gid, epoch, head, first, [r.payload for r in records])
@@ -607,34 +554,8 @@ class NodeApi:
         return self._srv.not_ready_reason
 
     async def presence(self, gid: str) -> list[dict[str, str]]:
-        broker = self._broker()
-        try:
-            members = await broker.presence(gid)
-        except BrokerUnavailable as e:
-            raise Overloaded(str(e)) from None
+        members = await self._broker().presence(gid)
         return [m.as_dict() for m in members]
 
     def metrics(self) -> MetricsSnapshot:
         return self._srv.metrics()
-
-
-#: Failures a caller should retry later (HTTP 503).
-_RETRY_LATER = (MailboxFull, ActorExited, CallTimeout, BrokerUnavailable)
-
-
-def _relay(outer: asyncio.Future[tuple[int, str]], inner: asyncio.Future[tuple[int, str]]) -> None:
-    """Copy ``inner``'s outcome to ``outer``, retry-later errors as Overloaded."""
-    if inner.cancelled():
-        outer.cancel()
-        return
-    exc = inner.exception()
-    if outer.done():
-        return
-    if exc is None:
-        outer.set_result(inner.result())
-    elif isinstance(exc, OutcomeUnknown):
-        outer.set_exception(exc)  # maybe sequenced: not a "retry later"
-    elif isinstance(exc, _RETRY_LATER):
-        outer.set_exception(Overloaded(str(exc) or type(exc).__name__))
-    else:
-        outer.set_exception(exc)

@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from guildcast.core.failures import Failure, Kind, Overloaded
+
 log = logging.getLogger("guildcast.actors")
 
 #: Default mailbox bound: a burst this long is absorbed; past it senders are
@@ -34,16 +36,22 @@ log = logging.getLogger("guildcast.actors")
 DEFAULT_MAILBOX_BOUND = 10_000
 
 
-class MailboxFull(Exception):
+class MailboxFull(Overloaded):
     """The actor's mailbox is at its bound; try again later."""
 
+    kind = Kind.MAILBOX_FULL
 
-class ActorExited(Exception):
+
+class ActorExited(Failure):
     """The actor has exited, or exited before answering a call."""
 
+    kind = Kind.ACTOR_EXITED
 
-class CallTimeout(TimeoutError):
+
+class CallTimeout(TimeoutError, Failure):
     """No reply within the call's timeout."""
+
+    kind = Kind.CALL_TIMEOUT
 
 
 class _Call:
@@ -196,7 +204,7 @@ class Actor:
         if self._exited:
             return
         if len(self._mailbox) >= self.mailbox_bound:
-            raise MailboxFull(self.name)
+            raise MailboxFull(f"{self.name}: mailbox full ({self.mailbox_bound} queued)")
         self._mailbox.append(msg)
         w = self._waiter
         if w is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from guildcast.actors.actor import ActorExited, MailboxFull
+from guildcast.actors.actor import CallTimeout
 from guildcast.actors.groups import Groups
 from guildcast.actors.guild import (
     Guild,
@@ -30,9 +30,12 @@ from guildcast.actors.guild import (
     Subscribe,
     Unsubscribe,
 )
-from guildcast.actors.registry import Registry, RegistryFull
+from guildcast.actors.partition import Partition
+from guildcast.actors.registry import Registry
 from guildcast.broker.base import Presence, Record
-from guildcast.core.host import HistoryPage, Overloaded, Subscriber
+from guildcast.core.failures import Failure, Overloaded
+from guildcast.core.host import HistoryPage, Subscriber
+from guildcast.core.metrics import MailboxDepth, MetricsSnapshot
 from guildcast.protocol import wire
 from guildcast.protocol.codes import RESERVED_EVENTS
 
@@ -109,13 +112,11 @@ class Hub:
     ) -> asyncio.Future[tuple[int, str]]:
         """Sequence ``t``/``d_json`` in ``gid``, validated at the edge (the
         session, the HTTP API, ``Server.publish``: ``check_publish``), with
-        an idempotency ``key`` or None; raises :class:`Overloaded` if the
-        guild's mailbox is full."""
-        guild = self._guild(gid)
-        try:
-            return guild.call_nowait(PublishMsg(t, d_json, key))
-        except (MailboxFull, ActorExited):
-            raise Overloaded(f"guild {gid} is busy") from None
+        an idempotency ``key`` or None. Raises the runtime's failures as they
+        are (``MailboxFull``, ``RegistryFull``, ``ActorExited``; the future:
+        ``BrokerUnavailable``, ``OutcomeUnknown``, ``KeyConflict``): the
+        transports answer them from one table, ``core/failures.py``."""
+        return self._guild(gid).call_nowait(PublishMsg(t, d_json, key))
 
     async def info(self, gid: str, timeout: float = 5.0) -> dict[str, Any]:
         """Head, epoch, subscribers and history bounds of ``gid`` (starts it if needed)."""
@@ -137,21 +138,22 @@ class Hub:
         """Stored events with ``s > after`` (at most ``limit``) with the head and
         history bounds read in the same guild step (``GET .../history``).
 
-        Raises :class:`Overloaded` if the guild cannot answer now.
+        Raises a runtime :class:`Failure` if the guild cannot answer now.
         """
         guild = self._guild(gid)
+        # Queued back to back: the guild answers both before anything else.
+        info_f = guild.call_nowait(InfoMsg())
         try:
-            # Queued back to back: the guild answers both before anything else.
-            info_f = guild.call_nowait(InfoMsg())
             page_f = guild.call_nowait(HistoryMsg(after, limit))
-        except (MailboxFull, ActorExited):
-            raise Overloaded(f"guild {gid} is busy") from None
+        except Failure:
+            info_f.cancel()
+            raise
         try:
             async with asyncio.timeout(timeout):
                 info = await info_f
                 epoch, records = await page_f
-        except (TimeoutError, ActorExited) as e:
-            raise Overloaded(f"guild {gid} did not answer: {e!r}") from None
+        except TimeoutError:
+            raise CallTimeout(f"guild {gid}: no answer within {timeout} s") from None
         finally:
             for f in (info_f, page_f):  # nothing left pending or unretrieved
                 if not f.done():
@@ -180,12 +182,34 @@ class Hub:
 
         guild.add_exit_hook(release)
 
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: the guild actors (alive, started, evicted,
+        subscriptions, guild and partition mailboxes) and the per-user share
+        (O(guilds + partitions): scrape time only)."""
+        registry = self.registry
+        m.guilds_alive = len(registry)
+        m.guilds_started = registry.started
+        m.guilds_evicted = registry.evicted
+        m.user_guilds_refused = self.share_refused
+        guilds = m.mailboxes["guild"] = MailboxDepth()
+        parts = m.mailboxes["partition"] = MailboxDepth()
+        for guild in registry:
+            m.subscriptions += guild.subscribers  # passive ones too
+            depth = guild.mailbox_depth
+            guilds.total += depth
+            guilds.max = max(guilds.max, depth)
+            for p in guild.partitions:
+                if type(p) is not Partition:
+                    continue  # the guild's own writer has no mailbox
+                depth = p.mailbox_depth
+                parts.total += depth
+                parts.max = max(parts.max, depth)
+
     def owned(self, user: str) -> int:
         """Guilds charged to ``user`` now."""
         return self._owned.get(user, 0)
 
     def _guild(self, gid: str) -> Guild:
-        try:
-            return self.registry.lookup_or_start(gid)
-        except RegistryFull:
-            raise Overloaded("too many guilds alive") from None
+        """The guild actor of ``gid``, started if needed; raises
+        ``RegistryFull`` (an :class:`Overloaded`) past ``max_guilds``."""
+        return self.registry.lookup_or_start(gid)

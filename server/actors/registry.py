@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Generic, TypeVar
 
 from guildcast.actors.actor import Actor, ActorExited
+from guildcast.core.failures import Kind, Overloaded
 
 A = TypeVar("A", bound=Actor)
 
@@ -120,7 +121,9 @@ class Registry(Generic[A]):
             return self._succeed(actor)
         if self.max_actors is not None and len(self._actors) >= self.max_actors:
             if not self._evict_one():
-                raise RegistryFull(f"{len(self._actors)} actors alive")
+                raise RegistryFull(
+                    f"{len(self._actors)} actors alive: the most this registry holds"
+                )
         evicted = self._exiting.get(name)
         if evicted is not None:
             return self._succeed(evicted)
@@ -207,5 +210,7 @@ class Registry(Generic[A]):
                 await a.wait()
 
 
-class RegistryFull(Exception):
+class RegistryFull(Overloaded):
     """``max_actors`` are alive already."""
+
+    kind = Kind.REGISTRY_FULL

@@ -17,8 +17,12 @@ as the continuation of its own. A broker that cannot bridge a feed outage
 tells each listener :data:`FEED_LOST`: the listener must stop serving from
 that feed (the guild actor closes its sessions with 4000).
 
-Implementations: ``guildcast.broker.redis.RedisBroker`` (cluster). The shared
-test suite in ``tests/broker/`` runs against every implementation.
+Implementations: ``guildcast.broker.memory.MemoryBroker`` and
+``guildcast.broker.disk.DiskBroker`` (one node), ``guildcast.broker.redis.RedisBroker``
+(cluster). The shared contract suite, ``tests/broker/test_contract.py``, runs
+against every implementation, and against a third-party one given a small
+harness (how to make it and inject its faults: ``tests/broker/harness.py``)
+named in ``GUILDCAST_BROKER_HARNESS=module:Class``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
-from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
+from guildcast.core.failures import Failure, Kind
+from guildcast.core.failures import OutcomeUnknown as HostOutcomeUnknown
 from guildcast.core.idempotency import Replayed
-from guildcast.core.metrics import MetricsSnapshot
+from guildcast.core.metrics import ReportsMetrics as ReportsMetrics
 
 
 class Record(NamedTuple):
@@ -47,14 +52,18 @@ class Record(NamedTuple):
     epoch: str = ""
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(Failure):
     """The broker cannot be reached; nothing was appended. Retry later."""
+
+    kind = Kind.BROKER_UNAVAILABLE
 
 
 class OutcomeUnknown(BrokerUnavailable, HostOutcomeUnknown):
     """The append was sent but no answer came (a timeout, a connection lost
     while waiting): the events may or may not have been sequenced. Never
     report it as "not published"."""
+
+    kind = Kind.OUTCOME_UNKNOWN
 
 
 class EpochChanged(Exception):
@@ -237,14 +246,6 @@ class ExplainsHealth(Protocol):
     @property
     def unhealthy_reason(self) -> str:
         """ "" while healthy, else what is down, in a few words."""
-
-
-@runtime_checkable
-class ReportsMetrics(Protocol):
-    """A broker with counters of its own for ``/metrics``."""
-
-    def report_metrics(self, m: MetricsSnapshot) -> None:
-        """Fill this broker's fields of ``m`` (read at scrape time)."""
 
 
 @runtime_checkable

@@ -6,6 +6,11 @@ guild (``guildcast.core.journal``), so a restarted node continues every
 guild's ``s`` and epoch and clients recover across the restart (docs/DESIGN.md,
 "Durability").
 
+Composed, not inherited: each guild's log is the memory broker's
+``GuildLog`` (epoch, last ``s``, the history ring of ``broker/history.py``)
+with its ``Journal``; listeners, feed and presence are a ``LocalFeed``
+(``broker/local.py``), as in the memory broker.
+
 Writer: a guild's records are appended only by that guild's actor (its
 task is the only caller of :meth:`append` for its guild: one write per
 mailbox batch). A per-guild lock still serialises appends, so any other
@@ -77,7 +82,7 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -87,13 +92,21 @@ from guildcast.broker.base import (
     Broker,
     BrokerUnavailable,
     ExplainsHealth,
+    Feed,
     LocalLog,
+    Presence,
+    PresenceFeed,
+    PresenceSnapshot,
     Record,
     ReportsMetrics,
+    Sweeps,
     spawn,
 )
-from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, MemoryBroker
+from guildcast.broker.history import History
+from guildcast.broker.local import LocalFeed
+from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, GuildLog
 from guildcast.core import journal
+from guildcast.core.histbudget import HistoryBudget
 from guildcast.core.idempotency import KeyWindows, Replayed, Seen, settle
 from guildcast.core.journal import (
     FSYNC_POLICIES,
@@ -152,16 +165,14 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class _GuildLog:
-    __slots__ = ("busy", "epoch", "journal", "lock", "nbytes", "records", "seq")
+    """A guild's memory log and its journal."""
 
-    def __init__(self, epoch: str, seq: int, j: Journal) -> None:
-        self.epoch = epoch
-        self.seq = seq
-        #: Bounded by the broker (count, age, bytes: core/histbudget.py).
-        self.records: deque[Record] = deque()
-        #: Bytes of ``records`` as the budget counts them (0 until the loop
-        #: has counted a log loaded in a thread).
-        self.nbytes = 0
+    __slots__ = ("busy", "journal", "lock", "log")
+
+    def __init__(self, log: GuildLog, j: Journal) -> None:
+        #: Epoch, last ``s`` and history (its bytes are 0 in the budget until
+        #: the loop has counted a log loaded in a thread).
+        self.log = log
         self.journal = j
         #: Serialises writes to the journal (append, compaction).
         self.lock = asyncio.Lock()
@@ -170,11 +181,11 @@ class _GuildLog:
         self.busy = 0
 
 
-class DiskBroker(MemoryBroker):
+class DiskBroker:
     """Broker for a single node whose history survives restarts.
 
-    A :class:`MemoryBroker` (listening, feed and presence are its own) whose
-    guild logs live in journals instead of memory only.
+    The memory broker's parts (a ``GuildLog`` per guild, a ``LocalFeed``)
+    with a journal under each guild log.
     """
 
     def __init__(
@@ -194,13 +205,14 @@ class DiskBroker(MemoryBroker):
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}")
         if fsync_interval <= 0:
             raise ValueError("fsync_interval must be > 0")
-        super().__init__(
-            history_size,
-            history_ttl,
-            history_guild_bytes=history_guild_bytes,
-            history_node_bytes=history_node_bytes,
-            idempotency=idempotency,
-        )
+        #: This node's name in presence (the node sets ``--node-id``).
+        self.node_id = "local"
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.budget = HistoryBudget(history_guild_bytes, history_node_bytes)
+        #: The idempotency window of every guild (``append_keyed``).
+        self.keys = idempotency if idempotency is not None else KeyWindows()
+        self.local = LocalFeed()
         self.directory = Path(directory) / GUILDS_DIR
         self.root = Path(directory)
         #: This run's generation, and the one below which journal epochs
@@ -271,7 +283,7 @@ class DiskBroker(MemoryBroker):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._syncer
             self._syncer = None
-        await super().close()
+        self.local.clear()
         if self.fsync != "never":
             await self.sync_all()
             # Before the clean stop is recorded: a backup of a stopped node
@@ -405,6 +417,10 @@ class DiskBroker(MemoryBroker):
         finally:
             lg.busy -= 1
 
+    def _new_log(self, epoch: str, seq: int, j: Journal) -> _GuildLog:
+        history = History(self.history_size, self.history_ttl, self.budget)
+        return _GuildLog(GuildLog(epoch, seq, history), j)
+
     async def append_keyed(
         self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
     ) -> tuple[str, list[int | Replayed]]:
@@ -432,7 +448,8 @@ class DiskBroker(MemoryBroker):
         try:
             async with lg.lock:
                 window = self.keys
-                fresh, replayed, digests = window.resolve(gid, lg.epoch, items, keys, time.time())
+                epoch = lg.log.epoch
+                fresh, replayed, digests = window.resolve(gid, epoch, items, keys, time.time())
                 tags: list[tuple[str, bytes] | None] = []
                 for i in fresh:
                     key, dg = keys[i], digests[i]
@@ -454,28 +471,26 @@ class DiskBroker(MemoryBroker):
         """Write ``items`` (with the idempotency key and digest in ``tags``,
         if any) to the journal, then history, feed, reply."""
         now = time.time()
-        s = lg.seq
-        recs: list[Record] = []
+        glog = lg.log
+        recs = glog.next_records(gid, items, now)
         parts: list[bytes] = []
-        for i, (t, d) in enumerate(items):
-            s += 1
-            payload = wire.dispatch_json(gid, t, s, d)
-            recs.append(Record(s, t, now, payload))
+        for i, r in enumerate(recs):
             tag = tags[i] if tags is not None else None
             if tag is None:
-                parts.append(event_prefix(s, t, now, payload))
+                parts.append(event_prefix(r.s, r.t, now, r.payload))
             else:
-                parts.append(keyed_event_prefix(s, t, now, tag[0], tag[1], payload))
-            parts.append(payload)
+                parts.append(keyed_event_prefix(r.s, r.t, now, tag[0], tag[1], r.payload))
+            parts.append(r.payload)
         if not recs:
-            return lg.epoch, recs
+            return glog.epoch, recs
+        s = recs[-1].s
         j = lg.journal
         created = not j.exists
         before = (j.size, j.count, j.first_ts)
         try:
             if created:
                 # The first event of this guild's file: create it whole, header first.
-                await asyncio.to_thread(j.rewrite, lg.epoch, lg.seq, parts, len(recs), now)
+                await asyncio.to_thread(j.rewrite, glog.epoch, glog.seq, parts, len(recs), now)
                 self.fsyncs += 1
             else:
                 data = b"".join(parts)
@@ -487,22 +502,20 @@ class DiskBroker(MemoryBroker):
         try:
             # The high-water mark, after the records and before anything of
             # them leaves the node (guildcast.core.marks: the proof).
-            self.marks.set(gid, lg.epoch, s)
+            self.marks.set(gid, glog.epoch, s)
         except OSError as e:
             self._undo(gid, lg, created, before)
             self._storage_failed(gid, e)
             raise BrokerUnavailable(f"cannot write the high-water mark of {gid}: {e}") from e
         self.persist_error = None
         self.bytes_written += sum(len(p) for p in parts)
-        lg.seq = s
-        if self.history_size > 0:
-            self._keep_log(lg, recs)
-        self._prune_log(lg, now)
+        glog.commit(recs, now)
+        self._enforce_budget()
         if tags is not None:
             # Before a compaction below, which writes the window out.
             for rec, tag in zip(recs, tags, strict=True):
                 if tag is not None:
-                    self.keys.add(gid, tag[0], Seen(rec.s, lg.epoch, tag[1], now))
+                    self.keys.add(gid, tag[0], Seen(rec.s, glog.epoch, tag[1], now))
         if self.fsync == "always":
             try:
                 await asyncio.to_thread(j.sync)
@@ -512,10 +525,10 @@ class DiskBroker(MemoryBroker):
                 self._storage_failed(gid, e)
                 raise BrokerUnavailable(f"cannot fsync the journal of {gid}: {e}") from e
             self.fsyncs += 1
-        if feed and gid in self._listening and self._feed is not None:
-            self._feed(gid, recs)
+        if feed:
+            self.local.records(gid, recs)
         await self._maybe_compact(gid, lg, now)
-        return lg.epoch, recs
+        return glog.epoch, recs
 
     def _undo(
         self, gid: str, lg: _GuildLog, created: bool, before: tuple[int, int, float | None]
@@ -543,7 +556,8 @@ class DiskBroker(MemoryBroker):
 
     def report_metrics(self, m: MetricsSnapshot) -> None:
         """``ReportsMetrics``: the history budget and the journals."""
-        super().report_metrics(m)
+        m.history_bytes = self.budget.total
+        m.history_evictions = self.budget.evicted
         m.journal_bytes = self.bytes_written
         m.journal_fsyncs = self.fsyncs
         m.journal_repairs = self.repairs
@@ -553,32 +567,43 @@ class DiskBroker(MemoryBroker):
         m.journals_deleted = self.journals_deleted
 
     def sweep(self) -> int:
-        """Nothing to sweep: idle guild logs leave memory by themselves (LRU);
-        expired idempotency keys leave the window."""
+        """``Sweeps``: nothing else to sweep (idle guild logs leave memory by
+        themselves, LRU); expired idempotency keys leave the window."""
         self.keys.expire(time.time())
         return 0
 
     async def head(self, gid: str) -> tuple[str, int]:
-        lg = await self._get(gid)
-        return lg.epoch, lg.seq
+        glog = (await self._get(gid)).log
+        return glog.epoch, glog.seq
 
     async def read(self, gid: str, after: int, limit: int) -> tuple[str, list[Record]]:
-        lg = await self._get(gid)
-        self._prune_log(lg, time.time())
-        recs = lg.records
-        if not recs or self.history_size <= 0:
-            return lg.epoch, []
-        start = min(len(recs), max(0, after + 1 - recs[0].s))  # after may be near 2**63
-        return lg.epoch, list(islice(recs, start, start + limit))
+        glog = (await self._get(gid)).log
+        return glog.epoch, glog.history.read(after, limit, time.time())
 
     async def first(self, gid: str) -> int | None:
-        lg = await self._get(gid)
-        self._prune_log(lg, time.time())
-        return lg.records[0].s if lg.records and self.history_size > 0 else None
+        return (await self._get(gid)).log.history.first(time.time())
 
     async def listen(self, gid: str) -> None:
         await self._get(gid)
-        await super().listen(gid)
+        self.local.listen(gid)
+
+    async def unlisten(self, gid: str) -> None:
+        self.local.unlisten(gid)
+
+    def set_feed(self, feed: Feed, presence: PresenceFeed | None = None) -> None:
+        self.local.set_feed(feed, presence)
+
+    def presence_join(self, gid: str, member: Presence) -> None:
+        self.local.join(gid, member)
+
+    def presence_leave(self, gid: str, member: Presence) -> None:
+        self.local.leave(gid, member)
+
+    async def presence(self, gid: str) -> list[Presence]:
+        return self.local.members(gid)
+
+    async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
+        return self.local.snapshot(gid, limit)
 
     # --- loading and caching ---------------------------------------------------
 
@@ -595,7 +620,7 @@ class DiskBroker(MemoryBroker):
         # thread hop for every new guild; its file appears with its first event.
         if not os.path.exists(path):  # noqa: ASYNC240
             j = Journal(path, gid, self.generation)
-            lg = _GuildLog(secrets.token_hex(8), 0, j)
+            lg = self._new_log(secrets.token_hex(8), 0, j)
             self._cache(gid, lg)
             return lg
         fut: asyncio.Future[_GuildLog] = asyncio.get_running_loop().create_future()
@@ -626,20 +651,21 @@ class DiskBroker(MemoryBroker):
                 gid,
                 extra={"guild": gid, "path": str(path), "new_epoch": True},
             )
-        if lg.epoch != loaded.epoch or gid not in self.marks.table:
+        glog = lg.log
+        if glog.epoch != loaded.epoch or gid not in self.marks.table:
             # The new epoch's (or a pre-marks journal's) mark; written on the
             # loop, the marks' only writer. Failing, the next append writes it.
             with contextlib.suppress(OSError):
-                self.marks.set(gid, lg.epoch, lg.seq)
+                self.marks.set(gid, glog.epoch, glog.seq)
         self._cache(gid, lg)
-        if lg.records:
-            self._count_log(lg, list(lg.records))
-        if lg.epoch == loaded.epoch:
-            self._restore_keys(gid, lg, loaded)
+        glog.history.count_restored()
+        self._enforce_budget()
+        if glog.epoch == loaded.epoch:
+            self._restore_keys(gid, glog, loaded)
         fut.set_result(lg)
         return lg
 
-    def _restore_keys(self, gid: str, lg: _GuildLog, loaded: Loaded) -> None:
+    def _restore_keys(self, gid: str, lg: GuildLog, loaded: Loaded) -> None:
         """Put the idempotency keys a journal holds back in the window (a
         restart keeps answering retries with the originals); keys of an
         epoch that was not kept are gone with its history."""
@@ -661,19 +687,16 @@ class DiskBroker(MemoryBroker):
             loaded.repair = f"{loaded.repair}; {cut}" if loaded.repair else cut
         if loaded.epoch is None or loaded.lost or reset:
             # History lost: a new epoch; keep the intact events under it.
-            lg = _GuildLog(secrets.token_hex(8), loaded.head, j)
+            lg = self._new_log(secrets.token_hex(8), loaded.head, j)
         else:
-            lg = _GuildLog(loaded.epoch, loaded.head, j)
+            lg = self._new_log(loaded.epoch, loaded.head, j)
             j.adopt(loaded)
-        if self.history_size > 0:
-            lg.records.extend(Record(e.s, e.t, e.ts, e.payload) for e in loaded.events)
         # Not counted by the budget yet (this is a thread): _get counts it.
-        cutoff = now - self.history_ttl
-        while lg.records and lg.records[0].ts < cutoff:
-            lg.records.popleft()
+        history = lg.log.history
+        history.restore((Record(e.s, e.t, e.ts, e.payload) for e in loaded.events), now)
         if (loaded.lost or reset) and loaded.epoch is not None:
             base, parts, first_ts = self._snapshot(lg)
-            j.rewrite(lg.epoch, base, parts, len(lg.records), first_ts)
+            j.rewrite(lg.log.epoch, base, parts, len(history), first_ts)
         return loaded, lg, reset
 
     def _cache(self, gid: str, lg: _GuildLog) -> None:
@@ -691,12 +714,12 @@ class DiskBroker(MemoryBroker):
                 or cand.busy
                 or cand.lock.locked()
                 or (cand.journal.dirty and self.fsync != "never")  # fsync first
-                or old in self._listening
+                or self.local.listening(old)
             ):
                 continue
             cand.journal.close()
             self._open.pop(old, None)
-            self.budget.dropped(cand)
+            self.budget.dropped(cand.log.history)
             del self._glogs[old]
 
     def _opened(self, gid: str) -> None:
@@ -717,39 +740,27 @@ class DiskBroker(MemoryBroker):
 
     # --- durability --------------------------------------------------------------
 
-    def _prune_log(self, lg: _GuildLog, now: float) -> None:
-        cutoff = now - self.history_ttl
-        recs = lg.records
-        while recs and recs[0].ts < cutoff:
-            self.budget.popleft(lg)
-
-    def _keep_log(self, lg: _GuildLog, recs: Sequence[Record]) -> None:
-        """Add ``recs`` to ``lg``'s history within every bound."""
-        lg.records.extend(recs)
-        self._count_log(lg, recs)
-
-    def _count_log(self, lg: _GuildLog, recs: Sequence[Record]) -> None:
+    def _enforce_budget(self) -> None:
+        """The node's history byte bound, across every cached guild log."""
         budget = self.budget
-        budget.added(lg, recs)
-        while len(lg.records) > self.history_size:
-            budget.popleft(lg)
         if budget.over:
-            budget.enforce(self._glogs.values())
+            budget.enforce(lg.log.history for lg in self._glogs.values())
 
     def _snapshot(self, lg: _GuildLog) -> tuple[int, list[bytes], float | None]:
         """The base, encoded records and first time of ``lg``'s history."""
         parts: list[bytes] = []
-        for r in lg.records:
+        records = lg.log.history.records
+        for r in records:
             parts.append(event_prefix(r.s, r.t, r.ts, r.payload))
             parts.append(r.payload)
-        if lg.records:
-            return lg.records[0].s - 1, parts, lg.records[0].ts
-        return lg.seq, parts, None
+        if records:
+            return records[0].s - 1, parts, records[0].ts
+        return lg.log.seq, parts, None
 
     async def _maybe_compact(self, gid: str, lg: _GuildLog, now: float) -> None:
         """Rewrite the journal down to the history when it has grown past it."""
         j = lg.journal
-        kept = len(lg.records) if self.history_size > 0 else 0
+        kept = len(lg.log.history) if self.history_size > 0 else 0
         too_many = j.count > 2 * self.history_size + COMPACT_SLACK
         too_old = (
             j.count > kept
@@ -759,18 +770,17 @@ class DiskBroker(MemoryBroker):
         if not (too_many or too_old):
             return
         if self.history_size <= 0:
-            lg.records.clear()
-            self.budget.dropped(lg)
+            lg.log.history.clear()
         base, parts, first_ts = self._snapshot(lg)
         # The window's keys first: they outlive the events a compaction drops.
         parts[:0] = [
             key_record(seen.s, seen.ts, key, seen.digest)
-            for key, seen in self.keys.entries(gid, lg.epoch, now)
+            for key, seen in self.keys.entries(gid, lg.log.epoch, now)
         ]
         j.close()  # on the loop, the only user of the append descriptor
         self._open.pop(gid, None)
         try:
-            await asyncio.to_thread(j.rewrite, lg.epoch, base, parts, kept, first_ts)
+            await asyncio.to_thread(j.rewrite, lg.log.epoch, base, parts, kept, first_ts)
         except OSError as e:
             # The old file is still whole and appendable: try again next time.
             self.write_failures += 1
@@ -869,7 +879,12 @@ class DiskBroker(MemoryBroker):
                 self._janitor = None
                 break
             gid = journal.guild_of(entry.name)
-            if gid is None or gid in self._glogs or gid in self._loading or gid in self._listening:
+            if (
+                gid is None
+                or gid in self._glogs
+                or gid in self._loading
+                or self.local.listening(gid)
+            ):
                 continue
             try:
                 if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
@@ -960,6 +975,7 @@ def _conforms() -> None:
     _local: type[LocalLog] = DiskBroker
     _health: type[ExplainsHealth] = DiskBroker
     _report: type[ReportsMetrics] = DiskBroker
+    _sweeps: type[Sweeps] = DiskBroker
 
 
 def _boot_id() -> str | None:

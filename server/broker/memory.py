@@ -16,6 +16,11 @@ Idempotency keys (``append_keyed``): the node's window of keys
 (``guildcast.core.idempotency``), consulted and updated in the same
 synchronous step that assigns ``s``, so two publishes with one key never
 both sequence.
+
+Parts: a :class:`GuildLog` per guild (epoch, last ``s``, the history ring of
+``broker/history.py``), which the disk broker composes with a journal, and
+a :class:`~guildcast.broker.local.LocalFeed` (listeners, feed, presence),
+which the disk broker holds too (with the presence versions).
 """
 
 from __future__ import annotations
@@ -23,9 +28,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
 from collections.abc import Sequence
-from itertools import islice
 
 from guildcast.broker.base import (
     Broker,
@@ -38,6 +41,8 @@ from guildcast.broker.base import (
     ReportsMetrics,
     Sweeps,
 )
+from guildcast.broker.history import History
+from guildcast.broker.local import LocalFeed
 from guildcast.core.histbudget import HistoryBudget
 from guildcast.core.idempotency import KeyWindows, Replayed, Seen, settle
 from guildcast.core.metrics import MetricsSnapshot
@@ -49,16 +54,38 @@ HISTORY_GUILD_BYTES = 4 * 1024 * 1024
 HISTORY_NODE_BYTES = 256 * 1024 * 1024
 
 
-class _Log:
-    __slots__ = ("epoch", "nbytes", "records", "seq")
+class GuildLog:
+    """One guild's log in memory: its epoch, last ``s`` and history ring.
 
-    def __init__(self, epoch: str, seq: int) -> None:
+    Appending is two steps so that a durable log (``broker/disk.py``) can
+    write the records between them: :meth:`next_records` builds them (``s``
+    assigned, the DISPATCH envelope built once with ``wire.dispatch_json``)
+    without changing the log; :meth:`commit` makes them the log's.
+    """
+
+    __slots__ = ("epoch", "history", "seq")
+
+    def __init__(self, epoch: str, seq: int, history: History) -> None:
         self.epoch = epoch
         self.seq = seq
-        #: Bounded by the broker (count, age, bytes), not by the deque.
-        self.records: deque[Record] = deque()
-        #: Bytes of ``records`` as the budget counts them.
-        self.nbytes = 0
+        self.history = history
+
+    def next_records(
+        self, gid: str, items: Sequence[tuple[str, bytes]], now: float
+    ) -> list[Record]:
+        """The records ``items`` become after the last ``s`` (not committed)."""
+        s = self.seq
+        out: list[Record] = []
+        for t, d in items:
+            s += 1
+            out.append(Record(s, t, now, wire.dispatch_json(gid, t, s, d)))
+        return out
+
+    def commit(self, recs: list[Record], now: float) -> None:
+        """``recs`` (from :meth:`next_records`) are the log's: head and history."""
+        if recs:
+            self.seq = recs[-1].s
+        self.history.add(recs, now)
 
 
 class MemoryBroker:
@@ -79,21 +106,8 @@ class MemoryBroker:
         self.budget = HistoryBudget(history_guild_bytes, history_node_bytes)
         #: The idempotency window of every guild (``append_keyed``).
         self.keys = idempotency if idempotency is not None else KeyWindows()
-        self._logs: dict[str, _Log] = {}
-        #: Listeners per guild: an old guild actor still stopping and its
-        #: successor may overlap, so listen/unlisten are counted.
-        self._listening: dict[str, int] = {}
-        self._feed: Feed | None = None
-        self._presence_feed: PresenceFeed | None = None
-        #: Presence of each guild: member key -> member, in join order.
-        self._presence: dict[str, dict[str, Presence]] = {}
-        #: The version of each guild's presence (``PresenceSnapshot``): kept
-        #: while the guild has members or a listener, forgotten after. A
-        #: version never repeats: a guild's versions start again above every
-        #: version forgotten (``_pfloor``), so a change still queued from
-        #: before is always older than a snapshot taken after.
-        self._pversion: dict[str, int] = {}
-        self._pfloor = 0
+        self._logs: dict[str, GuildLog] = {}
+        self.local = LocalFeed()
 
     @property
     def healthy(self) -> bool:
@@ -103,80 +117,39 @@ class MemoryBroker:
         pass  # no background task: the node's sweeper calls ``sweep``
 
     async def close(self) -> None:
-        self._listening.clear()
+        self.local.clear()
 
     def set_feed(self, feed: Feed, presence: PresenceFeed | None = None) -> None:
-        self._feed = feed
-        self._presence_feed = presence
+        self.local.set_feed(feed, presence)
 
     def presence_join(self, gid: str, member: Presence) -> None:
-        members = self._presence.setdefault(gid, {})
-        if members.get(member.key) == member:
-            return  # already present: no change, nothing to tell
-        members[member.key] = member
-        v = self._pversion[gid] = self._pversion.get(gid, self._pfloor) + 1
-        if self._presence_feed is not None and gid in self._listening:
-            self._presence_feed(gid, "join", member, v)
+        self.local.join(gid, member)
 
     def presence_leave(self, gid: str, member: Presence) -> None:
-        members = self._presence.get(gid)
-        if members is None or members.pop(member.key, None) is None:
-            return
-        v = self._pversion[gid] = self._pversion.get(gid, self._pfloor) + 1
-        if not members:
-            del self._presence[gid]
-        if self._presence_feed is not None and gid in self._listening:
-            self._presence_feed(gid, "leave", member, v)
-        self._forget_version(gid)
-
-    def _forget_version(self, gid: str) -> None:
-        """Forget the presence version of a guild nobody holds one of."""
-        if gid not in self._presence and gid not in self._listening:
-            self._pfloor = max(self._pfloor, self._pversion.pop(gid, 0))
+        self.local.leave(gid, member)
 
     async def presence(self, gid: str) -> list[Presence]:
-        return list(self._presence.get(gid, {}).values())
+        return self.local.members(gid)
 
     async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
-        members = self._presence.get(gid, {})
-        listed = list(islice(members.values(), max(0, limit)))
-        return PresenceSnapshot(self._pversion.get(gid, self._pfloor), len(members), listed)
+        return self.local.snapshot(gid, limit)
 
-    def _log(self, gid: str) -> _Log:
+    def _log(self, gid: str) -> GuildLog:
         log = self._logs.get(gid)
         if log is None:
-            log = self._logs[gid] = _Log(secrets.token_hex(8), 0)
+            history = History(self.history_size, self.history_ttl, self.budget)
+            log = self._logs[gid] = GuildLog(secrets.token_hex(8), 0, history)
         return log
-
-    def _prune(self, log: _Log, now: float) -> None:
-        cutoff = now - self.history_ttl
-        recs = log.records
-        while recs and recs[0].ts < cutoff:
-            self.budget.popleft(log)
-
-    def _keep(self, log: _Log, recs: list[Record]) -> None:
-        """Add ``recs`` to ``log``'s history within every bound."""
-        log.records.extend(recs)
-        budget = self.budget
-        budget.added(log, recs)
-        while len(log.records) > self.history_size:
-            budget.popleft(log)
-        if budget.over:
-            budget.enforce(self._logs.values())
 
     def _sequence(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[Record]]:
         """Sequence and store ``items`` (the memory broker never waits)."""
         log = self._log(gid)
         now = time.time()
-        out: list[Record] = []
-        s = log.seq
-        for t, d in items:
-            s += 1
-            out.append(Record(s, t, now, wire.dispatch_json(gid, t, s, d)))
-        log.seq = s
-        if self.history_size > 0:
-            self._keep(log, out)
-        self._prune(log, now)
+        out = log.next_records(gid, items, now)
+        log.commit(out, now)
+        budget = self.budget
+        if budget.over:
+            budget.enforce(lg.history for lg in self._logs.values())
         return log.epoch, out
 
     async def append_local(
@@ -187,8 +160,7 @@ class MemoryBroker:
 
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
         epoch, recs = self._sequence(gid, items)
-        if gid in self._listening and self._feed is not None:
-            self._feed(gid, recs)
+        self.local.records(gid, recs)
         return epoch, [r.s for r in recs]
 
     def _sequence_keyed(
@@ -211,8 +183,8 @@ class MemoryBroker:
         self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
     ) -> tuple[str, list[int | Replayed]]:
         epoch, recs, out = self._sequence_keyed(gid, items, keys)
-        if recs and gid in self._listening and self._feed is not None:
-            self._feed(gid, recs)
+        if recs:
+            self.local.records(gid, recs)
         return epoch, out
 
     async def head(self, gid: str) -> tuple[str, int]:
@@ -221,28 +193,16 @@ class MemoryBroker:
 
     async def read(self, gid: str, after: int, limit: int) -> tuple[str, list[Record]]:
         log = self._log(gid)
-        self._prune(log, time.time())
-        recs = log.records
-        if not recs:
-            return log.epoch, []
-        start = min(len(recs), max(0, after + 1 - recs[0].s))  # after may be near 2**63
-        return log.epoch, list(islice(recs, start, start + limit))
+        return log.epoch, log.history.read(after, limit, time.time())
 
     async def first(self, gid: str) -> int | None:
-        log = self._log(gid)
-        self._prune(log, time.time())
-        return log.records[0].s if log.records else None
+        return self._log(gid).history.first(time.time())
 
     async def listen(self, gid: str) -> None:
-        self._listening[gid] = self._listening.get(gid, 0) + 1
+        self.local.listen(gid)
 
     async def unlisten(self, gid: str) -> None:
-        n = self._listening.get(gid, 0) - 1
-        if n > 0:
-            self._listening[gid] = n
-        else:
-            self._listening.pop(gid, None)
-            self._forget_version(gid)
+        self.local.unlisten(gid)
 
     def report_metrics(self, m: MetricsSnapshot) -> None:
         """``ReportsMetrics``: the history byte budget."""
@@ -254,8 +214,8 @@ class MemoryBroker:
         now = time.time()
         gone = []
         for gid, log in self._logs.items():
-            self._prune(log, now)
-            if not log.records and gid not in self._listening:
+            log.history.prune(now)
+            if not log.history and not self.local.listening(gid):
                 gone.append(gid)
         for gid in gone:
             del self._logs[gid]

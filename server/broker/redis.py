@@ -203,6 +203,9 @@ end
 return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 
+#: Seconds close() waits for a cancelled task before cancelling it again.
+CANCEL_AGAIN = 0.5
+
 # --- the key schema: every key and channel name, in this one place -------------
 
 #: The heartbeat sorted set (node id -> last beat, ms).
@@ -535,6 +538,12 @@ class RedisBroker:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
+            # A cancel can be lost in the Redis client (its timeout firing at
+            # that moment turns it into a TimeoutError, which the task's loop
+            # survives): cancel again until the task has ended.
+            while not t.done():
+                await asyncio.wait([t], timeout=CANCEL_AGAIN)
+                t.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []

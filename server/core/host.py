@@ -12,6 +12,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from guildcast.core.failures import Failure as Failure
+from guildcast.core.failures import KeyConflict as KeyConflict
+from guildcast.core.failures import OutcomeUnknown as OutcomeUnknown
+from guildcast.core.failures import Overloaded as Overloaded
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.sink import Member, Sink
 
@@ -57,33 +61,11 @@ class GatewayHost(Protocol):
         The edge has validated it: ``gid`` and ``t`` are valid and not
         reserved, ``d_json`` is ``d`` encoded once (``wire.encode``); its
         bytes reach the broker as they are; ``key`` is a valid idempotency
-        key or None. Raises :class:`Overloaded` at once when the guild
-        cannot take more. A key already in the guild's window gives the
-        original ``(s, epoch)``, or fails with :class:`KeyConflict`.
+        key or None. Raises a runtime :class:`Failure` (``core/failures.py``)
+        at once when the guild cannot take it; the future fails with one. A
+        key already in the guild's window gives the original ``(s, epoch)``,
+        or fails with :class:`KeyConflict`.
         """
-
-
-class Overloaded(Exception):
-    """The target cannot accept more work now; try again later (1013)."""
-
-
-class OutcomeUnknown(Exception):
-    """A publish was handed to the sequencer but its answer never came (a
-    timeout, a connection lost while waiting): it may or may not have been
-    sequenced. ERROR 4504 on the gateway, HTTP 504 ``"outcome": "unknown"``
-    (PROTOCOL.md "Publishing")."""
-
-
-class KeyConflict(Exception):
-    """A publish's idempotency key is in the guild's window for an event of
-    other content (``t`` or ``d``): refused, not sequenced. ERROR 4409 on
-    the gateway, HTTP 409 ``idempotency_conflict`` (PROTOCOL.md
-    "Idempotent publish"). ``s`` is the original event's."""
-
-    def __init__(self, s: int, epoch: str) -> None:
-        super().__init__(f"idempotency key already used for another event (s={s}, epoch {epoch})")
-        self.s = s
-        self.epoch = epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +85,10 @@ class HistoryPage:
 class ApiHost(Protocol):
     """What the HTTP API asks of the node.
 
-    Errors: ValueError for bad input, :class:`Overloaded` for anything the
-    caller should retry later (a full mailbox, too many guilds, storage or
-    broker trouble, a draining node). Anything else is a bug.
+    Errors: ValueError for bad input, a runtime :class:`Failure`
+    (``core/failures.py``: a full mailbox, too many guilds, storage or
+    broker trouble, a draining node, an unknown outcome) answered as its
+    row of the failure table says. Anything else is a bug.
     """
 
     def publish(
@@ -116,8 +99,8 @@ class ApiHost(Protocol):
         for an idempotency ``key`` already in the guild's window.
 
         Validated by the HTTP API (ids, names, keys, ``d`` encoded once: ``d_json``).
-        Raises :class:`Overloaded` at once; the future fails with
-        :class:`Overloaded`, ``OutcomeUnknown`` or :class:`KeyConflict`.
+        Raises a :class:`Failure` at once; the future fails with one
+        (:class:`KeyConflict` for a key used for another event).
         Calls made one after another are sequenced in that order per guild.
         """
 

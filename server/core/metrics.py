@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 #: Upper bounds (seconds) of the publish-to-write latency buckets: from well
 #: under a millisecond (an idle node) to seconds (a node far behind).
@@ -101,6 +102,17 @@ class NodeStats:
         #: Publish accepted by the node -> frames written by a partition.
         self.latency = LatencyHistogram()
 
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: the actors' counters and the latency histogram."""
+        m.published = self.published
+        m.publish_replays = self.publish_replays
+        m.publish_conflicts = self.publish_conflicts
+        m.deliveries = self.deliveries
+        m.bytes_out = self.bytes_out
+        m.latency_buckets = self.latency.cumulative()
+        m.latency_sum = self.latency.total
+        m.latency_count = self.latency.count
+
 
 @dataclass(slots=True)
 class MailboxDepth:
@@ -162,3 +174,13 @@ class MetricsSnapshot:
     latency_count: int = 0
     #: Keyed by actor kind: ``"guild"``, ``"partition"``.
     mailboxes: dict[str, MailboxDepth] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ReportsMetrics(Protocol):
+    """A part of the node with fields of its own in ``/metrics``: each layer
+    (the gateway, the hub for the guild actors, the actors' counters, a
+    broker) fills its own fields; the node only composes them."""
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """Fill this part's fields of ``m`` (read at scrape time)."""

@@ -43,9 +43,12 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from guildcast.core import failures, fdwatch
+from guildcast.core.failures import Failure, Kind
 from guildcast.core.fdwatch import DescriptorWatch
-from guildcast.core.host import GatewayHost, KeyConflict, OutcomeUnknown, Overloaded
+from guildcast.core.host import GatewayHost
 from guildcast.core.ids import HexIds
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import hints, wire
@@ -627,10 +630,11 @@ class Connection(asyncio.Protocol):
                 assert isinstance(e, Subscribe)
                 try:
                     gw.host.subscribe(self, e.gid, e.position, e.rewind, e.passive)
-                except Overloaded as exc:
+                except Failure as exc:
                     if self.session is not None:
                         self.session.subscriptions.discard(e.gid)
-                    self.send(error_frame(Err.TRY_AGAIN_LATER, str(exc), g=e.gid))
+                    code = failures.answer(exc).error_code
+                    self.send(error_frame(code, str(exc), g=e.gid))
             elif tp is Unsubscribe:
                 assert isinstance(e, Unsubscribe)
                 gw.host.unsubscribe(self, e.gid)
@@ -670,11 +674,9 @@ class Connection(asyncio.Protocol):
                 fut = host.publish(p.gid, p.t, d_json)
             else:
                 fut = host.publish(p.gid, p.t, d_json, p.key)
-        except Overloaded as exc:
-            self._run(session.publish_failed(p, Err.TRY_AGAIN_LATER, str(exc)))
-            return
-        except ValueError as exc:
-            self._run(session.publish_failed(p, Close.DECODE_ERROR, str(exc)))
+        except (Failure, ValueError) as exc:
+            code = failures.answer(exc).error_code
+            self._run(session.publish_failed(p, code, str(exc)))
             return
         fut.add_done_callback(lambda f: self._published(p, f))
 
@@ -685,17 +687,12 @@ class Connection(asyncio.Protocol):
                 fut.exception()  # retrieved: the answer of a gone session is dropped silently
             return
         if fut.cancelled():
-            effects = session.publish_failed(p, Err.TRY_AGAIN_LATER, "publish cancelled")
+            code = failures.ANSWERS[Kind.CANCELLED].error_code
+            effects = session.publish_failed(p, code, "publish cancelled")
         elif (exc := fut.exception()) is not None:
-            if isinstance(exc, ValueError):
-                code: int = Close.DECODE_ERROR
-            elif isinstance(exc, OutcomeUnknown):
-                code = Err.OUTCOME_UNKNOWN  # maybe sequenced: never "refused, retry"
-            elif isinstance(exc, KeyConflict):
-                code = Err.IDEMPOTENCY_CONFLICT
-            else:
-                code = Err.TRY_AGAIN_LATER
-            effects = session.publish_failed(p, code, str(exc))
+            # One table for both transports (core/failures.py): 4504 for an
+            # outcome unknown, never "refused, retry"; 4409 for a key conflict.
+            effects = session.publish_failed(p, failures.answer(exc).error_code, str(exc))
         else:
             s, epoch = fut.result()
             effects = session.publish_done(p, p.gid, s, epoch)
@@ -944,6 +941,24 @@ class Gateway:
                     pass
         if self._server is not None:
             await self._server.wait_closed()
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: connections, sessions, refusals and descriptors
+        (O(connections): scrape time only)."""
+        m.connections = len(self.connections)
+        m.connections_pending = len(self.pending)
+        m.connections_accepted = self.accepted
+        m.connections_refused = self.refused
+        m.slow_consumers = self.slow_consumers
+        m.close_codes = dict(self.close_codes)
+        ready = SessionState.READY
+        m.sessions_identified = sum(
+            1 for c in self.connections if c.session is not None and c.session.state is ready
+        )
+        m.user_publish_refused = self.user_rates.refused
+        m.descriptors_exhausted = self.descriptors.exhausted
+        m.open_descriptors = fdwatch.open_descriptors()
+        m.descriptor_limit = fdwatch.soft_limit()
 
     def stats(self) -> dict[str, Any]:
         return {

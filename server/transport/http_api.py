@@ -60,7 +60,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from guildcast.core.host import ApiHost, KeyConflict, OutcomeUnknown, Overloaded
+from guildcast.core import failures
+from guildcast.core.failures import Failure, Kind
+from guildcast.core.host import ApiHost
 from guildcast.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from guildcast.protocol import wire
 from guildcast.protocol.bucket import TokenBucket
@@ -168,6 +170,8 @@ class ApiError(Exception):
         detail: str,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        outcome: str = failures.NOT_PUBLISHED,
+        fields: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -175,10 +179,33 @@ class ApiError(Exception):
         self.detail = detail
         self.headers = headers
         self.extra = extra
+        #: What became of the event, in a batch answer's entry.
+        self.outcome = outcome
+        #: The failure's own fields (``Failure.fields``: a key conflict's
+        #: original ``s`` and ``epoch``), in the body and in a batch entry.
+        self.fields = fields or {}
 
     def response(self) -> web.Response:
-        body = {"error": self.error, "detail": self.detail, **(self.extra or {})}
+        body = {"error": self.error, "detail": self.detail, **self.fields, **(self.extra or {})}
         return _json(body, self.status, self.headers)
+
+
+def _answer(a: failures.Answer, detail: str, fields: dict[str, Any] | None = None) -> ApiError:
+    """The HTTP answer of the failure table's row ``a``."""
+    extra = _UNKNOWN if a.outcome == failures.UNKNOWN else None
+    return ApiError(
+        a.status, a.error, detail, headers=a.headers, extra=extra, outcome=a.outcome, fields=fields
+    )
+
+
+def refusal(exc: BaseException) -> ApiError:
+    """The HTTP answer to a runtime failure (``core/failures.py``); anything
+    the table calls unexpected is re-raised (a bug: 500, logged)."""
+    a = failures.answer(exc)
+    if a.kind is Kind.UNEXPECTED:
+        raise exc
+    fields = exc.fields() if isinstance(exc, Failure) else None
+    return _answer(a, str(exc) or type(exc).__name__, fields)
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -492,8 +519,9 @@ class HttpApi:
         bucket = self._authorize(request)
         if not self.host.ready():
             why = self.host.not_ready_reason()
-            raise ApiError(
-                503, "unavailable", f"the node is not ready ({why}); retry or use another"
+            raise _answer(
+                failures.ANSWERS[Kind.OVERLOADED],
+                f"the node is not ready ({why}); retry or use another",
             )
         if request.content_type != "application/json":
             raise ApiError(
@@ -534,10 +562,8 @@ class HttpApi:
             if isinstance(r, ApiError):
                 if failed is None or _worse(r, failed):
                     failed = r
-                outcome = "unknown" if r.status == 504 else "not_published"
-                entry = {"g": gid, "error": r.error, "detail": r.detail, "outcome": outcome}
-                if r.status == 409:
-                    entry.update(r.extra or {})  # the original's s and epoch
+                entry = {"g": gid, "error": r.error, "detail": r.detail, "outcome": r.outcome}
+                entry.update(r.fields)  # a key conflict: the original's s and epoch
                 out.append(entry)
             else:
                 out.append({"g": gid, "s": r[0], "epoch": r[1]})
@@ -563,6 +589,7 @@ class HttpApi:
             503,
             "unavailable",
             "some events were not published; see results",
+            headers=failed.headers,
             extra={"results": out},
         )
 
@@ -630,16 +657,16 @@ class HttpApi:
                     futs.append(self.host.publish(gid, t, d))
                 else:
                     futs.append(self.host.publish(gid, t, d, key))
-            except Overloaded as e:
-                refused = ApiError(503, "unavailable", str(e))
+            except (Failure, ValueError) as e:
+                refused = refusal(e)
                 break
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 done = await asyncio.gather(*futs, return_exceptions=True)
         except TimeoutError:
             # Handed to their guilds: each may have been sequenced since.
-            late = ApiError(
-                504, "outcome_unknown", f"no answer in {PUBLISH_TIMEOUT:g} s", extra=_UNKNOWN
+            late = _answer(
+                failures.ANSWERS[Kind.OUTCOME_UNKNOWN], f"no answer in {PUBLISH_TIMEOUT:g} s"
             )
             done = [
                 (f.exception() or f.result()) if f.done() and not f.cancelled() else late
@@ -649,20 +676,16 @@ class HttpApi:
         for r in done:
             if isinstance(r, ApiError):
                 out.append(r)
-            elif isinstance(r, OutcomeUnknown):
-                out.append(ApiError(504, "outcome_unknown", str(r), extra=_UNKNOWN))
-            elif isinstance(r, KeyConflict):
-                extra = {"s": r.s, "epoch": r.epoch}
-                out.append(ApiError(409, "idempotency_conflict", str(r), extra=extra))
-            elif isinstance(r, Overloaded):
-                out.append(ApiError(503, "unavailable", str(r)))
-            elif isinstance(r, ValueError):
-                out.append(ApiError(400, "bad_shape", str(r)))
             elif isinstance(r, BaseException):
-                raise r
+                out.append(refusal(r))
             else:
                 out.append(r)
-        skipped = ApiError(503, "not_published", "not queued: an earlier event was refused")
+        skipped = ApiError(
+            503,
+            "not_published",
+            "not queued: an earlier event was refused",
+            headers=failures.ANSWERS[Kind.OVERLOADED].headers,
+        )
         while len(out) < len(events):
             out.append(refused if len(out) == len(futs) and refused is not None else skipped)
         return out
@@ -680,8 +703,8 @@ class HttpApi:
         gid = self._gid(request)
         try:
             info = await self.host.info(gid)
-        except Overloaded as e:
-            raise ApiError(503, "unavailable", str(e)) from None
+        except Failure as e:
+            raise refusal(e) from None
         return _json(info)
 
     async def _guild_presence(self, request: web.Request) -> web.StreamResponse:
@@ -689,8 +712,8 @@ class HttpApi:
         gid = self._gid(request)
         try:
             members = await self.host.presence(gid)
-        except Overloaded as e:
-            raise ApiError(503, "unavailable", str(e)) from None
+        except Failure as e:
+            raise refusal(e) from None
         return _json({"guild": gid, "members": members})
 
     async def _guild_history(self, request: web.Request) -> web.StreamResponse:
@@ -700,8 +723,8 @@ class HttpApi:
         limit = _query_int(request, "limit", HISTORY_PAGE_DEFAULT, 1, HISTORY_PAGE_MAX)
         try:
             page = await self.host.history(gid, after, limit)
-        except Overloaded as e:
-            raise ApiError(503, "unavailable", str(e)) from None
+        except Failure as e:
+            raise refusal(e) from None
         if after >= page.head:
             complete = after == page.head
         else:

@@ -39,7 +39,11 @@ _UNAUTHORIZED = _error(
 )
 _FORBIDDEN = _error("The key is not one of the server's API keys.")
 _BAD_GUILD = _error("The guild id is not 1-128 characters of `[A-Za-z0-9_.:-]`.")
-_UNAVAILABLE = _error("The guild cannot answer now (busy, or the node is draining); retry later.")
+_UNAVAILABLE = _error(
+    "The guild cannot answer now (busy, or the node is draining); retry later "
+    "(`Retry-After`, seconds: core/failures.py).",
+    {"Retry-After": {"required": False, "schema": {"type": "string"}}},
+)
 _NO_ROUTE = _error(
     "No such route. A guild id of `.` or `..` is removed from the path by URL "
     "normalisation on most clients; such guilds can be published to, not read here."

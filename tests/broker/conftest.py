@@ -1,4 +1,5 @@
-"""The broker contract's fixture: every broker implementation in turn."""
+"""The broker contract's fixtures: every broker implementation in turn (the
+built-in ones and any named in ``GUILDCAST_BROKER_HARNESS``: tests/broker/harness.py)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,24 @@ from pathlib import Path
 import pytest
 
 from guildcast.broker.base import Broker
-from guildcast.broker.disk import DiskBroker
-from guildcast.broker.memory import MemoryBroker
-from guildcast.broker.redis import RedisBroker
-from tests.support.redis import RedisProc
+from tests.broker.harness import BUILTIN, BrokerHarness, load, third_party
+
+_EXTRA = third_party()
 
 
-@pytest.fixture(params=["memory", "disk", "redis"])
-async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broker]:
-    """Every implementation of the broker contract, in turn."""
-    b: Broker
-    proc = None
-    if request.param == "memory":
-        b = MemoryBroker(history_size=50, history_ttl=300)
-    elif request.param == "disk":
-        b = DiskBroker(tmp_path / "data", history_size=50, history_ttl=300, fsync="always")
-    else:
-        proc = RedisProc(tmp_path)
-        proc.start()
-        b = RedisBroker(proc.url, history_size=50, history_ttl=300)
-    await b.start()
-    yield b
-    await b.close()
-    if proc is not None:
-        proc.stop()
+@pytest.fixture(params=[*BUILTIN, *_EXTRA])
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BrokerHarness]:
+    """Every implementation of the broker contract, in turn, with its faults."""
+    name: str = request.param
+    cls = BUILTIN[name] if name in BUILTIN else load(_EXTRA[name])
+    h = cls(tmp_path)
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
+@pytest.fixture
+async def broker(harness: BrokerHarness) -> Broker:
+    """A started broker of each implementation: 50 events, 300 s of history."""
+    return await harness.make(50, 300)

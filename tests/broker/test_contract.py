@@ -1,12 +1,21 @@
-"""The broker contract (server/broker/base.py), run against every broker."""
+"""The broker contract (server/broker/base.py), run against every broker.
+
+Every test runs once per implementation: the memory, disk and Redis brokers,
+and any third-party one named in ``GUILDCAST_BROKER_HARNESS`` (how to write
+its harness: tests/broker/harness.py). Covered: sequencing, reads, the count
+and age bounds, ``first``, the live feed and its gap notification, presence,
+counted listening, a new epoch after the log is lost, unavailability.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 import orjson
+import pytest
 
-from guildcast.broker.base import Broker, Presence, Record
+from guildcast.broker.base import FEED_LOST, Broker, BrokerUnavailable, Presence, Record
+from tests.broker.harness import BrokerHarness
 from tests.support.wait import until
 
 
@@ -197,3 +206,113 @@ async def test_read_after_a_huge_s_returns_nothing(broker: Broker) -> None:
     await broker.append("huge", [("E", b"1")])
     _, recs = await broker.read("huge", 2**63 - 2, 100)
     assert recs == []
+
+
+# --- history bounds, faults: through the implementation's harness -------------
+
+
+async def test_first_is_the_oldest_kept_s(harness: BrokerHarness) -> None:
+    broker = await harness.make(5, 300)
+    assert await broker.first("g") is None  # nothing yet
+    await broker.append("g", [("E", b"1"), ("E", b"2"), ("E", b"3")])
+    assert await broker.first("g") == 1
+    await broker.append("g", [("E", b"0")] * 4)  # 7 appended, 5 kept
+    assert await broker.first("g") == 3
+    _, recs = await broker.read("g", 0, 100)
+    assert [r.s for r in recs] == [3, 4, 5, 6, 7]  # read starts at first
+    assert await broker.first("other") is None  # per guild
+
+
+async def test_the_age_bound_empties_history_but_keeps_s_and_epoch(
+    harness: BrokerHarness,
+) -> None:
+    """Events older than ``history_ttl`` leave the history (``read``, ``first``);
+    the guild's epoch and ``s`` go on: aging out is not data loss."""
+    broker = await harness.make(50, 0.5)
+    epoch, _ = await broker.append("g", [("E", b"1"), ("E", b"2")])
+    assert await broker.first("g") == 1
+
+    async def aged_out() -> bool:
+        return await broker.first("g") is None
+
+    await until(aged_out, "the history to age out")
+    assert (await broker.read("g", 0, 10))[1] == []
+    epoch2, ss = await broker.append("g", [("E", b"3")])
+    assert (epoch2, ss) == (epoch, [3])
+    assert await broker.first("g") == 3
+    _, recs = await broker.read("g", 0, 10)
+    assert [r.s for r in recs] == [3]
+
+
+async def test_a_lost_log_gets_a_new_epoch(harness: BrokerHarness) -> None:
+    """Consistency model: the epoch changes when the history is lost, so no
+    old Position can be taken for a new one."""
+    broker = await harness.make(50, 300)
+    old, _ = await broker.append("g", [("E", b"1"), ("E", b"2"), ("E", b"3")])
+    kept, _ = await broker.append("other", [("E", b"1")])
+    broker = await harness.lose(broker, "g")
+    epoch, head = await broker.head("g")
+    assert epoch != old
+    e_read, recs = await broker.read("g", 0, 100)
+    assert e_read == epoch and recs == []  # nothing of the old epoch
+    e_app, ss = await broker.append("g", [("E", b"4")])
+    assert e_app == epoch and ss == [head + 1]
+    _, recs = await broker.read("g", 0, 100)
+    assert [r.s for r in recs] == [head + 1]
+    # a record carrying its epoch carries the new one
+    assert all(r.epoch in ("", epoch) for r in recs)
+    o_epoch, o_head = await broker.head("other")
+    assert o_head == 0 or o_epoch == kept  # another guild: lost with it, or untouched
+
+
+async def test_a_feed_gap_is_told_before_the_records_after_it(harness: BrokerHarness) -> None:
+    """A feed that may have skipped records tells its listener ``None``
+    ("check with read()") before it delivers anything after the gap."""
+    broker = await harness.make(50, 300)
+    got: list[int | str | None] = []
+
+    def feed(gid: str, recs: list[Record] | str | None) -> None:
+        if isinstance(recs, list):
+            got.extend(r.s for r in recs)
+        else:
+            got.append(recs)
+
+    broker.set_feed(feed)
+    await broker.listen("g")
+    await broker.append("g", [("E", b"1")])
+    await until(lambda: got == [1], "the first record")
+    if not await harness.interrupt_feed(broker):
+        pytest.skip(f"{harness.name}: its feed cannot have a gap")
+    await until(lambda: None in got, "the gap to be told")
+    await broker.append("g", [("E", b"2")])
+    await until(lambda: 2 in got, "a record after the gap")
+    assert got.index(None) < got.index(2)
+    assert [x for x in got if isinstance(x, int)] == [1, 2]
+    assert FEED_LOST not in got
+
+
+async def test_unavailable_refuses_appends_then_recovers(harness: BrokerHarness) -> None:
+    """An unavailable broker raises ``BrokerUnavailable`` (an unknown outcome
+    is one) and is not ``healthy``; repaired, it is healthy again and
+    appends go on."""
+    broker = await harness.make(50, 300)
+    await broker.append("up", [("E", b"1")])
+    assert broker.healthy
+    if not await harness.break_storage(broker):
+        pytest.skip(f"{harness.name}: it cannot be unavailable")
+    with pytest.raises(BrokerUnavailable):
+        await broker.append("down", [("E", b"1")])
+    await until(lambda: not broker.healthy, "the broker to say it is unhealthy")
+    await harness.repair_storage(broker)
+    await until(lambda: broker.healthy, "the broker to recover")
+
+    async def appends() -> bool:
+        try:
+            await broker.append("down", [("E", b"2")])
+        except BrokerUnavailable:
+            return False
+        return True
+
+    await until(appends, "an append to succeed")
+    _, recs = await broker.read("down", 0, 10)
+    assert recs and recs[-1].t == "E" and recs[-1].payload.endswith(b'"d":2}')

@@ -144,7 +144,7 @@ async def test_age_compaction_drops_expired_events_from_the_file(tmp_path: Path)
     # As if more than COMPACT_MIN_AGE had passed: history drops them by age,
     # and the next write rewrites the file without them.
     later = time.time() + 3600
-    b._prune_log(lg, later)
+    lg.log.history.prune(later)
     await b._maybe_compact("g", lg, later)
     got = journal.load(jpath(tmp_path, "g"), "g")
     assert (got.count, got.base, got.head) == (0, 2, 2)

@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from guildcast.broker.base import BrokerUnavailable, OutcomeUnknown, Record
-from guildcast.broker.redis import RedisBroker, channel, parse_record
+from guildcast.broker.redis import RedisBroker, channel, guild_keys, parse_record
 from guildcast.loadtest.faultproxy import FaultProxy
 from guildcast.protocol import wire
 from tests.support.redis import RedisProc
@@ -99,7 +99,7 @@ async def test_an_evicted_seq_starts_a_new_epoch(redis_proc: RedisProc) -> None:
         e1, ss = await b.append("g", [("EV", b"1"), ("EV", b"2")])
         assert ss == [1, 2]
         raw = aioredis.Redis(port=redis_proc.port)
-        await raw.delete("gc:{g}:seq")  # what an evicting maxmemory-policy does
+        await raw.delete(guild_keys("g")[1])  # what an evicting maxmemory-policy does
         await raw.aclose()
         e2, ss = await b.append("g", [("EV", b"3")])
         assert e2 != e1 and ss == [1], "an (epoch, s) was reused"
@@ -127,7 +127,7 @@ async def test_a_late_answer_is_outcome_unknown_and_a_refused_one_is_not(
         raw = aioredis.Redis(port=redis_proc.port)
 
         async def sequenced() -> bool:
-            return int(await raw.get("gc:{g}:seq")) == 2
+            return int(await raw.get(guild_keys("g")[1])) == 2
 
         await until(sequenced, timeout=10)
         await raw.aclose()

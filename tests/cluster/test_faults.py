@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from guildcast.broker.redis import node_members
 from guildcast.core.tokens import make_token
 from guildcast.loadtest.faultcheck import Ledger, Publisher, Subscriber, wait_clean
 from guildcast.loadtest.faultproxy import ThreadedFaultProxy
@@ -259,7 +260,7 @@ async def test_a_node_paused_past_presence_timeout_reannounces_its_sessions(
 
             async def reaped() -> bool:
                 # Gone for good: another node's reaper removed A's members.
-                return not await on("a") and not await r.exists("gc:node:a:members")
+                return not await on("a") and not await r.exists(node_members("a"))
 
             await until(reaped, timeout=20)  # presence timeout is 2 s
         finally:

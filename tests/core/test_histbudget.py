@@ -53,12 +53,13 @@ async def test_accounting_is_exact_through_count_age_and_sweep() -> None:
     b = MemoryBroker(5, 0.5, history_guild_bytes=10**9, history_node_bytes=10**9)
     for i in range(12):
         await b.append(f"g{i % 3}", [("E", KB)])
-    assert b.budget.total == sum(log.nbytes for log in b._logs.values())
-    assert all(len(log.records) <= 5 for log in b._logs.values())
-    exact = sum(len(r.payload) + RECORD_OVERHEAD for log in b._logs.values() for r in log.records)
+    rings = [log.history for log in b._logs.values()]
+    assert b.budget.total == sum(h.nbytes for h in rings)
+    assert all(len(h.records) <= 5 for h in rings)
+    exact = sum(len(r.payload) + RECORD_OVERHEAD for h in rings for r in h.records)
     assert b.budget.total == exact
-    for log in b._logs.values():  # as if every event had aged out
-        for r in list(log.records):
-            log.records[log.records.index(r)] = r._replace(ts=0.0)
+    for h in rings:  # as if every event had aged out
+        for r in list(h.records):
+            h.records[h.records.index(r)] = r._replace(ts=0.0)
     assert b.sweep() == 3
     assert b.budget.total == 0 and b.budget.evicted == 0

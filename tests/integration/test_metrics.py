@@ -134,3 +134,36 @@ async def test_journal_metrics_with_data_dir(tmp_path: Path) -> None:
         assert value(samples, "guildcast_journal_bytes_total") > 0
         assert value(samples, "guildcast_journal_fsyncs_total") >= 3
         assert value(samples, "guildcast_journal_repairs_total") == 0
+
+
+async def test_each_layer_reports_its_own_fields_and_the_node_composes_them() -> None:
+    """/metrics is composed from what each layer reports (ReportsMetrics):
+    the gateway its connections, the hub its guild actors, the actors'
+    counters their events; none fills another's fields."""
+    from guildcast.core.metrics import MetricsSnapshot, ReportsMetrics
+
+    async with api_server() as srv:
+        tok = srv.token("u", guilds=["*"])
+        ws, _ = await subscribe(srv.url, tok, "layers")
+        await srv.publish("layers", "E", 1)
+        await recv(ws)
+        await until(lambda: srv.stats_counters.deliveries >= 1, "the delivery")
+        for part in (srv.gateway, srv.hub, srv.stats_counters, srv.broker):
+            assert isinstance(part, ReportsMetrics)
+        gw, hub, counters = MetricsSnapshot(), MetricsSnapshot(), MetricsSnapshot()
+        srv.gateway.report_metrics(gw)
+        srv.hub.report_metrics(hub)
+        srv.stats_counters.report_metrics(counters)
+        assert (gw.connections, gw.sessions_identified, gw.guilds_alive, gw.published) == (
+            1,
+            1,
+            0,
+            0,
+        )
+        assert (hub.guilds_alive, hub.subscriptions, hub.connections) == (1, 1, 0)
+        assert "guild" in hub.mailboxes and "guild" not in gw.mailboxes
+        assert (counters.published, counters.deliveries, counters.connections) == (1, 1, 0)
+        m = srv.metrics()
+        assert (m.connections, m.guilds_alive, m.subscriptions, m.published) == (1, 1, 1, 1)
+        assert m.ready and m.broker_up
+        await ws.close()

@@ -255,8 +255,9 @@ async def test_an_overloaded_guild_is_503_with_what_was_published() -> None:
     # A guild mailbox of 3: a batch of 6 to one guild overflows it midway.
     async with api_server(guild_mailbox=3) as srv, Api(srv.api_url) as api:
         events = [{"guild": "busy", "t": "E", "d": i} for i in range(6)]
-        status, err, _ = await api.publish({"events": events})
+        status, err, headers = await api.publish({"events": events})
         assert status == 503 and err["error"] == "unavailable"
+        assert headers["Retry-After"] == "1"  # the failure table's row (core/failures.py)
         results = err["results"]
         assert [r.get("s") for r in results[:3]] == [1, 2, 3]
         assert results[3]["error"] == "unavailable"
