@@ -43,12 +43,13 @@ from guildcast.broker.base import (
 )
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
-from guildcast.config import Config
+from guildcast.config import COMPRESSION_MODES, Config
 from guildcast.core import fdwatch
 from guildcast.core.host import HistoryPage, OutcomeUnknown, Overloaded
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
+from guildcast.protocol.deflate import Deflater
 from guildcast.protocol.session import Limits, State
 from guildcast.protocol.wire import valid_guild
 from guildcast.transport.gateway import Gateway, GatewayLimits
@@ -75,6 +76,8 @@ class Server:
         cfg = self.config
         if cfg.fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
+        if cfg.compression not in COMPRESSION_MODES:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSION_MODES)}")
         if cfg.data_dir and cfg.redis:
             raise ValueError("data_dir and redis exclude each other: Redis holds the history")
         if cfg.secret == "" or "" in cfg.api_keys:
@@ -197,6 +200,8 @@ class Server:
                 close_timeout=cfg.close_timeout,
                 user_publish_bytes=cfg.user_publish_bytes,
             ),
+            # One compressor per node: every event compressed once for all.
+            Deflater(cfg.compression_threshold) if cfg.compression == "on" else None,
         )
         self.gateway.demo_page = cfg.demo_page
         self.gateway.readiness = lambda: "" if self.ready else self.not_ready_reason
@@ -450,14 +455,23 @@ class Server:
             published=st.published,
             deliveries=st.deliveries,
             bytes_out=st.bytes_out,
+            bytes_uncompressed=st.bytes_uncompressed,
+            deliveries_compressed=st.deliveries_compressed,
             latency_buckets=st.latency.cumulative(),
             latency_sum=st.latency.total,
             latency_count=st.latency.count,
         )
+        z = gw.deflater
+        if z is not None:
+            m.compressed_messages = z.compressed
+            m.compress_bytes_in = z.bytes_in
+            m.compress_bytes_out = z.bytes_out
         for conn in gw.connections:
             session = conn.session
             if session is not None and session.state is State.READY:
                 m.sessions_identified += 1
+            if conn.deflate is not None:
+                m.connections_deflate += 1
         guilds = m.mailboxes["guild"] = MailboxDepth()
         parts = m.mailboxes["partition"] = MailboxDepth()
         for guild in self.registry:

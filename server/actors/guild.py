@@ -6,7 +6,9 @@ that is this actor's own log, in cluster mode one Redis script), and the
 publishers are answered with ``(s, epoch)``. While the guild has local
 subscribers it listens to the broker's feed: each record arrives in ``s``
 order, is framed once (``wire.text_frame``) and the same bytes go to every
-partition (docs/DESIGN.md, "The path of one event"). It never writes to a socket.
+partition (docs/DESIGN.md, "The path of one event"); compressed once too,
+for the sessions that negotiated permessage-deflate (``Frames.compressed``).
+It never writes to a socket.
 
 Delivery cursor: ``cursor.Cursor`` (a pure state machine, ``cursor.py``)
 decides what is delivered: duplicates dropped, gaps read back from history,
@@ -412,7 +414,7 @@ class Guild(Actor):
         self.delivered += len(run.frames)
         for p in self.partitions:
             if type(p) is Writer:
-                p.write(run.frames, run.names, run.stamps, run.data)
+                p.write(run.frames, run.names, run.stamps, run.data, run.compressed)
                 continue
             assert type(p) is Partition
             try:
@@ -432,7 +434,7 @@ class Guild(Actor):
         msg = PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid))
         for p in self.partitions:
             if type(p) is Writer:
-                p.send_presence(msg.frame)
+                p.send_presence(msg)
             else:
                 assert type(p) is Partition
                 p.cast_system(msg)

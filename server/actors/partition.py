@@ -7,6 +7,15 @@ per-recipient work is one call (the buffer-bound check lives in
 ``Sink.send``); nothing awaits a client. Sessions with an ``events`` filter
 get the frames their filter passes, joined once per distinct filter per run.
 
+Compression (docs/PROTOCOL.md "Compression"): sessions that negotiated
+permessage-deflate carry their parameter set's
+:class:`~guildcast.protocol.deflate.Deflater` as ``Sink.deflate``. A run's
+compressed frames are made once per node (cached on the :class:`Frames`
+the guild hands every writer, and on each :class:`PresenceFrame`) and the
+same bytes go to every such session; a preamble or farewell, built for one
+session, is compressed for it by the same shared compressor. Small frames
+stay uncompressed (the deflater's threshold).
+
 Placement (the guild decides, once, in ``Guild._writer_with_room``; see
 docs/ARCHITECTURE.md "Placement"): a guild's first ``partition_size``
 sessions are in a :class:`Writer` the guild writes itself, in the step that
@@ -34,6 +43,18 @@ from typing import Any
 from guildcast.actors.actor import Actor
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
+from guildcast.protocol.deflate import RSV1, Deflater
+
+#: A run's frames compressed by one deflater: ``(frames, joined, compressed)``,
+#: the last the number of frames sent compressed (RSV1 set; the rest were small).
+Compressed = tuple[list[bytes], bytes, int]
+
+
+def compress_frames(frames: list[bytes], deflater: Deflater) -> Compressed:
+    """``frames`` (built by ``text_frame``) as ``deflater`` writes them."""
+    zf = [deflater.frame(f) for f in frames]
+    n = sum(1 for f in zf if f[0] & RSV1)
+    return zf, zf[0] if len(zf) == 1 else b"".join(zf), n
 
 
 class Frames:
@@ -43,7 +64,7 @@ class Frames:
     publish-to-write latency metric; None when unknown.
     """
 
-    __slots__ = ("data", "frames", "names", "stamps")
+    __slots__ = ("_z", "data", "frames", "names", "stamps")
 
     def __init__(
         self, frames: list[bytes], names: list[str], stamps: list[float] | None = None
@@ -53,6 +74,19 @@ class Frames:
         self.stamps = stamps
         #: ``frames`` joined, once for every writer (what plain sessions get).
         self.data = frames[0] if len(frames) == 1 else b"".join(frames)
+        #: The run compressed, per parameter set, made by the first writer
+        #: with a session that negotiated it (one entry per node in practice).
+        self._z: dict[Deflater, Compressed] | None = None
+
+    def compressed(self, deflater: Deflater) -> Compressed:
+        """This run as ``deflater``'s sessions get it, compressed once."""
+        z = self._z
+        if z is None:
+            z = self._z = {}
+        hit = z.get(deflater)
+        if hit is None:
+            hit = z[deflater] = compress_frames(self.frames, deflater)
+        return hit
 
 
 class Add:
@@ -69,10 +103,18 @@ class Add:
 class PresenceFrame:
     """A PRESENCE_JOIN/LEAVE dispatch for the sessions that asked for presence."""
 
-    __slots__ = ("frame",)
+    __slots__ = ("_z", "frame")
 
     def __init__(self, frame: bytes) -> None:
         self.frame = frame
+        self._z: tuple[Deflater, bytes] | None = None
+
+    def compressed(self, deflater: Deflater) -> bytes:
+        """The frame as ``deflater``'s sessions get it, compressed once."""
+        z = self._z
+        if z is None or z[0] is not deflater:
+            z = self._z = (deflater, deflater.frame(self.frame))
+        return z[1]
 
 
 class Remove:
@@ -93,10 +135,20 @@ PARTITION_MAILBOX_BOUND = 4096
 class Writer:
     """At most ``partition_size`` sessions of one guild and the writes to them."""
 
-    __slots__ = ("bytes_out", "deliveries", "filtered", "plain", "presence", "stats")
+    __slots__ = (
+        "bytes_out",
+        "deliveries",
+        "filtered",
+        "plain",
+        "presence",
+        "stats",
+        "zplain",
+    )
 
     def __init__(self, stats: NodeStats | None = None) -> None:
         self.plain: dict[Sink, None] = {}
+        #: Unfiltered sessions that negotiated permessage-deflate, by deflater.
+        self.zplain: dict[Sink, Deflater] = {}
         self.filtered: dict[Sink, frozenset[str]] = {}
         #: Sessions that asked for PRESENCE_JOIN/LEAVE (a subset of the above).
         self.presence: set[Sink] = set()
@@ -106,32 +158,40 @@ class Writer:
         self.stats = stats
 
     def __len__(self) -> int:
-        return len(self.plain) + len(self.filtered)
+        return len(self.plain) + len(self.zplain) + len(self.filtered)
 
     def add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
         self.presence.discard(sink)
         self.plain.pop(sink, None)
+        self.zplain.pop(sink, None)
         self.filtered.pop(sink, None)
         if sink.is_closed:
             return
-        sink.send(preamble)
+        z = sink.deflate
+        sink.send(preamble if z is None else z.frames(preamble))
         if presence:
             self.presence.add(sink)
-        if sink.events is None:
-            self.plain[sink] = None
-        else:
+        if sink.events is not None:
             self.filtered[sink] = sink.events
+        elif z is not None:
+            self.zplain[sink] = z
+        else:
+            self.plain[sink] = None
 
     def remove(self, sink: Sink, farewell: bytes | None) -> None:
         self.presence.discard(sink)
         self.plain.pop(sink, None)
+        self.zplain.pop(sink, None)
         self.filtered.pop(sink, None)
         if farewell is not None:
-            sink.send(farewell)
+            z = sink.deflate
+            sink.send(farewell if z is None else z.frames(farewell))
 
-    def send_presence(self, frame: bytes) -> None:
+    def send_presence(self, frame: bytes | PresenceFrame) -> None:
+        msg = frame if isinstance(frame, PresenceFrame) else PresenceFrame(frame)
         for sink in self.presence:
-            sink.send(frame)
+            z = sink.deflate
+            sink.send(msg.frame if z is None else msg.compressed(z))
 
     def write(
         self,
@@ -139,9 +199,12 @@ class Writer:
         names: list[str],
         stamps: list[float] | None,
         data: bytes | None = None,
+        compressed: Callable[[Deflater], Compressed] | None = None,
     ) -> None:
         """Write a run of event frames (``stamps``: their publish times, or
-        None; ``data``: ``frames`` already joined, if the caller has it)."""
+        None; ``data``: ``frames`` already joined, if the caller has it;
+        ``compressed``: the run's compressed frames per deflater, made once
+        for every writer, if the caller has them: ``Frames.compressed``)."""
         if data is None:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
         plain = self.plain
@@ -150,25 +213,59 @@ class Writer:
         n = len(plain)
         out = n * len(data)
         deliveries = n * len(frames)
+        before = out
+        zcount = 0
+        if self.zplain:
+            if compressed is None:
+                compressed = _local_compressor(frames)
+            last: Deflater | None = None
+            zdata = b""
+            zn = 0
+            for sink, zp in self.zplain.items():
+                if zp is not last:
+                    _, zdata, zn = compressed(zp)
+                    last = zp
+                sink.send(zdata)
+                out += len(zdata)
+                zcount += zn
+            n = len(self.zplain)
+            deliveries += n * len(frames)
+            before += n * len(data)
         if self.filtered:
-            # One join per distinct filter in this run, not per session.
-            cache: dict[frozenset[str], tuple[bytes, int]] = {}
+            # One join per distinct filter (and parameter set) in this run,
+            # not per session.
+            cache: dict[tuple[frozenset[str], Deflater | None], tuple[bytes, int, int, int]] = {}
             for sink, want in self.filtered.items():
-                hit = cache.get(want)
+                z: Deflater | None = sink.deflate
+                hit = cache.get((want, z))
                 if hit is None:
-                    passed = [f for f, t in zip(frames, names, strict=True) if t in want]
-                    hit = cache[want] = (b"".join(passed), len(passed))
-                chunk, count = hit
+                    keep = [i for i, t in enumerate(names) if t in want]
+                    plain_len = sum(len(frames[i]) for i in keep)
+                    if z is None:
+                        passed = [frames[i] for i in keep]
+                        nz = 0
+                    else:
+                        if compressed is None:
+                            compressed = _local_compressor(frames)
+                        zf = compressed(z)[0]
+                        passed = [zf[i] for i in keep]
+                        nz = sum(1 for f in passed if f[0] & RSV1)
+                    hit = cache[(want, z)] = (b"".join(passed), len(passed), plain_len, nz)
+                chunk, count, plain_len, nz = hit
                 if count:
                     sink.send(chunk)
                     out += len(chunk)
+                    before += plain_len
                     deliveries += count
+                    zcount += nz
         self.deliveries += deliveries
         self.bytes_out += out
         stats = self.stats
         if stats is not None:
             stats.deliveries += deliveries
             stats.bytes_out += out
+            stats.bytes_uncompressed += before
+            stats.deliveries_compressed += zcount
             if deliveries and stamps:
                 # Once per event per writer that wrote it, never per recipient.
                 now = time.time()
@@ -177,7 +274,20 @@ class Writer:
                     observe(now - ts)
 
     def sinks(self) -> list[Sink]:
-        return [*self.plain, *self.filtered]
+        return [*self.plain, *self.zplain, *self.filtered]
+
+
+def _local_compressor(frames: list[bytes]) -> Callable[[Deflater], Compressed]:
+    """``Frames.compressed`` for a run written without a :class:`Frames`."""
+    cache: dict[Deflater, Compressed] = {}
+
+    def get(z: Deflater) -> Compressed:
+        hit = cache.get(z)
+        if hit is None:
+            hit = cache[z] = compress_frames(frames, z)
+        return hit
+
+    return get
 
 
 class Partition(Actor):
@@ -228,7 +338,7 @@ class Partition(Actor):
                 if tp is Add:
                     w.add(item.sink, item.preamble, item.presence)
                 elif tp is PresenceFrame:
-                    w.send_presence(item.frame)
+                    w.send_presence(item)
                 elif tp is Remove:
                     w.remove(item.sink, item.farewell)
                     if self.on_removed is not None:
@@ -246,7 +356,7 @@ def _write_runs(w: Writer, runs: list[Frames]) -> None:
     """Write consecutive runs as one (one ``send`` per session for all of them)."""
     if len(runs) == 1:
         run = runs[0]
-        w.write(run.frames, run.names, run.stamps, run.data)
+        w.write(run.frames, run.names, run.stamps, run.data, run.compressed)
         return
     frames: list[bytes] = []
     names: list[str] = []
@@ -256,4 +366,11 @@ def _write_runs(w: Writer, runs: list[Frames]) -> None:
         names += run.names
         if run.stamps:
             stamps += run.stamps
-    w.write(frames, names, stamps, b"".join([run.data for run in runs]))
+
+    def compressed(z: Deflater) -> Compressed:
+        # Each run's compressed frames are shared with the other writers.
+        parts = [run.compressed(z) for run in runs]
+        zf = [f for part in parts for f in part[0]]
+        return zf, b"".join([part[1] for part in parts]), sum(part[2] for part in parts)
+
+    w.write(frames, names, stamps, b"".join([run.data for run in runs]), compressed)

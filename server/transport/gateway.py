@@ -18,6 +18,15 @@ enforced at most one ``sweep_interval`` (plus loop delay) late, and an idle
 connection heartbeating every 30 s costs one visit per 45 s instead of two
 per second.
 
+Compression: permessage-deflate is negotiated by websockets' extension
+machinery with the parameters in ``compression.py`` (``--compression``); a
+connection that negotiated it carries the node's
+:class:`~guildcast.protocol.deflate.Deflater` as ``deflate``, and is written
+the frames compressed once for every such connection; its own frames (HELLO,
+answers, errors) follow the same threshold rule. websockets itself never
+compresses what we write (we write frames to the transport ourselves); it
+decodes the client's compressed frames.
+
 A :class:`Connection` is the :class:`~guildcast.core.sink.Sink` the fanout path
 writes to: ``send`` is one ``transport.write`` plus the unsent-bytes bound
 (past ``max_buffer`` the connection is closed with 4010 and its backlog is
@@ -48,6 +57,7 @@ from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import wire
 from guildcast.protocol.codes import SUBPROTOCOL, SUBPROTOCOLS, Close, Err
+from guildcast.protocol.deflate import Deflater
 from guildcast.protocol.session import (
     Authenticator,
     CloseConn,
@@ -62,6 +72,7 @@ from guildcast.protocol.session import (
     error_frame,
 )
 from guildcast.transport import static
+from guildcast.transport.compression import SharedDeflateFactory, negotiated
 
 log = logging.getLogger("guildcast.gateway")
 #: websockets logs every open and close at INFO; that is our job, at our level.
@@ -150,6 +161,7 @@ class Connection(asyncio.Protocol):
         "_transport",
         "closing",
         "deadline",
+        "deflate",
         "events",
         "exited",
         "proto",
@@ -167,6 +179,7 @@ class Connection(asyncio.Protocol):
         #: While answers are written: their frames, sent as one write.
         self._cork: list[bytes] | None = None
         self.proto = ServerProtocol(
+            extensions=gw.extensions,
             subprotocols=_SUBPROTOCOLS,
             select_subprotocol=_select_subprotocol,
             max_size=gw.limits.max_frame,
@@ -174,6 +187,8 @@ class Connection(asyncio.Protocol):
         )
         self.session: Session | None = None
         self.events: frozenset[str] | None = None
+        #: The node's deflater once permessage-deflate is negotiated (Sink.deflate).
+        self.deflate: Deflater | None = None
         self.closing = False
         self.exited = False
         #: Handshake or close-handshake deadline (monotonic); the session has its own.
@@ -404,12 +419,14 @@ class Connection(asyncio.Protocol):
         gw.pending.discard(self)
         gw.connections.add(self)
         gw.accepted += 1
+        if gw.deflater is not None and negotiated(proto.extensions):
+            self.deflate = gw.deflater
         now = time.monotonic()
         self.session = Session(gw.authenticate, gw.session_limits, secrets.token_hex(8), now)
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
         # The 101 response and HELLO leave in one write.
-        self._flush(self.session.hello())
+        self._flush(self._own(self.session.hello()))
 
     def _on_frame(self, frame: Frame) -> None:
         op = frame.opcode
@@ -473,7 +490,7 @@ class Connection(asyncio.Protocol):
                     # (PROTOCOL.md: answers in the order the PUBLISHes came).
                     self._answers.append([e])
                 else:
-                    self.send(e.data)  # type: ignore[union-attr]
+                    self.send(self._own(e.data))  # type: ignore[union-attr]
             elif tp is Forbidden:
                 assert isinstance(e, Forbidden)
                 self._log_forbidden(e.gid, e.message)
@@ -484,7 +501,7 @@ class Connection(asyncio.Protocol):
                 except Overloaded as exc:
                     if self.session is not None:
                         self.session.subscriptions.discard(e.gid)
-                    self.send(error_frame(Err.TRY_AGAIN_LATER, str(exc), g=e.gid))
+                    self.send(self._own(error_frame(Err.TRY_AGAIN_LATER, str(exc), g=e.gid)))
             elif tp is Unsubscribe:
                 assert isinstance(e, Unsubscribe)
                 gw.host.unsubscribe(self, e.gid)
@@ -494,6 +511,12 @@ class Connection(asyncio.Protocol):
             elif tp is CloseConn:
                 assert isinstance(e, CloseConn)
                 self.close(e.code, e.reason)
+
+    def _own(self, data: bytes) -> bytes:
+        """This session's own frames (not shared events) as it is sent them:
+        compressed past the threshold if it negotiated permessage-deflate."""
+        z = self.deflate
+        return data if z is None else z.frames(data)
 
     def _publish(self, p: Publish) -> None:
         session = self.session
@@ -601,11 +624,16 @@ class Gateway:
         authenticate: Authenticator,
         session_limits: Limits,
         limits: GatewayLimits,
+        deflater: Deflater | None = None,
     ) -> None:
         self.host = host
         self.authenticate = authenticate
         self.session_limits = session_limits
         self.limits = limits
+        #: The node's compressor: permessage-deflate is offered to clients
+        #: (``--compression on``) when set, declined when None.
+        self.deflater = deflater
+        self.extensions = [SharedDeflateFactory()] if deflater is not None else None
         #: Connections past the handshake (counted against max_connections).
         self.connections: set[Connection] = set()
         #: Connections still in the HTTP upgrade (or being refused).
@@ -699,7 +727,7 @@ class Gateway:
         ``timeout`` s for the close handshakes before dropping the rest."""
         self.stop_accepting()
         for conn in list(self.connections):
-            conn.send(wire.RECONNECT_FRAME)
+            conn.send(conn._own(wire.RECONNECT_FRAME))
             conn.close(Close.GOING_AWAY, "server shutting down")
         for conn in list(self.pending):
             conn.close(Close.GOING_AWAY, "server shutting down")
