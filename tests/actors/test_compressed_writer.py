@@ -59,7 +59,7 @@ def decoded(buf: bytes, compressed: bool) -> list[bytes]:
 
 
 def event(name: str, size: int, s: int) -> bytes:
-    body = ('{"op":0,"t":"%s","g":"g","s":%d,"d":{"text":"' % (name, s)).encode()
+    body = f'{{"op":0,"t":"{name}","g":"g","s":{s},"d":{{"text":"'.encode()
     words = b"lorem ipsum dolor sit amet %d " % s
     return body + (words * (size // len(words) + 1))[:size] + b'"}}'
 
