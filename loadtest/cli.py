@@ -119,6 +119,17 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
     g.add_argument("--connect-timeout", type=float, help="seconds for every client to connect")
     g.add_argument("--drain-timeout", type=float, help="seconds for every delivery to arrive")
     g.add_argument("--seed", type=int, help="seed of every random choice (1)")
+    g.add_argument(
+        "--deflate",
+        action="store_true",
+        default=None,
+        help="subscribers offer permessage-deflate and inflate compressed events",
+    )
+    g.add_argument(
+        "--pad",
+        choices=("x", "text"),
+        help="event padding: x (repeated, compresses to nothing) or text (like chat) (x)",
+    )
     s = ap.add_argument_group("server")
     s.add_argument(
         "--server",
@@ -176,6 +187,8 @@ PLAN_KEYS = (
     "seed",
     "max_buffer",
     "history_size",
+    "deflate",
+    "pad",
 )
 
 
