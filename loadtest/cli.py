@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "clusterbench": "guildcast.loadtest.clusterbench",
     "sendcost": "guildcast.loadtest.sendcost",
     "faults": "guildcast.loadtest.faults",
+    "wiresize": "guildcast.loadtest.wiresize",
 }
 
 
