@@ -35,8 +35,10 @@ from guildcast.client import Client
 from guildcast.protocol.client import Event
 from guildcast.protocol.deflate import RSV1
 from guildcast.protocol.frames import OP_TEXT, client_frame, scan_frames
+from tests.integration.test_metrics import scrape, value
+from tests.support.api import Api
 from tests.support.gateway import DISPATCH, identify, open_ws, recv, send, session
-from tests.support.node import node
+from tests.support.node import api_server, node
 from tests.support.wait import TIMEOUT, output
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -374,3 +376,42 @@ async def test_compression_off_declines_every_offer() -> None:
         assert srv.gateway.deflater is None
         assert srv.stats_counters.deliveries_compressed == 0
         await ws.close()
+
+
+async def test_metrics_count_compression_once_per_event() -> None:
+    """Two deflate sessions and one plain: each big event is compressed once
+    (not once per recipient), and /metrics reports the bytes before and after
+    and the compressed share of deliveries."""
+    async with api_server() as srv, Api(srv.api_url) as api:
+        socks = []
+        for mode in ("deflate", "deflate", None):
+            ws, _ = await session(srv.url, srv.token("m"), {GID: None}, compression=mode)
+            socks.append(ws)
+        m0, _ = await scrape(api)
+        assert value(m0, "guildcast_connections_deflate") == 2
+        await publish_mix(srv)
+        for ws in socks:
+            await dispatches(ws, len(MIX))
+        m1, _ = await scrape(api)
+        big = sum(1 for t, _ in MIX if t != "TICK")
+
+        def moved(name: str) -> float:
+            return value(m1, name) - value(m0, name)
+
+        assert moved("guildcast_compressed_messages_total") == big
+        assert moved("guildcast_deliveries_compressed_total") == 2 * big
+        assert moved("guildcast_deliveries_total") == 3 * len(MIX)
+        zin, zout = (
+            moved("guildcast_compress_input_bytes_total"),
+            moved("guildcast_compress_output_bytes_total"),
+        )
+        assert 0 < zout < zin
+        wrote, plain = (
+            moved("guildcast_bytes_written_total"),
+            moved("guildcast_bytes_written_uncompressed_total"),
+        )
+        # Two of three sessions saved what the compressor saved, less frame headers.
+        assert plain - wrote >= 2 * (zin - zout) - 2 * 8 * big
+        assert wrote < plain
+        for ws in socks:
+            await ws.close()
