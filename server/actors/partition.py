@@ -147,8 +147,9 @@ class Writer:
 
     def __init__(self, stats: NodeStats | None = None) -> None:
         self.plain: dict[Sink, None] = {}
-        #: Unfiltered sessions that negotiated permessage-deflate, by deflater.
-        self.zplain: dict[Sink, Deflater] = {}
+        #: Unfiltered sessions that negotiated permessage-deflate, by their
+        #: parameter set's deflater (one in practice): written like ``plain``.
+        self.zplain: dict[Deflater, dict[Sink, None]] = {}
         self.filtered: dict[Sink, frozenset[str]] = {}
         #: Sessions that asked for PRESENCE_JOIN/LEAVE (a subset of the above).
         self.presence: set[Sink] = set()
@@ -158,13 +159,20 @@ class Writer:
         self.stats = stats
 
     def __len__(self) -> int:
-        return len(self.plain) + len(self.zplain) + len(self.filtered)
+        return len(self.plain) + sum(map(len, self.zplain.values())) + len(self.filtered)
 
-    def add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
+    def _forget(self, sink: Sink) -> None:
         self.presence.discard(sink)
         self.plain.pop(sink, None)
-        self.zplain.pop(sink, None)
         self.filtered.pop(sink, None)
+        z = sink.deflate
+        if z is not None and (group := self.zplain.get(z)) is not None:
+            group.pop(sink, None)
+            if not group:
+                del self.zplain[z]
+
+    def add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
+        self._forget(sink)
         if sink.is_closed:
             return
         z = sink.deflate
@@ -174,15 +182,12 @@ class Writer:
         if sink.events is not None:
             self.filtered[sink] = sink.events
         elif z is not None:
-            self.zplain[sink] = z
+            self.zplain.setdefault(z, {})[sink] = None
         else:
             self.plain[sink] = None
 
     def remove(self, sink: Sink, farewell: bytes | None) -> None:
-        self.presence.discard(sink)
-        self.plain.pop(sink, None)
-        self.zplain.pop(sink, None)
-        self.filtered.pop(sink, None)
+        self._forget(sink)
         if farewell is not None:
             z = sink.deflate
             sink.send(farewell if z is None else z.frames(farewell))
@@ -218,19 +223,15 @@ class Writer:
         if self.zplain:
             if compressed is None:
                 compressed = _local_compressor(frames)
-            last: Deflater | None = None
-            zdata = b""
-            zn = 0
-            for sink, zp in self.zplain.items():
-                if zp is not last:
-                    _, zdata, zn = compressed(zp)
-                    last = zp
-                sink.send(zdata)
-                out += len(zdata)
-                zcount += zn
-            n = len(self.zplain)
-            deliveries += n * len(frames)
-            before += n * len(data)
+            for zp, group in self.zplain.items():
+                _, zdata, zn = compressed(zp)
+                for sink in group:
+                    sink.send(zdata)
+                n = len(group)
+                out += n * len(zdata)
+                zcount += n * zn
+                deliveries += n * len(frames)
+                before += n * len(data)
         if self.filtered:
             # One join per distinct filter (and parameter set) in this run,
             # not per session.
@@ -274,7 +275,7 @@ class Writer:
                     observe(now - ts)
 
     def sinks(self) -> list[Sink]:
-        return [*self.plain, *self.zplain, *self.filtered]
+        return [*self.plain, *(s for g in self.zplain.values() for s in g), *self.filtered]
 
 
 def _local_compressor(frames: list[bytes]) -> Callable[[Deflater], Compressed]:
