@@ -11,7 +11,9 @@ inflater, as any client of a ``server_no_context_takeover`` server may);
 both must read the same texts. It prints, per kind, the bytes each received
 and their ratio, and the node's compressor's CPU time per message (the
 thread's CPU clock around compressing each kind's payloads once more with
-the node's settings). Loopback only, bounded (a few thousand events):
+the node's settings); then how well chat messages cut to sizes from 48 to
+512 bytes compress (what ``--compression-threshold`` is chosen from).
+Loopback only, bounded (a few thousand events):
 
     guildcast loadtest wiresize [--chat 2000] [--snapshots 300] [--json PATH]
 """
@@ -150,6 +152,27 @@ class Subscriber:
             self._writer.close()
 
 
+#: Message sizes of the threshold table (bytes).
+SIZES = (48, 64, 96, 128, 160, 192, 256, 384, 512)
+
+
+def size_table(rng: random.Random, n: int = 300) -> dict[int, float]:
+    """Compressed / plain bytes of chat messages cut to each of :data:`SIZES`
+    (what the threshold is chosen from: below it, compressing saves little)."""
+    from guildcast.protocol import wire as pw
+
+    # Two chat messages per event, so that every one is longer than 512 bytes.
+    msgs = [
+        pw.dispatch_json(GID, "MESSAGES", k, orjson.dumps([chat(rng), chat(rng)])) for k in range(n)
+    ]
+    out: dict[int, float] = {}
+    for size in SIZES:
+        z = Deflater(0)
+        cut = [m[:size] for m in msgs]
+        out[size] = round(sum(len(z.compress(m)) for m in cut) / sum(map(len, cut)), 3)
+    return out
+
+
 def compress_cost(payloads: list[bytes], threshold: int) -> float:
     """Microseconds of this thread's CPU per payload to compress each once."""
     z = Deflater(threshold)
@@ -205,6 +228,7 @@ async def measure(counts: dict[str, int], seed: int) -> dict[str, Any]:
         }
         for sub in (z, plain):
             sub.close()
+    out["ratio_by_size"] = size_table(rng)
     return out
 
 
@@ -236,4 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     t = result["total"]
     print(f"total     {t['plain_bytes']} -> {t['deflate_bytes']} bytes, ratio {t['ratio']}")
+    sizes = ", ".join(f"{k} B: {v}" for k, v in result["ratio_by_size"].items())
+    print(f"compressed/plain of chat messages cut to a size: {sizes}")
     return 0
