@@ -4,6 +4,7 @@ the one real file, the server's package data ``server/transport/static/guildcast
 
 from guildcast.client.backoff import Backoff, full_jitter, window
 from guildcast.client.client import (
+    Activity,
     AuthenticationFailed,
     Client,
     ClientClosed,
@@ -12,16 +13,22 @@ from guildcast.client.client import (
     GuildcastClosed,
     GuildcastError,
     Item,
+    Member,
     Position,
+    PresenceJoin,
+    PresenceLeave,
+    PresenceSnapshot,
     PublishError,
     PublishInterrupted,
     ReconnectFailed,
     Resync,
+    Roster,
     SubscribeError,
     SubscriptionLost,
 )
 
 __all__ = [
+    "Activity",
     "AuthenticationFailed",
     "Backoff",
     "Client",
@@ -31,11 +38,16 @@ __all__ = [
     "GuildcastClosed",
     "GuildcastError",
     "Item",
+    "Member",
     "Position",
+    "PresenceJoin",
+    "PresenceLeave",
+    "PresenceSnapshot",
     "PublishError",
     "PublishInterrupted",
     "ReconnectFailed",
     "Resync",
+    "Roster",
     "SubscribeError",
     "SubscriptionLost",
     "full_jitter",

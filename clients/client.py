@@ -18,6 +18,24 @@ changed or the history window was passed), the application gets a
 :class:`Resync` item in :meth:`Client.events` (and ``on_unrecovered(gid)``)
 before that guild's next event, and must reload that guild's state.
 
+Presence (``presence=True``, PROTOCOL.md "Presence"): each subscribed
+guild's members are kept as a :class:`Roster` (:meth:`Client.roster`): the
+PRESENCE_SNAPSHOT that follows SUBSCRIBED, then every join and leave after
+it, which the server sends with no change missed or doubled. The same
+changes come through :meth:`Client.events` in order with the guild's events
+(:class:`PresenceSnapshot`, :class:`PresenceJoin`, :class:`PresenceLeave`).
+A roster belongs to one connection: after a reconnect it is None until the
+new snapshot arrives.
+
+Passive guilds (``subscribe(gid, passive=True)``, PROTOCOL.md "Passive
+subscriptions") deliver no events, only :class:`Activity` items (the
+guild's head, at most once per the server's ``passive_interval``);
+:meth:`Client.unread` counts the events since the guild's Position, and
+:meth:`Client.activate` switches it to active on the live connection: the
+events missed while passive are replayed first, then live ones. A passive
+guild has no roster (no presence changes come while passive); its
+activation's snapshot starts a new one.
+
 Bounds and overflow policies:
 
 - The event queue holds at most ``max_pending_events`` items. When it is
@@ -54,9 +72,15 @@ from websockets.uri import parse_uri
 from guildcast.client.backoff import Backoff
 from guildcast.protocol import client as proto
 from guildcast.protocol.client import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
+from guildcast.protocol.client import Activity as Activity
 from guildcast.protocol.client import Event as Event
+from guildcast.protocol.client import Member as Member
 from guildcast.protocol.client import Position as Position
+from guildcast.protocol.client import PresenceJoin as PresenceJoin
+from guildcast.protocol.client import PresenceLeave as PresenceLeave
+from guildcast.protocol.client import PresenceSnapshot as PresenceSnapshot
 from guildcast.protocol.client import Resync as Resync
+from guildcast.protocol.client import Roster as Roster
 from guildcast.protocol.codes import ABNORMAL_CLOSURE, SUBPROTOCOL, Close, CloseAction
 from guildcast.protocol.codes import FATAL_CLOSE_CODES as FATAL_CLOSE_CODES
 
@@ -81,7 +105,9 @@ class SubscriptionLost:
     message: str
 
 
-Item: TypeAlias = Event | Resync | SubscriptionLost
+Item: TypeAlias = (
+    Event | Resync | SubscriptionLost | Activity | PresenceSnapshot | PresenceJoin | PresenceLeave
+)
 TokenProvider: TypeAlias = Callable[[], str | Awaitable[str]]
 
 
@@ -213,8 +239,14 @@ class Client:
             attempt for a fresh token. With a provider, one 4004 (token
             refused) is retried with a new token; a second in a row is fatal.
         guilds: guilds to subscribe to from the first IDENTIFY.
+        rewind: protocol 1.1 (PROTOCOL.md "Rewind"): those guilds start with
+            their last ``rewind`` events (as many as the server's history and
+            ``max_rewind`` allow) instead of from now; once SUBSCRIBED a
+            reconnect recovers from the last event, never rewinding again.
         events: event names this session wants (IDENTIFY ``events``);
             None for all.
+        presence: ask for presence (IDENTIFY ``presence``): each guild's
+            :meth:`roster`, and its changes as items of :meth:`events`.
         backoff: the reconnect schedule (default: 0.5 s base, 30 s cap,
             unbounded attempts).
         on_unrecovered: called with a guild id when that guild could not be
@@ -240,6 +272,7 @@ class Client:
         token_provider: TokenProvider | None = None,
         guilds: Iterable[str] = (),
         events: Iterable[str] | None = None,
+        presence: bool = False,
         backoff: Backoff | None = None,
         on_unrecovered: Callable[[str], Any] | None = None,
         on_ready: Callable[[str], Any] | None = None,
@@ -249,6 +282,7 @@ class Client:
         max_message: int = DEFAULT_MAX_MESSAGE,
         open_timeout: float = 10.0,
         close_timeout: float = 5.0,
+        rewind: int | None = None,
     ) -> None:
         try:
             parse_uri(url)
@@ -266,6 +300,8 @@ class Client:
             renewable_token=token_provider is not None,
             max_message=max_message,
             hello_timeout=open_timeout,
+            rewind=rewind,
+            presence=presence,
         )
         self._backoff = backoff if backoff is not None else Backoff()
         self._on_unrecovered = on_unrecovered
@@ -294,6 +330,12 @@ class Client:
         self.user: str | None = None
         #: Connections that reached READY, the first included.
         self.sessions = 0
+        #: What the reconnect loop did (PROTOCOL.md "Pacing"): RECONNECTs
+        #: received, closes 1013, waits that followed a server hint,
+        #: reconnects scheduled, and 1 once it gave up (backoff limits).
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("reconnect_requests", "try_again_later", "hinted_waits", "reconnects", "gave_up"), 0
+        )
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -368,6 +410,13 @@ class Client:
         """A copy of each followed guild's last seen Position (for persisting)."""
         return self._session.positions
 
+    def roster(self, gid: str) -> Roster | None:
+        """``gid``'s members as this connection knows them (with
+        ``presence=True``): its PRESENCE_SNAPSHOT and every join and leave
+        since, already received (:meth:`events` may still hold them); None
+        before the snapshot (not subscribed, or reconnecting)."""
+        return self._session.roster(gid)
+
     @property
     def duplicates_dropped(self) -> int:
         """Events dropped because their ``s`` was already seen (safety net)."""
@@ -388,7 +437,9 @@ class Client:
 
     async def events(self) -> AsyncIterator[Item]:
         """Yield :class:`Event`, :class:`Resync` and :class:`SubscriptionLost`
-        items in order, until the client is closed.
+        items (and, with ``presence=True``, :class:`PresenceSnapshot`,
+        :class:`PresenceJoin` and :class:`PresenceLeave`) in order, until the
+        client is closed.
 
         Raises the client's :class:`GuildcastClosed` error when it stopped for
         good (after the items queued before it). One consumer at a time.
@@ -401,24 +452,85 @@ class Client:
                 return
             yield item
 
-    async def subscribe(self, gid: str, position: Position | None = None) -> Position:
+    async def subscribe(
+        self,
+        gid: str,
+        position: Position | None = None,
+        *,
+        rewind: int | None = None,
+        passive: bool = False,
+    ) -> Position:
         """Follow guild ``gid``; returns its Position once SUBSCRIBED.
 
         With ``position`` (for example one saved from :attr:`positions`), the
         server replays the events after it, or a :class:`Resync` comes first
-        if it cannot. Raises :class:`SubscribeError` on ERROR (4403: the token
-        does not allow this guild) and :class:`GuildcastClosed` if the client
-        stops. While disconnected it waits for the next connection.
+        if it cannot. With ``rewind`` instead (protocol 1.1, PROTOCOL.md
+        "Rewind"), the guild's last ``rewind`` events come first (at most what
+        the server's history and ``max_rewind`` hold), then live ones; the
+        returned Position is the one before them. Raises ValueError for both,
+        or a rewind that is not a positive integer;
+        :class:`SubscribeError` on ERROR (4403: the token does not allow this
+        guild) and :class:`GuildcastClosed` if the client stops. While
+        disconnected it waits for the next connection.
+
+        ``passive=True``: no events, only :class:`Activity` items (PROTOCOL.md
+        "Passive subscriptions"; never with a ``rewind``: ValueError). For a
+        guild already followed in the other mode this switches it, as
+        :meth:`activate` / :meth:`deactivate` do.
         """
         proto.check_guild(gid)
+        if position is not None and rewind is not None:
+            raise ValueError("give a position or a rewind, not both")
+        if rewind is not None:
+            proto.Rewind(rewind)  # ValueError now, not at the SUBSCRIBE
+            if passive:
+                raise ValueError("a passive guild takes no rewind (it receives no events)")
         self._require_usable()
+        if self._session.follows(gid) and self._session.is_passive(gid) != passive:
+            return await self._switch(gid, passive)
         pos = self._session.subscribed(gid)
         if pos is not None:
             return pos
         fut = self._sub_waiters.get(gid)
         if fut is None:
             fut = self._sub_waiters[gid] = asyncio.get_running_loop().create_future()
-        await self._carry_out(self._session.subscribe(gid, position))
+        await self._carry_out(self._session.subscribe(gid, position, rewind, passive))
+        return await asyncio.shield(fut)
+
+    async def activate(self, gid: str) -> Position:
+        """Switch followed guild ``gid`` from passive to active; returns the
+        Position its stream resumes from once SUBSCRIBED. The events missed
+        while passive follow (within the server's history; else a
+        :class:`Resync` comes first), then live ones, with no gap or duplicate."""
+        return await self._switch(gid, False)
+
+    async def deactivate(self, gid: str) -> Position:
+        """Switch followed guild ``gid`` to passive; returns its Position (what
+        :meth:`activate` resumes from) once the server confirms."""
+        return await self._switch(gid, True)
+
+    def unread(self, gid: str) -> int | None:
+        """Events of passive guild ``gid`` after its Position by the last
+        :class:`Activity` (0 when active; None when unknown)."""
+        return self._session.unread(gid)
+
+    def is_passive(self, gid: str) -> bool:
+        """True if ``gid`` is followed passively."""
+        return self._session.is_passive(gid)
+
+    async def _switch(self, gid: str, passive: bool) -> Position:
+        proto.check_guild(gid)
+        self._require_usable()
+        if not self._session.follows(gid):
+            raise ValueError(f"guild {gid!r} is not followed: subscribe first")
+        if self._session.is_passive(gid) == passive:
+            pos = self._session.subscribed(gid)
+            if pos is not None and gid not in self._sub_waiters:
+                return pos
+        fut = self._sub_waiters.get(gid)
+        if fut is None or fut.done():
+            fut = self._sub_waiters[gid] = asyncio.get_running_loop().create_future()
+        await self._carry_out(self._session.set_passive(gid, passive))
         return await asyncio.shield(fut)
 
     async def unsubscribe(self, gid: str) -> None:
@@ -441,22 +553,32 @@ class Client:
         await self._carry_out(out)
         await asyncio.shield(fut)
 
-    async def publish(self, gid: str, t: str, d: Any = None) -> int:
+    async def publish(
+        self, gid: str, t: str, d: Any = None, *, idempotency_key: str | None = None
+    ) -> int:
         """Publish event ``t`` with data ``d`` to guild ``gid``; returns its ``s``.
 
         Waits for a connection if there is none. Raises ValueError for an
-        invalid guild id, event name, non-JSON data or an oversized message,
-        :class:`PublishError` when the server refuses it (4403, 4413, 4429,
-        1013), :class:`PublishInterrupted` when the connection closes before
-        the ACK, and :class:`GuildcastClosed` if the client stops.
+        invalid guild id, event name, idempotency key, non-JSON data or an
+        oversized message, :class:`PublishError` when the server refuses it
+        (4403, 4409, 4413, 4429, 1013, or 4504: outcome unknown),
+        :class:`PublishInterrupted` when the connection closes before the
+        ACK, and :class:`GuildcastClosed` if the client stops.
+
+        With ``idempotency_key`` (protocol 1.1), a publish whose outcome is
+        unknown (4504, :class:`PublishInterrupted`) is safe to retry with the
+        same key: within the server's window the retry returns the original
+        ``s`` and subscribers see the event once (PROTOCOL.md "Idempotent
+        publish"). The same key with other ``t``/``d`` is refused with 4409.
         """
         proto.check_publish(gid, t)
+        proto.check_idempotency_key(idempotency_key)
         slots = self._publish_slots
         if slots is None:
             raise GuildcastError("client not connected: use 'async with Client(...)'")
         async with slots:
             ws = await self._wait_ready()
-            nonce, send = self._session.publish(gid, t, d)
+            nonce, send = self._session.publish(gid, t, d, idempotency_key)
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._publishes[nonce] = fut
             try:
@@ -538,12 +660,17 @@ class Client:
                         await ws.send(o.data, text=True)
                     except ConnectionClosed:
                         pass
-            elif isinstance(o, Event):
+            elif isinstance(o, Event | PresenceSnapshot | PresenceJoin | PresenceLeave):
                 await self._deliver(o)
             elif isinstance(o, proto.Subscribed):
-                fut = self._sub_waiters.pop(o.guild, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(o.position)
+                # A SUBSCRIBED of the mode asked for (a switch may still be
+                # answered by one of the mode it left).
+                if o.passive == self._session.is_passive(o.guild):
+                    fut = self._sub_waiters.pop(o.guild, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(o.position)
+            elif isinstance(o, Activity):
+                await self._deliver(o)
             elif isinstance(o, Resync):
                 await self._deliver(o)
                 await self._call(self._on_unrecovered, o.guild)
@@ -581,6 +708,7 @@ class Client:
             elif isinstance(o, proto.ServerError):
                 log.warning("guildcast: server error %s %s (guild %s)", o.code, o.message, o.guild)
             elif isinstance(o, proto.ReconnectRequested):
+                self.counters["reconnect_requests"] += 1
                 log.info("guildcast: server asked to reconnect (draining)")
 
     async def _ready(self, r: proto.Ready) -> None:
@@ -632,10 +760,18 @@ class Client:
                     )
                     self._stop(cls(code, reason))
                     return
+                if code == Close.TRY_AGAIN_LATER:
+                    self.counters["try_again_later"] += 1
                 delay = self._backoff.next_delay(verdict.floor)
                 if delay is None:
+                    self.counters["gave_up"] += 1
                     self._stop(ReconnectFailed(code, f"gave up reconnecting ({reason})"))
                     return
+                if verdict.wait_ms is not None:
+                    # The server's pacing hint (PROTOCOL.md "Pacing"): never sooner.
+                    self.counters["hinted_waits"] += 1
+                    delay = proto.paced_delay(delay, verdict.wait_ms, self._backoff.rng.random())
+                self.counters["reconnects"] += 1
                 log.info("guildcast: closed %s %s; reconnecting in %.3f s", code, reason, delay)
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:

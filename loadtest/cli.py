@@ -111,9 +111,11 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
     )
     g.add_argument(
         "--reconnect-mode",
-        choices=("auto", "disconnect", "restart", "client"),
-        help="reconnect: drop sessions with srv.disconnect_all(4000) (embedded), a server "
-        "restart (process, with --data-dir), or client-side aborts; auto picks the first",
+        choices=("auto", "disconnect", "restart", "kill", "rolling", "kill-worker", "client"),
+        help="reconnect, storm: drop sessions with srv.disconnect_all(4000) (embedded), a server "
+        "restart (process, with --data-dir: SIGTERM, or kill -9), a rolling restart or one "
+        "worker killed (storm on --workers 2 over Redis), or client-side aborts; auto picks "
+        "the first",
     )
     g.add_argument("--source-addrs", type=int, help="spread connections over 127.0.0.1..N (16)")
     g.add_argument("--connect-concurrency", type=int, help="connections opening at once (256)")
@@ -130,6 +132,12 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
         "--pad",
         choices=("x", "text"),
         help="event padding: x (repeated, compresses to nothing) or text (like chat) (x)",
+    )
+    g.add_argument("--per-client", type=int, help="guilds per client (passive: 20)")
+    g.add_argument(
+        "--active",
+        type=int,
+        help="passive: guilds each client subscribes actively (1; the rest passive)",
     )
     s = ap.add_argument_group("server")
     s.add_argument(
@@ -190,6 +198,8 @@ PLAN_KEYS = (
     "history_size",
     "deflate",
     "pad",
+    "per_client",
+    "active",
 )
 
 

@@ -50,9 +50,11 @@ from typing import Any, cast
 import orjson
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
+from guildcast.client.backoff import DEFAULT_BASE, DEFAULT_CAP, full_jitter
 from guildcast.loadtest import wire
+from guildcast.protocol import hints
 from guildcast.protocol.client import Position
-from guildcast.protocol.codes import Op
+from guildcast.protocol.codes import ACTIVITY_EVENT, Op
 from guildcast.protocol.frames import (
     OP_CLOSE,
     OP_CONT,
@@ -75,6 +77,9 @@ IP_BIND_ADDRESS_NO_PORT = 24
 OPEN_TIMEOUT = 30.0
 #: Seconds a client keeps retrying to reconnect (server restarts included).
 RECONNECT_DEADLINE = 60.0
+#: The reconnect backoff of our clients (clients/backoff.py), which the
+#: simulated ones follow: full jitter from 0.5 s, at most 30 s.
+BACKOFF_BASE, BACKOFF_CAP = DEFAULT_BASE, DEFAULT_CAP
 
 # Client states.
 IDLE, CONNECTING, OPENING, LIVE, SUBSCRIBING, CLOSING = range(6)
@@ -118,6 +123,9 @@ class ClientSpec:
     role: str = "stay"
     #: Records end-to-end latency (``--lat-sample`` picks a fraction of clients).
     lat: bool = True
+    #: Guilds of ``gids`` subscribed passively (the ``passive`` scenario):
+    #: no events expected from them, only GUILD_ACTIVITY notices.
+    passive: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -167,13 +175,17 @@ class Sub(asyncio.Protocol):
         "gids_b",
         "hb_due",
         "hb_interval",
+        "hint",
         "last",
         "lat",
         "leave_at",
+        "passive",
         "paused",
         "pos",
         "rejoin",
+        "replay_to",
         "rest",
+        "retry_since",
         "role",
         "spec",
         "src",
@@ -191,6 +203,7 @@ class Sub(asyncio.Protocol):
         self.role = spec.role
         self.gids = spec.gids
         self.gids_b = tuple(g.encode() for g in spec.gids)
+        self.passive = frozenset(spec.passive)
         self.src = src
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
@@ -215,6 +228,14 @@ class Sub(asyncio.Protocol):
         self.cycle = 0
         #: Set by :meth:`leave`: the fleet reconnects this client once it is gone.
         self.rejoin = False
+        #: The server's pacing hint for the next connect, ms (PROTOCOL.md
+        #: "Pacing"): a RECONNECT's delay range or a 1013's retry hint.
+        self.hint: tuple[int, int] | None = None
+        #: When this client's current run of failed connects began.
+        self.retry_since: float | None = None
+        #: Guild -> the last replayed ``s`` after a recovery: replayed events
+        #: are not live ones, so their age is not recorded as latency.
+        self.replay_to: dict[bytes, int] | None = None
         self._gone: asyncio.Future[None] | None = None
         self.token: str | None = None
         #: The fleet's latency dict, or None for clients whose latency is not
@@ -298,6 +319,7 @@ class Sub(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.fleet.wire_bytes += len(data)
+        self.fleet.bytes_in += len(data)
         if self.state == CONNECTING:
             self._handshake(data)
         else:
@@ -314,6 +336,7 @@ class Sub(asyncio.Protocol):
         n = len(data)
         last = self.last
         lat = self.lat
+        replay_to = self.replay_to
         delivered = 0
         pfx = wire.DISPATCH_PREFIX
         pl = len(pfx)
@@ -341,7 +364,7 @@ class Sub(asyncio.Protocol):
                 else:
                     self._irregular(gid, s, prev)
                 delivered += 1
-                if lat is not None:
+                if lat is not None and (replay_to is None or s > replay_to.get(gid, 0)):
                     t0 = se + s2t
                     k = now - int(data[t0 : t0 + tsd])
                     if k > 2047:  # the histogram's precision: bounds the dict
@@ -350,6 +373,8 @@ class Sub(asyncio.Protocol):
                     lat[k] = lat.get(k, 0) + 1
             else:
                 self._frame(b0, data[p:end], now)
+                # A SUBSCRIBED in this chunk marks its replay, which follows.
+                replay_to = self.replay_to
                 if self.transport is None or self.state == CLOSING:
                     i = span_end
                     break
@@ -392,7 +417,10 @@ class Sub(asyncio.Protocol):
                 self._frag = None
                 self._message(whole, now)
         elif op == OP_CLOSE:
-            self._closed_by_server(close_code(payload)[0])
+            code, reason = close_code(payload)
+            if code == 1013:
+                self.hint = hints.parse_retry(reason)
+            self._closed_by_server(code)
         elif op == OP_PING:
             self.send_raw(client_frame(OP_PONG, payload))
         elif op == OP_PONG:
@@ -435,17 +463,20 @@ class Sub(asyncio.Protocol):
                 self._subscribed(g.encode(), d)
             elif t == "UNSUBSCRIBED" and isinstance(g, str):
                 self._unsubscribed(g.encode())
+            elif t == ACTIVITY_EVENT and isinstance(g, str) and g in self.passive:
+                f.notices += 1
             else:
                 f.other_dispatches += 1
         elif op == Op.HELLO:
             self.hb_interval = float(d["heartbeat_interval"]) / 1000.0 if d else 30.0
             self.hb_due = time.monotonic() + self.hb_interval * random.uniform(0.5, 0.9)
             guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
-            self.send_raw(wire.identify(self._token(), guilds))
+            self.send_raw(wire.identify(self._token(), guilds, self.passive))
         elif op == Op.HEARTBEAT_ACK:
             pass
         elif op == Op.RECONNECT:  # the close (1001) follows
             f.reconnect_requests += 1
+            self.hint = hints.parse_reconnect(d)
         elif op == Op.ERROR:
             code = d.get("code") if isinstance(d, dict) else None
             f.errors[code] = f.errors.get(code, 0) + 1
@@ -477,10 +508,19 @@ class Sub(asyncio.Protocol):
         head = int(d["s"])
         epoch = str(d["epoch"])
         asked = self.pos.pop(gb, None)
-        if asked is not None and self.epochs.get(gb) is not None:
+        if d.get("passive"):
+            # No events come from a passive guild: nothing to track, so a
+            # reconnect subscribes it from now on.
+            self.epochs[gb] = epoch
+        elif asked is not None and self.epochs.get(gb) is not None:
             if d.get("recovered") and epoch == self.epochs[gb]:
                 f.recovered += 1
                 self.last[gb] = asked  # the replay asked + 1 .. head follows
+                if head > asked:
+                    f.replayed += head - asked
+                    if self.replay_to is None:
+                        self.replay_to = {}
+                    self.replay_to[gb] = head
             else:
                 f.unrecovered += 1
                 if epoch == self.epochs[gb] and head > asked:
@@ -501,7 +541,7 @@ class Sub(asyncio.Protocol):
         self.unsub_pending -= 1
         if self.unsub_pending == 0 and self.state == SUBSCRIBING:
             guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
-            self.send_raw(wire.subscribe(guilds))
+            self.send_raw(wire.subscribe(guilds, self.passive))
 
     def _go_live(self) -> None:
         f = self.fleet
@@ -557,6 +597,7 @@ class Sub(asyncio.Protocol):
         for gb, s in self.last.items():
             self.pos[gb] = s
         self.last.clear()
+        self.replay_to = None
         ready = self._ready
         if ready is not None and not ready.done():
             ready.set_result(False)
@@ -634,6 +675,10 @@ class Fleet:
         self.churners = [c for c in self.clients if c.role == "churn"]
         # Counters (cumulative).
         self.delivered = 0
+        #: GUILD_ACTIVITY notices received, and every byte read (frames,
+        #: handshake), for bytes per session.
+        self.notices = 0
+        self.bytes_in = 0
         self.gaps = 0
         self.gap_events = 0
         self.dups = 0
@@ -647,6 +692,9 @@ class Fleet:
         self.connect_failures = 0
         self.reconnects = 0
         self.reconnect_requests = 0
+        #: Waits that followed a server hint; events replayed on recovery.
+        self.hinted_waits = 0
+        self.replayed = 0
         self.protocol_errors = 0
         self.other_dispatches = 0
         self.closes: dict[int, int] = {}
@@ -733,25 +781,38 @@ class Fleet:
                 self._wake.clear()
                 await self._wake.wait()
             c = self._queue.popleft()
-            started = time.monotonic()
+            if c.retry_since is None:
+                c.retry_since = time.monotonic()
             attempt = 0
+            later: float | None = None
             while not self.stopping:
                 if c.state != IDLE:
                     break
                 if await c.open():
                     self.connects += 1
+                    c.retry_since = None
                     break
                 attempt += 1
-                if not self.spec.reconnect or time.monotonic() - started > RECONNECT_DEADLINE:
+                if not self.spec.reconnect or time.monotonic() - c.retry_since > RECONNECT_DEADLINE:
                     self.connect_failures += 1
+                    c.retry_since = None
                     break
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt) * self.rng.uniform(0.5, 1.0))
+                if c.hint is not None:
+                    # Refused with a retry hint (1013): come back within it,
+                    # from a timer, so this connector serves the next client.
+                    later = self._hinted(c)
+                    break
+                # As our clients back off (guildcast.client.backoff): full
+                # jitter, so a crowd cut off at once does not come back at once.
+                await asyncio.sleep(full_jitter(attempt, BACKOFF_BASE, BACKOFF_CAP, self.rng))
             self._queued.discard(c.spec.cid)
+            if later is not None:
+                self._enqueue_later(c, later)
 
     def lost(self, c: Sub) -> None:
         """A connection ended; reconnect it if the policy says so."""
-        if self.stopping or not c.was_live:
-            return
+        if self.stopping or not c.was_live or c.spec.cid in self._queued:
+            return  # (queued: a connector is opening it and retries itself)
         if c.rejoin:
             c.rejoin = False
             self._enqueue_later(c, self.rng.uniform(0.0, 0.3))
@@ -762,7 +823,20 @@ class Fleet:
             return  # slow consumers stay closed: their loss is expected
         if self.spec.reconnect:
             self.reconnects += 1
-            self._enqueue_later(c, self.rng.uniform(0.0, 0.2))
+            delay = (
+                self._hinted(c)
+                if c.hint is not None
+                else full_jitter(0, BACKOFF_BASE, BACKOFF_CAP, self.rng)
+            )
+            self._enqueue_later(c, delay)
+
+    def _hinted(self, c: Sub) -> float:
+        """The wait the server's hint asks for (uniform in its range), once."""
+        assert c.hint is not None
+        lo, hi = c.hint
+        c.hint = None
+        self.hinted_waits += 1
+        return self.rng.uniform(lo, hi) / 1000.0
 
     async def _ticker(self) -> None:
         """Churn every 50 ms; heartbeats every second.
@@ -854,7 +928,11 @@ class Fleet:
             "connect_errors": dict(self.connect_errors),
             "reconnects": self.reconnects,
             "reconnect_requests": self.reconnect_requests,
+            "hinted_waits": self.hinted_waits,
+            "replayed": self.replayed,
             "delivered": self.delivered,
+            "notices": self.notices,
+            "bytes_in": self.bytes_in,
             "gaps": self.gaps,
             "gap_events": self.gap_events,
             "dups": self.dups,

@@ -35,6 +35,8 @@ SUMMED = (
     "connect_failures",
     "reconnects",
     "reconnect_requests",
+    "hinted_waits",
+    "replayed",
     "delivered",
     "gaps",
     "gap_events",
@@ -52,6 +54,8 @@ SUMMED = (
     "slow_clients",
     "slow_live",
     "lat_clamped",
+    "notices",
+    "bytes_in",
 )
 #: Per-code dicts summed over workers.
 DICTS = ("closes", "errors", "slow_closed", "connect_errors")
@@ -170,6 +174,8 @@ class Monitor:
     reports: dict[int, dict[str, Any]] = field(default_factory=dict)
     total: HdrHistogram = field(default_factory=new_hist)
     tick_hist: HdrHistogram = field(default_factory=new_hist)
+    #: While set (a storm), every interval's latencies are added here too.
+    window: HdrHistogram | None = None
     timeline: list[dict[str, Any]] = field(default_factory=list)
     marks: list[Mark] = field(default_factory=list)
     server: ProcSampler | None = None
@@ -197,6 +203,8 @@ class Monitor:
                 h = HdrHistogram.decode(base64.b64decode(enc))
                 self.total.add(h)
                 self.tick_hist.add(h)
+                if self.window is not None:
+                    self.window.add(h)
 
     def counters(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: 0 for k in SUMMED}

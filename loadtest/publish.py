@@ -9,7 +9,11 @@ a publisher: at most ``window`` unanswered events, never a growing queue):
 - ``rate == 0``: as fast as acknowledgements allow, ``window`` in flight;
 - ``rate > 0``: events are due at ``rate`` per second from the start; when
   the window is full, due events wait (they are sent late, never dropped)
-  and the lateness shows as an achieved rate below the target.
+  and the lateness shows as an achieved rate below the target. The events
+  that fell due while a gateway publisher had no connection (a server
+  restart) are not made up afterwards: the schedule starts again at the
+  reconnect, so a storm is met by the same 2,000 events/s, not by a burst
+  of everything the outage held back.
 
 Over the gateway a publisher is one WebSocket connection sending op 5 and
 reading the ACKs, which come back in PUBLISH order (PROTOCOL.md
@@ -116,6 +120,11 @@ class Pacer:
             return room
         want = int((time.monotonic() - self.t0) * self.rate) + 1 - self.sent
         return max(0, min(room, want))
+
+    def restart(self) -> None:
+        """Start the schedule again now: what fell due meanwhile is skipped."""
+        self.t0 = time.monotonic()
+        self.sent = 0
 
     def wait_time(self) -> float:
         if self.rate <= 0:
@@ -294,6 +303,7 @@ class GatewayPublisher(Sender, asyncio.Protocol):
                     self.stats.reconnects += 1
                     continue
                 backoff = 0.05
+                self.pacer.restart()
             now = time.monotonic()
             if now >= self.hb_due and self.transport is not None:
                 self.transport.write(wire.text(wire.HEARTBEAT))

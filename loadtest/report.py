@@ -106,6 +106,32 @@ def summary(result: dict[str, Any], console: Console | None = None) -> None:
         t.add_row(
             "sessions dropped by", f"{rc['mode']}, all back in {rs:.2f} s" if rs else rc["mode"]
         )
+    st = result.get("storm")
+    if st:
+        t.add_row(
+            "storm: recovered / cold start",
+            f"{st['recovery_seconds']} s / {st['cold_seconds']} s "
+            f"(start {st['server_start_seconds']} s + connect {st['connect_seconds']} s): "
+            f"{st['recovery_over_cold']}x",
+        )
+        t.add_row(
+            "storm: lost / doubled / gave up",
+            f"{st['lost']} / {st['doubled']} / {st['gave_up']}",
+        )
+        t.add_row(
+            "storm: 1013 refused / hinted waits / replayed",
+            f"{st['refused_1013']} / {st['hinted_waits']} / {st['replayed']}",
+        )
+        for key, when in (
+            ("live_latency_before_us", "before"),
+            ("live_latency_during_us", "during"),
+        ):
+            ld = st.get(key) or {}
+            if ld.get("count"):
+                t.add_row(
+                    f"storm: live latency {when}, ms p50 / p99 / max",
+                    " / ".join(_ms(ld[k]) for k in ("p50", "p99", "max")),
+                )
     d = result["delivery"]
     t.add_row("delivered", f"{d['delivered']:,}")
     t.add_row("deliveries/s (publish phase)", f"{d['per_s']:,.0f}")

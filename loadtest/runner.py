@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guildcast.loadtest import target as tgt
-from guildcast.loadtest.fleet import FleetSpec
+from guildcast.loadtest.fleet import FleetSpec, new_hist
 from guildcast.loadtest.monitor import TICK, Mark, Monitor, ProcSampler, percentiles
 from guildcast.loadtest.publish import (
     GatewayPublisher,
@@ -48,7 +48,7 @@ from guildcast.loadtest.publish import (
     ack_hist,
 )
 from guildcast.loadtest.report import Progress
-from guildcast.loadtest.scenarios import Plan, assign
+from guildcast.loadtest.scenarios import CLUSTER_WORKERS, RECOVERY, Plan, assign
 from guildcast.loadtest.wire import mint
 from guildcast.loadtest.workers import InlineWorker, ProcessWorker
 
@@ -61,6 +61,9 @@ SATURATED_PCT = 90.0
 CONTENDED_PCT = 20.0
 #: Seconds slow consumers get, once reading again, to show how they were closed.
 SLOW_RESUME_TIMEOUT = 8.0
+#: A restart's storm must recover every client within this many times a
+#: cold start of the same clients (issue "reconnect storms").
+STORM_RATIO = 2.0
 #: Extra server RSS allowed over slow consumers x max_buffer (allocator
 #: slack, history, fast clients' in-flight bytes) before "bounded" fails.
 RSS_SLACK = 96 * 1024 * 1024
@@ -102,6 +105,15 @@ class Run:
         self.connect_wall = 0.0
         self.tcp_established: int | None = None
         self.drop_mode: str | None = None
+        #: Seconds the server took to start (cold start = this + connecting).
+        self.server_start_s = 0.0
+        #: Seconds the drop itself took (a restart: drain, exit, start again).
+        self.restart_s = 0.0
+        #: Live-event latency from the drop until every client recovered.
+        self.storm_hist: Any = None
+        #: The same from the start of publishing until the drop.
+        self.before_hist: Any = None
+        self._redis: tgt.RedisProcess | None = None
         self.server_stats: dict[str, Any] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -198,7 +210,14 @@ class Run:
                 t = tgt.EmbeddedTarget("embedded", config={"host": "127.0.0.1", "port": 0, **conf})
             else:
                 t = tgt.ProcessTarget("process", flags=conf, cpus=o.server_cpus)
-                if p.scenario == "reconnect":
+                if p.cluster:
+                    # --workers N over a throwaway Redis (started in _setup),
+                    # sharing one fixed port.
+                    n = int(conf.get("workers", CLUSTER_WORKERS))
+                    t.flags["workers"] = n
+                    t.port = tgt.free_port()
+                    t.gateways = n
+                elif p.scenario in RECOVERY:
                     self._tmp = tempfile.TemporaryDirectory(prefix="guildcast-loadtest-")
                     t.data_dir = self._tmp.name
             t.settings = dict(conf)
@@ -237,7 +256,13 @@ class Run:
             self.ui.log(f"using the server at {t.url}")
         else:
             self.ui.log(f"starting the server ({t.mode})")
+        if self.plan.cluster and isinstance(t, tgt.ProcessTarget):
+            self._redis = tgt.RedisProcess()
+            await self._redis.start()
+            t.flags["redis"] = self._redis.url
+        started = time.monotonic()
         await t.start()
+        self.server_start_s = time.monotonic() - started
         if t.secret:
             self.sub_token = mint(t.secret, "lt-sub", ["*"], [], None)
             self.pub_token = mint(t.secret, "lt-pub", [], ["*"], 0)
@@ -344,7 +369,7 @@ class Run:
         """Events publishers may still send before being ``max_lag`` ahead of
         the average subscriber (see loadtest/publish.py, flow control)."""
         p = self.plan
-        per_event = max(1e-9, (p.clients - self.slow_count) / p.guilds)
+        per_event = max(1e-9, (p.clients - self.slow_count) * p.active_per_client / p.guilds)
         workers = self.workers
         stats = self.pubstats
 
@@ -365,11 +390,13 @@ class Run:
         self.phase = "publish"
         self.ui.log(f"publishing for {p.duration:.0f} s at {p.rate or 'max'} events/s via {p.via}")
         self.monitor.mark("publish")
+        if p.scenario == "storm":
+            self.monitor.window = new_hist()  # live latency before the storm
         async with asyncio.TaskGroup() as tg:
             for k, pub in enumerate(pubs):
                 tg.create_task(pub.run(stop), name=f"publisher-{k}")
             dropper = None
-            if p.scenario == "reconnect":
+            if p.scenario in RECOVERY:
                 dropper = tg.create_task(self._drop_later(), name="dropper")
             await asyncio.sleep(p.duration)
             stop.set()
@@ -398,21 +425,43 @@ class Run:
             )
         self.drop_mode = mode
         self.monitor.mark("drop")
+        self.before_hist = self.monitor.window
+        self.monitor.window = new_hist()  # live-event latency during the storm
         before = self.monitor.counters()["reconnects"]
         self.ui.log(f"dropping every session ({mode})")
+        n = p.clients
+        # Clients that must come back before the storm is over: all of them,
+        # but one worker's share when one worker of several is killed.
+        need = n
+        restarting = time.monotonic()
         if mode == "disconnect_all":
             t.disconnect_all(4000)
-        elif mode == "restart":
-            await t.restart()
+        elif mode in ("restart", "kill"):
+            assert isinstance(t, tgt.ProcessTarget)
+            await (t.restart() if mode == "restart" else t.kill_restart())
             if self.monitor.server is not None and t.pid is not None:
                 self.monitor.server.switch(t.pid)
+        elif mode in ("rolling", "kill-worker"):
+            assert isinstance(t, tgt.ProcessTarget)
+            try:
+                stopped = await t.rolling_restart(kill=mode == "kill-worker")
+            except TimeoutError:
+                # A worker that never came back: say so (with what the
+                # server printed last) and let the checks fail, no crash.
+                self.notes.append(
+                    "rolling restart: a worker was not listening again within 60 s; the "
+                    "server's last lines: " + " | ".join(list(t.output)[-20:])
+                )
+                stopped = 0
+            need = 1 if stopped < t.gateways else n
         else:
             self._send_all({"cmd": "drop"})
-        n = p.clients
+        self.restart_s = time.monotonic() - restarting
         ok = await self._until(
-            lambda c: c["reconnects"] - before >= n and c["live"] >= n, p.drain_timeout
+            lambda c: c["reconnects"] - before >= need and c["live"] >= n, p.drain_timeout
         )
         self.monitor.mark("recovered" if ok else "recovery_timeout")
+        self.storm_hist, self.monitor.window = self.monitor.window, None
 
     async def _idle_phase(self) -> None:
         p, t = self.plan, self.target
@@ -483,10 +532,46 @@ class Run:
             with contextlib.suppress(Exception):
                 self.server_stats = t.server_stats()
             await t.stop()
+        if self._redis is not None:
+            await self._redis.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
 
     # --- result ------------------------------------------------------------------
+
+    def _storm(self, final: dict[str, Any], connect_s: float) -> dict[str, Any]:
+        """The storm's figures: recovery against a cold start of the same
+        clients on the same server (its start plus connecting them all)."""
+        mon = self.monitor
+        m_drop, m_rec = mon.get_mark("drop"), mon.get_mark("recovered")
+        m_conned = mon.get_mark("connected")
+        rec_s = round(m_rec.t - m_drop.t, 3) if m_drop and m_rec else None
+        cold = round(self.server_start_s + connect_s, 3)
+        during = percentiles(self.storm_hist) if self.storm_hist is not None else {}
+        failures_before = m_conned.counters["connect_failures"] if m_conned else 0
+        return {
+            "mode": self.drop_mode,
+            "server_start_seconds": round(self.server_start_s, 3),
+            "restart_seconds": round(self.restart_s, 3),
+            "connect_seconds": round(connect_s, 3),
+            "cold_seconds": cold,
+            "recovery_seconds": rec_s,
+            "recovery_over_cold": round(rec_s / cold, 2) if rec_s and cold else None,
+            # Gaps, including the events an unrecovered subscription missed.
+            "lost": final["gap_events"],
+            "unrecovered": final["unrecovered"],
+            "doubled": final["dups"],
+            "gave_up": final["connect_failures"] - failures_before,
+            "recovered": final["recovered"],
+            "replayed": final["replayed"],
+            "hinted_waits": final["hinted_waits"],
+            "refused_1013": final["closes"].get("1013", 0),
+            "live_latency_during_us": during,
+            "live_latency_before_us": percentiles(self.before_hist)
+            if self.before_hist is not None
+            else {},
+            "rss_peak": mon.server_peak_rss or None,
+        }
 
     def _result(self) -> dict[str, Any]:
         p, mon, t = self.plan, self.monitor, self.target
@@ -522,6 +607,7 @@ class Run:
 
         window = _window(m_pub, m_drained)
         delivered_w = _delta(m_pub, m_drained, "delivered")
+        acked_w = _delta(m_pub, m_drained, "pub_acked")
         srv_cpu = None
         if m_pub and m_drained and m_pub.server and m_drained.server:
             srv_cpu = (m_drained.server["user"] + m_drained.server["system"]) - (
@@ -628,6 +714,13 @@ class Run:
                 "wire_bytes": final["wire_bytes"],
                 "inflated_in": final["inflated_in"],
                 "inflated_out": final["inflated_out"],
+                # Passive subscriptions' GUILD_ACTIVITY notices (all run).
+                "notices": final["notices"],
+                # Bytes the clients read in the window, per client (frames
+                # of events, notices, heartbeat answers).
+                "bytes_per_client": round(_delta(m_pub, m_drained, "bytes_in") / p.clients, 1)
+                if m_pub and m_drained
+                else None,
             },
             "latency_us": lat,
             "server_usage": {
@@ -637,6 +730,11 @@ class Run:
                 # adds a start-up).
                 "cpu_per_delivery_us": round(srv_cpu / delivered_w * 1e6, 3)
                 if srv_cpu and delivered_w and p.publishes and self.drop_mode != "restart"
+                else None,
+                # Per event published and acknowledged in the window: what
+                # one event costs, whoever receives it (the passive scenario).
+                "cpu_per_event_us": round(srv_cpu / acked_w * 1e6, 3)
+                if srv_cpu and acked_w and p.publishes and self.drop_mode != "restart"
                 else None,
                 "wait_percent": srv_wait,
                 "busy_percent": srv_busy,
@@ -673,6 +771,7 @@ class Run:
                     for k, v in final["connect_errors"].items()
                 },
             },
+            "storm": self._storm(final, connect_s=conn_s) if p.scenario == "storm" else None,
             "marks": [{"name": m.name, "t": round(m.t - mon.started, 3)} for m in mon.marks],
             "timeline": mon.timeline,
             "notes": self.notes,
@@ -695,8 +794,36 @@ class Run:
                 "harness's limit, not necessarily the server's"
             )
         result["checks"] = checks(p, result, final, self.aborted, self.slow_count)
+        if result["storm"] is not None:
+            result["checks"].extend(storm_checks(result["storm"]))
         result["ok"] = all(c["ok"] for c in result["checks"])
         return result
+
+
+def storm_checks(st: dict[str, Any]) -> list[dict[str, Any]]:
+    """The storm's own invariants (issue "reconnect storms"): nothing lost,
+    nothing doubled, nobody gave up, and a restart of one node recovered
+    within ``STORM_RATIO`` x a cold start of the same clients."""
+    out = [
+        {"name": "storm: nothing lost", "ok": st["lost"] == 0, "detail": f"{st['lost']}"},
+        {"name": "storm: nothing doubled", "ok": st["doubled"] == 0, "detail": f"{st['doubled']}"},
+        {"name": "storm: nobody gave up", "ok": st["gave_up"] == 0, "detail": f"{st['gave_up']}"},
+        {
+            "name": "storm: every client recovered",
+            "ok": st["recovery_seconds"] is not None,
+            "detail": f"in {st['recovery_seconds']} s",
+        },
+    ]
+    if st["mode"] in ("restart", "kill") and st["recovery_seconds"] is not None:
+        ratio = st["recovery_over_cold"]
+        out.append(
+            {
+                "name": f"storm: recovered within {STORM_RATIO:g}x a cold start",
+                "ok": ratio is not None and ratio <= STORM_RATIO,
+                "detail": f"{st['recovery_seconds']} s vs cold {st['cold_seconds']} s ({ratio}x)",
+            }
+        )
+    return out
 
 
 def limit_of(harness_saturated: bool, server_saturated: bool, shared: bool) -> str:
@@ -747,7 +874,7 @@ def checks(
     bad_pub = {
         k: v
         for k, v in pub["errors"].items()
-        if not (p.scenario == "reconnect" and k.split(":")[0] in ("close", "connect"))
+        if not (p.scenario in RECOVERY and k.split(":")[0] in ("close", "connect"))
     }
     check("no publish refused", not bad_pub, str(bad_pub or "none"))
     if p.publishes:
@@ -756,15 +883,17 @@ def checks(
             r["latency_us"].get("count", 0) > 0,
             f"{r['latency_us'].get('count', 0)} samples",
         )
-    if p.scenario == "reconnect":
+    if p.scenario in RECOVERY:
+        # One worker of several killed: only its share comes back.
+        whole = r["reconnect"]["mode"] != "kill-worker"
         check(
             "every client reconnected",
-            final["reconnects"] >= p.clients,
+            final["reconnects"] >= (p.clients if whole else 1),
             f"{final['reconnects']} reconnects for {p.clients} clients",
         )
         check(
             "every subscription recovered",
-            final["recovered"] >= p.clients and final["unrecovered"] == 0,
+            final["recovered"] >= (p.clients if whole else 1) and final["unrecovered"] == 0,
             f"{final['recovered']} recovered, {final['unrecovered']} not",
         )
     if p.scenario == "churn":

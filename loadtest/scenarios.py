@@ -30,6 +30,29 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "churn": {"clients": 2000, "guilds": 10, "rate": 200.0, "churn_fraction": 0.5},
     # Every session dropped mid-stream; every client recovers with its Position.
     "reconnect": {"clients": 2000, "guilds": 20, "rate": 200.0},
+    # A reconnect storm (docs/OPERATIONS.md "Deploying without a reconnect
+    # storm"): 19,000 clients over 1,000 guilds at 2,000 events/s; at
+    # --reconnect-at the server is restarted (restart: SIGTERM then start
+    # again, --data-dir; kill: kill -9), or with --reconnect-mode rolling /
+    # kill-worker a --workers 2 cluster on Redis has each worker restarted
+    # in turn, or one killed. 19,000 clients need several harness processes
+    # (20,000 open files each).
+    "storm": {
+        "clients": 19_000,
+        "guilds": 1000,
+        "rate": 2000.0,
+        "duration": 60.0,
+        "reconnect_at": 0.3,
+        "reconnect_mode": "restart",
+        "workers": 4,
+        "lat_sample": 0.25,
+        "connect_timeout": 180.0,
+        "drain_timeout": 120.0,
+        # Every client on its own, as real ones are: a storm is all of them
+        # at once, and the harness must not queue them (a pool of 256 opens
+        # would pace the storm by the server's latency under load).
+        "connect_concurrency": 19_000,
+    },
     # 10% of clients stop reading; the server closes them (4010) and the rest
     # keep their latency; the server's memory stays bounded.
     # At 200 x 4 KiB/s a stopped client passes 1 MiB of server buffer plus
@@ -42,6 +65,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "size": 4096,
         "slow_fraction": 0.1,
         "max_buffer": 1024 * 1024,
+    },
+    # Discord's lazy guilds: each client in 20 of 1,000 guilds, looking at
+    # one (active) and passive in 19; events spread over every guild at a
+    # fixed rate. ``--active 20`` is the same sessions all active.
+    "passive": {
+        "clients": 10_000,
+        "guilds": 1000,
+        "per_client": 20,
+        "active": 1,
+        "rate": 500.0,
+        "duration": 10.0,
     },
 }
 
@@ -80,9 +114,18 @@ COMMON: dict[str, Any] = {
     #: squeezes to nothing) or "text" (prose-like words, which compress as
     #: chat messages do): ``--pad``.
     "pad": "x",
+    #: Guilds per client (client i is in guilds i, i + G/n, i + 2G/n, ...
+    #: modulo G) and how many of them, the first ones, are active (None:
+    #: all); the others are subscribed passively.
+    "per_client": 1,
+    "active": None,
 }
 
 SCENARIOS = tuple(DEFAULTS)
+#: Scenarios that drop every session and check that every client recovers.
+RECOVERY = ("reconnect", "storm")
+#: Workers of the cluster a storm's rolling / kill-worker modes start.
+CLUSTER_WORKERS = 2
 
 #: ``--pad`` kinds (``guildcast.loadtest.wire.pad_for``).
 PADS = ("x", "text")
@@ -123,6 +166,18 @@ class Plan:
     deflate: bool = False
     pad: str = "x"
     server_opts: dict[str, Any] = field(default_factory=dict)
+    per_client: int = 1
+    active: int | None = None
+
+    @property
+    def active_per_client(self) -> int:
+        """Guilds each client subscribes actively."""
+        return self.per_client if self.active is None else self.active
+
+    @property
+    def cluster(self) -> bool:
+        """A storm on ``--workers N`` over Redis (rolling, kill-worker)."""
+        return self.scenario == "storm" and self.reconnect_mode in ("rolling", "kill-worker")
 
     @property
     def publishes(self) -> bool:
@@ -187,6 +242,10 @@ def _validate(p: Plan) -> None:
         raise ValueError("--source-addrs must be 1..254")
     if p.via not in ("gateway", "http"):
         raise ValueError("--via is gateway or http")
+    if not 1 <= p.per_client <= p.guilds:
+        raise ValueError("--per-client must be 1..guilds")
+    if p.active is not None and not 1 <= p.active <= p.per_client:
+        raise ValueError("--active must be 1..per-client")
 
 
 def assign(plan: Plan) -> list[list[ClientSpec]]:
@@ -204,9 +263,13 @@ def assign(plan: Plan) -> list[list[ClientSpec]]:
         role[i] = "churn"
     lat_rng = random.Random(plan.seed + 1)
     per: list[list[ClientSpec]] = [[] for _ in range(plan.workers)]
+    n, g = plan.per_client, plan.guilds
+    stride = max(1, g // n)
+    active = plan.active_per_client
     for i in range(plan.clients):
+        gids = tuple(f"lt-{(i + k * stride) % g}" for k in range(n))
         spec = ClientSpec(
-            i, (f"lt-{i % plan.guilds}",), role[i], lat=lat_rng.random() < plan.lat_sample
+            i, gids, role[i], lat=lat_rng.random() < plan.lat_sample, passive=gids[active:]
         )
         per[i % plan.workers].append(spec)
     return per

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+import psutil
+
 #: Seconds a started server has to print its gateway URL.
 START_TIMEOUT = 30.0
 #: Seconds between SIGTERM and SIGKILL when stopping a server process
@@ -280,10 +282,18 @@ class ProcessTarget(Target):
     _reader: asyncio.Task[None] | None = None
     _log: IO[str] | None = None
     starts: int = 0
+    #: "gateway on" lines seen so far (a worker started again prints one).
+    listening: int = 0
+    _listened: asyncio.Event | None = None
 
     async def start(self) -> None:
         self.secret = self.secret or secrets.token_urlsafe(24)
-        self.drop_modes = ("restart", "client")
+        # With --workers N (gateways > 1) a drop is a worker's: SIGTERM each
+        # in turn (rolling) or kill -9 one; one node is restarted whole.
+        if self.gateways > 1:
+            self.drop_modes = ("rolling", "kill-worker", "client")
+        else:
+            self.drop_modes = ("restart", "kill", "client")
         if self.want_api:
             self.api_key = self.api_key or secrets.token_urlsafe(16)
             self.flags.setdefault("api_publish_rate", 0)
@@ -320,6 +330,10 @@ class ProcessTarget(Target):
     def _keep(self, line: bytes) -> str:
         text = line.decode("utf-8", "replace").rstrip()
         self.output.append(text)
+        if "gateway on ws://" in text:
+            self.listening += 1
+            if self._listened is not None:
+                self._listened.set()
         if self._log is not None:
             self._log.write(text + "\n")
             self._log.flush()
@@ -409,3 +423,34 @@ class ProcessTarget(Target):
         on the same port (and data directory)."""
         await self.stop()
         await self._spawn()
+
+    async def kill_restart(self) -> None:
+        """kill -9 (no drain, no flush) and start again on the same port and
+        data directory."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reader, STOP_TIMEOUT)
+            self._reader = None
+        await self._spawn()
+
+    async def rolling_restart(self, kill: bool = False, timeout: float = 60.0) -> int:
+        """``--workers N``: SIGTERM each worker in turn (the supervisor starts
+        it again) and wait until its replacement listens before the next one;
+        with ``kill``, kill -9 one worker only. Returns the workers stopped."""
+        sup = psutil.Process(self.pid)
+        olds = sorted(sup.children(), key=lambda c: c.create_time())
+        if kill:
+            olds = olds[:1]
+        for old in olds:
+            seen = self.listening
+            old.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            ev = self._listened = asyncio.Event()
+            async with asyncio.timeout(timeout):
+                while self.listening <= seen:
+                    ev.clear()
+                    await ev.wait()
+        return len(olds)

@@ -25,17 +25,19 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Collection
 
 import orjson
 from websockets.client import ClientProtocol
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.protocol import State
+from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from guildcast.core.tokens import make_token
 from guildcast.protocol import client as pc
 from guildcast.protocol import wire as pw
-from guildcast.protocol.codes import Op
+from guildcast.protocol.codes import SUBPROTOCOL, Op
 from guildcast.protocol.frames import OP_CLOSE, OP_TEXT, client_frame, close_payload
 
 #: Event name of every load-test event (PROTOCOL.md: ``[A-Z0-9_]{1,64}``).
@@ -126,14 +128,16 @@ def close_frame(code: int, reason: str = "") -> bytes:
     return client_frame(OP_CLOSE, close_payload(code, reason))
 
 
-def identify(token: str, guilds: dict[str, pc.Position | None]) -> bytes:
-    """A framed IDENTIFY."""
-    return text(pc.identify_message(token, guilds))
+def identify(
+    token: str, guilds: dict[str, pc.Position | None], passive: Collection[str] = ()
+) -> bytes:
+    """A framed IDENTIFY (the guilds in ``passive`` subscribed passively)."""
+    return text(pc.identify_message(token, guilds, passive=passive))
 
 
-def subscribe(guilds: dict[str, pc.Position | None]) -> bytes:
-    """A framed SUBSCRIBE."""
-    return text(pc.subscribe_message(guilds))
+def subscribe(guilds: dict[str, pc.Position | None], passive: Collection[str] = ()) -> bytes:
+    """A framed SUBSCRIBE (the guilds in ``passive`` subscribed passively)."""
+    return text(pc.subscribe_message(guilds, passive))
 
 
 def unsubscribe(guilds: list[str]) -> bytes:
@@ -150,10 +154,16 @@ class Upgrade:
 
     def __init__(self, host: str, port: int, path: str, deflate: bool = False) -> None:
         netloc = f"[{host}]" if ":" in host else host
-        # With ``deflate``, the offer a browser makes (and websockets checks
-        # the answer); frames are inflated by :class:`Inflater`.
+        # Offers guildcast.v1 as our clients do (protocol 1.1: a RECONNECT
+        # then names its reconnect delay range), and with ``deflate`` the
+        # permessage-deflate offer a browser makes (websockets checks the
+        # answer); frames are inflated by :class:`Inflater`.
         exts = [ClientPerMessageDeflateFactory(client_max_window_bits=True)] if deflate else None
-        self._proto = ClientProtocol(parse_uri(f"ws://{netloc}:{port}{path}"), extensions=exts)
+        self._proto = ClientProtocol(
+            parse_uri(f"ws://{netloc}:{port}{path}"),
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            extensions=exts,
+        )
         request = self._proto.connect()
         request.headers["User-Agent"] = "guildcast-loadtest"
         self._proto.send_request(request)

@@ -87,6 +87,9 @@ class ProcessWorker:
         self._child.close()
         deadline = time.monotonic() + START_TIMEOUT
         while True:
+            # The controller's ticker may read "started" first (``_read``).
+            if self.pid is not None:
+                return
             if await asyncio.to_thread(self.conn.poll, 0.2):
                 msg = self.conn.recv()
                 if msg.get("cmd") == "started":
@@ -107,6 +110,8 @@ class ProcessWorker:
                 msg = self.conn.recv()
                 if msg.get("final"):
                     self.final = msg
+                elif msg.get("cmd") == "started":
+                    self.pid = int(msg["pid"])  # read by the ticker while start() waits
                 elif len(self.buffer) < MAX_BUFFERED_REPORTS:
                     self.buffer.append(msg)
 

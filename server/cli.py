@@ -51,6 +51,7 @@ _SERVE_FLAGS: dict[str, str] = {
     "heartbeat_interval_ms": "heartbeat interval announced in HELLO",
     "history_size": "events kept per guild for recovery",
     "history_ttl": "seconds an event stays in history",
+    "max_rewind": "most events a rewind replays to a fresh subscriber (0: rewinds off)",
     "partition_size": "sessions per partition actor",
     "max_buffer": "unsent bytes per connection before close 4010",
     "compression": "permessage-deflate: on (compress each message once for every client "
@@ -64,7 +65,13 @@ _SERVE_FLAGS: dict[str, str] = {
     "max_pending_publishes": "PUBLISHes awaiting an answer per session (close 4008 past it)",
     "max_guilds": "guild actors alive at once",
     "idle_timeout": "seconds before an unused guild actor stops",
+    "passive_interval": "seconds between two activity notices of a guild to its passive "
+    "subscribers",
     "drain_timeout": "seconds a graceful shutdown waits for clients",
+    "drain_spread": "seconds a graceful shutdown spreads its RECONNECTs over, at most "
+    "(default: 5 with --redis or --workers, else 0)",
+    "admit_rate": "IDENTIFYs admitted per second, resumes first (0: no bound; close 1013 "
+    "with a retry hint past it)",
     "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",
     "node_id": "this node's name in presence and metrics (default host:pid with --redis, "
     "else 'local')",
@@ -81,11 +88,15 @@ _SERVE_FLAGS: dict[str, str] = {
     "fsync": "journal fsync policy: always, interval or never",
     "fsync_interval": "seconds between journal fsyncs with --fsync interval",
     "presence_timeout": "seconds before a silent node's sessions leave presence",
+    "presence_limit": "members a PRESENCE_SNAPSHOT lists (past it: the count, truncated)",
     # --- Hardening limits (docs/SECURITY.md "Resource limits") ---
     "history_guild_bytes": "bytes of history one guild keeps in memory (oldest leave first)",
     "history_node_bytes": "bytes of history all guilds keep in memory (oldest leave first)",
     "user_publish_bytes": "PUBLISH bytes/s per user over all connections (0: unlimited)",
     "user_guild_share": "share of --max-guilds one user's subscriptions may start",
+    "idempotency_ttl": "seconds a publish's idempotency key is remembered (0: off)",
+    "idempotency_guild_keys": "idempotency keys remembered per guild (oldest leave first)",
+    "idempotency_node_keys": "idempotency keys remembered per node, single node brokers",
     # --- Cluster (docs/OPERATIONS.md "Cluster: Redis requirements and faults") ---
     "redis_timeout": "seconds a Redis command may take before it counts as failed",
     "feed_deadline": "seconds the Redis pub/sub feed may stay silent before it is resubscribed",
@@ -452,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"--fsync must be one of {FSYNC_POLICIES}")
     if args.compression not in COMPRESSION_MODES:
         return _fail(f"--compression must be one of {COMPRESSION_MODES}")
+    if not args.passive_interval > 0:
+        return _fail("--passive-interval must be > 0 seconds")
+    if args.max_rewind < 0:
+        return _fail("--max-rewind must be 0 (rewinds off) or more")
     if args.secret == "":
         return _fail("the secret is empty (--secret or GUILDCAST_SECRET): give one, or unset it")
     if "GUILDCAST_API_KEYS" in os.environ and not args.env_api_keys and not args.api_keys:

@@ -41,10 +41,20 @@ class Config:
     #: Events kept per guild for recovery, by count and by age (seconds).
     history_size: int = 1000
     history_ttl: float = 300.0
+    #: The most events a rewind (PROTOCOL.md "Rewind", protocol 1.1) replays
+    #: to a fresh subscriber; 0 turns rewinds off (answered with none). 100:
+    #: a rewind of the largest PUBLISHes (100 x ``max_payload`` 32 KiB = 3.2
+    #: MiB) still fits in ``max_buffer`` (4 MiB), so a rewind alone never
+    #: makes its client a slow consumer (4010); and a crowd of fresh clients
+    #: (page loads) costs at most a tenth of the default history each.
+    max_rewind: int = 100
     #: Sessions per partition actor: bounds the work of one fanout step.
     partition_size: int = 512
     #: A guild with no session and no message for this long stops (seconds).
     idle_timeout: float = 300.0
+    #: Seconds between two GUILD_ACTIVITY notices of a guild to its passive
+    #: subscribers (PROTOCOL.md "Passive subscriptions").
+    passive_interval: float = 1.0
     #: Publishes queued per guild before publishers get "try again later".
     guild_mailbox: int = 10_000
     #: Guild actors alive at once; past it new guilds get "try again later".
@@ -68,6 +78,19 @@ class Config:
     #: Payload bytes from which a message is compressed (smaller ones gain
     #: under 10%, docs/BENCHMARKS.md "Compression").
     compression_threshold: int = 128
+    #: Seconds a graceful shutdown spreads its RECONNECTs over, at most (and
+    #: at most half of ``drain_timeout``); fewer sessions than ``admit_rate``
+    #: admits in that time are spread over less (transport/drain.py). None:
+    #: 5 s on a node whose sessions have somewhere else to go (``redis``,
+    #: ``reuse_port``), 0 on a lone node, where spreading would only delay
+    #: the restart they wait for.
+    drain_spread: float | None = None
+    #: IDENTIFYs admitted per second (handshakes: twice that), resumes with
+    #: a Position first; past it close 1013 with a retry hint
+    #: (transport/admission.py). 0: no bound. The default is about what one
+    #: node on this project's 2-core bench machine admits while 19,000
+    #: sessions connect (docs/OPERATIONS.md "Deploying without a reconnect storm").
+    admit_rate: float = 1500.0
     #: Share the listening port with other processes (SO_REUSEPORT); set for
     #: every worker of ``--workers N``.
     reuse_port: bool = False
@@ -81,6 +104,10 @@ class Config:
     #: Seconds after a node's last heartbeat before its sessions drop out
     #: of presence (a node beats every second).
     presence_timeout: float = 10.0
+    #: Members one PRESENCE_SNAPSHOT lists (docs/PROTOCOL.md "Presence"); past
+    #: it the snapshot gives the count and says it is truncated. 0 lists none.
+    #: Why 100: ``guildcast.actors.guild.PRESENCE_LIMIT``.
+    presence_limit: int = 100
     #: Seconds a Redis command may take before it counts as failed (an
     #: append then answers "outcome unknown", docs/PROTOCOL.md "Publishing").
     redis_timeout: float = 5.0
@@ -146,6 +173,18 @@ class Config:
     #: (ERROR 1013 for that guild past it); guild actors nobody subscribes
     #: to are stopped first when ``max_guilds`` is reached.
     user_guild_share: float = 0.25
+
+    # Idempotent publish (docs/PROTOCOL.md "Idempotent publish",
+    # docs/RELIABILITY.md "Retrying a publish")
+    #: Seconds a publish's idempotency key is remembered: a retry with the
+    #: same key within it gets the original ``s`` and epoch. 0 turns the
+    #: window off (keys are accepted and ignored).
+    idempotency_ttl: float = 300.0
+    #: Keys remembered per guild (its oldest leave first past it), and per
+    #: node for every guild together (single node brokers; the node's
+    #: oldest leave first).
+    idempotency_guild_keys: int = 10_000
+    idempotency_node_keys: int = 200_000
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -33,6 +33,7 @@ from guildcast.actors.groups import Groups
 from guildcast.actors.guild import Guild, GuildSettings
 from guildcast.actors.hub import Hub, check_publish
 from guildcast.actors.partition import Partition
+from guildcast.actors.passive import PassiveBoard
 from guildcast.actors.registry import Registry
 from guildcast.broker.base import (
     Broker,
@@ -46,12 +47,14 @@ from guildcast.broker.memory import MemoryBroker
 from guildcast.config import COMPRESSION_MODES, Config
 from guildcast.core import fdwatch
 from guildcast.core.host import HistoryPage, OutcomeUnknown, Overloaded
+from guildcast.core.idempotency import KeyWindows
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
 from guildcast.protocol.deflate import Deflater
 from guildcast.protocol.session import Limits, State
-from guildcast.protocol.wire import valid_guild
+from guildcast.protocol.wire import IDEMPOTENCY_KEY_RULE, valid_guild, valid_idempotency_key
+from guildcast.transport.drain import PEER_DRAIN_SPREAD
 from guildcast.transport.gateway import Gateway, GatewayLimits
 from guildcast.transport.http_api import ApiSettings, HttpApi
 
@@ -80,6 +83,8 @@ class Server:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSION_MODES)}")
         if cfg.data_dir and cfg.redis:
             raise ValueError("data_dir and redis exclude each other: Redis holds the history")
+        if not cfg.passive_interval > 0:
+            raise ValueError("passive_interval must be > 0 seconds")
         if cfg.secret == "" or "" in cfg.api_keys:
             # An empty GUILDCAST_SECRET is a mistake, never "generate one".
             raise ValueError("the secret and API keys must not be empty")
@@ -106,6 +111,9 @@ class Server:
         self._started = False
         #: Forgets aged-out guild logs of an in-process broker (``_sweep_broker``).
         self._broker_sweeper: asyncio.Task[None] | None = None
+        #: The passive subscriptions' notice ticker (``PassiveBoard.run``).
+        self._passive_ticker: asyncio.Task[None] | None = None
+        self.passive: PassiveBoard
         self.groups: Groups
         self.registry: Registry[Guild]
         self.hub: Hub
@@ -154,6 +162,8 @@ class Server:
             partition_size=cfg.partition_size,
             idle_timeout=cfg.idle_timeout,
             mailbox_bound=cfg.guild_mailbox,
+            max_rewind=cfg.max_rewind,
+            presence_limit=cfg.presence_limit,
         )
         self.broker = self._make_broker()
         if cfg.redis:  # even never started: its client to let go of
@@ -165,8 +175,12 @@ class Server:
         self.groups = Groups("guilds")
         broker = self.broker
         counters = self.stats_counters
+        # Passive subscriptions' notices: one board and one ticker per node.
+        board = self.passive = PassiveBoard(cfg.passive_interval)
+        self._passive_ticker = tg.create_task(board.run(), name="passive-notices")
+        unwind.callback(self._passive_ticker.cancel)
         self.registry = Registry(
-            lambda gid: Guild(gid, settings, self.groups, tg, broker, counters),
+            lambda gid: Guild(gid, settings, self.groups, tg, broker, counters, board),
             tg,
             max_actors=cfg.max_guilds,
         )
@@ -199,6 +213,7 @@ class Server:
                 handshake_timeout=cfg.handshake_timeout,
                 close_timeout=cfg.close_timeout,
                 user_publish_bytes=cfg.user_publish_bytes,
+                admit_rate=cfg.admit_rate,
             ),
             # One compressor per node: every event compressed once for all.
             Deflater(cfg.compression_threshold) if cfg.compression == "on" else None,
@@ -292,7 +307,12 @@ class Server:
                 presence_timeout=cfg.presence_timeout,
                 op_timeout=cfg.redis_timeout,
                 feed_deadline=cfg.feed_deadline,
+                idempotency_ttl=cfg.idempotency_ttl,
+                idempotency_keys=cfg.idempotency_guild_keys,
             )
+        keys = KeyWindows(
+            cfg.idempotency_ttl, cfg.idempotency_guild_keys, cfg.idempotency_node_keys
+        )
         if cfg.data_dir:
             disk = DiskBroker(
                 cfg.data_dir,
@@ -302,6 +322,7 @@ class Server:
                 cfg.fsync_interval,
                 history_guild_bytes=cfg.history_guild_bytes,
                 history_node_bytes=cfg.history_node_bytes,
+                idempotency=keys,
             )
             disk.node_id = cfg.node_id or "local"
             return disk
@@ -312,6 +333,7 @@ class Server:
             node_id=cfg.node_id or "local",
             history_guild_bytes=cfg.history_guild_bytes,
             history_node_bytes=cfg.history_node_bytes,
+            idempotency=keys,
         )
 
     async def _sweep_broker(self, broker: Sweeps) -> None:
@@ -325,6 +347,14 @@ class Server:
             if n := broker.sweep():
                 log.debug("forgot %d idle guild logs", n)
 
+    def _drain_spread(self) -> float:
+        """``drain_spread``, or its default: spread only where other nodes
+        can take the sessions (transport/drain.py)."""
+        cfg = self.config
+        if cfg.drain_spread is not None:
+            return cfg.drain_spread
+        return PEER_DRAIN_SPREAD if cfg.redis or cfg.reuse_port else 0.0
+
     async def stop(self, drain: bool = True) -> None:
         """Stop the node. With ``drain`` every session gets RECONNECT then 1001."""
         if not self._started:
@@ -335,7 +365,7 @@ class Server:
         try:
             log.info("draining: %d sessions", len(self.gateway.connections))
             if drain:
-                await self.gateway.drain(self.config.drain_timeout)
+                await self.gateway.drain(self.config.drain_timeout, self._drain_spread())
             else:
                 await self.gateway.drain(0)
             if self.api is not None:
@@ -344,6 +374,8 @@ class Server:
             await self.gateway.close()
             if self._broker_sweeper is not None:
                 self._broker_sweeper.cancel()
+            if self._passive_ticker is not None:
+                self._passive_ticker.cancel()
             await self.broker.close()
         finally:
             await self._stack.aclose()
@@ -351,18 +383,28 @@ class Server:
 
     # --- embedded API --------------------------------------------------------
 
-    async def publish(self, gid: str, t: str, d: Any = None) -> int:
+    async def publish(
+        self, gid: str, t: str, d: Any = None, *, idempotency_key: str | None = None
+    ) -> int:
         """Publish event ``t`` with data ``d`` to guild ``gid``; returns its ``s``.
 
-        Raises ValueError for a bad guild id, event name or non-JSON ``d``, and
-        :class:`guildcast.core.host.Overloaded` when the guild is busy.
+        With ``idempotency_key``, a publish repeating a key of the guild's
+        window returns the original's ``s`` (PROTOCOL.md "Idempotent publish").
+        Raises ValueError for a bad guild id, event name, key or non-JSON
+        ``d``, :class:`guildcast.core.host.Overloaded` when the guild is
+        busy, and :class:`guildcast.core.host.KeyConflict` for a key used
+        by another event.
         """
-        s, _epoch = await self.hub.publish(gid, t, check_publish(gid, t, d))
+        s, _epoch = await self.publish_ex(gid, t, d, idempotency_key=idempotency_key)
         return s
 
-    async def publish_ex(self, gid: str, t: str, d: Any = None) -> tuple[int, str]:
+    async def publish_ex(
+        self, gid: str, t: str, d: Any = None, *, idempotency_key: str | None = None
+    ) -> tuple[int, str]:
         """Like :meth:`publish` but returns ``(s, epoch)``."""
-        return await self.hub.publish(gid, t, check_publish(gid, t, d))
+        if idempotency_key is not None and not valid_idempotency_key(idempotency_key):
+            raise ValueError(f"idempotency_key must be {IDEMPOTENCY_KEY_RULE}")
+        return await self.hub.publish(gid, t, check_publish(gid, t, d), idempotency_key)
 
     async def head(self, gid: str) -> tuple[str, int]:
         """``(epoch, s)`` of guild ``gid``'s last event (``s`` is 0 if none):
@@ -453,6 +495,8 @@ class Server:
             guilds_alive=len(self.registry),
             guilds_started=self.registry.started,
             published=st.published,
+            publish_replays=st.publish_replays,
+            publish_conflicts=st.publish_conflicts,
             deliveries=st.deliveries,
             bytes_out=st.bytes_out,
             bytes_uncompressed=st.bytes_uncompressed,
@@ -475,7 +519,7 @@ class Server:
         guilds = m.mailboxes["guild"] = MailboxDepth()
         parts = m.mailboxes["partition"] = MailboxDepth()
         for guild in self.registry:
-            m.subscriptions += len(guild.where)
+            m.subscriptions += guild.subscribers
             depth = guild.mailbox_depth
             guilds.total += depth
             guilds.max = max(guilds.max, depth)
@@ -508,12 +552,14 @@ class NodeApi:
     def __init__(self, srv: Server) -> None:
         self._srv = srv
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         outer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         if not self._srv._gateway_up:
             outer.set_exception(Overloaded(self._srv.not_ready_reason))
             return outer
-        inner = self._srv.hub.publish(gid, t, d_json)
+        inner = self._srv.hub.publish(gid, t, d_json, key)
         inner.add_done_callback(functools.partial(_relay, outer))
         return outer
 

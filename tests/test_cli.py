@@ -267,6 +267,11 @@ def test_bad_redis_settings_are_one_line(
     one_line_error(run(tmp_path, "serve", "--secret", SECRET, *args), 2, *words)
 
 
+def test_a_passive_interval_of_zero_is_one_line(tmp_path: Path) -> None:
+    r = run(tmp_path, "serve", "--secret", SECRET, "--passive-interval", "0")
+    one_line_error(r, 2, "--passive-interval", "> 0")
+
+
 @pytest.mark.parametrize(
     ("var", "raw"),
     [
@@ -358,3 +363,10 @@ def test_an_unusable_state_file_is_one_line(tmp_path: Path) -> None:
     blocked.write_text("")
     r = run(tmp_path, "serve", "--port", "0", "--state-file", str(blocked / "state.json"))
     one_line_error(r, 2, "the state file", "Not a directory")
+
+
+def test_a_negative_max_rewind_is_one_line(tmp_path: Path) -> None:
+    """PROTOCOL.md "Rewind": 0 turns rewinds off; below it is no setting."""
+    one_line_error(
+        run(tmp_path, "serve", "--secret", SECRET, "--max-rewind", "-1"), 2, "--max-rewind"
+    )

@@ -34,8 +34,8 @@ class FeedRouter:
         if guild is not None:
             guild.cast_system(Feed(records))
 
-    def presence(self, gid: str, kind: str, member: Presence) -> None:
-        """A presence change ("join" or "leave") of ``gid``."""
+    def presence(self, gid: str, kind: str, member: Presence, v: int | None) -> None:
+        """A presence change ("join" or "leave") of ``gid``, of version ``v``."""
         guild = self.registry.lookup(gid)
         if guild is not None:
-            guild.cast_system(PresenceMsg(kind, member))
+            guild.cast_system(PresenceMsg(kind, member, v))

@@ -22,11 +22,30 @@ events that are not coming. With an in-process log (``LocalLog``) the
 records a publish appended go to the cursor in the same step; a remote
 feed's come as ``Feed`` messages (``feed.py``).
 
+Passive subscriptions (PROTOCOL.md "Passive subscriptions") are not in any
+writer: the guild keeps them in its entry on the node's
+:class:`~guildcast.actors.passive.PassiveBoard`, sets the entry's head after
+each step, and the board's ticker sends the notices; switching a session
+between the modes is a :class:`Subscribe` like any other, carried out in
+mailbox order (``_passivate``, and ``_subscribe`` for the way back).
+
 Subscriptions arrive as :class:`Subscribe` messages in mailbox order with
 feed records, so the head a session is told in SUBSCRIBED, its replay and
 the moment it joins its partition form one atomic step: no gap, no
 duplicate, however publishes race the subscribe (PROTOCOL.md "Subscribing
 and recovery"). Leaves come from the guild's process group monitor.
+
+Presence (docs/RELIABILITY.md, "Presence snapshot and diffs"): a session
+that asked for presence gets a PRESENCE_SNAPSHOT right after its SUBSCRIBED,
+then the joins and leaves after it. Every presence change carries the
+broker's version of the guild's presence; the snapshot is taken at one
+version, in the same step that adds the session, and its writer sends it
+only the changes of later versions, in mailbox order: no change is missed or
+doubled however joins race the subscribe. A version out of step (a change
+lost while the feed was down) or a feed reconnect resynchronises: a fresh
+PRESENCE_SNAPSHOT to every presence session. The last snapshot read is kept
+(at most ``presence_limit`` members) and reused while no later change has
+been fanned out.
 
 Mailbox: publishes are bounded (``mailbox_bound``; past it publishers get
 "try again later"); Subscribe/Unsubscribe/Left/Feed are system messages.
@@ -45,23 +64,44 @@ from guildcast.actors.actor import Actor, MailboxFull, _Call
 from guildcast.actors.cursor import Cursor, Lost, ReadBack, Step
 from guildcast.actors.groups import GroupEvent, Groups
 from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove, Writer
+from guildcast.actors.passive import PassiveBoard, PassiveGuild
+from guildcast.actors.replay import ReplayPages
 from guildcast.broker.base import (
     FEED_LOST,
     Broker,
     BrokerUnavailable,
     LocalLog,
     Presence,
+    PresenceSnapshot,
     Record,
 )
+from guildcast.core.host import KeyConflict
+from guildcast.core.idempotency import Replayed
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close
+from guildcast.protocol.deflate import SharedFrame
 
 log = logging.getLogger("guildcast.guild")
 
 #: Records read back per broker round trip when catching up or replaying.
 READ_PAGE = 1000
+#: Reads of a rewind whose history start moved under it (trimmed by another
+#: node between finding the oldest event and reading it) before it gives up
+#: and replays nothing: each retry starts at the new oldest event, so only
+#: a history trimmed faster than one read round trip, three times, gets there.
+REWIND_TRIES = 3
+
+
+#: Members a PRESENCE_SNAPSHOT lists by default (``Config.presence_limit``;
+#: past it: the count and ``truncated``). A member is about 75 bytes of JSON
+#: (16-character session ids, a ``host:pid`` node id): 100 make a 7.5 KB
+#: frame, well inside every client library's default message size and about
+#: what one large event costs, so a reconnect storm of presence subscribers
+#: costs 7.5 KB each; it is also the size of list a member UI shows at once,
+#: and Pusher's presence-channel member limit.
+PRESENCE_LIMIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,24 +109,33 @@ class GuildSettings:
     partition_size: int = 512
     idle_timeout: float = 300.0
     mailbox_bound: int = 10_000
+    #: The most events one rewind replays (``Config.max_rewind``).
+    max_rewind: int = 100
+    presence_limit: int = PRESENCE_LIMIT
 
 
 class PublishMsg:
     """Call message: sequence event ``t`` with ``d_json`` (``d`` encoded once,
-    at the edge that validated it); replies ``(s, epoch)``."""
+    at the edge that validated it) under idempotency ``key`` (or None);
+    replies ``(s, epoch)``."""
 
-    __slots__ = ("d_json", "t")
+    __slots__ = ("d_json", "key", "t")
 
-    def __init__(self, t: str, d_json: bytes) -> None:
+    def __init__(self, t: str, d_json: bytes, key: str | None = None) -> None:
         self.t = t
         self.d_json = d_json
+        self.key = key
 
 
 class Subscribe:
     """Add ``sink`` (recovering from ``position``); ``member`` is its presence
-    identity, ``presence`` whether it wants PRESENCE_JOIN/LEAVE dispatches."""
+    identity, ``presence`` whether it wants PRESENCE_JOIN/LEAVE dispatches;
+    ``rewind`` (1.1, only without a ``position``): replay the guild's last
+    this many events first (bounded by ``GuildSettings.max_rewind``);
+    ``passive``: notices only, no events (``position`` is then not replayed,
+    and a passive request never carries a ``rewind``)."""
 
-    __slots__ = ("member", "position", "presence", "sink")
+    __slots__ = ("member", "passive", "position", "presence", "rewind", "sink")
 
     def __init__(
         self,
@@ -94,11 +143,15 @@ class Subscribe:
         position: tuple[str, int] | None,
         member: Presence | None = None,
         presence: bool = False,
+        rewind: int | None = None,
+        passive: bool = False,
     ) -> None:
         self.sink = sink
         self.position = position
         self.member = member
         self.presence = presence
+        self.rewind = rewind
+        self.passive = passive
 
 
 class Unsubscribe:
@@ -153,13 +206,15 @@ HOLD_FRAMES = 4096
 
 
 class PresenceMsg:
-    """A presence change from the broker: ``kind`` is "join" or "leave"."""
+    """A presence change from the broker: ``kind`` is "join" or "leave", ``v``
+    its version (None from a node of an earlier version)."""
 
-    __slots__ = ("kind", "member")
+    __slots__ = ("kind", "member", "v")
 
-    def __init__(self, kind: str, member: Presence) -> None:
+    def __init__(self, kind: str, member: Presence, v: int | None = None) -> None:
         self.kind = kind
         self.member = member
+        self.v = v
 
 
 class InfoMsg:
@@ -189,6 +244,7 @@ class Guild(Actor):
         tg: asyncio.TaskGroup,
         broker: Broker,
         stats: NodeStats | None = None,
+        board: PassiveBoard | None = None,
     ) -> None:
         super().__init__(
             gid, mailbox_bound=settings.mailbox_bound, idle_timeout=settings.idle_timeout
@@ -211,6 +267,16 @@ class Guild(Actor):
         self.where: dict[Sink, Writer | Partition] = {}
         #: Presence identity of each local session (announced on join/leave).
         self.members: dict[Sink, Presence] = {}
+        #: Local sessions that asked for presence (snapshot and changes).
+        self._watchers: set[Sink] = set()
+        #: Version of the last presence change fanned out (None: none since
+        #: this node listens), and the last snapshot read (reused while no
+        #: later change was fanned out); both forgotten with the feed.
+        self._pv: int | None = None
+        self._psnap: PresenceSnapshot | None = None
+        #: ``_psnap``'s PRESENCE_SNAPSHOT frame, built (and compressed, per
+        #: parameter set) once for every session it is sent to.
+        self._psnap_frame: tuple[PresenceSnapshot, SharedFrame] | None = None
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Writer | Partition, int] = {}
         #: Partitions that have not yet written the last run sent to them.
@@ -221,14 +287,32 @@ class Guild(Actor):
         #: to that partition, so what it receives stays in order. An entry
         #: leaves with the partition's ``Removed``: bounded by its mailbox.
         self._parted: dict[Sink, Partition] = {}
+        #: ``Remove`` messages cast for a session and not yet written (its
+        #: ``_parted`` entry stays until they all are).
+        self._unwritten: dict[Sink, int] = {}
         self.published = 0
         self.delivered = 0
+        #: History read back for replays in this batch (replay.py), and the
+        #: broker reads replays made since start.
+        self._pages: ReplayPages | None = None
+        self.replay_reads = 0
         self._frames: list[bytes] = []
         self._names: list[str] = []
         #: Publish times of ``_frames`` (for the latency metric).
         self._stamps: list[float] = []
         #: The node's counters (``/metrics``), shared with the partitions.
         self.stats = stats if stats is not None else NodeStats()
+        #: The node's passive-notice board (passive.py) and this guild's entry
+        #: on it while it has passive sessions; ``passive`` is that entry's
+        #: ``sinks``: the sessions receiving notices.
+        self._board = board if board is not None else PassiveBoard()
+        self._entry: PassiveGuild | None = None
+        self.passive: dict[Sink, None] = {}
+        #: Sessions switched to passive while a partition actor still writes
+        #: their last events and their passive SUBSCRIBED: they join
+        #: ``passive`` at the partition's ``Removed`` (no notice overtakes
+        #: those). Bounded like ``_parted``.
+        self._passivating: set[Sink] = set()
         self._demonitor = groups.monitor(gid, self._on_group_event)
 
     @property
@@ -244,8 +328,18 @@ class Guild(Actor):
 
     # --- life cycle ----------------------------------------------------------
 
+    @property
+    def has_sessions(self) -> bool:
+        """True while any local session, active or passive, is subscribed."""
+        return bool(self.where or self.passive or self._passivating)
+
+    @property
+    def subscribers(self) -> int:
+        """Local sessions subscribed, active and passive."""
+        return len(self.where) + len(self.passive) + len(self._passivating)
+
     def on_idle(self) -> bool:
-        return not self.where
+        return not self.has_sessions
 
     async def on_stop(self, reason: BaseException | None) -> None:
         self._demonitor()
@@ -254,9 +348,11 @@ class Guild(Actor):
                 p.stop()
         if reason is not None:
             # Let it crash: the sessions reconnect and recover what they can.
-            for sink in list(self.where):
+            for sink in [*self.where, *self.passive, *self._passivating]:
                 sink.close(Close.UNKNOWN_ERROR, "guild failed")
         self.where.clear()
+        self._watchers.clear()
+        self._drop_passive()
         for member in self.members.values():
             self.broker.presence_leave(self.gid, member)
         self.members.clear()
@@ -270,6 +366,7 @@ class Guild(Actor):
     # --- messages ------------------------------------------------------------
 
     async def handle_batch(self, batch: deque[Any]) -> None:
+        self._pages = None
         pubs: list[_Call] = []
         items: list[tuple[str, bytes]] = []
         for item in batch:
@@ -289,10 +386,9 @@ class Guild(Actor):
             elif tp is Written:
                 self._writing.discard(item.partition)
             elif tp is Removed:
-                if self._parted.get(item.sink) is item.partition:
-                    del self._parted[item.sink]
+                self._removed(item.partition, item.sink)
             elif tp is PresenceMsg:
-                self._on_presence(item.kind, item.member)
+                await self._on_presence(item.kind, item.member, item.v)
             else:
                 if pubs:
                     await self._append(pubs, items)
@@ -309,8 +405,15 @@ class Guild(Actor):
         if pubs:
             await self._append(pubs, items)
         self._fan_out()
+        entry = self._entry
+        if entry is not None and self._cur is not None:
+            entry.head = self._cur.s
+        self._pages = None  # the batch's replays are served (replay.py)
 
     async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        if any(call.msg.key is not None for call in pubs):
+            await self._append_keyed(pubs, items)
+            return
         local = self._local
         recs: list[Record] | None = None
         try:
@@ -337,6 +440,44 @@ class Guild(Actor):
             # emit in this step, no feed message (docs/ARCHITECTURE.md).
             await self._on_feed(recs)
 
+    async def _append_keyed(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        """:meth:`_append` for a batch holding idempotency keys: the broker
+        sequences only what its window does not hold (PROTOCOL.md
+        "Idempotent publish"); the others get the original's answer."""
+        keys = [call.msg.key for call in pubs]
+        local = self._local
+        recs: list[Record] | None = None
+        try:
+            if local is not None:
+                epoch, recs, out = await local.append_local_keyed(self.gid, items, keys)
+            else:
+                epoch, out = await self.broker.append_keyed(self.gid, items, keys)
+        except BrokerUnavailable as e:
+            for call in pubs:
+                if not call.future.done():
+                    call.future.set_exception(e)
+            return
+        if self.listening and epoch != self.epoch:
+            await self._history_lost(f"epoch changed to {epoch}")
+        new = sum(1 for r in out if type(r) is int)
+        self.published += new
+        self.stats.published += new
+        for call, r in zip(pubs, out, strict=True):
+            if call.future.done():
+                continue
+            if type(r) is int:
+                call.future.set_result((r, epoch))
+            else:
+                assert isinstance(r, Replayed)
+                if r.conflict:
+                    self.stats.publish_conflicts += 1
+                    call.future.set_exception(KeyConflict(r.s, epoch))
+                else:
+                    self.stats.publish_replays += 1
+                    call.future.set_result((r.s, epoch))
+        if recs and self.listening:
+            await self._on_feed(recs)
+
     async def _answer(self, call: _Call) -> None:
         msg = call.msg
         try:
@@ -361,6 +502,9 @@ class Guild(Actor):
             return
         if records is None:
             await self._drive(cur.missed())
+            if self.listening:
+                # Presence changes may have been lost with the feed too.
+                await self._presence_resync()
         elif isinstance(records, str):
             assert records == FEED_LOST
             await self._history_lost("the broker's feed is lost", "guild feed lost; reconnect")
@@ -424,20 +568,83 @@ class Guild(Actor):
                 continue
             self._writing.add(p)
 
-    def _on_presence(self, kind: str, member: Presence) -> None:
+    async def _on_presence(self, kind: str, member: Presence, v: int | None) -> None:
         """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
-        is not part of the guild's event sequence and is not replayed)."""
-        if not self.partitions:
+        is not part of the guild's event sequence and is not replayed), each
+        only to the sessions whose snapshot is older than its version."""
+        if not self.listening:
+            return  # queued before the feed stopped: no session is served from it
+        if v is not None:
+            snap = self._psnap
+            base = self._pv if self._pv is not None else (snap.version if snap else None)
+            if base is not None and v <= base:
+                return  # in every snapshot sent (a resync's, or the one served since)
+            if base is not None and v > base + 1:
+                await self._presence_resync()  # versions base+1 .. v-1 were lost
+                return
+            self._pv = v
+        if not self._watchers:
             return
         t = "PRESENCE_JOIN" if kind == "join" else "PRESENCE_LEAVE"
         self._fan_out(force=True)  # keep the order of what came before
-        msg = PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid))
+        self._send_presence(PresenceFrame(wire.message(0, member.as_dict(), t=t, g=self.gid), v=v))
+
+    def _send_presence(self, msg: PresenceFrame) -> None:
         for p in self.partitions:
             if type(p) is Writer:
                 p.send_presence(msg)
             else:
                 assert type(p) is Partition
                 p.cast_system(msg)
+
+    async def _presence_snapshot(self) -> PresenceSnapshot:
+        """The guild's presence for a session subscribing now: the last one
+        read while no later change has been fanned out, else a fresh one."""
+        snap = self._psnap
+        if snap is None or (self._pv is not None and snap.version < self._pv):
+            snap = self._psnap = await self.broker.presence_snapshot(
+                self.gid, self.settings.presence_limit
+            )
+        return snap
+
+    def _snapshot_frame(self, snap: PresenceSnapshot) -> bytes:
+        members = [m.as_dict() for m in snap.members]
+        return wire.presence_snapshot_frame(
+            self.gid, members, snap.total, self.settings.presence_limit
+        )
+
+    def _snapshot_shared(self, snap: PresenceSnapshot) -> SharedFrame:
+        """``snap``'s frame, built once for every subscriber it is served to."""
+        got = self._psnap_frame
+        if got is None or got[0] is not snap:
+            got = self._psnap_frame = (snap, SharedFrame(self._snapshot_frame(snap)))
+        return got[1]
+
+    async def _presence_resync(self) -> None:
+        """Presence changes may have been lost: read the presence afresh and,
+        unless nothing changed, send every presence session a new
+        PRESENCE_SNAPSHOT (it replaces theirs) at that version."""
+        base = self._pv if self._pv is not None else (self._psnap.version if self._psnap else None)
+        self._psnap = None
+        self._psnap_frame = None
+        if not self._watchers:
+            self._pv = None
+            return
+        try:
+            snap = await self.broker.presence_snapshot(self.gid, self.settings.presence_limit)
+        except BrokerUnavailable:
+            self._pv = None
+            for sink in list(self._watchers):
+                sink.close(Close.UNKNOWN_ERROR, "presence resync failed; reconnect")
+            return
+        self._psnap = snap
+        self._pv = snap.version
+        if snap.version == base:
+            return  # nothing changed: every session is up to date
+        self._fan_out(force=True)
+        msg = PresenceFrame(self._snapshot_frame(snap), reset=snap.version)
+        self._psnap_frame = (snap, msg)  # later subscribers share it
+        self._send_presence(msg)
 
     async def _history_lost(self, why: str, reason: str = "guild history lost; reconnect") -> None:
         """This node cannot go on serving the guild's sessions from its feed
@@ -447,8 +654,10 @@ class Guild(Actor):
         self._frames = []
         self._names = []
         self._stamps = []
-        for sink in list(self.where):
+        for sink in [*self.where, *self.passive, *self._passivating]:
             sink.close(Close.UNKNOWN_ERROR, reason)
+        # Passive ones too: their notices would name an epoch they never saw.
+        self._drop_passive()
         # Listen afresh at the next subscribe: it reads the new epoch and head.
         await self._unlisten()
 
@@ -476,9 +685,22 @@ class Guild(Actor):
             self.epoch = epoch
             self._cur = Cursor(epoch, head, READ_PAGE)
         assert self.epoch is not None
+        if msg.passive:
+            # No replay, no rewind (the parser refuses one), no presence
+            # dispatch: a passive session gets notices only. It stays a member;
+            # an activation sends it a fresh PRESENCE_SNAPSHOT.
+            self._watchers.discard(sink)
+            self._passivate(sink)
+            if msg.member is not None and sink not in self.members:
+                self.members[sink] = msg.member
+                self.broker.presence_join(self.gid, msg.member)
+            return
+        # Active again (or still): no notice after the SUBSCRIBED below.
+        self._unpassive(sink)
         head = self.cursor
         recovered = False
-        replay: list[bytes] = []
+        replay: list[SharedFrame] = []
+        rewound: int | None = None
         if position is not None:
             epoch, after = position
             if epoch == self.epoch and after <= head:
@@ -486,50 +708,95 @@ class Guild(Actor):
                 if got is not None:
                     recovered = True
                     replay = got
-        preamble = wire.subscribed_frame(self.gid, self.epoch, head, recovered)
-        if replay:
-            preamble = b"".join([preamble, *replay])
+        elif msg.rewind is not None:
+            rewound, replay = await self._rewind(msg.rewind, head, sink.events)
+            # Recovered: every event asked for follows (min(N, head) of them).
+            recovered = rewound == min(msg.rewind, head)
+        # SUBSCRIBED is this session's own; the snapshot and the replay are
+        # shared, compressed once per parameter set (partition.Preamble).
+        preamble: list[bytes | SharedFrame] = [
+            wire.subscribed_frame(self.gid, self.epoch, head, recovered, rewound)
+        ]
+        since = -1
+        if msg.presence:
+            try:
+                snap = await self._presence_snapshot()
+            except BrokerUnavailable:
+                sink.close(Close.TRY_AGAIN_LATER, "broker unavailable")
+                if not self.has_sessions:
+                    await self._unlisten()
+                return
+            since = snap.version
+            preamble.append(self._snapshot_shared(snap))
+            self._watchers.add(sink)
+        else:
+            self._watchers.discard(sink)
+        preamble.extend(replay)
         p = self.where.get(sink)
         if p is None:
             p = self._parted.pop(sink, None) or self._partition_with_room()
             self.where[sink] = p
             self.load[p] += 1
         if type(p) is Writer:
-            p.add(sink, preamble, msg.presence)
+            p.add(sink, preamble, msg.presence, since)
         else:
             assert type(p) is Partition
-            p.cast_system(Add(sink, preamble, msg.presence))
+            p.cast_system(Add(sink, preamble, msg.presence, since))
         if msg.member is not None and sink not in self.members:
             self.members[sink] = msg.member
             self.broker.presence_join(self.gid, msg.member)
 
     async def _replay(
         self, after: int, head: int, want: frozenset[str] | None
-    ) -> list[bytes] | None:
-        """Frames of events ``after+1 .. head`` (filtered), or None if history lacks some."""
-        out: list[bytes] = []
-        nxt = after + 1
-        while nxt <= head:
+    ) -> list[SharedFrame] | None:
+        """Frames of events ``after+1 .. head`` (filtered), or None if history
+        lacks some: read once per batch for every session it replays to
+        (replay.py)."""
+        assert self.epoch is not None
+        pages = self._pages
+        if pages is None or not pages.fits(self.epoch, head):
+            pages = self._pages = ReplayPages(self.gid, self.epoch, head, READ_PAGE)
+        reads = pages.reads
+        got = await pages.replay(self.broker, after, want)
+        self.replay_reads += pages.reads - reads
+        return got
+
+    async def _rewind(
+        self, n: int, head: int, want: frozenset[str] | None
+    ) -> tuple[int, list[SharedFrame]]:
+        """A rewind (PROTOCOL.md "Rewind"): ``(k, frames)``, the last ``k`` events
+        ``head-k+1 .. head`` (filtered), ``k`` at most ``n``, ``max_rewind``
+        and what history holds. A replay from a Position ``k`` back
+        (:meth:`_replay`); history that moved under the read (trimmed by
+        another node) is read again from its new start, at most
+        ``REWIND_TRIES`` times, then nothing is replayed (``k`` = 0)."""
+        after = max(0, head - min(n, self.settings.max_rewind))
+        for _ in range(REWIND_TRIES):
+            if after >= head:
+                return 0, []
             try:
-                epoch, recs = await self.broker.read(
-                    self.gid, nxt - 1, min(READ_PAGE, head - nxt + 1)
-                )
+                first = await self.broker.first(self.gid)
             except BrokerUnavailable:
-                return None
-            if epoch != self.epoch or not recs or recs[0].s != nxt:
-                return None
-            for rec in recs:
-                if rec.s > head:
-                    break
-                if want is None or rec.t in want:
-                    out.append(wire.text_frame(rec.payload))
-                nxt = rec.s + 1
-        return out
+                return 0, []
+            if first is None or first > head:
+                return 0, []  # nothing at or below the head is left
+            after = max(after, first - 1)
+            got = await self._replay(after, head, want)
+            if got is not None:
+                return head - after, got
+        return 0, []
 
     async def _remove(self, sink: Sink, farewell: bytes | None) -> None:
+        self._watchers.discard(sink)
         member = self.members.pop(sink, None)
         if member is not None:
             self.broker.presence_leave(self.gid, member)
+        if self._unpassive(sink):
+            if farewell is not None:
+                self._send_after_partition(sink, farewell)
+            if not self.has_sessions:
+                await self._unlisten()
+            return
         p = self.where.pop(sink, None)
         if p is None:
             return
@@ -538,11 +805,98 @@ class Guild(Actor):
             p.remove(sink, farewell)
         else:
             assert type(p) is Partition
-            p.cast_system(Remove(sink, farewell))
-            self._parted[sink] = p
-        if not self.where:
+            self._remove_via(p, sink, farewell)
+        if not self.has_sessions:
             # Nodes listen to a guild only while they have local subscribers.
             await self._unlisten()
+
+    # --- passive subscriptions (passive.py) -------------------------------------
+
+    def _passivate(self, sink: Sink) -> None:
+        """Make ``sink`` passive: SUBSCRIBED ``passive`` after every event it
+        was sent, then notices only. From active, its writer writes that
+        SUBSCRIBED last (a partition actor: the session joins ``passive`` at
+        the partition's ``Removed``)."""
+        assert self.epoch is not None
+        frame = wire.subscribed_frame(self.gid, self.epoch, self.cursor, False, passive=True)
+        p = self.where.pop(sink, None)
+        if p is not None:
+            self.load[p] -= 1
+            if type(p) is Writer:
+                p.remove(sink, frame)
+                self._notice_to(sink)
+                return
+            assert type(p) is Partition
+            self._remove_via(p, sink, frame)
+            self.passive.pop(sink, None)
+            self._passivating.add(sink)
+            return
+        if self._send_after_partition(sink, frame):
+            self.passive.pop(sink, None)
+            self._passivating.add(sink)
+        elif sink not in self._passivating:
+            self._notice_to(sink)
+
+    def _send_after_partition(self, sink: Sink, frame: bytes) -> bool:
+        """Send ``frame`` to a session no writer holds: through the partition
+        that still writes its last messages if there is one (order; returns
+        True), else now."""
+        part = self._parted.get(sink)
+        if part is not None:
+            self._remove_via(part, sink, frame)
+            return True
+        sink.send(frame)
+        return False
+
+    def _remove_via(self, p: Partition, sink: Sink, farewell: bytes | None) -> None:
+        """Cast ``Remove(sink, farewell)`` to partition ``p``: until ``p`` has
+        written every such Remove (``_removed``), what this guild sends the
+        session goes through ``p`` too (``_parted``)."""
+        p.cast_system(Remove(sink, farewell))
+        self._parted[sink] = p
+        self._unwritten[sink] = self._unwritten.get(sink, 0) + 1
+
+    def _removed(self, p: Partition, sink: Sink) -> None:
+        """Partition ``p`` has written one ``Remove`` of ``sink``."""
+        n = self._unwritten.get(sink, 0) - 1
+        if n > 0:
+            self._unwritten[sink] = n
+            return
+        self._unwritten.pop(sink, None)
+        if self._parted.get(sink) is p:
+            del self._parted[sink]
+        if sink in self._passivating:
+            self._passivating.discard(sink)
+            self._notice_to(sink)
+
+    def _notice_to(self, sink: Sink) -> None:
+        """``sink`` receives this guild's notices from now on."""
+        if sink.is_closed:
+            return
+        entry = self._entry
+        if entry is None:
+            assert self.epoch is not None
+            entry = self._entry = self._board.attach(self.gid, self.epoch, self.cursor)
+            entry.sinks = self.passive
+        self.passive[sink] = None
+
+    def _unpassive(self, sink: Sink) -> bool:
+        """``sink`` is passive no more; True if it was."""
+        was = sink in self.passive or sink in self._passivating
+        self.passive.pop(sink, None)
+        self._passivating.discard(sink)
+        if not self.passive and self._entry is not None:
+            self._board.detach(self._entry)
+            self._entry = None
+        return was
+
+    def _drop_passive(self) -> None:
+        """Forget every passive session (they are closed or the guild stops)."""
+        self.passive.clear()
+        self._passivating.clear()
+        if self._entry is not None:
+            self._board.detach(self._entry)
+            self._entry = None
 
     async def _unlisten(self) -> None:
         """Stop listening to the guild's feed, forgetting its epoch and cursor."""
@@ -551,6 +905,9 @@ class Guild(Actor):
         self.listening = False
         self.epoch = None
         self._cur = None
+        self._pv = None
+        self._psnap = None
+        self._psnap_frame = None
         try:
             await self.broker.unlisten(self.gid)
         except BrokerUnavailable:
@@ -590,6 +947,6 @@ class Guild(Actor):
             "guild": self.gid,
             "epoch": epoch,
             "s": head,
-            "subscribers": len(self.where),
+            "subscribers": self.subscribers,
             "history": {"first": first, "last": head if first is not None else None},
         }

@@ -72,9 +72,16 @@ class Hub:
     def _evictable(self, guild: Guild) -> bool:
         """No subscriber, nothing queued, between batches: stopping it loses
         nothing (its history is the broker's)."""
-        return guild.parked and not guild.where and self.groups.count(guild.name) == 0
+        return guild.parked and not guild.has_sessions and self.groups.count(guild.name) == 0
 
-    def subscribe(self, sub: Subscriber, gid: str, position: tuple[str, int] | None) -> None:
+    def subscribe(
+        self,
+        sub: Subscriber,
+        gid: str,
+        position: tuple[str, int] | None,
+        rewind: int | None = None,
+        passive: bool = False,
+    ) -> None:
         if sub.is_closed:
             return
         limit = self.user_guild_limit
@@ -87,7 +94,7 @@ class Hub:
             self._charge(sub.user, gid, guild)
         self.groups.join(gid, sub)
         member = Presence(sub.user, sub.session_id, guild.broker.node_id)
-        guild.cast_system(Subscribe(sub, position, member, sub.wants_presence))
+        guild.cast_system(Subscribe(sub, position, member, sub.wants_presence, rewind, passive))
 
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         guild = self.registry.lookup(gid)
@@ -97,13 +104,16 @@ class Hub:
             guild.cast_system(Unsubscribe(sub))
         self.groups.leave(gid, sub)
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         """Sequence ``t``/``d_json`` in ``gid``, validated at the edge (the
-        session, the HTTP API, ``Server.publish``: ``check_publish``); raises
-        :class:`Overloaded` if the guild's mailbox is full."""
+        session, the HTTP API, ``Server.publish``: ``check_publish``), with
+        an idempotency ``key`` or None; raises :class:`Overloaded` if the
+        guild's mailbox is full."""
         guild = self._guild(gid)
         try:
-            return guild.call_nowait(PublishMsg(t, d_json))
+            return guild.call_nowait(PublishMsg(t, d_json, key))
         except (MailboxFull, ActorExited):
             raise Overloaded(f"guild {gid} is busy") from None
 

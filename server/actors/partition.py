@@ -12,9 +12,14 @@ permessage-deflate carry their parameter set's
 :class:`~guildcast.protocol.deflate.Deflater` as ``Sink.deflate``. A run's
 compressed frames are made once per node (cached on the :class:`Frames`
 the guild hands every writer, and on each :class:`PresenceFrame`) and the
-same bytes go to every such session; a preamble or farewell, built for one
-session, is compressed for it by the same shared compressor. Small frames
-stay uncompressed (the deflater's threshold).
+same bytes go to every such session. A preamble is a :data:`Preamble`: its
+own SUBSCRIBED (built for one session) is compressed for it by the same
+shared compressor, and its shared parts (the presence snapshot, the replayed
+events of the batch's ``ReplayPages``) are
+:class:`~guildcast.protocol.deflate.SharedFrame` s, compressed once per
+parameter set for every session that gets them. A farewell is built for one
+session and compressed for it. Small frames stay uncompressed (the
+deflater's threshold).
 
 Placement (the guild decides, once, in ``Guild._writer_with_room``; see
 docs/ARCHITECTURE.md "Placement"): a guild's first ``partition_size``
@@ -43,7 +48,7 @@ from typing import Any
 from guildcast.actors.actor import Actor
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
-from guildcast.protocol.deflate import RSV1, Deflater
+from guildcast.protocol.deflate import RSV1, Deflater, SharedFrame
 
 #: A run's frames compressed by one deflater: ``(frames, joined, compressed)``,
 #: the last the number of frames sent compressed (RSV1 set; the rest were small).
@@ -89,32 +94,56 @@ class Frames:
         return hit
 
 
+#: What a session is written before its events: whole frames, either one
+#: ``bytes`` built for it alone, or parts in order where ``bytes`` parts are
+#: its own (its SUBSCRIBED) and :class:`SharedFrame` parts are shared with
+#: other sessions (a presence snapshot, replayed events).
+Preamble = bytes | list[bytes | SharedFrame]
+
+
+def preamble_bytes(preamble: Preamble, z: Deflater | None) -> bytes:
+    """``preamble`` as a session with deflater ``z`` (None: none) is sent it:
+    its own parts compressed for it, the shared ones once per deflater."""
+    if isinstance(preamble, bytes):
+        return preamble if z is None else z.frames(preamble)
+    parts: list[bytes] = []
+    for p in preamble:
+        if isinstance(p, SharedFrame):
+            parts.append(p.frame if z is None else p.compressed(z))
+        else:
+            parts.append(p if z is None else z.frames(p))
+    return b"".join(parts)
+
+
 class Add:
-    """Start writing to ``sink`` after writing ``preamble`` (SUBSCRIBED + replay)."""
+    """Start writing to ``sink`` after writing ``preamble`` (SUBSCRIBED + replay);
+    ``since``: the presence version of the snapshot in its preamble."""
 
-    __slots__ = ("preamble", "presence", "sink")
+    __slots__ = ("preamble", "presence", "since", "sink")
 
-    def __init__(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
+    def __init__(
+        self, sink: Sink, preamble: Preamble, presence: bool = False, since: int = -1
+    ) -> None:
         self.sink = sink
         self.preamble = preamble
         self.presence = presence
+        self.since = since
 
 
-class PresenceFrame:
-    """A PRESENCE_JOIN/LEAVE dispatch for the sessions that asked for presence."""
+class PresenceFrame(SharedFrame):
+    """A presence dispatch for the sessions that asked for presence: a
+    PRESENCE_JOIN/LEAVE of version ``v`` (written to the sessions whose
+    snapshot is older; None: to all), or, with ``reset``, a PRESENCE_SNAPSHOT
+    at that version replacing every session's (docs/RELIABILITY.md,
+    "Presence snapshot and diffs"). Compressed once per parameter set for
+    every writer that shares it (:class:`SharedFrame`)."""
 
-    __slots__ = ("_z", "frame")
+    __slots__ = ("reset", "v")
 
-    def __init__(self, frame: bytes) -> None:
-        self.frame = frame
-        self._z: tuple[Deflater, bytes] | None = None
-
-    def compressed(self, deflater: Deflater) -> bytes:
-        """The frame as ``deflater``'s sessions get it, compressed once."""
-        z = self._z
-        if z is None or z[0] is not deflater:
-            z = self._z = (deflater, deflater.frame(self.frame))
-        return z[1]
+    def __init__(self, frame: bytes, v: int | None = None, reset: int | None = None) -> None:
+        super().__init__(frame)
+        self.v = v
+        self.reset = reset
 
 
 class Remove:
@@ -151,8 +180,10 @@ class Writer:
         #: parameter set's deflater (one in practice): written like ``plain``.
         self.zplain: dict[Deflater, dict[Sink, None]] = {}
         self.filtered: dict[Sink, frozenset[str]] = {}
-        #: Sessions that asked for PRESENCE_JOIN/LEAVE (a subset of the above).
-        self.presence: set[Sink] = set()
+        #: Sessions that asked for presence (a subset of the above), each with
+        #: the version of the presence snapshot it was sent: it gets the
+        #: changes of later versions only.
+        self.presence: dict[Sink, int] = {}
         self.deliveries = 0
         self.bytes_out = 0
         #: The node's counters (``/metrics``): added to once per write.
@@ -162,7 +193,7 @@ class Writer:
         return len(self.plain) + sum(map(len, self.zplain.values())) + len(self.filtered)
 
     def _forget(self, sink: Sink) -> None:
-        self.presence.discard(sink)
+        self.presence.pop(sink, None)
         self.plain.pop(sink, None)
         self.filtered.pop(sink, None)
         z = sink.deflate
@@ -171,14 +202,14 @@ class Writer:
             if not group:
                 del self.zplain[z]
 
-    def add(self, sink: Sink, preamble: bytes, presence: bool = False) -> None:
+    def add(self, sink: Sink, preamble: Preamble, presence: bool = False, since: int = -1) -> None:
         self._forget(sink)
         if sink.is_closed:
             return
         z = sink.deflate
-        sink.send(preamble if z is None else z.frames(preamble))
+        sink.send(preamble_bytes(preamble, z))
         if presence:
-            self.presence.add(sink)
+            self.presence[sink] = since
         if sink.events is not None:
             self.filtered[sink] = sink.events
         elif z is not None:
@@ -192,11 +223,29 @@ class Writer:
             z = sink.deflate
             sink.send(farewell if z is None else z.frames(farewell))
 
-    def send_presence(self, frame: bytes | PresenceFrame) -> None:
-        msg = frame if isinstance(frame, PresenceFrame) else PresenceFrame(frame)
-        for sink in self.presence:
-            z = sink.deflate
-            sink.send(msg.frame if z is None else msg.compressed(z))
+    def send_presence(
+        self, frame: bytes | PresenceFrame, v: int | None = None, reset: int | None = None
+    ) -> None:
+        """A change of version ``v`` to the sessions whose snapshot is older
+        (None: to all); with ``reset``, a snapshot to all, now at that version.
+        A :class:`PresenceFrame` carries its own ``v``/``reset`` and is
+        compressed once per deflater however many writers share it."""
+        if isinstance(frame, PresenceFrame):
+            msg, v, reset = frame, frame.v, frame.reset
+        else:
+            msg = PresenceFrame(frame, v, reset)
+        plain = msg.frame
+        presence = self.presence
+        if reset is not None:
+            for sink in presence:
+                presence[sink] = reset
+                z = sink.deflate
+                sink.send(plain if z is None else msg.compressed(z))
+            return
+        for sink, since in presence.items():
+            if v is None or v > since:
+                z = sink.deflate
+                sink.send(plain if z is None else msg.compressed(z))
 
     def write(
         self,
@@ -337,7 +386,7 @@ class Partition(Actor):
                     runs = []
                     wrote = True
                 if tp is Add:
-                    w.add(item.sink, item.preamble, item.presence)
+                    w.add(item.sink, item.preamble, item.presence, item.since)
                 elif tp is PresenceFrame:
                     w.send_presence(item)
                 elif tp is Remove:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from guildcast.core.host import OutcomeUnknown as HostOutcomeUnknown
+from guildcast.core.idempotency import Replayed
 from guildcast.core.metrics import MetricsSnapshot
 
 
@@ -68,8 +69,10 @@ FEED_LOST: Final = "lost"
 #: :data:`FEED_LOST`: "records are not reaching you; stop serving from me".
 Feed = Callable[[str, "list[Record] | Literal['lost'] | None"], None]
 
-#: Presence changes of a listened guild: ``(gid, "join" | "leave", member)``.
-PresenceFeed = Callable[[str, str, "Presence"], None]
+#: Presence changes of a listened guild: ``(gid, "join" | "leave", member,
+#: version)``. ``version`` numbers the guild's presence changes (below);
+#: None from a node of an earlier version, whose changes carry none.
+PresenceFeed = Callable[[str, str, "Presence", "int | None"], None]
 
 
 class Presence(NamedTuple):
@@ -85,6 +88,30 @@ class Presence(NamedTuple):
 
     def as_dict(self) -> dict[str, str]:
         return {"user": self.user, "session": self.session, "node": self.node}
+
+
+class PresenceSnapshot(NamedTuple):
+    """A guild's presence at one ``version`` (``Broker.presence_snapshot``).
+
+    Presence versions: every change of a guild's presence (a join of a
+    member not present, a leave of one present) takes the next version,
+    atomically with the change and with its announcement to the listening
+    nodes, so the feed carries the changes in version order, one version
+    apart. A snapshot at ``version`` holds exactly the changes up to it: a
+    listener that subscribed to the guild's feed before taking it applies
+    the changes after ``version`` and skips the ones at or before it (they
+    may still be on their way) to stay exactly in step. A guild's versions
+    never go back, even after the broker forgot an unused guild
+    (docs/RELIABILITY.md, "Presence snapshot and diffs").
+    """
+
+    version: int
+    #: Members in the guild's presence (all of them, the dead node's
+    #: members not yet reaped included: those leave when reaped).
+    total: int
+    #: At most the ``limit`` asked for of them (which ones, when there are
+    #: more, is the broker's choice).
+    members: list[Presence]
 
 
 class Broker(Protocol):
@@ -114,6 +141,19 @@ class Broker(Protocol):
         ``t`` must be a valid event name and ``gid`` a valid guild id (both
         are put into the JSON envelope verbatim); ``d_json`` is valid JSON.
         Raises :class:`BrokerUnavailable`.
+        """
+
+    async def append_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[int | Replayed]]:
+        """:meth:`append` with an idempotency key (or None) per item.
+
+        An item whose key is in the guild's window under the current epoch
+        (or repeats an earlier item's key in ``items``) is not sequenced:
+        its answer is ``Replayed(original s, conflict)``, ``conflict`` when
+        its ``t``/``d`` differ from the original's; every other item gets
+        its new ``s``. Sequencing and the window's update are one atomic
+        step per guild (PROTOCOL.md "Publishing", "Idempotent publish").
         """
 
     async def head(self, gid: str) -> tuple[str, int]:
@@ -146,7 +186,8 @@ class Broker(Protocol):
     # --- presence: distributed process groups of sessions ------------------------
 
     def presence_join(self, gid: str, member: Presence) -> None:
-        """Record ``member`` in ``gid``'s presence and tell every listening node.
+        """Record ``member`` in ``gid``'s presence and tell every listening node
+        (a member already present is no change: nothing is told).
 
         Never waits: the write is queued (bounded; past the bound presence
         updates are dropped with a warning, never publishes).
@@ -160,6 +201,11 @@ class Broker(Protocol):
 
         Members of a node that stopped heart-beating are left out once its
         ``presence_timeout`` has passed, and removed for good soon after.
+        """
+
+    async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
+        """``gid``'s presence at its current version, at most ``limit`` members
+        listed (see :class:`PresenceSnapshot`). Raises :class:`BrokerUnavailable`.
         """
 
 
@@ -217,3 +263,9 @@ class LocalLog(Protocol):
         instead of being delivered to the feed: the caller emits them in the
         same step (one guild step per publish). Raises :class:`BrokerUnavailable`.
         """
+
+    async def append_local_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """:meth:`Broker.append_keyed` returning the new records too (only
+        those of items that were sequenced), like :meth:`append_local`."""

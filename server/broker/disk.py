@@ -59,6 +59,13 @@ acknowledged), logs at most one line per kind every few seconds, and makes
 the broker unhealthy (``/readyz`` 503, "cannot persist") until a write or
 the syncer's probe succeeds. A failed rewrite removes its temp file; a start
 removes any a crash left.
+
+Idempotency keys (``append_keyed``): looked up in the node's window
+(``guildcast.core.idempotency``) under the guild's lock, written with their
+events (``F`` records, ``guildcast.core.journal``) in the batch's one
+write, added to the window once written; a compaction writes the window out
+(``K`` records) and a load puts the keys of a kept epoch back, so a retry
+after a kill -9 and restart still gets the original ``s``.
 """
 
 from __future__ import annotations
@@ -87,7 +94,16 @@ from guildcast.broker.base import (
 )
 from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, MemoryBroker
 from guildcast.core import journal
-from guildcast.core.journal import FSYNC_POLICIES, TMP_SUFFIX, Journal, Loaded, event_prefix
+from guildcast.core.idempotency import KeyWindows, Replayed, Seen, settle
+from guildcast.core.journal import (
+    FSYNC_POLICIES,
+    TMP_SUFFIX,
+    Journal,
+    Loaded,
+    event_prefix,
+    key_record,
+    keyed_event_prefix,
+)
 from guildcast.core.marks import Marks
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.ratelog import RateLimitedLog
@@ -172,6 +188,7 @@ class DiskBroker(MemoryBroker):
         max_cached: int = MAX_CACHED_GUILDS,
         history_guild_bytes: int = HISTORY_GUILD_BYTES,
         history_node_bytes: int = HISTORY_NODE_BYTES,
+        idempotency: KeyWindows | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}")
@@ -182,6 +199,7 @@ class DiskBroker(MemoryBroker):
             history_ttl,
             history_guild_bytes=history_guild_bytes,
             history_node_bytes=history_node_bytes,
+            idempotency=idempotency,
         )
         self.directory = Path(directory) / GUILDS_DIR
         self.root = Path(directory)
@@ -387,18 +405,67 @@ class DiskBroker(MemoryBroker):
         finally:
             lg.busy -= 1
 
+    async def append_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[int | Replayed]]:
+        epoch, _, out = await self._locked_append_keyed(gid, items, keys, True)
+        return epoch, out
+
+    async def append_local_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """``LocalLog``: keyed, the new records back to the appender."""
+        return await self._locked_append_keyed(gid, items, keys, False)
+
+    async def _locked_append_keyed(
+        self,
+        gid: str,
+        items: Sequence[tuple[str, bytes]],
+        keys: Sequence[str | None],
+        feed: bool,
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """Under the guild's lock: look the keys up in the window, write the
+        new events with their keys (``F`` records), answer the rest with
+        the originals (docs/PROTOCOL.md "Idempotent publish")."""
+        lg = await self._get(gid)
+        lg.busy += 1
+        try:
+            async with lg.lock:
+                window = self.keys
+                fresh, replayed, digests = window.resolve(gid, lg.epoch, items, keys, time.time())
+                tags: list[tuple[str, bytes] | None] = []
+                for i in fresh:
+                    key, dg = keys[i], digests[i]
+                    tags.append((key, dg) if key is not None and dg is not None else None)
+                sel = [items[i] for i in fresh]
+                epoch, recs = await self._append(gid, lg, sel, feed, tags)
+                return epoch, recs, settle(fresh, [r.s for r in recs], replayed)
+        finally:
+            lg.busy -= 1
+
     async def _append(
-        self, gid: str, lg: _GuildLog, items: Sequence[tuple[str, bytes]], feed: bool
+        self,
+        gid: str,
+        lg: _GuildLog,
+        items: Sequence[tuple[str, bytes]],
+        feed: bool,
+        tags: Sequence[tuple[str, bytes] | None] | None = None,
     ) -> tuple[str, list[Record]]:
+        """Write ``items`` (with the idempotency key and digest in ``tags``,
+        if any) to the journal, then history, feed, reply."""
         now = time.time()
         s = lg.seq
         recs: list[Record] = []
         parts: list[bytes] = []
-        for t, d in items:
+        for i, (t, d) in enumerate(items):
             s += 1
             payload = wire.dispatch_json(gid, t, s, d)
             recs.append(Record(s, t, now, payload))
-            parts.append(event_prefix(s, t, now, payload))
+            tag = tags[i] if tags is not None else None
+            if tag is None:
+                parts.append(event_prefix(s, t, now, payload))
+            else:
+                parts.append(keyed_event_prefix(s, t, now, tag[0], tag[1], payload))
             parts.append(payload)
         if not recs:
             return lg.epoch, recs
@@ -431,6 +498,11 @@ class DiskBroker(MemoryBroker):
         if self.history_size > 0:
             self._keep_log(lg, recs)
         self._prune_log(lg, now)
+        if tags is not None:
+            # Before a compaction below, which writes the window out.
+            for rec, tag in zip(recs, tags, strict=True):
+                if tag is not None:
+                    self.keys.add(gid, tag[0], Seen(rec.s, lg.epoch, tag[1], now))
         if self.fsync == "always":
             try:
                 await asyncio.to_thread(j.sync)
@@ -481,7 +553,9 @@ class DiskBroker(MemoryBroker):
         m.journals_deleted = self.journals_deleted
 
     def sweep(self) -> int:
-        """Nothing to sweep: idle guild logs leave memory by themselves (LRU)."""
+        """Nothing to sweep: idle guild logs leave memory by themselves (LRU);
+        expired idempotency keys leave the window."""
+        self.keys.expire(time.time())
         return 0
 
     async def head(self, gid: str) -> tuple[str, int]:
@@ -494,7 +568,7 @@ class DiskBroker(MemoryBroker):
         recs = lg.records
         if not recs or self.history_size <= 0:
             return lg.epoch, []
-        start = max(0, after + 1 - recs[0].s)
+        start = min(len(recs), max(0, after + 1 - recs[0].s))  # after may be near 2**63
         return lg.epoch, list(islice(recs, start, start + limit))
 
     async def first(self, gid: str) -> int | None:
@@ -560,8 +634,19 @@ class DiskBroker(MemoryBroker):
         self._cache(gid, lg)
         if lg.records:
             self._count_log(lg, list(lg.records))
+        if lg.epoch == loaded.epoch:
+            self._restore_keys(gid, lg, loaded)
         fut.set_result(lg)
         return lg
+
+    def _restore_keys(self, gid: str, lg: _GuildLog, loaded: Loaded) -> None:
+        """Put the idempotency keys a journal holds back in the window (a
+        restart keeps answering retries with the originals); keys of an
+        epoch that was not kept are gone with its history."""
+        now = time.time()
+        for k in loaded.keys:
+            if k.s <= lg.seq:
+                self.keys.restore(gid, k.key, Seen(k.s, lg.epoch, k.digest, k.ts), now)
 
     def _load(self, path: Path, gid: str) -> tuple[Loaded, _GuildLog, bool]:
         """Read (and repair) one journal; True if a possible power failure
@@ -677,6 +762,11 @@ class DiskBroker(MemoryBroker):
             lg.records.clear()
             self.budget.dropped(lg)
         base, parts, first_ts = self._snapshot(lg)
+        # The window's keys first: they outlive the events a compaction drops.
+        parts[:0] = [
+            key_record(seen.s, seen.ts, key, seen.digest)
+            for key, seen in self.keys.entries(gid, lg.epoch, now)
+        ]
         j.close()  # on the loop, the only user of the append descriptor
         self._open.pop(gid, None)
         try:
@@ -788,6 +878,7 @@ class DiskBroker(MemoryBroker):
             except OSError:
                 continue
             deleted += 1
+            self.keys.forget(gid)
             with contextlib.suppress(OSError):
                 self.marks.forget(gid)
         self.journals_deleted += deleted

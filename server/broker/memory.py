@@ -11,6 +11,11 @@ which is what the protocol asks when history is lost. History is bounded by
 count and age per guild and by bytes per guild and per node
 (``guildcast.core.histbudget``: the oldest events leave first), so memory
 is bounded by those limits plus one small log per guild in use.
+
+Idempotency keys (``append_keyed``): the node's window of keys
+(``guildcast.core.idempotency``), consulted and updated in the same
+synchronous step that assigns ``s``, so two publishes with one key never
+both sequence.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from guildcast.broker.base import (
     LocalLog,
     Presence,
     PresenceFeed,
+    PresenceSnapshot,
     Record,
     ReportsMetrics,
     Sweeps,
 )
 from guildcast.core.histbudget import HistoryBudget
+from guildcast.core.idempotency import KeyWindows, Replayed, Seen, settle
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.protocol import wire
 
@@ -64,11 +71,14 @@ class MemoryBroker:
         node_id: str = "local",
         history_guild_bytes: int = HISTORY_GUILD_BYTES,
         history_node_bytes: int = HISTORY_NODE_BYTES,
+        idempotency: KeyWindows | None = None,
     ) -> None:
         self.node_id = node_id
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.budget = HistoryBudget(history_guild_bytes, history_node_bytes)
+        #: The idempotency window of every guild (``append_keyed``).
+        self.keys = idempotency if idempotency is not None else KeyWindows()
         self._logs: dict[str, _Log] = {}
         #: Listeners per guild: an old guild actor still stopping and its
         #: successor may overlap, so listen/unlisten are counted.
@@ -77,6 +87,13 @@ class MemoryBroker:
         self._presence_feed: PresenceFeed | None = None
         #: Presence of each guild: member key -> member, in join order.
         self._presence: dict[str, dict[str, Presence]] = {}
+        #: The version of each guild's presence (``PresenceSnapshot``): kept
+        #: while the guild has members or a listener, forgotten after. A
+        #: version never repeats: a guild's versions start again above every
+        #: version forgotten (``_pfloor``), so a change still queued from
+        #: before is always older than a snapshot taken after.
+        self._pversion: dict[str, int] = {}
+        self._pfloor = 0
 
     @property
     def healthy(self) -> bool:
@@ -93,21 +110,37 @@ class MemoryBroker:
         self._presence_feed = presence
 
     def presence_join(self, gid: str, member: Presence) -> None:
-        self._presence.setdefault(gid, {})[member.key] = member
+        members = self._presence.setdefault(gid, {})
+        if members.get(member.key) == member:
+            return  # already present: no change, nothing to tell
+        members[member.key] = member
+        v = self._pversion[gid] = self._pversion.get(gid, self._pfloor) + 1
         if self._presence_feed is not None and gid in self._listening:
-            self._presence_feed(gid, "join", member)
+            self._presence_feed(gid, "join", member, v)
 
     def presence_leave(self, gid: str, member: Presence) -> None:
         members = self._presence.get(gid)
         if members is None or members.pop(member.key, None) is None:
             return
+        v = self._pversion[gid] = self._pversion.get(gid, self._pfloor) + 1
         if not members:
             del self._presence[gid]
         if self._presence_feed is not None and gid in self._listening:
-            self._presence_feed(gid, "leave", member)
+            self._presence_feed(gid, "leave", member, v)
+        self._forget_version(gid)
+
+    def _forget_version(self, gid: str) -> None:
+        """Forget the presence version of a guild nobody holds one of."""
+        if gid not in self._presence and gid not in self._listening:
+            self._pfloor = max(self._pfloor, self._pversion.pop(gid, 0))
 
     async def presence(self, gid: str) -> list[Presence]:
         return list(self._presence.get(gid, {}).values())
+
+    async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
+        members = self._presence.get(gid, {})
+        listed = list(islice(members.values(), max(0, limit)))
+        return PresenceSnapshot(self._pversion.get(gid, self._pfloor), len(members), listed)
 
     def _log(self, gid: str) -> _Log:
         log = self._logs.get(gid)
@@ -158,6 +191,30 @@ class MemoryBroker:
             self._feed(gid, recs)
         return epoch, [r.s for r in recs]
 
+    def _sequence_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """Sequence the items the window does not already hold, remember their keys."""
+        now = time.time()
+        fresh, replayed, digests = self.keys.resolve(gid, self._log(gid).epoch, items, keys, now)
+        epoch, recs = self._sequence(gid, [items[i] for i in fresh])
+        remember(self.keys, gid, epoch, fresh, recs, keys, digests, now)
+        return epoch, recs, settle(fresh, [r.s for r in recs], replayed)
+
+    async def append_local_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[Record], list[int | Replayed]]:
+        """``LocalLog``: keyed, the new records back to the appender."""
+        return self._sequence_keyed(gid, items, keys)
+
+    async def append_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[int | Replayed]]:
+        epoch, recs, out = self._sequence_keyed(gid, items, keys)
+        if recs and gid in self._listening and self._feed is not None:
+            self._feed(gid, recs)
+        return epoch, out
+
     async def head(self, gid: str) -> tuple[str, int]:
         log = self._log(gid)
         return log.epoch, log.seq
@@ -168,7 +225,7 @@ class MemoryBroker:
         recs = log.records
         if not recs:
             return log.epoch, []
-        start = max(0, after + 1 - recs[0].s)
+        start = min(len(recs), max(0, after + 1 - recs[0].s))  # after may be near 2**63
         return log.epoch, list(islice(recs, start, start + limit))
 
     async def first(self, gid: str) -> int | None:
@@ -185,6 +242,7 @@ class MemoryBroker:
             self._listening[gid] = n
         else:
             self._listening.pop(gid, None)
+            self._forget_version(gid)
 
     def report_metrics(self, m: MetricsSnapshot) -> None:
         """``ReportsMetrics``: the history byte budget."""
@@ -201,7 +259,29 @@ class MemoryBroker:
                 gone.append(gid)
         for gid in gone:
             del self._logs[gid]
+            self.keys.forget(gid)  # its next use is a new epoch: the window goes too
+        self.keys.expire(now)
         return len(gone)
+
+
+def remember(
+    window: KeyWindows,
+    gid: str,
+    epoch: str,
+    fresh: list[int],
+    recs: Sequence[Record],
+    keys: Sequence[str | None],
+    digests: Sequence[bytes | None],
+    now: float,
+) -> None:
+    """Add the keys of the items that were just sequenced (``fresh[i]`` got
+    ``recs[i]``) to ``gid``'s window."""
+    for i, rec in zip(fresh, recs, strict=True):
+        key = keys[i]
+        if key is not None:
+            dg = digests[i]
+            assert dg is not None
+            window.add(gid, key, Seen(rec.s, epoch, dg, now))
 
 
 def _conforms() -> None:

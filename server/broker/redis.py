@@ -12,9 +12,23 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
   (``MAXLEN``) and by age (oldest entries deleted on each append; the whole
   stream expires after ``history_ttl`` without appends, when every entry
   would be too old anyway).
+- ``gc:pg:{gid}`` and ``gc:pg:{gid}:v`` — the guild's presence (member key ->
+  member JSON) and its version (one INCR per change, kept for good); see
+  "Presence" below.
+- ``gc:{gid}:idem`` — the idempotency window: a hash of key ->
+  ``s|epoch|digest`` (PROTOCOL.md "Idempotent publish"), and
+  ``gc:{gid}:idemq``, a sorted set of the same keys by publish time (ms):
+  the script drops keys older than the window's TTL before it looks one
+  up, and the oldest past the window's count after it adds; both expire
+  after the TTL without keyed appends. A key of another epoch is not in
+  the window; a new epoch found by a keyed append deletes both. Only
+  keyed appends name these keys (and pay for them): an unkeyed append
+  sends the script exactly the KEYS and ARGV it did before keys existed.
 - channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|epoch|payload``
   (the epoch beside the DISPATCH bytes, never inside them: a listener checks
-  it before forwarding a record; ``payload`` is exactly what ``read`` returns).
+  it before forwarding a record; ``payload`` is exactly what ``read`` returns),
+  and each presence change as ``P|join|`` or ``P|leave|`` and the member JSON
+  with its version as ``"v"``.
 
 One Lua script per append batch does all of it atomically, so every node
 sees one order. Appends from all guild actors of this node are queued and
@@ -69,8 +83,15 @@ from guildcast.broker.base import (
     OutcomeUnknown,
     Presence,
     PresenceFeed,
+    PresenceSnapshot,
     Record,
     spawn,
+)
+from guildcast.core.idempotency import (
+    IDEMPOTENCY_GUILD_KEYS,
+    IDEMPOTENCY_TTL,
+    Replayed,
+    digest,
 )
 
 log = logging.getLogger("guildcast.broker.redis")
@@ -82,23 +103,78 @@ if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('SET', KEYS[1], epoch)
   redis.call('SET', KEYS[2], 0)
   redis.call('DEL', KEYS[3])
+  if #KEYS > 4 then redis.call('DEL', KEYS[5], KEYS[6]) end
 end
 local gid = ARGV[2]
 local maxlen = tonumber(ARGV[3])
 local now = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
+-- Keyed (the window's two keys given): ARGV[7], ARGV[8] are the window's
+-- TTL (ms) and count, and each item is t, d, key ('' for none), digest;
+-- unkeyed, each item is t, d from ARGV[7] on.
+local keyed = #KEYS > 4
+local first = 6
+local stride = 2
+local wttl = 0
+local wmax = 0
+if keyed then
+  wttl = tonumber(ARGV[7])
+  wmax = tonumber(ARGV[8])
+  first = 8
+  stride = 4
+  local old = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', '(' .. (now - wttl))
+  for _, k in ipairs(old) do redis.call('HDEL', KEYS[5], k) end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. (now - wttl)) end
+end
 local out = {epoch}
 for i = 1, n do
-  local t = ARGV[5 + 2 * i]
-  local d = ARGV[6 + 2 * i]
-  local s = redis.call('INCR', KEYS[2])
-  local p = '{"op":0,"t":"' .. t .. '","g":"' .. gid .. '","s":' .. s .. ',"d":' .. d .. '}'
-  if maxlen > 0 then
-    redis.call('XADD', KEYS[3], 'MAXLEN', maxlen, s .. '-0', 't', t, 'ts', now, 'p', p)
+  local at = first + stride * (i - 1)
+  local t = ARGV[at + 1]
+  local d = ARGV[at + 2]
+  local k = ''
+  local h = ''
+  local seen = nil
+  if keyed then
+    k = ARGV[at + 3]
+    h = ARGV[at + 4]
+    if k ~= '' then
+      local v = redis.call('HGET', KEYS[5], k)
+      if v then
+        local a = string.find(v, '|', 1, true)
+        local b = string.find(v, '|', a + 1, true)
+        if string.sub(v, a + 1, b - 1) == epoch then
+          seen = string.sub(v, 1, a - 1)
+          if string.sub(v, b + 1) == h then seen = 'r' .. seen else seen = 'c' .. seen end
+        end
+      end
+    end
   end
-  redis.call('PUBLISH', KEYS[4], s .. '|' .. t .. '|' .. now .. '|' .. epoch .. '|' .. p)
-  out[#out + 1] = s
+  if seen then
+    out[#out + 1] = seen
+  else
+    local s = redis.call('INCR', KEYS[2])
+    local p = '{"op":0,"t":"' .. t .. '","g":"' .. gid .. '","s":' .. s .. ',"d":' .. d .. '}'
+    if maxlen > 0 then
+      redis.call('XADD', KEYS[3], 'MAXLEN', maxlen, s .. '-0', 't', t, 'ts', now, 'p', p)
+    end
+    redis.call('PUBLISH', KEYS[4], s .. '|' .. t .. '|' .. now .. '|' .. epoch .. '|' .. p)
+    out[#out + 1] = s
+    if k ~= '' then
+      redis.call('HSET', KEYS[5], k, s .. '|' .. epoch .. '|' .. h)
+      redis.call('ZADD', KEYS[6], now, k)
+    end
+  end
+end
+if keyed then
+  local c = redis.call('ZCARD', KEYS[6])
+  if c > wmax then
+    local drop = redis.call('ZRANGE', KEYS[6], 0, c - wmax - 1)
+    for _, k in ipairs(drop) do redis.call('HDEL', KEYS[5], k) end
+    redis.call('ZREMRANGEBYRANK', KEYS[6], 0, c - wmax - 1)
+  end
+  redis.call('PEXPIRE', KEYS[5], wttl)
+  redis.call('PEXPIRE', KEYS[6], wttl)
 end
 if maxlen > 0 then
   local cutoff = now - ttl
@@ -138,6 +214,12 @@ def guild_keys(gid: str) -> list[str]:
     return [f"gc:{{{gid}}}:epoch", f"gc:{{{gid}}}:seq", f"gc:{{{gid}}}:log", channel(gid)]
 
 
+def window_keys(gid: str) -> list[str]:
+    """The guild's idempotency window, its hash and its order: the append
+    script's KEYS[5] and KEYS[6], given for keyed appends only."""
+    return [f"gc:{{{gid}}}:idem", f"gc:{{{gid}}}:idemq"]
+
+
 def channel(gid: str) -> str:
     """The guild's pub/sub channel (records and presence changes)."""
     return f"gc:{{{gid}}}:ch"
@@ -151,6 +233,12 @@ def channel_guild(ch: str) -> str:
 def presence_key(gid: str) -> str:
     """The guild's presence hash (member key -> member JSON)."""
     return f"gc:pg:{{{gid}}}"
+
+
+def presence_version_key(gid: str) -> str:
+    """The version of the guild's presence (``base.PresenceSnapshot``): one
+    INCR per change, in the script that makes and announces the change."""
+    return f"gc:pg:{{{gid}}}:v"
 
 
 def node_members(node: str) -> str:
@@ -171,22 +259,67 @@ def _lua_channel(var: str) -> str:
     return f"'gc:{{' .. {var} .. '}}:ch'"
 
 
-# Presence: ``gc:pg:{gid}`` hash (member key -> member JSON), the node's own
+def _lua_presence_version_key(var: str) -> str:
+    return f"'gc:pg:{{' .. {var} .. '}}:v'"
+
+
+# A presence announcement on the guild's channel: ``P|join|`` or ``P|leave|``
+# and the member's JSON with the change's version added as ``"v"`` (a node of
+# an earlier version reads the member and ignores ``v``). ``info`` is the
+# member JSON as stored (an object: its closing brace is replaced).
+def _lua_announce(kind: str, info: str, v: str) -> str:
+    return f"'P|{kind}|' .. string.sub({info}, 1, -2) .. ',\"v\":' .. {v} .. '}}'"
+
+
+# Presence: ``gc:pg:{gid}`` hash (member key -> member JSON), its version
+# ``gc:pg:{gid}:v`` (one INCR per change, in the same script as the change
+# and its PUBLISH: the feed carries changes in version order), the node's own
 # index ``gc:node:<id>:members`` (set of "gid NUL key") and the heartbeat
 # sorted set ``gc:nodes`` (node id -> last beat, ms). Scripts touch keys they
-# compute, so presence needs one Redis (not Redis Cluster).
-_PRESENCE_JOIN = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+# compute, so presence needs one Redis (not Redis Cluster). The version key
+# is kept for good, like the guild's epoch: a listener holding a version
+# must never see it start again (a Redis that lost it also lost the feed,
+# and every listener resynchronises, docs/RELIABILITY.md).
+_PRESENCE_JOIN = f"""
 redis.call('SADD', KEYS[2], ARGV[3] .. '\\0' .. ARGV[1])
-redis.call('PUBLISH', KEYS[3], 'P|join|' .. ARGV[2])
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local v = redis.call('INCR', KEYS[4])
+redis.call('PUBLISH', KEYS[3], {_lua_announce("join", "ARGV[2]", "v")})
 return 1
 """
 
-_PRESENCE_LEAVE = """
+_PRESENCE_LEAVE = f"""
 local n = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[3] .. '\\0' .. ARGV[1])
-if n > 0 then redis.call('PUBLISH', KEYS[3], 'P|leave|' .. ARGV[2]) end
+if n > 0 then
+  local v = redis.call('INCR', KEYS[4])
+  redis.call('PUBLISH', KEYS[3], {_lua_announce("leave", "ARGV[2]", "v")})
+end
 return n
+"""
+
+# The guild's presence at one version: {version, member count, at most
+# ARGV[1] member JSONs} in one atomic step (HSCAN past the limit: the same
+# members each time while the hash does not change).
+_PRESENCE_SNAPSHOT = """
+local v = tonumber(redis.call('GET', KEYS[2]) or '0')
+local n = redis.call('HLEN', KEYS[1])
+local limit = tonumber(ARGV[1])
+local out = {}
+if n <= limit then
+  out = redis.call('HVALS', KEYS[1])
+elseif limit > 0 then
+  local cursor = '0'
+  repeat
+    local r = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', limit)
+    cursor = r[1]
+    local kv = r[2]
+    for i = 2, #kv, 2 do
+      if #out < limit then out[#out + 1] = kv[i] end
+    end
+  until cursor == '0' or #out >= limit
+end
+return {v, n, out}
 """
 
 # Remove every member of each node whose heartbeat is older than ARGV[1] (or
@@ -206,7 +339,8 @@ for _, node in ipairs(dead) do
     local info = redis.call('HGET', h, key)
     if info then
       redis.call('HDEL', h, key)
-      redis.call('PUBLISH', {_lua_channel("gid")}, 'P|leave|' .. info)
+      local v = redis.call('INCR', {_lua_presence_version_key("gid")})
+      redis.call('PUBLISH', {_lua_channel("gid")}, {_lua_announce("leave", "info", "v")})
       removed = removed + 1
     end
   end
@@ -272,6 +406,8 @@ class RedisBroker:
         node_id: str = "node",
         presence_timeout: float = 10.0,
         feed_deadline: float = 3.0,
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
+        idempotency_keys: int = IDEMPOTENCY_GUILD_KEYS,
     ) -> None:
         self.url = url
         self.op_timeout = op_timeout
@@ -280,6 +416,10 @@ class RedisBroker:
         self.feed_deadline = feed_deadline
         self.history_size = history_size
         self.history_ttl_ms = int(history_ttl * 1000)
+        #: The idempotency window per guild: milliseconds and keys (both
+        #: > 0, else keys are accepted and ignored).
+        self.idempotency_ttl_ms = int(idempotency_ttl * 1000)
+        self.idempotency_keys = idempotency_keys
         self.health_interval = health_interval
         # A blocking pool: past MAX_REDIS_CONNECTIONS commands wait (up to
         # op_timeout) for a connection instead of failing, so a burst of
@@ -306,6 +446,7 @@ class RedisBroker:
         self._join_script = self._r.register_script(_PRESENCE_JOIN)
         self._leave_script = self._r.register_script(_PRESENCE_LEAVE)
         self._reap_script = self._r.register_script(_REAP)
+        self._snapshot_script = self._r.register_script(_PRESENCE_SNAPSHOT)
         self.node_id = node_id
         self.presence_timeout = presence_timeout
         self._presence_q: deque[tuple[bool, str, Presence]] = deque()
@@ -331,7 +472,8 @@ class RedisBroker:
         self._beaten = False
         #: Times the feed was found dead (a metric for tests and logs).
         self.feed_deaths = 0
-        self._queue: deque[tuple[str, list[Any], asyncio.Future[list[Any]]]] = deque()
+        #: Queued appends: the script's KEYS, its ARGV, the caller's future.
+        self._queue: deque[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = deque()
         self._queue_ready = asyncio.Event()
         #: Wanted channels: a pending future until Redis confirms, then None.
         self._listening: dict[str, asyncio.Future[None] | None] = {}
@@ -405,14 +547,6 @@ class RedisBroker:
     # --- sequencing and history --------------------------------------------------
 
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
-        # Only the command link and the policy matter here: a feed reconnect
-        # does not stop this node from sequencing.
-        if not self._healthy:
-            raise BrokerUnavailable("redis is unreachable")
-        if self._policy_error is not None:
-            raise BrokerUnavailable(self._policy_error)
-        if len(self._queue) >= MAX_QUEUED_APPENDS:
-            raise BrokerUnavailable("too many appends queued")
         args: list[Any] = [
             secrets.token_hex(8),
             gid,
@@ -424,11 +558,58 @@ class RedisBroker:
         for t, d in items:
             args.append(t)
             args.append(d)
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((gid, args, fut))
-        self._queue_ready.set()
-        out = await fut
+        out = await self._queue_append(guild_keys(gid), args)
         return out[0].decode(), [int(s) for s in out[1:]]
+
+    async def append_keyed(
+        self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
+    ) -> tuple[str, list[int | Replayed]]:
+        """The window lives in Redis beside the log: the one script looks
+        each key up and records it as it sequences, atomically for every
+        node (module docstring)."""
+        if self.idempotency_ttl_ms <= 0 or self.idempotency_keys <= 0:
+            epoch, ss = await self.append(gid, items)  # the window is off
+            return epoch, list(ss)
+        args: list[Any] = [
+            secrets.token_hex(8),
+            gid,
+            self.history_size,
+            int(time.time() * 1000),
+            self.history_ttl_ms,
+            len(items),
+            self.idempotency_ttl_ms,
+            self.idempotency_keys,
+        ]
+        for (t, d), key in zip(items, keys, strict=True):
+            args.append(t)
+            args.append(d)
+            args.append(key or "")
+            args.append(digest(t, d) if key is not None else b"")
+        out = await self._queue_append([*guild_keys(gid), *window_keys(gid)], args)
+        res: list[int | Replayed] = []
+        for v in out[1:]:
+            # A number: sequenced now. "r<s>": the window's (same content),
+            # "c<s>": the window's with other content (a conflict).
+            if isinstance(v, bytes):
+                res.append(Replayed(int(v[1:]), v[:1] == b"c"))
+            else:
+                res.append(int(v))
+        return out[0].decode(), res
+
+    def _queue_append(self, keys: list[str], args: list[Any]) -> asyncio.Future[list[Any]]:
+        """Queue one append script call for the pipeliner; its future."""
+        # Only the command link and the policy matter here: a feed reconnect
+        # does not stop this node from sequencing.
+        if not self._healthy:
+            raise BrokerUnavailable("redis is unreachable")
+        if self._policy_error is not None:
+            raise BrokerUnavailable(self._policy_error)
+        if len(self._queue) >= MAX_QUEUED_APPENDS:
+            raise BrokerUnavailable("too many appends queued")
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, fut))
+        self._queue_ready.set()
+        return fut
 
     async def _pipeliner(self) -> None:
         """Sends queued appends, many guilds per round trip, in queue order."""
@@ -441,12 +622,14 @@ class RedisBroker:
                 except (RedisError, OSError) as e:
                     self._mark_down(e)
             while self._queue:
-                batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]] = []
+                batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = []
                 while self._queue and len(batch) < MAX_PIPELINE:
                     batch.append(self._queue.popleft())
                 await self._send(batch)
 
-    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[list[Any]]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]]
+    ) -> None:
         """One pipeline of append scripts (EVALSHA; on NOSCRIPT, nothing ran:
         load the script and send those again) and answer every future."""
         for attempt in (1, 2):
@@ -464,8 +647,8 @@ class RedisBroker:
             try:
                 async with self._r.pipeline(transaction=False) as pipe:
                     pipe.connection = conn
-                    for gid, args, _ in batch:
-                        pipe.evalsha(self._append_script.sha, 4, *guild_keys(gid), *args)
+                    for keys, args, _ in batch:
+                        pipe.evalsha(self._append_script.sha, len(keys), *keys, *args)
                     results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as e:
                 self._mark_down(e)
@@ -536,7 +719,7 @@ class RedisBroker:
             try:
                 async with self._r.pipeline(transaction=False) as pipe:
                     for join, gid, m in batch:
-                        keys = [presence_key(gid), idx, channel(gid)]
+                        keys = [presence_key(gid), idx, channel(gid), presence_version_key(gid)]
                         args: list[Any] = [m.key, orjson.dumps(m.as_dict()), gid]
                         script = self._join_script if join else self._leave_script
                         await script(keys=keys, args=args, client=pipe)
@@ -563,6 +746,21 @@ class RedisBroker:
                 out.append(Presence(d["user"], d["session"], d["node"]))
         out.sort(key=lambda m: (m.node, m.session))
         return out
+
+    async def presence_snapshot(self, gid: str, limit: int) -> PresenceSnapshot:
+        # Not filtered by node liveness, unlike presence(): the snapshot is
+        # what the versioned changes apply to, and a dead node's members
+        # leave it (with a version) when they are reaped.
+        v, n, raw = await self._idempotent(
+            lambda: self._snapshot_script(
+                keys=[presence_key(gid), presence_version_key(gid)], args=[max(0, limit)]
+            )
+        )
+        members = []
+        for info in raw:
+            d = orjson.loads(info)
+            members.append(Presence(d["user"], d["session"], d["node"]))
+        return PresenceSnapshot(int(v), int(n), members)
 
     async def head(self, gid: str) -> tuple[str, int]:
         # Retried once on a lost connection: it creates at most one epoch
@@ -765,7 +963,8 @@ class RedisBroker:
                     _, kind_b, info = data.split(b"|", 2)
                     d = orjson.loads(info)
                     m = Presence(d["user"], d["session"], d["node"])
-                    self._presence_feed(gid, kind_b.decode(), m)
+                    v = d.get("v")  # None from a node of an earlier version
+                    self._presence_feed(gid, kind_b.decode(), m, v if type(v) is int else None)
                 return
             self._feed(gid, [parse_record(data)])
         elif kind in (b"subscribe", "subscribe"):

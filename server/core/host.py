@@ -33,19 +33,33 @@ class Subscriber(Sink, Member, Protocol):
 
 
 class GatewayHost(Protocol):
-    def subscribe(self, sub: Subscriber, gid: str, position: tuple[str, int] | None) -> None:
-        """Join ``gid``; the guild answers SUBSCRIBED (and any replay) through ``sub``."""
+    def subscribe(
+        self,
+        sub: Subscriber,
+        gid: str,
+        position: tuple[str, int] | None,
+        rewind: int | None = None,
+        passive: bool = False,
+    ) -> None:
+        """Join ``gid``; the guild answers SUBSCRIBED (and any replay) through
+        ``sub``: after ``position``, or (1.1) the last ``rewind`` events.
+        ``passive``: notices only (PROTOCOL.md "Passive subscriptions");
+        subscribing again switches the mode."""
 
     def unsubscribe(self, sub: Subscriber, gid: str) -> None:
         """Leave ``gid``; the guild answers UNSUBSCRIBED through ``sub`` after its last event."""
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         """Sequence an event; the future gives ``(s, epoch)``.
 
         The edge has validated it: ``gid`` and ``t`` are valid and not
         reserved, ``d_json`` is ``d`` encoded once (``wire.encode``); its
-        bytes reach the broker as they are. Raises :class:`Overloaded` at
-        once when the guild cannot take more.
+        bytes reach the broker as they are; ``key`` is a valid idempotency
+        key or None. Raises :class:`Overloaded` at once when the guild
+        cannot take more. A key already in the guild's window gives the
+        original ``(s, epoch)``, or fails with :class:`KeyConflict`.
         """
 
 
@@ -58,6 +72,18 @@ class OutcomeUnknown(Exception):
     timeout, a connection lost while waiting): it may or may not have been
     sequenced. ERROR 4504 on the gateway, HTTP 504 ``"outcome": "unknown"``
     (PROTOCOL.md "Publishing")."""
+
+
+class KeyConflict(Exception):
+    """A publish's idempotency key is in the guild's window for an event of
+    other content (``t`` or ``d``): refused, not sequenced. ERROR 4409 on
+    the gateway, HTTP 409 ``idempotency_conflict`` (PROTOCOL.md
+    "Idempotent publish"). ``s`` is the original event's."""
+
+    def __init__(self, s: int, epoch: str) -> None:
+        super().__init__(f"idempotency key already used for another event (s={s}, epoch {epoch})")
+        self.s = s
+        self.epoch = epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +108,16 @@ class ApiHost(Protocol):
     broker trouble, a draining node). Anything else is a bug.
     """
 
-    def publish(self, gid: str, t: str, d_json: bytes) -> asyncio.Future[tuple[int, str]]:
+    def publish(
+        self, gid: str, t: str, d_json: bytes, key: str | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
         """Queue an event for sequencing; the future gives ``(s, epoch)`` once it
-        is sequenced (and stored, with a durable broker).
+        is sequenced (and stored, with a durable broker), or the original's
+        for an idempotency ``key`` already in the guild's window.
 
-        Validated by the HTTP API (ids, names, ``d`` encoded once: ``d_json``).
+        Validated by the HTTP API (ids, names, keys, ``d`` encoded once: ``d_json``).
         Raises :class:`Overloaded` at once; the future fails with
-        :class:`Overloaded` or ``OutcomeUnknown``.
+        :class:`Overloaded`, ``OutcomeUnknown`` or :class:`KeyConflict`.
         Calls made one after another are sequenced in that order per guild.
         """
 

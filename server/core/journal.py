@@ -20,15 +20,30 @@ Records (all integers big-endian)::
 
     body = b"H" + JSON {"v": 1, "guild": gid, "epoch": str, "base": int, "gen": int}
          | b"E" + u64 s + f64 ts + u8 len(t) + t + payload
+         | b"F" + u64 s + f64 ts + u8 len(t) + t + key + payload
+         | b"K" + u64 s + f64 ts + key
+
+    key = u8 len(k) + k + u8 len(digest) + digest
 
 The header record (``H``) comes first and exactly once; ``base`` is the
 ``s`` before the file's first event (0 for a new guild, more after a
-compaction). Event records (``E``) follow with ``s = base + 1, base + 2,
-...``; ``payload`` is the DISPATCH JSON exactly as sent to subscribers
-(encoded once, docs/DESIGN.md rule 1). ``gen`` is the data directory's
-generation when the header was written (``guildcast.broker.disk``: a start
-after a possible power failure raises the generation below which epochs
-are no longer trusted).
+compaction). Event records (``E``, ``F``) follow with ``s = base + 1,
+base + 2, ...``; ``payload`` is the DISPATCH JSON exactly as sent to
+subscribers (encoded once, docs/DESIGN.md rule 1). ``gen`` is the data
+directory's generation when the header was written
+(``guildcast.broker.disk``: a start after a possible power failure raises
+the generation below which epochs are no longer trusted).
+
+Idempotency keys (PROTOCOL.md "Idempotent publish"): an event published
+with a key is an ``F`` record, an ``E`` record plus the key and its content
+digest, in one record, so the key is durable exactly when its event is.
+A compaction writes the guild's live window (``guildcast.core.idempotency``)
+as ``K`` records right after the header: keys whose events the compaction
+drops stay remembered. ``F`` counts as an event; ``K`` does not. A journal
+without keys holds neither, so the format of every existing journal is
+unchanged, and an earlier version reads what this one writes without
+keys; an earlier version that finds an ``F`` or ``K`` record treats it as
+corruption (docs/OPERATIONS.md, "Upgrades and downgrades").
 
 Consistency model and repair: a record is trusted only if both CRCs match.
 Loading stops at the first record that is not, and truncates the file
@@ -62,9 +77,12 @@ FORMAT_VERSION = 1
 _HEAD = struct.Struct(">II")  # length, crc32(body)
 _HCRC = struct.Struct(">I")  # crc32 of the 8 bytes above
 _META = struct.Struct(">QdB")  # s, ts, len(t)
+_KEYMETA = struct.Struct(">Qd")  # s, ts
 RECORD_OVERHEAD = _HEAD.size + _HCRC.size
 _KIND_HEADER = ord("H")
 _KIND_EVENT = ord("E")
+_KIND_KEYED = ord("F")
+_KIND_KEY = ord("K")
 #: A record holds one event, bounded far below this by ``max_payload``; a
 #: length past it can only come from corruption.
 MAX_RECORD = 64 * 1024 * 1024
@@ -121,6 +139,36 @@ def event_prefix(s: int, t: str, ts: float, payload: bytes) -> bytes:
     return head + _HCRC.pack(zlib.crc32(head)) + meta
 
 
+def _key_bytes(key: str, digest: bytes) -> bytes:
+    kb = key.encode("ascii")
+    return bytes((len(kb),)) + kb + bytes((len(digest),)) + digest
+
+
+def keyed_event_prefix(s: int, t: str, ts: float, key: str, digest: bytes, payload: bytes) -> bytes:
+    """:func:`event_prefix` of an event published with an idempotency key:
+    the ``F`` record holds the key and its content digest with the event."""
+    tb = t.encode("ascii")
+    meta = b"F" + _META.pack(s, ts, len(tb)) + tb + _key_bytes(key, digest)
+    crc = zlib.crc32(payload, zlib.crc32(meta))
+    head = _HEAD.pack(len(meta) + len(payload), crc)
+    return head + _HCRC.pack(zlib.crc32(head)) + meta
+
+
+def key_record(s: int, ts: float, key: str, digest: bytes) -> bytes:
+    """A ``K`` record: a key of the window whose event a compaction may drop."""
+    return _record(b"K" + _KEYMETA.pack(s, ts) + _key_bytes(key, digest))
+
+
+@dataclass(slots=True)
+class StoredKey:
+    """An idempotency key as stored: the event ``s`` it sequenced and when."""
+
+    key: str
+    s: int
+    ts: float
+    digest: bytes
+
+
 @dataclass(slots=True)
 class Stored:
     """One event as stored: its number, name, publish time and DISPATCH JSON."""
@@ -155,6 +203,8 @@ class Loaded:
     head: int = 0
     #: The generation the header was written in.
     gen: int = 0
+    #: Idempotency keys of ``F`` and ``K`` records, in file order.
+    keys: list[StoredKey] = field(default_factory=list)
 
 
 class _Bad(Exception):
@@ -189,7 +239,12 @@ def load(path: Path, gid: str, keep: int | None = None) -> Loaded:
         out.gen = meta.get("gen", 0)
         while off < n:
             body, end = _next_record(view, off)
-            if body[0] != _KIND_EVENT or len(body) < 1 + _META.size:
+            rk = body[0]
+            if rk == _KIND_KEY:
+                out.keys.append(_parse_key(body, off))
+                off = end
+                continue
+            if rk not in (_KIND_EVENT, _KIND_KEYED) or len(body) < 1 + _META.size:
                 raise _Bad(f"record at byte {off} is not an event", torn=False)
             s, ts, tlen = _META.unpack_from(body, 1)
             if s != out.head + 1:
@@ -199,7 +254,11 @@ def load(path: Path, gid: str, keep: int | None = None) -> Loaded:
                 t = bytes(body[start : start + tlen]).decode("ascii")
             except UnicodeDecodeError:
                 raise _Bad(f"record at byte {off} has a bad event name", torn=False) from None
-            events.append(Stored(s, t, ts, bytes(body[start + tlen :])))
+            start += tlen
+            if rk == _KIND_KEYED:
+                key, dg, start = _read_key(body, start, off)
+                out.keys.append(StoredKey(key, s, ts, dg))
+            events.append(Stored(s, t, ts, bytes(body[start:])))
             if out.first_ts is None:
                 out.first_ts = ts
             out.count += 1
@@ -225,6 +284,31 @@ def load(path: Path, gid: str, keep: int | None = None) -> Loaded:
             os.fsync(f.fileno())
     out.events = list(events)
     return out
+
+
+def _read_key(body: memoryview, start: int, off: int) -> tuple[str, bytes, int]:
+    """The key and digest at ``start`` of a record's body, and the offset after."""
+    try:
+        klen = body[start]
+        key = bytes(body[start + 1 : start + 1 + klen]).decode("ascii")
+        at = start + 1 + klen
+        dlen = body[at]
+        dg = bytes(body[at + 1 : at + 1 + dlen])
+    except (IndexError, UnicodeDecodeError):
+        raise _Bad(f"record at byte {off} has a bad idempotency key", torn=False) from None
+    if not key or len(key) != klen or len(dg) != dlen:
+        raise _Bad(f"record at byte {off} has a bad idempotency key", torn=False)
+    return key, dg, at + 1 + dlen
+
+
+def _parse_key(body: memoryview, off: int) -> StoredKey:
+    if len(body) < 1 + _KEYMETA.size:
+        raise _Bad(f"record at byte {off} is a short key record", torn=False)
+    s, ts = _KEYMETA.unpack_from(body, 1)
+    key, dg, end = _read_key(body, 1 + _KEYMETA.size, off)
+    if end != len(body):
+        raise _Bad(f"record at byte {off} is a key record of the wrong length", torn=False)
+    return StoredKey(key, s, ts, dg)
 
 
 def _next_record(view: memoryview, off: int) -> tuple[memoryview, int]:

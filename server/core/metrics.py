@@ -79,12 +79,18 @@ class NodeStats:
         "journal_fsyncs",
         "journal_repairs",
         "latency",
+        "publish_conflicts",
+        "publish_replays",
         "published",
     )
 
     def __init__(self) -> None:
         #: Events sequenced by this node's guilds.
         self.published = 0
+        #: Keyed publishes answered from the idempotency window (a retry:
+        #: not sequenced again), and those refused as a conflict (4409/409).
+        self.publish_replays = 0
+        self.publish_conflicts = 0
         #: Events written to sessions (one per event per recipient).
         self.deliveries = 0
         #: Bytes of event frames written to sessions by partitions.
@@ -129,6 +135,8 @@ class MetricsSnapshot:
     #: False while the broker (Redis) is unreachable.
     broker_up: bool = True
     published: int = 0
+    publish_replays: int = 0
+    publish_conflicts: int = 0
     deliveries: int = 0
     bytes_out: int = 0
     #: Event bytes the deliveries would have taken uncompressed; deliveries

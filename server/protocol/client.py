@@ -19,7 +19,25 @@ with no duplicate: ``s <= last seen`` is dropped (and counted) as a safety
 net; ``s > last + 1`` is reported as a :class:`Gap` (the server promises
 none within an epoch; with an ``events`` filter gaps are expected and not
 reported). A SUBSCRIBED with ``recovered: false`` after a Position was sent
-yields a :class:`Resync` before that guild's next event.
+yields a :class:`Resync` before that guild's next event. A :class:`Rewind`
+(protocol 1.1) asked for a guild becomes a Position at its SUBSCRIBED
+(``{epoch, head - rewound}``): the replay follows it, and a reconnect
+recovers from the last event handed out, never rewinding twice.
+
+Presence (with ``presence=True``, PROTOCOL.md "Presence"): per guild, a
+:class:`Roster` of this connection: PRESENCE_SNAPSHOT replaces it, each
+PRESENCE_JOIN/LEAVE after it applies to it (the server sends no change
+twice and misses none between snapshot and changes); it is forgotten when
+the connection ends or the guild is left, and rebuilt by the next snapshot.
+
+Passive guilds (PROTOCOL.md "Passive subscriptions") keep their Position
+while passive: it is where :meth:`ClientSession.activate` resumes, so the
+events missed meanwhile are replayed. Their GUILD_ACTIVITY notices come out
+as :class:`Activity` and set the head :meth:`ClientSession.unread` counts to.
+A passive guild has no roster (the server sends it no presence changes); its
+activation's PRESENCE_SNAPSHOT starts a new one. A passive request carries no
+rewind: a guild deactivated before its rewind was answered keeps the place
+that many events before its passive SUBSCRIBED's head.
 
 Bounds: the guilds followed are the application's; PUBLISHes awaiting an ACK
 are bounded by the adapter (``max_inflight_publishes``); one connection's
@@ -29,16 +47,32 @@ tables are cleared when it ends (:meth:`ClientSession.connection_lost`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeAlias
 
 import orjson
 
-from guildcast.protocol.codes import ABNORMAL_CLOSURE, RESERVED_EVENTS, CloseAction, Op
+from guildcast.protocol.codes import (
+    ABNORMAL_CLOSURE,
+    ACTIVITY_EVENT,
+    PRESENCE_EVENTS,
+    RESERVED_EVENTS,
+    Close,
+    CloseAction,
+    Op,
+)
 from guildcast.protocol.codes import classify_close as _classify
-from guildcast.protocol.wire import EVENT_RULE, GUILD_RULE, valid_event, valid_guild
+from guildcast.protocol.hints import parse_reconnect, parse_retry
+from guildcast.protocol.wire import (
+    EVENT_RULE,
+    GUILD_RULE,
+    IDEMPOTENCY_KEY_RULE,
+    valid_event,
+    valid_guild,
+    valid_idempotency_key,
+)
 
 #: The HEARTBEAT message (PROTOCOL.md "Messages", op 1).
 HEARTBEAT = b'{"op":1,"d":null}'
@@ -68,6 +102,19 @@ class Position:
 
 
 @dataclass(frozen=True, slots=True)
+class Rewind:
+    """Protocol 1.1 (PROTOCOL.md "Rewind"): start a guild with no Position from
+    its last ``n`` events (the server bounds them by its history and
+    ``max_rewind``) instead of from now."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if type(self.n) is not int or self.n < 1:
+            raise ValueError(f"rewind must be a positive integer, not {self.n!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """One guild event, handed out in ``s`` order, exactly once."""
 
@@ -88,6 +135,53 @@ class Resync:
     guild: str
     epoch: str
     s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A session in a guild's presence (PROTOCOL.md "Presence")."""
+
+    user: str
+    session: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Roster:
+    """A guild's presence as this connection knows it: ``members`` (at most
+    the server's limit of them, in the order learnt) out of ``count``;
+    ``truncated`` when the snapshot could not list them all."""
+
+    guild: str
+    members: tuple[Member, ...]
+    count: int
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSnapshot:
+    """PRESENCE_SNAPSHOT: ``guild``'s presence now replaces what was known."""
+
+    guild: str
+    members: tuple[Member, ...]
+    count: int
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceJoin:
+    """PRESENCE_JOIN: ``member`` subscribed to ``guild``."""
+
+    guild: str
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceLeave:
+    """PRESENCE_LEAVE: ``member`` left ``guild``."""
+
+    guild: str
+    member: Member
 
 
 # --- outputs -----------------------------------------------------------------
@@ -120,11 +214,22 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Subscribed:
-    """SUBSCRIBED ``guild``; ``position`` is where its stream resumes."""
+    """SUBSCRIBED ``guild``; ``position`` is where its stream resumes
+    (``passive``: where an activation will resume; no event follows)."""
 
     guild: str
     position: Position
     recovered: bool
+    passive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """GUILD_ACTIVITY: passive guild ``guild``'s head was at least ``s``."""
+
+    guild: str
+    epoch: str
+    s: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +295,10 @@ class Gap:
 
 @dataclass(frozen=True, slots=True)
 class ReconnectRequested:
-    """RECONNECT: the server is draining; its close (1001) follows."""
+    """RECONNECT: the server is draining; its close (1001) follows.
+    ``delay_ms``: the reconnect delay range it suggests (protocol 1.1), if any."""
+
+    delay_ms: tuple[int, int] | None = None
 
 
 Output: TypeAlias = (
@@ -208,6 +316,10 @@ Output: TypeAlias = (
     | ReconnectRequested
     | Event
     | Resync
+    | Activity
+    | PresenceSnapshot
+    | PresenceJoin
+    | PresenceLeave
 )
 
 
@@ -222,6 +334,19 @@ class Verdict:
     give_up: bool
     #: The backoff attempt floor (PROTOCOL.md "back off, reconnect").
     floor: int
+    #: The server's pacing hint (PROTOCOL.md "Pacing"), ms: a 1013's retry
+    #: hint, or the delay range of the RECONNECT before a 1001; None: none.
+    wait_ms: tuple[int, int] | None = None
+
+
+def paced_delay(backoff: float, wait_ms: tuple[int, int] | None, u: float) -> float:
+    """The wait (seconds) before reconnecting: the backoff's full-jitter
+    delay, or a uniform draw (``u`` in [0, 1)) from the server's hint when
+    that is longer; a client never comes back before the hint allows."""
+    if wait_ms is None:
+        return backoff
+    lo, hi = wait_ms
+    return max(backoff, (lo + u * (hi - lo)) / 1000.0)
 
 
 #: "back off, reconnect": the next delay starts at least from this attempt's
@@ -244,22 +369,46 @@ def position_json(pos: Position | None) -> dict[str, Any] | None:
     return None if pos is None else {"epoch": pos.epoch, "s": pos.s}
 
 
+def start_json(start: Position | Rewind | None, passive: bool = False) -> dict[str, Any] | None:
+    """A guild's value in IDENTIFY/SUBSCRIBE: a Position, ``{"rewind": n}`` or
+    null; (1.1) ``passive``: ``{"passive": true}`` with the Position if there
+    is one. A passive request carries no rewind (the server refuses the pair:
+    a passive subscriber receives no events); a guild's pending Rewind is sent
+    when it is active."""
+    if passive:
+        d: dict[str, Any] = {"epoch": start.epoch, "s": start.s} if type(start) is Position else {}
+        d["passive"] = True
+        return d
+    if isinstance(start, Rewind):
+        return {"rewind": start.n}
+    return position_json(start)
+
+
 def identify_message(
-    token: str, guilds: dict[str, Position | None], events: list[str] | None = None
+    token: str,
+    guilds: Mapping[str, Position | Rewind | None],
+    events: list[str] | None = None,
+    presence: bool = False,
+    passive: Collection[str] = (),
 ) -> bytes:
-    """IDENTIFY (op 2)."""
+    """IDENTIFY (op 2); ``presence`` asks for PRESENCE_SNAPSHOT/JOIN/LEAVE; the
+    guilds in ``passive`` are subscribed passively."""
     d: dict[str, Any] = {
         "token": token,
-        "guilds": {gid: position_json(pos) for gid, pos in guilds.items()},
+        "guilds": {gid: start_json(pos, gid in passive) for gid, pos in guilds.items()},
     }
     if events is not None:
         d["events"] = events
+    if presence:
+        d["presence"] = True
     return orjson.dumps({"op": Op.IDENTIFY, "d": d})
 
 
-def subscribe_message(guilds: dict[str, Position | None]) -> bytes:
-    """SUBSCRIBE (op 3)."""
-    d = {"guilds": {gid: position_json(pos) for gid, pos in guilds.items()}}
+def subscribe_message(
+    guilds: Mapping[str, Position | Rewind | None], passive: Collection[str] = ()
+) -> bytes:
+    """SUBSCRIBE (op 3); the guilds in ``passive`` are subscribed passively."""
+    d = {"guilds": {gid: start_json(pos, gid in passive) for gid, pos in guilds.items()}}
     return orjson.dumps({"op": Op.SUBSCRIBE, "d": d})
 
 
@@ -268,11 +417,16 @@ def unsubscribe_message(guilds: list[str]) -> bytes:
     return orjson.dumps({"op": Op.UNSUBSCRIBE, "d": {"guilds": guilds}})
 
 
-def publish_message(gid: str, t: str, d: Any, nonce: str | None = None) -> bytes:
-    """PUBLISH (op 5); raises ValueError when ``d`` is not JSON serialisable."""
+def publish_message(
+    gid: str, t: str, d: Any, nonce: str | None = None, idempotency_key: str | None = None
+) -> bytes:
+    """PUBLISH (op 5); raises ValueError when ``d`` is not JSON serialisable.
+    ``idempotency_key`` (protocol 1.1) is left out when None."""
     body: dict[str, Any] = {"guild": gid, "t": t, "d": d}
     if nonce is not None:
         body["nonce"] = nonce
+    if idempotency_key is not None:
+        body["idempotency_key"] = idempotency_key
     try:
         return orjson.dumps({"op": Op.PUBLISH, "d": body})
     except TypeError as exc:
@@ -298,6 +452,13 @@ def check_publish(gid: object, t: object) -> None:
         raise ValueError(f"{t} is a reserved event name")
 
 
+def check_idempotency_key(key: object) -> None:
+    """ValueError for an idempotency key the server would refuse (ERROR 4422,
+    protocol 1.1); None (no key) passes."""
+    if key is not None and not valid_idempotency_key(key):
+        raise ValueError(f"invalid idempotency key {key!r}: {IDEMPOTENCY_KEY_RULE}")
+
+
 def classify_close(code: int) -> CloseAction:
     """The client's reaction to close ``code`` (PROTOCOL.md "Close codes")."""
     return _classify(code)
@@ -311,6 +472,25 @@ def _obj(d: Any, what: str) -> dict[str, Any]:
     if type(d) is not dict:
         raise _Bad(f"{what} needs an object d")
     return d
+
+
+def _member(d: Any, what: str) -> Member:
+    m = _obj(d, what)
+    user, session, node = m.get("user"), m.get("session"), m.get("node")
+    if type(user) is not str or type(session) is not str or type(node) is not str:
+        raise _Bad(f"{what} needs {{user, session, node}} strings")
+    return Member(user, session, node)
+
+
+class _Roster:
+    """One guild's presence on this connection: session id -> member, and the count."""
+
+    __slots__ = ("count", "members", "truncated")
+
+    def __init__(self, members: dict[str, Member], count: int, truncated: bool) -> None:
+        self.members = members
+        self.count = count
+        self.truncated = truncated
 
 
 # --- the session ---------------------------------------------------------------
@@ -333,8 +513,12 @@ class ClientSession:
         renewable_token: bool = False,
         max_message: int = DEFAULT_MAX_MESSAGE,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        rewind: int | None = None,
+        presence: bool = False,
     ) -> None:
         self.events = None if events is None else list(events)
+        #: IDENTIFY ``presence``: keep a :class:`Roster` per guild.
+        self.presence = presence
         for name in self.events or ():
             if not valid_event(name):
                 raise ValueError(f"invalid event name {name!r}")
@@ -342,13 +526,21 @@ class ClientSession:
         self.renewable_token = renewable_token
         self.max_message = max_message
         self.hello_timeout = hello_timeout
-        #: Guilds followed, each with the last Position handed out (None until
-        #: the first SUBSCRIBED): the source of every IDENTIFY.
-        self._desired: dict[str, Position | None] = {}
+        #: Guilds followed, each with the last Position handed out (None, or
+        #: the Rewind asked for, until the first SUBSCRIBED): the source of
+        #: every IDENTIFY.
+        self._desired: dict[str, Position | Rewind | None] = {}
+        start = None if rewind is None else Rewind(rewind)
         for gid in guilds:
-            self._desired[check_guild(gid)] = None
+            self._desired[check_guild(gid)] = start
+        #: Followed guilds subscribed passively, and the last head each was
+        #: seen at (passive SUBSCRIBED or GUILD_ACTIVITY): what ``unread`` counts to.
+        self._passive: set[str] = set()
+        self._heads: dict[str, Position] = {}
         self._nonces = itertools.count(1)
         self._auth_failures = 0
+        #: The delay range of the last RECONNECT (its 1001 follows).
+        self._reconnect_hint: tuple[int, int] | None = None
         #: Events dropped because their ``s`` was already handed out.
         self.duplicates_dropped = 0
         #: Gaps seen (the server promises none within an epoch).
@@ -358,14 +550,16 @@ class ClientSession:
         self._reset_connection()
 
     def _reset_connection(self) -> None:
-        #: Guilds requested on this connection, with the Position sent.
-        self._sent: dict[str, Position | None] = {}
+        #: Guilds requested on this connection, with the Position (or Rewind) sent.
+        self._sent: dict[str, Position | Rewind | None] = {}
         #: Guilds SUBSCRIBED on this connection.
         self._subscribed: set[str] = set()
         #: PUBLISH nonces awaiting their answer on this connection.
         self._inflight: set[str] = set()
         #: Guilds whose UNSUBSCRIBED is awaited on this connection.
         self._leaving: set[str] = set()
+        #: Presence of each guild on this connection (after its snapshot).
+        self._rosters: dict[str, _Roster] = {}
         self.interval = 0.0
         self._last_recv = 0.0
         self._paused_until = 0.0
@@ -384,21 +578,53 @@ class ClientSession:
 
     @property
     def positions(self) -> dict[str, Position | None]:
-        """A copy of each followed guild's last Position."""
-        return dict(self._desired)
+        """A copy of each followed guild's last Position (None before its
+        first SUBSCRIBED, a pending rewind included)."""
+        return {g: p if type(p) is Position else None for g, p in self._desired.items()}
 
     def follows(self, gid: str) -> bool:
         return gid in self._desired
 
     def subscribed(self, gid: str) -> Position | None:
         """The guild's Position if it is SUBSCRIBED on this connection, else None."""
-        return self._desired.get(gid) if gid in self._subscribed else None
+        pos = self._desired.get(gid) if gid in self._subscribed else None
+        return pos if type(pos) is Position else None
+
+    def rosters(self) -> dict[str, Roster]:
+        """Every guild's :meth:`roster` known on this connection."""
+        return {gid: r for gid in self._rosters if (r := self.roster(gid)) is not None}
+
+    def roster(self, gid: str) -> Roster | None:
+        """``gid``'s presence as this connection knows it (its snapshot and
+        the changes since), or None before its PRESENCE_SNAPSHOT."""
+        r = self._rosters.get(gid)
+        if r is None:
+            return None
+        return Roster(gid, tuple(r.members.values()), r.count, r.truncated)
+
+    def is_passive(self, gid: str) -> bool:
+        """True if ``gid`` is followed passively (notices only)."""
+        return gid in self._passive
+
+    def unread(self, gid: str) -> int | None:
+        """Events of passive guild ``gid`` after its Position, by the last
+        head heard of (0 for an active guild); None when unknown (no head
+        yet, or the head is of another epoch: then they are lost)."""
+        if gid not in self._desired:
+            return None
+        if gid not in self._passive:
+            return 0
+        head, pos = self._heads.get(gid), self._desired[gid]
+        if head is None or type(pos) is not Position or head.epoch != pos.epoch:
+            return None
+        return max(0, head.s - pos.s)
 
     # --- connection lifecycle ------------------------------------------------------
 
     def connection_made(self, token: str, now: float) -> None:
         """A WebSocket is open: wait for HELLO (within ``hello_timeout``)."""
         self._reset_connection()
+        self._reconnect_hint = None
         self._token = token
         self.state = State.AWAIT_HELLO
         self._last_recv = now
@@ -420,7 +646,13 @@ class ClientSession:
             self._auth_failures += 1
             give_up = not self.renewable_token or self._auth_failures > 1
         floor = BACKOFF_FLOOR if action is CloseAction.BACKOFF else 0
-        return Verdict(code, reason, action, give_up, floor)
+        wait = None
+        if code == Close.TRY_AGAIN_LATER:
+            wait = parse_retry(reason)
+        elif code == Close.GOING_AWAY:
+            wait = self._reconnect_hint
+        self._reconnect_hint = None
+        return Verdict(code, reason, action, give_up, floor, wait)
 
     def connect_failed(self, status: int | None) -> tuple[int, str]:
         """The close code and reason of a connection that never opened: an
@@ -464,15 +696,55 @@ class ClientSession:
 
     # --- commands ----------------------------------------------------------------
 
-    def subscribe(self, gid: str, position: Position | None = None) -> list[Output]:
-        """Follow ``gid`` (from ``position`` if it is new); SUBSCRIBE now if READY."""
+    def subscribe(
+        self,
+        gid: str,
+        position: Position | None = None,
+        rewind: int | None = None,
+        passive: bool = False,
+    ) -> list[Output]:
+        """Follow ``gid`` (if it is new: from ``position``, or from its last
+        ``rewind`` events, protocol 1.1; not both; ``passive``: notices only,
+        never with a rewind); SUBSCRIBE now if READY. For a guild already
+        followed in the other mode this switches it (:meth:`set_passive`)."""
         check_guild(gid)
+        if position is not None and rewind is not None:
+            raise ValueError("give a position or a rewind, not both")
+        if passive and rewind is not None:
+            raise ValueError("a passive guild takes no rewind (it receives no events)")
         if gid not in self._desired:
-            self._desired[gid] = position
+            self._desired[gid] = position if rewind is None else Rewind(rewind)
+            if passive:
+                self._passive.add(gid)
+        elif passive != (gid in self._passive):
+            return self.set_passive(gid, passive)
         if self.state is not State.READY or gid in self._sent:
             return []
         pos = self._sent[gid] = self._desired[gid]
-        return [Send(subscribe_message({gid: pos}))]
+        return [Send(subscribe_message({gid: pos}, self._passive))]
+
+    def set_passive(self, gid: str, passive: bool) -> list[Output]:
+        """Switch followed guild ``gid`` to passive, or back to active: the
+        SUBSCRIBE carries its Position, so an activation replays the events
+        missed while passive (``recovered: false`` past the history window)."""
+        check_guild(gid)
+        if gid not in self._desired:
+            raise ValueError(f"guild {gid!r} is not followed: subscribe first")
+        if passive == (gid in self._passive):
+            return []
+        if passive:
+            self._passive.add(gid)
+        else:
+            self._passive.discard(gid)
+            self._heads.pop(gid, None)
+        if self.state is not State.READY or gid not in self._sent:
+            return []  # the next IDENTIFY or SUBSCRIBE carries the mode
+        pos = self._sent[gid] = self._desired[gid]
+        return [Send(subscribe_message({gid: pos}, self._passive))]
+
+    def activate(self, gid: str) -> list[Output]:
+        """:meth:`set_passive` ``(gid, False)``."""
+        return self.set_passive(gid, False)
 
     def unsubscribe(self, gid: str) -> list[Output]:
         """Stop following ``gid``. An UNSUBSCRIBE is sent (and :class:`Unsubscribed`
@@ -480,7 +752,10 @@ class ClientSession:
         check_guild(gid)
         if self._desired.pop(gid, _MISSING) is _MISSING:
             return []
+        self._passive.discard(gid)
+        self._heads.pop(gid, None)
         self._subscribed.discard(gid)
+        self._rosters.pop(gid, None)
         if self.state is not State.READY or self._sent.pop(gid, _MISSING) is _MISSING:
             return []
         self._leaving.add(gid)
@@ -490,14 +765,21 @@ class ClientSession:
         """True while an UNSUBSCRIBED of ``gid`` is awaited."""
         return gid in self._leaving
 
-    def publish(self, gid: str, t: str, d: Any = None) -> tuple[str, Send]:
+    def publish(
+        self, gid: str, t: str, d: Any = None, idempotency_key: str | None = None
+    ) -> tuple[str, Send]:
         """A PUBLISH with a fresh nonce, on a READY connection; ValueError for
-        an invalid guild or event name, non-JSON data or an oversized message."""
+        an invalid guild or event name, idempotency key, non-JSON data or an
+        oversized message. Publishing again with the same ``idempotency_key``
+        (after a lost answer: 4504, an interrupted connection) is answered
+        with the original's ``s`` within the server's window (PROTOCOL.md
+        "Idempotent publish")."""
         check_publish(gid, t)
+        check_idempotency_key(idempotency_key)
         if self.state is not State.READY:
             raise RuntimeError("publish needs a READY connection")
         nonce = str(next(self._nonces))
-        body = publish_message(gid, t, d, nonce)
+        body = publish_message(gid, t, d, nonce, idempotency_key)
         if len(body) > self.max_message:
             raise ValueError(f"message of {len(body)} bytes exceeds {self.max_message}")
         self._inflight.add(nonce)
@@ -535,7 +817,11 @@ class ClientSession:
         self.next_tick = now + self.interval
         self.state = State.IDENTIFYING
         self._sent = dict(self._desired)
-        return [Send(identify_message(self._token, self._sent, self.events))]
+        return [
+            Send(
+                identify_message(self._token, self._sent, self.events, self.presence, self._passive)
+            )
+        ]
 
     def _message(self, msg: dict[str, Any]) -> list[Output]:
         op = msg.get("op")
@@ -550,6 +836,8 @@ class ClientSession:
                 raise _Bad("g must be a guild id")
             if t == "SUBSCRIBED":
                 return self._subscribed_guild(g, _obj(d, "SUBSCRIBED"))
+            if t == ACTIVITY_EVENT:
+                return self._activity(g, _obj(d, ACTIVITY_EVENT))
             if t == "UNSUBSCRIBED":
                 if g in self._leaving:
                     self._leaving.discard(g)
@@ -560,13 +848,16 @@ class ClientSession:
                 if type(t) is not str:
                     raise _Bad("an event needs its name t")
                 return self._event(g, t, s, d)
-            return []  # no s: presence, not a guild event
+            if self.presence and t in PRESENCE_EVENTS and g in self._desired:
+                return self._presence(g, t, d)
+            return []  # no s: presence (not asked for), not a guild event
         if op == Op.ACK:
             return self._ack(_obj(d, "ACK"))
         if op == Op.ERROR:
             return self._error(_obj(d, "ERROR"))
         if op == Op.RECONNECT:
-            return [ReconnectRequested()]
+            self._reconnect_hint = parse_reconnect(d)
+            return [ReconnectRequested(self._reconnect_hint)]
         return []  # HEARTBEAT_ACK; unknown ops are ignored
 
     def _ready(self, d: dict[str, Any]) -> list[Output]:
@@ -579,7 +870,7 @@ class ClientSession:
         missing = {gid: pos for gid, pos in self._desired.items() if gid not in self._sent}
         if missing:
             self._sent.update(missing)
-            out.append(Send(subscribe_message(missing)))
+            out.append(Send(subscribe_message(missing, self._passive)))
         # Guilds IDENTIFY asked for that the application left meanwhile: the
         # server is subscribing them, so unsubscribe now (UNSUBSCRIBED follows).
         stale = [gid for gid in self._sent if gid not in self._desired]
@@ -597,23 +888,64 @@ class ClientSession:
         epoch, head, recovered = d.get("epoch"), d.get("s"), d.get("recovered")
         if type(epoch) is not str or type(head) is not int or type(recovered) is not bool:
             raise _Bad("SUBSCRIBED needs {epoch: str, s: int, recovered: bool}")
+        passive = d.get("passive", False)
+        if type(passive) is not bool:
+            raise _Bad("SUBSCRIBED passive must be true or false")
         sent = self._sent.get(gid)
         current = self._desired[gid]
         self._subscribed.add(gid)
         out: list[Output] = []
-        if recovered and current is not None and current.epoch == epoch:
+        if passive:
+            # No replay: the Position stays where an activation resumes; a
+            # fresh one (or one of a lost epoch) starts at the head, and a
+            # Rewind not yet answered becomes the Position that many events
+            # back (they count as unread; the activation replays them). No
+            # presence changes come while passive: the roster is forgotten
+            # until the activation's PRESENCE_SNAPSHOT.
+            self._heads[gid] = Position(epoch, head)
+            self._rosters.pop(gid, None)
+            if type(current) is Rewind:
+                pos = self._desired[gid] = Position(epoch, max(0, head - current.n))
+            elif type(current) is Position and current.epoch == epoch:
+                pos = current
+            else:
+                pos = self._desired[gid] = Position(epoch, head)
+                if isinstance(sent, Position):
+                    out.append(Resync(gid, epoch, head))
+            out.append(Subscribed(gid, pos, False, True))
+            return out
+        if type(sent) is Rewind and type(current) is Rewind:
+            # The rewind becomes a Position: the replay head-k+1..head follows.
+            k = d.get("rewound")
+            if type(k) is not int or not 0 <= k <= head:
+                raise _Bad("SUBSCRIBED to a rewind needs rewound: int in 0..s")
+            pos = self._desired[gid] = Position(epoch, head - k)
+        elif recovered and type(current) is Position and current.epoch == epoch:
             pos = current  # the replay s+1..head follows
         else:
             pos = self._desired[gid] = Position(epoch, head)
-            if sent is not None:
+            if isinstance(sent, Position):
                 out.append(Resync(gid, epoch, head))
         out.append(Subscribed(gid, pos, recovered))
         return out
 
+    def _activity(self, gid: str, d: dict[str, Any]) -> list[Output]:
+        epoch, s = d.get("epoch"), d.get("s")
+        if type(epoch) is not str or type(s) is not int:
+            raise _Bad("GUILD_ACTIVITY needs {epoch: str, s: int}")
+        if gid not in self._desired:
+            return []
+        known = self._heads.get(gid)
+        if known is None or known.epoch != epoch or s > known.s:
+            self._heads[gid] = Position(epoch, s)
+        return [Activity(gid, epoch, s)]
+
     def _event(self, gid: str, t: str, s: int, d: Any) -> list[Output]:
         if gid not in self._desired:
             return []  # unsubscribed: the server stops at UNSUBSCRIBED
-        pos = self._desired[gid]
+        start = self._desired[gid]
+        # A Rewind: no SUBSCRIBED yet, nothing to compare with.
+        pos = start if isinstance(start, Position) else None
         out: list[Output] = []
         if pos is not None:
             if s <= pos.s:
@@ -625,6 +957,28 @@ class ClientSession:
         self._desired[gid] = Position(pos.epoch if pos is not None else "", s)
         out.append(Event(gid, t, s, d))
         return out
+
+    def _presence(self, gid: str, t: Any, d: Any) -> list[Output]:
+        """PRESENCE_SNAPSHOT replaces the roster; JOIN/LEAVE apply to it."""
+        if t == "PRESENCE_SNAPSHOT":
+            snap = _obj(d, t)
+            raw, count, truncated = snap.get("members"), snap.get("count"), snap.get("truncated")
+            if type(raw) is not list or type(count) is not int or type(truncated) is not bool:
+                raise _Bad("PRESENCE_SNAPSHOT needs {members: list, count: int, truncated: bool}")
+            members = [_member(m, "a PRESENCE_SNAPSHOT member") for m in raw]
+            self._rosters[gid] = _Roster({m.session: m for m in members}, count, truncated)
+            return [PresenceSnapshot(gid, tuple(members), count, truncated)]
+        member = _member(d, str(t))
+        r = self._rosters.get(gid)
+        if t == "PRESENCE_JOIN":
+            if r is not None and member.session not in r.members:
+                r.members[member.session] = member
+                r.count += 1
+            return [PresenceJoin(gid, member)]
+        if r is not None:
+            if r.members.pop(member.session, None) is not None or r.truncated:
+                r.count = max(0, r.count - 1)
+        return [PresenceLeave(gid, member)]
 
     def _ack(self, d: dict[str, Any]) -> list[Output]:
         nonce, g, s, epoch = d.get("nonce"), d.get("g"), d.get("s"), d.get("epoch")
@@ -653,6 +1007,7 @@ class ClientSession:
             # A SUBSCRIBE (or IDENTIFY guild) was refused: stop following it.
             self._desired.pop(gid, None)
             self._sent.pop(gid, None)
+            self._rosters.pop(gid, None)
             return [SubscribeRefused(gid, code, message)]
         return [ServerError(code, message, gid)]
 

@@ -79,14 +79,32 @@ class Err(IntEnum):
     #: A PUBLISH whose ``t`` is a string outside the event-name grammar
     #: (protocol 1.1; 1.0 closed with 4002).
     INVALID_EVENT_NAME = 4422
+    #: The same code for a PUBLISH whose ``idempotency_key`` is present but
+    #: not a key (protocol 1.1): a malformed field of one PUBLISH, refused
+    #: with the connection kept (an alias: ``Err(4422)`` is named as above).
+    INVALID_IDEMPOTENCY_KEY = 4422
+    #: A PUBLISH whose idempotency key the guild's window holds for an event
+    #: of other content (protocol 1.1): refused, not sequenced.
+    IDEMPOTENCY_CONFLICT = 4409
     TOO_MANY_SUBSCRIPTIONS = 4430
     #: The PUBLISH reached the sequencer but its answer did not come back: it
     #: may or may not have been sequenced (not "refused, retry").
     OUTCOME_UNKNOWN = 4504
 
 
-#: Event names a publisher may not use (PROTOCOL.md, "Publishing").
-RESERVED_EVENTS = frozenset({"READY", "SUBSCRIBED", "UNSUBSCRIBED"})
+#: The dispatch names of presence (PROTOCOL.md, "Presence"): sent by the
+#: server only, so a publisher cannot forge a join, a leave or a snapshot.
+PRESENCE_EVENTS = frozenset({"PRESENCE_JOIN", "PRESENCE_LEAVE", "PRESENCE_SNAPSHOT"})
+
+#: The dispatch a passive subscription gets instead of events (PROTOCOL.md,
+#: "Passive subscriptions"): the guild's head moved.
+ACTIVITY_EVENT = "GUILD_ACTIVITY"
+
+#: Event names a publisher may not use (PROTOCOL.md, "Publishing"): every
+#: dispatch name the server sends itself.
+RESERVED_EVENTS = (
+    frozenset({"READY", "SUBSCRIBED", "UNSUBSCRIBED", ACTIVITY_EVENT}) | PRESENCE_EVENTS
+)
 
 
 class CloseAction(Enum):

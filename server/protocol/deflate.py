@@ -37,6 +37,7 @@ __all__ = [
     "MAX_WINDOW_BITS",
     "RSV1",
     "Deflater",
+    "SharedFrame",
     "payload_of",
 ]
 
@@ -151,3 +152,34 @@ class Deflater:
                 out.append(data[i:end])
             i = end
         return b"".join(out) if changed else data
+
+
+class SharedFrame:
+    """One whole server frame sent to many sessions (a presence snapshot, a
+    replayed event, a passive notice), compressed at most once per
+    :class:`Deflater`, by the first session of that parameter set to need it.
+
+    Bound: one entry per parameter set (one per node in practice); the
+    frame's owner drops it with the frame.
+    """
+
+    __slots__ = ("_z", "frame")
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+        self._z: dict[Deflater, bytes] | None = None
+
+    def compressed(self, deflater: Deflater) -> bytes:
+        """The frame as ``deflater``'s sessions get it: :meth:`Deflater.frames`
+        (the frame may be a run of frames), once."""
+        z = self._z
+        if z is None:
+            z = self._z = {}
+        hit = z.get(deflater)
+        if hit is None:
+            hit = z[deflater] = deflater.frames(self.frame)
+        return hit
+
+    def for_sink(self, deflater: Deflater | None) -> bytes:
+        """What a session with ``deflater`` (None: uncompressed) is sent."""
+        return self.frame if deflater is None else self.compressed(deflater)

@@ -111,10 +111,16 @@ class CloseConn:
 
 @dataclass(slots=True)
 class Subscribe:
-    """Join guild ``gid``; ``position`` is ``(epoch, s)`` to recover from, or None."""
+    """Join guild ``gid``; ``position`` is ``(epoch, s)`` to recover from, or
+    None; ``rewind`` (1.1) asks for the guild's last N events first (never
+    with a ``position`` or ``passive``; ``wire.GuildRequest``); ``passive``
+    (1.1): notices only (PROTOCOL.md "Passive subscriptions"), also the way
+    to switch a subscribed guild between the two modes."""
 
     gid: str
     position: tuple[str, int] | None
+    rewind: int | None = None
+    passive: bool = False
 
 
 @dataclass(slots=True)
@@ -143,6 +149,8 @@ class Publish:
     t: str
     d: Any
     nonce: str | None
+    #: The idempotency key (protocol 1.1), validated, or None.
+    key: str | None = None
     #: Set when answered: the framed ACK or ERROR for this PUBLISH.
     answer: bytes | None = field(default=None)
 
@@ -335,7 +343,7 @@ class Session:
         if op == Op.SUBSCRIBE:
             if type(d) is not dict:
                 raise _Reject(Close.DECODE_ERROR, "SUBSCRIBE needs d.guilds")
-            return self._subscribe(_guild_positions(d.get("guilds")))
+            return self._subscribe(_guild_requests(d.get("guilds")))
         return self._unsubscribe(d)
 
     def _count_command(self, now: float) -> None:
@@ -353,7 +361,7 @@ class Session:
         token = d.get("token")
         if type(token) is not str:
             raise _Reject(Close.DECODE_ERROR, "IDENTIFY needs a token string")
-        guilds = _guild_positions(d.get("guilds", {}))
+        guilds = _guild_requests(d.get("guilds", {}))
         presence = d.get("presence", False)
         if type(presence) is not bool:
             raise _Reject(Close.DECODE_ERROR, "presence must be true or false")
@@ -381,12 +389,12 @@ class Session:
         out.extend(self._subscribe(guilds))
         return out
 
-    def _subscribe(self, guilds: dict[str, tuple[str, int] | None]) -> list[Effect]:
+    def _subscribe(self, guilds: dict[str, wire.GuildRequest]) -> list[Effect]:
         grant = self.grant
         assert grant is not None
         out: list[Effect] = []
         subs = self.subscriptions
-        for gid, pos in guilds.items():
+        for gid, req in guilds.items():
             if not grant.may_subscribe(gid):
                 out.append(Forbidden(gid, "guild not allowed"))
                 out.append(Send(error_frame(Err.FORBIDDEN, "guild not allowed", g=gid)))
@@ -395,7 +403,7 @@ class Session:
                 out.append(Send(error_frame(Err.TOO_MANY_SUBSCRIPTIONS, "too many guilds", g=gid)))
                 continue
             subs.add(gid)
-            out.append(Subscribe(gid, pos))
+            out.append(Subscribe(gid, req.position, req.rewind, req.passive))
         return out
 
     def _unsubscribe(self, d: Any) -> list[Effect]:
@@ -426,7 +434,8 @@ class Session:
             pending = self._pending = deque()
         elif len(pending) >= self.limits.max_pending_publishes:
             raise _Reject(Close.RATE_LIMITED, "too many PUBLISH awaiting an answer")
-        p = Publish(gid, t, d.get("d"), nonce)
+        key = d.get("idempotency_key")
+        p = Publish(gid, t, d.get("d"), nonce, key)
         pending.append(p)
         grant = self.grant
         assert grant is not None
@@ -435,6 +444,14 @@ class Session:
             # (ERROR 4422, no token taken), not a broken client (1.0: 4002).
             return self.publish_failed(
                 p, Err.INVALID_EVENT_NAME, f"invalid event name: t must be {wire.EVENT_RULE}"
+            )
+        if key is not None and not wire.valid_idempotency_key(key):
+            # Protocol 1.1, like a bad t: this PUBLISH fails, the session stays.
+            p.key = None
+            return self.publish_failed(
+                p,
+                Err.INVALID_IDEMPOTENCY_KEY,
+                f"invalid idempotency_key: it must be {wire.IDEMPOTENCY_KEY_RULE}",
             )
         if t in RESERVED_EVENTS:
             return self._forbid(p, f"{t} is a reserved event name")
@@ -453,21 +470,18 @@ class Session:
         return 0 if self._pending is None else len(self._pending)
 
 
-def _guild_positions(guilds: Any) -> dict[str, tuple[str, int] | None]:
-    """Validate ``{gid: Position or null}`` (PROTOCOL.md "Opcodes"); raises _Reject."""
+def _guild_requests(guilds: Any) -> dict[str, wire.GuildRequest]:
+    """Validate ``{gid: null, a Position or (1.1) an object of options}``
+    (PROTOCOL.md "Messages"; each value parsed by ``wire.guild_request``);
+    raises _Reject."""
     if type(guilds) is not dict:
         raise _Reject(Close.DECODE_ERROR, "guilds must be an object of guild id to Position")
-    out: dict[str, tuple[str, int] | None] = {}
-    for gid, pos in guilds.items():
+    out: dict[str, wire.GuildRequest] = {}
+    for gid, value in guilds.items():
         if not wire.valid_guild(gid):
             raise _Reject(Close.DECODE_ERROR, "invalid guild id")
-        if pos is None:
-            out[gid] = None
-            continue
-        if type(pos) is not dict:
-            raise _Reject(Close.DECODE_ERROR, "a Position is an object {epoch, s}")
-        epoch, s = pos.get("epoch"), pos.get("s")
-        if type(epoch) is not str or len(epoch) > 64 or type(s) is not int or s < 0:
-            raise _Reject(Close.DECODE_ERROR, "a Position is {epoch: str, s: int >= 0}")
-        out[gid] = (epoch, s)
+        try:
+            out[gid] = wire.guild_request(value)
+        except ValueError as e:
+            raise _Reject(Close.DECODE_ERROR, str(e)) from None
     return out

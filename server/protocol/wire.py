@@ -20,31 +20,40 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import orjson
 
-from guildcast.protocol.codes import Op
+from guildcast.protocol.codes import ACTIVITY_EVENT, Op
 from guildcast.protocol.frames import text_frame
 
 __all__ = [
     "EVENT_PATTERN",
     "EVENT_RULE",
+    "FROM_NOW",
     "GUILD_PATTERN",
     "GUILD_RULE",
     "HEARTBEAT_ACK_FRAME",
+    "IDEMPOTENCY_KEY_PATTERN",
+    "IDEMPOTENCY_KEY_RULE",
+    "MAX_EPOCH",
     "RECONNECT_FRAME",
+    "GuildRequest",
     "JSONDecodeError",
+    "activity_frame",
     "decode",
     "dispatch_json",
     "dispatch_payload",
     "encode",
+    "guild_request",
     "message",
+    "presence_snapshot_frame",
     "subscribed_frame",
     "text_frame",
     "unsubscribed_frame",
     "valid_event",
     "valid_guild",
+    "valid_idempotency_key",
 ]
 
 JSONDecodeError = orjson.JSONDecodeError
@@ -61,6 +70,13 @@ GUILD_RULE = "1-128 characters of [A-Za-z0-9_.:-]"
 EVENT_RULE = "1-64 characters of [A-Z0-9_] (upper case)"
 _GUILD_RE = re.compile(GUILD_PATTERN)
 _EVENT_RE = re.compile(EVENT_PATTERN)
+#: PROTOCOL.md "Idempotent publish" (1.1): a publish's idempotency key is
+#: 1-128 visible ASCII characters (``!`` to ``~``: no space, no control
+#: character), so a UUID, a hex or base64 digest or an order id fit, and
+#: a key is safe in logs, in an HTTP header and as a Redis hash field.
+IDEMPOTENCY_KEY_PATTERN = "[!-~]{1,128}"
+IDEMPOTENCY_KEY_RULE = "1-128 visible ASCII characters ([!-~], no space)"
+_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 def valid_guild(gid: object) -> TypeGuard[str]:
@@ -71,6 +87,79 @@ def valid_guild(gid: object) -> TypeGuard[str]:
 def valid_event(t: object) -> TypeGuard[str]:
     """True if ``t`` is a string of 1-64 characters of ``[A-Z0-9_]``."""
     return type(t) is str and _EVENT_RE.fullmatch(t) is not None
+
+
+#: Longest epoch a Position may name (the server's are 16 hex digits).
+MAX_EPOCH = 64
+
+
+class GuildRequest(NamedTuple):
+    """What a session asks of one guild: the value of ``guilds[gid]`` in
+    IDENTIFY and SUBSCRIBE (PROTOCOL.md "Messages", "Rewind").
+
+    ``null`` is "from now on"; a Position ``{"epoch", "s"}`` recovers after
+    it; (1.1) an object may carry options beside or instead of a Position:
+    ``rewind`` (the guild's last N events first, never with a Position) and
+    ``passive`` (no events, only GUILD_ACTIVITY notices; with a Position or
+    alone, never with a rewind). Parsed in one place, :func:`guild_request`.
+    A NamedTuple: immutable and built in a third of a frozen dataclass's
+    time (one per guild per IDENTIFY).
+    """
+
+    #: ``(epoch, s)`` to recover after, or None.
+    position: tuple[str, int] | None = None
+    #: 1.1: replay the last this many events before going live (None: no rewind).
+    rewind: int | None = None
+    #: 1.1: ``"passive": true``: no events, only GUILD_ACTIVITY notices
+    #: (PROTOCOL.md "Passive subscriptions").
+    passive: bool = False
+
+
+#: ``null``: from now on, nothing replayed.
+FROM_NOW = GuildRequest()
+
+#: Keys (1.1) that make an object without ``epoch``/``s`` a request of its
+#: own; an object with none of them and no Position is not a request.
+_OPTION_KEYS = ("rewind", "passive")
+
+
+def guild_request(value: object) -> GuildRequest:
+    """Parse one guild's value of IDENTIFY/SUBSCRIBE ``guilds``; ValueError
+    (a decode error, close 4002, for the session) says what is wrong.
+
+    Keys the server does not know are ignored, beside a Position as in 1.0.
+    """
+    if value is None:
+        return FROM_NOW
+    if type(value) is not dict:
+        raise ValueError("a guild's value is null, a Position {epoch, s} or an object of options")
+    position: tuple[str, int] | None = None
+    epoch, s = value.get("epoch"), value.get("s")
+    if epoch is not None or s is not None or not any(k in value for k in _OPTION_KEYS):
+        if type(epoch) is not str or len(epoch) > MAX_EPOCH or type(s) is not int or s < 0:
+            raise ValueError("a Position is {epoch: str, s: int >= 0}")
+        position = (epoch, s)
+        if len(value) == 2:  # the 1.0 shape, and the common one
+            return GuildRequest(position)
+    rewind: int | None = None
+    if "rewind" in value:
+        r = value["rewind"]
+        if type(r) is not int or r < 1:
+            raise ValueError("rewind must be a positive integer (events to replay)")
+        if position is not None:
+            raise ValueError("a guild takes a Position or a rewind, not both")
+        rewind = r
+    passive = value.get("passive", False)
+    if type(passive) is not bool:
+        raise ValueError("passive must be true or false")
+    if passive and rewind is not None:
+        raise ValueError("a passive guild takes no rewind (it receives no events)")
+    return GuildRequest(position, rewind, passive)
+
+
+def valid_idempotency_key(key: object) -> TypeGuard[str]:
+    """True if ``key`` is a string of 1-128 characters of ``[!-~]``."""
+    return type(key) is str and _KEY_RE.fullmatch(key) is not None
 
 
 #: 19 digits in a row: the shortest text of an integer orjson may not keep
@@ -145,11 +234,42 @@ def message(op: int, d: Any = None, t: str | None = None, g: str | None = None) 
     return text_frame(orjson.dumps(obj))
 
 
-def subscribed_frame(gid: str, epoch: str, head: int, recovered: bool) -> bytes:
-    """PROTOCOL.md, "Subscribing and recovery", step 1."""
-    return message(
-        Op.DISPATCH, {"epoch": epoch, "s": head, "recovered": recovered}, t="SUBSCRIBED", g=gid
-    )
+def subscribed_frame(
+    gid: str,
+    epoch: str,
+    head: int,
+    recovered: bool,
+    rewound: int | None = None,
+    passive: bool = False,
+) -> bytes:
+    """PROTOCOL.md, "Subscribing and recovering", step 1; ``rewound`` (1.1,
+    only in answer to a rewind): the events ``head - rewound + 1 .. head``
+    follow; a passive subscription's carries ``"passive": true`` ("Passive
+    subscriptions")."""
+    d: dict[str, Any] = {"epoch": epoch, "s": head, "recovered": recovered}
+    if rewound is not None:
+        d["rewound"] = rewound
+    if passive:
+        d["passive"] = True
+    return message(Op.DISPATCH, d, t="SUBSCRIBED", g=gid)
+
+
+def activity_frame(gid: str, epoch: str, s: int) -> bytes:
+    """The GUILD_ACTIVITY notice of a passive subscription (PROTOCOL.md,
+    "Passive subscriptions"): guild ``gid``'s head was at least ``s``. Built
+    once per guild per notice interval; the same bytes go to every passive
+    subscriber. No top-level ``s``: it is not a guild event."""
+    return message(Op.DISPATCH, {"s": s, "epoch": epoch}, t=ACTIVITY_EVENT, g=gid)
+
+
+def presence_snapshot_frame(
+    gid: str, members: list[dict[str, str]], count: int, limit: int
+) -> bytes:
+    """PRESENCE_SNAPSHOT (PROTOCOL.md, "Presence"): at most ``limit`` of the
+    guild's ``count`` members; ``truncated`` says whether some are left out."""
+    listed = members[: max(0, limit)]
+    d = {"members": listed, "count": count, "truncated": len(listed) < count}
+    return message(Op.DISPATCH, d, t="PRESENCE_SNAPSHOT", g=gid)
 
 
 def unsubscribed_frame(gid: str) -> bytes:

@@ -41,7 +41,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 from websockets.exceptions import NegotiationError
@@ -52,12 +52,12 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from guildcast.core.fdwatch import DescriptorWatch
-from guildcast.core.host import GatewayHost, OutcomeUnknown, Overloaded
+from guildcast.core.host import GatewayHost, KeyConflict, OutcomeUnknown, Overloaded
 from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
-from guildcast.protocol import wire
+from guildcast.protocol import hints, wire
 from guildcast.protocol.codes import SUBPROTOCOL, SUBPROTOCOLS, Close, Err
-from guildcast.protocol.deflate import Deflater
+from guildcast.protocol.deflate import Deflater, SharedFrame
 from guildcast.protocol.session import (
     Authenticator,
     CloseConn,
@@ -71,7 +71,10 @@ from guildcast.protocol.session import (
     Unsubscribe,
     error_frame,
 )
+from guildcast.protocol.session import State as SessionState
+from guildcast.transport import drain as staggered
 from guildcast.transport import static
+from guildcast.transport.admission import QUEUED, Admission
 from guildcast.transport.compression import SharedDeflateFactory, negotiated
 
 log = logging.getLogger("guildcast.gateway")
@@ -144,18 +147,23 @@ class GatewayLimits:
     #: PUBLISH bytes/s per user over all their connections (0: unlimited;
     #: ERROR 4429 past it; core/userrate.py).
     user_publish_bytes: float = 0.0
+    #: IDENTIFYs admitted per second (handshakes: twice that); past it close
+    #: 1013 with a retry hint, resumes first (transport/admission.py). 0: no bound.
+    admit_rate: float = 0.0
 
 
 class Connection(asyncio.Protocol):
     """One client connection: transport, websockets protocol and gateway session."""
 
     __slots__ = (
+        "_admitted",
         "_answers",
         "_cork",
         "_due",
         "_exit_hooks",
         "_frags",
         "_gw",
+        "_held",
         "_max_buffer",
         "_msg_len",
         "_transport",
@@ -198,6 +206,12 @@ class Connection(asyncio.Protocol):
         self._exit_hooks: list[Callable[[object], None]] | None = None
         #: The deadline-wheel slot this connection is filed in (None: not filed).
         self._due: int | None = None
+        #: Admission (admission.py): the IDENTIFY waiting for its turn and
+        #: any message that came after it in the same read (the connection
+        #: is not read meanwhile, so this is at most one read's frames), and
+        #: whether it has had its turn.
+        self._held: list[bytes] | None = None
+        self._admitted = False
 
     def __repr__(self) -> str:
         sid = self.session.session_id if self.session else "-"
@@ -410,18 +424,23 @@ class Connection(asyncio.Protocol):
         req.headers.clear()
         if resp.status_code != 101:
             return
-        if len(gw.connections) >= gw.limits.max_connections:
+        now = time.monotonic()
+        refusal = (
+            "server full"
+            if len(gw.connections) >= gw.limits.max_connections
+            else gw.admission.handshake(now)
+        )
+        if refusal is not None:
             # Stays in ``pending`` so the sweeper drops it if it never answers.
             gw.refused += 1
             self._flush()
-            self.close(Close.TRY_AGAIN_LATER, "server full")
+            self.close(Close.TRY_AGAIN_LATER, refusal)
             return
         gw.pending.discard(self)
         gw.connections.add(self)
         gw.accepted += 1
         if gw.deflater is not None and negotiated(proto.extensions):
             self.deflate = gw.deflater
-        now = time.monotonic()
         self.session = Session(gw.authenticate, gw.session_limits, secrets.token_hex(8), now)
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
@@ -471,6 +490,16 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None or self.closing:
             return
+        if self._held is not None:  # behind an IDENTIFY waiting its turn
+            self._held.append(bytes(data))
+            return
+        if (
+            not self._admitted
+            and session.state is SessionState.AWAIT_IDENTIFY
+            and self._gw.admission.rate > 0
+            and self._wait_turn(data)
+        ):
+            return
         self._msg_len = len(data)  # what a PUBLISH in it costs its user
         effects = session.receive(data, time.monotonic())
         self.events = session.events
@@ -478,6 +507,39 @@ class Connection(asyncio.Protocol):
         # than the IDENTIFY timeout); later moves are found when the slot is due.
         self._gw._file(self, session.deadline)
         self._run(effects)
+
+    def _wait_turn(self, data: bytes | bytearray | memoryview) -> bool:
+        """Admission control of an IDENTIFY (admission.py): False to serve
+        it now; True when it waits its turn or was refused (close 1013)."""
+        resume = _identify_resume(data)
+        if resume is None:
+            return False  # not an IDENTIFY (or not one): the session judges it
+        gw = self._gw
+        verdict = gw.admission.arrive(self, resume, time.monotonic())
+        if verdict is None:
+            self._admitted = True
+            return False
+        if verdict is QUEUED:
+            self._held = [bytes(data)]
+            if self._transport is not None:
+                self._transport.pause_reading()
+            gw._admit_wake.set()
+            return True
+        self.close(Close.TRY_AGAIN_LATER, verdict)
+        return True
+
+    def admitted(self) -> None:
+        """The waiting IDENTIFY's turn (the gateway's admitter)."""
+        held, self._held = self._held, None
+        if self.closing or held is None:
+            return
+        self._admitted = True
+        for data in held:
+            self._on_message(data)
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()  # also for a close handshake to finish
+        self._flush()
 
     def _run(self, effects: list[Effect]) -> None:
         gw = self._gw
@@ -497,7 +559,7 @@ class Connection(asyncio.Protocol):
             elif tp is Subscribe:
                 assert isinstance(e, Subscribe)
                 try:
-                    gw.host.subscribe(self, e.gid, e.position)
+                    gw.host.subscribe(self, e.gid, e.position, e.rewind, e.passive)
                 except Overloaded as exc:
                     if self.session is not None:
                         self.session.subscriptions.discard(e.gid)
@@ -542,7 +604,11 @@ class Connection(asyncio.Protocol):
             self._run(session.publish_failed(p, Close.DECODE_ERROR, f"d is not JSON: {exc}"))
             return
         try:
-            fut = self._gw.host.publish(p.gid, p.t, d_json)
+            host = self._gw.host
+            if p.key is None:
+                fut = host.publish(p.gid, p.t, d_json)
+            else:
+                fut = host.publish(p.gid, p.t, d_json, p.key)
         except Overloaded as exc:
             self._run(session.publish_failed(p, Err.TRY_AGAIN_LATER, str(exc)))
             return
@@ -564,6 +630,8 @@ class Connection(asyncio.Protocol):
                 code: int = Close.DECODE_ERROR
             elif isinstance(exc, OutcomeUnknown):
                 code = Err.OUTCOME_UNKNOWN  # maybe sequenced: never "refused, retry"
+            elif isinstance(exc, KeyConflict):
+                code = Err.IDEMPOTENCY_CONFLICT
             else:
                 code = Err.TRY_AGAIN_LATER
             effects = session.publish_failed(p, code, str(exc))
@@ -615,6 +683,38 @@ class Connection(asyncio.Protocol):
             self._run(effects)
 
 
+def _identify_resume(data: bytes | bytearray | memoryview) -> bool | None:
+    """For an IDENTIFY: True if it names a Position for some guild (a
+    resume), False if none (fresh); None for anything else (the session
+    decodes and judges every message itself)."""
+    try:
+        msg = wire.decode(data)
+    except wire.JSONDecodeError:
+        return None
+    if type(msg) is not dict or msg.get("op") != 2:
+        return None
+    d = msg.get("d")
+    guilds = d.get("guilds") if type(d) is dict else None
+    if type(guilds) is not dict:
+        return None
+    return any(pos is not None for pos in guilds.values())
+
+
+def _reconnecting(delay_ms: tuple[int, int]) -> Callable[[Connection], None]:
+    """RECONNECT (with ``delay_ms`` for a 1.1 session), then close 1001."""
+    # The same two frames for every session of the drain: compressed (when
+    # past the threshold) once per parameter set, like every shared frame.
+    v11 = SharedFrame(hints.reconnect_frame(*delay_ms))
+    v10 = SharedFrame(wire.RECONNECT_FRAME)
+
+    def reconnect(conn: Connection) -> None:
+        frame = v11 if conn.proto.subprotocol is not None else v10
+        conn.send(frame.for_sink(conn.deflate))
+        conn.close(Close.GOING_AWAY, "server shutting down")
+
+    return reconnect
+
+
 class Gateway:
     """Listens for WebSocket connections and owns them until they close."""
 
@@ -650,6 +750,11 @@ class Gateway:
         self.descriptors = DescriptorWatch()
         #: Publish volume per user, across connections (core/userrate.py).
         self.user_rates = UserBuckets(limits.user_publish_bytes)
+        #: Handshakes and IDENTIFYs per second, resumes first (admission.py);
+        #: the admitter task serves its queue when woken.
+        self.admission = Admission(limits.admit_rate, time.monotonic())
+        self._admit_wake = asyncio.Event()
+        self._admitter: asyncio.Task[None] | None = None
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -688,6 +793,8 @@ class Gateway:
             lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=4096
         )
         self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
+        if self.admission.rate > 0:
+            self._admitter = tg.create_task(self._admit(), name="gateway-admitter")
         DescriptorWatch.warn_if_short(self.limits.max_connections)
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
@@ -695,9 +802,13 @@ class Gateway:
     async def _sweep(self) -> None:
         interval = self.limits.sweep_interval
         wheel = self._wheel
+        due = time.monotonic() + interval
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            # How late the loop was: admissions follow it (admission.py).
+            self.admission.loop_lag(now - due)
+            due = now + interval
             self.descriptors.check(now)
             self.user_rates.prune(now)
             last = math.floor(now / interval)
@@ -717,20 +828,46 @@ class Gateway:
                     if not conn.exited:
                         self._file(conn, conn.next_deadline())
 
+    async def _admit(self) -> None:
+        """Serve the admission queue: waiting IDENTIFYs as tokens come
+        (resumes first), and refuse those that waited too long."""
+        adm = self.admission
+        while True:
+            if not adm.waiting:
+                self._admit_wake.clear()
+                await self._admit_wake.wait()
+                continue
+            await asyncio.sleep(adm.next_due(time.monotonic()))
+            admitted, refused = adm.due(time.monotonic())
+            for conn in admitted:
+                try:
+                    cast(Connection, conn).admitted()
+                except Exception:
+                    log.exception("admitting %r failed", conn)
+            for conn, reason in refused:
+                cast(Connection, conn).close(Close.TRY_AGAIN_LATER, reason)
+
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, timeout: float, spread: float = 0.0) -> None:
         """Graceful shutdown (PROTOCOL.md op 7 and close 1001): stop accepting,
-        send RECONNECT then close 1001 to every session, and wait up to
-        ``timeout`` s for the close handshakes before dropping the rest."""
+        send RECONNECT then close 1001 to every session, in waves over at
+        most ``spread`` s (transport/drain.py; a 1.1 session's RECONNECT
+        names a reconnect delay range), and wait up to ``timeout`` s in all
+        for the close handshakes before dropping the rest."""
         self.stop_accepting()
-        for conn in list(self.connections):
-            conn.send(conn._own(wire.RECONNECT_FRAME))
-            conn.close(Close.GOING_AWAY, "server shutting down")
+        started = time.monotonic()
         for conn in list(self.pending):
             conn.close(Close.GOING_AWAY, "server shutting down")
+        conns = list(self.connections)
+        window = staggered.drain_window(
+            len(conns), min(spread, timeout / 2), self.limits.admit_rate
+        )
+        delay = staggered.reconnect_delay_ms(len(conns), window, self.limits.admit_rate)
+        await staggered.reconnect_in_waves(conns, window, _reconnecting(delay))
+        timeout = max(0.0, timeout - (time.monotonic() - started))
         if self.connections or self.pending:
             self._all_gone.clear()
             try:
@@ -744,12 +881,13 @@ class Gateway:
 
     async def close(self) -> None:
         self.stop_accepting()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            try:
-                await self._sweeper
-            except asyncio.CancelledError:
-                pass
+        for task in (self._sweeper, self._admitter):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -761,4 +899,5 @@ class Gateway:
             "refused": self.refused,
             "slow_consumers": self.slow_consumers,
             "close_codes": dict(self.close_codes),
+            "admission": asdict(self.admission.stats),
         }

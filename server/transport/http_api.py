@@ -60,7 +60,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from guildcast.core.host import ApiHost, OutcomeUnknown, Overloaded
+from guildcast.core.host import ApiHost, KeyConflict, OutcomeUnknown, Overloaded
 from guildcast.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from guildcast.protocol import wire
 from guildcast.protocol.bucket import TokenBucket
@@ -144,6 +144,18 @@ class ApiSettings:
 
 #: Body fields of an answer whose events may or may not have been sequenced.
 _UNKNOWN: dict[str, Any] = {"outcome": "unknown"}
+#: Fields of one event in a publish body (PROTOCOL.md "Idempotent publish"
+#: for the key); any other is refused (400 ``bad_shape``).
+_EVENT_FIELDS = frozenset({"guild", "t", "d", "idempotency_key"})
+#: How a batch's answer is chosen from its events' failures: an unknown
+#: outcome first (it must be checked or retried with the same keys), then
+#: "not published, retry", then a conflict (only conflicts: 409).
+_SEVERITY = {504: 3, 503: 2}
+
+
+def _worse(a: ApiError, b: ApiError) -> bool:
+    """True if failure ``a`` decides a batch's answer over ``b``."""
+    return _SEVERITY.get(a.status, 1) > _SEVERITY.get(b.status, 1)
 
 
 class ApiError(Exception):
@@ -217,6 +229,16 @@ class _NodeCollector(Collector):
         yield gauge("guildcast_guild_actors", "Guild actors alive", m.guilds_alive)
         yield counter("guildcast_guild_actors_started", "Guild actors started", m.guilds_started)
         yield counter("guildcast_events_published", "Events sequenced by this node", m.published)
+        yield counter(
+            "guildcast_publish_replays",
+            "Keyed publishes answered from the idempotency window, not sequenced again",
+            m.publish_replays,
+        )
+        yield counter(
+            "guildcast_publish_conflicts",
+            "Keyed publishes refused: the key was used by an event of other content",
+            m.publish_conflicts,
+        )
         yield counter(
             "guildcast_deliveries", "Events written to sessions (per recipient)", m.deliveries
         )
@@ -538,18 +560,28 @@ class HttpApi:
         results = await self._sequence(events)
         out: list[dict[str, Any]] = []
         failed: ApiError | None = None
-        for (gid, _, _), r in zip(events, results, strict=True):
+        for (gid, *_), r in zip(events, results, strict=True):
             if isinstance(r, ApiError):
-                if failed is None or (r.status == 504 and failed.status != 504):
+                if failed is None or _worse(r, failed):
                     failed = r
                 outcome = "unknown" if r.status == 504 else "not_published"
-                out.append({"g": gid, "error": r.error, "detail": r.detail, "outcome": outcome})
+                entry = {"g": gid, "error": r.error, "detail": r.detail, "outcome": outcome}
+                if r.status == 409:
+                    entry.update(r.extra or {})  # the original's s and epoch
+                out.append(entry)
             else:
                 out.append({"g": gid, "s": r[0], "epoch": r[1]})
         if failed is None:
             return _json(out if batch else out[0])
         if not batch:
             raise failed
+        if failed.status == 409:
+            raise ApiError(
+                409,
+                "idempotency_conflict",
+                "some events reuse an idempotency key of another event; see results",
+                extra={"results": out},
+            )
         if failed.status == 504:
             raise ApiError(
                 504,
@@ -564,8 +596,9 @@ class HttpApi:
             extra={"results": out},
         )
 
-    def _events(self, doc: Any) -> tuple[list[tuple[str, str, bytes]], bool]:
-        """Validated ``(guild, t, d)`` of a publish body and whether it was a batch."""
+    def _events(self, doc: Any) -> tuple[list[tuple[str, str, bytes, str | None]], bool]:
+        """Validated ``(guild, t, d, idempotency_key)`` of a publish body and
+        whether it was a batch."""
         if type(doc) is not dict:
             raise ApiError(400, "bad_shape", 'the body must be an event or {"events": [...]}')
         if "events" not in doc:
@@ -582,13 +615,20 @@ class HttpApi:
             )
         return [self._event(e, f"events[{i}]: ") for i, e in enumerate(evs)], True
 
-    def _event(self, e: Any, where: str) -> tuple[str, str, bytes]:
+    def _event(self, e: Any, where: str) -> tuple[str, str, bytes, str | None]:
         if type(e) is not dict:
             raise ApiError(400, "bad_shape", f'{where}an event is {{"guild", "t", "d"}}')
-        unknown = set(e) - {"guild", "t", "d"}
+        unknown = set(e) - _EVENT_FIELDS
         if unknown:
             raise ApiError(400, "bad_shape", f"{where}unknown fields {sorted(unknown)}")
         gid, t, d = e.get("guild"), e.get("t"), e.get("d")
+        key = e.get("idempotency_key")
+        if key is not None and not wire.valid_idempotency_key(key):
+            raise ApiError(
+                400,
+                "invalid_idempotency_key",
+                f"{where}idempotency_key must be {wire.IDEMPOTENCY_KEY_RULE}",
+            )
         if not wire.valid_guild(gid):
             raise ApiError(400, "invalid_guild", f"{where}guild must be {wire.GUILD_RULE}")
         if not wire.valid_event(t):
@@ -606,17 +646,20 @@ class HttpApi:
                 "payload_too_large",
                 f"{where}d is {size} bytes of JSON, over {self.settings.max_payload}",
             )
-        return gid, t, d_json
+        return gid, t, d_json, key
 
     async def _sequence(
-        self, events: list[tuple[str, str, bytes]]
+        self, events: list[tuple[str, str, bytes, str | None]]
     ) -> list[tuple[int, str] | ApiError]:
         """Hand the events to their guilds in order; each one's ``(s, epoch)`` or error."""
         futs: list[asyncio.Future[tuple[int, str]]] = []
         refused: ApiError | None = None
-        for gid, t, d in events:
+        for gid, t, d, key in events:
             try:
-                futs.append(self.host.publish(gid, t, d))
+                if key is None:
+                    futs.append(self.host.publish(gid, t, d))
+                else:
+                    futs.append(self.host.publish(gid, t, d, key))
             except Overloaded as e:
                 refused = ApiError(503, "unavailable", str(e))
                 break
@@ -638,6 +681,9 @@ class HttpApi:
                 out.append(r)
             elif isinstance(r, OutcomeUnknown):
                 out.append(ApiError(504, "outcome_unknown", str(r), extra=_UNKNOWN))
+            elif isinstance(r, KeyConflict):
+                extra = {"s": r.s, "epoch": r.epoch}
+                out.append(ApiError(409, "idempotency_conflict", str(r), extra=extra))
             elif isinstance(r, Overloaded):
                 out.append(ApiError(503, "unavailable", str(r)))
             elif isinstance(r, ValueError):

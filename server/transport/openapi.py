@@ -78,7 +78,11 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                         "atomic: on 503 or 504 `results` says what became of each event. "
                         "503: not published, retry. 504 (`outcome: unknown`): the "
                         "answer was lost after the event reached the sequencer; it may "
-                        "or may not have been published (PROTOCOL.md, Publishing)."
+                        "or may not have been published (PROTOCOL.md, Publishing). "
+                        "An event with an `idempotency_key` is safe to retry after "
+                        "either: within the guild's window a key already sequenced is "
+                        "answered with the original `s` and `epoch`, not sequenced again "
+                        "(PROTOCOL.md, Idempotent publish)."
                     ),
                     "requestBody": {
                         "required": True,
@@ -91,10 +95,16 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                         ),
                         "400": _error(
                             "Not JSON, wrong shape, bad guild id, bad or reserved event "
-                            "name, or a batch of more than the limit."
+                            "name, bad idempotency key, or a batch of more than the limit."
                         ),
                         "401": _UNAUTHORIZED,
                         "403": _FORBIDDEN,
+                        "409": _error(
+                            "Idempotency conflict (`idempotency_conflict`): the event's key "
+                            "is in the guild's window for an event with another `t` or `d`; "
+                            "not published. The body's `s` and `epoch` (a batch: its "
+                            "`results`) name the original."
+                        ),
                         "413": _error("The body, or one event's `d`, is over its size limit."),
                         "415": _error("The body is not `application/json`."),
                         "429": _error(
@@ -262,6 +272,19 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                         "guild": _ref("GuildId"),
                         "t": _ref("EventName"),
                         "d": {"description": "Any JSON value (absent: null)."},
+                        "idempotency_key": {
+                            "type": ["string", "null"],
+                            "pattern": f"^{wire.IDEMPOTENCY_KEY_PATTERN}$",
+                            "minLength": 1,
+                            "maxLength": 128,
+                            "description": (
+                                f"{wire.IDEMPOTENCY_KEY_RULE}. Within the guild's window "
+                                "(default 300 s and 10,000 keys) an event with a key "
+                                "already sequenced is answered with the original `s` and "
+                                "`epoch` and not sequenced again; with another `t` or `d`, "
+                                '409; null: no key. PROTOCOL.md "Idempotent publish".'
+                            ),
+                        },
                     },
                     "additionalProperties": False,
                 },
@@ -287,6 +310,9 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                         "s": {"type": "integer", "minimum": 1},
                         "epoch": {"type": "string"},
                     },
+                    # A batch's failed entry may carry the original's s and
+                    # epoch too (a conflict): it is told apart by its error.
+                    "not": {"required": ["error"]},
                 },
                 "Error": {
                     "type": "object",
@@ -299,6 +325,11 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                             "enum": ["unknown"],
                             "description": "On 504: the events may or may not have been published.",
                         },
+                        "s": {
+                            "type": "integer",
+                            "description": "On 409: the original event's `s` (and `epoch`).",
+                        },
+                        "epoch": {"type": "string"},
                         "results": {
                             "type": "array",
                             "description": "Batch publish only: each event's outcome.",
@@ -316,6 +347,11 @@ def document(*, max_batch: int, history_limit: int, version: str = "1") -> dict[
                                                 "type": "string",
                                                 "enum": ["not_published", "unknown"],
                                             },
+                                            "s": {
+                                                "type": "integer",
+                                                "description": "On a conflict: the original's.",
+                                            },
+                                            "epoch": {"type": "string"},
                                         },
                                     },
                                 ]

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
 
 from guildcast.actors.partition import Frames, PresenceFrame, Writer, _write_runs
+from guildcast.actors.replay import ReplayPages
+from guildcast.broker.memory import MemoryBroker
 from guildcast.core.metrics import NodeStats
-from guildcast.protocol.deflate import RSV1, Deflater
+from guildcast.protocol.deflate import RSV1, Deflater, SharedFrame
 from guildcast.protocol.frames import scan_frames, text_frame
 
 NAMES = ["A", "B", "C"]
@@ -56,6 +59,15 @@ def decoded(buf: bytes, compressed: bool) -> list[bytes]:
         frame = Frame(Opcode(b0 & 0x0F), bytes(buf[p:q]), fin=bool(b0 & 0x80), rsv1=rsv1)
         out.append(ext.decode(frame).data if compressed else frame.data)
     return out
+
+
+def chat_body(k: int) -> dict[str, Any]:
+    """A chat message of a few hundred bytes (compressible)."""
+    return {
+        "id": k,
+        "author": "alice",
+        "text": "the deploy went fine, cache is cold " * (k % 9 + 2),
+    }
 
 
 def event(name: str, size: int, s: int) -> bytes:
@@ -142,3 +154,90 @@ def test_compressed_frames_are_shared_and_counted() -> None:
     assert stats.deliveries == 6 and stats.deliveries_compressed == 2
     assert stats.bytes_uncompressed == 3 * len(big + small)
     assert stats.bytes_out == len(big + small) + 2 * len(a.buf)
+
+
+def test_shared_preamble_parts_are_compressed_once_per_deflater() -> None:
+    """A preamble's shared parts (a presence snapshot, replayed events: the
+    guild hands every subscriber of a batch the same SharedFrames) are
+    compressed once for all the deflate sessions; its own SUBSCRIBED once
+    for each. Every session decodes exactly its uncompressed twin's bytes."""
+    w = Writer(NodeStats())
+    z = Deflater(16)
+    snap = SharedFrame(text_frame(event("PRESENCE_SNAPSHOT", 700, 0)))
+    replay = [SharedFrame(text_frame(event("A", 300 + k, k))) for k in range(1, 6)]
+    sinks = [Sink(None, z) for _ in range(4)] + [Sink(None, None)]
+    before = z.compressed
+    for i, one in enumerate(sinks):
+        own = text_frame(b'{"op":0,"t":"SUBSCRIBED","g":"g","d":{"s":%d}}' % i)
+        w.add(one, [own, snap, *replay], presence=True)
+    # 4 SUBSCRIBEDs (one per deflate session) + 1 snapshot + 5 events.
+    assert z.compressed - before == 4 + 1 + len(replay)
+    plain = sinks[-1]
+    for i, one in enumerate(sinks[:-1]):
+        got = decoded(bytes(one.buf), True)
+        want = decoded(bytes(plain.buf), False)
+        assert got[1:] == want[1:] and got[0] == want[0].replace(b":4}", b":%d}" % i)
+        assert bytes(one.buf).count(snap.compressed(z)) == 1
+    # A plain preamble of bytes still works as before.
+    late = Sink(None, z)
+    w.add(late, text_frame(b'{"op":0,"t":"SUBSCRIBED","g":"g","d":{"s":9}}'))
+    assert decoded(bytes(late.buf), True)[0].endswith(b":9}}")
+
+
+def test_presence_snapshot_reset_compressed_once_for_every_writer() -> None:
+    """A PRESENCE_SNAPSHOT resync (reset) shared by two writers is compressed
+    once; every presence session gets it and decodes its uncompressed bytes."""
+    z = Deflater(16)
+    writers = [Writer(NodeStats()), Writer(NodeStats())]
+    pairs = [(Sink(None, None), Sink(None, z)) for _ in writers]
+    for w, pair in zip(writers, pairs, strict=True):
+        for one in pair:
+            w.add(one, b"", presence=True, since=3)
+    msg = PresenceFrame(text_frame(event("PRESENCE_SNAPSHOT", 900, 0)), reset=7)
+    before = z.compressed
+    for w in writers:
+        w.send_presence(msg)
+    assert z.compressed - before == 1
+    for w, (plain, zs) in zip(writers, pairs, strict=True):
+        assert decoded(bytes(zs.buf), True) == decoded(bytes(plain.buf), False)
+        assert set(w.presence.values()) == {7}
+    # Changes at or below the snapshot's version are not written; later ones are.
+    old = PresenceFrame(text_frame(event("PRESENCE_JOIN", 200, 0)), v=7)
+    new = PresenceFrame(text_frame(event("PRESENCE_JOIN", 200, 1)), v=8)
+    for w in writers:
+        w.send_presence(old)
+        w.send_presence(new)
+    for plain, zs in pairs:
+        assert decoded(bytes(zs.buf), True) == decoded(bytes(plain.buf), False)
+        assert len(decoded(bytes(plain.buf), False)) == 2
+
+
+async def test_a_paged_replay_is_compressed_once_per_event_for_the_batch() -> None:
+    """ReplayPages (actors/replay.py) frames a batch's replays once; through a
+    writer they are compressed once per event for every deflate session that
+    recovers in the batch, from any Position, filtered or not."""
+    b = MemoryBroker(history_size=5000, history_ttl=300)
+    await b.append_local(
+        "g", [("A" if k % 3 else "B", orjson.dumps(chat_body(k))) for k in range(1, 301)]
+    )
+    epoch, head = await b.head("g")
+    pages = ReplayPages("g", epoch, head, page=100)
+    z = Deflater()
+    w = Writer(NodeStats())
+    before = z.compressed
+    first = head + 1
+    for after, want in [(250, None), (10, None), (100, frozenset({"B"})), (0, None)]:
+        got = await pages.replay(b, after, want)
+        assert got is not None
+        first = min(first, after + 1)
+        plain, zs = Sink(want, None), Sink(want, z)
+        for one in (plain, zs):
+            w.add(one, [text_frame(b'{"op":0,"t":"SUBSCRIBED"}'), *got])
+        texts = decoded(bytes(zs.buf), True)
+        assert texts == decoded(bytes(plain.buf), False)
+        assert len(texts) == 1 + sum(
+            1 for k in range(after + 1, head + 1) if want is None or k % 3 == 0
+        )
+    # Each replayed event at most once (the SUBSCRIBEDs are under the threshold).
+    assert 0 < z.compressed - before <= head - first + 1
+    assert z.compressed - before == sum(1 for f in pages.frames if f._z)

@@ -94,7 +94,7 @@ async def test_presence_join_leave_and_feed(broker: Broker) -> None:
     seen: list[tuple[str, str, Presence]] = []
     got_two = asyncio.Event()
 
-    def presence(gid: str, kind: str, m: Presence) -> None:
+    def presence(gid: str, kind: str, m: Presence, v: int | None) -> None:
         seen.append((gid, kind, m))
         if len(seen) >= 3:
             got_two.set()
@@ -127,6 +127,50 @@ async def test_presence_join_leave_and_feed(broker: Broker) -> None:
     assert [m.user for m in await broker.presence("elsewhere")] == ["alice"]
 
 
+async def test_presence_versions_and_snapshot(broker: Broker) -> None:
+    """Each change of a guild's presence takes the next version, in feed order;
+    a snapshot is the presence at one version, its members listed up to the
+    limit; a join of a member already present is no change."""
+    seen: list[tuple[str, str, int | None]] = []
+
+    def presence(gid: str, kind: str, m: Presence, v: int | None) -> None:
+        if gid == "pv":
+            seen.append((kind, m.session, v))
+
+    broker.set_feed(lambda gid, recs: None, presence)
+    await broker.listen("pv")
+    empty = await broker.presence_snapshot("pv", 10)
+    assert empty.total == 0 and empty.members == []
+    v0 = empty.version
+    members = [Presence(f"u{i}", f"s{i}", broker.node_id) for i in range(5)]
+    for m in members:
+        broker.presence_join("pv", m)
+    broker.presence_join("pv", members[0])  # already present: nothing
+    broker.presence_leave("pv", members[1])
+    broker.presence_leave("pv", members[1])  # not present: nothing
+
+    async def settled() -> bool:
+        return (await broker.presence_snapshot("pv", 10)).version == v0 + 6
+
+    await until(settled, "six presence changes")
+    snap = await broker.presence_snapshot("pv", 10)
+    assert snap.total == 4
+    assert sorted(m.session for m in snap.members) == ["s0", "s2", "s3", "s4"]
+    cut = await broker.presence_snapshot("pv", 2)
+    assert cut.version == snap.version and cut.total == 4 and len(cut.members) == 2
+    assert {m.session for m in cut.members} <= {"s0", "s2", "s3", "s4"}
+    assert (await broker.presence_snapshot("pv", 0)).members == []
+
+    async def fed() -> bool:
+        return len(seen) == 6
+
+    await until(fed, "the six changes on the feed")
+    assert seen == [
+        *[("join", f"s{i}", v0 + 1 + i) for i in range(5)],
+        ("leave", "s1", v0 + 6),
+    ]
+
+
 async def test_listen_is_counted(broker: Broker) -> None:
     """An old listener's unlisten must not stop a newer listener's feed."""
     got: list[int] = []
@@ -145,3 +189,11 @@ async def test_listen_is_counted(broker: Broker) -> None:
     async with asyncio.timeout(30):
         await arrived.wait()
     assert got == [1]
+
+
+async def test_read_after_a_huge_s_returns_nothing(broker: Broker) -> None:
+    """``after`` near 2**63 (an HTTP history query may carry it): no records,
+    no exception (an islice bound past sys.maxsize crashed the guild actor)."""
+    await broker.append("huge", [("E", b"1")])
+    _, recs = await broker.read("huge", 2**63 - 2, 100)
+    assert recs == []

@@ -189,6 +189,50 @@ async def test_board_recovers_across_a_restart_with_data_dir(
     assert errors == []
 
 
+async def test_a_second_tab_shows_the_cards_published_before_it_opened(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Protocol 1.1 rewind (PROTOCOL.md "Rewind"): a tab opened after cards were
+    published starts with them (published from another tab and from a
+    backend client), in order, then gets new ones live; with ``--max-rewind
+    2`` a new tab starts with the last two."""
+    srv = Board(tmp_path / "serve.log", [])
+    await srv.start()
+    errors: list[str] = []
+    try:
+        a = await open_board(browser, srv.page_url("alice", "board-1"), errors)
+        for text in ("one", "two", "three"):
+            await publish_card(a, text)
+        await expect_cards(a, ["one", "two", "three"])
+        async with Client(f"ws://127.0.0.1:{srv.port}/gateway", srv.token("carol")) as c:
+            await c.publish("board-1", "CARD_ADDED", {"text": "from a backend", "author": "carol"})
+        await expect_cards(a, ["one", "two", "three", "from a backend"])
+
+        b = await open_board(browser, srv.page_url("bob", "board-1"), errors)
+        await expect_cards(b, ["one", "two", "three", "from a backend"])
+        await expect(b.locator("#cards .card").nth(0)).to_contain_text("#1 by alice")
+        await publish_card(b, "bob, live")
+        for page in (a, b):
+            await expect_cards(page, ["one", "two", "three", "from a backend", "bob, live"])
+        await expect(b.locator("#notice")).to_be_hidden()
+        ARTIFACTS.mkdir(exist_ok=True)
+        await b.screenshot(path=str(ARTIFACTS / "board-second-tab-rewind.png"), full_page=True)
+    finally:
+        await srv.close()
+
+    small = Board(tmp_path / "serve-small.log", ["--max-rewind", "2"])
+    await small.start()
+    try:
+        async with Client(f"ws://127.0.0.1:{small.port}/gateway", small.token("carol")) as c:
+            for text in ("w", "x", "y", "z"):
+                await c.publish("board-2", "CARD_ADDED", {"text": text, "author": "carol"})
+        late = await open_board(browser, small.page_url("dan", "board-2"), errors)
+        await expect_cards(late, ["y", "z"])
+    finally:
+        await small.close()
+    assert errors == []
+
+
 async def serve_html(html: bytes) -> asyncio.Server:
     """A minimal HTTP server on loopback answering every GET with ``html``."""
 

@@ -75,6 +75,26 @@ async def test_many_concurrent_publishes_get_their_own_acks(srv: Server) -> None
         assert ss == list(range(1, 201))  # ACKs match nonces, in send order
 
 
+async def test_publish_with_an_idempotency_key(srv: Server) -> None:
+    """Protocol 1.1: a retry with the key gets the original s; the key with
+    other data is PublishError 4409; a bad key is refused locally."""
+    tok = srv.token("dan", guilds=["*"], pub=["*"], pub_rate=0)
+    async with Client(srv.url, tok) as c:
+        await c.subscribe("orders")
+        s = await c.publish("orders", "PAID", {"n": 1}, idempotency_key="order-1")
+        assert await c.publish("orders", "PAID", {"n": 1}, idempotency_key="order-1") == s
+        with pytest.raises(PublishError) as pe:
+            await c.publish("orders", "PAID", {"n": 2}, idempotency_key="order-1")
+        assert pe.value.code == 4409
+        with pytest.raises(ValueError):
+            await c.publish("orders", "PAID", 1, idempotency_key="not ok")
+        assert await c.publish("orders", "END") == s + 1
+        assert await take(c, 2) == [
+            Event("orders", "PAID", s, {"n": 1}),
+            Event("orders", "END", s + 1, None),
+        ]
+
+
 async def test_errors_keep_the_connection(srv: Server) -> None:
     tok = srv.token("carol", guilds=["team-*"], pub=["team-*"], pub_rate=1)
     async with Client(srv.url, tok) as c:

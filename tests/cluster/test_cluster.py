@@ -216,7 +216,7 @@ async def test_presence_dispatches_cross_nodes(redis: RedisProc) -> None:
                 async with asyncio.timeout(30):
                     while True:
                         m = orjson.loads(await watcher.recv())
-                        if m.get("t", "").startswith("PRESENCE_"):
+                        if m.get("t") in ("PRESENCE_JOIN", "PRESENCE_LEAVE"):
                             return dict(m)
 
             assert (await next_presence())["d"]["user"] == "w"  # its own join

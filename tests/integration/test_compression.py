@@ -9,6 +9,8 @@ websockets (ours, and a plain one), aiohttp, Node's ``ws``, a raw client
 offering bare ``permessage-deflate`` (context takeover both ways) that decodes
 with one inflater kept across messages, and clients we cannot share frames
 with (a smaller server window), which get a working uncompressed connection.
+Frames many sessions share besides events (a passive guild's notice, a
+presence snapshot, a drain's RECONNECT) are compressed once per node.
 Chromium is in tests/browser/test_compression.py.
 """
 
@@ -414,4 +416,77 @@ async def test_metrics_count_compression_once_per_event() -> None:
         assert plain - wrote >= 2 * (zin - zout) - 2 * 8 * big
         assert wrote < plain
         for ws in socks:
+            await ws.close()
+
+
+async def test_notices_snapshots_and_drain_reconnects_compressed_once_per_node() -> None:
+    """Frames many sessions get besides events follow the rule too: a tick's
+    GUILD_ACTIVITY notice of a guild, a presence snapshot served to every
+    subscriber between two changes, a drain's RECONNECT are each compressed
+    once for all the deflate sessions, which decode what a plain one reads."""
+    async with node(compression_threshold=16, passive_interval=0.05) as srv:
+        z = srv.gateway.deflater
+        assert z is not None
+        tok = srv.token("n")
+        epoch = (await srv.head("quiet-" * 8))[0]
+        gid = "quiet-" * 8  # a compressible notice (the gid is in it twice over)
+        passive: list[ClientConnection] = []
+        for mode in ("deflate", "deflate", "deflate", None):
+            ws, subs = await session(srv.url, tok, {gid: {"passive": True}}, compression=mode)
+            assert subs[gid]["passive"] is True
+            passive.append(ws)
+        before = z.compressed
+        await srv.publish(gid, "E", {"text": "hello"})
+        raws = [(await dispatches(w, 1))[0] for w in passive]
+        notes = [orjson.loads(m) for m in raws]
+        assert len(set(raws)) == 1, "every session decodes the same notice text"
+        assert notes[0]["t"] == "GUILD_ACTIVITY", notes
+        assert notes[0]["d"] == {"s": 1, "epoch": epoch}
+        assert z.compressed - before == 1  # one notice, one compression
+        # Presence: three deflate sessions and a plain one, all members, then
+        # each subscribes again with presence: one snapshot, compressed once.
+        pres: list[ClientConnection] = []
+        for mode in ("deflate", "deflate", "deflate", None):
+            ws = await open_ws(srv.url, compression=mode)
+            assert (await recv(ws))["op"] == 10
+            await send(ws, 2, {"token": tok, "guilds": {}, "presence": True})
+            assert (await recv(ws))["t"] == "READY"
+            pres.append(ws)
+
+        async def snapshot(ws: ClientConnection) -> str:
+            await send(ws, 3, {"guilds": {"room": None}})
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    raw = await ws.recv()
+                    assert isinstance(raw, str)
+                    if orjson.loads(raw).get("t") == "PRESENCE_SNAPSHOT":
+                        return raw
+
+        for ws in pres:
+            await snapshot(ws)  # each is a member now, its join fanned out
+        # Settle: one more change, seen by every presence session, so none
+        # is pending when the snapshots below are served.
+        probe, _ = await session(srv.url, tok, {"room": None})
+        for ws in pres:
+            async with asyncio.timeout(TIMEOUT):
+                while orjson.loads(await ws.recv()).get("t") != "PRESENCE_JOIN":
+                    pass
+        before = z.compressed
+        snaps = [await snapshot(ws) for ws in pres]
+        assert len(set(snaps)) == 1, "every session decodes the same snapshot text"
+        assert len(orjson.loads(snaps[0])["d"]["members"]) == len(pres) + 1  # and the probe
+        # One snapshot plus each deflate session's own SUBSCRIBED.
+        assert z.compressed - before == 1 + 3
+        # A drain's RECONNECT (17 bytes of payload, past this threshold): the
+        # same frame for every session (these offer no subprotocol: 1.0),
+        # compressed once, and read as the plain session reads it.
+        before = z.compressed
+        await srv.gateway.drain(TIMEOUT)
+        assert z.compressed - before == 1
+        for ws in [pres[0], pres[-1]]:
+            async with asyncio.timeout(TIMEOUT):
+                while (raw := await ws.recv()) and orjson.loads(raw)["op"] != 7:
+                    pass
+            assert raw == '{"op":7,"d":null}'
+        for ws in [*passive, *pres, probe]:
             await ws.close()

@@ -271,7 +271,48 @@ def test_verdicts() -> None:
     assert s.connect_failed(429)[0] == 1006 and s.connect_failed(None)[0] == 1006
 
 
+def test_rewind_is_checked_at_the_call() -> None:
+    with pytest.raises(ValueError):
+        ClientSession(["g"], rewind=0)
+    s = ready()
+    for bad in (0, -2, 1.5, "3", True):
+        with pytest.raises(ValueError):
+            s.subscribe("g", rewind=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not both"):
+        s.subscribe("g", Position("e", 1), rewind=3)
+    with pytest.raises(ValueError, match="passive"):
+        s.subscribe("g", rewind=3, passive=True)
+    assert not s.follows("g")
+
+
+def test_a_rewind_becomes_a_position_at_subscribed() -> None:
+    s = ready()
+    (out,) = s.subscribe("g", rewind=4)
+    assert sends([out]) == [{"op": 3, "d": {"guilds": {"g": {"rewind": 4}}}}]
+    assert s.positions == {"g": None} and s.subscribed("g") is None
+    sub = subscribed("g", "e", 9, True)
+    sub["d"]["rewound"] = 4
+    assert recv(s, sub) == [pc.Subscribed("g", Position("e", 5), True)]
+    assert [o for o in recv(s, event("g", 6)) if isinstance(o, Event)] == [Event("g", "N", 6, None)]
+    assert s.subscribed("g") == Position("e", 6)
+    s.connection_lost()
+    s.connection_made("tok", T0)
+    (again,) = recv(s, HELLO)
+    assert sends([again])[0]["d"]["guilds"] == {"g": {"epoch": "e", "s": 6}}
+
+
+@pytest.mark.parametrize("rewound", [None, -1, 10, "2", 1.0])
+def test_subscribed_to_a_rewind_without_a_good_rewound_closes(rewound: Any) -> None:
+    s = ready(("g",), rewind=3)
+    sub = subscribed("g", "e", 9, True)
+    if rewound is not None:
+        sub["d"]["rewound"] = rewound
+    (out,) = recv(s, sub)
+    assert isinstance(out, pc.CloseConn) and out.code == pc.BAD_SERVER
+
+
 # --- the state machine --------------------------------------------------------------
+
 
 GUILDS = ("a", "b", "c")
 CODES = (1000, 1001, 1006, 1013, 4000, 4002, 4004, 4008, 4009, 4010)
@@ -282,7 +323,8 @@ class ClientMachine(RuleBasedStateMachine):
     the invariants are the client's promises: each followed guild's events
     come out in increasing ``s`` with no duplicate, every PUBLISH is answered
     at most once (ACK, ERROR or interrupted), nothing is sent while not
-    connected, and a guild is refused or resynced only as the protocol says."""
+    connected, and a guild is refused or resynced only as the protocol says;
+    a rewind (1.1) is asked for until its SUBSCRIBED and never after."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -296,6 +338,8 @@ class ClientMachine(RuleBasedStateMachine):
         self.answered: set[str] = set()
         #: Client promise: last s handed out per (guild, epoch).
         self.last: dict[tuple[str, str], int] = {}
+        #: Guilds followed by a rewind not yet answered with SUBSCRIBED.
+        self.rewinds: dict[str, int] = {}
 
     def feed(self, outs: list[pc.Output]) -> None:
         for o in outs:
@@ -304,6 +348,7 @@ class ClientMachine(RuleBasedStateMachine):
             elif isinstance(o, Event):
                 pos = self.s.positions[o.guild]
                 assert pos is not None and pos.s == o.s
+                assert pos.epoch == self.server[o.guild][0]  # the SUBSCRIBED one
                 key = (o.guild, pos.epoch)
                 assert o.s > self.last.get(key, -1), (o, self.last)
                 self.last[key] = o.s
@@ -332,7 +377,8 @@ class ClientMachine(RuleBasedStateMachine):
         outs = recv(self.s, HELLO, self.now)
         (identify,) = sends(outs)
         assert identify["d"]["guilds"] == {
-            g: pc.position_json(p) for g, p in self.s.positions.items()
+            g: {"rewind": self.rewinds[g]} if g in self.rewinds else pc.position_json(p)
+            for g, p in self.s.positions.items()
         }
         self.feed(outs)
 
@@ -361,6 +407,16 @@ class ClientMachine(RuleBasedStateMachine):
         if lost:
             self.server.pop(gid, None)
         epoch, head = self.head(gid)
+        n = self.rewinds.pop(gid, None)
+        if n is not None:  # the model's history holds every event
+            k = min(n, head)
+            sub = subscribed(gid, epoch, head, True)
+            sub["d"]["rewound"] = k
+            outs = recv(self.s, sub, self.now)
+            assert outs == [pc.Subscribed(gid, Position(epoch, head - k), True)]
+            for s in range(head - k + 1, head + 1):  # the replay
+                self.feed(recv(self.s, event(gid, s, d=s), self.now))
+            return
         pos = self.s.positions[gid]
         ok = pos is not None and pos.epoch == epoch and pos.s <= head
         outs = recv(self.s, subscribed(gid, epoch, head, ok), self.now)
@@ -379,6 +435,8 @@ class ClientMachine(RuleBasedStateMachine):
         outs = recv(self.s, {"op": 13, "d": {"code": 4403, "message": "no", "g": gid}}, self.now)
         assert (outs == [pc.SubscribeRefused(gid, 4403, "no")]) == pending
         assert not pending or not self.s.follows(gid)
+        if pending:
+            self.rewinds.pop(gid, None)
 
     @precondition(lambda self: self.s.ready)
     @rule(gid=st.sampled_from(GUILDS), dup=st.booleans())
@@ -394,8 +452,15 @@ class ClientMachine(RuleBasedStateMachine):
     def subscribe(self, gid: str) -> None:
         self.feed(self.s.subscribe(gid))
 
+    @rule(gid=st.sampled_from(GUILDS), n=st.integers(1, 5))
+    def subscribe_rewind(self, gid: str, n: int) -> None:
+        if not self.s.follows(gid):
+            self.rewinds[gid] = n
+        self.feed(self.s.subscribe(gid, rewind=n))
+
     @rule(gid=st.sampled_from(GUILDS))
     def unsubscribe(self, gid: str) -> None:
+        self.rewinds.pop(gid, None)
         self.feed(self.s.unsubscribe(gid))
         assert not self.s.follows(gid)
         if self.s.leaving(gid) and self.s.ready:

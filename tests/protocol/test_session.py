@@ -551,6 +551,29 @@ def test_bad_event_name_answer_waits_its_turn() -> None:
     assert [(m["op"], m["d"]["nonce"]) for m in out] == [(Op.ACK, "a"), (Op.ERROR, "b")]
 
 
+def test_publish_carries_its_idempotency_key() -> None:
+    """Protocol 1.1: ``idempotency_key`` rides in the Publish effect; null is no key."""
+    s = ready(pub=["*"], pub_rate=0)
+    (p,) = pub(s, nonce="a", idempotency_key="order-7:paid")
+    assert isinstance(p, Publish) and p.key == "order-7:paid" and p.nonce == "a"
+    (q,) = pub(s, nonce="b", idempotency_key=None)
+    assert isinstance(q, Publish) and q.key is None
+
+
+@pytest.mark.parametrize("key", ["", "a b", "k" * 129, "é", "tab\t", 7, [], {}, True])
+def test_bad_idempotency_key_is_error_4422(key: Any) -> None:
+    """Protocol 1.1: a present key that is not one fails this PUBLISH (ERROR
+    4422, nonce and guild), takes no token, and the connection stays."""
+    s = ready(pub=["*"], pub_rate=1)
+    (err,) = sent(pub(s, nonce="bad", idempotency_key=key))
+    assert err["op"] == Op.ERROR and err["d"]["code"] == Err.INVALID_IDEMPOTENCY_KEY == 4422
+    assert err["d"]["nonce"] == "bad" and err["d"]["g"] == "g-1"
+    assert "idempotency_key" in err["d"]["message"]
+    assert s.state is State.READY and s.pending_publishes == 0
+    (p,) = pub(s, nonce="good", idempotency_key="k")  # the token is still there
+    assert isinstance(p, Publish) and p.key == "k"
+
+
 def test_ping_or_pong_extends_deadline_once_identified() -> None:
     """Protocol 1.1: a WebSocket ping/pong is a sign of life (the gateway
     calls ``alive``); before IDENTIFY it extends nothing."""
@@ -740,3 +763,77 @@ def test_a_refused_publish_waiting_its_turn_keeps_only_its_answer() -> None:
     assert waiting.answer is not None and waiting.d is None
     out = sent(s.publish_done(p1, "ok", 1, "e"))
     assert [m["d"].get("code") for m in out] == [None, Err.PAYLOAD_TOO_LARGE]
+
+
+# --- rewind (protocol 1.1, PROTOCOL.md "Rewind") ----------------------------------
+
+
+def test_rewind_in_identify_and_subscribe_becomes_the_effect() -> None:
+    s = new()
+    guilds = {"a": {"rewind": 5}, "b": None, "c": {"epoch": "e", "s": 2}}
+    effects = s.receive(msg(Op.IDENTIFY, {"token": token(guilds=["*"]), "guilds": guilds}), T0)
+    assert [e for e in effects if isinstance(e, Subscribe)] == [
+        Subscribe("a", None, 5),
+        Subscribe("b", None),
+        Subscribe("c", ("e", 2)),
+    ]
+    # A huge rewind is no error: the guild caps it at max_rewind.
+    big = b'{"op":3,"d":{"guilds":{"d":{"rewind":1000000000000000000000000000000}}}}'
+    assert s.receive(big, T0) == [Subscribe("d", None, 10**30)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"rewind": 0},
+        {"rewind": -1},
+        {"rewind": 1.5},
+        {"rewind": "3"},
+        {"rewind": True},
+        {"rewind": None},
+        {"rewind": 3, "epoch": "e", "s": 1},
+        {"rewind": 3, "s": 1},
+    ],
+    ids=repr,
+)
+def test_bad_rewind_is_a_decode_error(value: Any) -> None:
+    s = ready()
+    effects = s.receive(msg(Op.SUBSCRIBE, {"guilds": {"g": value}}), T0)
+    assert_closed_with(s, effects, Close.DECODE_ERROR)
+    s = new()
+    effects = s.receive(msg(Op.IDENTIFY, {"token": token(), "guilds": {"g": value}}), T0)
+    assert_closed_with(s, effects, Close.DECODE_ERROR)
+
+
+# --- passive with the other options (PROTOCOL.md "Messages", the request table) ---
+
+
+def test_passive_requests_become_the_effect_beside_rewinds() -> None:
+    s = new()
+    guilds = {
+        "a": {"passive": True},
+        "b": {"epoch": "e", "s": 4, "passive": True},
+        "c": {"rewind": 3, "passive": False},
+        "d": {"epoch": "e", "s": 1, "passive": False},
+    }
+    effects = s.receive(msg(Op.IDENTIFY, {"token": token(guilds=["*"]), "guilds": guilds}), T0)
+    assert [e for e in effects if isinstance(e, Subscribe)] == [
+        Subscribe("a", None, passive=True),
+        Subscribe("b", ("e", 4), passive=True),
+        Subscribe("c", None, 3),
+        Subscribe("d", ("e", 1)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"rewind": 3, "passive": True}, {"rewind": 3, "epoch": "e", "s": 1, "passive": True}],
+    ids=repr,
+)
+def test_passive_with_a_rewind_is_a_decode_error(value: Any) -> None:
+    s = ready()
+    effects = s.receive(msg(Op.SUBSCRIBE, {"guilds": {"g": value}}), T0)
+    assert_closed_with(s, effects, Close.DECODE_ERROR)
+    s = new()
+    effects = s.receive(msg(Op.IDENTIFY, {"token": token(), "guilds": {"g": value}}), T0)
+    assert_closed_with(s, effects, Close.DECODE_ERROR)

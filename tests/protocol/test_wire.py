@@ -157,3 +157,76 @@ def test_decode_still_refuses_what_is_not_json() -> None:
     for bad in (b"[NaN, 12345678901234567890123]", b"[1234567890123456789012", b"\xff"):
         with pytest.raises(wire.JSONDecodeError):
             wire.decode(bad)
+
+
+# --- a guild's subscribe request (PROTOCOL.md "Messages", "Rewind") ------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [
+        (None, wire.GuildRequest()),
+        ({"epoch": "e", "s": 0}, wire.GuildRequest(("e", 0))),
+        ({"epoch": "e", "s": 3, "later": 1}, wire.GuildRequest(("e", 3))),  # 1.0: ignored
+        ({"rewind": 1}, wire.GuildRequest(rewind=1)),
+        ({"rewind": 10**30}, wire.GuildRequest(rewind=10**30)),  # capped by the guild
+        ({"rewind": 5, "later": "x"}, wire.GuildRequest(rewind=5)),
+        # Passive (1.1): alone or beside a Position; false is the default.
+        ({"passive": True}, wire.GuildRequest(passive=True)),
+        ({"passive": False}, wire.GuildRequest()),
+        ({"epoch": "e", "s": 4, "passive": True}, wire.GuildRequest(("e", 4), passive=True)),
+        ({"epoch": "e", "s": 4, "passive": False}, wire.GuildRequest(("e", 4))),
+        ({"rewind": 3, "passive": False}, wire.GuildRequest(rewind=3)),
+        ({"passive": True, "later": 1}, wire.GuildRequest(passive=True)),
+    ],
+)
+def test_guild_request(value: object, want: wire.GuildRequest) -> None:
+    assert wire.guild_request(value) == want
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {},
+        {"later": 1},
+        {"epoch": "e"},
+        {"s": 1},
+        {"epoch": "e", "s": -1},
+        {"epoch": "x" * 65, "s": 1},
+        {"rewind": 0},
+        {"rewind": -3},
+        {"rewind": 2.0},
+        {"rewind": "2"},
+        {"rewind": True},
+        {"rewind": None},
+        {"rewind": 2, "epoch": "e", "s": 1},
+        {"rewind": 2, "s": 1},
+        {"rewind": 2, "epoch": "e"},
+        {"passive": 1},
+        {"passive": "yes"},
+        {"passive": None},
+        {"s": 3, "passive": True},
+        {"epoch": "e", "s": 3, "passive": 0},
+        # A passive subscriber receives no events: nothing to rewind.
+        {"rewind": 2, "passive": True},
+        {"rewind": 2, "epoch": "e", "s": 1, "passive": True},
+        [],
+        "e:1",
+        1,
+    ],
+)
+def test_bad_guild_request(value: object) -> None:
+    with pytest.raises(ValueError):
+        wire.guild_request(value)
+
+
+def test_subscribed_frame_carries_rewound_only_for_a_rewind() -> None:
+    plain = one(wire.subscribed_frame("g", "e", 9, True))
+    assert plain["d"] == {"epoch": "e", "s": 9, "recovered": True}
+    rewound = one(wire.subscribed_frame("g", "e", 9, False, 4))
+    assert rewound["d"] == {"epoch": "e", "s": 9, "recovered": False, "rewound": 4}
+
+
+def test_subscribed_frame_of_a_passive_subscription() -> None:
+    passive = one(wire.subscribed_frame("g", "e", 9, False, passive=True))
+    assert passive["d"] == {"epoch": "e", "s": 9, "recovered": False, "passive": True}

@@ -12,6 +12,7 @@ import {
   AuthenticationFailed,
   GuildcastClient,
   GuildcastClosed,
+  IDEMPOTENCY_CONFLICT,
   PublishError,
   SubscribeError,
 } from "../guildcast.js";
@@ -60,6 +61,29 @@ test("connect, subscribe, publish: ACKed s matches the delivered event", { skip 
     await c.publish("js-basic", "CARD_ADDED", { text: "after" });
     await c.publish("js-other", "CARD_ADDED", {}); // a round trip after the one above
     assert.equal(items.length, 1, "no event after unsubscribe");
+  } finally {
+    await c.close();
+  }
+});
+
+test("idempotencyKey (1.1): a retry resolves with the original s; other data is 4409", { skip }, async () => {
+  const c = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF });
+  const items = recorder(c);
+  try {
+    await c.connect();
+    const pos = await c.subscribe("js-idem");
+    const key = `js-${Date.now()}-${Math.random()}`;
+    const s = await c.publish("js-idem", "PAID", { n: 1 }, { idempotencyKey: key });
+    assert.equal(await c.publish("js-idem", "PAID", { n: 1 }, { idempotencyKey: key }), s);
+    await assert.rejects(
+      c.publish("js-idem", "PAID", { n: 2 }, { idempotencyKey: key }),
+      (e) => e instanceof PublishError && e.code === IDEMPOTENCY_CONFLICT,
+    );
+    await assert.rejects(c.publish("js-idem", "PAID", 1, { idempotencyKey: "a b" }), TypeError);
+    const next = await c.publish("js-idem", "END", null);
+    assert.equal(next, s + 1);
+    await waitFor(() => items.length === 2, "the two events");
+    assert.deepEqual(items.map((e) => e.s), [pos.s + 1, pos.s + 2]);
   } finally {
     await c.close();
   }
@@ -128,6 +152,35 @@ test("4010 and 4009: reconnects, recovers, every event exactly once and in order
   }
 });
 
+test("rewind (1.1): a fresh client gets the last events, then live; a reconnect recovers and never rewinds again", { skip }, async () => {
+  await control("/publish?guild=js-rewind&from=1&to=6");
+  await control("/publish?guild=js-rewind-2&from=1&to=3");
+  const c = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF, guilds: ["js-rewind"], rewind: 4 });
+  const items = recorder(c);
+  try {
+    await c.connect();
+    await waitFor(() => items.length === 4, "the rewind");
+    assert.deepEqual(items.map((i) => [i.s, i.data]), [[3, 3], [4, 4], [5, 5], [6, 6]]);
+    await control("/publish?guild=js-rewind&from=7&to=7");
+    await waitFor(() => items.length === 5, "a live event");
+    await control("/disconnect?code=4000");
+    await control("/publish?guild=js-rewind&from=8&to=9");
+    await waitFor(() => c.sessions === 2 && items.length === 7, "recovery after 4000");
+    assert.deepEqual(items.map((i) => i.s), [3, 4, 5, 6, 7, 8, 9]);
+    assert.ok(items.every((i) => i.kind === "event"), "no resync");
+    assert.equal(c.duplicatesDropped, 0, "the reconnect recovered from its Position, not by rewinding again");
+    // subscribe(gid, null, { rewind }): resolves with the Position before the replay.
+    const pos = await c.subscribe("js-rewind-2", null, { rewind: 2 });
+    assert.equal(pos.s, 1);
+    await waitFor(() => items.length === 9, "the second rewind");
+    assert.deepEqual(items.slice(7).map((i) => [i.guild, i.s]), [["js-rewind-2", 2], ["js-rewind-2", 3]]);
+    await assert.rejects(c.subscribe("js-x", { epoch: "e", s: 1 }, { rewind: 2 }), TypeError);
+    await assert.rejects(c.subscribe("js-x", null, { rewind: 0 }), TypeError);
+  } finally {
+    await c.close();
+  }
+});
+
 test("server restart (1001): reconnects; a new epoch is reported as resync", { skip }, async () => {
   const c = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF, guilds: ["js-restart"] });
   const items = recorder(c);
@@ -164,4 +217,40 @@ test("a 'fix the client' close code (4002) stops the client for good", { skip },
   await assert.rejects(c.publish("js-x", "X", 1), (e) => e instanceof GuildcastClosed && e.code === 4002);
   assert.equal(c.sessions, 1);
   await c.close();
+});
+
+test("presence: the roster is the snapshot, then every join and leave after it", { skip }, async () => {
+  const gid = "js-presence";
+  const early = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF });
+  const watcher = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF, presence: true });
+  const late = new GuildcastClient(URL_, { token: TOKEN, backoff: BACKOFF });
+  const seen = [];
+  watcher.on("presence", (e) => seen.push(e));
+  try {
+    await early.connect();
+    await early.subscribe(gid);
+    await watcher.connect();
+    assert.equal(watcher.roster(gid), null); // not subscribed yet
+    await watcher.subscribe(gid);
+    await waitFor(() => watcher.roster(gid) !== null, "the snapshot");
+    assert.equal(seen[0].kind, "snapshot");
+    assert.deepEqual(seen[0].members.map((m) => m.session), [early.sessionId]);
+    const sessions = () => watcher.roster(gid).members.map((m) => m.session).sort();
+    // Its own join follows its snapshot.
+    await waitFor(() => watcher.roster(gid).count === 2, "the watcher's own join");
+    assert.deepEqual(sessions(), [early.sessionId, watcher.sessionId].sort());
+    await late.connect();
+    await late.subscribe(gid);
+    await waitFor(() => watcher.roster(gid).count === 3, "a later join");
+    await early.unsubscribe(gid);
+    await waitFor(() => watcher.roster(gid).count === 2, "a leave");
+    assert.deepEqual(sessions(), [watcher.sessionId, late.sessionId].sort());
+    assert.deepEqual(
+      seen.map((e) => e.kind),
+      ["snapshot", "join", "join", "leave"],
+    );
+    assert.equal(watcher.roster(gid).truncated, false);
+  } finally {
+    await Promise.all([early.close(), watcher.close(), late.close()]);
+  }
 });

@@ -14,16 +14,35 @@
 // see each guild's events in increasing s with no duplicates (s <= last seen
 // is dropped as a safety net). When the server cannot recover a guild
 // (recovered: false after a Position was sent) a "resync" event comes before
-// that guild's next event: reload that guild's state.
+// that guild's next event: reload that guild's state. A rewind (protocol 1.1,
+// PROTOCOL.md "Rewind": a guild's last N events first) becomes a Position at
+// its SUBSCRIBED ({epoch, s: head - rewound}), so a reconnect recovers from
+// the last event dispatched and never rewinds twice.
+//
+// Passive guilds (subscribe(gid, null, {passive: true}), PROTOCOL.md "Passive
+// subscriptions") dispatch no events, only "activity" (the guild's head, at
+// most once per the server's passive_interval); unread(gid) counts the events
+// after the guild's Position, and activate(gid) switches it to active on the
+// live connection: the events missed while passive are replayed, then live.
 //
 // Events (an EventTarget; `client.on(type, fn)` passes event.detail to fn):
 //   "event"            {guild, name, s, data}
 //   "resync"           {guild, epoch, s}
+//   "activity"         {guild, epoch, s}       (a passive guild's head moved)
 //   "subscriptionlost" {guild, code, message}  (re-subscribe refused)
+//   "presence"         {guild, kind: "snapshot", members, count, truncated} or
+//                      {guild, kind: "join" | "leave", member}  (with options.presence)
 //   "ready"            {sessionId, user}
-//   "disconnect"       {code, reason, delay}   (a reconnect follows after delay s)
+//   "disconnect"       {code, reason, delay, wait}   (a reconnect follows after delay s;
+//                      wait: the server's hint [minMs, maxMs] or null)
 //   "closed"           {code, reason, error}   (stopped for good; error null if by close())
 // Listeners run synchronously in arrival order; there is no queue to bound.
+//
+// Presence (options.presence, PROTOCOL.md "Presence"): each guild's members
+// are kept per connection, client.roster(gid) -> {guild, members, count,
+// truncated} or null: the PRESENCE_SNAPSHOT after SUBSCRIBED replaces it,
+// each PRESENCE_JOIN/LEAVE after it applies (the server misses none and
+// doubles none); null again after a disconnect until the next snapshot.
 
 // The protocol's pure parts (message builders, grammar, close-code
 // classification) are exported below and checked against the same golden
@@ -60,7 +79,14 @@ export const INVALID_EVENT_NAME = 4422;
 const GUILD_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
 // Upper case only: names are case-sensitive and have one spelling each (PROTOCOL.md "Messages").
 const EVENT_RE = /^[A-Z0-9_]{1,64}$/;
-const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED"]);
+/** The notice a passive subscription gets instead of events (a reserved name). */
+export const ACTIVITY_EVENT = "GUILD_ACTIVITY";
+const PRESENCE_EVENTS = new Set(["PRESENCE_JOIN", "PRESENCE_LEAVE", "PRESENCE_SNAPSHOT"]);
+// Every dispatch name the server sends itself (PROTOCOL.md "Publishing").
+const RESERVED_EVENTS = new Set(["READY", "SUBSCRIBED", "UNSUBSCRIBED", ACTIVITY_EVENT, ...PRESENCE_EVENTS]);
+const IDEMPOTENCY_KEY_RE = /^[!-~]{1,128}$/;
+/** ERROR code of a PUBLISH whose idempotency key was used by an event of other content (protocol 1.1). */
+export const IDEMPOTENCY_CONFLICT = 4409;
 /** The HEARTBEAT message (op 1). */
 export const HEARTBEAT = '{"op":1,"d":null}';
 const OP = { DISPATCH: 0, HEARTBEAT: 1, IDENTIFY: 2, SUBSCRIBE: 3, UNSUBSCRIBE: 4, PUBLISH: 5, RECONNECT: 7, HELLO: 10, HEARTBEAT_ACK: 11, ACK: 12, ERROR: 13 };
@@ -70,21 +96,48 @@ export function validGuild(gid) {
   return typeof gid === "string" && GUILD_RE.test(gid);
 }
 
+/** PROTOCOL.md "Idempotent publish" (1.1): 1-128 visible ASCII characters (! to ~, no space). */
+export function validIdempotencyKey(key) {
+  return typeof key === "string" && IDEMPOTENCY_KEY_RE.test(key);
+}
+
 /** Event names are 1-64 characters of A-Z 0-9 _ (upper case) */
 export function validEvent(t) {
   return typeof t === "string" && EVENT_RE.test(t);
 }
 
-/** IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}) or null. */
-export function identifyMessage(token, guilds, events = null) {
-  const d = { token, guilds };
+/**
+ * A guild's value in IDENTIFY/SUBSCRIBE: its Position ({epoch, s}), {rewind: n}
+ * (1.1) or null; passive (1.1): {"passive": true} with the Position if there is
+ * one. A passive request carries no rewind (the server refuses the pair: a
+ * passive subscriber receives no events); a pending rewind is sent when active.
+ */
+export function requestJson(start, passive = false) {
+  const pos = start === null || start === undefined || isRewind(start) ? null : { epoch: start.epoch, s: start.s };
+  if (passive) return { ...(pos ?? {}), passive: true };
+  return isRewind(start) ? { rewind: start.rewind } : pos;
+}
+
+function requests(guilds, passive) {
+  const out = {};
+  for (const [gid, start] of Object.entries(guilds)) out[gid] = requestJson(start, passive.has(gid));
+  return out;
+}
+
+/**
+ * IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}), {rewind: n}
+ * (1.1) or null; presence asks for presence; those in `passive` subscribe passively.
+ */
+export function identifyMessage(token, guilds, events = null, presence = false, passive = new Set()) {
+  const d = { token, guilds: requests(guilds, new Set(passive)) };
   if (events !== null && events !== undefined) d.events = events;
+  if (presence) d.presence = true;
   return JSON.stringify({ op: OP.IDENTIFY, d });
 }
 
-/** SUBSCRIBE (op 3). */
-export function subscribeMessage(guilds) {
-  return JSON.stringify({ op: OP.SUBSCRIBE, d: { guilds } });
+/** SUBSCRIBE (op 3); the guilds in `passive` subscribe passively. */
+export function subscribeMessage(guilds, passive = new Set()) {
+  return JSON.stringify({ op: OP.SUBSCRIBE, d: { guilds: requests(guilds, new Set(passive)) } });
 }
 
 /** UNSUBSCRIBE (op 4). */
@@ -92,11 +145,49 @@ export function unsubscribeMessage(guilds) {
   return JSON.stringify({ op: OP.UNSUBSCRIBE, d: { guilds } });
 }
 
-/** PUBLISH (op 5); the nonce is left out when null. */
-export function publishMessage(guild, t, d, nonce = null) {
+/** PUBLISH (op 5); the nonce and the idempotency key (protocol 1.1) are left out when null. */
+export function publishMessage(guild, t, d, nonce = null, idempotencyKey = null) {
   const body = { guild, t, d };
   if (nonce !== null && nonce !== undefined) body.nonce = nonce;
+  if (idempotencyKey !== null && idempotencyKey !== undefined) body.idempotency_key = idempotencyKey;
   return JSON.stringify({ op: OP.PUBLISH, d: body });
+}
+
+/** A guild's rewind request ({rewind: n}, protocol 1.1), as kept and sent. */
+function isRewind(p) {
+  return p !== null && typeof p === "object" && "rewind" in p;
+}
+
+function checkRewind(n) {
+  if (!Number.isInteger(n) || n < 1) throw new TypeError(`rewind must be a positive integer, not ${JSON.stringify(n)}`);
+  return { rewind: n };
+}
+
+// Pacing hints (PROTOCOL.md "Pacing: retry hints and staggered RECONNECT"):
+// a delay range [min, max] in ms, from a 1013's reason or a RECONNECT's d.
+// A hint never names more than this (ms).
+export const MAX_HINT_MS = 60000;
+const clampHint = (lo, hi) => {
+  lo = Math.max(0, Math.min(lo, MAX_HINT_MS));
+  return [lo, Math.max(lo, Math.min(hi, MAX_HINT_MS))];
+};
+
+/** The [minMs, maxMs] retry hint of a close reason ("...; retry in MIN-MAX ms"), or null. */
+export function parseRetryHint(reason) {
+  const m = /retry in (\d{1,9})-(\d{1,9}) ms/.exec(reason ?? "");
+  return m ? clampHint(Number(m[1]), Number(m[2])) : null;
+}
+
+/** The [minMs, maxMs] of a RECONNECT's d ({min_delay_ms, max_delay_ms}), or null. */
+export function parseReconnectDelay(d) {
+  if (d === null || typeof d !== "object" || !Number.isInteger(d.min_delay_ms) || !Number.isInteger(d.max_delay_ms)) return null;
+  return clampHint(d.min_delay_ms, d.max_delay_ms);
+}
+
+/** The wait (s): the backoff's delay, or a draw (u in [0, 1)) from the hint when longer. */
+export function pacedDelay(backoff, waitMs, u) {
+  if (waitMs === null) return backoff;
+  return Math.max(backoff, (waitMs[0] + u * (waitMs[1] - waitMs[0])) / 1000);
 }
 
 // Exponent ceiling: keeps the arithmetic finite after any number of attempts.
@@ -205,31 +296,44 @@ function deferred() {
  *
  * Options: token or tokenProvider (sync or async, called before every
  * attempt; with it one 4004 is retried with a fresh token), guilds (array to
- * follow from the first IDENTIFY), events (event-name filter), backoff (a
- * Backoff or its options), WebSocket (constructor; default the global),
- * maxMessage (bytes), openTimeout and closeTimeout (ms).
+ * follow from the first IDENTIFY), rewind (protocol 1.1: those guilds start
+ * with their last `rewind` events instead of from now), events (event-name
+ * filter), presence (true: ask for presence, see roster() and the "presence"
+ * event), backoff (a Backoff or its options), WebSocket (constructor;
+ * default the global), maxMessage (bytes), openTimeout and closeTimeout (ms).
  */
 export class GuildcastClient extends EventTarget {
   constructor(url, options = {}) {
     super();
-    const { token = null, tokenProvider = null, guilds = [], events = null, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
+    const { token = null, tokenProvider = null, guilds = [], rewind = null, events = null, presence = false, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
     if (token === null && tokenProvider === null) throw new TypeError("give a token or a tokenProvider");
     if (typeof WS !== "function") throw new TypeError("no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)");
     this.url = url;
     this._token = token;
     this._tokenProvider = tokenProvider;
     this._eventFilter = events === null ? null : [...events];
+    this._presence = Boolean(presence);
+    /** guild -> {members: Map(session -> member), count, truncated}, on this connection. */
+    this._rosters = new Map();
     this._backoff = backoff instanceof Backoff ? backoff : new Backoff(backoff ?? {});
+    // What the reconnect loop did (PROTOCOL.md "Pacing"), and the delay
+    // range of the last RECONNECT (its 1001 follows).
+    this.counters = { reconnect_requests: 0, try_again_later: 0, hinted_waits: 0, reconnects: 0, gave_up: 0 };
+    this._reconnectHint = null;
     this._WS = WS;
     this._maxMessage = maxMessage;
     this._openTimeout = openTimeout;
     this._closeTimeout = closeTimeout;
-    /** guild -> last seen Position ({epoch, s}) or null: the source of every IDENTIFY. */
+    /** guild -> last seen Position ({epoch, s}), or null or {rewind: n} before
+     * its first SUBSCRIBED: the source of every IDENTIFY. */
     this._desired = new Map();
+    const start = rewind === null ? null : checkRewind(rewind);
     for (const gid of guilds) {
       checkGuild(gid);
-      this._desired.set(gid, null);
+      this._desired.set(gid, start);
     }
+    this._passive = new Set(); // followed guilds subscribed passively
+    this._heads = new Map(); // passive guild -> last head heard of ({epoch, s})
     this._subscribed = new Set(); // SUBSCRIBED on the current connection
     this._sent = new Map(); // requested on the current connection -> Position sent
     this._subWaiters = new Map();
@@ -276,9 +380,20 @@ export class GuildcastClient extends EventTarget {
     return this._ws && this._ws.protocol ? this._ws.protocol : null;
   }
 
-  /** A copy of each followed guild's last seen Position (for persisting). */
+  /** A copy of each followed guild's last seen Position (for persisting; null before its first SUBSCRIBED). */
   get positions() {
-    return Object.fromEntries(this._desired);
+    return Object.fromEntries([...this._desired].map(([g, p]) => [g, isRewind(p) ? null : p]));
+  }
+
+  /** `gid`'s presence on this connection ({guild, members, count, truncated}), or null before its snapshot. */
+  roster(gid) {
+    const r = this._rosters.get(gid);
+    return r ? { guild: gid, members: [...r.members.values()], count: r.count, truncated: r.truncated } : null;
+  }
+
+  /** Every guild's roster known on this connection, by guild id. */
+  get rosters() {
+    return Object.fromEntries([...this._rosters.keys()].map((g) => [g, this.roster(g)]));
   }
 
   /** Send no HEARTBEAT for `ms`: the server closes with 4009 and the client recovers. For tests. */
@@ -316,22 +431,86 @@ export class GuildcastClient extends EventTarget {
   /**
    * Follow guild `gid`; resolves with its Position once SUBSCRIBED. With a
    * `position`, the server replays after it (or a "resync" comes first).
-   * Rejects with SubscribeError on ERROR (4403: not allowed).
+   * With `{ rewind: n }` instead (protocol 1.1), the guild's last n events
+   * come first (as many as the server's history and max_rewind hold), and
+   * it resolves with the Position before them. Rejects with SubscribeError
+   * on ERROR (4403: not allowed). `{passive: true}` subscribes passively
+   * ("activity" only; never with a rewind); for a guild already followed in
+   * the other mode it switches it (activate(), deactivate()).
    */
-  async subscribe(gid, position = null) {
+  async subscribe(gid, position = null, { rewind = null, passive = false } = {}) {
     checkGuild(gid);
+    if (position !== null && rewind !== null) throw new TypeError("give a position or a rewind, not both");
+    const start = rewind === null ? position : checkRewind(rewind);
+    if (passive && rewind !== null) throw new TypeError("a passive guild takes no rewind (it receives no events)");
     this._requireUsable();
+    if (this._desired.has(gid) && this._passive.has(gid) !== passive) return this._switch(gid, passive);
     if (this._subscribed.has(gid)) return this._desired.get(gid);
     let waiter = this._subWaiters.get(gid);
     if (!waiter) {
       waiter = deferred();
       this._subWaiters.set(gid, waiter);
     }
-    if (!this._desired.has(gid)) this._desired.set(gid, position);
+    if (!this._desired.has(gid)) {
+      this._desired.set(gid, start);
+      if (passive) this._passive.add(gid);
+    }
     if (this._ws && this._identified && !this._sent.has(gid)) {
       const pos = this._desired.get(gid);
       this._sent.set(gid, pos);
-      this._send(subscribeMessage({ [gid]: pos }));
+      this._send(subscribeMessage({ [gid]: pos }, this._passive));
+    }
+    return waiter.promise;
+  }
+
+  /** Switch passive guild `gid` to active: the events missed while passive are replayed, then live ones. */
+  activate(gid) {
+    return this._switch(gid, false);
+  }
+
+  /** Switch followed guild `gid` to passive (its Position is kept for activate()). */
+  deactivate(gid) {
+    return this._switch(gid, true);
+  }
+
+  /** True if `gid` is followed passively. */
+  isPassive(gid) {
+    return this._passive.has(gid);
+  }
+
+  /** Events of passive guild `gid` after its Position by the last "activity" (0 when active; null when unknown). */
+  unread(gid) {
+    if (!this._desired.has(gid)) return null;
+    if (!this._passive.has(gid)) return 0;
+    const head = this._heads.get(gid);
+    const pos = this._desired.get(gid);
+    if (!head || !pos || isRewind(pos) || head.epoch !== pos.epoch) return null;
+    return Math.max(0, head.s - pos.s);
+  }
+
+  async _switch(gid, passive) {
+    checkGuild(gid);
+    this._requireUsable();
+    if (!this._desired.has(gid)) throw new TypeError(`guild ${gid} is not followed: subscribe first`);
+    if (this._passive.has(gid) === passive && this._subscribed.has(gid) && !this._subWaiters.has(gid)) {
+      return this._desired.get(gid);
+    }
+    let waiter = this._subWaiters.get(gid);
+    if (!waiter) {
+      waiter = deferred();
+      this._subWaiters.set(gid, waiter);
+    }
+    if (this._passive.has(gid) !== passive) {
+      if (passive) this._passive.add(gid);
+      else {
+        this._passive.delete(gid);
+        this._heads.delete(gid);
+      }
+      if (this._ws && this._identified && this._sent.has(gid)) {
+        const pos = this._desired.get(gid);
+        this._sent.set(gid, pos);
+        this._send(subscribeMessage({ [gid]: pos }, this._passive));
+      }
     }
     return waiter.promise;
   }
@@ -342,7 +521,10 @@ export class GuildcastClient extends EventTarget {
     this._requireUsable();
     if (!this._desired.has(gid)) return;
     this._desired.delete(gid);
+    this._passive.delete(gid);
+    this._heads.delete(gid);
     this._subscribed.delete(gid);
+    this._rosters.delete(gid);
     const waiter = this._subWaiters.get(gid);
     if (waiter) {
       this._subWaiters.delete(gid);
@@ -364,14 +546,23 @@ export class GuildcastClient extends EventTarget {
    * Waits for a connection if there is none. Rejects with PublishError when
    * refused (4403, 4413, 4429, 1013), PublishInterrupted when the connection
    * closes before the ACK, GuildcastClosed if the client stops.
+   *
+   * `options.idempotencyKey` (protocol 1.1): a publish whose outcome is
+   * unknown (ERROR 4504, PublishInterrupted) is safe to retry with the same
+   * key: within the server's window the retry resolves with the original s
+   * and subscribers see the event once. The same key with other t/d is
+   * refused with 4409 (IDEMPOTENCY_CONFLICT).
    */
-  async publish(gid, t, d = null) {
+  async publish(gid, t, d = null, { idempotencyKey = null } = {}) {
     checkGuild(gid);
     if (!validEvent(t)) throw new TypeError(`invalid event name ${JSON.stringify(t)}`);
     if (RESERVED_EVENTS.has(t)) throw new TypeError(`${t} is a reserved event name`);
+    if (idempotencyKey !== null && !validIdempotencyKey(idempotencyKey)) {
+      throw new TypeError(`invalid idempotency key ${JSON.stringify(idempotencyKey)}`);
+    }
     const ws = await this._waitReady();
     const nonce = String(++this._nonce);
-    const body = publishMessage(gid, t, d, nonce);
+    const body = publishMessage(gid, t, d, nonce, idempotencyKey);
     if (new TextEncoder().encode(body).length > this._maxMessage) throw new RangeError(`message exceeds ${this._maxMessage} bytes`);
     const waiter = deferred();
     this._publishes.set(nonce, waiter);
@@ -453,9 +644,21 @@ export class GuildcastClient extends EventTarget {
       if (this._closing) return;
       const failure = this._classify(code, reason);
       if (failure) return this._stop(failure);
-      const delay = this._backoff.nextDelay(classifyClose(code) === "backoff" ? BACKOFF_FLOOR : 0);
-      if (delay === null) return this._stop(new ReconnectFailed(code, `gave up reconnecting (${reason})`));
-      this._emit("disconnect", { code, reason, delay });
+      if (code === 1013) this.counters.try_again_later += 1;
+      const hint = code === 1013 ? parseRetryHint(reason) : code === 1001 ? this._reconnectHint : null;
+      this._reconnectHint = null;
+      let delay = this._backoff.nextDelay(classifyClose(code) === "backoff" ? BACKOFF_FLOOR : 0);
+      if (delay === null) {
+        this.counters.gave_up += 1;
+        return this._stop(new ReconnectFailed(code, `gave up reconnecting (${reason})`));
+      }
+      if (hint !== null) {
+        // The server's pacing hint: never sooner than it allows.
+        this.counters.hinted_waits += 1;
+        delay = pacedDelay(delay, hint, this._backoff.random());
+      }
+      this.counters.reconnects += 1;
+      this._emit("disconnect", { code, reason, delay, wait: hint });
       await new Promise((resolve) => {
         this._sleepWake = resolve;
         this._sleepTimer = setTimeout(resolve, delay * 1000);
@@ -484,7 +687,36 @@ export class GuildcastClient extends EventTarget {
     this._ws = ws;
     return new Promise((resolve) => {
       let lastRecv = Date.now();
-      const helloTimer = setTimeout(() => ws.close(4000, "no HELLO in time"), this._openTimeout);
+      let opened = false;
+      // Ends this attempt once: on its close event or, for an opening that
+      // failed, on its error. Node 20's WebSocket (undici 6) fires only
+      // "error" for a refused or aborted opening, never "close", and stays
+      // CONNECTING: waiting for a close event there hangs the client for good
+      // (a reconnect landing while a restarting server is down).
+      const finish = (code, reason) => {
+        clearTimeout(helloTimer);
+        clearInterval(this._heartbeatTimer);
+        ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+        this._ws = null;
+        this._identified = false;
+        this._subscribed.clear();
+        this._sent.clear();
+        this._rosters.clear();
+        const interrupted = new PublishInterrupted("connection closed before the ACK");
+        for (const w of this._publishes.values()) w.reject(interrupted);
+        for (const w of this._unsubWaiters.values()) w.resolve();
+        this._unsubWaiters.clear();
+        resolve({ code, reason });
+      };
+      const helloTimer = setTimeout(() => {
+        // Ended here: no close event may follow a socket still opening (see
+        // finish), and closing one fires its "error" at once.
+        finish(4000, "no HELLO in time");
+        if (ws.readyState <= 1) ws.close(4000, "no HELLO in time");
+      }, this._openTimeout);
+      ws.onopen = () => {
+        opened = true;
+      };
       ws.onmessage = (ev) => {
         lastRecv = Date.now();
         let msg;
@@ -504,26 +736,16 @@ export class GuildcastClient extends EventTarget {
             if (ws.readyState === 1) ws.send(HEARTBEAT);
           }, interval);
           this._sent = new Map(this._desired);
-          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter));
+          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter, this._presence, this._passive));
           return;
         }
         this._handle(ws, msg);
       };
-      ws.onclose = (ev) => {
-        clearTimeout(helloTimer);
-        clearInterval(this._heartbeatTimer);
-        ws.onmessage = ws.onclose = ws.onerror = null;
-        this._ws = null;
-        this._identified = false;
-        this._subscribed.clear();
-        this._sent.clear();
-        const interrupted = new PublishInterrupted("connection closed before the ACK");
-        for (const w of this._publishes.values()) w.reject(interrupted);
-        for (const w of this._unsubWaiters.values()) w.resolve();
-        this._unsubWaiters.clear();
-        resolve({ code: ev.code || ABNORMAL_CLOSURE, reason: ev.reason || "" });
+      ws.onclose = (ev) => finish(ev.code || ABNORMAL_CLOSURE, ev.reason || "");
+      // Once open, a close event always follows an error; before, maybe none.
+      ws.onerror = () => {
+        if (!opened) finish(ABNORMAL_CLOSURE, "connection failed");
       };
-      ws.onerror = () => {}; // a close event always follows
     });
   }
 
@@ -532,19 +754,25 @@ export class GuildcastClient extends EventTarget {
     if (op === OP.DISPATCH) {
       const { t, g } = msg;
       if (t === "READY") this._ready(d);
-      else if (t === "SUBSCRIBED" && g != null) this._subscribedGuild(g, d);
+      else if (t === "SUBSCRIBED" && g != null) this._subscribedGuild(ws, g, d);
+      else if (t === ACTIVITY_EVENT && g != null) this._activity(g, d);
       else if (t === "UNSUBSCRIBED" && g != null) {
         const w = this._unsubWaiters.get(g);
         this._unsubWaiters.delete(g);
         if (w) w.resolve();
       } else if (g != null && Number.isInteger(msg.s)) this._event(g, t, msg.s, d);
+      else if (g != null && this._presence && PRESENCE_EVENTS.has(t) && this._desired.has(g)) this._presenceDispatch(g, t, d);
     } else if (op === OP.ACK) {
       const w = this._publishes.get(d.nonce);
       if (w) w.resolve(d.s);
     } else if (op === OP.ERROR) {
       this._error(d);
+    } else if (op === OP.RECONNECT) {
+      // Its close 1001 follows; the delay range it names paces the reconnect.
+      this.counters.reconnect_requests += 1;
+      this._reconnectHint = parseReconnectDelay(d);
     }
-    // HEARTBEAT_ACK refreshes lastRecv; RECONNECT is followed by close 1001.
+    // HEARTBEAT_ACK refreshes lastRecv.
   }
 
   _ready(d) {
@@ -564,39 +792,97 @@ export class GuildcastClient extends EventTarget {
         any = true;
       }
     }
-    if (any) this._send(subscribeMessage(missing));
+    if (any) this._send(subscribeMessage(missing, this._passive));
     this._firstReady.resolve();
     this._wakeReady();
     this._emit("ready", { sessionId: this.sessionId, user: this.user });
   }
 
-  _subscribedGuild(gid, d) {
+  _subscribedGuild(ws, gid, d) {
     if (!this._desired.has(gid)) return; // unsubscribed meanwhile
     const sent = this._sent.get(gid) ?? null;
     const current = this._desired.get(gid);
-    this._subscribed.add(gid);
     let pos;
-    if (d.recovered && current && current.epoch === d.epoch) {
+    if (d.passive === true) {
+      // No replay: the Position stays where activate() resumes; a fresh one
+      // (or one of a lost epoch) starts at the head, and a rewind not yet
+      // answered becomes the Position that many events back (they count as
+      // unread; the activation replays them). No presence changes come while
+      // passive: the roster is forgotten until the activation's snapshot.
+      this._heads.set(gid, { epoch: d.epoch, s: d.s });
+      this._rosters.delete(gid);
+      pos = current;
+      if (isRewind(current)) {
+        pos = { epoch: d.epoch, s: Math.max(0, d.s - current.rewind) };
+        this._desired.set(gid, pos);
+      } else if (!current || current.epoch !== d.epoch) {
+        pos = { epoch: d.epoch, s: d.s };
+        this._desired.set(gid, pos);
+        if (sent !== null && !isRewind(sent)) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
+      }
+    } else if (isRewind(sent) && isRewind(current)) {
+      // The rewind becomes a Position: the replay head-k+1..head follows.
+      const k = d.rewound;
+      if (!Number.isInteger(k) || k < 0 || k > d.s) {
+        ws.close(4000, "bad message from server");
+        return;
+      }
+      pos = { epoch: d.epoch, s: d.s - k };
+      this._desired.set(gid, pos);
+    } else if (d.recovered && current && !isRewind(current) && current.epoch === d.epoch) {
       pos = current; // the replay s+1..head follows
     } else {
       pos = { epoch: d.epoch, s: d.s };
       this._desired.set(gid, pos);
-      if (sent !== null) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
+      if (sent !== null && !isRewind(sent)) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
     }
+    this._subscribed.add(gid);
+    // A SUBSCRIBED of the mode asked for (a switch may still be answered by one of the mode it left).
+    if ((d.passive === true) !== this._passive.has(gid)) return;
     const w = this._subWaiters.get(gid);
     this._subWaiters.delete(gid);
     if (w) w.resolve(pos);
   }
 
+  _activity(gid, d) {
+    if (!this._desired.has(gid) || !d || typeof d.epoch !== "string" || !Number.isInteger(d.s)) return;
+    const known = this._heads.get(gid);
+    if (!known || known.epoch !== d.epoch || d.s > known.s) this._heads.set(gid, { epoch: d.epoch, s: d.s });
+    this._emit("activity", { guild: gid, epoch: d.epoch, s: d.s });
+  }
+
   _event(gid, t, s, d) {
     if (!this._desired.has(gid)) return;
-    const pos = this._desired.get(gid);
+    const start = this._desired.get(gid);
+    const pos = isRewind(start) ? null : start; // a rewind: no SUBSCRIBED yet
     if (pos && s <= pos.s) {
       this.duplicatesDropped += 1;
       return;
     }
     this._desired.set(gid, { epoch: pos ? pos.epoch : "", s });
     this._emit("event", { guild: gid, name: t, s, data: d });
+  }
+
+  // PRESENCE_SNAPSHOT replaces the guild's roster; PRESENCE_JOIN/LEAVE apply to it.
+  _presenceDispatch(gid, t, d) {
+    if (t === "PRESENCE_SNAPSHOT") {
+      const members = d.members.map(({ user, session, node }) => ({ user, session, node }));
+      this._rosters.set(gid, { members: new Map(members.map((m) => [m.session, m])), count: d.count, truncated: d.truncated });
+      this._emit("presence", { guild: gid, kind: "snapshot", members, count: d.count, truncated: d.truncated });
+      return;
+    }
+    const member = { user: d.user, session: d.session, node: d.node };
+    const r = this._rosters.get(gid);
+    if (t === "PRESENCE_JOIN") {
+      if (r && !r.members.has(member.session)) {
+        r.members.set(member.session, member);
+        r.count += 1;
+      }
+      this._emit("presence", { guild: gid, kind: "join", member });
+      return;
+    }
+    if (r && (r.members.delete(member.session) || r.truncated)) r.count = Math.max(0, r.count - 1);
+    this._emit("presence", { guild: gid, kind: "leave", member });
   }
 
   _error(d) {
@@ -609,6 +895,7 @@ export class GuildcastClient extends EventTarget {
     if (g != null && this._sent.has(g) && !this._subscribed.has(g)) {
       this._desired.delete(g);
       this._sent.delete(g);
+      this._rosters.delete(g);
       const w = this._subWaiters.get(g);
       this._subWaiters.delete(g);
       if (w) w.reject(new SubscribeError(code, message, g));

@@ -1,0 +1,120 @@
+"""The passive-notice board (actors/passive.py) driven tick by tick: a
+notice only when a guild's head moved, built once per guild per tick and the
+same bytes to each passive session, a session's notices of one tick in one
+write; a session no longer passive when its write comes gets none."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.frames import Frame, Opcode
+
+from guildcast.actors.passive import SEND_SLICE, PassiveBoard
+from guildcast.protocol import wire
+from guildcast.protocol.deflate import RSV1, Deflater
+from guildcast.protocol.frames import scan_frames
+from tests.actors.test_guild import FakeSink
+
+
+def notices(sink: FakeSink) -> list[tuple[str, int]]:
+    out = []
+    for m in sink.messages():
+        assert m["t"] == "GUILD_ACTIVITY" and "s" not in m, m
+        out.append((m["g"], m["d"]["s"]))
+    return out
+
+
+async def test_a_notice_only_when_the_head_moved_one_write_per_session() -> None:
+    board = PassiveBoard(1.0)
+    a, b = FakeSink("a"), FakeSink("b")
+    g1 = board.attach("g1", "e", 5)
+    g2 = board.attach("g2", "e", 0)
+    g1.sinks[a] = None
+    g1.sinks[b] = None
+    g2.sinks[a] = None
+    assert await board.tick() == 0 and a.writes == 0  # nothing moved since attach
+    g1.head, g2.head = 9, 3
+    assert await board.tick() == 2
+    assert notices(a) == [("g1", 9), ("g2", 3)] and a.writes == 1
+    assert notices(b) == [("g1", 9)] and b.writes == 1
+    # The same bytes to every passive session of a guild.
+    frame = wire.activity_frame("g1", "e", 9)
+    assert bytes(b.buf) == frame and bytes(a.buf).startswith(frame)
+    assert frame.endswith(b'{"op":0,"d":{"s":9,"epoch":"e"},"t":"GUILD_ACTIVITY","g":"g1"}')
+    # Not moved: no notice; one moved: only its own.
+    assert await board.tick() == 0
+    g2.head = 4
+    await board.tick()
+    assert notices(a)[-1] == ("g2", 4) and a.writes == 2 and b.writes == 1
+    assert (board.notices_built, board.notices_sent, board.writes) == (3, 4, 3)
+
+
+async def test_a_session_made_active_during_a_tick_gets_no_notice() -> None:
+    board = PassiveBoard(1.0)
+    sinks = [FakeSink(f"s{i}") for i in range(3 * SEND_SLICE)]
+    e = board.attach("g", "e", 0)
+    for s in sinks:
+        e.sinks[s] = None
+    e.head = 1
+    tick = asyncio.create_task(board.tick())
+    await asyncio.sleep(0)  # the tick has written its first slice and yielded
+    assert sum(s.writes for s in sinks) == SEND_SLICE
+    last = sinks[-1]
+    del e.sinks[last]  # what Guild._unpassive does in a guild step
+    assert await tick == 3 * SEND_SLICE - 1
+    assert last.writes == 0
+
+
+async def test_detached_and_closed_sessions_get_nothing() -> None:
+    board = PassiveBoard(0.5)
+    a, c = FakeSink("a"), FakeSink("c")
+    e = board.attach("g", "e", 0)
+    e.sinks[a] = None
+    e.sinks[c] = None
+    c.close(4000, "gone")
+    board.detach(e)
+    e.head = 1
+    assert await board.tick() == 0 and a.writes == 0
+    e2 = board.attach("g", "e", 1)
+    assert e2 is not e
+    e2.sinks[a] = None
+    e2.head = 2
+    await board.tick()
+    assert notices(a) == [("g", 2)]
+
+
+def test_the_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        PassiveBoard(0)
+
+
+async def test_notices_are_compressed_once_per_guild_per_tick_for_deflate_sessions() -> None:
+    """A tick's notice of a guild is compressed once for all the passive
+    sessions that negotiated permessage-deflate (docs/PROTOCOL.md
+    "Compression"); each decodes the very bytes an uncompressed one reads."""
+    z = Deflater(16)  # a notice is ~85 bytes: under the default threshold
+    board = PassiveBoard(1.0)
+    zs = [FakeSink(f"z{i}") for i in range(5)]
+    for s in zs:
+        s.deflate = z
+    plain = FakeSink("plain")
+    epoch = "epoch-" * 12  # compressible: the notice shrinks, so it goes compressed
+    g1 = board.attach("g1", epoch, 0)
+    g2 = board.attach("g2", epoch, 0)
+    for s in [*zs, plain]:
+        g1.sinks[s] = None
+        g2.sinks[s] = None
+    g1.head, g2.head = 7, 3
+    assert await board.tick() == 6
+    assert z.compressed == 2  # one per guild, not one per session
+    ext = PerMessageDeflate(True, True, 15, 15)
+    spans, _, _ = scan_frames(bytes(zs[0].buf))
+    texts = []
+    for b0, p, q in spans:
+        assert b0 & RSV1, "sent compressed"
+        texts.append(ext.decode(Frame(Opcode.TEXT, bytes(zs[0].buf[p:q]), rsv1=True)).data)
+    assert len(texts) == 2
+    assert b"".join(wire.text_frame(t) for t in texts) == bytes(plain.buf)
+    assert all(s.buf == zs[0].buf and s.writes == 1 for s in zs)
