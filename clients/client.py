@@ -793,7 +793,11 @@ class Client:
                 open_timeout=self._open_timeout,
                 close_timeout=self._close_timeout,
                 ping_interval=None,  # the protocol's HEARTBEAT does this job
-                compression=None,  # PROTOCOL.md "Connecting": off
+                # PROTOCOL.md "Compression": permessage-deflate is offered
+                # (websockets decodes; the server sends each message
+                # compressed with no context takeover, so no inflater is
+                # kept between messages).
+                compression="deflate",
                 max_size=None,  # the server bounds what it sends
                 user_agent_header="guildcast-python-client",
                 # PROTOCOL.md "Connecting" (1.1); a 1.0 server ignores the offer.

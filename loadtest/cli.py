@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "clusterbench": "guildcast.loadtest.clusterbench",
     "sendcost": "guildcast.loadtest.sendcost",
     "faults": "guildcast.loadtest.faults",
+    "wiresize": "guildcast.loadtest.wiresize",
 }
 
 
@@ -121,6 +122,17 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
     g.add_argument("--connect-timeout", type=float, help="seconds for every client to connect")
     g.add_argument("--drain-timeout", type=float, help="seconds for every delivery to arrive")
     g.add_argument("--seed", type=int, help="seed of every random choice (1)")
+    g.add_argument(
+        "--deflate",
+        action="store_true",
+        default=None,
+        help="subscribers offer permessage-deflate and inflate compressed events",
+    )
+    g.add_argument(
+        "--pad",
+        choices=("x", "text"),
+        help="event padding: x (repeated, compresses to nothing) or text (like chat) (x)",
+    )
     g.add_argument("--per-client", type=int, help="guilds per client (passive: 20)")
     g.add_argument(
         "--active",
@@ -184,6 +196,8 @@ PLAN_KEYS = (
     "seed",
     "max_buffer",
     "history_size",
+    "deflate",
+    "pad",
     "per_client",
     "active",
 )

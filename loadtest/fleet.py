@@ -155,6 +155,8 @@ class FleetSpec:
     seed: int = 0
     cpus: list[int] | None = None
     report_interval: float = 0.5
+    #: Offer permessage-deflate and inflate compressed events (``--deflate``).
+    deflate: bool = False
 
 
 class Sub(asyncio.Protocol):
@@ -287,7 +289,7 @@ class Sub(asyncio.Protocol):
         self.unsub_pending = 0
         self.paused = False
         spec = self.fleet.spec
-        self._upgrade = upgrade = wire.Upgrade(spec.host, spec.port, spec.path)
+        self._upgrade = upgrade = wire.Upgrade(spec.host, spec.port, spec.path, spec.deflate)
         self.state = CONNECTING
         transport.write(upgrade.request)
 
@@ -316,6 +318,7 @@ class Sub(asyncio.Protocol):
     # --- receiving -------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self.fleet.wire_bytes += len(data)
         self.fleet.bytes_in += len(data)
         if self.state == CONNECTING:
             self._handshake(data)
@@ -341,7 +344,14 @@ class Sub(asyncio.Protocol):
         s2t = wire.S_TO_TS
         tsd = wire.TS_DIGITS
         spans, i, err = scan_frames(data)
+        whole = data
         for b0, p, end in spans:
+            span_end = end
+            if b0 == 0xC1:  # final text frame, compressed: inflate, then as any
+                data = self.fleet.inflater.inflate(whole[p:end])
+                b0, p, end = 0x81, 0, len(data)
+            else:
+                data = whole
             if b0 == 0x81 and data.startswith(pfx, p):
                 q = data.find(b'"', p + pl)
                 gid = data[p + pl : q]
@@ -366,12 +376,12 @@ class Sub(asyncio.Protocol):
                 # A SUBSCRIBED in this chunk marks its replay, which follows.
                 replay_to = self.replay_to
                 if self.transport is None or self.state == CLOSING:
-                    i = end
+                    i = span_end
                     break
         if err is not None and self.transport is not None and self.state != CLOSING:
             self._fail(err)
         elif i < n and self.transport is not None:
-            self.rest = data[i:]
+            self.rest = whole[i:]
         f = self.fleet
         f.delivered += delivered
         if f.shared is not None:
@@ -694,6 +704,10 @@ class Fleet:
         self.error_samples: list[str] = []
         self.churn_leaves = 0
         self.churn_resubscribes = 0
+        #: Bytes received by every subscriber, as on the wire (compressed or
+        #: not); compressed payloads and what they inflated to (``--deflate``).
+        self.wire_bytes = 0
+        self.inflater = wire.Inflater()
         # Control state.
         self.churn_on = False
         self.slow_paused = False
@@ -932,6 +946,9 @@ class Fleet:
             "error_samples": list(self.error_samples),
             "churn_leaves": self.churn_leaves,
             "churn_resubscribes": self.churn_resubscribes,
+            "wire_bytes": self.wire_bytes,
+            "inflated_in": self.inflater.bytes_in,
+            "inflated_out": self.inflater.bytes_out,
             "slow_clients": len(slow),
             "slow_live": sum(1 for c in slow if c.state == LIVE),
             "slow_closed": {str(k): v for k, v in self.slow_closed.items()},

@@ -145,6 +145,8 @@ class Load:
     size: int
     stats: PubStats
     seed: int
+    #: ``--pad``: "x" or "text" (``wire.pad_for``).
+    pad: str = "x"
 
 
 class Sender:
@@ -154,7 +156,7 @@ class Sender:
     def __init__(self, load: Load) -> None:
         self.gids = list(load.gids)
         self.window = max(1, load.window)
-        self.pad = wire.pad_for(load.size)
+        self.pad = wire.pad_for(load.size, load.pad)
         self.stats = load.stats
         self.rng = random.Random(load.seed)
         self.pacer = Pacer(load.rate)

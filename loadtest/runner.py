@@ -302,6 +302,7 @@ class Run:
                 churn_life=p.churn_life,
                 seed=p.seed,
                 cpus=o.client_cpus,
+                deflate=p.deflate,
             )
             self.workers.append(InlineWorker(spec) if inline else ProcessWorker(spec))
         self.ui.log(f"starting {len(self.workers)} worker(s) ({'inline' if inline else 'spawned'})")
@@ -352,7 +353,7 @@ class Run:
         rate = p.rate / p.publishers
         out: list[GatewayPublisher | HttpPublisher] = []
         for k in range(p.publishers):
-            load = Load(gids, rate, p.inflight, p.size, self.pubstats, p.seed * 7919 + k)
+            load = Load(gids, rate, p.inflight, p.size, self.pubstats, p.seed * 7919 + k, p.pad)
             if p.via == "http":
                 assert t.api_port is not None
                 out.append(HttpPublisher(t.api_host or t.host, t.api_port, t.api_key, load))
@@ -472,7 +473,7 @@ class Run:
         self.monitor.mark("idle_end")
         # One probe event per guild: every idle connection must still deliver.
         self.phase = "probe"
-        load = Load(p.gids(), 0, 64, p.size, self.pubstats, p.seed)
+        load = Load(p.gids(), 0, 64, p.size, self.pubstats, p.seed, p.pad)
         pub = GatewayPublisher(t.host, t.port, t.path, self.pub_token, load)
         if not await pub.open():
             raise RuntimeError("the probe publisher could not connect")
@@ -707,6 +708,12 @@ class Run:
                 "lagging": m_drained.counters["lagging"] if m_drained else None,
                 "recovered": final["recovered"],
                 "unrecovered": final["unrecovered"],
+                # Every byte the subscribers received (handshakes included),
+                # and with --deflate the compressed payloads and what they
+                # inflated to: the wire-size ratio is inflated_in / inflated_out.
+                "wire_bytes": final["wire_bytes"],
+                "inflated_in": final["inflated_in"],
+                "inflated_out": final["inflated_out"],
                 # Passive subscriptions' GUILD_ACTIVITY notices (all run).
                 "notices": final["notices"],
                 # Bytes the clients read in the window, per client (frames

@@ -107,6 +107,13 @@ COMMON: dict[str, Any] = {
     #: Small receive buffer for slow consumers, so they stop the server's
     #: writes soon (a phone on a bad link has a small window too).
     "slow_rcvbuf": 16384,
+    #: Subscribers offer permessage-deflate and inflate what comes compressed
+    #: (``--deflate``); the server compresses if its ``--compression`` is on.
+    "deflate": False,
+    #: What pads each event's ``d``: "x" (one repeated letter, which deflate
+    #: squeezes to nothing) or "text" (prose-like words, which compress as
+    #: chat messages do): ``--pad``.
+    "pad": "x",
     #: Guilds per client (client i is in guilds i, i + G/n, i + 2G/n, ...
     #: modulo G) and how many of them, the first ones, are active (None:
     #: all); the others are subscribed passively.
@@ -119,6 +126,9 @@ SCENARIOS = tuple(DEFAULTS)
 RECOVERY = ("reconnect", "storm")
 #: Workers of the cluster a storm's rolling / kill-worker modes start.
 CLUSTER_WORKERS = 2
+
+#: ``--pad`` kinds (``guildcast.loadtest.wire.pad_for``).
+PADS = ("x", "text")
 
 #: Longest run the harness accepts (runs are bounded in time).
 MAX_DURATION = 3600.0
@@ -153,6 +163,8 @@ class Plan:
     drain_timeout: float
     seed: int
     slow_rcvbuf: int
+    deflate: bool = False
+    pad: str = "x"
     server_opts: dict[str, Any] = field(default_factory=dict)
     per_client: int = 1
     active: int | None = None
@@ -218,6 +230,8 @@ def _validate(p: Plan) -> None:
         raise ValueError("--slow-fraction and --churn-fraction must be in [0, 1)")
     if p.slow_fraction + p.churn_fraction >= 1:
         raise ValueError("some clients must neither churn nor be slow")
+    if p.pad not in PADS:
+        raise ValueError(f"--pad must be one of {', '.join(PADS)}")
     if not 0 < p.reconnect_at < 1:
         raise ValueError("--reconnect-at is a fraction of the duration, in (0, 1)")
     if p.max_lag < 0:

@@ -23,10 +23,13 @@ measured correctly, only more slowly.
 
 from __future__ import annotations
 
+import random
+import zlib
 from collections.abc import Collection
 
 import orjson
 from websockets.client import ClientProtocol
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
@@ -79,9 +82,29 @@ DISPATCH_PREFIX, GID_TO_S, S_TO_TS = _layout()
 _ACK_PREFIX = b'{"op":%d,' % Op.ACK
 
 
-def pad_for(size: int) -> bytes:
-    """The ``pad`` string that makes ``d`` about ``size`` bytes of JSON."""
-    return b"x" * max(0, size - D_OVERHEAD)
+#: Words of a ``text`` pad: a vocabulary like chat's, drawn at random with a
+#: fixed seed, so the pad compresses about as chat messages do (a 200-byte
+#: event to about 0.7 of its size) rather than to nothing, as "x" * k does.
+_WORDS = (
+    b"the a to of and in is it you that was for on are with as be at one have this "
+    b"from or had by but what some we can out other were all there when up use your "
+    b"how said an each she which do their time if will way about many then them would "
+    b"like so these her long make thing see him two has look more day could go come "
+    b"deploy cache build graph ticket review merge green red ok thanks later today"
+).split()
+
+
+def pad_for(size: int, kind: str = "x") -> bytes:
+    """The ``pad`` string that makes ``d`` about ``size`` bytes of JSON:
+    ``kind`` "x" repeats one letter, "text" is words (``--pad``)."""
+    n = max(0, size - D_OVERHEAD)
+    if kind == "x":
+        return b"x" * n
+    rng = random.Random(n)
+    out = bytearray()
+    while len(out) < n:
+        out += rng.choice(_WORDS) + b" "
+    return bytes(out[:n])
 
 
 def publish_payload(gid: bytes | str, ts: int, pad: bytes, nonce: str | None = None) -> bytes:
@@ -129,12 +152,17 @@ class Upgrade:
 
     __slots__ = ("_head", "_proto", "request")
 
-    def __init__(self, host: str, port: int, path: str) -> None:
+    def __init__(self, host: str, port: int, path: str, deflate: bool = False) -> None:
         netloc = f"[{host}]" if ":" in host else host
         # Offers guildcast.v1 as our clients do (protocol 1.1: a RECONNECT
-        # then names its reconnect delay range).
+        # then names its reconnect delay range), and with ``deflate`` the
+        # permessage-deflate offer a browser makes (websockets checks the
+        # answer); frames are inflated by :class:`Inflater`.
+        exts = [ClientPerMessageDeflateFactory(client_max_window_bits=True)] if deflate else None
         self._proto = ClientProtocol(
-            parse_uri(f"ws://{netloc}:{port}{path}"), subprotocols=[Subprotocol(SUBPROTOCOL)]
+            parse_uri(f"ws://{netloc}:{port}{path}"),
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            extensions=exts,
         )
         request = self._proto.connect()
         request.headers["User-Agent"] = "guildcast-loadtest"
@@ -165,6 +193,27 @@ class Upgrade:
             status = head[: head.find(b"\r\n")].decode("latin-1")
             return True, f"upgrade refused: {status}"[:120], b""
         return True, None, head[end + 4 :]
+
+
+class Inflater:
+    """Inflates permessage-deflate messages of servers that answer
+    ``server_no_context_takeover`` (Guildcast always does): no message refers
+    to an earlier one, so one inflater serves every connection of a worker,
+    message after message, instead of 32 KiB of window per connection."""
+
+    __slots__ = ("_z", "bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(-15)
+        #: Compressed payload bytes received, and what they inflated to.
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def inflate(self, payload: bytes) -> bytes:
+        out = self._z.decompress(payload + b"\x00\x00\xff\xff")
+        self.bytes_in += len(payload)
+        self.bytes_out += len(out)
+        return out
 
 
 def fast_ack_s(payload: bytes) -> int | None:

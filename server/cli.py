@@ -39,7 +39,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guildcast.config import Config
+from guildcast.config import COMPRESSION_MODES, Config
 from guildcast.core import gcpolicy
 
 if TYPE_CHECKING:
@@ -58,6 +58,9 @@ _SERVE_FLAGS: dict[str, str] = {
     "max_rewind": "most events a rewind replays to a fresh subscriber (0: rewinds off)",
     "partition_size": "sessions per partition actor",
     "max_buffer": "unsent bytes per connection before close 4010",
+    "compression": "permessage-deflate: on (compress each message once for every client "
+    "that negotiates it) or off",
+    "compression_threshold": "payload bytes from which a message is compressed",
     "max_frame": "largest incoming message in bytes (1009 past it)",
     "max_payload": "largest PUBLISH in bytes (ERROR 4413 past it)",
     "publish_rate": "default PUBLISH events/s per connection (0: unlimited)",
@@ -493,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     if args.fsync not in FSYNC_POLICIES:
         return _fail(f"--fsync must be one of {FSYNC_POLICIES}")
+    if args.compression not in COMPRESSION_MODES:
+        return _fail(f"--compression must be one of {COMPRESSION_MODES}")
     if not args.passive_interval > 0:
         return _fail("--passive-interval must be > 0 seconds")
     if args.max_rewind < 0:

@@ -41,13 +41,14 @@ from guildcast.broker.base import (
 )
 from guildcast.broker.disk import DiskBroker
 from guildcast.broker.memory import MemoryBroker
-from guildcast.config import Config
+from guildcast.config import COMPRESSION_MODES, Config
 from guildcast.core.failures import Overloaded
 from guildcast.core.host import HistoryPage
 from guildcast.core.idempotency import KeyWindows
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MetricsSnapshot, NodeStats
 from guildcast.core.tokens import TokenVerifier, make_token
+from guildcast.protocol.deflate import Deflater
 from guildcast.protocol.session import Limits
 from guildcast.protocol.wire import IDEMPOTENCY_KEY_RULE, valid_guild, valid_idempotency_key
 from guildcast.transport.drain import PEER_DRAIN_SPREAD
@@ -75,6 +76,8 @@ class Server:
         cfg = self.config
         if cfg.fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
+        if cfg.compression not in COMPRESSION_MODES:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSION_MODES)}")
         if cfg.data_dir and cfg.redis:
             raise ValueError("data_dir and redis exclude each other: Redis holds the history")
         if not cfg.passive_interval > 0:
@@ -209,6 +212,8 @@ class Server:
                 user_publish_bytes=cfg.user_publish_bytes,
                 admit_rate=cfg.admit_rate,
             ),
+            # One compressor per node: every event compressed once for all.
+            Deflater(cfg.compression_threshold) if cfg.compression == "on" else None,
         )
         self.gateway.demo_page = cfg.demo_page
         self.gateway.readiness = lambda: "" if self.ready else self.not_ready_reason

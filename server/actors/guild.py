@@ -6,7 +6,9 @@ that is this actor's own log, in cluster mode one Redis script), and the
 publishers are answered with ``(s, epoch)``. While the guild has local
 subscribers it listens to the broker's feed: each record arrives in ``s``
 order, is framed once (``wire.text_frame``) and the same bytes go to every
-partition (docs/DESIGN.md, "The path of one event"). It never writes to a socket.
+partition (docs/DESIGN.md, "The path of one event"); compressed once too,
+for the sessions that negotiated permessage-deflate (``Frames.compressed``).
+It never writes to a socket.
 
 Delivery cursor: ``cursor.Cursor`` (a pure state machine, ``cursor.py``)
 decides what is delivered: duplicates dropped, gaps read back from history,
@@ -79,6 +81,7 @@ from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close
+from guildcast.protocol.deflate import SharedFrame
 
 log = logging.getLogger("guildcast.guild")
 
@@ -271,6 +274,9 @@ class Guild(Actor):
         #: later change was fanned out); both forgotten with the feed.
         self._pv: int | None = None
         self._psnap: PresenceSnapshot | None = None
+        #: ``_psnap``'s PRESENCE_SNAPSHOT frame, built (and compressed, per
+        #: parameter set) once for every session it is sent to.
+        self._psnap_frame: tuple[PresenceSnapshot, SharedFrame] | None = None
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Writer | Partition, int] = {}
         #: Partitions that have not yet written the last run sent to them.
@@ -552,7 +558,7 @@ class Guild(Actor):
         self.delivered += len(run.frames)
         for p in self.partitions:
             if type(p) is Writer:
-                p.write(run.frames, run.names, run.stamps, run.data)
+                p.write(run.frames, run.names, run.stamps, run.data, run.compressed)
                 continue
             assert type(p) is Partition
             try:
@@ -586,7 +592,7 @@ class Guild(Actor):
     def _send_presence(self, msg: PresenceFrame) -> None:
         for p in self.partitions:
             if type(p) is Writer:
-                p.send_presence(msg.frame, msg.v, msg.reset)
+                p.send_presence(msg)
             else:
                 assert type(p) is Partition
                 p.cast_system(msg)
@@ -607,12 +613,20 @@ class Guild(Actor):
             self.gid, members, snap.total, self.settings.presence_limit
         )
 
+    def _snapshot_shared(self, snap: PresenceSnapshot) -> SharedFrame:
+        """``snap``'s frame, built once for every subscriber it is served to."""
+        got = self._psnap_frame
+        if got is None or got[0] is not snap:
+            got = self._psnap_frame = (snap, SharedFrame(self._snapshot_frame(snap)))
+        return got[1]
+
     async def _presence_resync(self) -> None:
         """Presence changes may have been lost: read the presence afresh and,
         unless nothing changed, send every presence session a new
         PRESENCE_SNAPSHOT (it replaces theirs) at that version."""
         base = self._pv if self._pv is not None else (self._psnap.version if self._psnap else None)
         self._psnap = None
+        self._psnap_frame = None
         if not self._watchers:
             self._pv = None
             return
@@ -628,7 +642,9 @@ class Guild(Actor):
         if snap.version == base:
             return  # nothing changed: every session is up to date
         self._fan_out(force=True)
-        self._send_presence(PresenceFrame(self._snapshot_frame(snap), reset=snap.version))
+        msg = PresenceFrame(self._snapshot_frame(snap), reset=snap.version)
+        self._psnap_frame = (snap, msg)  # later subscribers share it
+        self._send_presence(msg)
 
     async def _history_lost(self, why: str, reason: str = "guild history lost; reconnect") -> None:
         """This node cannot go on serving the guild's sessions from its feed
@@ -683,7 +699,7 @@ class Guild(Actor):
         self._unpassive(sink)
         head = self.cursor
         recovered = False
-        replay: list[bytes] = []
+        replay: list[SharedFrame] = []
         rewound: int | None = None
         if position is not None:
             epoch, after = position
@@ -696,7 +712,11 @@ class Guild(Actor):
             rewound, replay = await self._rewind(msg.rewind, head, sink.events)
             # Recovered: every event asked for follows (min(N, head) of them).
             recovered = rewound == min(msg.rewind, head)
-        preamble = wire.subscribed_frame(self.gid, self.epoch, head, recovered, rewound)
+        # SUBSCRIBED is this session's own; the snapshot and the replay are
+        # shared, compressed once per parameter set (partition.Preamble).
+        preamble: list[bytes | SharedFrame] = [
+            wire.subscribed_frame(self.gid, self.epoch, head, recovered, rewound)
+        ]
         since = -1
         if msg.presence:
             try:
@@ -707,12 +727,11 @@ class Guild(Actor):
                     await self._unlisten()
                 return
             since = snap.version
-            preamble += self._snapshot_frame(snap)
+            preamble.append(self._snapshot_shared(snap))
             self._watchers.add(sink)
         else:
             self._watchers.discard(sink)
-        if replay:
-            preamble = b"".join([preamble, *replay])
+        preamble.extend(replay)
         p = self.where.get(sink)
         if p is None:
             p = self._parted.pop(sink, None) or self._partition_with_room()
@@ -729,7 +748,7 @@ class Guild(Actor):
 
     async def _replay(
         self, after: int, head: int, want: frozenset[str] | None
-    ) -> list[bytes] | None:
+    ) -> list[SharedFrame] | None:
         """Frames of events ``after+1 .. head`` (filtered), or None if history
         lacks some: read once per batch for every session it replays to
         (replay.py)."""
@@ -744,7 +763,7 @@ class Guild(Actor):
 
     async def _rewind(
         self, n: int, head: int, want: frozenset[str] | None
-    ) -> tuple[int, list[bytes]]:
+    ) -> tuple[int, list[SharedFrame]]:
         """A rewind (PROTOCOL.md "Rewind"): ``(k, frames)``, the last ``k`` events
         ``head-k+1 .. head`` (filtered), ``k`` at most ``n``, ``max_rewind``
         and what history holds. A replay from a Position ``k`` back
@@ -888,6 +907,7 @@ class Guild(Actor):
         self._cur = None
         self._pv = None
         self._psnap = None
+        self._psnap_frame = None
         try:
             await self.broker.unlisten(self.gid)
         except BrokerUnavailable:

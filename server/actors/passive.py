@@ -14,7 +14,10 @@ board owns the notice schedule; the guild actors own who is passive:
 - Every ``interval`` the ticker (:meth:`PassiveBoard.run`, a task of the
   node's TaskGroup) visits the entries; for each whose head moved since its
   last notice it builds the notice **once** (``wire.activity_frame``) and
-  hands the same bytes to each of the guild's passive sessions; a session
+  hands the same bytes to each of the guild's passive sessions (to those
+  that negotiated permessage-deflate, the same bytes compressed once per
+  parameter set: a :class:`~guildcast.protocol.deflate.SharedFrame`,
+  docs/PROTOCOL.md "Compression"); a session
   passive in several guilds gets all of its notices of the tick joined into
   **one** write (a write costs far more than joining bytes). So the cost is
   per interval: the moved guilds' passive subscriptions plus one write per
@@ -45,6 +48,7 @@ from dataclasses import dataclass, field
 
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
+from guildcast.protocol.deflate import SharedFrame
 
 #: The default ``passive_interval`` (seconds): how often a passive
 #: subscriber may hear about a guild (PROTOCOL.md "Passive subscriptions").
@@ -106,14 +110,14 @@ class PassiveBoard:
     async def tick(self) -> int:
         """Send the notices due now; returns how many sessions were written."""
         self.ticks += 1
-        due: dict[Sink, list[tuple[PassiveGuild, bytes]]] = {}
+        due: dict[Sink, list[tuple[PassiveGuild, SharedFrame]]] = {}
         built = 0
         visited = 0
         for e in list(self.entries.values()):
             if e.head == e.noticed or not e.sinks:
                 continue
             e.noticed = e.head
-            note = (e, wire.activity_frame(e.gid, e.epoch, e.head))
+            note = (e, SharedFrame(wire.activity_frame(e.gid, e.epoch, e.head)))
             built += 1
             for sink in e.sinks:  # no await inside: the guild cannot change it here
                 notes = due.get(sink)
@@ -128,7 +132,8 @@ class PassiveBoard:
         out = sent = writes = 0
         for sink, notes in due.items():
             # Still passive there now (a guild step may have run since).
-            frames = [frame for e, frame in notes if sink in e.sinks]
+            z = sink.deflate
+            frames = [note.for_sink(z) for e, note in notes if sink in e.sinks]
             if frames:
                 data = frames[0] if len(frames) == 1 else b"".join(frames)
                 sink.send(data)

@@ -6,7 +6,10 @@ with a Position a few events behind the head. Served one by one, every
 session costs its own history reads and frames every replayed event again.
 A :class:`ReplayPages` is what the guild has read back during one mailbox
 batch: the events ``first .. head`` of one epoch, each framed once
-(``wire.text_frame``). A replay that starts at or after ``first`` is a
+(``wire.text_frame``) as a :class:`~guildcast.protocol.deflate.SharedFrame`,
+so that it is also compressed at most once per permessage-deflate parameter
+set for every session of the batch it is replayed to (docs/PROTOCOL.md
+"Compression"). A replay that starts at or after ``first`` is a
 slice of it; one that starts earlier reads only the missing pages
 (``page`` records per broker read, whole pages back from what it holds) in
 front of it. So a storm of
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from guildcast.broker.base import Broker, BrokerUnavailable
 from guildcast.protocol import wire
+from guildcast.protocol.deflate import SharedFrame
 
 __all__ = ["ReplayPages"]
 
@@ -41,7 +45,7 @@ class ReplayPages:
         self.page = page
         #: ``frames[i]`` is event ``first + i``; empty: nothing read yet.
         self.first = head + 1
-        self.frames: list[bytes] = []
+        self.frames: list[SharedFrame] = []
         self.names: list[str] = []
         #: Broker reads this instance made (the storm's cost; tests read it).
         self.reads = 0
@@ -51,7 +55,7 @@ class ReplayPages:
 
     async def replay(
         self, broker: Broker, after: int, want: frozenset[str] | None
-    ) -> list[bytes] | None:
+    ) -> list[SharedFrame] | None:
         """Frames of events ``after+1 .. head`` (filtered by ``want``), or
         None if history no longer holds some of them."""
         if after + 1 < self.first and not await self._read_front(broker, after):
@@ -67,7 +71,7 @@ class ReplayPages:
         history no longer holds ``after+1``. It reads whole pages back from
         ``first`` (as far as history goes), so replays arriving from newest
         to oldest Position still cost one read per page."""
-        frames: list[bytes] = []
+        frames: list[SharedFrame] = []
         names: list[str] = []
         end = self.first - 1
         start = max(1, min(after + 1, self.first - self.page))
@@ -89,7 +93,7 @@ class ReplayPages:
             for rec in recs:
                 if rec.s > end:
                     break
-                frames.append(wire.text_frame(rec.payload))
+                frames.append(SharedFrame(wire.text_frame(rec.payload)))
                 names.append(rec.t)
                 nxt = rec.s + 1
         self.frames[:0] = frames

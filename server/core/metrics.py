@@ -73,7 +73,9 @@ class NodeStats:
 
     __slots__ = (
         "bytes_out",
+        "bytes_uncompressed",
         "deliveries",
+        "deliveries_compressed",
         "journal_bytes",
         "journal_fsyncs",
         "journal_repairs",
@@ -94,6 +96,11 @@ class NodeStats:
         self.deliveries = 0
         #: Bytes of event frames written to sessions by partitions.
         self.bytes_out = 0
+        #: What those bytes would have been with no compression (equal to
+        #: ``bytes_out`` when no session negotiated permessage-deflate).
+        self.bytes_uncompressed = 0
+        #: Deliveries written as a compressed frame (RSV1 set).
+        self.deliveries_compressed = 0
         #: Bytes appended to guild journals (``--data-dir``), and fsync calls.
         self.journal_bytes = 0
         self.journal_fsyncs = 0
@@ -109,6 +116,8 @@ class NodeStats:
         m.publish_conflicts = self.publish_conflicts
         m.deliveries = self.deliveries
         m.bytes_out = self.bytes_out
+        m.bytes_uncompressed = self.bytes_uncompressed
+        m.deliveries_compressed = self.deliveries_compressed
         m.latency_buckets = self.latency.cumulative()
         m.latency_sum = self.latency.total
         m.latency_count = self.latency.count
@@ -144,6 +153,16 @@ class MetricsSnapshot:
     publish_conflicts: int = 0
     deliveries: int = 0
     bytes_out: int = 0
+    #: Event bytes the deliveries would have taken uncompressed; deliveries
+    #: sent compressed; and the node's compressor's work: messages compressed
+    #: and their bytes before and after (once per message, not per recipient).
+    bytes_uncompressed: int = 0
+    deliveries_compressed: int = 0
+    compressed_messages: int = 0
+    compress_bytes_in: int = 0
+    compress_bytes_out: int = 0
+    #: Connections that negotiated permessage-deflate.
+    connections_deflate: int = 0
     journal_bytes: int = 0
     journal_fsyncs: int = 0
     journal_repairs: int = 0

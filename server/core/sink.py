@@ -10,12 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from guildcast.protocol.deflate import Deflater
+
 
 class Sink(Protocol):
     """One client connection, as seen by the fanout path."""
 
     #: Event names the session wants, or None for all (IDENTIFY ``events``).
     events: frozenset[str] | None
+    #: The node's compressor for this session's permessage-deflate parameter
+    #: set, or None: the session gets uncompressed frames. Fixed at the
+    #: handshake; the writers send such a session the frames compressed once
+    #: for all of them (docs/PROTOCOL.md "Compression").
+    deflate: Deflater | None
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` for the socket without waiting.

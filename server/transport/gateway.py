@@ -20,6 +20,15 @@ enforced at most one ``sweep_interval`` (plus loop delay) late, and an idle
 connection heartbeating every 30 s costs one visit per 45 s instead of two
 per second.
 
+Compression: permessage-deflate is negotiated by websockets' extension
+machinery with the parameters in ``compression.py`` (``--compression``); a
+connection that negotiated it carries the node's
+:class:`~guildcast.protocol.deflate.Deflater` as ``deflate``, and is written
+the frames compressed once for every such connection; its own frames (HELLO,
+answers, errors) follow the same threshold rule. websockets itself never
+compresses what we write (we write frames to the transport ourselves); it
+decodes the client's compressed frames.
+
 A :class:`Connection` is the :class:`~guildcast.core.sink.Sink` the fanout path
 writes to: ``send`` is one ``transport.write`` plus the unsent-bytes bound
 (past ``max_buffer`` the connection is closed with 4010 and its backlog is
@@ -53,6 +62,7 @@ from guildcast.core.ratelog import RateLimitedLog
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import hints, wire
 from guildcast.protocol.codes import SUBPROTOCOL, SUBPROTOCOLS, Close, Err
+from guildcast.protocol.deflate import Deflater, SharedFrame
 from guildcast.protocol.session import (
     Authenticator,
     CloseConn,
@@ -70,6 +80,7 @@ from guildcast.protocol.session import State as SessionState
 from guildcast.transport import drain as staggered
 from guildcast.transport import static, upgrade
 from guildcast.transport.admission import QUEUED, Admission
+from guildcast.transport.compression import SharedDeflateFactory, negotiated
 
 log = logging.getLogger("guildcast.gateway")
 #: websockets logs every open and close at INFO; that is our job, at our level.
@@ -173,6 +184,7 @@ class Connection(asyncio.Protocol):
         "_waiting",
         "closing",
         "deadline",
+        "deflate",
         "events",
         "exited",
         "proto",
@@ -200,6 +212,8 @@ class Connection(asyncio.Protocol):
         self.proto: ServerProtocol | None = None
         self.session: Session | None = None
         self.events: frozenset[str] | None = None
+        #: The node's deflater once permessage-deflate is negotiated (Sink.deflate).
+        self.deflate: Deflater | None = None
         self.closing = False
         self.exited = False
         #: Handshake or close-handshake deadline (monotonic); the session has its own.
@@ -427,6 +441,7 @@ class Connection(asyncio.Protocol):
 
     def _new_proto(self, state: WsState) -> ServerProtocol:
         return ServerProtocol(
+            extensions=self._gw.extensions,
             subprotocols=_SUBPROTOCOLS,
             select_subprotocol=_select_subprotocol,
             max_size=self._gw.limits.max_frame,
@@ -496,11 +511,14 @@ class Connection(asyncio.Protocol):
         gw.pending.discard(self)
         gw.connections.add(self)
         gw.accepted += 1
+        proto = self.proto
+        if gw.deflater is not None and proto is not None and negotiated(proto.extensions):
+            self.deflate = gw.deflater
         self.session = Session(gw.authenticate, gw.session_limits, _session_ids.next(), now)
         self.deadline = float("inf")
         gw._file(self, self.session.deadline)
         # The 101 response and HELLO leave in one write.
-        self._flush(head + self.session.hello())
+        self._flush(head + self._own(self.session.hello()))
 
     def _on_frame(self, frame: Frame) -> None:
         op = frame.opcode
@@ -622,7 +640,7 @@ class Connection(asyncio.Protocol):
                     # (PROTOCOL.md: answers in the order the PUBLISHes came).
                     self._answers.append([e])
                 else:
-                    self.send(e.data)  # type: ignore[union-attr]
+                    self.send(self._own(e.data))  # type: ignore[union-attr]
             elif tp is Forbidden:
                 assert isinstance(e, Forbidden)
                 self._log_forbidden(e.gid, e.message)
@@ -634,7 +652,7 @@ class Connection(asyncio.Protocol):
                     if self.session is not None:
                         self.session.subscriptions.discard(e.gid)
                     code = failures.answer(exc).error_code
-                    self.send(error_frame(code, str(exc), g=e.gid))
+                    self.send(self._own(error_frame(code, str(exc), g=e.gid)))
             elif tp is Unsubscribe:
                 assert isinstance(e, Unsubscribe)
                 gw.host.unsubscribe(self, e.gid)
@@ -644,6 +662,12 @@ class Connection(asyncio.Protocol):
             elif tp is CloseConn:
                 assert isinstance(e, CloseConn)
                 self.close(e.code, e.reason)
+
+    def _own(self, data: bytes) -> bytes:
+        """This session's own frames (not shared events) as it is sent them:
+        compressed past the threshold if it negotiated permessage-deflate."""
+        z = self.deflate
+        return data if z is None else z.frames(data)
 
     def _publish(self, p: Publish) -> None:
         session = self.session
@@ -760,12 +784,15 @@ def _identify_resume(data: bytes | bytearray | memoryview) -> bool | None:
 
 def _reconnecting(delay_ms: tuple[int, int]) -> Callable[[Connection], None]:
     """RECONNECT (with ``delay_ms`` for a 1.1 session), then close 1001."""
-    frame = hints.reconnect_frame(*delay_ms)
+    # The same two frames for every session of the drain: compressed (when
+    # past the threshold) once per parameter set, like every shared frame.
+    v11 = SharedFrame(hints.reconnect_frame(*delay_ms))
+    v10 = SharedFrame(wire.RECONNECT_FRAME)
 
     def reconnect(conn: Connection) -> None:
         proto = conn.proto
-        v11 = proto is not None and proto.subprotocol is not None
-        conn.send(frame if v11 else wire.RECONNECT_FRAME)
+        frame = v11 if proto is not None and proto.subprotocol is not None else v10
+        conn.send(frame.for_sink(conn.deflate))
         conn.close(Close.GOING_AWAY, "server shutting down")
 
     return reconnect
@@ -780,11 +807,16 @@ class Gateway:
         authenticate: Authenticator,
         session_limits: Limits,
         limits: GatewayLimits,
+        deflater: Deflater | None = None,
     ) -> None:
         self.host = host
         self.authenticate = authenticate
         self.session_limits = session_limits
         self.limits = limits
+        #: The node's compressor: permessage-deflate is offered to clients
+        #: (``--compression on``) when set, declined when None.
+        self.deflater = deflater
+        self.extensions = [SharedDeflateFactory()] if deflater is not None else None
         #: Connections past the handshake (counted against max_connections).
         self.connections: set[Connection] = set()
         #: Connections still in the HTTP upgrade (or being refused).
@@ -952,9 +984,16 @@ class Gateway:
         m.slow_consumers = self.slow_consumers
         m.close_codes = dict(self.close_codes)
         ready = SessionState.READY
-        m.sessions_identified = sum(
-            1 for c in self.connections if c.session is not None and c.session.state is ready
-        )
+        for c in self.connections:
+            if c.session is not None and c.session.state is ready:
+                m.sessions_identified += 1
+            if c.deflate is not None:
+                m.connections_deflate += 1
+        z = self.deflater
+        if z is not None:
+            m.compressed_messages = z.compressed
+            m.compress_bytes_in = z.bytes_in
+            m.compress_bytes_out = z.bytes_out
         m.user_publish_refused = self.user_rates.refused
         m.descriptors_exhausted = self.descriptors.exhausted
         m.open_descriptors = fdwatch.open_descriptors()

@@ -271,6 +271,36 @@ class _NodeCollector(Collector):
         )
         yield counter("guildcast_bytes_written", "Event bytes written to sessions", m.bytes_out)
         yield counter(
+            "guildcast_bytes_written_uncompressed",
+            "What the event bytes written would have been with no compression",
+            m.bytes_uncompressed,
+        )
+        yield counter(
+            "guildcast_deliveries_compressed",
+            "Deliveries written as a permessage-deflate compressed frame",
+            m.deliveries_compressed,
+        )
+        yield counter(
+            "guildcast_compressed_messages",
+            "Messages compressed (once per message for every session, not per recipient)",
+            m.compressed_messages,
+        )
+        yield counter(
+            "guildcast_compress_input_bytes",
+            "Payload bytes compressed, before compression",
+            m.compress_bytes_in,
+        )
+        yield counter(
+            "guildcast_compress_output_bytes",
+            "Payload bytes compressed, after compression",
+            m.compress_bytes_out,
+        )
+        yield gauge(
+            "guildcast_connections_deflate",
+            "Connections that negotiated permessage-deflate",
+            m.connections_deflate,
+        )
+        yield counter(
             "guildcast_slow_consumers",
             "Sessions closed with 4010 (unsent bytes over max_buffer)",
             m.slow_consumers,

@@ -31,6 +31,7 @@ from guildcast.actors.partition import Writer
 from guildcast.broker.memory import MemoryBroker
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close
+from guildcast.protocol.deflate import Deflater
 from tests.actors.support import scope
 from tests.protocol.framing import unframe
 
@@ -41,6 +42,7 @@ class FakeSink:
     def __init__(self, name: str, events: frozenset[str] | None = None) -> None:
         self.name = name
         self.events = events
+        self.deflate: Deflater | None = None
         self.buf = bytearray()
         self.writes = 0
         self.closed_with: tuple[int, str] | None = None

@@ -8,9 +8,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.frames import Frame, Opcode
 
 from guildcast.actors.passive import SEND_SLICE, PassiveBoard
 from guildcast.protocol import wire
+from guildcast.protocol.deflate import RSV1, Deflater
+from guildcast.protocol.frames import scan_frames
 from tests.actors.test_guild import FakeSink
 
 
@@ -84,3 +88,33 @@ async def test_detached_and_closed_sessions_get_nothing() -> None:
 def test_the_interval_must_be_positive() -> None:
     with pytest.raises(ValueError):
         PassiveBoard(0)
+
+
+async def test_notices_are_compressed_once_per_guild_per_tick_for_deflate_sessions() -> None:
+    """A tick's notice of a guild is compressed once for all the passive
+    sessions that negotiated permessage-deflate (docs/PROTOCOL.md
+    "Compression"); each decodes the very bytes an uncompressed one reads."""
+    z = Deflater(16)  # a notice is ~85 bytes: under the default threshold
+    board = PassiveBoard(1.0)
+    zs = [FakeSink(f"z{i}") for i in range(5)]
+    for s in zs:
+        s.deflate = z
+    plain = FakeSink("plain")
+    epoch = "epoch-" * 12  # compressible: the notice shrinks, so it goes compressed
+    g1 = board.attach("g1", epoch, 0)
+    g2 = board.attach("g2", epoch, 0)
+    for s in [*zs, plain]:
+        g1.sinks[s] = None
+        g2.sinks[s] = None
+    g1.head, g2.head = 7, 3
+    assert await board.tick() == 6
+    assert z.compressed == 2  # one per guild, not one per session
+    ext = PerMessageDeflate(True, True, 15, 15)
+    spans, _, _ = scan_frames(bytes(zs[0].buf))
+    texts = []
+    for b0, p, q in spans:
+        assert b0 & RSV1, "sent compressed"
+        texts.append(ext.decode(Frame(Opcode.TEXT, bytes(zs[0].buf[p:q]), rsv1=True)).data)
+    assert len(texts) == 2
+    assert b"".join(wire.text_frame(t) for t in texts) == bytes(plain.buf)
+    assert all(s.buf == zs[0].buf and s.writes == 1 for s in zs)

@@ -71,6 +71,24 @@ def test_bigguild(tmp_path: Path) -> None:
     assert r["timeline"] and r["harness"]["processes"]
 
 
+def test_manyguilds_with_deflate(tmp_path: Path) -> None:
+    """--deflate: subscribers negotiate permessage-deflate and inflate the
+    shared compressed frames; --pad text makes events that compress as chat
+    does; nothing is lost, and the wire carries fewer bytes than it inflates to."""
+    r = run(
+        tmp_path,
+        "manyguilds --server embedded --clients 40 --guilds 4 --duration 2 "
+        "--deflate --pad text --size 400",
+    )
+    assert_clean(r, 40)
+    d = r["delivery"]
+    assert r["params"]["deflate"] is True and r["params"]["pad"] == "text"
+    assert d["inflated_in"] > 0 and d["inflated_out"] > d["inflated_in"]
+    assert r["latency_us"]["count"] == d["delivered"]
+    plain = run(tmp_path, "manyguilds --server embedded --clients 40 --guilds 4 --duration 1")
+    assert plain["delivery"]["inflated_in"] == 0
+
+
 def test_latency_over_http(tmp_path: Path) -> None:
     r = run(tmp_path, "latency --server embedded --clients 30 --rate 50 --duration 2 --via http")
     assert_clean(r, 30)
