@@ -36,11 +36,25 @@ actors are bounded by ``max_guilds``); one tick's work and its per-session
 lists are bounded by the passive subscriptions on this node (sessions x
 ``max_subscriptions``) and are dropped when the tick ends. Notices go
 through ``Sink.send``, so the slow-consumer bound (4010) applies to them.
+
+Garbage collection: a tick holds one list per passive session until its
+writes are done (10,000 lists for 10,000 sessions), enough to run the
+cyclic collector many times per tick and, as they survive into the old
+generation, a full collection of the whole heap every few ticks (16% of
+the server's CPU in the issue's passive mix, docs/BENCHMARKS.md "Passive
+subscriptions"). Those lists hold no cycles and are freed by reference
+counting when the tick ends, so a tick pauses the collector while it runs
+(:func:`_gc_paused`, shared by every board of the process) and lets it run
+again after: collection of any garbage made meanwhile waits at most one
+tick.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from guildcast.core.sink import Sink
@@ -55,6 +69,29 @@ DEFAULT_INTERVAL = 1.0
 #: passive guilds in one step.
 VISIT_SLICE = 8192
 SEND_SLICE = 512
+
+
+#: Ticks in progress in this process (boards of several nodes may share one
+#: process, in tests): the collector runs again when the last one ends, and
+#: only if it was running when the first began.
+_paused = 0
+_resume = False
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for the body (module docstring)."""
+    global _paused, _resume
+    if _paused == 0:
+        _resume = gc.isenabled()
+        gc.disable()
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+        if _paused == 0 and _resume:
+            gc.enable()
 
 
 @dataclass(slots=True, eq=False)
@@ -106,6 +143,10 @@ class PassiveBoard:
     async def tick(self) -> int:
         """Send the notices due now; returns how many sessions were written."""
         self.ticks += 1
+        with _gc_paused():
+            return await self._tick()
+
+    async def _tick(self) -> int:
         due: dict[Sink, list[tuple[PassiveGuild, bytes]]] = {}
         built = 0
         visited = 0
