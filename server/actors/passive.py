@@ -38,15 +38,16 @@ lists are bounded by the passive subscriptions on this node (sessions x
 through ``Sink.send``, so the slow-consumer bound (4010) applies to them.
 
 Garbage collection: a tick holds one list per passive session until its
-writes are done (10,000 lists for 10,000 sessions), enough to run the
-cyclic collector many times per tick and, as they survive into the old
-generation, a full collection of the whole heap every few ticks (16% of
-the server's CPU in the issue's passive mix, docs/BENCHMARKS.md "Passive
-subscriptions"). Those lists hold no cycles and are freed by reference
-counting when the tick ends, so a tick pauses the collector while it runs
-(:func:`_gc_paused`, shared by every board of the process) and lets it run
-again after: collection of any garbage made meanwhile waits at most one
-tick.
+writes are done (10,000 lists for 10,000 sessions), and each 700 of them
+that are still alive run the cyclic collector, which promotes them towards
+the old generation and so brings the next full collection of the whole
+heap nearer (a py-spy profile of the issue's passive mix had 16% of the
+server's samples in the collector, 95% of them inside the tick:
+docs/BENCHMARKS.md "Passive subscriptions"). Those lists hold no cycles
+and are freed by reference counting when the tick ends, so a tick pauses
+the collector while it runs (:func:`_gc_paused`, shared by every board of
+the process) and lets it run again after: collecting any garbage made
+meanwhile waits at most one tick.
 """
 
 from __future__ import annotations
