@@ -118,3 +118,36 @@ async def test_notices_are_compressed_once_per_guild_per_tick_for_deflate_sessio
     assert len(texts) == 2
     assert b"".join(wire.text_frame(t) for t in texts) == bytes(plain.buf)
     assert all(s.buf == zs[0].buf and s.writes == 1 for s in zs)
+
+
+async def test_a_tick_pauses_the_cyclic_collector_and_restores_it() -> None:
+    """A tick holds one list per session across loop steps: the collector is
+    paused while two boards' ticks overlap and runs again after the last one
+    (and stays off after them if it was off before)."""
+    import gc
+
+    assert gc.isenabled()
+    boards = []
+    for _ in range(2):
+        board = PassiveBoard(1.0)
+        e = board.attach("g", "e", 0)
+        for i in range(3 * SEND_SLICE):
+            e.sinks[FakeSink(f"s{i}")] = None
+        e.head = 1
+        boards.append(board)
+    first = asyncio.create_task(boards[0].tick())
+    await asyncio.sleep(0)  # the first tick has yielded after a slice
+    assert not gc.isenabled()
+    second = asyncio.create_task(boards[1].tick())
+    await asyncio.sleep(0)
+    assert await first == 3 * SEND_SLICE
+    assert not gc.isenabled()  # the second tick is still running
+    assert await second == 3 * SEND_SLICE
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        boards[0].entries["g"].head = 2
+        assert await boards[0].tick() == 3 * SEND_SLICE
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
