@@ -87,10 +87,13 @@ class Config:
     drain_spread: float | None = None
     #: IDENTIFYs admitted per second (handshakes: twice that), resumes with
     #: a Position first; past it close 1013 with a retry hint
-    #: (transport/admission.py). 0: no bound. The default is about what one
-    #: node on this project's 2-core bench machine admits while 19,000
-    #: sessions connect (docs/OPERATIONS.md "Deploying without a reconnect storm").
-    admit_rate: float = 1500.0
+    #: (transport/admission.py). 0: no bound. The default is above what one
+    #: node on this project's 2-core bench machine completes (the referee's
+    #: 19,900 connections in 3-4 s, docs/BENCHMARKS.md), so a burst the node
+    #: can serve is queued, never refused; a storm beyond it is paced, and
+    #: the loop-lag feedback lowers it further (docs/OPERATIONS.md
+    #: "Deploying without a reconnect storm").
+    admit_rate: float = 5000.0
     #: Share the listening port with other processes (SO_REUSEPORT); set for
     #: every worker of ``--workers N``.
     reuse_port: bool = False
