@@ -767,8 +767,9 @@ class Connection(asyncio.Protocol):
 
 def _identify_resume(data: bytes | bytearray | memoryview) -> bool | None:
     """For an IDENTIFY: True if it names a Position for some guild (a
-    resume), False if none (fresh); None for anything else (the session
-    decodes and judges every message itself)."""
+    resume), False if none (fresh: no ``guilds``, or only null, rewind or
+    passive-without-Position requests); None for anything else (the
+    session decodes and judges every message itself)."""
     try:
         msg = wire.decode(data)
     except wire.JSONDecodeError:
@@ -776,10 +777,21 @@ def _identify_resume(data: bytes | bytearray | memoryview) -> bool | None:
     if type(msg) is not dict or msg.get("op") != 2:
         return None
     d = msg.get("d")
-    guilds = d.get("guilds") if type(d) is dict else None
+    if type(d) is not dict:
+        return None
+    guilds = d.get("guilds", {})
     if type(guilds) is not dict:
         return None
-    return any(pos is not None for pos in guilds.values())
+    return any(_names_position(value) for value in guilds.values())
+
+
+def _names_position(value: object) -> bool:
+    """A guild's IDENTIFY value recovers from a Position (a request the
+    session will refuse counts as none: it never gets that far)."""
+    try:
+        return wire.guild_request(value).position is not None
+    except ValueError:
+        return False
 
 
 def _reconnecting(delay_ms: tuple[int, int]) -> Callable[[Connection], None]:

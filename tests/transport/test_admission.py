@@ -314,3 +314,49 @@ def test_a_late_loop_slows_admissions_down_and_back_up() -> None:
         a.loop_lag(0.0)  # on time again: back up step by step
     assert a.share == pytest.approx(1.0)
     Admission(0.0, now=0.0).loop_lag(1.0)  # no bound: nothing to slow
+
+
+@pytest.mark.parametrize(
+    ("d", "resume"),
+    [
+        ({"token": "t", "guilds": {"g": {"epoch": "e", "s": 3}}}, True),
+        ({"token": "t", "guilds": {"g": {"epoch": "e", "s": 3, "passive": True}}}, True),
+        ({"token": "t", "guilds": {"a": None, "g": {"epoch": "e", "s": 0}}}, True),
+        ({"token": "t", "guilds": {"g": None}}, False),
+        ({"token": "t", "guilds": {"g": {"rewind": 50}}}, False),  # fresh: no Position
+        ({"token": "t", "guilds": {"g": {"passive": True}}}, False),
+        ({"token": "t", "guilds": {"g": {"epoch": 1, "s": "x"}}}, False),  # refused later
+        ({"token": "t"}, False),  # no guilds: a fresh IDENTIFY, still counted
+        ({"token": "t", "guilds": {}}, False),
+    ],
+)
+def test_an_identify_is_a_resume_only_when_it_names_a_position(
+    d: dict[str, Any], resume: bool
+) -> None:
+    from guildcast.protocol import wire
+    from guildcast.transport.gateway import _identify_resume
+
+    assert _identify_resume(wire.encode({"op": IDENTIFY, "d": d})) is resume
+
+
+def test_what_is_not_an_identify_is_left_to_the_session() -> None:
+    from guildcast.transport.gateway import _identify_resume
+
+    assert _identify_resume(b"not json") is None
+    assert _identify_resume(b'{"op": 1, "d": null}') is None
+    assert _identify_resume(b'{"op": 2, "d": null}') is None
+    assert _identify_resume(b'{"op": 2, "d": {"guilds": []}}') is None
+
+
+async def test_an_identify_without_guilds_waits_its_turn_too() -> None:
+    async with node(admit_rate=1.0) as srv:  # one IDENTIFY a second
+        tok = srv.token("u", guilds=["*"])
+        ws0, _ = await session(srv.url, tok, {})
+        ws = await open_ws(srv.url)
+        assert (await recv(ws))["op"] == HELLO
+        await send(ws, IDENTIFY, {"token": tok})
+        m = await recv(ws)
+        assert m["t"] == "READY", m
+        assert srv.gateway.admission.stats.queued_fresh == 1
+        await ws.close()
+        await ws0.close()
