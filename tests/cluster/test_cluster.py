@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import websockets
 
 from guildcast.core.tokens import make_token
 from tests.support.gateway import Follower, Publisher, send
-from tests.support.node import SECRET, ServeProcess, cluster_node
+from tests.support.node import SECRET, ServeProcess, cluster_nodes
 from tests.support.redis import RedisProc
 from tests.support.wait import until
 
@@ -39,16 +40,8 @@ def redis(tmp_path: Path) -> Iterator[RedisProc]:
     r.stop()
 
 
-@contextlib.asynccontextmanager
-async def nodes(redis: RedisProc, n: int) -> AsyncIterator[list[ServeProcess]]:
-    procs = [cluster_node(redis.url, f"node{i}", redis.dir / f"node{i}.log") for i in range(n)]
-    try:
-        for p in procs:
-            await p.start()
-        yield procs
-    finally:
-        for p in procs:
-            await p.close()
+def nodes(redis: RedisProc, n: int) -> AbstractAsyncContextManager[list[ServeProcess]]:
+    return cluster_nodes(redis.url, redis.dir, n)
 
 
 @contextlib.asynccontextmanager

@@ -40,14 +40,6 @@ def token(user: str) -> str:
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisProc]:
-    r = RedisProc(tmp_path)
-    r.start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
 def proxy(redis: RedisProc) -> Iterator[ThreadedFaultProxy]:
     p = ThreadedFaultProxy("127.0.0.1", redis.port)
     p.start()

@@ -6,18 +6,15 @@ inside the append script), and a plain subscriber sees each event once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from guildcast.core.tokens import make_token
 from guildcast.loadtest.faultproxy import ThreadedFaultProxy
 from tests.support.api import Api
 from tests.support.gateway import ACK, DISPATCH, PUBLISH, recv, send, session, subscribe
-from tests.support.node import SECRET, ServeProcess, cluster_node
+from tests.support.node import SECRET, ServeProcess, cluster_node, cluster_nodes
 from tests.support.redis import RedisProc
 from tests.support.wait import until
 
@@ -29,27 +26,8 @@ CONCURRENCY = 32
 FAST = ("--redis-timeout", "1", "--feed-deadline", "1")
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisProc]:
-    r = RedisProc(tmp_path)
-    r.start()
-    yield r
-    r.stop()
-
-
-@contextlib.asynccontextmanager
-async def two_nodes(redis: RedisProc) -> AsyncIterator[list[ServeProcess]]:
-    procs = [
-        cluster_node(redis.url, f"node{i}", redis.dir / f"node{i}.log", "--api-publish-rate", "0")
-        for i in range(2)
-    ]
-    try:
-        for p in procs:
-            await p.start()
-        yield procs
-    finally:
-        for p in procs:
-            await p.close()
+def two_nodes(redis: RedisProc) -> AbstractAsyncContextManager[list[ServeProcess]]:
+    return cluster_nodes(redis.url, redis.dir, 2, "--api-publish-rate", "0")
 
 
 def event(gid: str, i: int) -> dict[str, Any]:

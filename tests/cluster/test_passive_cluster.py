@@ -6,24 +6,13 @@ ones; another passive node's notices carry the same head."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.cluster.test_cluster import nodes, token
 from tests.support import gateway as gw
 from tests.support.redis import RedisProc
 
 PASSIVE = {"passive": True}
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Any:
-    r = RedisProc(tmp_path)
-    r.start()
-    yield r
-    r.stop()
 
 
 async def until(ws: Any, pred: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -11,12 +11,9 @@ in step, and a feed reconnect resynchronises with a fresh snapshot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from contextlib import AbstractAsyncContextManager
 
 import orjson
-import pytest
 import redis.asyncio as aioredis
 
 from guildcast.broker.base import Presence
@@ -29,7 +26,7 @@ from guildcast.broker.redis import (
 )
 from guildcast.core.tokens import make_token
 from tests.support import gateway as gw
-from tests.support.node import SECRET, ServeProcess, cluster_node
+from tests.support.node import SECRET, ServeProcess, cluster_nodes
 from tests.support.presence import CHURNERS, PresenceView, churn_while_watching, watch
 from tests.support.redis import RedisProc
 from tests.support.wait import until
@@ -39,26 +36,8 @@ def token(user: str) -> str:
     return make_token(SECRET, user, ["*"], ["*"], pub_rate=0)
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisProc]:
-    r = RedisProc(tmp_path)
-    r.start()
-    yield r
-    r.stop()
-
-
-@contextlib.asynccontextmanager
-async def nodes(redis: RedisProc, *extra: str) -> AsyncIterator[list[ServeProcess]]:
-    procs = [
-        cluster_node(redis.url, f"node{i}", redis.dir / f"node{i}.log", *extra) for i in range(2)
-    ]
-    try:
-        for p in procs:
-            await p.start()
-        yield procs
-    finally:
-        for p in procs:
-            await p.close()
+def nodes(redis: RedisProc, *extra: str) -> AbstractAsyncContextManager[list[ServeProcess]]:
+    return cluster_nodes(redis.url, redis.dir, 2, *extra)
 
 
 async def http_sessions(n: ServeProcess, gid: str) -> set[str]:

@@ -286,3 +286,21 @@ def cluster_node(redis_url: str, node_id: str, log_path: Path, *extra: str) -> S
     with a 2 s presence timeout, so a killed node's members expire quickly."""
     args = ["--redis", redis_url, "--node-id", node_id, "--presence-timeout", "2"]
     return ServeProcess([*args, "--log-level", "WARNING", *extra], log_path, node_id=node_id)
+
+
+@asynccontextmanager
+async def cluster_nodes(
+    redis_url: str, log_dir: Path, n: int, *extra: str
+) -> AsyncIterator[list[ServeProcess]]:
+    """``n`` started :func:`cluster_node` processes ``node0`` ... on one
+    Redis, each logging to ``log_dir/nodeI.log``; all closed on exit."""
+    procs = [
+        cluster_node(redis_url, f"node{i}", log_dir / f"node{i}.log", *extra) for i in range(n)
+    ]
+    try:
+        for p in procs:
+            await p.start()
+        yield procs
+    finally:
+        for p in procs:
+            await p.close()
