@@ -555,15 +555,21 @@ class RedisBroker:
 
     # --- sequencing and history --------------------------------------------------
 
-    async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
-        args: list[Any] = [
+    def _append_argv(self, gid: str, n: int) -> list[Any]:
+        """The append script's leading ARGV (a new epoch should it need one,
+        the guild, the history bounds, now, the item count): one layout for
+        the keyed and unkeyed appends."""
+        return [
             secrets.token_hex(8),
             gid,
             self.history_size,
             int(time.time() * 1000),
             self.history_ttl_ms,
-            len(items),
+            n,
         ]
+
+    async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
+        args = self._append_argv(gid, len(items))
         for t, d in items:
             args.append(t)
             args.append(d)
@@ -579,16 +585,8 @@ class RedisBroker:
         if self.idempotency_ttl_ms <= 0 or self.idempotency_keys <= 0:
             epoch, ss = await self.append(gid, items)  # the window is off
             return epoch, list(ss)
-        args: list[Any] = [
-            secrets.token_hex(8),
-            gid,
-            self.history_size,
-            int(time.time() * 1000),
-            self.history_ttl_ms,
-            len(items),
-            self.idempotency_ttl_ms,
-            self.idempotency_keys,
-        ]
+        args = self._append_argv(gid, len(items))
+        args += (self.idempotency_ttl_ms, self.idempotency_keys)
         for (t, d), key in zip(items, keys, strict=True):
             args.append(t)
             args.append(d)
