@@ -330,8 +330,11 @@ class ProcessTarget(Target):
     def _keep(self, line: bytes) -> str:
         text = line.decode("utf-8", "replace").rstrip()
         self.output.append(text)
-        if "gateway on ws://" in text:
-            self.listening += 1
+        # Counted, not tested: the workers of ``--workers N`` share the pipe,
+        # and two "gateway on" lines written at once can arrive as one.
+        seen = text.count("gateway on ws://")
+        if seen:
+            self.listening += seen
             if self._listened is not None:
                 self._listened.set()
         if self._log is not None:
@@ -382,8 +385,7 @@ class ProcessTarget(Target):
                             "the server exited before listening:\n" + "\n".join(self.output)
                         )
                     text = self._keep(line)
-                    m = url_re.search(text)
-                    if m:
+                    for m in url_re.finditer(text):  # two workers' lines may arrive as one
                         self.port = int(m.group(2))
                         self.path = m.group(3)
                         gateways_seen += 1
