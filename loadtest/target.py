@@ -385,14 +385,14 @@ class ProcessTarget(Target):
                             "the server exited before listening:\n" + "\n".join(self.output)
                         )
                     text = self._keep(line)
-                    for m in url_re.finditer(text):  # two workers' lines may arrive as one
-                        self.port = int(m.group(2))
-                        self.path = m.group(3)
+                    for gm in url_re.finditer(text):  # two workers' lines may arrive as one
+                        self.port = int(gm.group(2))
+                        self.path = gm.group(3)
                         gateways_seen += 1
-                    m = api_re.search(text)
-                    if m:
+                    am = api_re.search(text)
+                    if am:
                         self.api_host = self.host
-                        self.api_port = int(m.group(2))
+                        self.api_port = int(am.group(2))
         except TimeoutError:
             await stop_process(self.proc)
             raise TargetError(
