@@ -373,7 +373,8 @@ class ProcessTarget(Target):
         self.pid = self.proc.pid
         self.starts += 1
         assert self.proc.stdout is not None
-        url_re = re.compile(r"gateway on ws://([^:/]+|\[[^\]]+\]):(\d+)(/\S*)")
+        # The path ends where another worker's line may begin (lines can merge).
+        url_re = re.compile(r"gateway on ws://([^:/]+|\[[^\]]+\]):(\d+)(/\S*?)(?=guildcast:|\s|$)")
         api_re = re.compile(r"api on http://([^:/]+|\[[^\]]+\]):(\d+)")
         gateways_seen = 0
         try:
