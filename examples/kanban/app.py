@@ -40,7 +40,8 @@ from typing import Any
 from aiohttp import web
 
 from guildcast import Config, Server
-from guildcast.actors import ActorExited, CallTimeout, MailboxFull, Registry, RegistryFull
+from guildcast.actors import Registry
+from guildcast.core.failures import Failure, answer
 
 from .board import Board, Columns, Configure, Listing, guild_of
 from .card import CARD_IDLE, Archive, Card, Create, Edit, Get, Move, Outcome
@@ -163,7 +164,6 @@ class Kanban:
 # --- HTTP -----------------------------------------------------------------------
 
 KANBAN: web.AppKey[Kanban] = web.AppKey("kanban", Kanban)
-_BUSY = (RegistryFull, MailboxFull, ActorExited, CallTimeout)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -238,8 +238,14 @@ def _card_id(request: web.Request) -> str:
 async def _busy_is_503(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         response: web.StreamResponse = await handler(request)
-    except _BUSY as e:
-        return _error(503, f"busy: {type(e).__name__}")
+    except Failure as e:
+        # The runtime's failures (a full registry or mailbox, an exited actor,
+        # a call that timed out) answer as the gateway's own HTTP API does:
+        # one table, server/core/failures.py.
+        a = answer(e)
+        return web.json_response(
+            {"error": a.error, "detail": str(e)}, status=a.status, headers=a.headers
+        )
     return response
 
 

@@ -53,7 +53,7 @@ recently written are closed and reopened on demand; only the event loop
 uses an append descriptor, fsyncs in threads open their own); guild logs in
 memory are capped at ``max_cached`` (least recently used, idle ones are
 dropped and reloaded from their file on next use); their history by count,
-age and bytes (``guildcast.core.histbudget``). Files are compacted to the
+age and bytes (``guildcast.broker.histbudget``). Files are compacted to the
 history limits when they pass twice the count limit (plus
 ``COMPACT_SLACK``) or hold events the age limit has dropped for a while; a
 journal untouched for ``history_ttl`` + ``JANITOR_GRACE`` is deleted (its
@@ -102,11 +102,11 @@ from guildcast.broker.base import (
     Sweeps,
     spawn,
 )
+from guildcast.broker.histbudget import HistoryBudget
 from guildcast.broker.history import History
 from guildcast.broker.local import LocalFeed
 from guildcast.broker.memory import HISTORY_GUILD_BYTES, HISTORY_NODE_BYTES, GuildLog
 from guildcast.core import journal
-from guildcast.core.histbudget import HistoryBudget
 from guildcast.core.idempotency import KeyWindows, Replayed, Seen, settle
 from guildcast.core.journal import (
     FSYNC_POLICIES,

@@ -1,6 +1,6 @@
 """One guild's history ring: the records still kept for recovery, oldest
 first, bounded by count (``size``), age (``ttl`` seconds) and bytes (the
-node's :class:`~guildcast.core.histbudget.HistoryBudget`: the guild's bound
+node's :class:`~guildcast.broker.histbudget.HistoryBudget`: the guild's bound
 here, the node's bound enforced by the ring's owner across every ring).
 
 The in-process logs keep one each: the memory broker's guild log and,
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from itertools import islice
 
 from guildcast.broker.base import Record
-from guildcast.core.histbudget import HistoryBudget
+from guildcast.broker.histbudget import HistoryBudget
 
 
 class History:

@@ -9,7 +9,7 @@ A guild whose history has emptied (every event aged out) and that nobody
 listens to is forgotten by :meth:`sweep`; its next use starts a new epoch,
 which is what the protocol asks when history is lost. History is bounded by
 count and age per guild and by bytes per guild and per node
-(``guildcast.core.histbudget``: the oldest events leave first), so memory
+(``guildcast.broker.histbudget``: the oldest events leave first), so memory
 is bounded by those limits plus one small log per guild in use.
 
 Idempotency keys (``append_keyed``): the node's window of keys
@@ -41,9 +41,9 @@ from guildcast.broker.base import (
     ReportsMetrics,
     Sweeps,
 )
+from guildcast.broker.histbudget import HistoryBudget
 from guildcast.broker.history import History
 from guildcast.broker.local import LocalFeed
-from guildcast.core.histbudget import HistoryBudget
 from guildcast.core.idempotency import KeyWindows, Replayed, Seen, settle
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.protocol import wire

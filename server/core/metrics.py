@@ -174,7 +174,7 @@ class MetricsSnapshot:
     journal_open_files: int = 0
     journals_deleted: int = 0
     #: History bytes held in memory and events evicted by the byte bounds
-    #: (``guildcast.core.histbudget``; single node brokers).
+    #: (``guildcast.broker.histbudget``; single node brokers).
     history_bytes: int = 0
     history_evictions: int = 0
     #: Guild actors stopped to make room at max_guilds; subscriptions refused

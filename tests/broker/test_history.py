@@ -5,8 +5,8 @@ every way a record leaves."""
 from __future__ import annotations
 
 from guildcast.broker.base import Record
+from guildcast.broker.histbudget import RECORD_OVERHEAD, HistoryBudget
 from guildcast.broker.history import History
-from guildcast.core.histbudget import RECORD_OVERHEAD, HistoryBudget
 
 NOW = 1_000_000.0
 

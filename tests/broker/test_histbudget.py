@@ -1,11 +1,11 @@
-"""The history byte budget (server/core/histbudget.py) through the memory
+"""The history byte budget (server/broker/histbudget.py) through the memory
 broker: a guild's bound, the node's bound (oldest events of the node first),
 and exact accounting as events leave by count and age."""
 
 from __future__ import annotations
 
+from guildcast.broker.histbudget import LOW_WATER, RECORD_OVERHEAD
 from guildcast.broker.memory import MemoryBroker
-from guildcast.core.histbudget import LOW_WATER, RECORD_OVERHEAD
 
 KB = b'"' + b"x" * 1022 + b'"'  # a 1 KiB JSON string
 
