@@ -72,9 +72,10 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from guildcast.broker import resp
 from guildcast.broker.base import (
     FEED_LOST,
     Broker,
@@ -87,6 +88,7 @@ from guildcast.broker.base import (
     Record,
     spawn,
 )
+from guildcast.broker.resp import ReplyError, RespConnection, pack
 from guildcast.core.idempotency import (
     IDEMPOTENCY_GUILD_KEYS,
     IDEMPOTENCY_TTL,
@@ -484,7 +486,13 @@ class RedisBroker:
         #: successor may overlap, so listen/unlisten are counted.
         self._listeners: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._pubsub: Any = None
+        #: The append pipeline's connection and the feed's (``resp.py``).
+        self._alink: RespConnection | None = None
+        self._sub: RespConnection | None = None
+        #: Guilds the feed's new connection owes a catch-up (``_reader``).
+        self._owed: list[str] = []
+        #: Channel name -> guild, for the feed's listened channels.
+        self._gids: dict[bytes, str] = {}
         self.reconnects = 0
 
     # --- life cycle ------------------------------------------------------------
@@ -551,6 +559,9 @@ class RedisBroker:
             _, _, fut = self._queue.popleft()
             if not fut.done():
                 fut.set_exception(BrokerUnavailable("broker closed"))
+        if self._alink is not None:
+            self._alink.close()
+            self._alink = None
         await self._r.aclose(close_connection_pool=True)
 
     # --- sequencing and history --------------------------------------------------
@@ -634,45 +645,65 @@ class RedisBroker:
                     batch.append(self._queue.popleft())
                 await self._send(batch)
 
+    async def _append_link(self) -> RespConnection:
+        """The append pipeline's own connection (``resp.py``), opened on
+        first use and again after it was lost."""
+        link = self._alink
+        if link is None or not link.is_open:
+            self._alink = None
+            async with asyncio.timeout(self.op_timeout):
+                link = await resp.connect(self._r.connection_pool)
+            self._alink = link
+        return link
+
     async def _send(
         self, batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]]
     ) -> None:
         """One pipeline of append scripts (EVALSHA; on NOSCRIPT, nothing ran:
-        load the script and send those again) and answer every future."""
+        load the script and send those again) and answer every future.
+
+        The batch leaves in one write on the pipeline's own connection and
+        its replies are parsed in that connection's read callback
+        (``resp.py``): one timeout per batch, not per reply."""
+        sha = self._append_script.sha
         for attempt in (1, 2):
             # A connection first: failing to get one means nothing was sent
             # ("not published"); past it, a lost answer means the scripts may
             # have run ("outcome unknown").
             try:
-                conn = await self._r.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-            except (RedisError, OSError) as e:
+                link = await self._append_link()
+            except (RedisError, OSError, ReplyError, TimeoutError) as e:
                 self._mark_down(e)
                 for _, _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                        fut.set_exception(BrokerUnavailable(f"redis: {e or type(e).__name__}"))
                 return
+            data = b"".join(
+                [pack("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
+            )
             try:
-                async with self._r.pipeline(transaction=False) as pipe:
-                    pipe.connection = conn
-                    for keys, args, _ in batch:
-                        pipe.evalsha(self._append_script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as e:
+                async with asyncio.timeout(self.op_timeout):
+                    results = await link.request(data, len(batch))
+            except (OSError, TimeoutError) as e:
+                link.close()  # its replies can no longer be paired with commands
                 self._mark_down(e)
                 for _, _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(OutcomeUnknown(f"redis: no answer ({e})"))
+                        fut.set_exception(
+                            OutcomeUnknown(f"redis: no answer ({e or type(e).__name__})")
+                        )
                 return
             again = []
             for item, res in zip(batch, results, strict=True):
                 fut = item[2]
                 if fut.done():
                     continue
-                if isinstance(res, NoScriptError) and attempt == 1:
-                    again.append(item)
-                elif isinstance(res, Exception):
-                    # A script that failed part way may have sequenced some.
-                    fut.set_exception(OutcomeUnknown(f"redis: {res}"))
+                if type(res) is ReplyError:
+                    if attempt == 1 and str(res).startswith("NOSCRIPT"):
+                        again.append(item)
+                    else:
+                        # A script that failed part way may have sequenced some.
+                        fut.set_exception(OutcomeUnknown(f"redis: {res}"))
                 else:
                     fut.set_result(res)
             if not again:
@@ -841,12 +872,9 @@ class RedisBroker:
         if fut is False:
             fut = asyncio.get_running_loop().create_future()
             self._listening[gid] = fut
-            ps = self._pubsub
-            if ps is not None:
-                try:
-                    await ps.subscribe(channel(gid))
-                except (RedisError, OSError) as e:
-                    self._feed_down(e)  # the reader reconnects and subscribes it
+            ch = channel(gid)
+            self._gids[ch.encode()] = gid
+            self._feed_write(pack("SUBSCRIBE", ch))
         assert isinstance(fut, asyncio.Future)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -863,16 +891,24 @@ class RedisBroker:
         fut = self._listening.pop(gid, None)
         if isinstance(fut, asyncio.Future) and not fut.done():
             fut.cancel()
-        ps = self._pubsub
-        if ps is not None:
+        ch = channel(gid)
+        self._gids.pop(ch.encode(), None)
+        self._feed_write(pack("UNSUBSCRIBE", ch))
+
+    def _feed_write(self, data: bytes) -> None:
+        """A (UN)SUBSCRIBE or PING on the feed's connection, if it has one
+        (else the reader subscribes every wanted channel when it connects)."""
+        sub = self._sub
+        if sub is not None and sub.is_open:
             try:
-                await ps.unsubscribe(channel(gid))
-            except (RedisError, OSError) as e:
-                self._feed_down(e)
+                sub.write(data)
+            except OSError as e:
+                self._feed_down(e)  # the reader reconnects and subscribes it
 
     async def _reader(self) -> None:
-        """Owns the pub/sub connection: (re)subscribes, delivers records, and
-        checks the feed is alive (a PING answered within ``feed_deadline``).
+        """Owns the pub/sub connection: (re)subscribes, and checks the feed
+        is alive (a PING answered within ``feed_deadline``); the connection's
+        read callback delivers what arrives (``_on_replies``).
 
         After any failure it starts a fresh connection with a bounded
         backoff and resubscribes every wanted channel. The first reply of any
@@ -885,34 +921,34 @@ class RedisBroker:
         delay = 0.0
         every = self.feed_deadline / 3
         while True:
-            ps: Any = self._r.pubsub()
+            sub: RespConnection | None = None
             try:
-                await asyncio.wait_for(ps.connect(), self.op_timeout)
-                self._pubsub = ps
+                async with asyncio.timeout(self.op_timeout):
+                    # No SELECT: channels are the same in every database.
+                    sub = await resp.connect(self._r.connection_pool, select_db=False)
                 # Guilds confirmed on an earlier connection: owed a catch-up.
-                owed = [g for g, fut in self._listening.items() if fut is None]
+                self._owed = [g for g, fut in self._listening.items() if fut is None]
+                sub.sink = self._on_replies
+                self._sub = sub
                 if self._listening:
-                    await ps.subscribe(*[channel(g) for g in self._listening])
+                    sub.write(pack("SUBSCRIBE", *[channel(g) for g in self._listening]))
                 delay = 0.0
-                alive = time.monotonic()
-                next_ping = alive + every
+                next_ping = time.monotonic() + every
                 # Pinged whether or not anything is subscribed: a feed found
                 # dead stays "dead" (not ready) until a connection answers,
                 # even once its guilds stopped listening.
                 while True:
-                    msg = await ps.get_message(timeout=max(0.01, next_ping - time.monotonic()))
+                    await asyncio.wait(
+                        [sub.closed], timeout=max(0.01, next_ping - time.monotonic())
+                    )
+                    if not sub.is_open:
+                        raise ConnectionError(f"feed connection lost: {sub.error}")
                     now = time.monotonic()
-                    if msg is not None:
-                        alive = now
-                        if owed:
-                            self._resync(owed)
-                            owed = []
-                        self._on_pubsub(msg)
-                    if now - alive > self.feed_deadline:
-                        raise _FeedSilent(f"no answer to PING in {now - alive:.1f} s")
+                    if now - sub.last_read > self.feed_deadline:
+                        raise _FeedSilent(f"no answer to PING in {now - sub.last_read:.1f} s")
                     if now >= next_ping:
                         next_ping = now + every
-                        await asyncio.wait_for(ps.ping(), self.feed_deadline)
+                        sub.write(pack("PING"))
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -920,9 +956,10 @@ class RedisBroker:
                 await asyncio.sleep(delay)
                 delay = min(max(delay * 2, 0.05), 2.0)
             finally:
-                self._pubsub = None
-                with contextlib.suppress(Exception):
-                    await ps.aclose()
+                self._sub = None
+                self._owed = []
+                if sub is not None:
+                    sub.close()
 
     def _feed_down(self, e: BaseException) -> None:
         self.feed_deaths += 1
@@ -952,35 +989,63 @@ class RedisBroker:
         for gid in list(self._listening):
             self._feed(gid, FEED_LOST)
 
-    def _on_pubsub(self, msg: dict[str, Any]) -> None:
-        kind = msg["type"]
-        if kind in (b"pong", "pong"):
-            self._feed_up()
-            return
-        ch = msg["channel"]
-        if isinstance(ch, bytes):
-            ch = ch.decode()
-        gid = channel_guild(ch)
-        if kind in (b"message", "message"):
-            if gid not in self._listening or self._feed is None:
-                return
-            data: bytes = msg["data"]
-            if data.startswith(b"P|"):
-                if self._presence_feed is not None:
-                    _, kind_b, info = data.split(b"|", 2)
-                    d = orjson.loads(info)
-                    m = Presence(d["user"], d["session"], d["node"])
-                    v = d.get("v")  # None from a node of an earlier version
-                    self._presence_feed(gid, kind_b.decode(), m, v if type(v) is int else None)
-                return
-            self._feed(gid, [parse_record(data)])
-        elif kind in (b"subscribe", "subscribe"):
-            self._feed_up()
-            fut = self._listening.get(gid, False)
-            if isinstance(fut, asyncio.Future):
-                if not fut.done():
-                    fut.set_result(None)
-                self._listening[gid] = None
+    def _on_replies(self, replies: list[Any]) -> None:
+        """Everything one read of the feed's connection brought, in order.
+
+        A guild's records of one read reach it as one list (one ``Feed``
+        message, not one per record); a presence change of that guild first
+        sends the records before it, so its order is kept."""
+        if self._owed:
+            owed, self._owed = self._owed, []
+            self._resync(owed)
+        feed = self._feed
+        records: dict[str, list[Record]] = {}
+        for r in replies:
+            if type(r) is list:
+                kind = r[0]
+                if kind == b"message":
+                    ch: bytes = r[1]
+                    gid = self._gids.get(ch) or channel_guild(ch.decode())
+                    if gid not in self._listening or feed is None:
+                        continue
+                    data: bytes = r[2]
+                    if data.startswith(b"P|"):
+                        recs = records.pop(gid, None)
+                        if recs:
+                            feed(gid, recs)
+                        self._on_presence(gid, data)
+                        continue
+                    recs = records.get(gid)
+                    if recs is None:
+                        records[gid] = [parse_record(data)]
+                    else:
+                        recs.append(parse_record(data))
+                elif kind == b"subscribe":
+                    self._feed_up()
+                    gid = channel_guild(r[1].decode())
+                    fut = self._listening.get(gid, False)
+                    if isinstance(fut, asyncio.Future):
+                        if not fut.done():
+                            fut.set_result(None)
+                        self._listening[gid] = None
+                elif kind == b"pong":
+                    self._feed_up()
+            elif r == b"PONG":  # a PING's answer while nothing is subscribed
+                self._feed_up()
+            elif isinstance(r, ReplyError):
+                raise r  # the connection is dropped and a new one resubscribes
+        if feed is not None:
+            for gid, recs in records.items():
+                feed(gid, recs)
+
+    def _on_presence(self, gid: str, data: bytes) -> None:
+        """A presence change ``P|join|`` / ``P|leave|`` + member JSON."""
+        if self._presence_feed is not None:
+            _, kind_b, info = data.split(b"|", 2)
+            d = orjson.loads(info)
+            m = Presence(d["user"], d["session"], d["node"])
+            v = d.get("v")  # None from a node of an earlier version
+            self._presence_feed(gid, kind_b.decode(), m, v if type(v) is int else None)
 
     def _resync(self, gids: list[str]) -> None:
         """A new feed connection delivers again: records sent while it was
