@@ -95,6 +95,7 @@ from guildcast.core.idempotency import (
     Replayed,
     digest,
 )
+from guildcast.core.ids import HexIds
 
 log = logging.getLogger("guildcast.broker.redis")
 
@@ -400,6 +401,9 @@ def parse_record(data: bytes) -> Record:
 class RedisBroker:
     """Broker over one Redis (``redis://host:port/db``)."""
 
+    #: The loop the broker was started on (its futures' loop; set in start()).
+    _loop: asyncio.AbstractEventLoop
+
     def __init__(
         self,
         url: str,
@@ -486,6 +490,9 @@ class RedisBroker:
         #: successor may overlap, so listen/unlisten are counted.
         self._listeners: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: A fresh epoch for each append should its guild need one (used once
+        #: in a guild's life): random ids read many per system call (ids.py).
+        self._epochs = HexIds(8)
         #: The append pipeline's connection and the feed's (``resp.py``).
         self._alink: RespConnection | None = None
         self._sub: RespConnection | None = None
@@ -530,6 +537,7 @@ class RedisBroker:
         if self._policy_error is not None:
             raise BrokerUnavailable(f"refusing {self.url}: {self._policy_error}")
         self._healthy = True
+        self._loop = asyncio.get_running_loop()
         # In the node's task group; cancelled and awaited in close().
         self._tasks = [
             spawn(tg, self._pipeliner(), "redis-pipeliner"),
@@ -571,7 +579,7 @@ class RedisBroker:
         the guild, the history bounds, now, the item count): one layout for
         the keyed and unkeyed appends."""
         return [
-            secrets.token_hex(8),
+            self._epochs.next(),
             gid,
             self.history_size,
             int(time.time() * 1000),
@@ -624,7 +632,7 @@ class RedisBroker:
             raise BrokerUnavailable(self._policy_error)
         if len(self._queue) >= MAX_QUEUED_APPENDS:
             raise BrokerUnavailable("too many appends queued")
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[Any]] = self._loop.create_future()
         self._queue.append((keys, args, fut))
         self._queue_ready.set()
         return fut

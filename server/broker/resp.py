@@ -79,7 +79,8 @@ class RespConnection(asyncio.Protocol):
         self.sink: Callable[[list[Any]], None] | None = None
         #: ``time.monotonic()`` of the last read (the feed's liveness).
         self.last_read = time.monotonic()
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
         #: Why the connection ended (set once :attr:`closed` is done).
         self.error: BaseException | None = None
 
@@ -137,7 +138,7 @@ class RespConnection(asyncio.Protocol):
         if len(self._owed) >= MAX_OWED:
             raise ConnectionError("too many batches owed replies on one connection")
         self.write(data)
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[Any]] = self._loop.create_future()
         self._owed.append((n, [], fut))
         return fut
 
