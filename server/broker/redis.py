@@ -32,10 +32,16 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
 
 One Lua script per append batch does all of it atomically, so every node
 sees one order. Appends from all guild actors of this node are queued and
-sent in one pipeline per event-loop turn (one round trip for many guilds).
+sent in one pipeline per event-loop turn (one round trip for many guilds),
+one batch in flight at a time, on the pipeline's own connection
+(``resp.py``: one write per batch, replies parsed by hiredis as they
+arrive, one timeout per batch).
 
-The live feed uses one pub/sub connection per node, subscribed only to the
-channels of guilds with local subscribers. On a reconnect it resubscribes
+The live feed uses one pub/sub connection per node (also ``resp.py``),
+subscribed only to the channels of guilds with local subscribers; what one
+read of it brings is parsed in the read callback and reaches each guild as
+one list of records (one ``Feed`` message per guild per read, a presence
+change of the guild between two of its records kept between them). On a reconnect it resubscribes
 and tells every listener to check for missed records (``feed(gid, None)``).
 A connection that stays open but delivers nothing (a black-holed link, a
 zombie) is found by a PING on the pub/sub connection every
@@ -360,8 +366,8 @@ return removed
 #: is advisory, and a Redis outage must not grow memory without bound.
 MAX_QUEUED_PRESENCE = 100_000
 
-#: Connections per node to Redis (plus one for pub/sub): appends share one
-#: pipeline, so these serve reads, heads and presence queries in parallel.
+#: redis-py's connections per node to Redis (besides the append pipeline's
+#: and the feed's own, ``resp.py``): reads, heads and presence in parallel.
 MAX_REDIS_CONNECTIONS = 32
 
 #: A feed dead for this many ``feed_deadline`` in a row is reported lost to
