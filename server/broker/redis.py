@@ -9,9 +9,19 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
 - ``gc:{gid}:seq`` — the last ``s``.
 - ``gc:{gid}:log`` — a stream holding the history, entry id ``s-0`` with
   fields ``t``, ``ts`` (ms) and ``p`` (the DISPATCH JSON); capped by count
-  (``MAXLEN``) and by age (oldest entries deleted on each append; the whole
-  stream expires after ``history_ttl`` without appends, when every entry
-  would be too old anyway).
+  (``MAXLEN``) and by age (on each append, the oldest entries older than
+  ``history_ttl`` are deleted; the whole stream expires after
+  ``history_ttl`` without appends, when every entry would be too old
+  anyway).
+- ``gc:{gid}:trim`` — when (ms) the log's oldest entry can first be too
+  old: its ``ts`` + ``history_ttl``, as the last age check found it, and
+  the key expires then. Until it does, an append knows no entry is too old
+  without reading the oldest one (an ``XRANGE`` per append was a quarter of
+  the script's cost); once it has, the append checks, trims and sets it
+  again. Entries only leave the head and new ones carry a later ``ts``, so
+  the oldest can only get newer: the check is never skipped when it would
+  have deleted something (as before, up to clock differences between
+  nodes). A lost key only costs one check.
 - ``gc:pg:{gid}`` and ``gc:pg:{gid}:v`` — the guild's presence (member key ->
   member JSON) and its version (one INCR per change, kept for good); see
   "Presence" below.
@@ -23,7 +33,7 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
   after the TTL without keyed appends. A key of another epoch is not in
   the window; a new epoch found by a keyed append deletes both. Only
   keyed appends name these keys (and pay for them): an unkeyed append
-  sends the script exactly the KEYS and ARGV it did before keys existed.
+  names neither and sends the ARGV it did before keys existed.
 - channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|epoch|payload``
   (the epoch beside the DISPATCH bytes, never inside them: a listener checks
   it before forwarding a record; ``payload`` is exactly what ``read`` returns),
@@ -106,13 +116,17 @@ from guildcast.core.ids import HexIds
 log = logging.getLogger("guildcast.broker.redis")
 
 _APPEND = """
+-- KEYS: the guild's epoch, seq, log, channel; for a keyed append the
+-- window's hash and order; last, the log's age-check time (trim_key).
+local keyed = #KEYS > 5
+local trim = KEYS[#KEYS]
 local epoch = redis.call('GET', KEYS[1])
 if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
   redis.call('SET', KEYS[2], 0)
-  redis.call('DEL', KEYS[3])
-  if #KEYS > 4 then redis.call('DEL', KEYS[5], KEYS[6]) end
+  redis.call('DEL', KEYS[3], trim)
+  if keyed then redis.call('DEL', KEYS[5], KEYS[6]) end
 end
 local gid = ARGV[2]
 local maxlen = tonumber(ARGV[3])
@@ -122,7 +136,6 @@ local n = tonumber(ARGV[6])
 -- Keyed (the window's two keys given): ARGV[7], ARGV[8] are the window's
 -- TTL (ms) and count, and each item is t, d, key ('' for none), digest;
 -- unkeyed, each item is t, d from ARGV[7] on.
-local keyed = #KEYS > 4
 local first = 6
 local stride = 2
 local wttl = 0
@@ -186,15 +199,23 @@ if keyed then
   redis.call('PEXPIRE', KEYS[6], wttl)
 end
 if maxlen > 0 then
-  local cutoff = now - ttl
-  for _ = 1, 64 do
-    local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
-    if #first == 0 then break end
-    local f = first[1][2]
-    local ts = nil
-    for j = 1, #f, 2 do if f[j] == 'ts' then ts = tonumber(f[j + 1]) end end
-    if ts == nil or ts >= cutoff then break end
-    redis.call('XDEL', KEYS[3], first[1][1])
+  -- The age trim reads the oldest entry only once it can be too old: the
+  -- trim key holds when that is (the oldest's ts + ttl) and expires then.
+  if now >= tonumber(redis.call('GET', trim) or '0') then
+    local cutoff = now - ttl
+    local due = now + ttl
+    for _ = 1, 64 do
+      local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+      if #first == 0 then break end
+      local f = first[1][2]
+      local ts = nil
+      for j = 1, #f, 2 do if f[j] == 'ts' then ts = tonumber(f[j + 1]) end end
+      if ts == nil then due = now break end
+      if ts >= cutoff then due = ts + ttl break end
+      redis.call('XDEL', KEYS[3], first[1][1])
+      due = now  -- 64 deleted and maybe more too old: the next append looks again
+    end
+    if due > now then redis.call('SET', trim, due, 'PX', due - now) else redis.call('DEL', trim) end
   end
   if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
 end
@@ -224,6 +245,12 @@ NODES = "gc:nodes"
 def guild_keys(gid: str) -> list[str]:
     """The guild's epoch, seq, log and channel (the append script's KEYS)."""
     return [f"gc:{{{gid}}}:epoch", f"gc:{{{gid}}}:seq", f"gc:{{{gid}}}:log", channel(gid)]
+
+
+def trim_key(gid: str) -> str:
+    """When (ms) the guild's log may first hold an entry older than
+    ``history_ttl``: the append script's last KEY."""
+    return f"gc:{{{gid}}}:trim"
 
 
 def window_keys(gid: str) -> list[str]:
@@ -598,7 +625,7 @@ class RedisBroker:
         for t, d in items:
             args.append(t)
             args.append(d)
-        out = await self._queue_append(guild_keys(gid), args)
+        out = await self._queue_append([*guild_keys(gid), trim_key(gid)], args)
         return out[0].decode(), [int(s) for s in out[1:]]
 
     async def append_keyed(
@@ -617,7 +644,7 @@ class RedisBroker:
             args.append(d)
             args.append(key or "")
             args.append(digest(t, d) if key is not None else b"")
-        out = await self._queue_append([*guild_keys(gid), *window_keys(gid)], args)
+        out = await self._queue_append([*guild_keys(gid), *window_keys(gid), trim_key(gid)], args)
         res: list[int | Replayed] = []
         for v in out[1:]:
             # A number: sequenced now. "r<s>": the window's (same content),
