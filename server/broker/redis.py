@@ -51,8 +51,9 @@ The live feed uses one pub/sub connection per node (also ``resp.py``),
 subscribed only to the channels of guilds with local subscribers; what one
 read of it brings is parsed in the read callback and reaches each guild as
 one list of records (one ``Feed`` message per guild per read, a presence
-change of the guild between two of its records kept between them). On a reconnect it resubscribes
-and tells every listener to check for missed records (``feed(gid, None)``).
+change of the guild between two of its records kept between them). On a
+reconnect it resubscribes and tells every listener to check for missed
+records (``feed(gid, None)``).
 A connection that stays open but delivers nothing (a black-holed link, a
 zombie) is found by a PING on the pub/sub connection every
 ``feed_deadline / 3`` s: no answer, and no message, within ``feed_deadline``
