@@ -105,7 +105,7 @@ from guildcast.broker.base import (
     Record,
     spawn,
 )
-from guildcast.broker.resp import ReplyError, RespConnection, pack
+from guildcast.broker.resp import ReplyError, RespConnection, bulks, pack, pack_after
 from guildcast.core.idempotency import (
     IDEMPOTENCY_GUILD_KEYS,
     IDEMPOTENCY_TTL,
@@ -413,6 +413,13 @@ SAFE_POLICY = "noeviction"
 
 #: Appends queued across guilds before a pipeline is sent regardless.
 MAX_PIPELINE = 512
+#: Guilds whose append command head (EVALSHA, the script, its keys) is kept
+#: packed; when full the cache starts again empty (packing one is a few us).
+MAX_PACKED_HEADS = 10_000
+
+#: An append script call for the pipeliner: its packed head (bytes, argument
+#: count), the rest of its arguments, the caller's future.
+_Queued = tuple[tuple[bytes, int], list[Any], "asyncio.Future[list[Any]]"]
 #: Bound on queued appends; past it appends fail at once (try again later).
 MAX_QUEUED_APPENDS = 50_000
 
@@ -516,7 +523,9 @@ class RedisBroker:
         #: Times the feed was found dead (a metric for tests and logs).
         self.feed_deaths = 0
         #: Queued appends: the script's KEYS, its ARGV, the caller's future.
-        self._queue: deque[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = deque()
+        self._queue: deque[_Queued] = deque()
+        #: (guild, keyed) -> its append command head, packed (MAX_PACKED_HEADS).
+        self._heads: dict[tuple[str, bool], tuple[bytes, int]] = {}
         self._queue_ready = asyncio.Event()
         #: Wanted channels: a pending future until Redis confirms, then None.
         self._listening: dict[str, asyncio.Future[None] | None] = {}
@@ -626,7 +635,7 @@ class RedisBroker:
         for t, d in items:
             args.append(t)
             args.append(d)
-        out = await self._queue_append([*guild_keys(gid), trim_key(gid)], args)
+        out = await self._queue_append(self._head(gid, False), args)
         return out[0].decode(), [int(s) for s in out[1:]]
 
     async def append_keyed(
@@ -645,7 +654,7 @@ class RedisBroker:
             args.append(d)
             args.append(key or "")
             args.append(digest(t, d) if key is not None else b"")
-        out = await self._queue_append([*guild_keys(gid), *window_keys(gid), trim_key(gid)], args)
+        out = await self._queue_append(self._head(gid, True), args)
         res: list[int | Replayed] = []
         for v in out[1:]:
             # A number: sequenced now. "r<s>": the window's (same content),
@@ -656,7 +665,21 @@ class RedisBroker:
                 res.append(int(v))
         return out[0].decode(), res
 
-    def _queue_append(self, keys: list[str], args: list[Any]) -> asyncio.Future[list[Any]]:
+    def _head(self, gid: str, keyed: bool) -> tuple[bytes, int]:
+        """The guild's append command up to its ARGV, packed (cached): the
+        script's KEYS are the guild's, then for a keyed append its window's,
+        then its trim key."""
+        head = self._heads.get((gid, keyed))
+        if head is None:
+            window = window_keys(gid) if keyed else []
+            keys = [*guild_keys(gid), *window, trim_key(gid)]
+            if len(self._heads) >= MAX_PACKED_HEADS:
+                self._heads.clear()
+            cmd: list[resp.Arg] = ["EVALSHA", self._append_script.sha, len(keys), *keys]
+            head = self._heads[gid, keyed] = (bulks(cmd), len(cmd))
+        return head
+
+    def _queue_append(self, head: tuple[bytes, int], args: list[Any]) -> asyncio.Future[list[Any]]:
         """Queue one append script call for the pipeliner; its future."""
         # Only the command link and the policy matter here: a feed reconnect
         # does not stop this node from sequencing.
@@ -667,7 +690,7 @@ class RedisBroker:
         if len(self._queue) >= MAX_QUEUED_APPENDS:
             raise BrokerUnavailable("too many appends queued")
         fut: asyncio.Future[list[Any]] = self._loop.create_future()
-        self._queue.append((keys, args, fut))
+        self._queue.append((head, args, fut))
         self._queue_ready.set()
         return fut
 
@@ -682,7 +705,7 @@ class RedisBroker:
                 except (RedisError, OSError) as e:
                     self._mark_down(e)
             while self._queue:
-                batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = []
+                batch: list[_Queued] = []
                 while self._queue and len(batch) < MAX_PIPELINE:
                     batch.append(self._queue.popleft())
                 await self._send(batch)
@@ -698,16 +721,13 @@ class RedisBroker:
             self._alink = link
         return link
 
-    async def _send(
-        self, batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]]
-    ) -> None:
+    async def _send(self, batch: list[_Queued]) -> None:
         """One pipeline of append scripts (EVALSHA; on NOSCRIPT, nothing ran:
         load the script and send those again) and answer every future.
 
         The batch leaves in one write on the pipeline's own connection and
         its replies are parsed in that connection's read callback
         (``resp.py``): one timeout per batch, not per reply."""
-        sha = self._append_script.sha
         for attempt in (1, 2):
             # A connection first: failing to get one means nothing was sent
             # ("not published"); past it, a lost answer means the scripts may
@@ -720,9 +740,7 @@ class RedisBroker:
                     if not fut.done():
                         fut.set_exception(BrokerUnavailable(f"redis: {e or type(e).__name__}"))
                 return
-            data = b"".join(
-                [pack("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
-            )
+            data = b"".join([pack_after(head, n, args) for (head, n), args, _ in batch])
             try:
                 async with asyncio.timeout(self.op_timeout):
                     results = await link.request(data, len(batch))

@@ -27,7 +27,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -49,7 +49,26 @@ Arg = bytes | str | int
 def pack(*args: Arg) -> bytes:
     """One command as a RESP array of bulk strings (str as UTF-8, int as
     its decimal digits), the encoding redis-py's ``Encoder`` uses."""
-    out = [b"*%d\r\n" % len(args)]
+    return pack_after(b"", 0, args)
+
+
+def bulks(args: Iterable[Arg]) -> bytes:
+    """``args`` as bulk strings back to back: a command's fixed first
+    arguments, packed once and given to :func:`pack_after` many times."""
+    out: list[bytes] = []
+    _add_bulks(out, args)
+    return b"".join(out)
+
+
+def pack_after(head: bytes, n: int, args: Sequence[Arg]) -> bytes:
+    """One command whose first ``n`` arguments are ``head`` (from
+    :func:`bulks`) and the rest ``args``."""
+    out = [b"*%d\r\n" % (n + len(args)), head]
+    _add_bulks(out, args)
+    return b"".join(out)
+
+
+def _add_bulks(out: list[bytes], args: Iterable[Arg]) -> None:
     for a in args:
         if type(a) is bytes:
             b = a
@@ -62,7 +81,6 @@ def pack(*args: Arg) -> bytes:
         out.append(b"$%d\r\n" % len(b))
         out.append(b)
         out.append(b"\r\n")
-    return b"".join(out)
 
 
 class RespConnection(asyncio.Protocol):

@@ -23,7 +23,13 @@ from redis.asyncio.connection import Connection
 
 from guildcast.broker import resp
 from guildcast.broker.base import Presence, Record
-from guildcast.broker.redis import RedisBroker, channel
+from guildcast.broker.redis import (
+    MAX_PACKED_HEADS,
+    RedisBroker,
+    channel,
+    guild_keys,
+    trim_key,
+)
 from tests.support.redis import RedisProc
 from tests.support.wait import until
 
@@ -39,6 +45,28 @@ from tests.support.wait import until
 )
 def test_pack_is_redis_pys_encoding(args: tuple[resp.Arg, ...]) -> None:
     assert resp.pack(*args) == b"".join(Connection().pack_command(*args))
+
+
+def test_a_packed_head_and_the_rest_make_the_same_command() -> None:
+    head = resp.bulks(["EVALSHA", "ab" * 20, 2, "k1", "k2"])
+    rest: list[resp.Arg] = ["x", 7, b"\x00"]
+    assert resp.pack_after(head, 5, rest) == resp.pack(
+        "EVALSHA", "ab" * 20, 2, "k1", "k2", "x", 7, b"\x00"
+    )
+
+
+async def test_the_packed_heads_are_bounded(redis_proc: RedisProc) -> None:
+    b = RedisBroker(redis_proc.url, 50, 300)
+    for i in range(MAX_PACKED_HEADS + 10):
+        b._head(f"g{i}", i % 2 == 0)
+    assert 0 < len(b._heads) <= MAX_PACKED_HEADS
+    # A guild's head names its keys: the script's KEYS, keyed or not.
+    plain, keyed = b._head("g", False), b._head("g", True)
+    assert plain[0] == resp.bulks(
+        ["EVALSHA", b._append_script.sha, 5, *guild_keys("g"), trim_key("g")]
+    )
+    assert keyed[1] == 3 + 7
+    await b.close()
 
 
 def test_pack_refuses_what_redis_py_would_not_send() -> None:
