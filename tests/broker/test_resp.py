@@ -7,6 +7,7 @@ feed's delivery of what one read brought, against a real redis-server.
 - The URL's credentials and database are used (AUTH, ACL user, SELECT) by
   the broker's own connections as by redis-py's: a broker over a Redis with
   a password, in database 3, sequences, delivers and reads back.
+- ``unix://`` URLs work the same way.
 - One read's records reach each guild as one list, in order, and a presence
   change between two records of a guild stays between them.
 """
@@ -14,6 +15,9 @@ feed's delivery of what one read brought, against a real redis-server.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -220,3 +224,38 @@ async def test_one_read_reaches_each_guild_as_one_list_in_order(redis_proc: Redi
         assert len(calls) == 4
     finally:
         await b.close()
+
+
+async def test_a_broker_over_a_unix_socket(tmp_path: Path) -> None:
+    """``unix://`` URLs: the lean connections dial the socket as redis-py does."""
+    sock = tmp_path / "redis.sock"
+    exe = shutil.which("redis-server")
+    if exe is None:  # as tests/support/redis.py: a failure in CI
+        if os.environ.get("CI"):
+            raise RuntimeError("redis-server is not installed (.ci/run should install it)")
+        pytest.skip("redis-server is not installed")
+    args = [exe, "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp_path)]
+    proc = await asyncio.create_subprocess_exec(
+        *args, "--save", "", "--appendonly", "no", stdout=asyncio.subprocess.DEVNULL
+    )
+    try:
+
+        async def listening() -> bool:
+            return sock.exists()
+
+        await until(listening, "redis-server's socket")
+        b = RedisBroker(f"unix://{sock}?db=2", 50, 300)
+        seen: list[Record] = []
+        b.set_feed(lambda gid, recs: seen.extend(recs) if isinstance(recs, list) else None)
+        await b.start()
+        try:
+            await b.listen("g")
+            _, ss = await b.append("g", [("E", b"1")])
+            assert ss == [1]
+            await until(lambda: _at_least(seen, 1), "the feed to deliver it")
+            assert [r.s for r in (await b.read("g", 0, 10))[1]] == [1]
+        finally:
+            await b.close()
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
