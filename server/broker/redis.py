@@ -9,9 +9,19 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
 - ``gc:{gid}:seq`` — the last ``s``.
 - ``gc:{gid}:log`` — a stream holding the history, entry id ``s-0`` with
   fields ``t``, ``ts`` (ms) and ``p`` (the DISPATCH JSON); capped by count
-  (``MAXLEN``) and by age (oldest entries deleted on each append; the whole
-  stream expires after ``history_ttl`` without appends, when every entry
-  would be too old anyway).
+  (``MAXLEN``) and by age (on each append, the oldest entries older than
+  ``history_ttl`` are deleted; the whole stream expires after
+  ``history_ttl`` without appends, when every entry would be too old
+  anyway).
+- ``gc:{gid}:trim`` — when (ms) the log's oldest entry can first be too
+  old: its ``ts`` + ``history_ttl``, as the last age check found it, and
+  the key expires then. Until it does, an append knows no entry is too old
+  without reading the oldest one (an ``XRANGE`` per append was a quarter of
+  the script's cost); once it has, the append checks, trims and sets it
+  again. Entries only leave the head and new ones carry a later ``ts``, so
+  the oldest can only get newer: the check is never skipped when it would
+  have deleted something (as before, up to clock differences between
+  nodes). A lost key only costs one check.
 - ``gc:pg:{gid}`` and ``gc:pg:{gid}:v`` — the guild's presence (member key ->
   member JSON) and its version (one INCR per change, kept for good); see
   "Presence" below.
@@ -23,7 +33,7 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
   after the TTL without keyed appends. A key of another epoch is not in
   the window; a new epoch found by a keyed append deletes both. Only
   keyed appends name these keys (and pay for them): an unkeyed append
-  sends the script exactly the KEYS and ARGV it did before keys existed.
+  names neither and sends the ARGV it did before keys existed.
 - channel ``gc:{gid}:ch`` — each appended record as ``s|t|ts_ms|epoch|payload``
   (the epoch beside the DISPATCH bytes, never inside them: a listener checks
   it before forwarding a record; ``payload`` is exactly what ``read`` returns),
@@ -32,11 +42,18 @@ Per guild (``{gid}`` hash tag, so a Redis Cluster keeps them on one slot):
 
 One Lua script per append batch does all of it atomically, so every node
 sees one order. Appends from all guild actors of this node are queued and
-sent in one pipeline per event-loop turn (one round trip for many guilds).
+sent in one pipeline per event-loop turn (one round trip for many guilds),
+one batch in flight at a time, on the pipeline's own connection
+(``resp.py``: one write per batch, replies parsed by hiredis as they
+arrive, one timeout per batch).
 
-The live feed uses one pub/sub connection per node, subscribed only to the
-channels of guilds with local subscribers. On a reconnect it resubscribes
-and tells every listener to check for missed records (``feed(gid, None)``).
+The live feed uses one pub/sub connection per node (also ``resp.py``),
+subscribed only to the channels of guilds with local subscribers; what one
+read of it brings is parsed in the read callback and reaches each guild as
+one list of records (one ``Feed`` message per guild per read, a presence
+change of the guild between two of its records kept between them). On a
+reconnect it resubscribes and tells every listener to check for missed
+records (``feed(gid, None)``).
 A connection that stays open but delivers nothing (a black-holed link, a
 zombie) is found by a PING on the pub/sub connection every
 ``feed_deadline / 3`` s: no answer, and no message, within ``feed_deadline``
@@ -72,9 +89,10 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from guildcast.broker import resp
 from guildcast.broker.base import (
     FEED_LOST,
     Broker,
@@ -87,23 +105,29 @@ from guildcast.broker.base import (
     Record,
     spawn,
 )
+from guildcast.broker.resp import ReplyError, RespConnection, bulks, pack, pack_after
 from guildcast.core.idempotency import (
     IDEMPOTENCY_GUILD_KEYS,
     IDEMPOTENCY_TTL,
     Replayed,
     digest,
 )
+from guildcast.core.ids import HexIds
 
 log = logging.getLogger("guildcast.broker.redis")
 
 _APPEND = """
+-- KEYS: the guild's epoch, seq, log, channel; for a keyed append the
+-- window's hash and order; last, the log's age-check time (trim_key).
+local keyed = #KEYS > 5
+local trim = KEYS[#KEYS]
 local epoch = redis.call('GET', KEYS[1])
 if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
   redis.call('SET', KEYS[2], 0)
-  redis.call('DEL', KEYS[3])
-  if #KEYS > 4 then redis.call('DEL', KEYS[5], KEYS[6]) end
+  redis.call('DEL', KEYS[3], trim)
+  if keyed then redis.call('DEL', KEYS[5], KEYS[6]) end
 end
 local gid = ARGV[2]
 local maxlen = tonumber(ARGV[3])
@@ -113,7 +137,6 @@ local n = tonumber(ARGV[6])
 -- Keyed (the window's two keys given): ARGV[7], ARGV[8] are the window's
 -- TTL (ms) and count, and each item is t, d, key ('' for none), digest;
 -- unkeyed, each item is t, d from ARGV[7] on.
-local keyed = #KEYS > 4
 local first = 6
 local stride = 2
 local wttl = 0
@@ -177,15 +200,23 @@ if keyed then
   redis.call('PEXPIRE', KEYS[6], wttl)
 end
 if maxlen > 0 then
-  local cutoff = now - ttl
-  for _ = 1, 64 do
-    local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
-    if #first == 0 then break end
-    local f = first[1][2]
-    local ts = nil
-    for j = 1, #f, 2 do if f[j] == 'ts' then ts = tonumber(f[j + 1]) end end
-    if ts == nil or ts >= cutoff then break end
-    redis.call('XDEL', KEYS[3], first[1][1])
+  -- The age trim reads the oldest entry only once it can be too old: the
+  -- trim key holds when that is (the oldest's ts + ttl) and expires then.
+  if now >= tonumber(redis.call('GET', trim) or '0') then
+    local cutoff = now - ttl
+    local due = now + ttl
+    for _ = 1, 64 do
+      local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+      if #first == 0 then break end
+      local f = first[1][2]
+      local ts = nil
+      for j = 1, #f, 2 do if f[j] == 'ts' then ts = tonumber(f[j + 1]) end end
+      if ts == nil then due = now break end
+      if ts >= cutoff then due = ts + ttl break end
+      redis.call('XDEL', KEYS[3], first[1][1])
+      due = now  -- 64 deleted and maybe more too old: the next append looks again
+    end
+    if due > now then redis.call('SET', trim, due, 'PX', due - now) else redis.call('DEL', trim) end
   end
   if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
 end
@@ -215,6 +246,12 @@ NODES = "gc:nodes"
 def guild_keys(gid: str) -> list[str]:
     """The guild's epoch, seq, log and channel (the append script's KEYS)."""
     return [f"gc:{{{gid}}}:epoch", f"gc:{{{gid}}}:seq", f"gc:{{{gid}}}:log", channel(gid)]
+
+
+def trim_key(gid: str) -> str:
+    """When (ms) the guild's log may first hold an entry older than
+    ``history_ttl``: the append script's last KEY."""
+    return f"gc:{{{gid}}}:trim"
 
 
 def window_keys(gid: str) -> list[str]:
@@ -357,8 +394,8 @@ return removed
 #: is advisory, and a Redis outage must not grow memory without bound.
 MAX_QUEUED_PRESENCE = 100_000
 
-#: Connections per node to Redis (plus one for pub/sub): appends share one
-#: pipeline, so these serve reads, heads and presence queries in parallel.
+#: redis-py's connections per node to Redis (besides the append pipeline's
+#: and the feed's own, ``resp.py``): reads, heads and presence in parallel.
 MAX_REDIS_CONNECTIONS = 32
 
 #: A feed dead for this many ``feed_deadline`` in a row is reported lost to
@@ -376,6 +413,13 @@ SAFE_POLICY = "noeviction"
 
 #: Appends queued across guilds before a pipeline is sent regardless.
 MAX_PIPELINE = 512
+#: Guilds whose append command head (EVALSHA, the script, its keys) is kept
+#: packed; when full the cache starts again empty (packing one is a few us).
+MAX_PACKED_HEADS = 10_000
+
+#: An append script call for the pipeliner: its packed head (bytes, argument
+#: count), the rest of its arguments, the caller's future.
+_Queued = tuple[tuple[bytes, int], list[Any], "asyncio.Future[list[Any]]"]
 #: Bound on queued appends; past it appends fail at once (try again later).
 MAX_QUEUED_APPENDS = 50_000
 
@@ -397,6 +441,9 @@ def parse_record(data: bytes) -> Record:
 
 class RedisBroker:
     """Broker over one Redis (``redis://host:port/db``)."""
+
+    #: The loop the broker was started on (its futures' loop; set in start()).
+    _loop: asyncio.AbstractEventLoop
 
     def __init__(
         self,
@@ -476,7 +523,9 @@ class RedisBroker:
         #: Times the feed was found dead (a metric for tests and logs).
         self.feed_deaths = 0
         #: Queued appends: the script's KEYS, its ARGV, the caller's future.
-        self._queue: deque[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = deque()
+        self._queue: deque[_Queued] = deque()
+        #: (guild, keyed) -> its append command head, packed (MAX_PACKED_HEADS).
+        self._heads: dict[tuple[str, bool], tuple[bytes, int]] = {}
         self._queue_ready = asyncio.Event()
         #: Wanted channels: a pending future until Redis confirms, then None.
         self._listening: dict[str, asyncio.Future[None] | None] = {}
@@ -484,7 +533,16 @@ class RedisBroker:
         #: successor may overlap, so listen/unlisten are counted.
         self._listeners: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._pubsub: Any = None
+        #: A fresh epoch for each append should its guild need one (used once
+        #: in a guild's life): random ids read many per system call (ids.py).
+        self._epochs = HexIds(8)
+        #: The append pipeline's connection and the feed's (``resp.py``).
+        self._alink: RespConnection | None = None
+        self._sub: RespConnection | None = None
+        #: Guilds the feed's new connection owes a catch-up (``_reader``).
+        self._owed: list[str] = []
+        #: Channel name -> guild, for the feed's listened channels.
+        self._gids: dict[bytes, str] = {}
         self.reconnects = 0
 
     # --- life cycle ------------------------------------------------------------
@@ -522,6 +580,7 @@ class RedisBroker:
         if self._policy_error is not None:
             raise BrokerUnavailable(f"refusing {self.url}: {self._policy_error}")
         self._healthy = True
+        self._loop = asyncio.get_running_loop()
         # In the node's task group; cancelled and awaited in close().
         self._tasks = [
             spawn(tg, self._pipeliner(), "redis-pipeliner"),
@@ -551,6 +610,9 @@ class RedisBroker:
             _, _, fut = self._queue.popleft()
             if not fut.done():
                 fut.set_exception(BrokerUnavailable("broker closed"))
+        if self._alink is not None:
+            self._alink.close()
+            self._alink = None
         await self._r.aclose(close_connection_pool=True)
 
     # --- sequencing and history --------------------------------------------------
@@ -560,7 +622,7 @@ class RedisBroker:
         the guild, the history bounds, now, the item count): one layout for
         the keyed and unkeyed appends."""
         return [
-            secrets.token_hex(8),
+            self._epochs.next(),
             gid,
             self.history_size,
             int(time.time() * 1000),
@@ -573,7 +635,7 @@ class RedisBroker:
         for t, d in items:
             args.append(t)
             args.append(d)
-        out = await self._queue_append(guild_keys(gid), args)
+        out = await self._queue_append(self._head(gid, False), args)
         return out[0].decode(), [int(s) for s in out[1:]]
 
     async def append_keyed(
@@ -592,7 +654,7 @@ class RedisBroker:
             args.append(d)
             args.append(key or "")
             args.append(digest(t, d) if key is not None else b"")
-        out = await self._queue_append([*guild_keys(gid), *window_keys(gid)], args)
+        out = await self._queue_append(self._head(gid, True), args)
         res: list[int | Replayed] = []
         for v in out[1:]:
             # A number: sequenced now. "r<s>": the window's (same content),
@@ -603,7 +665,21 @@ class RedisBroker:
                 res.append(int(v))
         return out[0].decode(), res
 
-    def _queue_append(self, keys: list[str], args: list[Any]) -> asyncio.Future[list[Any]]:
+    def _head(self, gid: str, keyed: bool) -> tuple[bytes, int]:
+        """The guild's append command up to its ARGV, packed (cached): the
+        script's KEYS are the guild's, then for a keyed append its window's,
+        then its trim key."""
+        head = self._heads.get((gid, keyed))
+        if head is None:
+            window = window_keys(gid) if keyed else []
+            keys = [*guild_keys(gid), *window, trim_key(gid)]
+            if len(self._heads) >= MAX_PACKED_HEADS:
+                self._heads.clear()
+            cmd: list[resp.Arg] = ["EVALSHA", self._append_script.sha, len(keys), *keys]
+            head = self._heads[gid, keyed] = (bulks(cmd), len(cmd))
+        return head
+
+    def _queue_append(self, head: tuple[bytes, int], args: list[Any]) -> asyncio.Future[list[Any]]:
         """Queue one append script call for the pipeliner; its future."""
         # Only the command link and the policy matter here: a feed reconnect
         # does not stop this node from sequencing.
@@ -613,8 +689,8 @@ class RedisBroker:
             raise BrokerUnavailable(self._policy_error)
         if len(self._queue) >= MAX_QUEUED_APPENDS:
             raise BrokerUnavailable("too many appends queued")
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, fut))
+        fut: asyncio.Future[list[Any]] = self._loop.create_future()
+        self._queue.append((head, args, fut))
         self._queue_ready.set()
         return fut
 
@@ -629,50 +705,65 @@ class RedisBroker:
                 except (RedisError, OSError) as e:
                     self._mark_down(e)
             while self._queue:
-                batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = []
+                batch: list[_Queued] = []
                 while self._queue and len(batch) < MAX_PIPELINE:
                     batch.append(self._queue.popleft())
                 await self._send(batch)
 
-    async def _send(
-        self, batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]]
-    ) -> None:
+    async def _append_link(self) -> RespConnection:
+        """The append pipeline's own connection (``resp.py``), opened on
+        first use and again after it was lost."""
+        link = self._alink
+        if link is None or not link.is_open:
+            self._alink = None
+            async with asyncio.timeout(self.op_timeout):
+                link = await resp.connect(self._r.connection_pool)
+            self._alink = link
+        return link
+
+    async def _send(self, batch: list[_Queued]) -> None:
         """One pipeline of append scripts (EVALSHA; on NOSCRIPT, nothing ran:
-        load the script and send those again) and answer every future."""
+        load the script and send those again) and answer every future.
+
+        The batch leaves in one write on the pipeline's own connection and
+        its replies are parsed in that connection's read callback
+        (``resp.py``): one timeout per batch, not per reply."""
         for attempt in (1, 2):
             # A connection first: failing to get one means nothing was sent
             # ("not published"); past it, a lost answer means the scripts may
             # have run ("outcome unknown").
             try:
-                conn = await self._r.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-            except (RedisError, OSError) as e:
+                link = await self._append_link()
+            except (RedisError, OSError, ReplyError, TimeoutError) as e:
                 self._mark_down(e)
                 for _, _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(BrokerUnavailable(f"redis: {e}"))
+                        fut.set_exception(BrokerUnavailable(f"redis: {e or type(e).__name__}"))
                 return
+            data = b"".join([pack_after(head, n, args) for (head, n), args, _ in batch])
             try:
-                async with self._r.pipeline(transaction=False) as pipe:
-                    pipe.connection = conn
-                    for keys, args, _ in batch:
-                        pipe.evalsha(self._append_script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as e:
+                async with asyncio.timeout(self.op_timeout):
+                    results = await link.request(data, len(batch))
+            except (OSError, TimeoutError) as e:
+                link.close()  # its replies can no longer be paired with commands
                 self._mark_down(e)
                 for _, _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(OutcomeUnknown(f"redis: no answer ({e})"))
+                        fut.set_exception(
+                            OutcomeUnknown(f"redis: no answer ({e or type(e).__name__})")
+                        )
                 return
             again = []
             for item, res in zip(batch, results, strict=True):
                 fut = item[2]
                 if fut.done():
                     continue
-                if isinstance(res, NoScriptError) and attempt == 1:
-                    again.append(item)
-                elif isinstance(res, Exception):
-                    # A script that failed part way may have sequenced some.
-                    fut.set_exception(OutcomeUnknown(f"redis: {res}"))
+                if type(res) is ReplyError:
+                    if attempt == 1 and str(res).startswith("NOSCRIPT"):
+                        again.append(item)
+                    else:
+                        # A script that failed part way may have sequenced some.
+                        fut.set_exception(OutcomeUnknown(f"redis: {res}"))
                 else:
                     fut.set_result(res)
             if not again:
@@ -841,12 +932,9 @@ class RedisBroker:
         if fut is False:
             fut = asyncio.get_running_loop().create_future()
             self._listening[gid] = fut
-            ps = self._pubsub
-            if ps is not None:
-                try:
-                    await ps.subscribe(channel(gid))
-                except (RedisError, OSError) as e:
-                    self._feed_down(e)  # the reader reconnects and subscribes it
+            ch = channel(gid)
+            self._gids[ch.encode()] = gid
+            self._feed_write(pack("SUBSCRIBE", ch))
         assert isinstance(fut, asyncio.Future)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -863,16 +951,24 @@ class RedisBroker:
         fut = self._listening.pop(gid, None)
         if isinstance(fut, asyncio.Future) and not fut.done():
             fut.cancel()
-        ps = self._pubsub
-        if ps is not None:
+        ch = channel(gid)
+        self._gids.pop(ch.encode(), None)
+        self._feed_write(pack("UNSUBSCRIBE", ch))
+
+    def _feed_write(self, data: bytes) -> None:
+        """A (UN)SUBSCRIBE or PING on the feed's connection, if it has one
+        (else the reader subscribes every wanted channel when it connects)."""
+        sub = self._sub
+        if sub is not None and sub.is_open:
             try:
-                await ps.unsubscribe(channel(gid))
-            except (RedisError, OSError) as e:
-                self._feed_down(e)
+                sub.write(data)
+            except OSError as e:
+                self._feed_down(e)  # the reader reconnects and subscribes it
 
     async def _reader(self) -> None:
-        """Owns the pub/sub connection: (re)subscribes, delivers records, and
-        checks the feed is alive (a PING answered within ``feed_deadline``).
+        """Owns the pub/sub connection: (re)subscribes, and checks the feed
+        is alive (a PING answered within ``feed_deadline``); the connection's
+        read callback delivers what arrives (``_on_replies``).
 
         After any failure it starts a fresh connection with a bounded
         backoff and resubscribes every wanted channel. The first reply of any
@@ -885,34 +981,34 @@ class RedisBroker:
         delay = 0.0
         every = self.feed_deadline / 3
         while True:
-            ps: Any = self._r.pubsub()
+            sub: RespConnection | None = None
             try:
-                await asyncio.wait_for(ps.connect(), self.op_timeout)
-                self._pubsub = ps
+                async with asyncio.timeout(self.op_timeout):
+                    # No SELECT: channels are the same in every database.
+                    sub = await resp.connect(self._r.connection_pool, select_db=False)
                 # Guilds confirmed on an earlier connection: owed a catch-up.
-                owed = [g for g, fut in self._listening.items() if fut is None]
+                self._owed = [g for g, fut in self._listening.items() if fut is None]
+                sub.sink = self._on_replies
+                self._sub = sub
                 if self._listening:
-                    await ps.subscribe(*[channel(g) for g in self._listening])
+                    sub.write(pack("SUBSCRIBE", *[channel(g) for g in self._listening]))
                 delay = 0.0
-                alive = time.monotonic()
-                next_ping = alive + every
+                next_ping = time.monotonic() + every
                 # Pinged whether or not anything is subscribed: a feed found
                 # dead stays "dead" (not ready) until a connection answers,
                 # even once its guilds stopped listening.
                 while True:
-                    msg = await ps.get_message(timeout=max(0.01, next_ping - time.monotonic()))
+                    await asyncio.wait(
+                        [sub.closed], timeout=max(0.01, next_ping - time.monotonic())
+                    )
+                    if not sub.is_open:
+                        raise ConnectionError(f"feed connection lost: {sub.error}")
                     now = time.monotonic()
-                    if msg is not None:
-                        alive = now
-                        if owed:
-                            self._resync(owed)
-                            owed = []
-                        self._on_pubsub(msg)
-                    if now - alive > self.feed_deadline:
-                        raise _FeedSilent(f"no answer to PING in {now - alive:.1f} s")
+                    if now - sub.last_read > self.feed_deadline:
+                        raise _FeedSilent(f"no answer to PING in {now - sub.last_read:.1f} s")
                     if now >= next_ping:
                         next_ping = now + every
-                        await asyncio.wait_for(ps.ping(), self.feed_deadline)
+                        sub.write(pack("PING"))
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -920,9 +1016,10 @@ class RedisBroker:
                 await asyncio.sleep(delay)
                 delay = min(max(delay * 2, 0.05), 2.0)
             finally:
-                self._pubsub = None
-                with contextlib.suppress(Exception):
-                    await ps.aclose()
+                self._sub = None
+                self._owed = []
+                if sub is not None:
+                    sub.close()
 
     def _feed_down(self, e: BaseException) -> None:
         self.feed_deaths += 1
@@ -952,35 +1049,63 @@ class RedisBroker:
         for gid in list(self._listening):
             self._feed(gid, FEED_LOST)
 
-    def _on_pubsub(self, msg: dict[str, Any]) -> None:
-        kind = msg["type"]
-        if kind in (b"pong", "pong"):
-            self._feed_up()
-            return
-        ch = msg["channel"]
-        if isinstance(ch, bytes):
-            ch = ch.decode()
-        gid = channel_guild(ch)
-        if kind in (b"message", "message"):
-            if gid not in self._listening or self._feed is None:
-                return
-            data: bytes = msg["data"]
-            if data.startswith(b"P|"):
-                if self._presence_feed is not None:
-                    _, kind_b, info = data.split(b"|", 2)
-                    d = orjson.loads(info)
-                    m = Presence(d["user"], d["session"], d["node"])
-                    v = d.get("v")  # None from a node of an earlier version
-                    self._presence_feed(gid, kind_b.decode(), m, v if type(v) is int else None)
-                return
-            self._feed(gid, [parse_record(data)])
-        elif kind in (b"subscribe", "subscribe"):
-            self._feed_up()
-            fut = self._listening.get(gid, False)
-            if isinstance(fut, asyncio.Future):
-                if not fut.done():
-                    fut.set_result(None)
-                self._listening[gid] = None
+    def _on_replies(self, replies: list[Any]) -> None:
+        """Everything one read of the feed's connection brought, in order.
+
+        A guild's records of one read reach it as one list (one ``Feed``
+        message, not one per record); a presence change of that guild first
+        sends the records before it, so its order is kept."""
+        if self._owed:
+            owed, self._owed = self._owed, []
+            self._resync(owed)
+        feed = self._feed
+        records: dict[str, list[Record]] = {}
+        for r in replies:
+            if type(r) is list:
+                kind = r[0]
+                if kind == b"message":
+                    ch: bytes = r[1]
+                    gid = self._gids.get(ch) or channel_guild(ch.decode())
+                    if gid not in self._listening or feed is None:
+                        continue
+                    data: bytes = r[2]
+                    if data.startswith(b"P|"):
+                        recs = records.pop(gid, None)
+                        if recs:
+                            feed(gid, recs)
+                        self._on_presence(gid, data)
+                        continue
+                    recs = records.get(gid)
+                    if recs is None:
+                        records[gid] = [parse_record(data)]
+                    else:
+                        recs.append(parse_record(data))
+                elif kind == b"subscribe":
+                    self._feed_up()
+                    gid = channel_guild(r[1].decode())
+                    fut = self._listening.get(gid, False)
+                    if isinstance(fut, asyncio.Future):
+                        if not fut.done():
+                            fut.set_result(None)
+                        self._listening[gid] = None
+                elif kind == b"pong":
+                    self._feed_up()
+            elif r == b"PONG":  # a PING's answer while nothing is subscribed
+                self._feed_up()
+            elif isinstance(r, ReplyError):
+                raise r  # the connection is dropped and a new one resubscribes
+        if feed is not None:
+            for gid, recs in records.items():
+                feed(gid, recs)
+
+    def _on_presence(self, gid: str, data: bytes) -> None:
+        """A presence change ``P|join|`` / ``P|leave|`` + member JSON."""
+        if self._presence_feed is not None:
+            _, kind_b, info = data.split(b"|", 2)
+            d = orjson.loads(info)
+            m = Presence(d["user"], d["session"], d["node"])
+            v = d.get("v")  # None from a node of an earlier version
+            self._presence_feed(gid, kind_b.decode(), m, v if type(v) is int else None)
 
     def _resync(self, gids: list[str]) -> None:
         """A new feed connection delivers again: records sent while it was
