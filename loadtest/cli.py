@@ -139,6 +139,12 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
         type=int,
         help="passive: guilds each client subscribes actively (1; the rest passive)",
     )
+    g.add_argument(
+        "--publish-tick",
+        type=float,
+        help="fixed rate: seconds between a publisher's writes, the events due meanwhile "
+        "pipelined in one write (0: each event on its own as it falls due)",
+    )
     s = ap.add_argument_group("server")
     s.add_argument(
         "--server",
@@ -200,6 +206,7 @@ PLAN_KEYS = (
     "pad",
     "per_client",
     "active",
+    "publish_tick",
 )
 
 
