@@ -140,6 +140,13 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
         help="passive: guilds each client subscribes actively (1; the rest passive)",
     )
     g.add_argument(
+        "--activity-batch",
+        action="store_true",
+        default=None,
+        help="passive: clients ask for a tick's notices in one GUILD_ACTIVITY (IDENTIFY "
+        "activity_batch, protocol 1.1)",
+    )
+    g.add_argument(
         "--publish-tick",
         type=float,
         help="fixed rate: seconds between a publisher's writes, the events due meanwhile "
@@ -207,6 +214,7 @@ PLAN_KEYS = (
     "per_client",
     "active",
     "publish_tick",
+    "activity_batch",
 )
 
 

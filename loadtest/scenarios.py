@@ -122,6 +122,9 @@ COMMON: dict[str, Any] = {
     #: Seconds between a fixed-rate publisher's writes (0: each event as it
     #: falls due, so the server wakes once per event): ``--publish-tick``.
     "publish_tick": 0.0,
+    #: Clients ask for batched passive notices (IDENTIFY ``activity_batch``):
+    #: ``--activity-batch``.
+    "activity_batch": False,
 }
 
 SCENARIOS = tuple(DEFAULTS)
@@ -175,6 +178,7 @@ class Plan:
     per_client: int = 1
     active: int | None = None
     publish_tick: float = 0.0
+    activity_batch: bool = False
 
     @property
     def active_per_client(self) -> int:
@@ -278,7 +282,12 @@ def assign(plan: Plan) -> list[list[ClientSpec]]:
     for i in range(plan.clients):
         gids = tuple(f"lt-{(i + k * stride) % g}" for k in range(n))
         spec = ClientSpec(
-            i, gids, role[i], lat=lat_rng.random() < plan.lat_sample, passive=gids[active:]
+            i,
+            gids,
+            role[i],
+            lat=lat_rng.random() < plan.lat_sample,
+            passive=gids[active:],
+            activity_batch=plan.activity_batch,
         )
         per[i % plan.workers].append(spec)
     return per
