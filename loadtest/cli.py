@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "soak": "guildcast.loadtest.soak",
     "clusterbench": "guildcast.loadtest.clusterbench",
     "sendcost": "guildcast.loadtest.sendcost",
+    "tickcost": "guildcast.loadtest.tickcost",
     "faults": "guildcast.loadtest.faults",
     "wiresize": "guildcast.loadtest.wiresize",
 }
