@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "soak": "guildcast.loadtest.soak",
     "clusterbench": "guildcast.loadtest.clusterbench",
     "sendcost": "guildcast.loadtest.sendcost",
+    "tickcost": "guildcast.loadtest.tickcost",
     "faults": "guildcast.loadtest.faults",
     "wiresize": "guildcast.loadtest.wiresize",
 }
@@ -139,6 +140,19 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
         type=int,
         help="passive: guilds each client subscribes actively (1; the rest passive)",
     )
+    g.add_argument(
+        "--activity-batch",
+        action="store_true",
+        default=None,
+        help="passive: clients ask for a tick's notices in one GUILD_ACTIVITY (IDENTIFY "
+        "activity_batch, protocol 1.1)",
+    )
+    g.add_argument(
+        "--publish-tick",
+        type=float,
+        help="fixed rate: seconds between a publisher's writes, the events due meanwhile "
+        "pipelined in one write (0: each event on its own as it falls due)",
+    )
     s = ap.add_argument_group("server")
     s.add_argument(
         "--server",
@@ -200,6 +214,8 @@ PLAN_KEYS = (
     "pad",
     "per_client",
     "active",
+    "publish_tick",
+    "activity_batch",
 )
 
 

@@ -126,6 +126,8 @@ class ClientSpec:
     #: Guilds of ``gids`` subscribed passively (the ``passive`` scenario):
     #: no events expected from them, only GUILD_ACTIVITY notices.
     passive: tuple[str, ...] = ()
+    #: Ask for a tick's notices in one GUILD_ACTIVITY (IDENTIFY ``activity_batch``).
+    activity_batch: bool = False
 
 
 @dataclass(slots=True)
@@ -465,13 +467,18 @@ class Sub(asyncio.Protocol):
                 self._unsubscribed(g.encode())
             elif t == ACTIVITY_EVENT and isinstance(g, str) and g in self.passive:
                 f.notices += 1
+            elif t == ACTIVITY_EVENT and g is None and isinstance(d, dict):
+                # A batch (activity_batch): one notice per passive guild in it.
+                f.notices += sum(1 for gid in d if gid in self.passive)
             else:
                 f.other_dispatches += 1
         elif op == Op.HELLO:
             self.hb_interval = float(d["heartbeat_interval"]) / 1000.0 if d else 30.0
             self.hb_due = time.monotonic() + self.hb_interval * random.uniform(0.5, 0.9)
             guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
-            self.send_raw(wire.identify(self._token(), guilds, self.passive))
+            self.send_raw(
+                wire.identify(self._token(), guilds, self.passive, self.spec.activity_batch)
+            )
         elif op == Op.HEARTBEAT_ACK:
             pass
         elif op == Op.RECONNECT:  # the close (1001) follows

@@ -13,7 +13,11 @@ a publisher: at most ``window`` unanswered events, never a growing queue):
   that fell due while a gateway publisher had no connection (a server
   restart) are not made up afterwards: the schedule starts again at the
   reconnect, so a storm is met by the same 2,000 events/s, not by a burst
-  of everything the outage held back.
+  of everything the outage held back. With ``tick`` (``--publish-tick``)
+  a publisher writes at most once per ``tick`` seconds, the events that
+  fell due meanwhile pipelined in one write, as an application's publisher
+  under load sends what it has queued; with 0 each event is written on its
+  own as it falls due (the server then wakes once per event).
 
 Over the gateway a publisher is one WebSocket connection sending op 5 and
 reading the ACKs, which come back in PUBLISH order (PROTOCOL.md
@@ -110,8 +114,10 @@ class PubStats:
 class Pacer:
     """Decides how many events are due now (see the module docstring)."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, tick: float = 0.0) -> None:
         self.rate = rate
+        #: Seconds between two writes at a fixed rate (0: each event on its own).
+        self.tick = tick
         self.t0 = time.monotonic()
         self.sent = 0
 
@@ -129,7 +135,7 @@ class Pacer:
     def wait_time(self) -> float:
         if self.rate <= 0:
             return 1.0
-        return max(0.0005, self.t0 + (self.sent + 1) / self.rate - time.monotonic())
+        return max(0.0005, self.tick, self.t0 + (self.sent + 1) / self.rate - time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,10 @@ class Load:
     seed: int
     #: ``--pad``: "x" or "text" (``wire.pad_for``).
     pad: str = "x"
+    #: ``--publish-tick``: at a fixed rate, seconds between two writes; the
+    #: events that fell due meanwhile go in one write, pipelined (0: each
+    #: event is written on its own as it falls due).
+    tick: float = 0.0
 
 
 class Sender:
@@ -159,7 +169,7 @@ class Sender:
         self.pad = wire.pad_for(load.size, load.pad)
         self.stats = load.stats
         self.rng = random.Random(load.seed)
-        self.pacer = Pacer(load.rate)
+        self.pacer = Pacer(load.rate, load.tick)
         #: Flow control: how many more events may be sent now (None: no limit).
         self.gate: Callable[[], int] | None = None
 

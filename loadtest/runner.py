@@ -353,7 +353,16 @@ class Run:
         rate = p.rate / p.publishers
         out: list[GatewayPublisher | HttpPublisher] = []
         for k in range(p.publishers):
-            load = Load(gids, rate, p.inflight, p.size, self.pubstats, p.seed * 7919 + k, p.pad)
+            load = Load(
+                gids,
+                rate,
+                p.inflight,
+                p.size,
+                self.pubstats,
+                p.seed * 7919 + k,
+                p.pad,
+                p.publish_tick,
+            )
             if p.via == "http":
                 assert t.api_port is not None
                 out.append(HttpPublisher(t.api_host or t.host, t.api_port, t.api_key, load))

@@ -119,6 +119,12 @@ COMMON: dict[str, Any] = {
     #: all); the others are subscribed passively.
     "per_client": 1,
     "active": None,
+    #: Seconds between a fixed-rate publisher's writes (0: each event as it
+    #: falls due, so the server wakes once per event): ``--publish-tick``.
+    "publish_tick": 0.0,
+    #: Clients ask for batched passive notices (IDENTIFY ``activity_batch``):
+    #: ``--activity-batch``.
+    "activity_batch": False,
 }
 
 SCENARIOS = tuple(DEFAULTS)
@@ -134,6 +140,9 @@ PADS = ("x", "text")
 MAX_DURATION = 3600.0
 #: Most clients per run (bounded in count).
 MAX_CLIENTS = 1_000_000
+#: Longest ``--publish-tick``: a publisher holding events longer than this
+#: would be measuring its own batching, not the server.
+MAX_PUBLISH_TICK = 0.1
 
 
 @dataclass
@@ -168,6 +177,8 @@ class Plan:
     server_opts: dict[str, Any] = field(default_factory=dict)
     per_client: int = 1
     active: int | None = None
+    publish_tick: float = 0.0
+    activity_batch: bool = False
 
     @property
     def active_per_client(self) -> int:
@@ -236,6 +247,8 @@ def _validate(p: Plan) -> None:
         raise ValueError("--reconnect-at is a fraction of the duration, in (0, 1)")
     if p.max_lag < 0:
         raise ValueError("--max-lag must be >= 0 (0: no flow control)")
+    if not 0 <= p.publish_tick <= MAX_PUBLISH_TICK:
+        raise ValueError(f"--publish-tick must be in [0, {MAX_PUBLISH_TICK}] seconds")
     if not 0 < p.lat_sample <= 1:
         raise ValueError("--lat-sample must be in (0, 1]")
     if not 1 <= p.source_addrs <= 254:
@@ -269,7 +282,12 @@ def assign(plan: Plan) -> list[list[ClientSpec]]:
     for i in range(plan.clients):
         gids = tuple(f"lt-{(i + k * stride) % g}" for k in range(n))
         spec = ClientSpec(
-            i, gids, role[i], lat=lat_rng.random() < plan.lat_sample, passive=gids[active:]
+            i,
+            gids,
+            role[i],
+            lat=lat_rng.random() < plan.lat_sample,
+            passive=gids[active:],
+            activity_batch=plan.activity_batch,
         )
         per[i % plan.workers].append(spec)
     return per

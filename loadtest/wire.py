@@ -129,10 +129,14 @@ def close_frame(code: int, reason: str = "") -> bytes:
 
 
 def identify(
-    token: str, guilds: dict[str, pc.Position | None], passive: Collection[str] = ()
+    token: str,
+    guilds: dict[str, pc.Position | None],
+    passive: Collection[str] = (),
+    activity_batch: bool = False,
 ) -> bytes:
-    """A framed IDENTIFY (the guilds in ``passive`` subscribed passively)."""
-    return text(pc.identify_message(token, guilds, passive=passive))
+    """A framed IDENTIFY (the guilds in ``passive`` subscribed passively;
+    ``activity_batch``: their notices of a tick in one message)."""
+    return text(pc.identify_message(token, guilds, passive=passive, activity_batch=activity_batch))
 
 
 def subscribe(guilds: dict[str, pc.Position | None], passive: Collection[str] = ()) -> bytes:

@@ -481,7 +481,13 @@ class Server:
         if not self._gateway_up:  # the API runs while waiting for Redis
             return MetricsSnapshot(ready=False, broker_up=False)
         m = MetricsSnapshot(ready=self.ready, broker_up=self.broker.healthy)
-        parts: tuple[object, ...] = (self.gateway, self.hub, self.stats_counters, self.broker)
+        parts: tuple[object, ...] = (
+            self.gateway,
+            self.hub,
+            self.stats_counters,
+            self.broker,
+            self.passive,
+        )
         for part in parts:
             if isinstance(part, ReportsMetrics):
                 part.report_metrics(m)

@@ -22,6 +22,16 @@ board owns the notice schedule; the guild actors own who is passive:
   **one** write (a write costs far more than joining bytes). So the cost is
   per interval: the moved guilds' passive subscriptions plus one write per
   session, never per event.
+- A session that asked for it (1.1, IDENTIFY ``activity_batch``) gets its
+  notices of a tick as **one** GUILD_ACTIVITY of several guilds
+  (``wire.activity_batch_frame``): each guild's ``"gid":s`` entry is built
+  once per tick and shared like the notice; only the envelope around a
+  session's entries is its own. A notice is ~82 bytes and a session in 19
+  moving passive guilds gets ~12 a second at 1 event/s per guild, against
+  ~16 bytes an entry: the passive mix's notice bytes fall by about 4x. The
+  batch frame is never compressed (RFC 7692 lets any message go
+  uncompressed; one deflate per session would cost what the shared frames
+  save), so a deflate session gets it as it is.
 
 Consistency model: single-threaded (the event loop). A tick is spread over
 several loop steps (``VISIT_SLICE``, ``SEND_SLICE``) so that 10,000
@@ -57,10 +67,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.sink import Sink
 from guildcast.protocol import wire
 from guildcast.protocol.deflate import SharedFrame
@@ -99,6 +111,12 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+#: One moved guild's notice in a tick: its passive sessions (the guild's
+#: dict, checked again at write time), the uncompressed frame, the same as
+#: a SharedFrame for deflate sessions, and its ``"gid":s`` batch entry.
+_Note = tuple[dict[Sink, None], bytes, SharedFrame, bytes]
+
+
 @dataclass(slots=True, eq=False)
 class PassiveGuild:
     """One guild's passive sessions on this node and its notice state."""
@@ -123,10 +141,13 @@ class PassiveBoard:
         self.interval = interval
         self.entries: dict[str, PassiveGuild] = {}
         #: Counters: ticks run, notices built (one per moved guild per tick),
-        #: notices delivered (per passive session) and the writes carrying them.
+        #: notices delivered (one per moved guild per passive session), the
+        #: WebSocket messages carrying them (a batch carries several), the
+        #: writes carrying those (one per session per tick) and their bytes.
         self.ticks = 0
         self.notices_built = 0
         self.notices_sent = 0
+        self.frames = 0
         self.writes = 0
         self.bytes_out = 0
 
@@ -151,41 +172,70 @@ class PassiveBoard:
         with _gc_paused():
             return await self._tick()
 
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics``: the notice counters and the passive sessions
+        now (summed over guilds: a scrape costs one step per guild with
+        passive sessions, not one per session)."""
+        m.passive_guilds = len(self.entries)
+        m.passive_subscriptions = sum(len(e.sinks) for e in self.entries.values())
+        m.notice_ticks = self.ticks
+        m.notices_built = self.notices_built
+        m.notices_sent = self.notices_sent
+        m.notice_frames = self.frames
+        m.notice_writes = self.writes
+        m.notice_bytes = self.bytes_out
+
     async def _tick(self) -> int:
-        due: dict[Sink, list[tuple[PassiveGuild, SharedFrame]]] = {}
+        # The tick visits ~120,000 passive subscriptions a second in the
+        # issue's passive mix: its loops are kept to C-level steps (a
+        # defaultdict's append, tuple unpacking, the uncompressed frame
+        # carried in the note rather than a method call per notice).
+        due: defaultdict[Sink, list[_Note]] = defaultdict(list)
         built = 0
         visited = 0
         for e in list(self.entries.values()):
-            if e.head == e.noticed or not e.sinks:
+            sinks = e.sinks  # the guild's own dict, the same object for its life
+            if e.head == e.noticed or not sinks:
                 continue
             e.noticed = e.head
-            note = (e, SharedFrame(wire.activity_frame(e.gid, e.epoch, e.head)))
+            frame = wire.activity_frame(e.gid, e.epoch, e.head)
+            note = (sinks, frame, SharedFrame(frame), wire.activity_entry(e.gid, e.head))
             built += 1
-            for sink in e.sinks:  # no await inside: the guild cannot change it here
-                notes = due.get(sink)
-                if notes is None:
-                    due[sink] = [note]
-                else:
-                    notes.append(note)
-            visited += len(e.sinks)
+            for sink in sinks:  # no await inside: the guild cannot change it here
+                due[sink].append(note)
+            visited += len(sinks)
             if visited >= VISIT_SLICE:
                 visited = 0
                 await asyncio.sleep(0)
-        out = sent = writes = 0
+        out = sent = nframes = writes = 0
         for sink, notes in due.items():
             # Still passive there now (a guild step may have run since).
-            z = sink.deflate
-            frames = [note.for_sink(z) for e, note in notes if sink in e.sinks]
-            if frames:
+            if sink.activity_batch:
+                entries = [entry for sinks, _, _, entry in notes if sink in sinks]
+                if not entries:
+                    continue
+                data = wire.activity_batch_frame(entries)
+                sent += len(entries)
+                nframes += 1
+            else:
+                z = sink.deflate
+                if z is None:
+                    frames = [f for sinks, f, _, _ in notes if sink in sinks]
+                else:
+                    frames = [sh.compressed(z) for sinks, _, sh, _ in notes if sink in sinks]
+                if not frames:
+                    continue
                 data = frames[0] if len(frames) == 1 else b"".join(frames)
-                sink.send(data)
-                out += len(data)
                 sent += len(frames)
-                writes += 1
-                if writes % SEND_SLICE == 0:
-                    await asyncio.sleep(0)
+                nframes += len(frames)
+            sink.send(data)
+            out += len(data)
+            writes += 1
+            if writes % SEND_SLICE == 0:
+                await asyncio.sleep(0)
         self.notices_built += built
         self.notices_sent += sent
+        self.frames += nframes
         self.writes += writes
         self.bytes_out += out
         return writes

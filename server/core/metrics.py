@@ -193,6 +193,19 @@ class MetricsSnapshot:
     latency_count: int = 0
     #: Keyed by actor kind: ``"guild"``, ``"partition"``.
     mailboxes: dict[str, MailboxDepth] = field(default_factory=dict)
+    #: Passive subscriptions (``guildcast.actors.passive``): guilds with
+    #: passive sessions on this node and their passive subscriptions now;
+    #: notice ticks run, notices built (once per moved guild per tick),
+    #: notices delivered (per guild per passive session), the WebSocket
+    #: messages and the writes that carried them and their bytes.
+    passive_guilds: int = 0
+    passive_subscriptions: int = 0
+    notice_ticks: int = 0
+    notices_built: int = 0
+    notices_sent: int = 0
+    notice_frames: int = 0
+    notice_writes: int = 0
+    notice_bytes: int = 0
 
 
 @runtime_checkable

@@ -36,6 +36,11 @@ class Sink(Protocol):
         """Start the WebSocket close handshake with ``code``; idempotent."""
 
     @property
+    def activity_batch(self) -> bool:
+        """(1.1) IDENTIFY ``activity_batch``: the session takes a passive
+        tick's notices as one GUILD_ACTIVITY of several guilds (actors/passive.py)."""
+
+    @property
     def is_closed(self) -> bool:
         """True once the connection has started closing."""
 

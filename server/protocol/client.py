@@ -390,9 +390,11 @@ def identify_message(
     events: list[str] | None = None,
     presence: bool = False,
     passive: Collection[str] = (),
+    activity_batch: bool = False,
 ) -> bytes:
     """IDENTIFY (op 2); ``presence`` asks for PRESENCE_SNAPSHOT/JOIN/LEAVE; the
-    guilds in ``passive`` are subscribed passively."""
+    guilds in ``passive`` are subscribed passively; (1.1) ``activity_batch``
+    asks for a passive tick's notices in one GUILD_ACTIVITY of several guilds."""
     d: dict[str, Any] = {
         "token": token,
         "guilds": {gid: start_json(pos, gid in passive) for gid, pos in guilds.items()},
@@ -401,6 +403,8 @@ def identify_message(
         d["events"] = events
     if presence:
         d["presence"] = True
+    if activity_batch:
+        d["activity_batch"] = True
     return orjson.dumps({"op": Op.IDENTIFY, "d": d})
 
 
@@ -515,10 +519,14 @@ class ClientSession:
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         rewind: int | None = None,
         presence: bool = False,
+        activity_batch: bool = False,
     ) -> None:
         self.events = None if events is None else list(events)
         #: IDENTIFY ``presence``: keep a :class:`Roster` per guild.
         self.presence = presence
+        #: (1.1) IDENTIFY ``activity_batch``: a passive tick's notices come as
+        #: one GUILD_ACTIVITY of several guilds (still one Activity each).
+        self.activity_batch = activity_batch
         for name in self.events or ():
             if not valid_event(name):
                 raise ValueError(f"invalid event name {name!r}")
@@ -819,7 +827,14 @@ class ClientSession:
         self._sent = dict(self._desired)
         return [
             Send(
-                identify_message(self._token, self._sent, self.events, self.presence, self._passive)
+                identify_message(
+                    self._token,
+                    self._sent,
+                    self.events,
+                    self.presence,
+                    self._passive,
+                    self.activity_batch,
+                )
             )
         ]
 
@@ -831,6 +846,8 @@ class ClientSession:
             if t == "READY":
                 return self._ready(_obj(d, "READY"))
             if g is None:
+                if t == ACTIVITY_EVENT:
+                    return self._activity_batch(_obj(d, ACTIVITY_EVENT))
                 return []
             if type(g) is not str:
                 raise _Bad("g must be a guild id")
@@ -939,6 +956,26 @@ class ClientSession:
         if known is None or known.epoch != epoch or s > known.s:
             self._heads[gid] = Position(epoch, s)
         return [Activity(gid, epoch, s)]
+
+    def _activity_batch(self, d: dict[str, Any]) -> list[Output]:
+        """(1.1) A GUILD_ACTIVITY of several guilds, ``{gid: s}``, read as that
+        many single notices. Each guild's epoch is the one its passive
+        SUBSCRIBED named (the last head heard of, else the Position: the
+        server closes a guild's passive sessions with 4000 when its epoch
+        changes, so a notice is never of another epoch)."""
+        out: list[Output] = []
+        for gid, s in d.items():
+            if type(s) is not int:
+                raise _Bad("a GUILD_ACTIVITY of several guilds needs {guild: s: int}")
+            if gid not in self._desired:
+                continue  # unsubscribed meanwhile: the server stops at UNSUBSCRIBED
+            known = self._heads.get(gid) or self._desired[gid]
+            if type(known) is not Position:
+                continue  # no epoch known yet: the passive SUBSCRIBED tells the head
+            if gid not in self._heads or s > known.s:
+                self._heads[gid] = Position(known.epoch, s)
+            out.append(Activity(gid, known.epoch, s))
+        return out
 
     def _event(self, gid: str, t: str, s: int, d: Any) -> list[Output]:
         if gid not in self._desired:

@@ -198,6 +198,7 @@ class Session:
         "_cmd_count",
         "_cmd_window_start",
         "_pending",
+        "activity_batch",
         "deadline",
         "events",
         "grant",
@@ -218,6 +219,9 @@ class Session:
         self.events: frozenset[str] | None = None
         #: IDENTIFY ``presence``: send PRESENCE_JOIN/LEAVE of subscribed guilds.
         self.presence = False
+        #: (1.1) IDENTIFY ``activity_batch``: a passive tick's notices in one
+        #: GUILD_ACTIVITY of several guilds (PROTOCOL.md "Passive subscriptions").
+        self.activity_batch = False
         self.subscriptions: set[str] = set()
         #: Monotonic time after which :meth:`check_timeout` closes the session.
         self.deadline = now + limits.identify_timeout
@@ -366,6 +370,10 @@ class Session:
         if type(presence) is not bool:
             raise _Reject(Close.DECODE_ERROR, "presence must be true or false")
         self.presence = presence
+        batch = d.get("activity_batch", False)
+        if type(batch) is not bool:
+            raise _Reject(Close.DECODE_ERROR, "activity_batch must be true or false")
+        self.activity_batch = batch
         events = d.get("events")
         if events is not None:
             if type(events) is not list or not all(wire.valid_event(e) for e in events):

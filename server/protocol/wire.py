@@ -40,6 +40,8 @@ __all__ = [
     "RECONNECT_FRAME",
     "GuildRequest",
     "JSONDecodeError",
+    "activity_batch_frame",
+    "activity_entry",
     "activity_frame",
     "decode",
     "dispatch_json",
@@ -260,6 +262,27 @@ def activity_frame(gid: str, epoch: str, s: int) -> bytes:
     once per guild per notice interval; the same bytes go to every passive
     subscriber. No top-level ``s``: it is not a guild event."""
     return message(Op.DISPATCH, {"s": s, "epoch": epoch}, t=ACTIVITY_EVENT, g=gid)
+
+
+#: The start of a GUILD_ACTIVITY of several guilds (1.1, IDENTIFY
+#: ``activity_batch``): no ``g``; ``d`` maps each guild to its head.
+_ACTIVITY_BATCH_START = b'{"op":0,"t":"%s","d":{' % ACTIVITY_EVENT.encode()
+
+
+def activity_entry(gid: str, s: int) -> bytes:
+    """One guild's ``"gid":s`` in :func:`activity_batch_frame`, built once per
+    guild per notice interval (a valid guild id needs no JSON escaping)."""
+    return b'"%s":%d' % (gid.encode(), s)
+
+
+def activity_batch_frame(entries: list[bytes]) -> bytes:
+    """The GUILD_ACTIVITY of several passive guilds (PROTOCOL.md "Passive
+    subscriptions", 1.1 ``activity_batch``): ``{"op":0,"t":"GUILD_ACTIVITY",
+    "d":{"g1":s1,"g2":s2,...}}``, one per session per interval, from the
+    :func:`activity_entry` bytes shared by every passive subscriber of a
+    guild. No ``g`` and no epoch: each guild's is its passive SUBSCRIBED's
+    (an epoch change closes the guild's passive sessions with 4000)."""
+    return text_frame(_ACTIVITY_BATCH_START + b",".join(entries) + b"}}")
 
 
 def presence_snapshot_frame(

@@ -255,6 +255,11 @@ class Connection(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self.closing
 
+    @property
+    def activity_batch(self) -> bool:
+        session = self.session
+        return session is not None and session.activity_batch
+
     def send(self, data: bytes) -> None:
         if self.closing:
             return

@@ -374,6 +374,40 @@ class _NodeCollector(Collector):
             "The file descriptor limit (ulimit -n)",
             m.descriptor_limit,
         )
+        yield gauge(
+            "guildcast_passive_guilds",
+            "Guilds with passive sessions on this node",
+            m.passive_guilds,
+        )
+        yield gauge(
+            "guildcast_passive_subscriptions",
+            "Passive guild subscriptions of local sessions (also in guildcast_subscriptions)",
+            m.passive_subscriptions,
+        )
+        yield counter("guildcast_notice_ticks", "Passive notice ticks run", m.notice_ticks)
+        yield counter(
+            "guildcast_notices_built",
+            "GUILD_ACTIVITY notices built (once per moved guild per tick, for all its sessions)",
+            m.notices_built,
+        )
+        yield counter(
+            "guildcast_notices_sent",
+            "Guild heads delivered to passive sessions (one per moved guild per session)",
+            m.notices_sent,
+        )
+        yield counter(
+            "guildcast_notice_frames",
+            "GUILD_ACTIVITY messages written (a batch carries several guilds)",
+            m.notice_frames,
+        )
+        yield counter(
+            "guildcast_notice_writes",
+            "Writes carrying notices (at most one per passive session per tick)",
+            m.notice_writes,
+        )
+        yield counter(
+            "guildcast_notice_bytes", "Bytes of GUILD_ACTIVITY frames written", m.notice_bytes
+        )
         if m.latency_buckets:
             yield HistogramMetricFamily(
                 "guildcast_publish_to_write_seconds",

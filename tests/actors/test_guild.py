@@ -43,6 +43,8 @@ class FakeSink:
         self.name = name
         self.events = events
         self.deflate: Deflater | None = None
+        #: IDENTIFY ``activity_batch`` (Sink.activity_batch).
+        self.activity_batch = False
         self.buf = bytearray()
         self.writes = 0
         self.closed_with: tuple[int, str] | None = None

@@ -151,3 +151,84 @@ async def test_a_tick_pauses_the_cyclic_collector_and_restores_it() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+async def test_an_activity_batch_session_gets_its_tick_in_one_message() -> None:
+    """1.1 ``activity_batch``: a session's notices of a tick are one
+    GUILD_ACTIVITY of several guilds (no ``g``, no epoch) built from one
+    ``"gid":s`` entry per guild per tick; a session that did not ask gets
+    one notice per guild as before, in the same tick; the counters tell
+    notices delivered from messages and writes (docs/OPERATIONS.md)."""
+    board = PassiveBoard(1.0)
+    batch, plain = FakeSink("batch"), FakeSink("plain")
+    batch.activity_batch = True
+    g1 = board.attach("g1", "e1", 0)
+    g2 = board.attach("g2", "e2", 0)
+    g3 = board.attach("g3", "e3", 0)
+    for e in (g1, g2):
+        e.sinks[batch] = None
+        e.sinks[plain] = None
+    g3.sinks[plain] = None
+    g1.head, g2.head, g3.head = 9, 4, 2
+    assert await board.tick() == 2
+    assert bytes(batch.buf) == wire.text_frame(b'{"op":0,"t":"GUILD_ACTIVITY","d":{"g1":9,"g2":4}}')
+    assert batch.messages() == [{"op": 0, "t": "GUILD_ACTIVITY", "d": {"g1": 9, "g2": 4}}]
+    assert notices(plain) == [("g1", 9), ("g2", 4), ("g3", 2)]
+    assert batch.writes == plain.writes == 1
+    # Built once per guild per tick for both kinds of session; 5 heads
+    # delivered in 4 messages and 2 writes.
+    assert (board.notices_built, board.notices_sent, board.frames, board.writes) == (3, 5, 4, 2)
+    assert board.bytes_out == len(batch.buf) + len(plain.buf)
+    # One guild moved: a batch of one; a session no longer passive in a
+    # guild gets none of it.
+    g2.head = 5
+    del g1.sinks[batch]
+    g1.head = 10
+    await board.tick()
+    assert batch.messages()[-1] == {"op": 0, "t": "GUILD_ACTIVITY", "d": {"g2": 5}}
+    del g2.sinks[batch]
+    g2.head = 6
+    await board.tick()
+    assert batch.writes == 2  # nothing left for it: no empty batch
+
+
+async def test_a_batch_goes_uncompressed_to_a_deflate_session() -> None:
+    """The batch is a session's own message: it is sent uncompressed (RSV1
+    clear, which permessage-deflate allows for any message) rather than
+    deflated once per session; the shared per-guild notices stay shared."""
+    z = Deflater(16)
+    board = PassiveBoard(1.0)
+    s = FakeSink("z")
+    s.deflate = z
+    s.activity_batch = True
+    e = board.attach("g", "epoch-" * 12, 0)
+    e.sinks[s] = None
+    e.head = 3
+    await board.tick()
+    (span,) = scan_frames(bytes(s.buf))[0]
+    assert not span[0] & RSV1 and z.compressed == 0
+    assert s.messages() == [{"op": 0, "t": "GUILD_ACTIVITY", "d": {"g": 3}}]
+
+
+async def test_the_board_reports_its_metrics() -> None:
+    """``ReportsMetrics``: passive guilds and subscriptions now, and the notice
+    counters (/metrics, docs/OPERATIONS.md)."""
+    from guildcast.core.metrics import MetricsSnapshot, ReportsMetrics
+
+    board = PassiveBoard(1.0)
+    assert isinstance(board, ReportsMetrics)
+    a, b = FakeSink("a"), FakeSink("b")
+    b.activity_batch = True
+    g1 = board.attach("g1", "e", 0)
+    g2 = board.attach("g2", "e", 0)
+    g1.sinks[a] = None
+    g1.sinks[b] = None
+    g2.sinks[b] = None
+    g1.head = g2.head = 1
+    await board.tick()
+    m = MetricsSnapshot()
+    board.report_metrics(m)
+    assert (m.passive_guilds, m.passive_subscriptions) == (2, 3)
+    assert (m.notice_ticks, m.notices_built, m.notices_sent) == (1, 2, 3)
+    assert (m.notice_frames, m.notice_writes) == (2, 2)
+    assert m.notice_bytes == len(a.buf) + len(b.buf) > 0

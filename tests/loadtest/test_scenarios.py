@@ -120,6 +120,20 @@ def test_passive(tmp_path: Path) -> None:
     assert r["delivery"]["notices"] == 0
 
 
+def test_passive_batched_notices_and_a_pipelining_publisher(tmp_path: Path) -> None:
+    """``--activity-batch``: clients ask for a tick's notices in one message
+    and count one notice per passive guild in it; ``--publish-tick``: the
+    publisher writes what fell due every 20 ms. Same deliveries either way."""
+    args = "passive --server embedded --clients 40 --guilds 10 --per-client 5 --rate 100"
+    args += " --duration 2 --server-opt passive_interval=0.2 --activity-batch --publish-tick 0.02"
+    r = run(tmp_path, args)
+    assert_clean(r, 40)
+    assert r["params"]["activity_batch"] is True and r["params"]["publish_tick"] == 0.02
+    assert r["delivery"]["delivered"] == 4 * r["publish"]["acked"]
+    assert r["publish"]["acked"] >= 150  # the rate holds with writes every 20 ms
+    assert r["delivery"]["notices"] > 0
+
+
 def test_connect(tmp_path: Path) -> None:
     r = run(tmp_path, "connect --server embedded --clients 50 --guilds 5 --duration 1")
     assert_clean(r, 50)

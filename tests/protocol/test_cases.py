@@ -36,6 +36,7 @@ def build(kind: str, args: dict[str, Any]) -> bytes:
             args.get("events"),
             args.get("presence", False),
             set(args.get("passive", [])),
+            args.get("activity_batch", False),
         )
     if kind == "subscribe":
         guilds = {g: _pos(p) for g, p in args["guilds"].items()}
@@ -89,9 +90,15 @@ class Driver:
     is a lost subscription)."""
 
     def __init__(
-        self, guilds: list[str], rewind: int | None = None, presence: bool = False
+        self,
+        guilds: list[str],
+        rewind: int | None = None,
+        presence: bool = False,
+        activity_batch: bool = False,
     ) -> None:
-        self.session = ClientSession(guilds, rewind=rewind, presence=presence)
+        self.session = ClientSession(
+            guilds, rewind=rewind, presence=presence, activity_batch=activity_batch
+        )
         self.waiters: set[str] = set()
         self.now = 100.0
 
@@ -176,7 +183,12 @@ class Driver:
 
 @pytest.mark.parametrize("scenario", CASES["sessions"], ids=lambda c: c["name"][:40])
 def test_session_scenario(scenario: dict[str, Any]) -> None:
-    d = Driver(scenario["guilds"], scenario.get("rewind"), scenario.get("presence", False))
+    d = Driver(
+        scenario["guilds"],
+        scenario.get("rewind"),
+        scenario.get("presence", False),
+        scenario.get("activity_batch", False),
+    )
     for i, step in enumerate(scenario["steps"]):
         sent, items, reconnects = d.step(step)
         where = f"step {i}: {step}"

@@ -60,13 +60,17 @@ async def identify(
     token: str,
     guilds: dict[str, Any] | None = None,
     events: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """HELLO, IDENTIFY, READY; returns READY. Replies to ``guilds`` are left unread."""
+    """HELLO, IDENTIFY, READY; returns READY. Replies to ``guilds`` are left
+    unread. ``extra``: more IDENTIFY fields (``{"activity_batch": True}``)."""
     hello = await recv(ws)
     assert hello["op"] == HELLO, hello
     d: dict[str, Any] = {"token": token, "guilds": guilds or {}}
     if events is not None:
         d["events"] = events
+    if extra:
+        d.update(extra)
     await send(ws, IDENTIFY, d)
     ready = await recv(ws)
     assert ready["op"] == DISPATCH and ready["t"] == "READY", ready
@@ -78,13 +82,15 @@ async def session(
     token: str,
     guilds: dict[str, Any] | None = None,
     events: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
     **kw: Any,
 ) -> tuple[ClientConnection, dict[str, dict[str, Any]]]:
-    """Connect, identify and read every guild's SUBSCRIBED; returns
-    ``(ws, {gid: SUBSCRIBED d})``. For guilds given without a Position (no
-    replay); callers that recover use :func:`identify` and read themselves."""
+    """Connect, identify (``extra``: more IDENTIFY fields) and read every
+    guild's SUBSCRIBED; returns ``(ws, {gid: SUBSCRIBED d})``. For guilds
+    given without a Position (no replay); callers that recover use
+    :func:`identify` and read themselves."""
     ws = await open_ws(url, **kw)
-    await identify(ws, token, guilds, events)
+    await identify(ws, token, guilds, events, extra)
     subs: dict[str, dict[str, Any]] = {}
     while len(subs) < len(guilds or {}):
         m = await recv(ws)

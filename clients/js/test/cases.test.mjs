@@ -30,7 +30,7 @@ const CASES = JSON.parse(readFileSync(new URL("../../../tests/protocol/cases.jso
 
 const BUILD = {
   heartbeat: () => HEARTBEAT,
-  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null, a.presence ?? false, a.passive ?? []),
+  identify: (a) => identifyMessage(a.token, a.guilds, a.events ?? null, a.presence ?? false, a.passive ?? [], a.activity_batch ?? false),
   subscribe: (a) => subscribeMessage(a.guilds, a.passive ?? []),
   unsubscribe: (a) => unsubscribeMessage(a.guilds),
   publish: (a) => publishMessage(a.guild, a.t, a.d, a.nonce ?? null, a.idempotency_key ?? null),
@@ -98,7 +98,7 @@ const settle = async () => {
 for (const sc of CASES.sessions) {
   test(`session: ${sc.name}`, async () => {
     ScriptedSocket.all = [];
-    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, rewind: sc.rewind ?? null, presence: sc.presence ?? false, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0, random: () => 0 } });
+    const c = new GuildcastClient("ws://cases.invalid/gateway", { token: "tok", guilds: sc.guilds, rewind: sc.rewind ?? null, presence: sc.presence ?? false, activityBatch: sc.activity_batch ?? false, WebSocket: ScriptedSocket, backoff: { base: 0, cap: 0, random: () => 0 } });
     let items = [];
     let stops = [];
     let waits = [];

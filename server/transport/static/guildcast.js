@@ -126,12 +126,14 @@ function requests(guilds, passive) {
 
 /**
  * IDENTIFY (op 2); guilds maps guild id -> Position ({epoch, s}), {rewind: n}
- * (1.1) or null; presence asks for presence; those in `passive` subscribe passively.
+ * (1.1) or null; presence asks for presence; those in `passive` subscribe passively;
+ * (1.1) activityBatch asks for a notice interval's heads in one GUILD_ACTIVITY of several guilds.
  */
-export function identifyMessage(token, guilds, events = null, presence = false, passive = new Set()) {
+export function identifyMessage(token, guilds, events = null, presence = false, passive = new Set(), activityBatch = false) {
   const d = { token, guilds: requests(guilds, new Set(passive)) };
   if (events !== null && events !== undefined) d.events = events;
   if (presence) d.presence = true;
+  if (activityBatch) d.activity_batch = true;
   return JSON.stringify({ op: OP.IDENTIFY, d });
 }
 
@@ -299,13 +301,16 @@ function deferred() {
  * follow from the first IDENTIFY), rewind (protocol 1.1: those guilds start
  * with their last `rewind` events instead of from now), events (event-name
  * filter), presence (true: ask for presence, see roster() and the "presence"
- * event), backoff (a Backoff or its options), WebSocket (constructor;
+ * event), activityBatch (protocol 1.1: a notice interval's heads of all
+ * passive guilds in one message, still one "activity" event per guild; a
+ * server that does not know it sends one notice per guild), backoff (a
+ * Backoff or its options), WebSocket (constructor;
  * default the global), maxMessage (bytes), openTimeout and closeTimeout (ms).
  */
 export class GuildcastClient extends EventTarget {
   constructor(url, options = {}) {
     super();
-    const { token = null, tokenProvider = null, guilds = [], rewind = null, events = null, presence = false, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
+    const { token = null, tokenProvider = null, guilds = [], rewind = null, events = null, presence = false, activityBatch = false, backoff = null, WebSocket: WS = globalThis.WebSocket, maxMessage = DEFAULT_MAX_MESSAGE, openTimeout = 10000, closeTimeout = 5000 } = options;
     if (token === null && tokenProvider === null) throw new TypeError("give a token or a tokenProvider");
     if (typeof WS !== "function") throw new TypeError("no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)");
     this.url = url;
@@ -313,6 +318,7 @@ export class GuildcastClient extends EventTarget {
     this._tokenProvider = tokenProvider;
     this._eventFilter = events === null ? null : [...events];
     this._presence = Boolean(presence);
+    this._batchNotices = Boolean(activityBatch);
     /** guild -> {members: Map(session -> member), count, truncated}, on this connection. */
     this._rosters = new Map();
     this._backoff = backoff instanceof Backoff ? backoff : new Backoff(backoff ?? {});
@@ -736,7 +742,7 @@ export class GuildcastClient extends EventTarget {
             if (ws.readyState === 1) ws.send(HEARTBEAT);
           }, interval);
           this._sent = new Map(this._desired);
-          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter, this._presence, this._passive));
+          ws.send(identifyMessage(token, Object.fromEntries(this._sent), this._eventFilter, this._presence, this._passive, this._batchNotices));
           return;
         }
         this._handle(ws, msg);
@@ -756,6 +762,7 @@ export class GuildcastClient extends EventTarget {
       if (t === "READY") this._ready(d);
       else if (t === "SUBSCRIBED" && g != null) this._subscribedGuild(ws, g, d);
       else if (t === ACTIVITY_EVENT && g != null) this._activity(g, d);
+      else if (t === ACTIVITY_EVENT && g == null) this._activityBatch(d);
       else if (t === "UNSUBSCRIBED" && g != null) {
         const w = this._unsubWaiters.get(g);
         this._unsubWaiters.delete(g);
@@ -849,6 +856,21 @@ export class GuildcastClient extends EventTarget {
     const known = this._heads.get(gid);
     if (!known || known.epoch !== d.epoch || d.s > known.s) this._heads.set(gid, { epoch: d.epoch, s: d.s });
     this._emit("activity", { guild: gid, epoch: d.epoch, s: d.s });
+  }
+
+  // (1.1) A GUILD_ACTIVITY of several guilds, {gid: s}, read as that many single notices.
+  // Each guild's epoch is its passive SUBSCRIBED's (the last head heard of, else the
+  // Position): the server closes a guild's passive sessions with 4000 when its epoch changes.
+  _activityBatch(d) {
+    if (!d || typeof d !== "object" || Array.isArray(d)) return;
+    for (const [gid, s] of Object.entries(d)) {
+      if (!this._desired.has(gid) || !Number.isInteger(s)) continue;
+      const head = this._heads.get(gid);
+      const known = head ?? this._desired.get(gid);
+      if (!known || typeof known.epoch !== "string") continue; // no epoch yet: the SUBSCRIBED tells the head
+      if (!head || s > known.s) this._heads.set(gid, { epoch: known.epoch, s });
+      this._emit("activity", { guild: gid, epoch: known.epoch, s });
+    }
   }
 
   _event(gid, t, s, d) {
