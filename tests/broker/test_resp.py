@@ -7,7 +7,8 @@ feed's delivery of what one read brought, against a real redis-server.
 - The URL's credentials and database are used (AUTH, ACL user, SELECT) by
   the broker's own connections as by redis-py's: a broker over a Redis with
   a password, in database 3, sequences, delivers and reads back.
-- ``unix://`` URLs work the same way.
+- ``unix://`` and ``rediss://`` (TLS) URLs work the same way; a server
+  certificate the URL's CA did not sign is refused.
 - One read's records reach each guild as one list, in order, and a presence
   change between two records of a guild stays between them.
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import ssl
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import trustme
 from redis.asyncio.connection import Connection
 
 from guildcast.broker import resp
@@ -34,7 +37,7 @@ from guildcast.broker.redis import (
     guild_keys,
     trim_key,
 )
-from tests.support.redis import RedisProc
+from tests.support.redis import RedisProc, free_port
 from tests.support.wait import until
 
 
@@ -259,3 +262,72 @@ async def test_a_broker_over_a_unix_socket(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_a_broker_over_tls(tmp_path: Path) -> None:
+    """``rediss://`` URLs: the lean connections use redis-py's TLS context for
+    the URL's settings, so they trust the server redis-py trusts, and refuse
+    one it would refuse."""
+    exe = shutil.which("redis-server")
+    if exe is None:  # as tests/support/redis.py: a failure in CI
+        if os.environ.get("CI"):
+            raise RuntimeError("redis-server is not installed (.ci/run should install it)")
+        pytest.skip("redis-server is not installed")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    port = free_port()
+    args = [exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"]
+    args += ["--tls-cert-file", str(cert_pem), "--tls-key-file", str(key_pem)]
+    args += ["--tls-ca-cert-file", str(ca_pem), "--tls-auth-clients", "no"]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        "--dir",
+        str(tmp_path),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def listening() -> bool:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return False
+            w.close()
+            return True
+
+        await until(listening, "redis-server's TLS port")
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca_pem}"
+        b = RedisBroker(url, 50, 300)
+        seen: list[Record] = []
+        b.set_feed(lambda gid, recs: seen.extend(recs) if isinstance(recs, list) else None)
+        await b.start()
+        try:
+            await b.listen("g")
+            _, ss = await b.append("g", [("E", b"1"), ("E", b"2")])
+            assert ss == [1, 2]
+            await until(lambda: _at_least(seen, 2), "the feed to deliver both")
+            assert [r.s for r in (await b.read("g", 0, 10))[1]] == [1, 2]
+        finally:
+            await b.close()
+
+        # A CA the server's certificate is not from: the connection is refused
+        # by the same verification redis-py applies.
+        other = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        pool = aioredis.ConnectionPool.from_url(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={other}")
+        try:
+            with pytest.raises(ssl.SSLError):
+                await resp.connect(pool)
+        finally:
+            await pool.aclose()
+    finally:
+        proc.terminate()
+        await proc.wait()
