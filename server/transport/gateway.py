@@ -224,9 +224,10 @@ class Connection(asyncio.Protocol):
         self._frags: list[bytes | bytearray | memoryview] | None = None
         #: Client frames this connection reads itself (inbound.py): the
         #: bytes of a frame not complete yet (at most a header and
-        #: ``max_frame``); None: websockets parses everything (the handshake
+        #: ``max_frame``; appended to, so a frame read a byte at a time costs
+        #: linear time); None: websockets parses everything (the handshake
         #: was websockets', or a frame it must fail the connection for came).
-        self._inbound: bytes | None = None
+        self._inbound: bytes | bytearray | None = None
         self._msg_len = 0
         self._exit_hooks: list[Callable[[object], None]] | None = None
         #: The deadline-wheel slot this connection is filed in (None: not filed).
@@ -376,7 +377,7 @@ class Connection(asyncio.Protocol):
         self._parse(proto, data)
         self._flush()
 
-    def _parse(self, proto: ServerProtocol, data: bytes) -> None:
+    def _parse(self, proto: ServerProtocol, data: bytes | bytearray) -> None:
         """websockets parses ``data`` and we handle what it found."""
         proto.receive_data(data)
         for ev in proto.events_received():
@@ -385,13 +386,15 @@ class Connection(asyncio.Protocol):
             elif type(ev) is Request:
                 self._on_request(ev)
 
-    def _read_frames(self, proto: ServerProtocol, data: bytes) -> None:
+    def _read_frames(self, proto: ServerProtocol, data: bytes | bytearray) -> None:
         """Client frames on an OPEN connection (inbound.py): a plain text
         frame goes straight to :meth:`_on_message`; any other whole frame to
         websockets, in order; an incomplete one waits for the rest."""
         held = self._inbound
         if held:
-            data = held + data
+            assert type(held) is bytearray
+            held += data
+            data = held
         self._inbound = b""
         max_size = self._gw.limits.max_frame
         pos = 0
@@ -405,7 +408,11 @@ class Connection(asyncio.Protocol):
             elif kind <= inbound.WHOLE:  # TEXT inside a fragmented message, or WHOLE
                 self._parse(proto, data[pos:end])
             elif kind == inbound.PARTIAL:
-                self._inbound = data[pos:]
+                if type(data) is bytearray:
+                    del data[:pos]
+                    self._inbound = data
+                else:
+                    self._inbound = bytearray(data[pos:])
                 return
             else:  # HANDOVER
                 break

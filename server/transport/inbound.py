@@ -45,7 +45,7 @@ _FIN_TEXT = 0x81
 _MASKED = 0x80
 
 
-def next_frame(data: bytes, pos: int, max_size: int) -> tuple[int, int, int]:
+def next_frame(data: bytes | bytearray, pos: int, max_size: int) -> tuple[int, int, int]:
     """``(kind, end, payload)`` of the frame starting at ``pos`` in ``data``:
     its kind (above), where it ends and where its masking key starts (both
     meaningful for TEXT and WHOLE only)."""
@@ -75,6 +75,6 @@ def next_frame(data: bytes, pos: int, max_size: int) -> tuple[int, int, int]:
     return (TEXT if data[pos] == _FIN_TEXT else WHOLE), end, head
 
 
-def unmask(data: bytes, key_at: int, end: int) -> bytes:
+def unmask(data: bytes | bytearray, key_at: int, end: int) -> bytes:
     """The payload of the TEXT frame whose masking key starts at ``key_at``."""
     return apply_mask(data[key_at + 4 : end], data[key_at : key_at + 4])

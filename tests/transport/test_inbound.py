@@ -215,3 +215,25 @@ async def test_an_incomplete_frame_then_eof_is_websockets_verdict(server: Server
         assert code in (None, 1006)  # 1006 is never sent: EOF is all a client sees
     finally:
         c.close()
+
+
+async def test_a_large_frame_in_small_reads_is_served(server: Server) -> None:
+    """A PUBLISH of about 30 KiB written 100 bytes at a time is put together
+    (the held bytes are appended to, not copied per read) and answered."""
+    c = await RawWs.open(server.port)
+    try:
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert await c.handshake() == 101
+        await c.next_json()  # HELLO
+        tok = server.token("u", pub=["*"])
+        ident = {"op": gw.IDENTIFY, "d": {"token": tok, "guilds": {}}}
+        await c.sendall(masked(Opcode.TEXT, orjson.dumps(ident)))
+        assert (await c.next_json())["t"] == "READY"
+        big = {"op": gw.PUBLISH, "d": {"guild": "g", "t": "EV", "d": "x" * 30_000, "nonce": "n"}}
+        frame = masked(Opcode.TEXT, orjson.dumps(big))
+        for i in range(0, len(frame), 100):
+            await c.sendall(frame[i : i + 100])
+        ack = await c.next_json()
+        assert ack["op"] == gw.ACK and ack["d"]["nonce"] == "n", ack
+    finally:
+        c.close()
