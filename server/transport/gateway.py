@@ -4,7 +4,9 @@ websockets' Sans-I/O ``ServerProtocol`` (docs/DESIGN.md rule 5).
 websockets does the opening handshake (with our choice of subprotocol,
 :func:`_select_subprotocol`; a plain upgrade request that arrives in one
 read is checked and answered the same way by :mod:`upgrade`, and
-websockets' protocol starts in OPEN state), frame parsing, ping/pong, UTF-8 and size
+websockets' protocol starts in OPEN state), frame parsing (on a connection
+:mod:`upgrade` answered, the plain text frames are read by :mod:`inbound`
+and every other frame is handed to websockets whole), ping/pong, UTF-8 and size
 checks, and the close handshake; a ping or pong also tells the session the
 client is alive (protocol 1.1). We assemble fragmented messages,
 drive the gateway :class:`~guildcast.protocol.session.Session` straight from
@@ -78,7 +80,7 @@ from guildcast.protocol.session import (
 )
 from guildcast.protocol.session import State as SessionState
 from guildcast.transport import drain as staggered
-from guildcast.transport import static, upgrade
+from guildcast.transport import inbound, static, upgrade
 from guildcast.transport.admission import QUEUED, Admission
 from guildcast.transport.compression import SharedDeflateFactory, negotiated
 
@@ -178,6 +180,7 @@ class Connection(asyncio.Protocol):
         "_frags",
         "_gw",
         "_held",
+        "_inbound",
         "_max_buffer",
         "_msg_len",
         "_transport",
@@ -219,6 +222,12 @@ class Connection(asyncio.Protocol):
         #: Handshake or close-handshake deadline (monotonic); the session has its own.
         self.deadline = time.monotonic() + gw.limits.handshake_timeout
         self._frags: list[bytes | bytearray | memoryview] | None = None
+        #: Client frames this connection reads itself (inbound.py): the
+        #: bytes of a frame not complete yet (at most a header and
+        #: ``max_frame``; appended to, so a frame read a byte at a time costs
+        #: linear time); None: websockets parses everything (the handshake
+        #: was websockets', or a frame it must fail the connection for came).
+        self._inbound: bytes | bytearray | None = None
         self._msg_len = 0
         self._exit_hooks: list[Callable[[object], None]] | None = None
         #: The deadline-wheel slot this connection is filed in (None: not filed).
@@ -366,17 +375,64 @@ class Connection(asyncio.Protocol):
             proto = self._upgrade(data)
             if proto is None:
                 return  # answered here (upgrade.py), frames sent with it handled
+        elif self._inbound is not None:
+            self._read_frames(proto, data)
+            self._flush()
+            return
+        self._parse(proto, data)
+        self._flush()
+
+    def _parse(self, proto: ServerProtocol, data: bytes | bytearray) -> None:
+        """websockets parses ``data`` and we handle what it found."""
         proto.receive_data(data)
         for ev in proto.events_received():
             if type(ev) is Frame:
                 self._on_frame(ev)
             elif type(ev) is Request:
                 self._on_request(ev)
-        self._flush()
+
+    def _read_frames(self, proto: ServerProtocol, data: bytes | bytearray) -> None:
+        """Client frames on an OPEN connection (inbound.py): a plain text
+        frame goes straight to :meth:`_on_message`; any other whole frame to
+        websockets, in order; an incomplete one waits for the rest."""
+        held = self._inbound
+        if held:
+            assert type(held) is bytearray
+            held += data
+            data = held
+        self._inbound = b""
+        max_size = self._gw.limits.max_frame
+        pos = 0
+        n = len(data)
+        while pos < n:
+            if proto.state is not WsState.OPEN:
+                break  # closing: websockets finishes the close handshake
+            kind, end, key_at = inbound.next_frame(data, pos, max_size)
+            if kind == inbound.TEXT and self._frags is None and proto.current_size is None:
+                self._on_message(inbound.unmask(data, key_at, end))
+            elif kind <= inbound.WHOLE:  # TEXT inside a fragmented message, or WHOLE
+                self._parse(proto, data[pos:end])
+            elif kind == inbound.PARTIAL:
+                if type(data) is bytearray:
+                    del data[:pos]
+                    self._inbound = data
+                else:
+                    self._inbound = bytearray(data[pos:])
+                return
+            else:  # HANDOVER
+                break
+            pos = end
+        else:
+            return
+        self._inbound = None  # websockets reads the rest, and what follows
+        self._parse(proto, data[pos:])
 
     def eof_received(self) -> bool | None:
         if self.proto is None:
             self.proto = self._new_proto(WsState.CONNECTING)
+        if self._inbound:  # an incomplete frame: websockets judges it with the EOF
+            held, self._inbound = self._inbound, None
+            self._parse(self.proto, held)
         self.proto.receive_eof()
         self._flush()
         return None
@@ -469,6 +525,7 @@ class Connection(asyncio.Protocol):
             return self.proto  # websockets writes the 400
         proto = self.proto = self._new_proto(WsState.OPEN)
         proto.subprotocol = sp
+        self._inbound = b""  # websockets' parser starts at a frame boundary
         self._opened(upgrade.response(hs.accept, sp))
         if hs.rest and not self.closing:
             self.data_received(hs.rest)

@@ -40,8 +40,20 @@ from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Header names and list elements (RFC 7230 ``token``), and header values,
 #: exactly as websockets' parser (websockets/http11.py) accepts them.
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_VALUE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
+_TOKEN_CHARS = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]"
+_VALUE_CHARS = rb"[\x09\x20-\x7e\x80-\xff]"
+_TOKEN = re.compile(_TOKEN_CHARS + rb"+")
+#: A whole request head (without its final CRLF CRLF) websockets' parser
+#: reads line by line: ``GET``, a target without spaces, ``HTTP/1.1``,
+#: then header lines ``token ":" value``. A value's characters include
+#: space and tab, so a value with surrounding whitespace matches exactly
+#: when the stripped value does; none is CR or LF, so no line holds a lone
+#: one. Groups: the target, the header lines (each after its CRLF).
+_HEAD = re.compile(
+    rb"GET ([^ \r\n]*) HTTP/1\.1((?:\r\n" + _TOKEN_CHARS + rb"+:" + _VALUE_CHARS + rb"*)*)"
+)
+#: One checked header line: name, raw value (``_HEAD`` has checked both).
+_FIELD = re.compile(rb"\r\n([^:]*):([^\r]*)")
 #: Headers with a check of their own below; any other is only validated.
 _CONNECTION = b"connection"
 _UPGRADE = b"upgrade"
@@ -51,7 +63,19 @@ _ORIGIN = b"origin"
 _PROTOCOL = b"sec-websocket-protocol"
 #: Present at all: websockets takes the request (extensions are negotiated
 #: there; a body or a transfer coding is refused there).
-_TO_WEBSOCKETS = frozenset({b"sec-websocket-extensions", b"transfer-encoding", b"content-length"})
+_TO_WEBSOCKETS = b"to websockets"
+#: Lower-cased header name -> its check (the names above).
+_SPECIAL: dict[bytes, bytes] = {
+    _CONNECTION: _CONNECTION,
+    _UPGRADE: _UPGRADE,
+    _KEY: _KEY,
+    _VERSION: _VERSION,
+    _ORIGIN: _ORIGIN,
+    _PROTOCOL: _PROTOCOL,
+    b"sec-websocket-extensions": _TO_WEBSOCKETS,
+    b"transfer-encoding": _TO_WEBSOCKETS,
+    b"content-length": _TO_WEBSOCKETS,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,17 +95,28 @@ class Handshake:
 def parse(data: bytes, paths: Collection[str]) -> Handshake | None:
     """The handshake in ``data`` (a connection's first read), or None if it
     is not a complete, plain upgrade request to one of ``paths`` that this
-    module can check; websockets then parses the same bytes."""
+    module can check; websockets then parses the same bytes.
+
+    One regular expression checks the whole head's grammar (``_HEAD``: the
+    request line and every header line, names and values as websockets'
+    parser accepts them, no lone CR or LF); a second splits the checked
+    header lines into names and values (``_FIELD``); only the headers with a
+    check of their own are looked at one by one."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None  # more than one read: websockets buffers
-    lines = data[:end].split(b"\r\n")
-    if len(lines) > MAX_NUM_HEADERS + 1:
+    head = _HEAD.fullmatch(data, 0, end)
+    if head is None:
         return None
-    parts = lines[0].split(b" ", 2)
-    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1":
+    fields = head[2]
+    if fields.count(b"\r\n") > MAX_NUM_HEADERS:
         return None
-    raw_path = parts[1]
+    # websockets reads a line of at most MAX_LINE_LENGTH bytes with its CRLF.
+    if end + 2 > MAX_LINE_LENGTH and any(
+        len(line) + 2 > MAX_LINE_LENGTH for line in data[:end].split(b"\r\n")
+    ):
+        return None
+    raw_path = head[1]
     if not raw_path.isascii():
         return None
     path = raw_path.decode("ascii")
@@ -90,44 +125,36 @@ def parse(data: bytes, paths: Collection[str]) -> Handshake | None:
     connection = upgrade = key = version = None
     origins = 0
     offered: list[str] = []
-    token = _TOKEN.fullmatch
-    for line in lines:
-        # websockets reads a line of at most MAX_LINE_LENGTH bytes with its
-        # CRLF, and a lone CR or LF inside one is not a line end it accepts.
-        if len(line) + 2 > MAX_LINE_LENGTH or b"\n" in line or b"\r" in line:
-            return None
-    for line in lines[1:]:
-        raw_name, sep, raw_value = line.partition(b":")
-        if not sep or token(raw_name) is None:
+    special = _SPECIAL.get
+    for raw_name, raw_value in _FIELD.findall(fields):
+        kind = special(raw_name.lower())
+        if kind is None:
+            continue
+        if kind is _TO_WEBSOCKETS:
             return None
         value = raw_value.strip(b" \t")
-        if _VALUE.fullmatch(value) is None:
-            return None
-        name = raw_name.lower()
-        if name in _TO_WEBSOCKETS:
-            return None
-        if name == _CONNECTION:
+        if kind is _CONNECTION:
             if connection is not None:
                 return None
             connection = value
-        elif name == _UPGRADE:
+        elif kind is _UPGRADE:
             if upgrade is not None:
                 return None
             upgrade = value
-        elif name == _KEY:
+        elif kind is _KEY:
             if key is not None:
                 return None
             key = value
-        elif name == _VERSION:
+        elif kind is _VERSION:
             if version is not None:
                 return None
             version = value
-        elif name == _ORIGIN:
+        elif kind is _ORIGIN:
             origins += 1
-        elif name == _PROTOCOL:
+        else:  # _PROTOCOL
             for item in value.split(b","):
                 item = item.strip(b" \t")
-                if token(item) is None:
+                if _TOKEN.fullmatch(item) is None:
                     return None
                 offered.append(item.decode("ascii"))
     if origins > 1 or version != b"13" or upgrade is None or upgrade.lower() != b"websocket":
