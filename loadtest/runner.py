@@ -443,8 +443,15 @@ class Run:
                 self.monitor.server.switch(t.pid)
         elif mode in ("rolling", "kill-worker"):
             assert isinstance(t, tgt.ProcessTarget)
+
+            async def settled() -> None:
+                # Every client back (the moved ones recovered on the others)
+                # before the next worker drains; bounded, and a run that
+                # never settles goes on and fails its checks.
+                await self._until(lambda c: c["live"] >= n, p.drain_timeout)
+
             try:
-                stopped = await t.rolling_restart(kill=mode == "kill-worker")
+                stopped = await t.rolling_restart(kill=mode == "kill-worker", settled=settled)
             except TimeoutError:
                 # A worker that never came back: say so (with what the
                 # server printed last) and let the checks fail, no crash.
