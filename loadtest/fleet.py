@@ -270,13 +270,18 @@ class Sub(asyncio.Protocol):
                     sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((self.src, 0))
             self.state = CONNECTING
+            handshake_by = loop.time() + HANDSHAKE_TIMEOUT
             async with asyncio.timeout(OPEN_TIMEOUT):
-                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                async with asyncio.timeout_at(handshake_by):
                     await loop.sock_connect(sock, (fleet.spec.host, fleet.spec.port))
-                    self._ready = loop.create_future()
-                    self._hello = loop.create_future()
-                    await loop.create_connection(lambda: self, sock=sock)
-                    await self._hello
+                self._ready = loop.create_future()
+                self._hello = hello = loop.create_future()
+                # Not under the handshake deadline: a create_connection
+                # cancelled half way leaves its transport closed without
+                # telling the protocol (uvloop); it takes one loop turn.
+                await loop.create_connection(lambda: self, sock=sock)
+                async with asyncio.timeout_at(handshake_by):
+                    await hello
                 return await self._ready
         except (OSError, TimeoutError) as e:
             name = type(e).__name__
@@ -287,6 +292,8 @@ class Sub(asyncio.Protocol):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5.0):
                         await gone
+                if not gone.done():  # closed by the loop without telling us
+                    self.connection_lost(None)
             else:
                 sock.close()
                 self.state = IDLE
@@ -627,7 +634,10 @@ class Sub(asyncio.Protocol):
     def send_raw(self, frame: bytes) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
-            t.write(frame)
+            # A transport the loop closed before telling us (connection_lost
+            # not yet called) refuses writes: that connection is gone anyway.
+            with contextlib.suppress(RuntimeError):
+                t.write(frame)
 
     def heartbeat(self, now: float) -> None:
         self.send_raw(wire.text(wire.HEARTBEAT))

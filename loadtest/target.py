@@ -448,17 +448,17 @@ class ProcessTarget(Target):
         settled: Callable[[], Awaitable[object]] | None = None,
     ) -> int:
         """``--workers N``: SIGTERM each worker in turn (the supervisor starts
-        it again), wait until its replacement listens and then, before the
-        next one, until ``settled`` returns (the moved clients are back:
-        docs/OPERATIONS.md "Deploying without a reconnect storm"), so two
-        workers' clients never move at once; with ``kill``, kill -9 one
+        it again), each one once ``settled`` has returned (the clients moved
+        by the one before are back: docs/OPERATIONS.md "Deploying without a
+        reconnect storm"), so two workers' clients never move at once, and
+        wait until its replacement listens; with ``kill``, kill -9 one
         worker only. Returns the workers stopped."""
         sup = psutil.Process(self.pid)
         olds = sorted(sup.children(), key=lambda c: c.create_time())
         if kill:
             olds = olds[:1]
-        for k, old in enumerate(olds):
-            if k and settled is not None:
+        for old in olds:
+            if settled is not None:
                 await settled()
             seen = self.listening
             old.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
