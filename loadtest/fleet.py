@@ -292,8 +292,6 @@ class Sub(asyncio.Protocol):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5.0):
                         await gone
-                if not gone.done():  # closed by the loop without telling us
-                    self.connection_lost(None)
             else:
                 sock.close()
                 self.state = IDLE
