@@ -75,13 +75,6 @@ HIST_MIN_US, HIST_MAX_US, HIST_DIGITS = 1, 60_000_000, 3
 IP_BIND_ADDRESS_NO_PORT = 24
 #: Seconds a connection may take from TCP connect to the last SUBSCRIBED.
 OPEN_TIMEOUT = 30.0
-#: Seconds for the TCP connect, the upgrade and HELLO, as our clients'
-#: ``open_timeout`` (clients/client.py, ``openTimeout`` in guildcast.js):
-#: an attempt stuck there (SYNs dropped by a full accept queue, whose
-#: retransmissions come 1, 3, 7, 15 s after the first) is abandoned and
-#: retried with a fresh connect, as theirs is, instead of waiting out the
-#: kernel's ever longer retransmissions up to OPEN_TIMEOUT.
-HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a client keeps retrying to reconnect (server restarts included).
 RECONNECT_DEADLINE = 60.0
 #: The reconnect backoff of our clients (clients/backoff.py), which the
@@ -172,7 +165,6 @@ class Sub(asyncio.Protocol):
     __slots__ = (
         "_frag",
         "_gone",
-        "_hello",
         "_ready",
         "_upgrade",
         "closing_by_us",
@@ -219,8 +211,6 @@ class Sub(asyncio.Protocol):
         self._upgrade: wire.Upgrade | None = None
         self._frag: list[bytes] | None = None
         self._ready: asyncio.Future[bool] | None = None
-        #: Set at HELLO (True) or when the connection ends before it (False).
-        self._hello: asyncio.Future[bool] | None = None
         #: Live tracking: guild -> last ``s`` seen on this connection.
         self.last: dict[bytes, int] = {}
         #: Guild -> epoch from its last SUBSCRIBED.
@@ -270,18 +260,10 @@ class Sub(asyncio.Protocol):
                     sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((self.src, 0))
             self.state = CONNECTING
-            handshake_by = loop.time() + HANDSHAKE_TIMEOUT
             async with asyncio.timeout(OPEN_TIMEOUT):
-                async with asyncio.timeout_at(handshake_by):
-                    await loop.sock_connect(sock, (fleet.spec.host, fleet.spec.port))
+                await loop.sock_connect(sock, (fleet.spec.host, fleet.spec.port))
                 self._ready = loop.create_future()
-                self._hello = hello = loop.create_future()
-                # Not under the handshake deadline: a create_connection
-                # cancelled half way leaves its transport closed without
-                # telling the protocol (uvloop); it takes one loop turn.
                 await loop.create_connection(lambda: self, sock=sock)
-                async with asyncio.timeout_at(handshake_by):
-                    await hello
                 return await self._ready
         except (OSError, TimeoutError) as e:
             name = type(e).__name__
@@ -486,9 +468,6 @@ class Sub(asyncio.Protocol):
             else:
                 f.other_dispatches += 1
         elif op == Op.HELLO:
-            hello = self._hello
-            if hello is not None and not hello.done():
-                hello.set_result(True)
             self.hb_interval = float(d["heartbeat_interval"]) / 1000.0 if d else 30.0
             self.hb_due = time.monotonic() + self.hb_interval * random.uniform(0.5, 0.9)
             guilds = {g: self._position(gb) for g, gb in zip(self.gids, self.gids_b, strict=True)}
@@ -619,9 +598,9 @@ class Sub(asyncio.Protocol):
             self.pos[gb] = s
         self.last.clear()
         self.replay_to = None
-        for fut in (self._hello, self._ready):
-            if fut is not None and not fut.done():
-                fut.set_result(False)
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_result(False)
         gone = self._gone
         if gone is not None and not gone.done():
             gone.set_result(None)
@@ -632,10 +611,7 @@ class Sub(asyncio.Protocol):
     def send_raw(self, frame: bytes) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
-            # A transport the loop closed before telling us (connection_lost
-            # not yet called) refuses writes: that connection is gone anyway.
-            with contextlib.suppress(RuntimeError):
-                t.write(frame)
+            t.write(frame)
 
     def heartbeat(self, now: float) -> None:
         self.send_raw(wire.text(wire.HEARTBEAT))
