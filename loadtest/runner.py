@@ -113,6 +113,8 @@ class Run:
         self.storm_hist: Any = None
         #: The same from the start of publishing until the drop.
         self.before_hist: Any = None
+        #: Clients live when each worker of a rolling restart was stopped.
+        self.live_at_moves: list[int] = []
         self._redis: tgt.RedisProcess | None = None
         self.server_stats: dict[str, Any] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -452,8 +454,16 @@ class Run:
                 self.monitor.server.switch(t.pid)
         elif mode in ("rolling", "kill-worker"):
             assert isinstance(t, tgt.ProcessTarget)
+
+            async def settled() -> None:
+                # Every client back (the moved ones recovered on the others)
+                # before the next worker drains; bounded, and a run that
+                # never settles goes on and fails its checks.
+                await self._until(lambda c: c["live"] >= n, p.drain_timeout)
+                self.live_at_moves.append(self.monitor.counters()["live"])
+
             try:
-                stopped = await t.rolling_restart(kill=mode == "kill-worker")
+                stopped = await t.rolling_restart(kill=mode == "kill-worker", settled=settled)
             except TimeoutError:
                 # A worker that never came back: say so (with what the
                 # server printed last) and let the checks fail, no crash.
@@ -574,6 +584,7 @@ class Run:
             "recovered": final["recovered"],
             "replayed": final["replayed"],
             "hinted_waits": final["hinted_waits"],
+            "live_at_moves": self.live_at_moves,
             "refused_1013": final["closes"].get("1013", 0),
             "live_latency_during_us": during,
             "live_latency_before_us": percentiles(self.before_hist)

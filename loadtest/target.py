@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -440,15 +441,25 @@ class ProcessTarget(Target):
             self._reader = None
         await self._spawn()
 
-    async def rolling_restart(self, kill: bool = False, timeout: float = 60.0) -> int:
+    async def rolling_restart(
+        self,
+        kill: bool = False,
+        timeout: float = 60.0,
+        settled: Callable[[], Awaitable[object]] | None = None,
+    ) -> int:
         """``--workers N``: SIGTERM each worker in turn (the supervisor starts
-        it again) and wait until its replacement listens before the next one;
-        with ``kill``, kill -9 one worker only. Returns the workers stopped."""
+        it again), each one once ``settled`` has returned (the clients moved
+        by the one before are back: docs/OPERATIONS.md "Deploying without a
+        reconnect storm"), so two workers' clients never move at once, and
+        wait until its replacement listens; with ``kill``, kill -9 one
+        worker only. Returns the workers stopped."""
         sup = psutil.Process(self.pid)
         olds = sorted(sup.children(), key=lambda c: c.create_time())
         if kill:
             olds = olds[:1]
         for old in olds:
+            if settled is not None:
+                await settled()
             seen = self.listening
             old.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             ev = self._listened = asyncio.Event()

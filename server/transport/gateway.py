@@ -80,7 +80,7 @@ from guildcast.protocol.session import (
 )
 from guildcast.protocol.session import State as SessionState
 from guildcast.transport import drain as staggered
-from guildcast.transport import inbound, static, upgrade
+from guildcast.transport import inbound, listen, static, upgrade
 from guildcast.transport.admission import QUEUED, Admission
 from guildcast.transport.compression import SharedDeflateFactory, negotiated
 
@@ -914,7 +914,8 @@ class Gateway:
         self._admitter: asyncio.Task[None] | None = None
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
-        self._server: asyncio.Server | None = None
+        #: The listening servers (listen.py): one per listening socket.
+        self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         #: The deadline wheel: slot -> connections filed there (slot ``k``
         #: holds deadlines in ``((k-1)*sweep_interval, k*sweep_interval]``).
@@ -945,15 +946,13 @@ class Gateway:
         self, host: str, port: int, tg: asyncio.TaskGroup, reuse_port: bool = False
     ) -> int:
         """Listen on ``host:port`` (0 for a free port); returns the bound port."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=4096
-        )
+        # Several sockets on the port, each its own accept queue (listen.py).
+        self._servers = await listen.listen(lambda: Connection(self), host, port, reuse_port)
         self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
         if self.admission.rate > 0:
             self._admitter = tg.create_task(self._admit(), name="gateway-admitter")
         DescriptorWatch.warn_if_short(self.limits.max_connections)
-        sock = self._server.sockets[0]
+        sock = self._servers[0].sockets[0]
         return int(sock.getsockname()[1])
 
     async def _sweep(self) -> None:
@@ -1005,8 +1004,8 @@ class Gateway:
                 cast(Connection, conn).close(Close.TRY_AGAIN_LATER, reason)
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for srv in self._servers:
+            srv.close()
 
     async def drain(self, timeout: float, spread: float = 0.0) -> None:
         """Graceful shutdown (PROTOCOL.md op 7 and close 1001): stop accepting,
@@ -1045,8 +1044,8 @@ class Gateway:
                     await task
                 except asyncio.CancelledError:
                     pass
-        if self._server is not None:
-            await self._server.wait_closed()
+        for srv in self._servers:
+            await srv.wait_closed()
 
     def report_metrics(self, m: MetricsSnapshot) -> None:
         """``ReportsMetrics``: connections, sessions, refusals and descriptors

@@ -200,9 +200,11 @@ def test_storm_one_node(tmp_path: Path, mode: str) -> None:
 @pytest.mark.timeout(150)
 def test_storm_rolling_restart_of_two_workers(tmp_path: Path) -> None:
     """``--workers 2`` over a throwaway Redis, each worker restarted in turn:
-    every client moves and recovers, nothing lost."""
+    every client moves and recovers, nothing lost; the second worker is
+    stopped only once the clients the first one moved are all back."""
     r = run(tmp_path, f"{STORM_SMALL} --reconnect-mode rolling", expect=None)
     assert r["storm"]["mode"] == "rolling"
+    assert r["storm"]["live_at_moves"] == [40, 40]
     for name in ("nothing lost", "nothing doubled", "nobody gave up", "every client recovered"):
         check(r, f"storm: {name}")
     assert_clean(r, 40)
