@@ -1007,6 +1007,7 @@ class Gateway:
             m.compress_bytes_in = z.bytes_in
             m.compress_bytes_out = z.bytes_out
         m.user_publish_refused = self.user_rates.refused
+        self.admission.report_metrics(m)
         m.descriptors_exhausted = self.descriptors.exhausted
         m.open_descriptors = fdwatch.open_descriptors()
         m.descriptor_limit = fdwatch.soft_limit()
