@@ -200,9 +200,15 @@ class Removed:
 
 
 #: Events a guild holds back while a partition still writes the previous run
-#: (the cadence that makes partitions batch as one writer would); past it the
-#: run goes out anyway and the partition's mailbox bound applies.
+#: (the cadence that makes partitions batch as one writer would); past it, or
+#: past ``HOLD_BYTES``, the run goes out anyway and the partition's bounds
+#: apply (``PARTITION_MAILBOX_BOUND`` runs, ``PARTITION_QUEUE_BYTES``).
 HOLD_FRAMES = 4096
+#: Bytes of events a guild holds back for the same reason: a run of 1 MiB
+#: already spreads one write's fixed cost (a few microseconds) over more
+#: bytes than batching can save, and held bytes wait for every session of
+#: the guild. Without it 4,096 events of up to 32 KiB could be held.
+HOLD_BYTES = 1024 * 1024
 
 
 class PresenceMsg:
@@ -300,6 +306,8 @@ class Guild(Actor):
         self._names: list[str] = []
         #: Publish times of ``_frames`` (for the latency metric).
         self._stamps: list[float] = []
+        #: Bytes of ``_frames`` (``HOLD_BYTES``).
+        self._held = 0
         #: The node's counters (``/metrics``), shared with the partitions.
         self.stats = stats if stats is not None else NodeStats()
         #: The node's passive-notice board (passive.py) and this guild's entry
@@ -537,9 +545,11 @@ class Guild(Actor):
             out, nxt = cur.page(epoch, recs)
 
     def _emit(self, rec: Record) -> None:
-        self._frames.append(wire.text_frame(rec.payload))
+        frame = wire.text_frame(rec.payload)
+        self._frames.append(frame)
         self._names.append(rec.t)
         self._stamps.append(rec.ts)
+        self._held += len(frame)
 
     def _fan_out(self, force: bool = False) -> None:
         """Send the events emitted so far to every writer: now if ``force``
@@ -549,12 +559,18 @@ class Guild(Actor):
         long as one writer would (docs/ARCHITECTURE.md, "Placement")."""
         if not self._frames:
             return
-        if self._writing and not force and len(self._frames) < HOLD_FRAMES:
+        if (
+            self._writing
+            and not force
+            and len(self._frames) < HOLD_FRAMES
+            and self._held < HOLD_BYTES
+        ):
             return
         run = Frames(self._frames, self._names, self._stamps)
         self._frames = []
         self._names = []
         self._stamps = []
+        self._held = 0
         self.delivered += len(run.frames)
         for p in self.partitions:
             if type(p) is Writer:
@@ -562,7 +578,7 @@ class Guild(Actor):
                 continue
             assert type(p) is Partition
             try:
-                p.cast(run)
+                p.cast_run(run)
             except MailboxFull:
                 self._shed(p)
                 continue
@@ -654,6 +670,7 @@ class Guild(Actor):
         self._frames = []
         self._names = []
         self._stamps = []
+        self._held = 0
         for sink in [*self.where, *self.passive, *self._passivating]:
             sink.close(Close.UNKNOWN_ERROR, reason)
         # Passive ones too: their notices would name an epoch they never saw.
@@ -663,10 +680,11 @@ class Guild(Actor):
 
     def _shed(self, p: Partition) -> None:
         """A partition fell hopelessly behind: its sessions are slow consumers."""
-        log.warning("guild %s: partition %s overflowed; closing its sessions", self.gid, p.name)
-        for sink, where in list(self.where.items()):
-            if where is p:
-                sink.close(Close.SLOW_CONSUMER, "partition overflow")
+        shed = [s for s, where in self.where.items() if where is p and not s.is_closed]
+        if shed:  # once per overflow, not per run while it drains
+            log.warning("guild %s: partition %s overflowed; closing its sessions", self.gid, p.name)
+        for sink in shed:
+            sink.close(Close.SLOW_CONSUMER, "partition overflow")
 
     # --- membership ----------------------------------------------------------
 

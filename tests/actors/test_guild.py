@@ -27,13 +27,14 @@ from guildcast.actors.guild import (
     Unsubscribe,
 )
 from guildcast.actors.hub import check_publish
-from guildcast.actors.partition import Writer
+from guildcast.actors.partition import PARTITION_QUEUE_BYTES, Partition, Writer
 from guildcast.broker.memory import MemoryBroker
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close
 from guildcast.protocol.deflate import Deflater
 from tests.actors.support import scope
 from tests.protocol.framing import unframe
+from tests.support.wait import until
 
 
 class FakeSink:
@@ -459,3 +460,43 @@ async def test_a_session_subscribing_again_keeps_its_order_across_writers() -> N
             ("E", 2),
         ], kinds
         assert not g._parted or all(s is not b for s in g._parted)
+
+
+async def test_a_partition_behind_by_more_than_its_byte_bound_sheds_only_its_sessions() -> None:
+    """A partition's queue is bounded in bytes (PARTITION_QUEUE_BYTES), not
+    only in runs: one guild batch that casts it 600 runs of a 30 KB event
+    (18 MB, far under the 4,096-run bound) before it can write one closes
+    its sessions with 4010; the guild's own sessions get every event."""
+    async with guild_env(partition_size=1) as env:
+        own, lagging = FakeSink("own"), FakeSink("lagging")
+        for sink in (own, lagging):
+            env.subscribe(sink)
+            await sink.wait_count(1)
+        p = env.guild.partitions[1]
+        assert isinstance(p, Partition) and p.sinks() == [lagging]
+        n = PARTITION_QUEUE_BYTES // 30_000 + 60
+        payload = check_publish("g-1", "BIG", "x" * 30_000)
+        gone = FakeSink("gone")
+        gone.close(1000, "never subscribed")
+        calls = []
+        for _ in range(n):
+            # Each SUBSCRIBE (of a closed session: nothing else happens) makes
+            # the guild send what it emitted so far: one run per event, all in
+            # one guild batch, so the partition cannot write any in between.
+            calls.append(env.guild.call_nowait(PublishMsg("BIG", payload)))
+            env.guild.cast_system(Subscribe(gone, None))
+        assert len([await c for c in calls]) == n
+        assert await lagging.wait_closed() == (Close.SLOW_CONSUMER, "partition overflow")
+        # Shed before it held much more than its bound.
+        assert p.queued_bytes <= PARTITION_QUEUE_BYTES + 40_000
+        assert own.closed_with is None
+        msgs = await own.wait_count(1 + n)
+        assert [m["s"] for m in msgs[1:]] == list(range(1, n + 1))
+        # Drained, the guild serves a session subscribing after it.
+        await until(lambda: not p.queued_bytes and not p.mailbox_depth, "the partition to drain")
+        late = FakeSink("late")
+        env.subscribe(late)
+        await late.wait_count(1)
+        await env.publish("E", "after")
+        assert (await late.wait_count(2))[1] == event(n + 1, d="after")
+        assert (await own.wait_count(n + 2))[-1] == event(n + 1, d="after")
