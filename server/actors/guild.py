@@ -181,12 +181,14 @@ class Feed:
 
 
 class Written:
-    """A partition's credit: it has written every run sent to it so far."""
+    """A partition's credit: it has written its first ``runs`` runs (every
+    run sent to it, unless the guild has sent more since)."""
 
-    __slots__ = ("partition",)
+    __slots__ = ("partition", "runs")
 
-    def __init__(self, partition: Partition) -> None:
+    def __init__(self, partition: Partition, runs: int) -> None:
         self.partition = partition
+        self.runs = runs
 
 
 class Removed:
@@ -285,8 +287,11 @@ class Guild(Actor):
         self._psnap_frame: tuple[PresenceSnapshot, SharedFrame] | None = None
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Writer | Partition, int] = {}
-        #: Partitions that have not yet written the last run sent to them.
+        #: Partitions that have not yet written the last run sent to them,
+        #: and the runs sent to each (a ``Written`` credit covers them all
+        #: only when it counts as many: one ``runs_written`` per partition).
         self._writing: set[Partition] = set()
+        self._runs_sent: dict[Partition, int] = {}
         #: Sessions removed from a partition actor whose ``Remove`` it has not
         #: handled yet (its mailbox still holds their last events and their
         #: UNSUBSCRIBED): one that subscribes again in that window goes back
@@ -392,7 +397,8 @@ class Guild(Actor):
             elif tp is Feed:
                 await self._on_feed(item.records)
             elif tp is Written:
-                self._writing.discard(item.partition)
+                if item.runs >= self._runs_sent.get(item.partition, 0):
+                    self._writing.discard(item.partition)
             elif tp is Removed:
                 self._removed(item.partition, item.sink)
             elif tp is PresenceMsg:
@@ -583,6 +589,7 @@ class Guild(Actor):
                 self._shed(p)
                 continue
             self._writing.add(p)
+            self._runs_sent[p] = self._runs_sent.get(p, 0) + 1
 
     async def _on_presence(self, kind: str, member: Presence, v: int | None) -> None:
         """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
@@ -946,7 +953,7 @@ class Guild(Actor):
             self.load[w] = 0
             return w
         p = Partition(f"{self.gid}/{len(self.partitions)}", stats=self.stats)
-        p.on_written = lambda: self.cast_system(Written(p))
+        p.on_written = lambda: self.cast_system(Written(p, p.runs_written))
         p.on_removed = lambda sink: self.cast_system(Removed(p, sink))
         p.monitor(self._partition_exited)
         p.start(self._tg)

@@ -367,8 +367,11 @@ class Partition(Actor):
         #: Bytes of the runs cast and not yet written, and their bound.
         self.queued_bytes = 0
         self.queue_bytes = queue_bytes
+        #: Runs written since start (what ``on_written``'s credit counts).
+        self.runs_written = 0
         #: Called after each batch that wrote events: the guild's credit
-        #: (it sends the next run once every partition has written this one).
+        #: (it sends the next run once every partition has written this one;
+        #: ``runs_written`` says how many runs the credit covers).
         self.on_written: Callable[[], None] | None = None
         #: Called after a session's ``Remove`` is written (the guild may then
         #: place that session anywhere again).
@@ -410,6 +413,7 @@ class Partition(Actor):
             if tp is Frames:
                 runs.append(item)
                 self.queued_bytes -= len(item.data)
+                self.runs_written += 1
             else:
                 if runs:
                     _write_runs(w, runs)

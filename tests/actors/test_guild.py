@@ -500,3 +500,51 @@ async def test_a_partition_behind_by_more_than_its_byte_bound_sheds_only_its_ses
         await env.publish("E", "after")
         assert (await late.wait_count(2))[1] == event(n + 1, d="after")
         assert (await own.wait_count(n + 2))[-1] == event(n + 1, d="after")
+
+
+async def test_a_credit_for_an_earlier_run_does_not_release_the_hold() -> None:
+    """A partition's ``Written`` credit covers the runs it had when it wrote;
+    a run the guild sent after them (a membership change forces one out)
+    keeps the partition "writing", so the guild keeps holding (it used to
+    take the earlier credit as one for every run: docs/ARCHITECTURE.md
+    "Placement")."""
+    async with guild_env(partition_size=1) as env:
+        own, far = FakeSink("own"), FakeSink("far")
+        for sink in (own, far):
+            env.subscribe(sink)
+            await sink.wait_count(1)
+        guild = env.guild
+        p = guild.partitions[1]
+        assert isinstance(p, Partition)
+        gone = FakeSink("gone")
+        gone.close(1000, "never subscribed")
+        credit, write = p.on_written, p.handle_batch
+        assert credit is not None
+        queued: list[asyncio.Future[tuple[int, str]]] = []
+        #: Whether the guild counted the partition as writing when it began
+        #: to write run 2 (after the guild had taken run 1's credit).
+        writing_at_run_2: list[bool] = []
+
+        def written_then_more() -> None:
+            # As the partition finishes run 1 (once): event 2 and a SUBSCRIBE
+            # (which sends run 2 at once) reach the guild before the credit,
+            # all three in one guild batch.
+            if not queued:
+                queued.append(guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", 2))))
+                guild.cast_system(Subscribe(gone, None))
+            credit()
+
+        async def spy(batch: Any) -> None:
+            if queued and not writing_at_run_2:
+                writing_at_run_2.append(p in guild._writing)
+            await write(batch)
+
+        p.on_written = written_then_more
+        p.handle_batch = spy  # type: ignore[method-assign]
+        await env.publish("E", 1)  # run 1
+        await until(lambda: bool(writing_at_run_2), "run 2 to be written")
+        assert writing_at_run_2 == [True]
+        await far.wait_count(3)
+        await until(lambda: not guild._writing, "run 2's credit")
+        assert own.events_s() == far.events_s() == [1, 2]
+        assert (await queued[0])[0] == 2
