@@ -17,6 +17,7 @@ import pytest
 from guildcast.actors.actor import CallTimeout
 from guildcast.actors.groups import Groups
 from guildcast.actors.guild import (
+    HOLD_BYTES,
     Feed,
     Guild,
     GuildSettings,
@@ -27,7 +28,7 @@ from guildcast.actors.guild import (
     Unsubscribe,
 )
 from guildcast.actors.hub import check_publish
-from guildcast.actors.partition import PARTITION_QUEUE_BYTES, Partition, Writer
+from guildcast.actors.partition import PARTITION_QUEUE_BYTES, Frames, Partition, Writer
 from guildcast.broker.memory import MemoryBroker
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close
@@ -548,3 +549,40 @@ async def test_a_credit_for_an_earlier_run_does_not_release_the_hold() -> None:
         await until(lambda: not guild._writing, "run 2's credit")
         assert own.events_s() == far.events_s() == [1, 2]
         assert (await queued[0])[0] == 2
+
+
+async def test_the_hold_for_a_writing_partition_is_bounded_in_bytes() -> None:
+    """While a partition still writes, the guild holds the next run, but at
+    most HOLD_BYTES of it (not only HOLD_FRAMES events): 40 events of 30 KB
+    go out at once, in the batch that sequenced them."""
+    async with guild_env(partition_size=1) as env:
+        own, far = FakeSink("own"), FakeSink("far")
+        for sink in (own, far):
+            env.subscribe(sink)
+            await sink.wait_count(1)
+        guild = env.guild
+        p = guild.partitions[1]
+        assert isinstance(p, Partition)
+        write = p.handle_batch
+        runs: list[int] = []
+
+        async def spy(batch: Any) -> None:
+            runs.append(sum(1 for item in batch if isinstance(item, Frames)))
+            await write(batch)
+
+        p.handle_batch = spy  # type: ignore[method-assign]
+        gone = FakeSink("gone")
+        gone.close(1000, "never subscribed")
+        n = HOLD_BYTES // 30_000 + 5
+        big = check_publish("g-1", "BIG", "x" * 30_000)
+        # One guild batch: event 1 sent at once (the SUBSCRIBE forces it out:
+        # the partition is now writing), then n large events.
+        calls = [guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", 1)))]
+        guild.cast_system(Subscribe(gone, None))
+        calls += [guild.call_nowait(PublishMsg("BIG", big)) for _ in range(n)]
+        for c in calls:
+            await c
+        await far.wait_count(2 + n)
+        # The partition's first batch after it had both runs: not held back.
+        assert runs[0] == 2, runs
+        assert own.events_s() == far.events_s() == list(range(1, n + 2))
