@@ -1087,6 +1087,8 @@ class ClientSession:
                 # "Try again later": ask again after a backoff delay, or the
                 # hint in the message when it is longer (PROTOCOL.md "Pacing").
                 del self._sent[gid]
+                if self.state is not State.READY:  # (before READY: READY asks again)
+                    return [SubscribeDeferred(gid, code, message, 0.0)]
                 attempt = self._refusals.get(gid, 0)
                 self._refusals[gid] = attempt + 1
                 delay = subscribe_retry_delay(

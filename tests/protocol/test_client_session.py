@@ -577,3 +577,13 @@ TestClientMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_a_1013_before_ready_is_asked_again_by_ready() -> None:
+    s = ClientSession(["b"], random=lambda: 0.5)
+    s.connection_made("tok", T0)
+    recv(s, HELLO)
+    (out,) = recv(s, {"op": 13, "d": {"code": 1013, "message": "busy", "g": "b"}})
+    assert out == pc.SubscribeDeferred("b", 1013, "busy", 0.0)
+    assert s.next_tick == T0 + 1.0  # nothing scheduled: READY asks for it
+    assert sends(recv(s, READY)) == [SUB_B]
