@@ -300,7 +300,9 @@ class Client:
         self.url = url
         self._token = token
         self._token_provider = token_provider
-        #: The protocol state across connections (guilds and their Positions).
+        self._backoff = backoff if backoff is not None else Backoff()
+        #: The protocol state across connections (guilds and their Positions);
+        #: a SUBSCRIBE refused with 1013 is retried on the backoff's schedule.
         self._session = proto.ClientSession(
             guilds,
             events,
@@ -310,8 +312,10 @@ class Client:
             rewind=rewind,
             presence=presence,
             activity_batch=activity_batch,
+            retry_base=self._backoff.base,
+            retry_cap=self._backoff.cap,
+            random=self._backoff.rng.random,
         )
-        self._backoff = backoff if backoff is not None else Backoff()
         self._on_unrecovered = on_unrecovered
         self._on_ready = on_ready
         self._on_disconnect = on_disconnect
@@ -340,9 +344,18 @@ class Client:
         self.sessions = 0
         #: What the reconnect loop did (PROTOCOL.md "Pacing"): RECONNECTs
         #: received, closes 1013, waits that followed a server hint,
-        #: reconnects scheduled, and 1 once it gave up (backoff limits).
+        #: reconnects scheduled, 1 once it gave up (backoff limits), and
+        #: SUBSCRIBEs refused with ERROR 1013 and scheduled again.
         self.counters: dict[str, int] = dict.fromkeys(
-            ("reconnect_requests", "try_again_later", "hinted_waits", "reconnects", "gave_up"), 0
+            (
+                "reconnect_requests",
+                "try_again_later",
+                "hinted_waits",
+                "reconnects",
+                "gave_up",
+                "subscribe_retries",
+            ),
+            0,
         )
 
     # --- lifecycle -------------------------------------------------------------
@@ -479,7 +492,12 @@ class Client:
         or a rewind that is not a positive integer;
         :class:`SubscribeError` on ERROR (4403: the token does not allow this
         guild) and :class:`GuildcastClosed` if the client stops. While
-        disconnected it waits for the next connection.
+        disconnected it waits for the next connection. An ERROR 1013 (the
+        node cannot take the guild now) is not raised: the guild is asked
+        for again after a full-jitter delay on the ``backoff`` schedule (at
+        least any retry hint in the message), as often as it takes, and
+        this waits for it (``counters["subscribe_retries"]``; leave the
+        guild with :meth:`unsubscribe` to stop).
 
         ``passive=True``: no events, only :class:`Activity` items (PROTOCOL.md
         "Passive subscriptions"; never with a ``rewind``: ValueError). For a
@@ -704,6 +722,15 @@ class Client:
                     sfut.set_exception(SubscribeError(o.code, o.message, o.guild))
                 else:
                     await self._deliver(SubscriptionLost(o.guild, o.code, o.message))
+            elif isinstance(o, proto.SubscribeDeferred):
+                self.counters["subscribe_retries"] += 1
+                log.info(
+                    "guildcast: guild %s refused (%s %s); asking again in %.3f s",
+                    o.guild,
+                    o.code,
+                    o.message,
+                    o.delay,
+                )
             elif isinstance(o, proto.Ready):
                 await self._ready(o)
             elif isinstance(o, proto.CloseConn):

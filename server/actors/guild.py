@@ -181,12 +181,14 @@ class Feed:
 
 
 class Written:
-    """A partition's credit: it has written every run sent to it so far."""
+    """A partition's credit: it has written its first ``runs`` runs (every
+    run sent to it, unless the guild has sent more since)."""
 
-    __slots__ = ("partition",)
+    __slots__ = ("partition", "runs")
 
-    def __init__(self, partition: Partition) -> None:
+    def __init__(self, partition: Partition, runs: int) -> None:
         self.partition = partition
+        self.runs = runs
 
 
 class Removed:
@@ -200,9 +202,15 @@ class Removed:
 
 
 #: Events a guild holds back while a partition still writes the previous run
-#: (the cadence that makes partitions batch as one writer would); past it the
-#: run goes out anyway and the partition's mailbox bound applies.
+#: (the cadence that makes partitions batch as one writer would); past it, or
+#: past ``HOLD_BYTES``, the run goes out anyway and the partition's bounds
+#: apply (``PARTITION_MAILBOX_BOUND`` runs, ``PARTITION_QUEUE_BYTES``).
 HOLD_FRAMES = 4096
+#: Bytes of events a guild holds back for the same reason: a run of 1 MiB
+#: already spreads one write's fixed cost (a few microseconds) over more
+#: bytes than batching can save, and held bytes wait for every session of
+#: the guild. Without it 4,096 events of up to 32 KiB could be held.
+HOLD_BYTES = 1024 * 1024
 
 
 class PresenceMsg:
@@ -279,8 +287,11 @@ class Guild(Actor):
         self._psnap_frame: tuple[PresenceSnapshot, SharedFrame] | None = None
         #: Sessions per partition, kept in step with ``where``.
         self.load: dict[Writer | Partition, int] = {}
-        #: Partitions that have not yet written the last run sent to them.
+        #: Partitions that have not yet written the last run sent to them,
+        #: and the runs sent to each (a ``Written`` credit covers them all
+        #: only when it counts as many: one ``runs_written`` per partition).
         self._writing: set[Partition] = set()
+        self._runs_sent: dict[Partition, int] = {}
         #: Sessions removed from a partition actor whose ``Remove`` it has not
         #: handled yet (its mailbox still holds their last events and their
         #: UNSUBSCRIBED): one that subscribes again in that window goes back
@@ -300,6 +311,8 @@ class Guild(Actor):
         self._names: list[str] = []
         #: Publish times of ``_frames`` (for the latency metric).
         self._stamps: list[float] = []
+        #: Bytes of ``_frames`` (``HOLD_BYTES``).
+        self._held = 0
         #: The node's counters (``/metrics``), shared with the partitions.
         self.stats = stats if stats is not None else NodeStats()
         #: The node's passive-notice board (passive.py) and this guild's entry
@@ -384,7 +397,8 @@ class Guild(Actor):
             elif tp is Feed:
                 await self._on_feed(item.records)
             elif tp is Written:
-                self._writing.discard(item.partition)
+                if item.runs >= self._runs_sent.get(item.partition, 0):
+                    self._writing.discard(item.partition)
             elif tp is Removed:
                 self._removed(item.partition, item.sink)
             elif tp is PresenceMsg:
@@ -537,9 +551,11 @@ class Guild(Actor):
             out, nxt = cur.page(epoch, recs)
 
     def _emit(self, rec: Record) -> None:
-        self._frames.append(wire.text_frame(rec.payload))
+        frame = wire.text_frame(rec.payload)
+        self._frames.append(frame)
         self._names.append(rec.t)
         self._stamps.append(rec.ts)
+        self._held += len(frame)
 
     def _fan_out(self, force: bool = False) -> None:
         """Send the events emitted so far to every writer: now if ``force``
@@ -549,12 +565,18 @@ class Guild(Actor):
         long as one writer would (docs/ARCHITECTURE.md, "Placement")."""
         if not self._frames:
             return
-        if self._writing and not force and len(self._frames) < HOLD_FRAMES:
+        if (
+            self._writing
+            and not force
+            and len(self._frames) < HOLD_FRAMES
+            and self._held < HOLD_BYTES
+        ):
             return
         run = Frames(self._frames, self._names, self._stamps)
         self._frames = []
         self._names = []
         self._stamps = []
+        self._held = 0
         self.delivered += len(run.frames)
         for p in self.partitions:
             if type(p) is Writer:
@@ -562,11 +584,12 @@ class Guild(Actor):
                 continue
             assert type(p) is Partition
             try:
-                p.cast(run)
+                p.cast_run(run)
             except MailboxFull:
                 self._shed(p)
                 continue
             self._writing.add(p)
+            self._runs_sent[p] = self._runs_sent.get(p, 0) + 1
 
     async def _on_presence(self, kind: str, member: Presence, v: int | None) -> None:
         """PRESENCE_JOIN/LEAVE to the local sessions that asked (no ``s``: presence
@@ -654,6 +677,7 @@ class Guild(Actor):
         self._frames = []
         self._names = []
         self._stamps = []
+        self._held = 0
         for sink in [*self.where, *self.passive, *self._passivating]:
             sink.close(Close.UNKNOWN_ERROR, reason)
         # Passive ones too: their notices would name an epoch they never saw.
@@ -663,10 +687,11 @@ class Guild(Actor):
 
     def _shed(self, p: Partition) -> None:
         """A partition fell hopelessly behind: its sessions are slow consumers."""
-        log.warning("guild %s: partition %s overflowed; closing its sessions", self.gid, p.name)
-        for sink, where in list(self.where.items()):
-            if where is p:
-                sink.close(Close.SLOW_CONSUMER, "partition overflow")
+        shed = [s for s, where in self.where.items() if where is p and not s.is_closed]
+        if shed:  # once per overflow, not per run while it drains
+            log.warning("guild %s: partition %s overflowed; closing its sessions", self.gid, p.name)
+        for sink in shed:
+            sink.close(Close.SLOW_CONSUMER, "partition overflow")
 
     # --- membership ----------------------------------------------------------
 
@@ -928,7 +953,7 @@ class Guild(Actor):
             self.load[w] = 0
             return w
         p = Partition(f"{self.gid}/{len(self.partitions)}", stats=self.stats)
-        p.on_written = lambda: self.cast_system(Written(p))
+        p.on_written = lambda: self.cast_system(Written(p, p.runs_written))
         p.on_removed = lambda sink: self.cast_system(Removed(p, sink))
         p.monitor(self._partition_exited)
         p.start(self._tg)

@@ -33,9 +33,12 @@ Order: a partition applies its messages strictly in mailbox order, so an
 ``Add`` queued by the guild after event ``s`` means the session gets exactly
 the events after ``s``, right behind its preamble (SUBSCRIBED and any replay).
 
-Mailbox: event runs are bounded (``mailbox_bound``, overflow raises to the
-guild, which sheds this partition's sessions with 4010); Add/Remove are
-system messages, never dropped.
+Mailbox: event runs are bounded in count (``mailbox_bound``) and in bytes
+(``queue_bytes``: the runs cast and not yet written, :meth:`Partition.cast_run`);
+past either the cast raises :class:`~guildcast.actors.actor.MailboxFull` to
+the guild, which sheds this partition's sessions with 4010 (slow consumers:
+they reconnect and recover from history), and the guild's other writers go
+on. Add/Remove are system messages, never dropped.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from guildcast.actors.actor import Actor
+from guildcast.actors.actor import Actor, MailboxFull
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
 from guildcast.protocol.deflate import RSV1, Deflater, SharedFrame
@@ -159,6 +162,15 @@ class Remove:
 #: Event runs a partition may have queued. It drains everything each batch
 #: and shares the loop fairly with its guild, so a healthy one holds 1-2.
 PARTITION_MAILBOX_BOUND = 4096
+#: Bytes of event runs a partition may have queued and not yet written
+#: before the next run sheds its sessions (4010). Runs are built once and
+#: shared by all of a guild's writers, so this is what one lagging partition
+#: pins beyond its guild's own writes. Four times the default ``max_buffer``
+#: (4 MiB, the most a session may have unsent): a partition that far behind
+#: holds its every session further behind than a slow consumer may be, only
+#: in another queue. In runs alone the bound was 4,096 runs of up to
+#: ``HOLD_FRAMES`` frames of up to 32 KiB each, far past any memory budget.
+PARTITION_QUEUE_BYTES = 16 * 1024 * 1024
 
 
 class Writer:
@@ -348,11 +360,18 @@ class Partition(Actor):
         name: str,
         mailbox_bound: int = PARTITION_MAILBOX_BOUND,
         stats: NodeStats | None = None,
+        queue_bytes: int = PARTITION_QUEUE_BYTES,
     ) -> None:
         super().__init__(name, mailbox_bound=mailbox_bound)
         self.writer = Writer(stats)
+        #: Bytes of the runs cast and not yet written, and their bound.
+        self.queued_bytes = 0
+        self.queue_bytes = queue_bytes
+        #: Runs written since start (what ``on_written``'s credit counts).
+        self.runs_written = 0
         #: Called after each batch that wrote events: the guild's credit
-        #: (it sends the next run once every partition has written this one).
+        #: (it sends the next run once every partition has written this one;
+        #: ``runs_written`` says how many runs the credit covers).
         self.on_written: Callable[[], None] | None = None
         #: Called after a session's ``Remove`` is written (the guild may then
         #: place that session anywhere again).
@@ -372,6 +391,19 @@ class Partition(Actor):
     def sinks(self) -> list[Sink]:
         return self.writer.sinks()
 
+    def cast_run(self, run: Frames) -> None:
+        """Queue a run of events. Raises :class:`MailboxFull` when the runs
+        queued and not yet written already hold more than ``queue_bytes``
+        (so a run of any size finds room in a partition that keeps up, as it
+        does in the guild's own writer) or ``mailbox_bound`` messages."""
+        if self.queued_bytes > self.queue_bytes:
+            raise MailboxFull(
+                f"{self.name}: {self.queued_bytes} bytes of events not yet written"
+                f" (bound {self.queue_bytes})"
+            )
+        self.cast(run)
+        self.queued_bytes += len(run.data)
+
     async def handle_batch(self, batch: deque[Any]) -> None:
         w = self.writer
         runs: list[Frames] = []
@@ -380,6 +412,8 @@ class Partition(Actor):
             tp = type(item)
             if tp is Frames:
                 runs.append(item)
+                self.queued_bytes -= len(item.data)
+                self.runs_written += 1
             else:
                 if runs:
                     _write_runs(w, runs)

@@ -187,6 +187,17 @@ class MetricsSnapshot:
     descriptors_exhausted: int = 0
     open_descriptors: int = 0
     descriptor_limit: int = 0
+    #: Admission control (``guildcast.transport.admission``): sessions admitted
+    #: and queued by kind (``resume``, ``fresh``), refused with 1013 by kind
+    #: (also ``handshake``), sweeps that found the loop late, the IDENTIFYs
+    #: per second admitted now (after the loop-lag halving; 0: no bound) and
+    #: the IDENTIFYs waiting in the queue.
+    admission_admitted: dict[str, int] = field(default_factory=dict)
+    admission_queued: dict[str, int] = field(default_factory=dict)
+    admission_refused: dict[str, int] = field(default_factory=dict)
+    admission_slowdowns: int = 0
+    admission_rate: float = 0.0
+    admission_waiting: int = 0
     #: Cumulative ``(upper bound, count)`` pairs, +Inf last, then sum and count.
     latency_buckets: list[tuple[float, int]] = field(default_factory=list)
     latency_sum: float = 0.0

@@ -39,15 +39,26 @@ activation's PRESENCE_SNAPSHOT starts a new one. A passive request carries no
 rewind: a guild deactivated before its rewind was answered keeps the place
 that many events before its passive SUBSCRIBED's head.
 
+A SUBSCRIBE (or an IDENTIFY's guild) refused with ERROR 1013 ("try again
+later": the node cannot start the guild now, PROTOCOL.md "Refusals") is not
+dropped: the guild stays followed and is asked for again after a full-jitter
+backoff delay (the attempt's window, at least the "back off" floor's, as a
+reconnect after close 1013), or the retry hint in the ERROR's message when
+that is longer (:func:`subscribe_retry_delay`); :class:`SubscribeDeferred`
+says so. A reconnect's IDENTIFY asks for it anyway. Every other refusal
+(4403, 4430) stops following the guild (:class:`SubscribeRefused`).
+
 Bounds: the guilds followed are the application's; PUBLISHes awaiting an ACK
 are bounded by the adapter (``max_inflight_publishes``); one connection's
-tables are cleared when it ends (:meth:`ClientSession.connection_lost`).
+tables are cleared when it ends (:meth:`ClientSession.connection_lost`);
+SUBSCRIBE retries hold one entry per followed guild.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable, Mapping
+import random as _rnd
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeAlias
@@ -61,6 +72,7 @@ from guildcast.protocol.codes import (
     RESERVED_EVENTS,
     Close,
     CloseAction,
+    Err,
     Op,
 )
 from guildcast.protocol.codes import classify_close as _classify
@@ -249,6 +261,18 @@ class SubscribeRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class SubscribeDeferred:
+    """The server answered ``guild``'s SUBSCRIBE with ERROR 1013 (try again
+    later): it stays followed and is asked for again in ``delay`` seconds
+    (or by the next IDENTIFY)."""
+
+    guild: str
+    code: int
+    message: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
 class Acked:
     """The PUBLISH with ``nonce`` was sequenced as ``s`` of ``guild`` in ``epoch``."""
 
@@ -308,6 +332,7 @@ Output: TypeAlias = (
     | Subscribed
     | Unsubscribed
     | SubscribeRefused
+    | SubscribeDeferred
     | Acked
     | PublishRefused
     | PublishInterrupted
@@ -352,6 +377,29 @@ def paced_delay(backoff: float, wait_ms: tuple[int, int] | None, u: float) -> fl
 #: "back off, reconnect": the next delay starts at least from this attempt's
 #: window, so a crowd refused at once does not retry in the shortest window.
 BACKOFF_FLOOR = 2
+#: The SUBSCRIBE retry schedule's defaults (s): those of the clients'
+#: reconnect backoff (``guildcast.client.backoff``), which the adapters pass.
+RETRY_BASE = 0.5
+RETRY_CAP = 30.0
+#: Exponent ceiling of the retry window (as the backoff's): finite floats.
+_MAX_EXPONENT = 32
+
+
+def subscribe_retry_delay(
+    attempt: int,
+    wait_ms: tuple[int, int] | None,
+    base: float,
+    cap: float,
+    u: Callable[[], float],
+) -> float:
+    """Seconds before asking again for a guild refused with ERROR 1013 for
+    the ``attempt``-th time in a row (0-based): full jitter over the
+    window ``min(cap, base * 2**max(attempt, BACKOFF_FLOOR))``, or a draw
+    from the message's retry hint ``wait_ms`` when longer (:func:`paced_delay`);
+    ``u`` draws uniformly from [0, 1), first for the jitter, then for the hint."""
+    n = min(max(attempt, BACKOFF_FLOOR), _MAX_EXPONENT)
+    window = min(cap, base * (1 << n))
+    return paced_delay(u() * window, wait_ms, u())
 
 
 class State(Enum):
@@ -520,6 +568,9 @@ class ClientSession:
         rewind: int | None = None,
         presence: bool = False,
         activity_batch: bool = False,
+        retry_base: float = RETRY_BASE,
+        retry_cap: float = RETRY_CAP,
+        random: Callable[[], float] = _rnd.random,
     ) -> None:
         self.events = None if events is None else list(events)
         #: IDENTIFY ``presence``: keep a :class:`Roster` per guild.
@@ -549,6 +600,13 @@ class ClientSession:
         self._auth_failures = 0
         #: The delay range of the last RECONNECT (its 1001 follows).
         self._reconnect_hint: tuple[int, int] | None = None
+        #: SUBSCRIBE retries after ERROR 1013 (:func:`subscribe_retry_delay`):
+        #: the schedule's window and jitter source, and each followed guild's
+        #: refusals in a row (forgotten at its SUBSCRIBED or when left).
+        self._retry_base = retry_base
+        self._retry_cap = retry_cap
+        self._random = random
+        self._refusals: dict[str, int] = {}
         #: Events dropped because their ``s`` was already handed out.
         self.duplicates_dropped = 0
         #: Gaps seen (the server promises none within an epoch).
@@ -568,6 +626,10 @@ class ClientSession:
         self._leaving: set[str] = set()
         #: Presence of each guild on this connection (after its snapshot).
         self._rosters: dict[str, _Roster] = {}
+        #: Guilds refused with 1013 on this connection, and when to ask again.
+        self._retry_at: dict[str, float] = {}
+        #: When the next HEARTBEAT (and liveness check) is due.
+        self._beat_at = float("inf")
         self.interval = 0.0
         self._last_recv = 0.0
         self._paused_until = 0.0
@@ -683,16 +745,30 @@ class ClientSession:
         if self.state is State.IDLE:
             self.next_tick = float("inf")
             return []
-        silent_limit = max(ZOMBIE_INTERVALS * self.interval, ZOMBIE_MIN_S)
-        if not self.stalled and now - self._last_recv > silent_limit:
-            self.next_tick = float("inf")
-            return [
-                CloseConn(BAD_SERVER, "server silent", f"no data for {now - self._last_recv:.1f} s")
-            ]
-        self.next_tick = now + self.interval
-        if now < self._paused_until:
+        out = self._retry_subscribes(now) if self._retry_at else []
+        if now >= self._beat_at:
+            silent_limit = max(ZOMBIE_INTERVALS * self.interval, ZOMBIE_MIN_S)
+            if not self.stalled and now - self._last_recv > silent_limit:
+                self.next_tick = float("inf")
+                problem = f"no data for {now - self._last_recv:.1f} s"
+                return [CloseConn(BAD_SERVER, "server silent", problem)]
+            self._beat_at = now + self.interval
+            if now >= self._paused_until:
+                out.append(Send(HEARTBEAT))
+        self.next_tick = min([self._beat_at, *self._retry_at.values()])
+        return out
+
+    def _retry_subscribes(self, now: float) -> list[Output]:
+        """SUBSCRIBE again the guilds refused with 1013 whose delay is over."""
+        if self.state is not State.READY:
             return []
-        return [Send(HEARTBEAT)]
+        due = [gid for gid, at in self._retry_at.items() if at <= now]
+        guilds: dict[str, Position | Rewind | None] = {}
+        for gid in due:
+            del self._retry_at[gid]
+            if gid in self._desired and gid not in self._sent:
+                guilds[gid] = self._sent[gid] = self._desired[gid]
+        return [Send(subscribe_message(guilds, self._passive))] if guilds else []
 
     def pause_heartbeats(self, until: float) -> None:
         """Send no HEARTBEAT before ``until`` (the server then closes with 4009)."""
@@ -726,8 +802,8 @@ class ClientSession:
                 self._passive.add(gid)
         elif passive != (gid in self._passive):
             return self.set_passive(gid, passive)
-        if self.state is not State.READY or gid in self._sent:
-            return []
+        if self.state is not State.READY or gid in self._sent or gid in self._retry_at:
+            return []  # asked for already, or again once its retry delay is over
         pos = self._sent[gid] = self._desired[gid]
         return [Send(subscribe_message({gid: pos}, self._passive))]
 
@@ -764,6 +840,8 @@ class ClientSession:
         self._heads.pop(gid, None)
         self._subscribed.discard(gid)
         self._rosters.pop(gid, None)
+        self._refusals.pop(gid, None)
+        self._retry_at.pop(gid, None)
         if self.state is not State.READY or self._sent.pop(gid, _MISSING) is _MISSING:
             return []
         self._leaving.add(gid)
@@ -806,7 +884,7 @@ class ClientSession:
                 raise _Bad("a message must be a JSON object")
             if self.state is State.AWAIT_HELLO:
                 return self._hello(msg, now)
-            return self._message(msg)
+            return self._message(msg, now)
         except (_Bad, orjson.JSONDecodeError) as exc:
             reason = (
                 "expected HELLO" if self.state is State.AWAIT_HELLO else "bad message from server"
@@ -822,7 +900,7 @@ class ClientSession:
         if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
             raise _Bad("HELLO needs a positive heartbeat_interval")
         self.interval = float(interval) / 1000.0
-        self.next_tick = now + self.interval
+        self.next_tick = self._beat_at = now + self.interval
         self.state = State.IDENTIFYING
         self._sent = dict(self._desired)
         return [
@@ -838,7 +916,7 @@ class ClientSession:
             )
         ]
 
-    def _message(self, msg: dict[str, Any]) -> list[Output]:
+    def _message(self, msg: dict[str, Any], now: float) -> list[Output]:
         op = msg.get("op")
         d = msg.get("d")
         if op == Op.DISPATCH:
@@ -871,7 +949,7 @@ class ClientSession:
         if op == Op.ACK:
             return self._ack(_obj(d, "ACK"))
         if op == Op.ERROR:
-            return self._error(_obj(d, "ERROR"))
+            return self._error(_obj(d, "ERROR"), now)
         if op == Op.RECONNECT:
             self._reconnect_hint = parse_reconnect(d)
             return [ReconnectRequested(self._reconnect_hint)]
@@ -911,6 +989,7 @@ class ClientSession:
         sent = self._sent.get(gid)
         current = self._desired[gid]
         self._subscribed.add(gid)
+        self._refusals.pop(gid, None)
         out: list[Output] = []
         if passive:
             # No replay: the Position stays where an activation resumes; a
@@ -1027,7 +1106,7 @@ class ClientSession:
         self._inflight.discard(nonce)
         return [Acked(nonce, g, s, str(epoch))]
 
-    def _error(self, d: dict[str, Any]) -> list[Output]:
+    def _error(self, d: dict[str, Any], now: float) -> list[Output]:
         code, message = d.get("code", 0), d.get("message", "")
         if type(code) is not int:
             raise _Bad("ERROR needs an integer code")
@@ -1041,6 +1120,20 @@ class ClientSession:
                 return [PublishRefused(nonce, code, message, gid)]
             return []
         if gid is not None and gid in self._sent and gid not in self._subscribed:
+            if code == Err.TRY_AGAIN_LATER:
+                # "Try again later": ask again after a backoff delay, or the
+                # hint in the message when it is longer (PROTOCOL.md "Pacing").
+                del self._sent[gid]
+                if self.state is not State.READY:  # (before READY: READY asks again)
+                    return [SubscribeDeferred(gid, code, message, 0.0)]
+                attempt = self._refusals.get(gid, 0)
+                self._refusals[gid] = attempt + 1
+                delay = subscribe_retry_delay(
+                    attempt, parse_retry(message), self._retry_base, self._retry_cap, self._random
+                )
+                at = self._retry_at[gid] = now + delay
+                self.next_tick = min(self.next_tick, at)
+                return [SubscribeDeferred(gid, code, message, delay)]
             # A SUBSCRIBE (or IDENTIFY guild) was refused: stop following it.
             self._desired.pop(gid, None)
             self._sent.pop(gid, None)

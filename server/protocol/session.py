@@ -85,9 +85,10 @@ class Limits:
     max_subscriptions: int = 1000
     #: Longest accepted ``nonce``; longer is a decode error.
     max_nonce: int = 128
-    #: PUBLISHes awaiting their answer (ACK or ERROR, sent in order); one
-    #: more closes with 4008. Refusals queue behind an unanswered PUBLISH,
-    #: so without this a client could grow the queue without end.
+    #: PUBLISHes awaiting their answer (ACK or ERROR, sent in order), with
+    #: the SUBSCRIBE refusals queued behind them; one more closes with 4008.
+    #: Refusals queue behind an unanswered PUBLISH, so without this a client
+    #: could grow the queue without end.
     max_pending_publishes: int = 4096
 
 
@@ -156,6 +157,17 @@ class Publish:
 
 
 Effect = Send | CloseConn | Subscribe | Unsubscribe | Publish | Forbidden
+
+
+class _Refusal:
+    """The ERROR answering a refused SUBSCRIBE, waiting in the answer queue
+    behind PUBLISHes sent before it (PROTOCOL.md "Publishing": answers in
+    the order of the commands)."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
 
 
 class State(Enum):
@@ -229,10 +241,11 @@ class Session:
         self._cmd_count = 0
         #: The PUBLISH bucket, or None when publishing is not rate limited.
         self._bucket: TokenBucket | None = None
-        #: PUBLISHes awaiting their answer, in arrival order; created on the
-        #: first PUBLISH (an empty deque is ~600 bytes and most sessions
-        #: never publish).
-        self._pending: deque[Publish] | None = None
+        #: PUBLISHes awaiting their answer, in arrival order, and the
+        #: SUBSCRIBE refusals that came after them; created on the first
+        #: PUBLISH (an empty deque is ~600 bytes and most sessions never
+        #: publish). Bound: ``max_pending_publishes`` entries.
+        self._pending: deque[Publish | _Refusal] | None = None
 
     # --- inputs --------------------------------------------------------------
 
@@ -289,7 +302,27 @@ class Session:
         p.d = None
         return self._flush_answers()
 
+    def subscribe_failed(self, gid: str, code: int, message: str) -> list[Effect]:
+        """The host could not subscribe ``gid`` (ERROR ``code``, e.g. 1013):
+        the session no longer counts it, and its ERROR is answered in command
+        order, after the PUBLISHes sent before it (the effects now due)."""
+        self.subscriptions.discard(gid)
+        return self._refuse(error_frame(code, message, g=gid))
+
     # --- internals -----------------------------------------------------------
+
+    def _refuse(self, frame: bytes) -> list[Effect]:
+        """A SUBSCRIBE's ERROR: sent now if no PUBLISH awaits its answer,
+        else queued behind them (a full queue closes with 4008)."""
+        if self.state is State.CLOSED:
+            return []
+        pending = self._pending
+        if not pending:
+            return [Send(frame)]
+        if len(pending) >= self.limits.max_pending_publishes:
+            return self._close(Close.RATE_LIMITED, "too many answers awaiting their turn")
+        pending.append(_Refusal(frame))
+        return []
 
     def _forbid(self, p: Publish, message: str) -> list[Effect]:
         return [Forbidden(p.gid, message), *self.publish_failed(p, Err.FORBIDDEN, message)]
@@ -307,8 +340,9 @@ class Session:
         pending = self._pending
         if pending is None:
             return out
-        while pending and pending[0].answer is not None:
-            out.append(Send(pending.popleft().answer))  # type: ignore[arg-type]
+        while pending and (answer := pending[0].answer) is not None:
+            pending.popleft()
+            out.append(Send(answer))
         return out
 
     def _receive(self, data: bytes | bytearray | memoryview, now: float) -> list[Effect]:
@@ -404,11 +438,18 @@ class Session:
         subs = self.subscriptions
         for gid, req in guilds.items():
             if not grant.may_subscribe(gid):
+                refusal = self._refuse(error_frame(Err.FORBIDDEN, "guild not allowed", g=gid))
+                if self.state is State.CLOSED:
+                    return refusal  # the answer queue was full: 4008, alone
                 out.append(Forbidden(gid, "guild not allowed"))
-                out.append(Send(error_frame(Err.FORBIDDEN, "guild not allowed", g=gid)))
+                out.extend(refusal)
                 continue
             if gid not in subs and len(subs) >= self.limits.max_subscriptions:
-                out.append(Send(error_frame(Err.TOO_MANY_SUBSCRIPTIONS, "too many guilds", g=gid)))
+                frame = error_frame(Err.TOO_MANY_SUBSCRIPTIONS, "too many guilds", g=gid)
+                refusal = self._refuse(frame)
+                if self.state is State.CLOSED:
+                    return refusal
+                out.extend(refusal)
                 continue
             subs.add(gid)
             out.append(Subscribe(gid, req.position, req.rewind, req.passive))
@@ -474,7 +515,7 @@ class Session:
 
     @property
     def pending_publishes(self) -> int:
-        """PUBLISH commands not yet answered."""
+        """PUBLISH commands not yet answered (and refusals queued behind them)."""
         return 0 if self._pending is None else len(self._pending)
 
 

@@ -46,6 +46,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.protocol.hints import MAX_HINT_MS, retry_reason
 
 __all__ = ["QUEUED", "Admission", "AdmissionStats", "Waiter"]
@@ -152,6 +153,27 @@ class Admission:
     @property
     def waiting(self) -> int:
         return len(self._resumes) + len(self._fresh)
+
+    @property
+    def current_rate(self) -> float:
+        """IDENTIFYs admitted per second now: ``rate`` times the share the
+        loop lag leaves (:meth:`loop_lag`); 0 when there is no bound."""
+        return self.rate * self.share if self._id is not None else 0.0
+
+    def report_metrics(self, m: MetricsSnapshot) -> None:
+        """``ReportsMetrics`` (through the gateway): the counters since start,
+        the current rate and the queue's depth (docs/OPERATIONS.md)."""
+        st = self.stats
+        m.admission_admitted = {"resume": st.admitted_resume, "fresh": st.admitted_fresh}
+        m.admission_queued = {"resume": st.queued_resume, "fresh": st.queued_fresh}
+        m.admission_refused = {
+            "resume": st.refused_resume,
+            "fresh": st.refused_fresh,
+            "handshake": st.refused_handshake,
+        }
+        m.admission_slowdowns = st.slowdowns
+        m.admission_rate = self.current_rate
+        m.admission_waiting = self.waiting
 
     def loop_lag(self, lag: float) -> None:
         """The event loop was ``lag`` s late: slow down (halve the share) or

@@ -76,7 +76,6 @@ from guildcast.protocol.session import (
     Session,
     Subscribe,
     Unsubscribe,
-    error_frame,
 )
 from guildcast.protocol.session import State as SessionState
 from guildcast.transport import drain as staggered
@@ -712,9 +711,10 @@ class Connection(asyncio.Protocol):
                     gw.host.subscribe(self, e.gid, e.position, e.rewind, e.passive)
                 except Failure as exc:
                     if self.session is not None:
-                        self.session.subscriptions.discard(e.gid)
-                    code = failures.answer(exc).error_code
-                    self.send(self._own(error_frame(code, str(exc), g=e.gid)))
+                        # In command order, like every answer (after earlier
+                        # PUBLISHes' ACKs, queued or not yet due).
+                        code = failures.answer(exc).error_code
+                        self._run(self.session.subscribe_failed(e.gid, code, str(exc)))
             elif tp is Unsubscribe:
                 assert isinstance(e, Unsubscribe)
                 gw.host.unsubscribe(self, e.gid)
@@ -1068,6 +1068,7 @@ class Gateway:
             m.compress_bytes_in = z.bytes_in
             m.compress_bytes_out = z.bytes_out
         m.user_publish_refused = self.user_rates.refused
+        self.admission.report_metrics(m)
         m.descriptors_exhausted = self.descriptors.exhausted
         m.open_descriptors = fdwatch.open_descriptors()
         m.descriptor_limit = fdwatch.soft_limit()

@@ -63,6 +63,7 @@ from prometheus_client.registry import Collector
 from guildcast.core import failures
 from guildcast.core.failures import Failure, Kind
 from guildcast.core.host import ApiHost
+from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from guildcast.protocol import wire
 from guildcast.protocol.bucket import TokenBucket
@@ -363,6 +364,7 @@ class _NodeCollector(Collector):
             "PUBLISHes refused (4429) by the per-user publish volume",
             m.user_publish_refused,
         )
+        yield from _admission_metrics(m)
         yield counter(
             "guildcast_descriptors_exhausted",
             "Probes that found the process out of file descriptors (connections dropped)",
@@ -429,6 +431,48 @@ class _NodeCollector(Collector):
             deepest.add_metric([kind], d.max)
         yield depth
         yield deepest
+
+
+def _admission_metrics(m: MetricsSnapshot) -> Iterable[Metric]:
+    """Admission control's families (``transport/admission.py``;
+    docs/OPERATIONS.md "Deploying without a reconnect storm")."""
+    for name, doc, values in (
+        (
+            "guildcast_admission_admitted",
+            "IDENTIFYs admitted by admission control, by kind (resume: with a Position)",
+            m.admission_admitted,
+        ),
+        (
+            "guildcast_admission_queued",
+            "IDENTIFYs that waited in the admission queue for their turn, by kind",
+            m.admission_queued,
+        ),
+        (
+            "guildcast_admission_refused",
+            "Sessions closed 1013 with a retry hint by admission control, by kind "
+            "(handshake: the upgrade was refused)",
+            m.admission_refused,
+        ),
+    ):
+        family = CounterMetricFamily(name, doc, labels=["kind"])
+        for kind, n in sorted(values.items()):
+            family.add_metric([kind], n)
+        yield family
+    yield CounterMetricFamily(
+        "guildcast_admission_slowdowns",
+        "Sweeps that found the event loop late and halved the admitted rate",
+        value=m.admission_slowdowns,
+    )
+    yield GaugeMetricFamily(
+        "guildcast_admission_rate",
+        "IDENTIFYs per second admitted now, after the loop-lag halving (0: no bound)",
+        value=m.admission_rate,
+    )
+    yield GaugeMetricFamily(
+        "guildcast_admission_queue_depth",
+        "IDENTIFYs waiting in the admission queue",
+        value=m.admission_waiting,
+    )
 
 
 class HttpApi:

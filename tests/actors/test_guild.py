@@ -17,6 +17,7 @@ import pytest
 from guildcast.actors.actor import CallTimeout
 from guildcast.actors.groups import Groups
 from guildcast.actors.guild import (
+    HOLD_BYTES,
     Feed,
     Guild,
     GuildSettings,
@@ -27,13 +28,14 @@ from guildcast.actors.guild import (
     Unsubscribe,
 )
 from guildcast.actors.hub import check_publish
-from guildcast.actors.partition import Writer
+from guildcast.actors.partition import PARTITION_QUEUE_BYTES, Frames, Partition, Writer
 from guildcast.broker.memory import MemoryBroker
 from guildcast.protocol import wire
 from guildcast.protocol.codes import Close
 from guildcast.protocol.deflate import Deflater
 from tests.actors.support import scope
 from tests.protocol.framing import unframe
+from tests.support.wait import until
 
 
 class FakeSink:
@@ -461,3 +463,128 @@ async def test_a_session_subscribing_again_keeps_its_order_across_writers() -> N
             ("E", 2),
         ], kinds
         assert not g._parted or all(s is not b for s in g._parted)
+
+
+async def test_a_partition_behind_by_more_than_its_byte_bound_sheds_only_its_sessions() -> None:
+    """A partition's queue is bounded in bytes (PARTITION_QUEUE_BYTES), not
+    only in runs: one guild batch that casts it 600 runs of a 30 KB event
+    (18 MB, far under the 4,096-run bound) before it can write one closes
+    its sessions with 4010; the guild's own sessions get every event."""
+    async with guild_env(partition_size=1) as env:
+        own, lagging = FakeSink("own"), FakeSink("lagging")
+        for sink in (own, lagging):
+            env.subscribe(sink)
+            await sink.wait_count(1)
+        p = env.guild.partitions[1]
+        assert isinstance(p, Partition) and p.sinks() == [lagging]
+        n = PARTITION_QUEUE_BYTES // 30_000 + 60
+        payload = check_publish("g-1", "BIG", "x" * 30_000)
+        gone = FakeSink("gone")
+        gone.close(1000, "never subscribed")
+        calls = []
+        for _ in range(n):
+            # Each SUBSCRIBE (of a closed session: nothing else happens) makes
+            # the guild send what it emitted so far: one run per event, all in
+            # one guild batch, so the partition cannot write any in between.
+            calls.append(env.guild.call_nowait(PublishMsg("BIG", payload)))
+            env.guild.cast_system(Subscribe(gone, None))
+        assert len([await c for c in calls]) == n
+        assert await lagging.wait_closed() == (Close.SLOW_CONSUMER, "partition overflow")
+        # Shed before it held much more than its bound.
+        assert p.queued_bytes <= PARTITION_QUEUE_BYTES + 40_000
+        assert own.closed_with is None
+        msgs = await own.wait_count(1 + n)
+        assert [m["s"] for m in msgs[1:]] == list(range(1, n + 1))
+        # Drained, the guild serves a session subscribing after it.
+        await until(lambda: not p.queued_bytes and not p.mailbox_depth, "the partition to drain")
+        late = FakeSink("late")
+        env.subscribe(late)
+        await late.wait_count(1)
+        await env.publish("E", "after")
+        assert (await late.wait_count(2))[1] == event(n + 1, d="after")
+        assert (await own.wait_count(n + 2))[-1] == event(n + 1, d="after")
+
+
+async def test_a_credit_for_an_earlier_run_does_not_release_the_hold() -> None:
+    """A partition's ``Written`` credit covers the runs it had when it wrote;
+    a run the guild sent after them (a membership change forces one out)
+    keeps the partition "writing", so the guild keeps holding (it used to
+    take the earlier credit as one for every run: docs/ARCHITECTURE.md
+    "Placement")."""
+    async with guild_env(partition_size=1) as env:
+        own, far = FakeSink("own"), FakeSink("far")
+        for sink in (own, far):
+            env.subscribe(sink)
+            await sink.wait_count(1)
+        guild = env.guild
+        p = guild.partitions[1]
+        assert isinstance(p, Partition)
+        gone = FakeSink("gone")
+        gone.close(1000, "never subscribed")
+        credit, write = p.on_written, p.handle_batch
+        assert credit is not None
+        queued: list[asyncio.Future[tuple[int, str]]] = []
+        #: Whether the guild counted the partition as writing when it began
+        #: to write run 2 (after the guild had taken run 1's credit).
+        writing_at_run_2: list[bool] = []
+
+        def written_then_more() -> None:
+            # As the partition finishes run 1 (once): event 2 and a SUBSCRIBE
+            # (which sends run 2 at once) reach the guild before the credit,
+            # all three in one guild batch.
+            if not queued:
+                queued.append(guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", 2))))
+                guild.cast_system(Subscribe(gone, None))
+            credit()
+
+        async def spy(batch: Any) -> None:
+            if queued and not writing_at_run_2:
+                writing_at_run_2.append(p in guild._writing)
+            await write(batch)
+
+        p.on_written = written_then_more
+        p.handle_batch = spy  # type: ignore[method-assign]
+        await env.publish("E", 1)  # run 1
+        await until(lambda: bool(writing_at_run_2), "run 2 to be written")
+        assert writing_at_run_2 == [True]
+        await far.wait_count(3)
+        await until(lambda: not guild._writing, "run 2's credit")
+        assert own.events_s() == far.events_s() == [1, 2]
+        assert (await queued[0])[0] == 2
+
+
+async def test_the_hold_for_a_writing_partition_is_bounded_in_bytes() -> None:
+    """While a partition still writes, the guild holds the next run, but at
+    most HOLD_BYTES of it (not only HOLD_FRAMES events): 40 events of 30 KB
+    go out at once, in the batch that sequenced them."""
+    async with guild_env(partition_size=1) as env:
+        own, far = FakeSink("own"), FakeSink("far")
+        for sink in (own, far):
+            env.subscribe(sink)
+            await sink.wait_count(1)
+        guild = env.guild
+        p = guild.partitions[1]
+        assert isinstance(p, Partition)
+        write = p.handle_batch
+        runs: list[int] = []
+
+        async def spy(batch: Any) -> None:
+            runs.append(sum(1 for item in batch if isinstance(item, Frames)))
+            await write(batch)
+
+        p.handle_batch = spy  # type: ignore[method-assign]
+        gone = FakeSink("gone")
+        gone.close(1000, "never subscribed")
+        n = HOLD_BYTES // 30_000 + 5
+        big = check_publish("g-1", "BIG", "x" * 30_000)
+        # One guild batch: event 1 sent at once (the SUBSCRIBE forces it out:
+        # the partition is now writing), then n large events.
+        calls = [guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", 1)))]
+        guild.cast_system(Subscribe(gone, None))
+        calls += [guild.call_nowait(PublishMsg("BIG", big)) for _ in range(n)]
+        for c in calls:
+            await c
+        await far.wait_count(2 + n)
+        # The partition's first batch after it had both runs: not held back.
+        assert runs[0] == 2, runs
+        assert own.events_s() == far.events_s() == list(range(1, n + 2))

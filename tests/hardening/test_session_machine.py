@@ -17,7 +17,8 @@ PROTOCOL.md and docs/PROTOCOL.md. After every step:
   subscribed minus what was unsubscribed and never more than
   ``max_subscriptions``, the deadline, the pending PUBLISH count; CLOSED
   absorbs everything; ACKs and ERRORs of PUBLISHes come out in PUBLISH order,
-  each exactly once.
+  each exactly once, and a SUBSCRIBE's refusals after the answers of the
+  PUBLISHes sent before it (command order).
 
 Bounded: ``max_examples=200`` runs of at most 50 steps (a few seconds).
 """
@@ -299,13 +300,23 @@ class SessionMachine(RuleBasedStateMachine):
         for gid, pos in guilds.items():
             if not _match(self.tok.guilds, gid):
                 out.append(("forbidden", gid))
-                out.append(("error", Err.FORBIDDEN, gid, None))
+                out += self.refuse(Err.FORBIDDEN, gid)
             elif gid not in self.subs and len(self.subs) >= LIMITS.max_subscriptions:
-                out.append(("error", Err.TOO_MANY_SUBSCRIPTIONS, gid, None))
+                out += self.refuse(Err.TOO_MANY_SUBSCRIPTIONS, gid)
             else:
                 self.subs.add(gid)
                 out.append(("sub", gid, None if pos is None else (pos["epoch"], pos["s"])))
         return out
+
+    def refuse(self, code: int, gid: str) -> list[tuple[Any, ...]]:
+        """A SUBSCRIBE's ERROR: at once, or behind the PUBLISHes still
+        awaiting their answer (answers in command order)."""
+        if not self.pending:
+            return [("error", code, gid, None)]
+        entry = _Entry(gid, None)
+        entry.answer = ("error", code, gid, None)
+        self.pending.append(entry)
+        return []
 
     def flush(self) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import orjson
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from tests.support.api import Api
-from tests.support.gateway import recv, subscribe
+from tests.support.gateway import HELLO, IDENTIFY, open_ws, recv, send, session, subscribe
 from tests.support.node import api_server
 from tests.support.wait import TIMEOUT, until
 
@@ -167,3 +170,83 @@ async def test_each_layer_reports_its_own_fields_and_the_node_composes_them() ->
         assert (m.connections, m.guilds_alive, m.subscriptions, m.published) == (1, 1, 1, 1)
         assert m.ready and m.broker_up
         await ws.close()
+
+
+def render(srv: Any) -> Samples:
+    """The node's /metrics text rendered now, in this loop step (a scrape
+    over HTTP would let the admitter move on while it travels)."""
+    assert srv.api is not None
+    samples: Samples = {}
+    for fam in text_string_to_metric_families(generate_latest(srv.api.registry).decode()):
+        for s in fam.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+async def test_admission_counters_rate_and_queue_depth_are_on_metrics() -> None:
+    """Admission control (transport/admission.py) reports on /metrics like
+    every layer: admitted and queued by kind, refused with 1013 by kind, the
+    rate admitted now (after the loop-lag halving) and the queue's depth."""
+    async with api_server(admit_rate=1.0) as srv, Api(srv.api_url) as api:
+        adm = srv.gateway.admission
+        m0, families = await scrape(api)
+        assert {
+            "guildcast_admission_admitted",
+            "guildcast_admission_queued",
+            "guildcast_admission_refused",
+            "guildcast_admission_slowdowns",
+            "guildcast_admission_rate",
+            "guildcast_admission_queue_depth",
+        } <= families
+        # 1/s, or half of it if this (shared) machine made the loop late.
+        assert 0.5 <= value(m0, "guildcast_admission_rate") <= 1.0
+        assert value(m0, "guildcast_admission_queue_depth") == 0
+        tok = srv.token("u", guilds=["*"])
+        # A fresh session takes the one token of the burst ...
+        ws_a, subs = await session(srv.url, tok, {"g": None})
+        position = {"epoch": subs["g"]["epoch"], "s": subs["g"]["s"]}
+        # ... so the next fresh one and a resume wait for theirs.
+        ws_b = await open_ws(srv.url)
+        assert (await recv(ws_b))["op"] == HELLO
+        await send(ws_b, IDENTIFY, {"token": tok, "guilds": {}})
+        await until(lambda: adm.waiting == 1, "the fresh IDENTIFY to wait")
+        m1 = render(srv)
+        assert value(m1, "guildcast_admission_queue_depth") == 1
+        assert value(m1, "guildcast_admission_queued_total", kind="fresh") == 1
+        assert value(m1, "guildcast_admission_admitted_total", kind="fresh") == 1
+        m = await recv(ws_b)
+        assert m["t"] == "READY", m
+        # B took the token that came: a resume now waits for the next.
+        ws_r = await open_ws(srv.url)
+        assert (await recv(ws_r))["op"] == HELLO
+        await send(ws_r, IDENTIFY, {"token": tok, "guilds": {"g": position}})
+        await until(lambda: adm.waiting == 1, "the resume to wait")
+        # Upgrades at once past the handshake bucket (2 a second): 1013.
+        flood = await asyncio.gather(*(open_ws(srv.url) for _ in range(6)))
+        busy = 0
+        for ws in flood:
+            try:
+                assert (await recv(ws))["op"] == HELLO
+            except ConnectionClosed:
+                assert ws.close_code == 1013, ws.close_code
+                busy += 1
+        assert busy >= 1
+        m = await recv(ws_r)
+        assert m["t"] == "READY", m
+        assert adm.waiting == 0
+        m2, _ = await scrape(api)
+        assert value(m2, "guildcast_admission_admitted_total", kind="fresh") == 2
+        assert value(m2, "guildcast_admission_admitted_total", kind="resume") == 1
+        assert value(m2, "guildcast_admission_queued_total", kind="resume") == 1
+        assert value(m2, "guildcast_admission_refused_total", kind="handshake") == busy
+        assert value(m2, "guildcast_admission_refused_total", kind="fresh") == 0
+        assert value(m2, "guildcast_admission_queue_depth") == 0
+        assert value(m2, "guildcast_closes_total", code="1013") == busy
+        # A loop 1 s late halves the rate admitted (at most: MIN_SHARE).
+        slowdowns = value(m2, "guildcast_admission_slowdowns_total")
+        adm.loop_lag(1.0)
+        m3 = render(srv)
+        assert value(m3, "guildcast_admission_rate") == 0.5
+        assert value(m3, "guildcast_admission_slowdowns_total") == slowdowns + 1
+        for ws in (ws_a, ws_b, ws_r, *flood):
+            await ws.close()

@@ -96,8 +96,16 @@ class Driver:
         presence: bool = False,
         activity_batch: bool = False,
     ) -> None:
+        # The JS suite's backoff (base 0, cap 0, random 0): a 1013's retry
+        # delay is its hint's minimum, or 0.
         self.session = ClientSession(
-            guilds, rewind=rewind, presence=presence, activity_batch=activity_batch
+            guilds,
+            rewind=rewind,
+            presence=presence,
+            activity_batch=activity_batch,
+            retry_base=0.0,
+            retry_cap=0.0,
+            random=lambda: 0.0,
         )
         self.waiters: set[str] = set()
         self.now = 100.0
@@ -130,11 +138,15 @@ class Driver:
         elif "publish" in step:
             p = step["publish"]
             outs = [s.publish(p["guild"], p["t"], p["d"], p.get("idempotency_key"))[1]]
+        elif "sleep" in step:
+            self.now += step["sleep"]
         else:
             outs = s.connection_lost()
             verdict = s.verdict(step["close"], step.get("reason", ""))
             reconnects = not verdict.give_up
             self.wait_ms = None if verdict.wait_ms is None else list(verdict.wait_ms)
+        if s.next_tick <= self.now:  # the adapter's timer: what fell due by now
+            outs += s.tick(self.now)
         sent = [o.data.decode() for o in outs if isinstance(o, pc.Send)]
         return sent, [i for o in outs if (i := self.item(o)) is not None], reconnects
 
@@ -155,6 +167,14 @@ class Driver:
             kind = "subscribe_refused" if o.guild in self.waiters else "subscription_lost"
             self.waiters.discard(o.guild)
             return {"kind": kind, "guild": o.guild, "code": o.code}
+        if isinstance(o, pc.SubscribeDeferred):
+            delay_ms = round(o.delay * 1000)
+            return {
+                "kind": "subscribe_deferred",
+                "guild": o.guild,
+                "code": o.code,
+                "delay_ms": delay_ms,
+            }
         if isinstance(o, pc.Activity):
             return {"kind": "activity", "guild": o.guild, "epoch": o.epoch, "s": o.s}
         if isinstance(o, pc.Acked):

@@ -62,6 +62,49 @@ def test_hello_timeout_and_wrong_first_message_close_4000() -> None:
     assert isinstance(out, pc.CloseConn) and (out.code, out.reason) == (4000, "expected HELLO")
 
 
+SUB_B = {"op": 3, "d": {"guilds": {"b": None}}}
+
+
+def test_subscribe_retry_delay_grows_from_the_floor_to_the_cap() -> None:
+    half = iter([0.5] * 100).__next__
+    # Full jitter (u = 0.5) over min(cap, base * 2**max(n, 2)).
+    assert [pc.subscribe_retry_delay(n, None, 0.5, 30.0, half) for n in (0, 2, 3, 6, 9)] == [
+        1.0,
+        1.0,
+        2.0,
+        15.0,
+        15.0,
+    ]
+    # A longer hint wins; a shorter one does not shorten the backoff.
+    assert pc.subscribe_retry_delay(0, (3000, 5000), 0.5, 30.0, half) == 4.0
+    assert pc.subscribe_retry_delay(0, (0, 100), 0.5, 30.0, half) == 1.0
+
+
+def test_a_guild_refused_with_1013_is_asked_again_until_subscribed() -> None:
+    s = ready(retry_base=0.5, retry_cap=30.0, random=lambda: 0.5)
+    assert sends(s.subscribe("b")) == [{"op": 3, "d": {"guilds": {"b": None}}}]
+    busy = {"op": 13, "d": {"code": 1013, "message": "busy", "g": "b"}}
+    delays = []
+    for n in range(4):
+        (out,) = recv(s, busy, T0 + n)
+        assert isinstance(out, pc.SubscribeDeferred) and out.guild == "b"
+        delays.append(out.delay)
+        due = T0 + n + out.delay
+        assert s.follows("b") and s.next_tick <= due
+        assert SUB_B not in sends(s.tick(due - 0.01))
+        assert SUB_B in sends(s.tick(due))  # (with the heartbeat falling due too)
+    # The guild's refusals in a row: the floor's window (2 s) first, then doubling.
+    assert delays == [1.0, 1.0, 1.0, 2.0]
+    recv(s, subscribed("b", "e", 0, False))
+    (out,) = recv(s, busy)  # a 1013 for a guild already subscribed answers nothing pending
+    assert isinstance(out, pc.ServerError)
+    # Left while waiting: never asked again.
+    s.subscribe("c")
+    recv(s, {"op": 13, "d": {"code": 1013, "message": "busy", "g": "c"}}, T0 + 5)
+    assert s.unsubscribe("c") == []
+    assert sends(s.tick(T0 + 9)) == [{"op": 1, "d": None}]  # the heartbeat only
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -534,3 +577,13 @@ TestClientMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_a_1013_before_ready_is_asked_again_by_ready() -> None:
+    s = ClientSession(["b"], random=lambda: 0.5)
+    s.connection_made("tok", T0)
+    recv(s, HELLO)
+    (out,) = recv(s, {"op": 13, "d": {"code": 1013, "message": "busy", "g": "b"}})
+    assert out == pc.SubscribeDeferred("b", 1013, "busy", 0.0)
+    assert s.next_tick == T0 + 1.0  # nothing scheduled: READY asks for it
+    assert sends(recv(s, READY)) == [SUB_B]

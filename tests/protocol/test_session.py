@@ -723,6 +723,40 @@ def test_publishes_awaiting_an_answer_are_bounded() -> None:
     assert s.state is State.CLOSED
 
 
+def test_subscribe_refusals_wait_behind_pending_publishes() -> None:
+    """PROTOCOL.md "Publishing": answers in command order, a SUBSCRIBE's
+    ERROR included (the session's own 4403 and the host's 1013)."""
+    s = ready(pub=["ok"], pub_rate=0, guilds=["ok", "busy"])
+    (p1,) = pub(s, guild="ok", nonce="a")
+    assert isinstance(p1, Publish)
+    out = s.receive(msg(Op.SUBSCRIBE, {"guilds": {"no": None, "busy": None}}), T0)
+    assert out == [Forbidden("no", "guild not allowed"), Subscribe("busy", None)]
+    assert s.subscribe_failed("busy", Err.TRY_AGAIN_LATER, "too many guilds") == []
+    assert "busy" not in s.subscriptions
+    answers = sent(s.publish_done(p1, "ok", 1, "e"))
+    assert [(m["op"], m["d"].get("nonce"), m["d"].get("g")) for m in answers] == [
+        (Op.ACK, "a", "ok"),
+        (Op.ERROR, None, "no"),
+        (Op.ERROR, None, "busy"),
+    ]
+    assert [m["d"]["code"] for m in answers[1:]] == [Err.FORBIDDEN, Err.TRY_AGAIN_LATER]
+    # With nothing pending a refusal is answered at once.
+    assert [m["d"]["code"] for m in sent(s.subscribe_failed("busy", 1013, "x"))] == [1013]
+
+
+def test_subscribe_refusals_queued_count_against_the_bound() -> None:
+    s = ready(pub=["ok"], pub_rate=0, guilds=["ok"], limits=Limits(max_pending_publishes=2))
+    (p1,) = pub(s, guild="ok")
+    assert isinstance(p1, Publish)
+    assert s.receive(msg(Op.SUBSCRIBE, {"guilds": {"no": None}}), T0) == [
+        Forbidden("no", "guild not allowed")
+    ]
+    assert s.pending_publishes == 2
+    # The close is the only effect: no Forbidden, no Subscribe beside it.
+    out = s.receive(msg(Op.SUBSCRIBE, {"guilds": {"ok": None, "no2": None}}), T0)
+    assert_closed_with(s, out, Close.RATE_LIMITED)
+
+
 def test_answered_publishes_free_their_place_in_the_bound() -> None:
     s = ready(pub=["ok"], pub_rate=0, limits=Limits(max_pending_publishes=2))
     for i in range(10):

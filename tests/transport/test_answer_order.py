@@ -19,6 +19,8 @@ from guildcast.core.host import Overloaded
 from guildcast.core.tokens import TokenVerifier, make_token
 from guildcast.protocol.session import Limits, Session
 from guildcast.transport.gateway import Connection, Gateway, GatewayLimits
+from tests.support.gateway import ACK, ERROR, PUBLISH, SUBSCRIBE, recv, session
+from tests.support.node import node
 
 SECRET = "answer-order-secret-0123456789abcdef0123"
 
@@ -104,3 +106,63 @@ async def test_answers_due_are_written_before_a_close() -> None:
     conn.close(1001, "going away")
     # Sequenced, so answered: not dropped because the close came first.
     assert nonces(rec.out) == ["A"]
+
+
+# --- a real node, a plain websockets client ------------------------------------
+
+
+async def _answers(ws: Any, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` ACKs and ERRORs (DISPATCHes of the guild's stream skipped)."""
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        m = await recv(ws)
+        if m["op"] in (ACK, ERROR):
+            out.append(m)
+    return out
+
+
+def _pipelined(ws: Any, *messages: dict[str, Any]) -> None:
+    """Send ``messages`` as text frames in one write (one TCP segment)."""
+    for m in messages:
+        ws.protocol.send_text(orjson.dumps(m))
+    ws.send_data()
+
+
+def _publish(gid: str, nonce: str) -> dict[str, Any]:
+    return {"op": PUBLISH, "d": {"guild": gid, "t": "E", "d": {"n": nonce}, "nonce": nonce}}
+
+
+async def test_a_refused_subscribe_is_answered_after_earlier_publishes() -> None:
+    """PUBLISH, PUBLISH, SUBSCRIBE in one write, the SUBSCRIBE refused by the
+    node (1013: the user's share of guilds is taken): the ERROR comes after
+    both ACKs, in command order (PROTOCOL.md "Publishing")."""
+    async with node(max_guilds=4, user_guild_share=0.25) as srv:  # one guild a user
+        tok = srv.token("u", guilds=["*"], pub=["*"])
+        ws, _ = await session(srv.url, tok, {"mine": None})
+        for round_ in range(3):
+            _pipelined(
+                ws,
+                _publish("mine", f"a{round_}"),
+                _publish("mine", f"b{round_}"),
+                {"op": SUBSCRIBE, "d": {"guilds": {f"other{round_}": None}}},
+            )
+            got = await _answers(ws, 3)
+            assert [(m["op"], m["d"].get("nonce"), m["d"].get("g")) for m in got] == [
+                (ACK, f"a{round_}", "mine"),
+                (ACK, f"b{round_}", "mine"),
+                (ERROR, None, f"other{round_}"),
+            ], got
+            assert got[2]["d"]["code"] == 1013
+        # A guild the token refuses (4403, the session's own answer) waits too.
+        tok2 = srv.token("v", guilds=["mine"], pub=["*"])
+        ws2, _ = await session(srv.url, tok2, {"mine": None})
+        _pipelined(
+            ws2,
+            _publish("mine", "c"),
+            {"op": SUBSCRIBE, "d": {"guilds": {"forbidden": None}}},
+        )
+        got = await _answers(ws2, 2)
+        assert [(m["op"], m["d"].get("nonce")) for m in got] == [(ACK, "c"), (ERROR, None)], got
+        assert got[1]["d"]["code"] == 4403
+        await ws.close()
+        await ws2.close()

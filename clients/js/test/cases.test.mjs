@@ -107,6 +107,7 @@ for (const sc of CASES.sessions) {
     c.on("resync", (e) => items.push({ kind: "resync", guild: e.guild, epoch: e.epoch, s: e.s }));
     c.on("ready", (e) => items.push({ kind: "ready", session_id: e.sessionId, user: e.user }));
     c.on("subscriptionlost", (e) => items.push({ kind: "subscription_lost", guild: e.guild, code: e.code }));
+    c.on("subscriberetry", (e) => items.push({ kind: "subscribe_deferred", guild: e.guild, code: e.code, delay_ms: Math.round(e.delay * 1000) }));
     c.on("activity", (e) => items.push({ kind: "activity", guild: e.guild, epoch: e.epoch, s: e.s }));
     c.on("presence", (e) =>
       items.push(
@@ -145,6 +146,8 @@ for (const sc of CASES.sessions) {
           );
         } else if (step.unsubscribe) {
           c.unsubscribe(step.unsubscribe).then(() => items.push({ kind: "unsubscribed", guild: step.unsubscribe }));
+        } else if ("sleep" in step) {
+          await new Promise((r) => setTimeout(r, step.sleep * 1000));
         } else if (step.publish) {
           const n = String(++nonce);
           const p = step.publish;

@@ -30,6 +30,8 @@
 //   "resync"           {guild, epoch, s}
 //   "activity"         {guild, epoch, s}       (a passive guild's head moved)
 //   "subscriptionlost" {guild, code, message}  (re-subscribe refused)
+//   "subscriberetry"   {guild, code, message, delay}  (ERROR 1013: asked again
+//                      after delay s, on the backoff's schedule; see subscribe())
 //   "presence"         {guild, kind: "snapshot", members, count, truncated} or
 //                      {guild, kind: "join" | "leave", member}  (with options.presence)
 //   "ready"            {sessionId, user}
@@ -56,6 +58,8 @@ export const AUTH_FAILED = 4004;
 // starts at least from this attempt's window so a refused crowd spreads out.
 const BACKOFF_CODES = new Set([1013, 4008]);
 const BACKOFF_FLOOR = 2;
+// ERROR 1013 answering a SUBSCRIBE: try that guild again later (PROTOCOL.md "Refusals").
+const TRY_AGAIN_LATER = 1013;
 
 /** The client's reaction to a close code: "fatal", "auth", "backoff" or "retry". */
 export function classifyClose(code) {
@@ -324,7 +328,7 @@ export class GuildcastClient extends EventTarget {
     this._backoff = backoff instanceof Backoff ? backoff : new Backoff(backoff ?? {});
     // What the reconnect loop did (PROTOCOL.md "Pacing"), and the delay
     // range of the last RECONNECT (its 1001 follows).
-    this.counters = { reconnect_requests: 0, try_again_later: 0, hinted_waits: 0, reconnects: 0, gave_up: 0 };
+    this.counters = { reconnect_requests: 0, try_again_later: 0, hinted_waits: 0, reconnects: 0, gave_up: 0, subscribe_retries: 0 };
     this._reconnectHint = null;
     this._WS = WS;
     this._maxMessage = maxMessage;
@@ -342,6 +346,11 @@ export class GuildcastClient extends EventTarget {
     this._heads = new Map(); // passive guild -> last head heard of ({epoch, s})
     this._subscribed = new Set(); // SUBSCRIBED on the current connection
     this._sent = new Map(); // requested on the current connection -> Position sent
+    // SUBSCRIBE retries after ERROR 1013: each followed guild's refusals in a
+    // row (forgotten at its SUBSCRIBED or when left), and the timer of each
+    // guild waiting to be asked again on the current connection.
+    this._refusals = new Map();
+    this._retryTimers = new Map();
     this._subWaiters = new Map();
     this._unsubWaiters = new Map();
     this._publishes = new Map(); // nonce -> deferred
@@ -440,7 +449,10 @@ export class GuildcastClient extends EventTarget {
    * With `{ rewind: n }` instead (protocol 1.1), the guild's last n events
    * come first (as many as the server's history and max_rewind hold), and
    * it resolves with the Position before them. Rejects with SubscribeError
-   * on ERROR (4403: not allowed). `{passive: true}` subscribes passively
+   * on ERROR (4403: not allowed). An ERROR 1013 (the node cannot take the
+   * guild now) is retried instead, after a full-jitter delay on the backoff's
+   * schedule (at least any retry hint in its message), as often as it takes
+   * ("subscriberetry", counters.subscribe_retries; unsubscribe() stops it). `{passive: true}` subscribes passively
    * ("activity" only; never with a rewind); for a guild already followed in
    * the other mode it switches it (activate(), deactivate()).
    */
@@ -461,7 +473,7 @@ export class GuildcastClient extends EventTarget {
       this._desired.set(gid, start);
       if (passive) this._passive.add(gid);
     }
-    if (this._ws && this._identified && !this._sent.has(gid)) {
+    if (this._ws && this._identified && !this._sent.has(gid) && !this._retryTimers.has(gid)) {
       const pos = this._desired.get(gid);
       this._sent.set(gid, pos);
       this._send(subscribeMessage({ [gid]: pos }, this._passive));
@@ -531,6 +543,9 @@ export class GuildcastClient extends EventTarget {
     this._heads.delete(gid);
     this._subscribed.delete(gid);
     this._rosters.delete(gid);
+    this._refusals.delete(gid);
+    clearTimeout(this._retryTimers.get(gid));
+    this._retryTimers.delete(gid);
     const waiter = this._subWaiters.get(gid);
     if (waiter) {
       this._subWaiters.delete(gid);
@@ -623,6 +638,7 @@ export class GuildcastClient extends EventTarget {
     const first = !this._stopped;
     this._stopped = true;
     clearInterval(this._heartbeatTimer);
+    this._clearRetries();
     this._firstReady.reject(err);
     for (const w of this._publishes.values()) w.reject(err);
     for (const w of this._subWaiters.values()) w.reject(err);
@@ -708,6 +724,7 @@ export class GuildcastClient extends EventTarget {
         this._subscribed.clear();
         this._sent.clear();
         this._rosters.clear();
+        this._clearRetries(); // the next IDENTIFY asks for those guilds
         const interrupted = new PublishInterrupted("connection closed before the ACK");
         for (const w of this._publishes.values()) w.reject(interrupted);
         for (const w of this._unsubWaiters.values()) w.resolve();
@@ -844,6 +861,7 @@ export class GuildcastClient extends EventTarget {
       if (sent !== null && !isRewind(sent)) this._emit("resync", { guild: gid, epoch: d.epoch, s: d.s });
     }
     this._subscribed.add(gid);
+    this._refusals.delete(gid);
     // A SUBSCRIBED of the mode asked for (a switch may still be answered by one of the mode it left).
     if ((d.passive === true) !== this._passive.has(gid)) return;
     const w = this._subWaiters.get(gid);
@@ -907,11 +925,38 @@ export class GuildcastClient extends EventTarget {
     this._emit("presence", { guild: gid, kind: "leave", member });
   }
 
+  _retrySubscribe(gid) {
+    this._retryTimers.delete(gid);
+    if (!this._ws || !this._identified || !this._desired.has(gid) || this._sent.has(gid)) return;
+    const pos = this._desired.get(gid);
+    this._sent.set(gid, pos);
+    this._send(subscribeMessage({ [gid]: pos }, this._passive));
+  }
+
+  _clearRetries() {
+    for (const t of this._retryTimers.values()) clearTimeout(t);
+    this._retryTimers.clear();
+  }
+
   _error(d) {
     const { code, message, nonce, g } = d;
     if (nonce != null) {
       const w = this._publishes.get(nonce);
       if (w) w.reject(new PublishError(code, message, g ?? null));
+      return;
+    }
+    if (g != null && this._sent.has(g) && !this._subscribed.has(g) && code === TRY_AGAIN_LATER) {
+      // "Try again later" (PROTOCOL.md "Refusals"): ask again after a
+      // backoff delay, or the hint in the message when it is longer.
+      this._sent.delete(g);
+      const attempt = this._refusals.get(g) ?? 0;
+      this._refusals.set(g, attempt + 1);
+      const b = this._backoff;
+      const jitter = fullJitter(Math.max(attempt, BACKOFF_FLOOR), b.base, b.cap, b.random);
+      const delay = pacedDelay(jitter, parseRetryHint(String(message ?? "")), b.random());
+      this.counters.subscribe_retries += 1;
+      this._retryTimers.set(g, setTimeout(() => this._retrySubscribe(g), delay * 1000));
+      this._emit("subscriberetry", { guild: g, code, message, delay });
       return;
     }
     if (g != null && this._sent.has(g) && !this._subscribed.has(g)) {
