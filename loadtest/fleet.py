@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import logging
 import os
@@ -42,8 +43,8 @@ import random
 import signal
 import socket
 import time
-from collections import Counter, deque
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -87,6 +88,18 @@ BACKOFF_BASE, BACKOFF_CAP = DEFAULT_BASE, DEFAULT_CAP
 
 # Client states.
 IDLE, CONNECTING, OPENING, LIVE, SUBSCRIBING, CLOSING = range(6)
+
+
+def _count_py(counts: dict[int, int], values: Iterable[int]) -> None:
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+
+
+#: ``counts[v] += 1`` for every value: the C loop behind ``Counter.update``
+#: (CPython's ``collections._count_elements``), without ``update``'s checks.
+count_into: Callable[[dict[int, int], Iterable[int]], None] = getattr(
+    collections, "_count_elements", _count_py
+)
 
 
 def new_hist() -> HdrHistogram:
@@ -244,7 +257,7 @@ class Sub(asyncio.Protocol):
         self.token: str | None = None
         #: The fleet's latency dict, or None for clients whose latency is not
         #: representative (slow consumers).
-        self.lat: Counter[int] | None = fleet.lat if spec.lat and spec.role != "slow" else None
+        self.lat: dict[int, int] | None = fleet.lat if spec.lat and spec.role != "slow" else None
 
     # --- opening ---------------------------------------------------------------
 
@@ -338,22 +351,28 @@ class Sub(asyncio.Protocol):
             self.rest = b""
         now = time.time_ns() // 1000
         n = len(data)
+        f = self.fleet
+        # A batch of one guild's events, as most reads are: read in bulk.
+        run = f.runs.read(data)
+        start = 0
+        delivered = 0
+        if run is not None:
+            start = run[0]
+            delivered = self._run(run, now)
+            if start == n:
+                f.delivered += delivered
+                if f.shared is not None:
+                    f.shared.value = f.delivered
+                return
         last = self.last
         lat = self.lat
         replay_to = self.replay_to
-        delivered = 0
         pfx = wire.DISPATCH_PREFIX
         pl = len(pfx)
         g2s = wire.GID_TO_S
         s2t = wire.S_TO_TS
         tsd = wire.TS_DIGITS
-        # A batch of one guild's events, as most reads are: read in bulk.
-        run = wire.regular_run(data)
-        start = 0
-        if run is not None:
-            start, found = run
-            delivered = self._run(found, now)
-        spans, i, err = scan_frames(data, start) if start < n else ([], n, None)
+        spans, i, err = scan_frames(data, start)
         whole = data
         for b0, p, end in spans:
             span_end = end
@@ -397,20 +416,14 @@ class Sub(asyncio.Protocol):
         if f.shared is not None:
             f.shared.value = f.delivered
 
-    def _run(self, found: list[tuple[bytes, bytes, bytes]], now: int) -> int:
-        """The checks and latencies of a :func:`wire.regular_run`'s events,
+    def _run(self, run: wire.Run, now: int) -> int:
+        """The checks and latencies of a run's events (:class:`wire.RunReader`),
         the same as the per-frame loop's, in bulk; returns how many."""
-        k = len(found)
-        gids, ss, tss = zip(*found, strict=True)
-        ints = list(map(int, ss))
+        _, gid, gids, ints, tsv = run
+        k = len(ints)
         last = self.last
-        gid = gids[0]
-        prev = last.get(gid)
-        if (
-            prev is not None
-            and gids.count(gid) == k
-            and ints == list(range(prev + 1, prev + 1 + k))
-        ):
+        prev = last.get(gid) if gid is not None else None
+        if prev is not None and gid is not None and ints[0] == prev + 1:
             last[gid] = prev + k
         else:
             for g, s in zip(gids, ints, strict=True):  # one by one, exactly
@@ -423,12 +436,15 @@ class Sub(asyncio.Protocol):
         if lat is not None:
             replay_to = self.replay_to
             if replay_to is None:
-                lat.update(map(now.__sub__, map(int, tss)))
+                count_into(lat, map(now.__sub__, tsv))
             else:
-                lat.update(
-                    now - int(t)
-                    for g, s, t in zip(gids, ints, tss, strict=True)
-                    if s > replay_to.get(g, 0)
+                count_into(
+                    lat,
+                    (
+                        now - t
+                        for g, s, t in zip(gids, ints, tsv, strict=True)
+                        if s > replay_to.get(g, 0)
+                    ),
                 )
             if len(lat) > LAT_KEYS:
                 self.fleet.fold()
@@ -714,7 +730,9 @@ class Fleet:
         #: controller's flow control (spawned workers only; None inline).
         self.shared = shared
         self.rng = random.Random(spec.seed * 1_000_003 + spec.wid)
-        self.lat: Counter[int] = Counter()
+        self.lat: dict[int, int] = {}
+        #: Parses runs of load-test events, remembering recent chunks.
+        self.runs = wire.RunReader()
         self.hist = new_hist()
         self.lat_clamped = 0
         addrs = spec.src_addrs or ["127.0.0.1"]

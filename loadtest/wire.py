@@ -100,8 +100,9 @@ def _run_literals() -> tuple[bytes, bytes]:
 
 
 _GID_CLOSE, _S_TO_TS = _run_literals()
-#: Fewest frames worth a run's fixed cost (a dozen calls per chunk).
-RUN_MIN = 2
+#: Fewest frames a run is read for: one (a read of one frame is also read
+#: in bulk, and remembered: the same frame reaches every member of its guild).
+RUN_MIN = 1
 #: Run patterns kept (one per frame header, guild id length and number of
 #: digits of ``s`` met): a handful in a run; all dropped when full.
 RUN_PATTERNS = 256
@@ -189,6 +190,68 @@ def regular_run(data: bytes) -> tuple[int, list[tuple[bytes, bytes, bytes]]] | N
             return None
         k = j
     return k * f, found
+
+
+#: A run as a subscriber checks it: ``(end, gid, gids, s values, ts values)``;
+#: ``gid`` is the guild of every frame when they all have one and their ``s``
+#: follow one another, else None (the caller then checks frame by frame).
+Run = tuple[int, bytes | None, tuple[bytes, ...], list[int], list[int]]
+#: Chunks a :class:`RunReader` remembers, and the longest it remembers: the
+#: memory bound is their product (8 MiB); when full, all are forgotten.
+RUN_CACHE = 512
+RUN_CACHE_BYTES = 16384
+
+
+class RunReader:
+    """:func:`regular_run` with a memory of the chunks it read.
+
+    Every subscriber of a guild is sent the same frames, and a server batch
+    usually arrives as one read, so the same chunk comes in on many
+    connections: it is parsed once, and a later identical chunk (the whole
+    read, compared byte for byte as a dict key) gets the same answer. Bound:
+    :data:`RUN_CACHE` chunks of at most :data:`RUN_CACHE_BYTES`, all
+    dropped when full (the ones in use come back at once); a longer chunk is
+    read, not remembered.
+    """
+
+    __slots__ = ("_seen", "hits", "misses")
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, Run | None] = {}
+        #: Chunks answered from memory, and parsed.
+        self.hits = 0
+        self.misses = 0
+
+    def read(self, data: bytes) -> Run | None:
+        seen = self._seen
+        try:
+            run = seen[data]
+            self.hits += 1
+            return run
+        except KeyError:
+            pass
+        self.misses += 1
+        found = regular_run(data)
+        if found is None:
+            run = None
+        else:
+            end, fields = found
+            if len(fields) == 1:
+                g, s, ts = fields[0]
+                run = (end, g, (g,), [int(s)], [int(ts)])
+            else:
+                gids, ss, tss = zip(*fields, strict=True)
+                ints = list(map(int, ss))
+                gid: bytes | None = gids[0]
+                k = len(ints)
+                if gids.count(gid) != k or ints != list(range(ints[0], ints[0] + k)):
+                    gid = None
+                run = (end, gid, gids, ints, list(map(int, tss)))
+        if len(data) <= RUN_CACHE_BYTES:
+            if len(seen) >= RUN_CACHE:
+                seen.clear()
+            seen[data] = run
+        return run
 
 
 #: The bytes an ACK starts with (:func:`fast_ack_s`).
