@@ -182,13 +182,17 @@ def regular_run(data: bytes) -> tuple[int, list[tuple[bytes, bytes, bytes]]] | N
     j = len(found)
     if j != k:
         # Fewer: the run ends early (another frame follows); its matches
-        # tile data[: j * f] only if all j of them are found there.
-        if j < RUN_MIN:
+        # tile data[: j * f] only if all j of them are found there; else
+        # the first frame alone, if it is one.
+        if j > 1:
+            found = pat.findall(data, 0, j * f)
+            if len(found) == j:
+                return j * f, found
+        m = pat.match(data, 0, f)
+        if m is None:
             return None
-        found = pat.findall(data, 0, j * f)
-        if len(found) != j:
-            return None
-        k = j
+        g, s, ts = m.groups()
+        return f, [(g, s, ts)]
     return k * f, found
 
 
