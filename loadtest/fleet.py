@@ -12,8 +12,17 @@ previous one, so the controller can merge intervals from every worker
 without double counting.
 
 Per-delivery work is kept to a few bytecodes (the harness must not be the
-bottleneck before the server is): each read chunk is split into frames in
-one call (``guildcast.protocol.frames.scan_frames``, which locates frames
+bottleneck before the server is). A read that starts with a run of
+load-test DISPATCHes of one length (a server batch, usually the whole read)
+is read in bulk by ``wire.RunReader``: one cached whole-frame pattern finds
+every frame's guild, ``s`` and publish time, and the same chunk arriving on
+another connection of the guild is answered from memory; the run's ``s``
+are checked with one comparison when they are one guild's and follow one
+another (else one by one, as below), and its latencies are counted by C's
+counting loop (raw microseconds: the dict is bounded by ``LAT_KEYS``, a read
+that leaves more folds it into the histogram at once). What follows a run,
+or a read that is none, takes the per-frame loop: each read chunk is split
+into frames in one call (``guildcast.protocol.frames.scan_frames``, which locates frames
 without copying them), a DISPATCH of a load-test event has its guild, ``s``
 and publish time read at the offsets ``guildcast.loadtest.wire`` measures on
 the server's envelope builder, ``s`` is checked against the last one seen for that
