@@ -206,6 +206,10 @@ RUN_CACHE = 512
 RUN_CACHE_BYTES = 16384
 
 
+#: What :meth:`RunReader.read` finds for a chunk it has not seen (by identity).
+_MISS: Run = (-1, None, (), [], [])
+
+
 class RunReader:
     """:func:`regular_run` with a memory of the chunks it read.
 
@@ -228,12 +232,10 @@ class RunReader:
 
     def read(self, data: bytes) -> Run | None:
         seen = self._seen
-        try:
-            run = seen[data]
+        run = seen.get(data, _MISS)
+        if run is not _MISS:
             self.hits += 1
             return run
-        except KeyError:
-            pass
         self.misses += 1
         found = regular_run(data)
         if found is None:
