@@ -28,9 +28,9 @@ and publish time read at the offsets ``guildcast.loadtest.wire`` measures on
 the server's envelope builder, ``s`` is checked against the last one seen for that
 guild on this connection, and the latency goes into a plain dict keyed by
 microseconds, reduced to the HDR histogram's precision (3 significant
-digits: exact below 2048 us), so the dict holds at most about 2048 keys per
-power of two of latency (its memory bound); it is folded into the histogram
-once per report.
+digits: exact below 2048 us); the dict is folded into the histogram once
+per report, or at once when a run leaves more than ``LAT_KEYS`` keys in it
+(its memory bound).
 
 Every delivery's ``s`` is checked per client and guild (PROTOCOL.md
 "Subscribing and recovery"): the next event must be ``last + 1``. A higher
