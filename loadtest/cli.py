@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
-from guildcast.loadtest.scenarios import COMMON, DEFAULTS, SCENARIOS, make_plan
+from guildcast.loadtest.scenarios import COMMON, DEFAULTS, SCENARIOS, default_workers, make_plan
 
 
 class Command(Protocol):
@@ -88,7 +88,12 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
     g.add_argument(
         "--via", choices=("gateway", "http"), help="publish with op 5 or POST /v1/publish"
     )
-    g.add_argument("--workers", type=int, help="client worker processes (1: in this process)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="client worker processes (1: in this process; default the scenario's, "
+        "at least one per --client-cpus CPU, each pinned to its own)",
+    )
     g.add_argument(
         "--spawn", action="store_true", help="spawn a worker process even for --workers 1"
     )
@@ -230,7 +235,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m guildcast.loa
     args = build_parser(prog).parse_args(argv_list)
     command = f"{prog} {shlex.join(argv_list)}"
     try:
-        plan = make_plan(args.scenario, {k: getattr(args, k) for k in PLAN_KEYS})
+        given = {k: getattr(args, k) for k in PLAN_KEYS}
+        plan = make_plan(args.scenario, given)
+        client_cpus = parse_cpus(args.client_cpus)
+        workers = default_workers(args.workers, plan.workers, client_cpus)
+        if workers != plan.workers:
+            plan = make_plan(args.scenario, {**given, "workers": workers})
     except ValueError as e:
         print(f"loadtest: {e}", file=sys.stderr)
         return 2
@@ -247,7 +257,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m guildcast.loa
         api_key=args.api_key,
         server_pid=args.server_pid,
         server_cpus=parse_cpus(args.server_cpus),
-        client_cpus=parse_cpus(args.client_cpus),
+        client_cpus=client_cpus,
         server_opts=dict(args.server_opt),
         spawn=args.spawn,
     )

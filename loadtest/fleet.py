@@ -12,16 +12,25 @@ previous one, so the controller can merge intervals from every worker
 without double counting.
 
 Per-delivery work is kept to a few bytecodes (the harness must not be the
-bottleneck before the server is): each read chunk is split into frames in
-one call (``guildcast.protocol.frames.scan_frames``, which locates frames
+bottleneck before the server is). A read that starts with a run of
+load-test DISPATCHes of one length (a server batch, usually the whole read)
+is read in bulk by ``wire.RunReader``: one cached whole-frame pattern finds
+every frame's guild, ``s`` and publish time, and the same chunk arriving on
+another connection of the guild is answered from memory; the run's ``s``
+are checked with one comparison when they are one guild's and follow one
+another (else one by one, as below), and its latencies are counted by C's
+counting loop (raw microseconds: the dict is bounded by ``LAT_KEYS``, a read
+that leaves more folds it into the histogram at once). What follows a run,
+or a read that is none, takes the per-frame loop: each read chunk is split
+into frames in one call (``guildcast.protocol.frames.scan_frames``, which locates frames
 without copying them), a DISPATCH of a load-test event has its guild, ``s``
 and publish time read at the offsets ``guildcast.loadtest.wire`` measures on
 the server's envelope builder, ``s`` is checked against the last one seen for that
 guild on this connection, and the latency goes into a plain dict keyed by
 microseconds, reduced to the HDR histogram's precision (3 significant
-digits: exact below 2048 us), so the dict holds at most about 2048 keys per
-power of two of latency (its memory bound); it is folded into the histogram
-once per report.
+digits: exact below 2048 us); the dict is folded into the histogram once
+per report, or at once when a run leaves more than ``LAT_KEYS`` keys in it
+(its memory bound).
 
 Every delivery's ``s`` is checked per client and guild (PROTOCOL.md
 "Subscribing and recovery"): the next event must be ``last + 1``. A higher
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import logging
 import os
@@ -43,7 +53,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -70,6 +80,10 @@ log = logging.getLogger("guildcast.loadtest.fleet")
 
 #: HDR histogram range in microseconds: 1 us to 60 s, 3 significant digits.
 HIST_MIN_US, HIST_MAX_US, HIST_DIGITS = 1, 60_000_000, 3
+#: Most distinct latencies (keys of the latency counter) held between two
+#: folds into the histogram: a read that leaves more folds them at once. Runs
+#: (``wire.regular_run``) count exact microseconds, reduced only at the fold.
+LAT_KEYS = 1 << 15
 #: Linux IP_BIND_ADDRESS_NO_PORT: bind the source address now but pick the
 #: port at connect(), so (src, dst) pairs, not src alone, must be unique.
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -83,6 +97,18 @@ BACKOFF_BASE, BACKOFF_CAP = DEFAULT_BASE, DEFAULT_CAP
 
 # Client states.
 IDLE, CONNECTING, OPENING, LIVE, SUBSCRIBING, CLOSING = range(6)
+
+
+def _count_py(counts: dict[int, int], values: Iterable[int]) -> None:
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+
+
+#: ``counts[v] += 1`` for every value: the C loop behind ``Counter.update``
+#: (CPython's ``collections._count_elements``), without ``update``'s checks.
+count_into: Callable[[dict[int, int], Iterable[int]], None] = getattr(
+    collections, "_count_elements", _count_py
+)
 
 
 def new_hist() -> HdrHistogram:
@@ -336,16 +362,28 @@ class Sub(asyncio.Protocol):
             self.rest = b""
         now = time.time_ns() // 1000
         n = len(data)
+        f = self.fleet
+        # A batch of one guild's events, as most reads are: read in bulk.
+        run = f.runs.read(data)
+        start = 0
+        delivered = 0
+        if run is not None:
+            start = run[0]
+            delivered = self._run(run, now)
+            if start == n:
+                f.delivered += delivered
+                if f.shared is not None:
+                    f.shared.value = f.delivered
+                return
         last = self.last
         lat = self.lat
         replay_to = self.replay_to
-        delivered = 0
         pfx = wire.DISPATCH_PREFIX
         pl = len(pfx)
         g2s = wire.GID_TO_S
         s2t = wire.S_TO_TS
         tsd = wire.TS_DIGITS
-        spans, i, err = scan_frames(data)
+        spans, i, err = scan_frames(data, start)
         whole = data
         for b0, p, end in spans:
             span_end = end
@@ -388,6 +426,40 @@ class Sub(asyncio.Protocol):
         f.delivered += delivered
         if f.shared is not None:
             f.shared.value = f.delivered
+
+    def _run(self, run: wire.Run, now: int) -> int:
+        """The checks and latencies of a run's events (:class:`wire.RunReader`),
+        the same as the per-frame loop's, in bulk; returns how many."""
+        _, gid, gids, ints, tsv = run
+        k = len(ints)
+        last = self.last
+        prev = last.get(gid) if gid is not None else None
+        if prev is not None and gid is not None and ints[0] == prev + 1:
+            last[gid] = prev + k
+        else:
+            for g, s in zip(gids, ints, strict=True):  # one by one, exactly
+                prev = last.get(g)
+                if prev is not None and s == prev + 1:
+                    last[g] = s
+                else:
+                    self._irregular(g, s, prev)
+        lat = self.lat
+        if lat is not None:
+            replay_to = self.replay_to
+            if replay_to is None:
+                count_into(lat, map(now.__sub__, tsv))
+            else:
+                count_into(
+                    lat,
+                    (
+                        now - t
+                        for g, s, t in zip(gids, ints, tsv, strict=True)
+                        if s > replay_to.get(g, 0)
+                    ),
+                )
+            if len(lat) > LAT_KEYS:
+                self.fleet.fold()
+        return k
 
     def _irregular(self, gid: bytes, s: int, prev: int | None) -> None:
         f = self.fleet
@@ -675,6 +747,8 @@ class Fleet:
         self.shared = shared
         self.rng = random.Random(spec.seed * 1_000_003 + spec.wid)
         self.lat: dict[int, int] = {}
+        #: Parses runs of load-test events, remembering recent chunks.
+        self.runs = wire.RunReader()
         self.hist = new_hist()
         self.lat_clamped = 0
         addrs = spec.src_addrs or ["127.0.0.1"]
@@ -917,9 +991,13 @@ class Fleet:
                     n += 1
         return n
 
+    def fold(self) -> None:
+        """Move the latencies counted so far into the interval's histogram."""
+        self.lat_clamped += fold_latencies(self.lat, self.hist)
+
     def report(self) -> dict[str, Any]:
         """Cumulative counters plus the latency histogram of the last interval."""
-        self.lat_clamped += fold_latencies(self.lat, self.hist)
+        self.fold()
         hist = self.hist
         self.hist = new_hist()
         slow = [c for c in self.clients if c.role == "slow"]

@@ -48,7 +48,7 @@ from guildcast.loadtest.publish import (
     ack_hist,
 )
 from guildcast.loadtest.report import Progress
-from guildcast.loadtest.scenarios import CLUSTER_WORKERS, RECOVERY, Plan, assign
+from guildcast.loadtest.scenarios import CLUSTER_WORKERS, RECOVERY, Plan, assign, worker_cpus
 from guildcast.loadtest.wire import mint
 from guildcast.loadtest.workers import InlineWorker, ProcessWorker
 
@@ -303,7 +303,7 @@ class Run:
                 slow_rcvbuf=p.slow_rcvbuf,
                 churn_life=p.churn_life,
                 seed=p.seed,
-                cpus=o.client_cpus,
+                cpus=worker_cpus(o.client_cpus, wid, p.workers),
                 deflate=p.deflate,
             )
             self.workers.append(InlineWorker(spec) if inline else ProcessWorker(spec))

@@ -291,3 +291,22 @@ def assign(plan: Plan) -> list[list[ClientSpec]]:
         )
         per[i % plan.workers].append(spec)
     return per
+
+
+def worker_cpus(cpus: list[int] | None, wid: int, workers: int) -> list[int] | None:
+    """The CPUs subscriber worker ``wid`` is pinned to: with at least as many
+    workers as ``--client-cpus``, one CPU each, in turn (the kernel would
+    otherwise move busy workers about and let two share a core); else all
+    of them."""
+    if cpus and len(cpus) > 1 and workers >= len(cpus):
+        return [cpus[wid % len(cpus)]]
+    return cpus
+
+
+def default_workers(given: int | None, planned: int, cpus: list[int] | None) -> int:
+    """``--workers`` when given; else the scenario's, raised to one worker
+    per CPU of ``--client-cpus`` (a machine with more harness cores gets a
+    subscriber process on each)."""
+    if given is not None:
+        return given
+    return max(planned, len(cpus or ()))

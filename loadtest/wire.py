@@ -19,11 +19,19 @@ counted by hand, and ``g``, ``s`` and ``ts`` are found with two
 ``bytes.find`` calls. Anything that does not match the prefix takes the slow
 path (a full JSON parse), so a server that orders keys differently is still
 measured correctly, only more slowly.
+
+Runs (:func:`regular_run`): a read chunk usually holds a server batch, several
+such DISPATCHes of one guild back to back, of one length (only the digits of
+``s`` and ``ts`` differ). Such a run is recognised and its fields read with a
+handful of C-level calls for the whole chunk instead of Python work per frame;
+every frame's header, guild and layout is still checked, exactly, and
+anything else is left to the per-frame path.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from collections.abc import Collection
 
@@ -78,6 +86,180 @@ def _layout() -> tuple[bytes, int, int]:
 #: from the guild id's closing quote to the first digit of ``s``; from the
 #: comma after ``s`` to the first digit of ``ts``.
 DISPATCH_PREFIX, GID_TO_S, S_TO_TS = _layout()
+
+
+def _run_literals() -> tuple[bytes, bytes]:
+    """The bytes from a guild id's closing quote to ``s`` (``","s":``) and
+    from the end of ``s`` to ``ts`` (``,"d":{"ts":``), measured on the
+    server's envelope as the offsets above are."""
+    gid, s = "G", 7
+    sample = pw.dispatch_json(gid, EVENT, s, event_data(10 ** (TS_DIGITS - 1), b""))
+    q = len(DISPATCH_PREFIX) + len(gid)
+    s_end = q + GID_TO_S + len(str(s))
+    return sample[q : q + GID_TO_S], sample[s_end : s_end + S_TO_TS]
+
+
+_GID_CLOSE, _S_TO_TS = _run_literals()
+#: Fewest frames a run is read for: one (a read of one frame is also read
+#: in bulk, and remembered: the same frame reaches every member of its guild).
+RUN_MIN = 1
+#: Run patterns kept (one per frame header, guild id length and number of
+#: digits of ``s`` met): a handful in a run; all dropped when full.
+RUN_PATTERNS = 256
+_runs: dict[tuple[bytes, int, int], re.Pattern[bytes] | None] = {}
+
+
+def _run_pattern(head: bytes, frame: int, lg: int, ls: int) -> re.Pattern[bytes] | None:
+    """The pattern of one whole frame of ``frame`` bytes starting with
+    ``head``: a DISPATCH whose guild id has ``lg`` bytes and ``s`` ``ls``
+    digits (groups: guild id, ``s``, ``ts``); the rest of the frame (the
+    rest of ``d``) is skipped, not scanned: ``.{k}`` costs the same for any k."""
+    key = (head, lg, ls)
+    if key in _runs:
+        return _runs[key]
+    fixed = len(head) + len(DISPATCH_PREFIX) + lg + len(_GID_CLOSE) + ls + len(_S_TO_TS)
+    rest = frame - fixed - TS_DIGITS
+    pat = None
+    if rest >= 0:
+        pat = re.compile(
+            re.escape(head + DISPATCH_PREFIX)
+            + rb'([^"\\]{%d})' % lg
+            + re.escape(_GID_CLOSE)
+            + rb"(\d{%d})" % ls
+            + re.escape(_S_TO_TS)
+            + rb"(\d{%d}).{%d}" % (TS_DIGITS, rest),
+            re.DOTALL,
+        )
+    if len(_runs) >= RUN_PATTERNS:
+        _runs.clear()
+    _runs[key] = pat
+    return pat
+
+
+def regular_run(data: bytes) -> tuple[int, list[tuple[bytes, bytes, bytes]]] | None:
+    """The run of load-test DISPATCH frames of one length at the start of
+    ``data``, read in bulk: ``(end, [(gid, s, ts), ...])`` with ``s`` and
+    ``ts`` as digits, or None when ``data`` does not start with at least
+    :data:`RUN_MIN` complete frames of one length that are all such
+    DISPATCHes (the caller then walks the frames one by one).
+
+    Exact, not a guess: every frame of the run is matched whole by one
+    pattern that holds the first frame's header (so the same length: the
+    frames tile ``data[:end]``, as a frame walk finds them), the DISPATCH
+    prefix, a guild id of the first one's length up to its closing quote,
+    ``s`` of the first one's number of digits and ``ts`` where the layout
+    puts them (what the per-frame fast path reads); ``len(found)`` runs of
+    ``frame`` bytes in ``frame * len(found)`` bytes tile them. What follows
+    ``end`` (a partial frame, another frame) is the caller's.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0x81:
+        return None
+    ln = data[1]
+    if ln < 126:
+        p = 2
+    elif ln == 126:
+        ln = data[2] << 8 | data[3]
+        p = 4
+    else:
+        return None
+    f = p + ln
+    k = n // f
+    if k < RUN_MIN or not data.startswith(DISPATCH_PREFIX, p):
+        return None
+    a = p + len(DISPATCH_PREFIX)
+    q = data.find(b'"', a, f)
+    if q < 0:
+        return None
+    st = q + len(_GID_CLOSE)
+    se = data.find(b",", st, f)
+    if se < 0:
+        return None
+    pat = _run_pattern(data[:p], f, q - a, se - st)
+    if pat is None:
+        return None
+    found = pat.findall(data, 0, k * f)
+    j = len(found)
+    if j != k:
+        # Fewer: the run ends early (another frame follows); its matches
+        # tile data[: j * f] only if all j of them are found there; else
+        # the first frame alone, if it is one.
+        if j > 1:
+            found = pat.findall(data, 0, j * f)
+            if len(found) == j:
+                return j * f, found
+        m = pat.match(data, 0, f)
+        if m is None:
+            return None
+        g, s, ts = m.groups()
+        return f, [(g, s, ts)]
+    return k * f, found
+
+
+#: A run as a subscriber checks it: ``(end, gid, gids, s values, ts values)``;
+#: ``gid`` is the guild of every frame when they all have one and their ``s``
+#: follow one another, else None (the caller then checks frame by frame).
+Run = tuple[int, bytes | None, tuple[bytes, ...], list[int], list[int]]
+#: Chunks a :class:`RunReader` remembers, and the longest it remembers: the
+#: memory bound is their product (8 MiB); when full, all are forgotten.
+RUN_CACHE = 512
+RUN_CACHE_BYTES = 16384
+
+
+#: What :meth:`RunReader.read` finds for a chunk it has not seen (by identity).
+_MISS: Run = (-1, None, (), [], [])
+
+
+class RunReader:
+    """:func:`regular_run` with a memory of the chunks it read.
+
+    Every subscriber of a guild is sent the same frames, and a server batch
+    usually arrives as one read, so the same chunk comes in on many
+    connections: it is parsed once, and a later identical chunk (the whole
+    read, compared byte for byte as a dict key) gets the same answer. Bound:
+    :data:`RUN_CACHE` chunks of at most :data:`RUN_CACHE_BYTES`, all
+    dropped when full (the ones in use come back at once); a longer chunk is
+    read, not remembered.
+    """
+
+    __slots__ = ("_seen", "hits", "misses")
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, Run | None] = {}
+        #: Chunks answered from memory, and parsed.
+        self.hits = 0
+        self.misses = 0
+
+    def read(self, data: bytes) -> Run | None:
+        seen = self._seen
+        run = seen.get(data, _MISS)
+        if run is not _MISS:
+            self.hits += 1
+            return run
+        self.misses += 1
+        found = regular_run(data)
+        if found is None:
+            run = None
+        else:
+            end, fields = found
+            if len(fields) == 1:
+                g, s, ts = fields[0]
+                run = (end, g, (g,), [int(s)], [int(ts)])
+            else:
+                gids, ss, tss = zip(*fields, strict=True)
+                ints = list(map(int, ss))
+                gid: bytes | None = gids[0]
+                k = len(ints)
+                if gids.count(gid) != k or ints != list(range(ints[0], ints[0] + k)):
+                    gid = None
+                run = (end, gid, gids, ints, list(map(int, tss)))
+        if len(data) <= RUN_CACHE_BYTES:
+            if len(seen) >= RUN_CACHE:
+                seen.clear()
+            seen[data] = run
+        return run
+
+
 #: The bytes an ACK starts with (:func:`fast_ack_s`).
 _ACK_PREFIX = b'{"op":%d,' % Op.ACK
 
