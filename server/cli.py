@@ -76,6 +76,8 @@ _SERVE_FLAGS: dict[str, str] = {
     "(default: 5 with --redis or --workers, else 0)",
     "admit_rate": "IDENTIFYs admitted per second, resumes first (0: no bound; close 1013 "
     "with a retry hint past it)",
+    "listen_sockets": "listening sockets of the gateway's port on Linux, each its own accept "
+    "queue (SO_REUSEPORT): room for a reconnect storm",
     "redis": "redis://HOST:PORT/DB: run as a cluster node over this Redis",
     "node_id": "this node's name in presence and metrics (default host:pid with --redis, "
     "else 'local')",
@@ -500,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"--compression must be one of {COMPRESSION_MODES}")
     if not args.passive_interval > 0:
         return _fail("--passive-interval must be > 0 seconds")
+    if args.listen_sockets < 1:
+        return _fail("--listen-sockets must be 1 or more")
     if args.max_rewind < 0:
         return _fail("--max-rewind must be 0 (rewinds off) or more")
     if args.secret == "":

@@ -94,6 +94,14 @@ class Config:
     #: the loop-lag feedback lowers it further (docs/OPERATIONS.md
     #: "Deploying without a reconnect storm").
     admit_rate: float = 5000.0
+    #: Listening sockets of the gateway's port on Linux (SO_REUSEPORT), each
+    #: its own accept queue (transport/listen.py). Four hold a reconnect
+    #: storm of 19,000 clients without the kernel dropping connection
+    #: attempts (one queue dropped 44,000-201,000, docs/OPERATIONS.md); they
+    #: cost a node that never sees a storm about 8% more CPU per delivery in
+    #: the steady 5,000-client latency scenario (docs/BENCHMARKS.md), so a
+    #: node that only serves steady load may choose 1.
+    listen_sockets: int = 4
     #: Share the listening port with other processes (SO_REUSEPORT); set for
     #: every worker of ``--workers N``.
     reuse_port: bool = False

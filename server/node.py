@@ -82,6 +82,8 @@ class Server:
             raise ValueError("data_dir and redis exclude each other: Redis holds the history")
         if not cfg.passive_interval > 0:
             raise ValueError("passive_interval must be > 0 seconds")
+        if cfg.listen_sockets < 1:
+            raise ValueError("listen_sockets must be 1 or more")
         if cfg.secret == "" or "" in cfg.api_keys:
             # An empty GUILDCAST_SECRET is a mistake, never "generate one".
             raise ValueError("the secret and API keys must not be empty")
@@ -219,7 +221,9 @@ class Server:
         self.gateway.readiness = lambda: "" if self.ready else self.not_ready_reason
         self._gateway_up = True
         unwind.push_async_callback(self.gateway.close)
-        self.port = await self.gateway.start(cfg.host, cfg.port, tg, cfg.reuse_port)
+        self.port = await self.gateway.start(
+            cfg.host, cfg.port, tg, cfg.reuse_port, cfg.listen_sockets
+        )
         if self.api is None:
             await self._start_api()
         if isinstance(self.broker, Sweeps):

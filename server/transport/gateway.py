@@ -943,11 +943,18 @@ class Gateway:
             bucket.append(conn)
 
     async def start(
-        self, host: str, port: int, tg: asyncio.TaskGroup, reuse_port: bool = False
+        self,
+        host: str,
+        port: int,
+        tg: asyncio.TaskGroup,
+        reuse_port: bool = False,
+        sockets: int = listen.LISTEN_SOCKETS,
     ) -> int:
         """Listen on ``host:port`` (0 for a free port); returns the bound port."""
         # Several sockets on the port, each its own accept queue (listen.py).
-        self._servers = await listen.listen(lambda: Connection(self), host, port, reuse_port)
+        self._servers = await listen.listen(
+            lambda: Connection(self), host, port, reuse_port, sockets
+        )
         self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
         if self.admission.rate > 0:
             self._admitter = tg.create_task(self._admit(), name="gateway-admitter")

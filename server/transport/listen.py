@@ -1,7 +1,8 @@
 """The gateway's listening sockets (docs/OPERATIONS.md "Deploying without a
 reconnect storm").
 
-Owns how the gateway listens: on Linux, ``LISTEN_SOCKETS`` sockets bound to
+Owns how the gateway listens: on Linux, ``listen_sockets`` (default
+``LISTEN_SOCKETS``) sockets bound to
 the one port with ``SO_REUSEPORT``, each asking for a backlog of
 ``LISTEN_BACKLOG``. The kernel keeps an accept queue per listening socket,
 capped at ``net.core.somaxconn`` (4,096 by default), and spreads incoming
@@ -72,13 +73,21 @@ def _claim(host: str, port: int) -> int:
 
 
 async def listen(
-    factory: Callable[[], asyncio.Protocol], host: str, port: int, shared: bool
+    factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    shared: bool,
+    sockets: int = LISTEN_SOCKETS,
 ) -> list[asyncio.Server]:
-    """Listen on ``host:port`` (0: a free port); ``shared``: other processes
-    listen on it too (``--workers``), so it is not claimed first. Returns
-    the servers, the first one's first socket bound to the port."""
+    """Listen on ``host:port`` (0: a free port) with ``sockets`` listening
+    sockets (``Config.listen_sockets``; one where the system does not
+    spread a port's connections); ``shared``: other processes listen on it
+    too (``--workers``), so it is not claimed first. Returns the servers,
+    the first one's first socket bound to the port."""
+    if sockets < 1:
+        raise ValueError("listen_sockets must be 1 or more")
     loop = asyncio.get_running_loop()
-    if not _shares_ports():
+    if not _shares_ports() or (sockets == 1 and not shared):
         srv = await loop.create_server(
             factory, host, port, reuse_port=shared or None, backlog=LISTEN_BACKLOG
         )
@@ -87,7 +96,7 @@ async def listen(
         port = _claim(host, port)
     servers: list[asyncio.Server] = []
     try:
-        for _ in range(LISTEN_SOCKETS):
+        for _ in range(sockets):
             srv = await loop.create_server(
                 factory, host, port, reuse_port=True, backlog=LISTEN_BACKLOG
             )

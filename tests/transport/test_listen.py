@@ -71,3 +71,27 @@ async def test_a_stopped_node_frees_every_socket_of_its_port() -> None:
         await ws.close()
     finally:
         await again.stop()
+
+
+@linux_only
+async def test_listen_sockets_sets_how_many_and_one_still_claims_its_port() -> None:
+    """``listen_sockets`` (``--listen-sockets``): the node listens with that
+    many sockets and serves through them; with one, a second lone node on the
+    port is still refused; less than one is refused at construction."""
+    for n in (1, 2):
+        async with node(listen_sockets=n) as srv:
+            assert srv.port is not None
+            assert _listening(srv.port) == n
+            socks = await asyncio.gather(*(gw.open_ws(srv.url) for _ in range(CONNECTIONS // 4)))
+            try:
+                hellos = await asyncio.gather(*(gw.recv(ws) for ws in socks))
+                assert all(h["op"] == 10 for h in hellos)
+            finally:
+                await asyncio.gather(*(ws.close() for ws in socks))
+            if n == 1:
+                second = Server(Config(host="127.0.0.1", port=srv.port, secret=SECRET))
+                with pytest.raises(OSError) as exc:
+                    await second.start()
+                assert exc.value.errno == errno.EADDRINUSE
+    with pytest.raises(ValueError, match="listen_sockets"):
+        Server(Config(listen_sockets=0))
