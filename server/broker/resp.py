@@ -168,10 +168,16 @@ class RespConnection(asyncio.Protocol):
             self.error = exc
         if self._transport is not None:
             self._transport.close()
+        # Waiters always get an OSError (a ConnectionError): the broker's
+        # callers answer those as a lost link ("not published" or "outcome
+        # unknown"). A reply hiredis cannot parse (``hiredis.ProtocolError``,
+        # not an OSError: a URL aimed at something that is not Redis, a
+        # corrupted stream) must not escape them as anything else.
+        err = exc if isinstance(exc, OSError) else ConnectionError(f"redis: {exc!r}")
         while self._owed:
             fut = self._owed.popleft()[2]
             if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError(exc))
+                fut.set_exception(err)
         if not self.closed.done():
             self.closed.set_result(None)
 

@@ -331,3 +331,33 @@ async def test_a_broker_over_tls(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_a_reply_that_is_not_resp_fails_the_link_as_a_lost_connection() -> None:
+    """Something that is not Redis answers (a URL aimed at the wrong port, a
+    corrupted stream): the waiting batch fails with a ConnectionError, as for
+    a lost link (the broker answers "outcome unknown"), never with hiredis's
+    own ProtocolError, which no caller expects."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"!garbage\r\n")
+        await writer.drain()
+        await reader.read(100)  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        pool = aioredis.ConnectionPool.from_url(f"redis://127.0.0.1:{port}/0")
+        link = await resp.connect(pool)
+        try:
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(link.request(resp.pack("PING"), 1), 10)
+            assert not link.is_open
+        finally:
+            link.close()
+            await pool.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
