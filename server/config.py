@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from guildcast.transport.listen import LISTEN_SOCKETS
+
 #: Values of ``Config.compression`` (``--compression``).
 COMPRESSION_MODES = ("on", "off")
 
@@ -101,7 +103,7 @@ class Config:
     #: cost a node that never sees a storm about 8% more CPU per delivery in
     #: the steady 5,000-client latency scenario (docs/BENCHMARKS.md), so a
     #: node that only serves steady load may choose 1.
-    listen_sockets: int = 4
+    listen_sockets: int = LISTEN_SOCKETS
     #: Share the listening port with other processes (SO_REUSEPORT); set for
     #: every worker of ``--workers N``.
     reuse_port: bool = False
