@@ -436,11 +436,15 @@ class Session:
         assert grant is not None
         out: list[Effect] = []
         subs = self.subscriptions
+        added: list[str] = []
         for gid, req in guilds.items():
             if not grant.may_subscribe(gid):
                 refusal = self._refuse(error_frame(Err.FORBIDDEN, "guild not allowed", g=gid))
                 if self.state is State.CLOSED:
-                    return refusal  # the answer queue was full: 4008, alone
+                    # The answer queue was full: 4008, alone. The Subscribe
+                    # effects of this command are dropped, so are its guilds.
+                    subs.difference_update(added)
+                    return refusal
                 out.append(Forbidden(gid, "guild not allowed"))
                 out.extend(refusal)
                 continue
@@ -448,9 +452,12 @@ class Session:
                 frame = error_frame(Err.TOO_MANY_SUBSCRIPTIONS, "too many guilds", g=gid)
                 refusal = self._refuse(frame)
                 if self.state is State.CLOSED:
+                    subs.difference_update(added)
                     return refusal
                 out.extend(refusal)
                 continue
+            if gid not in subs:
+                added.append(gid)
             subs.add(gid)
             out.append(Subscribe(gid, req.position, req.rewind, req.passive))
         return out

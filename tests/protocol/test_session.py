@@ -755,6 +755,19 @@ def test_subscribe_refusals_queued_count_against_the_bound() -> None:
     # The close is the only effect: no Forbidden, no Subscribe beside it.
     out = s.receive(msg(Op.SUBSCRIBE, {"guilds": {"ok": None, "no2": None}}), T0)
     assert_closed_with(s, out, Close.RATE_LIMITED)
+    # "ok" got no Subscribe effect, so the session does not count it either.
+    assert s.subscriptions == set()
+
+
+def test_a_4008_midway_keeps_the_guilds_subscribed_before() -> None:
+    s = ready(pub=["ok"], pub_rate=0, guilds=["a", "b"], limits=Limits(max_pending_publishes=1))
+    assert s.receive(msg(Op.SUBSCRIBE, {"guilds": {"a": None}}), T0) == [Subscribe("a", None)]
+    (p1,) = pub(s, guild="ok")
+    assert isinstance(p1, Publish)
+    out = s.receive(msg(Op.SUBSCRIBE, {"guilds": {"a": None, "b": None, "no": None}}), T0)
+    assert_closed_with(s, out, Close.RATE_LIMITED)
+    # "a" was subscribed by an earlier command and stays; "b" never was.
+    assert s.subscriptions == {"a"}
 
 
 def test_answered_publishes_free_their_place_in_the_bound() -> None:
