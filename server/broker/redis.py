@@ -529,6 +529,12 @@ class RedisBroker:
         self._queue_ready = asyncio.Event()
         #: Wanted channels: a pending future until Redis confirms, then None.
         self._listening: dict[str, asyncio.Future[None] | None] = {}
+        #: SUBSCRIBEs sent on the feed's connection and not yet confirmed, per
+        #: guild: after listen, unlisten, listen the first confirmation is the
+        #: old SUBSCRIBE's, followed by the UNSUBSCRIBE; only the last one
+        #: proves the channel is subscribed. Bounded by the commands in flight
+        #: on one connection; reset with it.
+        self._unconfirmed: dict[str, int] = {}
         #: Listeners per guild: an old guild actor still stopping and its
         #: successor may overlap, so listen/unlisten are counted.
         self._listeners: dict[str, int] = {}
@@ -934,7 +940,8 @@ class RedisBroker:
             self._listening[gid] = fut
             ch = channel(gid)
             self._gids[ch.encode()] = gid
-            self._feed_write(pack("SUBSCRIBE", ch))
+            if self._feed_write(pack("SUBSCRIBE", ch)):
+                self._unconfirmed[gid] = self._unconfirmed.get(gid, 0) + 1
         assert isinstance(fut, asyncio.Future)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -955,15 +962,18 @@ class RedisBroker:
         self._gids.pop(ch.encode(), None)
         self._feed_write(pack("UNSUBSCRIBE", ch))
 
-    def _feed_write(self, data: bytes) -> None:
+    def _feed_write(self, data: bytes) -> bool:
         """A (UN)SUBSCRIBE or PING on the feed's connection, if it has one
-        (else the reader subscribes every wanted channel when it connects)."""
+        (else the reader subscribes every wanted channel when it connects);
+        whether it was written."""
         sub = self._sub
         if sub is not None and sub.is_open:
             try:
                 sub.write(data)
+                return True
             except OSError as e:
                 self._feed_down(e)  # the reader reconnects and subscribes it
+        return False
 
     async def _reader(self) -> None:
         """Owns the pub/sub connection: (re)subscribes, and checks the feed
@@ -990,6 +1000,8 @@ class RedisBroker:
                 self._owed = [g for g, fut in self._listening.items() if fut is None]
                 sub.sink = self._on_replies
                 self._sub = sub
+                # One SUBSCRIBE per wanted channel on this connection, none else.
+                self._unconfirmed = dict.fromkeys(self._listening, 1)
                 if self._listening:
                     sub.write(pack("SUBSCRIBE", *[channel(g) for g in self._listening]))
                 delay = 0.0
@@ -1018,6 +1030,7 @@ class RedisBroker:
             finally:
                 self._sub = None
                 self._owed = []
+                self._unconfirmed = {}
                 if sub is not None:
                     sub.close()
 
@@ -1083,6 +1096,10 @@ class RedisBroker:
                 elif kind == b"subscribe":
                     self._feed_up()
                     gid = channel_guild(r[1].decode())
+                    left = self._unconfirmed.pop(gid, 1) - 1
+                    if left > 0:  # an earlier SUBSCRIBE's answer: not yet
+                        self._unconfirmed[gid] = left
+                        continue
                     fut = self._listening.get(gid, False)
                     if isinstance(fut, asyncio.Future):
                         if not fut.done():

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -100,5 +101,61 @@ async def test_a_silent_feed_is_found_dead_resubscribed_then_lost(proxy: FaultPr
 
         await until(lost, timeout=10)  # dead past FEED_LOST_AFTER deadlines
         proxy.heal()
+    finally:
+        await b.close()
+
+
+async def test_listen_unlisten_listen_waits_for_the_last_subscribe(redis_proc: RedisProc) -> None:
+    """After listen, unlisten, listen with the first SUBSCRIBE unanswered,
+    Redis answers subscribe, unsubscribe, subscribe in that order: the first
+    answer is the old SUBSCRIBE's, so it must not tell the second listen the
+    channel is subscribed (it is not, between the UNSUBSCRIBE and the new
+    SUBSCRIBE). The feed connection's replies are handed to the broker in
+    separate reads, as they may arrive."""
+    b = RedisBroker(f"redis://127.0.0.1:{redis_proc.port}/0", 50, 300)
+    seen = Seen()
+    await b.start()
+    b.set_feed(seen)
+    try:
+        await b.listen("warm")  # the feed's connection is up
+        sub = b._sub
+        assert sub is not None
+        real_sink = sub.sink
+        held: list[list[object]] = []
+        sub.sink = held.append  # hold what Redis answers, read by read
+        first = asyncio.ensure_future(b.listen("g"))
+        await asyncio.sleep(0)
+        await b.unlisten("g")
+        second = asyncio.ensure_future(b.listen("g"))
+        await asyncio.sleep(0)
+
+        async def answered() -> bool:
+            return sum(len(r) for r in held) >= 3
+
+        await until(answered, "Redis's three answers")
+        replies = [r for read in held for r in read]
+        kinds = [r[0] for r in replies if isinstance(r, list)]
+        assert kinds == [b"subscribe", b"unsubscribe", b"subscribe"], replies
+
+        def confirmed() -> bool:
+            fut = b._listening["g"]
+            return fut is None or fut.done()
+
+        real_sink([replies[0]])
+        assert not confirmed()  # the old SUBSCRIBE's answer
+        real_sink([replies[1]])
+        assert not confirmed()
+        real_sink([replies[2]])
+        assert confirmed()
+        await asyncio.wait_for(second, 5)
+        await asyncio.wait([first], timeout=5)
+        assert first.cancelled()  # its listener was the one unlistened
+        sub.sink = real_sink
+        await b.append("g", [("EV", b"x")])
+
+        async def delivered() -> bool:
+            return len(seen.records) >= 1
+
+        await until(delivered, "the event on the re-listened guild")
     finally:
         await b.close()
