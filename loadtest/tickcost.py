@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 
 from guildcast.actors.passive import PassiveBoard
+from guildcast.core.sink import NoticeDue
 from guildcast.protocol.deflate import Deflater
 
 PROG = "guildcast loadtest tickcost"
@@ -42,7 +43,7 @@ MAX_TICKS = 1000
 class CountingSink:
     """A passive session that only counts what it is sent (``core.sink.Sink``)."""
 
-    __slots__ = ("activity_batch", "bytes", "deflate", "events", "is_closed")
+    __slots__ = ("activity_batch", "bytes", "deflate", "events", "is_closed", "notice_due")
 
     def __init__(self, batch: bool) -> None:
         self.activity_batch = batch
@@ -50,6 +51,7 @@ class CountingSink:
         self.events: frozenset[str] | None = None
         self.is_closed = False
         self.bytes = 0
+        self.notice_due: NoticeDue | None = None
 
     def send(self, data: bytes) -> None:
         self.bytes += len(data)

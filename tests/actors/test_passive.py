@@ -12,6 +12,8 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
 
 from guildcast.actors.passive import SEND_SLICE, PassiveBoard
+from guildcast.core.metrics import MetricsSnapshot
+from guildcast.core.sink import NoticeDue
 from guildcast.protocol import wire
 from guildcast.protocol.deflate import RSV1, Deflater
 from guildcast.protocol.frames import scan_frames
@@ -232,3 +234,129 @@ async def test_the_board_reports_its_metrics() -> None:
     assert (m.notice_ticks, m.notices_built, m.notices_sent) == (1, 2, 3)
     assert (m.notice_frames, m.notice_writes) == (2, 2)
     assert m.notice_bytes == len(a.buf) + len(b.buf) > 0
+
+
+class RidingSink(FakeSink):
+    """A FakeSink whose writes carry the notices held on it, as
+    ``Connection.send`` does (``Sink.notice_due``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.notice_due: NoticeDue | None = None
+
+    def send(self, data: bytes) -> None:
+        due = self.notice_due
+        if due is not None:
+            notes = due.take(self)
+            if notes is not None:
+                data = notes + data
+        super().send(data)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+EVENT = wire.text_frame(b'{"op":0,"s":1,"t":"X","g":"active","d":{}}')
+
+
+async def test_held_notices_ride_on_the_next_write_and_the_flush_writes_the_rest() -> None:
+    """The ticker's hold: a session's notices of a tick wait on it and go in
+    front of its next write (an active event), in that one write; the flush
+    writes those no write took; nothing is written twice."""
+    clock = Clock()
+    board = PassiveBoard(1.0, clock)
+    busy, idle = RidingSink("busy"), RidingSink("idle")
+    g = board.attach("g", "e", 0)
+    g.sinks[busy] = None
+    g.sinks[idle] = None
+    g.head = 7
+    assert await board.hold() == 2
+    assert busy.writes == idle.writes == 0
+    busy.send(EVENT)  # a write of its active guild
+    frame = wire.activity_frame("g", "e", 7)
+    assert bytes(busy.buf) == frame + EVENT and busy.writes == 1
+    busy.send(EVENT)  # taken once only
+    assert bytes(busy.buf) == frame + EVENT + EVENT
+    assert await board.flush() == 1
+    assert notices(idle) == [("g", 7)] and idle.writes == 1
+    assert busy.writes == 2 and busy.notice_due is None and idle.notice_due is None
+    assert (board.rode, board.writes, board.notices_built, board.notices_sent) == (1, 1, 1, 2)
+    m = MetricsSnapshot()
+    board.report_metrics(m)
+    assert (m.notice_rides, m.notice_writes) == (1, 1)
+    # A flush with nothing held writes nothing.
+    assert await board.flush() == 0 and idle.writes == 1
+
+
+async def test_a_session_hears_at_most_once_per_interval_with_rides() -> None:
+    """A session whose notice rode on a write at time t is not given the next
+    tick's notices before t + interval, by a write or by anything but the
+    flush (which comes an interval after the previous flush)."""
+    clock = Clock()
+    board = PassiveBoard(1.0, clock)
+    s = RidingSink("s")
+    g = board.attach("g", "e", 0)
+    g.sinks[s] = None
+    g.head = 1
+    await board.hold()
+    clock.now = 100.4
+    s.send(EVENT)  # rode at 100.4
+    await board.flush()
+    clock.now = 101.0  # the next tick's hold
+    g.head = 2
+    await board.hold()
+    s.send(EVENT)
+    clock.now = 101.39
+    s.send(EVENT)
+    assert [m.get("t") for m in s.messages()] == ["GUILD_ACTIVITY", "X", "X", "X"]
+    clock.now = 101.4  # an interval after the last notice
+    s.send(EVENT)
+    assert notices_of(s) == [("g", 1), ("g", 2)]
+    assert [m.get("t") for m in s.messages()][-2:] == ["GUILD_ACTIVITY", "X"]
+    # Flushed at 102.5 (nothing took it): the next one not before 103.5.
+    clock.now = 102.0
+    g.head = 3
+    await board.hold()
+    clock.now = 102.5
+    await board.flush()
+    clock.now = 103.0
+    g.head = 4
+    await board.hold()
+    s.send(EVENT)
+    assert notices_of(s)[-1] == ("g", 3)
+    clock.now = 103.5
+    s.send(EVENT)
+    assert notices_of(s)[-1] == ("g", 4)
+
+
+async def test_a_held_notice_of_a_guild_made_active_is_not_sent() -> None:
+    """A session made active in a guild after the hold (its active SUBSCRIBED
+    goes first) gets none of that guild's held notice, by a ride or the
+    flush; the other guilds' notices still come."""
+    board = PassiveBoard(1.0, Clock())
+    s = RidingSink("s")
+    s.activity_batch = True
+    g1 = board.attach("g1", "e", 0)
+    g2 = board.attach("g2", "e", 0)
+    g1.sinks[s] = None
+    g2.sinks[s] = None
+    g1.head, g2.head = 3, 4
+    await board.hold()
+    del g1.sinks[s]  # what Guild._unpassive does in a guild step
+    s.send(EVENT)
+    assert s.messages()[0] == {"op": 0, "t": "GUILD_ACTIVITY", "d": {"g2": 4}}
+    t = RidingSink("t")
+    g1.sinks[t] = None
+    g1.head = 5
+    await board.hold()
+    del g1.sinks[t]
+    assert await board.flush() == 0 and t.writes == 0
+
+
+def notices_of(sink: FakeSink) -> list[tuple[str, int]]:
+    return [(m["g"], m["d"]["s"]) for m in sink.messages() if m.get("t") == "GUILD_ACTIVITY"]
