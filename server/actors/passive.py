@@ -37,20 +37,22 @@ Riding on active writes (the node's ticker, :meth:`PassiveBoard.run`): a
 write costs ~8 us here whatever it carries, and the notices' own writes
 were half of the passive mix's writes (one per session per interval, as
 many as its active deliveries at 1 event/s per guild: docs/BENCHMARKS.md
-"Passive subscriptions"). So a tick does not write at once: it *holds* each
-session's notes on the session (``Sink.notice_due``, a :class:`_Due`) for
-``HOLD`` of an interval, and any write the connection makes meanwhile (an
-active guild's event, an ACK) carries them in front of its own bytes
-(``_Due.take``, called by the connection's ``send``); at the end of the hold
-the ticker writes the notices no write took (:meth:`PassiveBoard.flush`).
-The rules stay: a session hears of a guild only when its head moved, the
-bytes of a guild's notice (or batch entry) are built once per tick and
-shared, and a session is sent notices at most once per ``interval``: a
-session's notes may not be taken before ``interval`` after its previous
-notice went out (``_Due.not_before``), and the flush of a tick comes at
-least ``interval`` after the previous flush. A notice may so arrive up to
-``HOLD`` of an interval later than the tick that built it. :meth:`tick`
-(tests, ``guildcast loadtest tickcost``) builds and writes in one go.
+"Passive subscriptions"). So a tick does not write at once: it *holds*
+each session's notes on the session (``Sink.notice_due``, a :class:`_Due`)
+for ``passive_hold`` of an interval (``HOLD`` by default), and any write
+the connection makes meanwhile (an active guild's event, an ACK) carries
+them in front of its own bytes (``_Due.take``, called by the connection's
+``send``); at the end of the hold the ticker writes the notices no write
+took (:meth:`PassiveBoard.flush`). The rules stay: a session hears of a
+guild only when its head moved, the bytes of a guild's notice (or batch
+entry) are built once per tick and shared, and a session is sent notices
+at most once per ``interval``: a session's notes may not be taken before
+``interval`` after its previous notice went out (``_Due.not_before``), and
+the flush of a tick comes at least ``interval`` after the previous flush.
+A notice may so arrive up to ``passive_hold`` of an interval later than
+the tick that built it; with a hold of 0 only a write in the same loop
+turn can take it. :meth:`tick` (tests, ``guildcast loadtest tickcost``)
+builds and writes in one go.
 
 Consistency model: single-threaded (the event loop). A tick is spread over
 several loop steps (``VISIT_SLICE``, ``SEND_SLICE``) so that 10,000
@@ -81,7 +83,7 @@ the collector while it runs (:func:`_gc_paused`, shared by every board of
 the process) and lets it run again after: collecting any garbage made
 meanwhile waits at most one tick. The ticker holds those lists (and one
 ``_Due`` per session) from its hold to its flush, so it pauses the
-collector for that ``HOLD`` of each interval: collecting garbage made
+collector for that hold of each interval: collecting garbage made
 meanwhile waits at most that long.
 """
 
@@ -109,12 +111,12 @@ DEFAULT_INTERVAL = 1.0
 #: passive guilds in one step.
 VISIT_SLICE = 8192
 SEND_SLICE = 512
-#: The share of an interval a tick's notices wait on their sessions for a
-#: write to ride on before the ticker writes them itself (module
-#: docstring). At 1 event/s per active guild about 40% of sessions have an
-#: active write within half an interval; a longer hold saves more writes
-#: but makes the notices later: half an interval keeps a notice within
-#: 1.5 intervals of the head it reports.
+#: The default share of an interval a tick's notices wait on their
+#: sessions for a write to ride on before the ticker writes them itself
+#: (``passive_hold``, module docstring). At 1 event/s per active guild about
+#: 40% of sessions have an active write within half an interval; a longer
+#: hold saves more writes but makes the notices later: half an interval
+#: keeps a notice within 1.5 intervals of the head it reports.
 HOLD = 0.5
 
 
@@ -193,11 +195,18 @@ class PassiveBoard:
     """Every guild's passive sessions on this node, and the notice ticker."""
 
     def __init__(
-        self, interval: float = DEFAULT_INTERVAL, clock: Callable[[], float] = time.monotonic
+        self,
+        interval: float = DEFAULT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        hold: float = HOLD,
     ) -> None:
         if not interval > 0:
             raise ValueError("passive_interval must be > 0 seconds")
+        if not 0 <= hold < 1:
+            raise ValueError("passive_hold must be at least 0 and below 1")
         self.interval = interval
+        #: The share of ``interval`` from a hold to its flush (``HOLD``).
+        self.hold_share = hold
         #: The loop's clock (``loop.time()`` is ``time.monotonic()``).
         self.clock = clock
         self.entries: dict[str, PassiveGuild] = {}
@@ -367,8 +376,8 @@ class PassiveBoard:
         apart however late the loop runs, and a session's notes are not taken
         before ``interval`` after its previous notice (module docstring).
         """
-        wait = self.interval * (1.0 - HOLD)
-        hold = self.interval * HOLD
+        wait = self.interval * (1.0 - self.hold_share)
+        hold = self.interval * self.hold_share
         while True:
             await asyncio.sleep(wait)
             with _gc_paused():  # the held lists live until the flush

@@ -360,3 +360,10 @@ async def test_a_held_notice_of_a_guild_made_active_is_not_sent() -> None:
 
 def notices_of(sink: FakeSink) -> list[tuple[str, int]]:
     return [(m["g"], m["d"]["s"]) for m in sink.messages() if m.get("t") == "GUILD_ACTIVITY"]
+
+
+@pytest.mark.parametrize("hold", [-0.1, 1.0, 1.5])
+def test_the_hold_is_a_share_below_one(hold: float) -> None:
+    with pytest.raises(ValueError, match="passive_hold"):
+        PassiveBoard(1.0, hold=hold)
+    assert PassiveBoard(1.0, hold=0.0).hold_share == 0.0
