@@ -365,6 +365,7 @@ class PassiveBoard:
             writes += 1
             if writes % SEND_SLICE == 0:
                 await asyncio.sleep(0)
+                now = self.clock()  # a slice's writes are ~5-10 ms apart at most
         self.writes += writes
         return writes
 
