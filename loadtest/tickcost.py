@@ -29,7 +29,6 @@ import time
 from collections.abc import Sequence
 
 from guildcast.actors.passive import PassiveBoard
-from guildcast.core.sink import NoticeDue
 from guildcast.protocol.deflate import Deflater
 
 PROG = "guildcast loadtest tickcost"
@@ -43,7 +42,7 @@ MAX_TICKS = 1000
 class CountingSink:
     """A passive session that only counts what it is sent (``core.sink.Sink``)."""
 
-    __slots__ = ("activity_batch", "bytes", "deflate", "events", "is_closed", "notice_due")
+    __slots__ = ("activity_batch", "bytes", "deflate", "events", "is_closed")
 
     def __init__(self, batch: bool) -> None:
         self.activity_batch = batch
@@ -51,7 +50,6 @@ class CountingSink:
         self.events: frozenset[str] | None = None
         self.is_closed = False
         self.bytes = 0
-        self.notice_due: NoticeDue | None = None
 
     def send(self, data: bytes) -> None:
         self.bytes += len(data)

@@ -71,8 +71,6 @@ _SERVE_FLAGS: dict[str, str] = {
     "idle_timeout": "seconds before an unused guild actor stops",
     "passive_interval": "seconds between two activity notices of a guild to its passive "
     "subscribers",
-    "passive_hold": "share of --passive-interval a notice may wait to ride on another write "
-    "of its connection (0 to below 1)",
     "drain_timeout": "seconds a graceful shutdown waits for clients",
     "drain_spread": "seconds a graceful shutdown spreads its RECONNECTs over, at most "
     "(default: 5 with --redis or --workers, else 0)",
@@ -504,8 +502,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"--compression must be one of {COMPRESSION_MODES}")
     if not args.passive_interval > 0:
         return _fail("--passive-interval must be > 0 seconds")
-    if not 0 <= args.passive_hold < 1:
-        return _fail("--passive-hold must be at least 0 and below 1")
     if args.listen_sockets < 1:
         return _fail("--listen-sockets must be 1 or more")
     if args.max_rewind < 0:

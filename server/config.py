@@ -57,10 +57,6 @@ class Config:
     #: Seconds between two GUILD_ACTIVITY notices of a guild to its passive
     #: subscribers (PROTOCOL.md "Passive subscriptions").
     passive_interval: float = 1.0
-    #: The share of ``passive_interval`` a tick's notices may wait for a
-    #: write of their connection to ride on (0 <= hold < 1; 0: only a write
-    #: in the same loop turn; actors/passive.py).
-    passive_hold: float = 0.5
     #: Publishes queued per guild before publishers get "try again later".
     guild_mailbox: int = 10_000
     #: Guild actors alive at once; past it new guilds get "try again later".

@@ -82,8 +82,6 @@ class Server:
             raise ValueError("data_dir and redis exclude each other: Redis holds the history")
         if not cfg.passive_interval > 0:
             raise ValueError("passive_interval must be > 0 seconds")
-        if not 0 <= cfg.passive_hold < 1:
-            raise ValueError("passive_hold must be at least 0 and below 1")
         if cfg.listen_sockets < 1:
             raise ValueError("listen_sockets must be 1 or more")
         if cfg.secret == "" or "" in cfg.api_keys:
@@ -177,7 +175,7 @@ class Server:
         broker = self.broker
         counters = self.stats_counters
         # Passive subscriptions' notices: one board and one ticker per node.
-        board = self.passive = PassiveBoard(cfg.passive_interval, hold=cfg.passive_hold)
+        board = self.passive = PassiveBoard(cfg.passive_interval)
         self._passive_ticker = tg.create_task(board.run(), name="passive-notices")
         unwind.callback(self._passive_ticker.cancel)
         self.registry = Registry(

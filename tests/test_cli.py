@@ -272,11 +272,6 @@ def test_a_passive_interval_of_zero_is_one_line(tmp_path: Path) -> None:
     one_line_error(r, 2, "--passive-interval", "> 0")
 
 
-def test_a_passive_hold_of_one_is_one_line(tmp_path: Path) -> None:
-    r = run(tmp_path, "serve", "--secret", SECRET, "--passive-hold", "1")
-    one_line_error(r, 2, "--passive-hold", "below 1")
-
-
 @pytest.mark.parametrize(
     ("var", "raw"),
     [

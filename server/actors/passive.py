@@ -33,27 +33,6 @@ board owns the notice schedule; the guild actors own who is passive:
   uncompressed; one deflate per session would cost what the shared frames
   save), so a deflate session gets it as it is.
 
-Riding on active writes (the node's ticker, :meth:`PassiveBoard.run`): a
-write costs ~8 us here whatever it carries, and the notices' own writes
-were half of the passive mix's writes (one per session per interval, as
-many as its active deliveries at 1 event/s per guild: docs/BENCHMARKS.md
-"Passive subscriptions"). So a tick does not write at once: it *holds*
-each session's notes on the session (``Sink.notice_due``, a :class:`_Due`)
-for ``passive_hold`` of an interval (``HOLD`` by default), and any write
-the connection makes meanwhile (an active guild's event, an ACK) carries
-them in front of its own bytes (``_Due.take``, called by the connection's
-``send``); at the end of the hold the ticker writes the notices no write
-took (:meth:`PassiveBoard.flush`). The rules stay: a session hears of a
-guild only when its head moved, the bytes of a guild's notice (or batch
-entry) are built once per tick and shared, and a session is sent notices
-at most once per ``interval``: a session's notes may not be taken before
-``interval`` after its previous notice went out (``_Due.not_before``), and
-the flush of a tick comes at least ``interval`` after the previous flush.
-A notice may so arrive up to ``passive_hold`` of an interval later than
-the tick that built it; with a hold of 0 only a write in the same loop
-turn can take it. :meth:`tick` (tests, ``guildcast loadtest tickcost``)
-builds and writes in one go.
-
 Consistency model: single-threaded (the event loop). A tick is spread over
 several loop steps (``VISIT_SLICE``, ``SEND_SLICE``) so that 10,000
 sessions in 19 passive guilds each do not stall the loop for a whole tick;
@@ -81,19 +60,15 @@ docs/BENCHMARKS.md "Passive subscriptions"). Those lists hold no cycles
 and are freed by reference counting when the tick ends, so a tick pauses
 the collector while it runs (:func:`_gc_paused`, shared by every board of
 the process) and lets it run again after: collecting any garbage made
-meanwhile waits at most one tick. The ticker holds those lists (and one
-``_Due`` per session) from its hold to its flush, so it pauses the
-collector for that hold of each interval: collecting garbage made
-meanwhile waits at most that long.
+meanwhile waits at most one tick.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -111,13 +86,6 @@ DEFAULT_INTERVAL = 1.0
 #: passive guilds in one step.
 VISIT_SLICE = 8192
 SEND_SLICE = 512
-#: The default share of an interval a tick's notices wait on their
-#: sessions for a write to ride on before the ticker writes them itself
-#: (``passive_hold``, module docstring). At 1 event/s per active guild about
-#: 40% of sessions have an active write within half an interval; a longer
-#: hold saves more writes but makes the notices later: half an interval
-#: keeps a notice within 1.5 intervals of the head it reports.
-HOLD = 0.5
 
 
 #: Ticks in progress in this process (boards of several nodes may share one
@@ -149,33 +117,6 @@ def _gc_paused() -> Iterator[None]:
 _Note = tuple[dict[Sink, None], bytes, SharedFrame, bytes]
 
 
-class _Due:
-    """One session's notes of one tick, held on the session until a write of
-    the connection takes them (``Sink.notice_due``) or the tick's flush."""
-
-    __slots__ = ("board", "not_before", "notes")
-
-    def __init__(self, board: PassiveBoard, notes: list[_Note], not_before: float) -> None:
-        self.board = board
-        self.notes = notes
-        #: The session's previous notice went out at ``not_before - interval``.
-        self.not_before = not_before
-
-    def take(self, sink: Sink) -> bytes | None:
-        """The notices for the write ``sink`` is about to make, or None
-        (not yet allowed, or no longer passive in any guild of them)."""
-        board = self.board
-        now = board.clock()
-        if now < self.not_before:
-            return None
-        sink.notice_due = None
-        data = board.notice_bytes(sink, self.notes)
-        if data is not None:
-            board.rode += 1
-            board.sent_at[sink] = now
-        return data
-
-
 @dataclass(slots=True, eq=False)
 class PassiveGuild:
     """One guild's passive sessions on this node and its notice state."""
@@ -194,28 +135,11 @@ class PassiveGuild:
 class PassiveBoard:
     """Every guild's passive sessions on this node, and the notice ticker."""
 
-    def __init__(
-        self,
-        interval: float = DEFAULT_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-        hold: float = HOLD,
-    ) -> None:
+    def __init__(self, interval: float = DEFAULT_INTERVAL) -> None:
         if not interval > 0:
             raise ValueError("passive_interval must be > 0 seconds")
-        if not 0 <= hold < 1:
-            raise ValueError("passive_hold must be at least 0 and below 1")
         self.interval = interval
-        #: The share of ``interval`` from a hold to its flush (``HOLD``).
-        self.hold_share = hold
-        #: The loop's clock (``loop.time()`` is ``time.monotonic()``).
-        self.clock = clock
         self.entries: dict[str, PassiveGuild] = {}
-        #: Sessions holding notes of the current tick (:meth:`hold`), until
-        #: its :meth:`flush`; bounded by the passive sessions on this node.
-        self._held: dict[Sink, _Due] = {}
-        #: When each session's notice went out since the last :meth:`hold`
-        #: (the next hold's ``not_before``); bounded like ``_held``.
-        self.sent_at: dict[Sink, float] = {}
         #: Counters: ticks run, notices built (one per moved guild per tick),
         #: notices delivered (one per moved guild per passive session), the
         #: WebSocket messages carrying them (a batch carries several), the
@@ -226,9 +150,6 @@ class PassiveBoard:
         self.frames = 0
         self.writes = 0
         self.bytes_out = 0
-        #: Notice messages (a batch, or one session's joined notices) that
-        #: rode on a write of the connection instead of a write of their own.
-        self.rode = 0
 
     def attach(self, gid: str, epoch: str, head: int) -> PassiveGuild:
         """The entry of ``gid`` (made if needed); the guild fills its ``sinks``."""
@@ -263,11 +184,8 @@ class PassiveBoard:
         m.notice_frames = self.frames
         m.notice_writes = self.writes
         m.notice_bytes = self.bytes_out
-        m.notice_rides = self.rode
 
-    async def _collect(self) -> defaultdict[Sink, list[_Note]]:
-        """Each session's notes of the guilds whose head moved (built once per
-        guild), this tick."""
+    async def _tick(self) -> int:
         # The tick visits ~120,000 passive subscriptions a second in the
         # issue's passive mix: its loops are kept to C-level steps (a
         # defaultdict's append, tuple unpacking, the uncompressed frame
@@ -289,99 +207,45 @@ class PassiveBoard:
             if visited >= VISIT_SLICE:
                 visited = 0
                 await asyncio.sleep(0)
-        self.notices_built += built
-        return due
-
-    def notice_bytes(self, sink: Sink, notes: list[_Note]) -> bytes | None:
-        """What ``sink`` is sent of ``notes`` now (counted), or None if it is
-        no longer passive in any of their guilds."""
-        # Still passive there now (a guild step may have run since).
-        if sink.activity_batch:
-            entries = [entry for sinks, _, _, entry in notes if sink in sinks]
-            if not entries:
-                return None
-            data = wire.activity_batch_frame(entries)
-            self.notices_sent += len(entries)
-            self.frames += 1
-        else:
-            z = sink.deflate
-            if z is None:
-                frames = [f for sinks, f, _, _ in notes if sink in sinks]
+        out = sent = nframes = writes = 0
+        for sink, notes in due.items():
+            # Still passive there now (a guild step may have run since).
+            if sink.activity_batch:
+                entries = [entry for sinks, _, _, entry in notes if sink in sinks]
+                if not entries:
+                    continue
+                data = wire.activity_batch_frame(entries)
+                sent += len(entries)
+                nframes += 1
             else:
-                frames = [sh.compressed(z) for sinks, _, sh, _ in notes if sink in sinks]
-            if not frames:
-                return None
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            self.notices_sent += len(frames)
-            self.frames += len(frames)
-        self.bytes_out += len(data)
-        return data
-
-    async def _tick(self) -> int:
-        due = await self._collect()
-        writes = 0
-        for sink, notes in due.items():
-            data = self.notice_bytes(sink, notes)
-            if data is None:
-                continue
+                z = sink.deflate
+                if z is None:
+                    frames = [f for sinks, f, _, _ in notes if sink in sinks]
+                else:
+                    frames = [sh.compressed(z) for sinks, _, sh, _ in notes if sink in sinks]
+                if not frames:
+                    continue
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+                sent += len(frames)
+                nframes += len(frames)
             sink.send(data)
+            out += len(data)
             writes += 1
             if writes % SEND_SLICE == 0:
                 await asyncio.sleep(0)
+        self.notices_built += built
+        self.notices_sent += sent
+        self.frames += nframes
         self.writes += writes
-        return writes
-
-    async def hold(self) -> int:
-        """Build this tick's notices and leave each session's on it for a
-        write to take (module docstring); returns the sessions holding some."""
-        self.ticks += 1
-        due = await self._collect()
-        sent_at = self.sent_at
-        self.sent_at = {}
-        held = self._held
-        interval = self.interval
-        for sink, notes in due.items():
-            d = _Due(self, notes, sent_at.get(sink, 0.0) + interval)
-            sink.notice_due = d
-            held[sink] = d
-        return len(held)
-
-    async def flush(self) -> int:
-        """Write the held notices no write took; returns the writes made."""
-        held = self._held
-        self._held = {}
-        now = self.clock()
-        sent_at = self.sent_at
-        writes = 0
-        for sink, d in held.items():
-            if sink.notice_due is not d:
-                continue  # a write took it
-            sink.notice_due = None
-            data = self.notice_bytes(sink, d.notes)
-            if data is None:
-                continue
-            sink.send(data)
-            sent_at[sink] = now
-            writes += 1
-            if writes % SEND_SLICE == 0:
-                await asyncio.sleep(0)
-                now = self.clock()  # a slice's writes are ~5-10 ms apart at most
-        self.writes += writes
+        self.bytes_out += out
         return writes
 
     async def run(self) -> None:
-        """Hold, then flush, every ``interval`` until cancelled (the node's
-        TaskGroup owns it).
+        """Tick every ``interval`` until cancelled (the node's TaskGroup owns it).
 
-        Sleeping after each step keeps two flushes at least ``interval``
-        apart however late the loop runs, and a session's notes are not taken
-        before ``interval`` after its previous notice (module docstring).
+        Sleeping a whole interval after each tick keeps two notices of one
+        guild at least ``interval`` apart, however late the loop runs.
         """
-        wait = self.interval * (1.0 - self.hold_share)
-        hold = self.interval * self.hold_share
         while True:
-            await asyncio.sleep(wait)
-            with _gc_paused():  # the held lists live until the flush
-                await self.hold()
-                await asyncio.sleep(hold)
-                await self.flush()
+            await asyncio.sleep(self.interval)
+            await self.tick()

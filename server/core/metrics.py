@@ -208,8 +208,7 @@ class MetricsSnapshot:
     #: passive sessions on this node and their passive subscriptions now;
     #: notice ticks run, notices built (once per moved guild per tick),
     #: notices delivered (per guild per passive session), the WebSocket
-    #: messages and the writes that carried them and their bytes, and the
-    #: notice messages that rode on another write of the connection.
+    #: messages and the writes that carried them and their bytes.
     passive_guilds: int = 0
     passive_subscriptions: int = 0
     notice_ticks: int = 0
@@ -218,7 +217,6 @@ class MetricsSnapshot:
     notice_frames: int = 0
     notice_writes: int = 0
     notice_bytes: int = 0
-    notice_rides: int = 0
 
 
 @runtime_checkable

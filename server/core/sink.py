@@ -13,23 +13,8 @@ from typing import Protocol
 from guildcast.protocol.deflate import Deflater
 
 
-class NoticeDue(Protocol):
-    """Passive notices held on a session for its next write to carry
-    (``guildcast.actors.passive``: the ticker's hold)."""
-
-    def take(self, sink: Sink) -> bytes | None:
-        """The notices to put in front of the write ``sink`` is making now, or
-        None; once it has returned bytes the session no longer holds them."""
-
-
 class Sink(Protocol):
     """One client connection, as seen by the fanout path."""
-
-    #: Passive notices waiting for this connection's next write, set and
-    #: cleared by the passive board; a ``send`` that finds it set calls its
-    #: ``take`` and writes what it returns in front of its own bytes, in the
-    #: same write (a sink that never does gets them from the board's flush).
-    notice_due: NoticeDue | None
 
     #: Event names the session wants, or None for all (IDENTIFY ``events``).
     events: frozenset[str] | None

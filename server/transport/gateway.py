@@ -61,7 +61,6 @@ from guildcast.core.host import GatewayHost
 from guildcast.core.ids import HexIds
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.ratelog import RateLimitedLog
-from guildcast.core.sink import NoticeDue
 from guildcast.core.userrate import UserBuckets
 from guildcast.protocol import hints, wire
 from guildcast.protocol.codes import SUBPROTOCOL, SUBPROTOCOLS, Close, Err
@@ -190,7 +189,6 @@ class Connection(asyncio.Protocol):
         "deflate",
         "events",
         "exited",
-        "notice_due",
         "proto",
         "session",
     )
@@ -211,8 +209,6 @@ class Connection(asyncio.Protocol):
         #: loop turn sends this connection, checked against ``max_buffer``
         #: when released.
         self._held: list[bytes] | None = None
-        #: Passive notices the next send carries (``Sink.notice_due``).
-        self.notice_due: NoticeDue | None = None
         #: websockets' protocol, made on the first read (:meth:`_upgrade`):
         #: OPEN after a handshake :mod:`upgrade` answered, else CONNECTING.
         self.proto: ServerProtocol | None = None
@@ -275,11 +271,6 @@ class Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.closing:
             return
-        due = self.notice_due
-        if due is not None:  # passive notices ride on this write
-            notes = due.take(self)
-            if notes is not None:
-                data = notes + data
         if self._cork is not None:
             self._cork.append(data)
             return

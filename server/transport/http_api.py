@@ -410,11 +410,6 @@ class _NodeCollector(Collector):
         yield counter(
             "guildcast_notice_bytes", "Bytes of GUILD_ACTIVITY frames written", m.notice_bytes
         )
-        yield counter(
-            "guildcast_notice_rides",
-            "Sessions' notices of a tick written in front of another write, not in their own",
-            m.notice_rides,
-        )
         if m.latency_buckets:
             yield HistogramMetricFamily(
                 "guildcast_publish_to_write_seconds",

@@ -127,7 +127,6 @@ async def test_metrics_count_passive_sessions_and_notices() -> None:
             "guildcast_notices_sent",
             "guildcast_notice_frames",
             "guildcast_notice_writes",
-            "guildcast_notice_rides",
             "guildcast_notice_bytes",
         } <= families
         assert value(m0, "guildcast_passive_subscriptions") == 0
