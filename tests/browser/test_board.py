@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +77,19 @@ async def browser() -> AsyncIterator[Browser]:
             await b.close()
 
 
-async def open_board(browser: Browser, url: str, errors: list[str]) -> Page:
+async def open_board(
+    browser: Browser,
+    url: str,
+    errors: list[str],
+    before: Callable[[Page], None] | None = None,
+) -> Page:
+    """Open the page at ``url``; ``before`` sees the page before it loads
+    (to watch its WebSockets, say)."""
     ctx = await browser.new_context(viewport={"width": 900, "height": 640})
     page = await ctx.new_page()
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    if before is not None:
+        before(page)
     await page.goto(url)
     await expect(page.locator("#status")).to_have_attribute(
         "data-state", "connected", timeout=WAIT_MS
