@@ -805,7 +805,11 @@ class Client:
                     # growing, or the width of the restart's RECONNECT range.
                     b = self._backoff
                     fixed = self._session.connect_refused(b.clock(), b.rng.random(), b.cap)
-                delay = self._backoff.next_delay(verdict.floor, fixed)
+                delay = (
+                    self._backoff.next_delay(verdict.floor)
+                    if fixed is None  # (a Backoff of the older signature still works)
+                    else self._backoff.next_delay(verdict.floor, fixed)
+                )
                 if delay is None:
                     self.counters["gave_up"] += 1
                     self._stop(ReconnectFailed(code, f"gave up reconnecting ({reason})"))
