@@ -315,7 +315,12 @@ class Sub(asyncio.Protocol):
                     async with asyncio.timeout(5.0):
                         await gone
             else:
-                sock.close()
+                # uvloop can leave this socket's descriptor closed under it
+                # (MagicStack/uvloop#653: sock_connect fails with EBADF, and
+                # so does close): the attempt failed, the client retries; an
+                # escaping OSError here ended the worker and hung the run.
+                with contextlib.suppress(OSError):
+                    sock.close()
                 self.state = IDLE
             return False
 
