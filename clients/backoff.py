@@ -71,8 +71,12 @@ class Backoff:
     max_elapsed: float | None = None
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
-    #: Delays handed out since the last reset.
+    #: Delays handed out since the last reset that grew the window (the
+    #: exponent of the next one).
     attempt: int = field(default=0, init=False)
+    #: Every delay handed out since the last reset, ``fixed`` ones included
+    #: (what ``max_attempts`` bounds).
+    handed: int = field(default=0, init=False)
     _started: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,23 +85,29 @@ class Backoff:
         if self.max_attempts is not None and self.max_attempts < 0:
             raise ValueError("max_attempts must be >= 0")
 
-    def next_delay(self, floor: int = 0) -> float | None:
+    def next_delay(self, floor: int = 0, fixed: float | None = None) -> float | None:
         """The delay before the next attempt, or None when the limits are reached.
 
         ``floor`` raises the attempt number used for the window (never lowers
         it): the caller passes a positive floor when the server asked it to
         back off (close 1013 or 4008) so it does not come back in the first,
-        shortest window.
+        shortest window. ``fixed`` is a delay decided elsewhere (a refused
+        connect, PROTOCOL.md "Pacing"): it is handed out as is, within the
+        limits, and does not grow the window of the next one.
         """
         now = self.clock()
         if self._started is None:
             self._started = now
-        if self.max_attempts is not None and self.attempt >= self.max_attempts:
+        if self.max_attempts is not None and self.handed >= self.max_attempts:
             return None
         if self.max_elapsed is not None and now - self._started >= self.max_elapsed:
             return None
-        delay = full_jitter(max(self.attempt, floor), self.base, self.cap, self.rng)
-        self.attempt += 1
+        self.handed += 1
+        if fixed is not None:
+            delay = max(0.0, fixed)
+        else:
+            delay = full_jitter(max(self.attempt, floor), self.base, self.cap, self.rng)
+            self.attempt += 1
         if self.max_elapsed is not None:
             # Never sleep past the deadline: the last attempt happens on it.
             delay = min(delay, max(0.0, self._started + self.max_elapsed - now))
@@ -106,4 +116,5 @@ class Backoff:
     def reset(self) -> None:
         """A connection succeeded: the next outage starts from attempt 0."""
         self.attempt = 0
+        self.handed = 0
         self._started = None

@@ -344,8 +344,9 @@ class Client:
         self.sessions = 0
         #: What the reconnect loop did (PROTOCOL.md "Pacing"): RECONNECTs
         #: received, closes 1013, waits that followed a server hint,
-        #: reconnects scheduled, 1 once it gave up (backoff limits), and
-        #: SUBSCRIBEs refused with ERROR 1013 and scheduled again.
+        #: reconnects scheduled, 1 once it gave up (backoff limits),
+        #: SUBSCRIBEs refused with ERROR 1013 and scheduled again, and
+        #: connects refused (nothing listening) paced without backoff.
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "reconnect_requests",
@@ -354,6 +355,7 @@ class Client:
                 "reconnects",
                 "gave_up",
                 "subscribe_retries",
+                "refused_connects",
             ),
             0,
         )
@@ -783,7 +785,7 @@ class Client:
     async def _run(self) -> None:
         try:
             while True:
-                code, reason = await self._attempt()
+                code, reason, refused = await self._attempt()
                 if self._closing:
                     return
                 verdict = self._session.verdict(code, reason)
@@ -797,11 +799,23 @@ class Client:
                     return
                 if code == Close.TRY_AGAIN_LATER:
                     self.counters["try_again_later"] += 1
-                delay = self._backoff.next_delay(verdict.floor)
+                fixed = None
+                if refused:
+                    # Nothing listening (PROTOCOL.md "Pacing"): soon, not
+                    # growing, or the width of the restart's RECONNECT range.
+                    b = self._backoff
+                    fixed = self._session.connect_refused(b.clock(), b.rng.random(), b.cap)
+                delay = (
+                    self._backoff.next_delay(verdict.floor)
+                    if fixed is None  # (a Backoff of the older signature still works)
+                    else self._backoff.next_delay(verdict.floor, fixed)
+                )
                 if delay is None:
                     self.counters["gave_up"] += 1
                     self._stop(ReconnectFailed(code, f"gave up reconnecting ({reason})"))
                     return
+                if fixed is not None:
+                    self.counters["refused_connects"] += 1
                 if verdict.wait_ms is not None:
                     # The server's pacing hint (PROTOCOL.md "Pacing"): never sooner.
                     self.counters["hinted_waits"] += 1
@@ -815,13 +829,15 @@ class Client:
             log.exception("guildcast client loop failed")
             self._stop(GuildcastClosed(4000, f"client error: {exc!r}"))
 
-    async def _attempt(self) -> tuple[int, str]:
-        """One connection, from TCP connect to close; returns ``(code, reason)``."""
+    async def _attempt(self) -> tuple[int, str, bool]:
+        """One connection, from TCP connect to close; returns ``(code,
+        reason, refused)``, ``refused`` True when the TCP connect itself was
+        refused (nothing listening on the port)."""
         try:
             token = await self._token_for_attempt()
         except Exception as exc:
             log.warning("guildcast: token provider failed: %r", exc)
-            return ABNORMAL_CLOSURE, f"token provider failed: {exc!r}"
+            return ABNORMAL_CLOSURE, f"token provider failed: {exc!r}", False
         try:
             ws = await websockets.connect(
                 self.url,
@@ -840,9 +856,10 @@ class Client:
             )
         except InvalidStatus as exc:
             code, reason = self._session.connect_failed(exc.response.status_code)
-            return code, f"{reason} ({self.url})"
+            return code, f"{reason} ({self.url})", False
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            return ABNORMAL_CLOSURE, f"connect failed: {exc!r}"
+            refused = isinstance(exc, ConnectionRefusedError)
+            return ABNORMAL_CLOSURE, f"connect failed: {exc!r}", refused
         self._ws = ws
         try:
             await self._connection(ws, token)
@@ -861,7 +878,7 @@ class Client:
         else:
             code, reason = rcvd.code, rcvd.reason
         await self._call(self._on_disconnect, code, reason)
-        return code, reason
+        return code, reason, False
 
     async def _connection(self, ws: ClientConnection, token: str) -> None:
         """Read ``ws`` into the session until it closes; the timer task (HELLO

@@ -63,7 +63,7 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 from guildcast.client.backoff import DEFAULT_BASE, DEFAULT_CAP, full_jitter
 from guildcast.loadtest import wire
 from guildcast.protocol import hints
-from guildcast.protocol.client import Position
+from guildcast.protocol.client import Position, refused_delay
 from guildcast.protocol.codes import ACTIVITY_EVENT, Op
 from guildcast.protocol.frames import (
     OP_CLOSE,
@@ -210,9 +210,12 @@ class Sub(asyncio.Protocol):
         "passive",
         "paused",
         "pos",
+        "refused",
+        "refused_since",
         "rejoin",
         "replay_to",
         "rest",
+        "restart",
         "retry_since",
         "role",
         "spec",
@@ -261,6 +264,13 @@ class Sub(asyncio.Protocol):
         self.hint: tuple[int, int] | None = None
         #: When this client's current run of failed connects began.
         self.retry_since: float | None = None
+        #: The last attempt's TCP connect was refused (nothing listening);
+        #: the delay range of the RECONNECT that ended the last connection;
+        #: when the refusals in a row began (PROTOCOL.md "Pacing", as
+        #: ``ClientSession.connect_refused``).
+        self.refused = False
+        self.restart: tuple[int, int] | None = None
+        self.refused_since: float | None = None
         #: Guild -> the last replayed ``s`` after a recovery: replayed events
         #: are not live ones, so their age is not recorded as latency.
         self.replay_to: dict[bytes, int] | None = None
@@ -278,6 +288,7 @@ class Sub(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         v6 = ":" in fleet.spec.host
         sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+        self.refused = False
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -294,6 +305,7 @@ class Sub(asyncio.Protocol):
                 await loop.create_connection(lambda: self, sock=sock)
                 return await self._ready
         except (OSError, TimeoutError) as e:
+            self.refused = isinstance(e, ConnectionRefusedError)
             name = type(e).__name__
             fleet.connect_errors[name] = fleet.connect_errors.get(name, 0) + 1
             if self.transport is not None:
@@ -303,13 +315,20 @@ class Sub(asyncio.Protocol):
                     async with asyncio.timeout(5.0):
                         await gone
             else:
-                sock.close()
+                # uvloop can leave this socket's descriptor closed under it
+                # (MagicStack/uvloop#653: sock_connect fails with EBADF, and
+                # so does close): the attempt failed, the client retries; an
+                # escaping OSError here ended the worker and hung the run.
+                with contextlib.suppress(OSError):
+                    sock.close()
                 self.state = IDLE
             return False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.restart = None
+        self.refused_since = None
         self.rest = b""
         self._frag = None
         self.closing_by_us = False
@@ -555,7 +574,7 @@ class Sub(asyncio.Protocol):
             pass
         elif op == Op.RECONNECT:  # the close (1001) follows
             f.reconnect_requests += 1
-            self.hint = hints.parse_reconnect(d)
+            self.hint = self.restart = hints.parse_reconnect(d)
         elif op == Op.ERROR:
             code = d.get("code") if isinstance(d, dict) else None
             f.errors[code] = f.errors.get(code, 0) + 1
@@ -627,6 +646,8 @@ class Sub(asyncio.Protocol):
         if self.state != LIVE:
             self.state = LIVE
             f.live += 1
+            if f.live == len(f.clients):
+                f.full_at = time.monotonic()
             if not self.was_live:
                 self.was_live = True
                 f.ever_live += 1
@@ -664,6 +685,8 @@ class Sub(asyncio.Protocol):
         was_closing = self.state == CLOSING
         if self.state == LIVE:
             f.live -= 1
+        if self.was_live and not self.closing_by_us:
+            f.ended_at = time.monotonic()
         if not was_closing:
             # Dropped without a close frame: 1006 in RFC 6455 terms.
             f.closes[1006] = f.closes.get(1006, 0) + 1
@@ -769,12 +792,19 @@ class Fleet:
         self.live = 0
         self.ever_live = 0
         self.all_live_at: float | None = None
+        #: When (monotonic, the controller's clock too) the last connection
+        #: this fleet did not close itself ended: when it noticed a drop.
+        self.ended_at: float | None = None
+        #: When (monotonic) every client of this fleet was last live at once.
+        self.full_at: float | None = None
         self.connects = 0
         self.connect_failures = 0
         self.reconnects = 0
         self.reconnect_requests = 0
-        #: Waits that followed a server hint; events replayed on recovery.
+        #: Waits that followed a server hint; waits after a refused connect
+        #: (``refused_delay``); events replayed on recovery.
         self.hinted_waits = 0
+        self.refused_waits = 0
         self.replayed = 0
         self.protocol_errors = 0
         self.other_dispatches = 0
@@ -873,8 +903,8 @@ class Fleet:
                     self.connects += 1
                     c.retry_since = None
                     break
-                attempt += 1
-                if not self.spec.reconnect or time.monotonic() - c.retry_since > RECONNECT_DEADLINE:
+                now = time.monotonic()
+                if not self.spec.reconnect or now - c.retry_since > RECONNECT_DEADLINE:
                     self.connect_failures += 1
                     c.retry_since = None
                     break
@@ -883,6 +913,17 @@ class Fleet:
                     # from a timer, so this connector serves the next client.
                     later = self._hinted(c)
                     break
+                if c.refused:
+                    # Nothing listening: soon and not growing, or the width
+                    # of the restart's RECONNECT range (as our clients,
+                    # ``ClientSession.connect_refused``), from a timer.
+                    if c.refused_since is None:
+                        c.refused_since = now
+                    later = refused_delay(c.restart, now - c.refused_since, self.rng.random())
+                    if later is not None:
+                        self.refused_waits += 1
+                        break
+                attempt += 1
                 # As our clients back off (guildcast.client.backoff): full
                 # jitter, so a crowd cut off at once does not come back at once.
                 await asyncio.sleep(full_jitter(attempt, BACKOFF_BASE, BACKOFF_CAP, self.rng))
@@ -1008,12 +1049,15 @@ class Fleet:
             "live": self.live,
             "ever_live": self.ever_live,
             "all_live_at": self.all_live_at,
+            "ended_at": self.ended_at,
+            "full_at": self.full_at,
             "connects": self.connects,
             "connect_failures": self.connect_failures,
             "connect_errors": dict(self.connect_errors),
             "reconnects": self.reconnects,
             "reconnect_requests": self.reconnect_requests,
             "hinted_waits": self.hinted_waits,
+            "refused_waits": self.refused_waits,
             "replayed": self.replayed,
             "delivered": self.delivered,
             "notices": self.notices,

@@ -36,6 +36,7 @@ SUMMED = (
     "reconnects",
     "reconnect_requests",
     "hinted_waits",
+    "refused_waits",
     "replayed",
     "delivered",
     "gaps",
@@ -228,6 +229,10 @@ class Monitor:
         out["error_samples"] = samples[:10]
         ats = [r.get("all_live_at") for r in self.reports.values()]
         out["all_live_at"] = max(ats) if ats and all(a is not None for a in ats) else None  # type: ignore[type-var]
+        ends = [e for r in self.reports.values() if (e := r.get("ended_at")) is not None]
+        out["ended_at"] = max(ends) if ends else None
+        fulls = [r.get("full_at") for r in self.reports.values()]
+        out["full_at"] = max(fulls) if fulls and all(f is not None for f in fulls) else None  # type: ignore[type-var]
         return out
 
     def sample_harness(self) -> dict[int, tuple[float, float]]:

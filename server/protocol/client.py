@@ -48,6 +48,13 @@ that is longer (:func:`subscribe_retry_delay`); :class:`SubscribeDeferred`
 says so. A reconnect's IDENTIFY asks for it anyway. Every other refusal
 (4403, 4430) stops following the guild (:class:`SubscribeRefused`).
 
+A connect that is refused (nothing listens: the node is restarting) is not
+a sign of overload: :meth:`ClientSession.connect_refused` paces the next
+attempt soon and without growing the backoff, or, after a RECONNECT that
+named a delay range, the range's width later, so the crowd keeps the spread
+the range gave it from the moment the node listens again (PROTOCOL.md
+"Pacing"; :func:`refused_delay`).
+
 Bounds: the guilds followed are the application's; PUBLISHes awaiting an ACK
 are bounded by the adapter (``max_inflight_publishes``); one connection's
 tables are cleared when it ends (:meth:`ClientSession.connection_lost`);
@@ -374,6 +381,41 @@ def paced_delay(backoff: float, wait_ms: tuple[int, int] | None, u: float) -> fl
     return max(backoff, (lo + u * (hi - lo)) / 1000.0)
 
 
+#: A connect refused (nothing listens on the port: the node is stopping or
+#: starting again) costs the server nothing, so it is retried soon and
+#: without growing (PROTOCOL.md "Pacing"): uniformly in ``[0,
+#: REFUSED_WINDOW]`` s, about how long a cold start's crowd takes to
+#: arrive, so a crowd refused together comes back as a cold start does...
+REFUSED_WINDOW = 1.0
+#: ... or, after a RECONNECT that named a delay range (a restart the node
+#: announced), exactly the range's width later, at least this (s): each
+#: client keeps the place its first draw gave it in the range, so the
+#: crowd arrives spread over the range once the node listens again, as the
+#: node asked, however long its restart took.
+REFUSED_MIN_PERIOD = 0.25
+#: Seconds of refused connects in a row paced this way; after that the
+#: node is not restarting but gone, and the usual backoff takes over.
+REFUSED_FOR = 30.0
+
+
+def refused_delay(
+    restart_ms: tuple[int, int] | None, refused_for: float, u: float, cap: float = REFUSED_WINDOW
+) -> float | None:
+    """The wait (seconds) before trying again after a refused connect, or
+    None when the usual backoff applies (refused for longer than
+    ``REFUSED_FOR`` s already). ``restart_ms``: the delay range of the
+    RECONNECT that ended the last connection, if any (a server's hint, as
+    every hint not cut by the backoff's cap); ``refused_for``: seconds since
+    the first refusal in a row; ``u`` in [0, 1); ``cap``: the backoff's cap,
+    which bounds the window too."""
+    if refused_for > REFUSED_FOR:
+        return None
+    if restart_ms is not None:
+        lo, hi = restart_ms
+        return max(REFUSED_MIN_PERIOD, (hi - lo) / 1000.0)
+    return u * min(REFUSED_WINDOW, cap)
+
+
 #: "back off, reconnect": the next delay starts at least from this attempt's
 #: window, so a crowd refused at once does not retry in the shortest window.
 BACKOFF_FLOOR = 2
@@ -600,6 +642,12 @@ class ClientSession:
         self._auth_failures = 0
         #: The delay range of the last RECONNECT (its 1001 follows).
         self._reconnect_hint: tuple[int, int] | None = None
+        #: The range of the RECONNECT that ended the last connection, kept
+        #: for the refused connects that follow (:meth:`connect_refused`),
+        #: and when the refusals in a row began; both forgotten once a
+        #: connection opens.
+        self._restart_hint: tuple[int, int] | None = None
+        self._refused_since: float | None = None
         #: SUBSCRIBE retries after ERROR 1013 (:func:`subscribe_retry_delay`):
         #: the schedule's window and jitter source, and each followed guild's
         #: refusals in a row (forgotten at its SUBSCRIBED or when left).
@@ -695,6 +743,8 @@ class ClientSession:
         """A WebSocket is open: wait for HELLO (within ``hello_timeout``)."""
         self._reset_connection()
         self._reconnect_hint = None
+        self._restart_hint = None
+        self._refused_since = None
         self._token = token
         self.state = State.AWAIT_HELLO
         self._last_recv = now
@@ -721,8 +771,20 @@ class ClientSession:
             wait = parse_retry(reason)
         elif code == Close.GOING_AWAY:
             wait = self._reconnect_hint
+            self._restart_hint = wait
         self._reconnect_hint = None
         return Verdict(code, reason, action, give_up, floor, wait)
+
+    def connect_refused(self, now: float, u: float, cap: float = REFUSED_WINDOW) -> float | None:
+        """A connect was refused (nothing listening: ECONNREFUSED): the wait
+        (seconds) before the next attempt (:func:`refused_delay`: soon and
+        not growing, or the width of the last RECONNECT's range), or None
+        for the usual backoff (refused for more than ``REFUSED_FOR`` s in a
+        row). ``now``: the caller's clock; ``u`` in [0, 1); ``cap``: the
+        backoff's."""
+        if self._refused_since is None:
+            self._refused_since = now
+        return refused_delay(self._restart_hint, now - self._refused_since, u, cap)
 
     def connect_failed(self, status: int | None) -> tuple[int, str]:
         """The close code and reason of a connection that never opened: an

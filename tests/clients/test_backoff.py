@@ -61,3 +61,19 @@ def test_a_crowd_spreads_out() -> None:
         buckets[min(int(d / 0.05), 19)] += 1
     assert max(buckets) < 90  # expected 50 per slice; 90 is > 5 sigma away
     assert min(buckets) > 15
+
+
+def test_a_fixed_delay_is_handed_out_within_the_limits_and_does_not_grow_the_window() -> None:
+    """A refused connect's delay (PROTOCOL.md "Pacing") is passed as
+    ``fixed``: handed out as is, counted by ``max_attempts``, and the next
+    jittered delay is drawn from the window it would have had anyway."""
+    b = Backoff(base=1.0, cap=64.0, max_attempts=5, rng=random.Random(3))
+    assert b.next_delay() is not None and b.attempt == 1
+    for _ in range(3):
+        assert b.next_delay(fixed=0.25) == 0.25
+    assert b.attempt == 1 and b.handed == 4
+    d = b.next_delay()
+    assert d is not None and d <= 2.0  # window(1), not window(4) = 16
+    assert b.next_delay(fixed=0.25) is None  # five handed out: the limit
+    b.reset()
+    assert b.attempt == 0 and b.handed == 0 and b.next_delay(fixed=-1.0) == 0.0

@@ -248,8 +248,8 @@ async def test_gives_up_after_max_attempts_when_the_server_is_gone(srv: Server) 
     b = Backoff(base=0.01, cap=0.05, max_attempts=3)
     orig = b.next_delay
 
-    def recording(floor: int = 0) -> float | None:
-        d = orig(floor)
+    def recording(floor: int = 0, fixed: float | None = None) -> float | None:
+        d = orig(floor, fixed)
         rng_delays.append(-1.0 if d is None else d)
         return d
 

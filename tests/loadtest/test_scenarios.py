@@ -195,6 +195,14 @@ def test_storm_one_node(tmp_path: Path, mode: str) -> None:
     assert st["recovered"] >= 40 and st["cold_seconds"] > 0 and st["recovery_seconds"] > 0
     if mode == "restart":  # the fleet offers guildcast.v1: RECONNECT's delay range
         assert st["hinted_waits"] >= 40
+    # Timed by the workers' clocks: never after the controller saw it; the
+    # drop was noticed before every client was back.
+    assert 0 < st["recovery_seconds"] <= st["recovery_mark_seconds"]
+    assert 0 <= st["noticed_seconds"] < st["recovery_seconds"]
+    # Nothing listens while a process restarts (its Python start alone is
+    # well over the first draws): refused connects were paced as our
+    # clients pace them (PROTOCOL.md "Pacing").
+    assert st["refused_waits"] >= 1
 
 
 @pytest.mark.timeout(150)

@@ -258,6 +258,16 @@ def test_paced_delay(case: dict[str, Any]) -> None:
     assert pc.paced_delay(case["backoff"], wait, case["u"]) == pytest.approx(case["delay"])
 
 
+@pytest.mark.parametrize("case", CASES["pacing"]["refused_delays"], ids=str)
+def test_refused_delay(case: dict[str, Any]) -> None:
+    restart = None if case["restart_ms"] is None else tuple(case["restart_ms"])
+    got = pc.refused_delay(restart, case["refused_for"], case["u"], case["cap"])
+    if case["delay"] is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(case["delay"])
+
+
 def test_server_hints_read_back() -> None:
     """What the server writes (hints.retry_reason, hints.reconnect_frame) is
     what the clients read."""

@@ -314,6 +314,31 @@ def test_verdicts() -> None:
     assert s.connect_failed(429)[0] == 1006 and s.connect_failed(None)[0] == 1006
 
 
+def test_refused_connects_are_paced_by_the_restart_range_then_by_the_backoff() -> None:
+    """PROTOCOL.md "Pacing": a refused connect is tried again soon, without
+    growing (no range: a draw within REFUSED_WINDOW); after a RECONNECT's
+    range, exactly its width later; past REFUSED_FOR s of refusals, None
+    (the usual backoff); an opened connection forgets both."""
+    s = ClientSession()
+    assert s.connect_refused(T0, 0.5) == pytest.approx(0.5 * pc.REFUSED_WINDOW)
+    assert s.connect_refused(T0 + 1, 0.5, cap=0.1) == pytest.approx(0.05)  # the cap bounds it
+    assert s.connect_refused(T0 + pc.REFUSED_FOR + 0.5, 0.5) is None
+    s.connection_made("t", T0 + 40)
+    recv(s, HELLO)
+    assert recv(s, {"op": 7, "d": {"min_delay_ms": 0, "max_delay_ms": 3800}}) == [
+        pc.ReconnectRequested((0, 3800))
+    ]
+    s.connection_lost()
+    assert s.verdict(1001, "").wait_ms == (0, 3800)
+    # The range's width, whatever the draw: each client keeps its place in it.
+    for k in range(3):
+        assert s.connect_refused(T0 + 41 + 3.8 * k, 0.1 * k) == pytest.approx(3.8)
+    s.connection_made("t", T0 + 60)  # a connection opened: the range is forgotten
+    s.connection_lost()
+    assert s.verdict(1006, "").wait_ms is None
+    assert s.connect_refused(T0 + 61, 0.5) == pytest.approx(0.5)
+
+
 def test_rewind_is_checked_at_the_call() -> None:
     with pytest.raises(ValueError):
         ClientSession(["g"], rewind=0)

@@ -17,6 +17,7 @@ import {
   identifyMessage,
   pacedDelay,
   parseReconnectDelay,
+  refusedDelay,
   parseRetryHint,
   publishMessage,
   subscribeMessage,
@@ -179,9 +180,14 @@ for (const sc of CASES.sessions) {
   });
 }
 
-test("pacing: retry hints, RECONNECT delays and paced delays as the cases say", () => {
+test("pacing: retry hints, RECONNECT delays, paced and refused-connect delays as the cases say", () => {
   const p = CASES.pacing;
   for (const c of p.retry_hints) assert.deepEqual(parseRetryHint(c.reason), c.wait_ms, c.reason);
   for (const c of p.reconnect_delays) assert.deepEqual(parseReconnectDelay(c.d), c.wait_ms, JSON.stringify(c.d));
   for (const c of p.paced_delays) assert.ok(Math.abs(pacedDelay(c.backoff, c.wait_ms, c.u) - c.delay) < 1e-9, JSON.stringify(c));
+  for (const c of p.refused_delays) {
+    const got = refusedDelay(c.restart_ms, c.refused_for, c.u, c.cap);
+    if (c.delay === null) assert.equal(got, null, JSON.stringify(c));
+    else assert.ok(Math.abs(got - c.delay) < 1e-9, JSON.stringify(c));
+  }
 });

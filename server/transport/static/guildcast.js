@@ -196,6 +196,26 @@ export function pacedDelay(backoff, waitMs, u) {
   return Math.max(backoff, (waitMs[0] + u * (waitMs[1] - waitMs[0])) / 1000);
 }
 
+// A connect refused (nothing listening: the node is restarting) costs the
+// server nothing (PROTOCOL.md "Pacing"): tried again uniformly within
+// REFUSED_WINDOW s, not growing; after a RECONNECT that named a delay range,
+// exactly the range's width later (at least REFUSED_MIN_PERIOD s), so the
+// crowd keeps its spread from the moment the node listens again; for at most
+// REFUSED_FOR s of refusals in a row, then the usual backoff.
+export const REFUSED_WINDOW = 1.0;
+export const REFUSED_MIN_PERIOD = 0.25;
+export const REFUSED_FOR = 30.0;
+
+/** The wait (s) after a refused connect, or null for the usual backoff
+ * (refusedFor: s since the first refusal in a row; restartMs: the last
+ * RECONNECT's range or null; u in [0, 1); cap: the backoff's, which bounds
+ * the window too). */
+export function refusedDelay(restartMs, refusedFor, u, cap = REFUSED_WINDOW) {
+  if (refusedFor > REFUSED_FOR) return null;
+  if (restartMs !== null) return Math.max(REFUSED_MIN_PERIOD, (restartMs[1] - restartMs[0]) / 1000);
+  return u * Math.min(REFUSED_WINDOW, cap);
+}
+
 // Exponent ceiling: keeps the arithmetic finite after any number of attempts.
 const MAX_EXPONENT = 32;
 
@@ -220,23 +240,33 @@ export class Backoff {
   constructor({ base = 0.5, cap = 30, maxAttempts = null, maxElapsed = null, random = Math.random, clock = () => performance.now() / 1000 } = {}) {
     if (base < 0 || cap < 0) throw new RangeError("base and cap must be >= 0");
     Object.assign(this, { base, cap, maxAttempts, maxElapsed, random, clock });
-    this.attempt = 0;
+    this.attempt = 0; // delays that grew the window (the next one's exponent)
+    this.handed = 0; // every delay handed out (what maxAttempts bounds)
     this._started = null;
   }
 
-  nextDelay(floor = 0) {
+  // fixed: a delay decided elsewhere (a refused connect): handed out as is,
+  // within the limits, without growing the next window.
+  nextDelay(floor = 0, fixed = null) {
     const now = this.clock();
     if (this._started === null) this._started = now;
-    if (this.maxAttempts !== null && this.attempt >= this.maxAttempts) return null;
+    if (this.maxAttempts !== null && this.handed >= this.maxAttempts) return null;
     if (this.maxElapsed !== null && now - this._started >= this.maxElapsed) return null;
-    let delay = fullJitter(Math.max(this.attempt, floor), this.base, this.cap, this.random);
-    this.attempt += 1;
+    this.handed += 1;
+    let delay;
+    if (fixed !== null) {
+      delay = Math.max(0, fixed);
+    } else {
+      delay = fullJitter(Math.max(this.attempt, floor), this.base, this.cap, this.random);
+      this.attempt += 1;
+    }
     if (this.maxElapsed !== null) delay = Math.min(delay, Math.max(0, this._started + this.maxElapsed - now));
     return delay;
   }
 
   reset() {
     this.attempt = 0;
+    this.handed = 0;
     this._started = null;
   }
 }
@@ -328,8 +358,12 @@ export class GuildcastClient extends EventTarget {
     this._backoff = backoff instanceof Backoff ? backoff : new Backoff(backoff ?? {});
     // What the reconnect loop did (PROTOCOL.md "Pacing"), and the delay
     // range of the last RECONNECT (its 1001 follows).
-    this.counters = { reconnect_requests: 0, try_again_later: 0, hinted_waits: 0, reconnects: 0, gave_up: 0, subscribe_retries: 0 };
+    this.counters = { reconnect_requests: 0, try_again_later: 0, hinted_waits: 0, reconnects: 0, gave_up: 0, subscribe_retries: 0, refused_connects: 0 };
     this._reconnectHint = null;
+    // The range of the RECONNECT that ended the last connection, kept for the
+    // refused connects after it, and when the refusals in a row began.
+    this._restartHint = null;
+    this._refusedSince = null;
     this._WS = WS;
     this._maxMessage = maxMessage;
     this._openTimeout = openTimeout;
@@ -662,18 +696,31 @@ export class GuildcastClient extends EventTarget {
 
   async _run() {
     while (!this._closing) {
-      const { code, reason } = await this._attempt();
+      const { code, reason, refused = false, opened = false } = await this._attempt();
       if (this._closing) return;
       const failure = this._classify(code, reason);
       if (failure) return this._stop(failure);
       if (code === 1013) this.counters.try_again_later += 1;
       const hint = code === 1013 ? parseRetryHint(reason) : code === 1001 ? this._reconnectHint : null;
       this._reconnectHint = null;
-      let delay = this._backoff.nextDelay(classifyClose(code) === "backoff" ? BACKOFF_FLOOR : 0);
+      if (opened) {
+        this._restartHint = null;
+        this._refusedSince = null;
+      }
+      if (code === 1001) this._restartHint = hint;
+      let fixed = null;
+      if (refused) {
+        // Nothing listening (PROTOCOL.md "Pacing"): soon and not growing.
+        const now = this._backoff.clock();
+        if (this._refusedSince === null) this._refusedSince = now;
+        fixed = refusedDelay(this._restartHint, now - this._refusedSince, this._backoff.random(), this._backoff.cap);
+      }
+      let delay = this._backoff.nextDelay(classifyClose(code) === "backoff" ? BACKOFF_FLOOR : 0, fixed);
       if (delay === null) {
         this.counters.gave_up += 1;
         return this._stop(new ReconnectFailed(code, `gave up reconnecting (${reason})`));
       }
+      if (fixed !== null) this.counters.refused_connects += 1;
       if (hint !== null) {
         // The server's pacing hint: never sooner than it allows.
         this.counters.hinted_waits += 1;
@@ -715,7 +762,9 @@ export class GuildcastClient extends EventTarget {
       // "error" for a refused or aborted opening, never "close", and stays
       // CONNECTING: waiting for a close event there hangs the client for good
       // (a reconnect landing while a restarting server is down).
-      const finish = (code, reason) => {
+      // refused: the opening failed before the WebSocket opened (a browser
+      // does not say why; a refused connect is the common cause).
+      const finish = (code, reason, refused = false) => {
         clearTimeout(helloTimer);
         clearInterval(this._heartbeatTimer);
         ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
@@ -729,7 +778,7 @@ export class GuildcastClient extends EventTarget {
         for (const w of this._publishes.values()) w.reject(interrupted);
         for (const w of this._unsubWaiters.values()) w.resolve();
         this._unsubWaiters.clear();
-        resolve({ code, reason });
+        resolve({ code, reason, refused, opened });
       };
       const helloTimer = setTimeout(() => {
         // Ended here: no close event may follow a socket still opening (see
@@ -764,10 +813,13 @@ export class GuildcastClient extends EventTarget {
         }
         this._handle(ws, msg);
       };
-      ws.onclose = (ev) => finish(ev.code || ABNORMAL_CLOSURE, ev.reason || "");
+      ws.onclose = (ev) => {
+        const code = ev.code || ABNORMAL_CLOSURE;
+        finish(code, ev.reason || "", !opened && code === ABNORMAL_CLOSURE);
+      };
       // Once open, a close event always follows an error; before, maybe none.
       ws.onerror = () => {
-        if (!opened) finish(ABNORMAL_CLOSURE, "connection failed");
+        if (!opened) finish(ABNORMAL_CLOSURE, "connection failed", true);
       };
     });
   }
