@@ -4,9 +4,10 @@ websockets' Sans-I/O ``ServerProtocol`` (docs/DESIGN.md rule 5).
 websockets does the opening handshake (with our choice of subprotocol,
 :func:`_select_subprotocol`; a plain upgrade request that arrives in one
 read is checked and answered the same way by :mod:`upgrade`, and
-websockets' protocol starts in OPEN state), frame parsing (on a connection
-:mod:`upgrade` answered, the plain text frames are read by :mod:`inbound`
-and every other frame is handed to websockets whole), ping/pong, UTF-8 and size
+websockets' protocol is made, in OPEN state, only when the connection first
+needs it: most never do), frame parsing (on a connection :mod:`upgrade`
+answered, the plain text frames are read by :mod:`inbound` and every other
+frame is handed to websockets whole), ping/pong, UTF-8 and size
 checks, and the close handshake; a ping or pong also tells the session the
 client is alive (protocol 1.1). We assemble fragmented messages,
 drive the gateway :class:`~guildcast.protocol.session.Session` straight from
