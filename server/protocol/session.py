@@ -258,23 +258,7 @@ class Session:
         if self.state is State.CLOSED:
             return []
         try:
-            try:
-                msg = wire.decode(data)
-            except wire.JSONDecodeError:
-                raise _Reject(Close.DECODE_ERROR, "not valid JSON") from None
-            return self._receive(msg, len(data), now)
-        except _Reject as r:
-            return self._close(r.code, r.reason)
-
-    def receive_decoded(self, msg: Any, size: int, now: float) -> list[Effect]:
-        """:meth:`receive` of a text message its caller has already decoded
-        with ``wire.decode`` (``size``: the message's length in bytes), so a
-        transport that looked inside it (admission, for an IDENTIFY) does
-        not decode it twice."""
-        if self.state is State.CLOSED:
-            return []
-        try:
-            return self._receive(msg, size, now)
+            return self._receive(data, now)
         except _Reject as r:
             return self._close(r.code, r.reason)
 
@@ -361,7 +345,11 @@ class Session:
             out.append(Send(answer))
         return out
 
-    def _receive(self, msg: Any, size: int, now: float) -> list[Effect]:
+    def _receive(self, data: bytes | bytearray | memoryview, now: float) -> list[Effect]:
+        try:
+            msg = wire.decode(data)
+        except wire.JSONDecodeError:
+            raise _Reject(Close.DECODE_ERROR, "not valid JSON") from None
         if type(msg) is not dict:
             raise _Reject(Close.DECODE_ERROR, "a message must be a JSON object")
         op = msg.get("op")
@@ -380,7 +368,7 @@ class Session:
         if op == Op.PUBLISH:
             if self.state is not State.READY:
                 raise _Reject(Close.NOT_IDENTIFIED, "PUBLISH before IDENTIFY")
-            return self._publish(d, size, now)
+            return self._publish(d, len(data), now)
         # IDENTIFY, SUBSCRIBE, UNSUBSCRIBE: the command rate limit applies.
         if op == Op.IDENTIFY:
             if self.state is State.READY:

@@ -143,12 +143,6 @@ _session_ids = HexIds(8)
 MAX_FRAGMENTS = 1024
 
 
-#: :func:`_decoded`'s answers for a message not looked at, and one that is
-#: not JSON (the session decodes it itself and closes 4002).
-_UNDECODED = object()
-_NOT_JSON = object()
-
-
 @dataclass(frozen=True, slots=True)
 class GatewayLimits:
     """Transport limits; see the README's configuration table."""
@@ -193,7 +187,6 @@ class Connection(asyncio.Protocol):
         "_subprotocol",
         "_transport",
         "_waiting",
-        "_waiting_msg",
         "closing",
         "deadline",
         "deflate",
@@ -251,10 +244,8 @@ class Connection(asyncio.Protocol):
         #: Admission (admission.py): the IDENTIFY waiting for its turn and
         #: any message that came after it in the same read (the connection
         #: is not read meanwhile, so this is at most one read's frames), and
-        #: whether it has had its turn; the IDENTIFY as admission decoded it
-        #: (decoded once: the session is given it).
+        #: whether it has had its turn.
         self._waiting: list[bytes] | None = None
-        self._waiting_msg: Any = None
         self._admitted = False
 
     def __repr__(self) -> str:
@@ -666,8 +657,7 @@ class Connection(asyncio.Protocol):
                 session.alive(time.monotonic())
         # CLOSE is answered by websockets itself.
 
-    def _on_message(self, data: bytes | bytearray | memoryview, msg: Any = _UNDECODED) -> None:
-        """One text message; ``msg``: ``data`` decoded, if it has been."""
+    def _on_message(self, data: bytes | bytearray | memoryview) -> None:
         session = self.session
         if session is None or self.closing:
             return
@@ -675,19 +665,14 @@ class Connection(asyncio.Protocol):
             self._waiting.append(bytes(data))
             return
         if (
-            msg is _UNDECODED
-            and not self._admitted
+            not self._admitted
             and session.state is SessionState.AWAIT_IDENTIFY
             and self._gw.admission.rate > 0
+            and self._wait_turn(data)
         ):
-            msg = _decoded(data)
-            if self._wait_turn(data, msg):
-                return
+            return
         self._msg_len = len(data)  # what a PUBLISH in it costs its user
-        if msg is _UNDECODED or msg is _NOT_JSON:
-            effects = session.receive(data, time.monotonic())
-        else:  # decoded once, for admission and the session
-            effects = session.receive_decoded(msg, len(data), time.monotonic())
+        effects = session.receive(data, time.monotonic())
         self.events = session.events
         # IDENTIFY may move the deadline earlier (a heartbeat interval shorter
         # than the IDENTIFY timeout); later moves are found when the slot is due.
@@ -702,11 +687,10 @@ class Connection(asyncio.Protocol):
             return
         self._run(effects)
 
-    def _wait_turn(self, data: bytes | bytearray | memoryview, msg: Any) -> bool:
-        """Admission control of an IDENTIFY (admission.py; ``msg``: ``data``
-        decoded, :func:`_decoded`): False to serve it now; True when it
-        waits its turn or was refused (close 1013)."""
-        resume = _resume_of(msg)
+    def _wait_turn(self, data: bytes | bytearray | memoryview) -> bool:
+        """Admission control of an IDENTIFY (admission.py): False to serve
+        it now; True when it waits its turn or was refused (close 1013)."""
+        resume = _identify_resume(data)
         if resume is None:
             return False  # not an IDENTIFY (or not one): the session judges it
         gw = self._gw
@@ -716,7 +700,6 @@ class Connection(asyncio.Protocol):
             return False
         if verdict is QUEUED:
             self._waiting = [bytes(data)]
-            self._waiting_msg = msg
             if self._transport is not None:
                 self._transport.pause_reading()
             gw._admit_wake.set()
@@ -727,12 +710,10 @@ class Connection(asyncio.Protocol):
     def admitted(self) -> None:
         """The waiting IDENTIFY's turn (the gateway's admitter)."""
         held, self._waiting = self._waiting, None
-        msg, self._waiting_msg = self._waiting_msg, None
         if self.closing or held is None:
             return
         self._admitted = True
-        self._on_message(held[0], msg)
-        for data in held[1:]:
+        for data in held:
             self._on_message(data)
         t = self._transport
         if t is not None and not t.is_closing():
@@ -883,24 +864,15 @@ class Connection(asyncio.Protocol):
             self._run(effects)
 
 
-def _decoded(data: bytes | bytearray | memoryview) -> Any:
-    """``data`` decoded by ``wire.decode``, or :data:`_NOT_JSON`."""
-    try:
-        return wire.decode(data)
-    except wire.JSONDecodeError:
-        return _NOT_JSON
-
-
 def _identify_resume(data: bytes | bytearray | memoryview) -> bool | None:
     """For an IDENTIFY: True if it names a Position for some guild (a
     resume), False if none (fresh: no ``guilds``, or only null, rewind or
     passive-without-Position requests); None for anything else (the
     session decodes and judges every message itself)."""
-    return _resume_of(_decoded(data))
-
-
-def _resume_of(msg: Any) -> bool | None:
-    """:func:`_identify_resume` of a message :func:`_decoded` has decoded."""
+    try:
+        msg = wire.decode(data)
+    except wire.JSONDecodeError:
+        return None
     if type(msg) is not dict or msg.get("op") != 2:
         return None
     d = msg.get("d")
