@@ -4,9 +4,10 @@ websockets' Sans-I/O ``ServerProtocol`` (docs/DESIGN.md rule 5).
 websockets does the opening handshake (with our choice of subprotocol,
 :func:`_select_subprotocol`; a plain upgrade request that arrives in one
 read is checked and answered the same way by :mod:`upgrade`, and
-websockets' protocol starts in OPEN state), frame parsing (on a connection
-:mod:`upgrade` answered, the plain text frames are read by :mod:`inbound`
-and every other frame is handed to websockets whole), ping/pong, UTF-8 and size
+websockets' protocol is made, in OPEN state, only when the connection first
+needs it: most never do), frame parsing (on a connection :mod:`upgrade`
+answered, the plain text frames are read by :mod:`inbound` and every other
+frame is handed to websockets whole), ping/pong, UTF-8 and size
 checks, and the close handshake; a ping or pong also tells the session the
 client is alive (protocol 1.1). We assemble fragmented messages,
 drive the gateway :class:`~guildcast.protocol.session.Session` straight from
@@ -176,12 +177,14 @@ class Connection(asyncio.Protocol):
         "_cork",
         "_due",
         "_exit_hooks",
+        "_fast",
         "_frags",
         "_gw",
         "_held",
         "_inbound",
         "_max_buffer",
         "_msg_len",
+        "_subprotocol",
         "_transport",
         "_waiting",
         "closing",
@@ -209,9 +212,16 @@ class Connection(asyncio.Protocol):
         #: loop turn sends this connection, checked against ``max_buffer``
         #: when released.
         self._held: list[bytes] | None = None
-        #: websockets' protocol, made on the first read (:meth:`_upgrade`):
-        #: OPEN after a handshake :mod:`upgrade` answered, else CONNECTING.
+        #: websockets' protocol (:meth:`_ws`): made on the first read in
+        #: CONNECTING state for a handshake websockets does; after one
+        #: :mod:`upgrade` answered, only when first needed (a frame
+        #: :mod:`inbound` does not read itself, a close, EOF), in OPEN state:
+        #: most connections never need one (about 9 us and 1.5 KiB each).
         self.proto: ServerProtocol | None = None
+        #: The handshake was :mod:`upgrade`'s (the connection is OPEN even
+        #: while ``proto`` is None), and the subprotocol it chose.
+        self._fast = False
+        self._subprotocol: Subprotocol | None = None
         self.session: Session | None = None
         self.events: frozenset[str] | None = None
         #: The node's deflater once permessage-deflate is negotiated (Sink.deflate).
@@ -313,8 +323,9 @@ class Connection(asyncio.Protocol):
             self.session.closed()
         self.deadline = time.monotonic() + self._gw.limits.close_timeout
         self._gw._file(self, self.deadline)
-        if self.proto is not None and self.proto.state is WsState.OPEN:
-            self.proto.send_close(code, reason[:120])
+        proto = self._ws() if self._fast else self.proto
+        if proto is not None and proto.state is WsState.OPEN:
+            proto.send_close(code, reason[:120])
             self._flush()
         elif self._transport is not None:
             self._transport.close()
@@ -369,15 +380,15 @@ class Connection(asyncio.Protocol):
         self._gw._file(self, self.deadline)
 
     def data_received(self, data: bytes) -> None:
+        if self._inbound is not None:
+            self._read_frames(data)
+            self._flush()
+            return
         proto = self.proto
         if proto is None:
             proto = self._upgrade(data)
             if proto is None:
                 return  # answered here (upgrade.py), frames sent with it handled
-        elif self._inbound is not None:
-            self._read_frames(proto, data)
-            self._flush()
-            return
         self._parse(proto, data)
         self._flush()
 
@@ -390,10 +401,11 @@ class Connection(asyncio.Protocol):
             elif type(ev) is Request:
                 self._on_request(ev)
 
-    def _read_frames(self, proto: ServerProtocol, data: bytes | bytearray) -> None:
+    def _read_frames(self, data: bytes | bytearray) -> None:
         """Client frames on an OPEN connection (inbound.py): a plain text
         frame goes straight to :meth:`_on_message`; any other whole frame to
-        websockets, in order; an incomplete one waits for the rest."""
+        websockets (made then if it was not yet: :meth:`_ws`), in order; an
+        incomplete one waits for the rest."""
         held = self._inbound
         if held:
             assert type(held) is bytearray
@@ -404,13 +416,19 @@ class Connection(asyncio.Protocol):
         pos = 0
         n = len(data)
         while pos < n:
-            if proto.state is not WsState.OPEN:
+            # No protocol yet: OPEN, and websockets is inside no message.
+            proto = self.proto
+            if proto is not None and proto.state is not WsState.OPEN:
                 break  # closing: websockets finishes the close handshake
             kind, end, key_at = inbound.next_frame(data, pos, max_size)
-            if kind == inbound.TEXT and self._frags is None and proto.current_size is None:
+            if (
+                kind == inbound.TEXT
+                and self._frags is None
+                and (proto is None or proto.current_size is None)
+            ):
                 self._on_message(inbound.unmask(data, key_at, end))
             elif kind <= inbound.WHOLE:  # TEXT inside a fragmented message, or WHOLE
-                self._parse(proto, data[pos:end])
+                self._parse(self._ws(), data[pos:end])
             elif kind == inbound.PARTIAL:
                 if type(data) is bytearray:
                     del data[:pos]
@@ -423,16 +441,16 @@ class Connection(asyncio.Protocol):
             pos = end
         else:
             return
+        proto = self._ws()
         self._inbound = None  # websockets reads the rest, and what follows
         self._parse(proto, data[pos:])
 
     def eof_received(self) -> bool | None:
-        if self.proto is None:
-            self.proto = self._new_proto(WsState.CONNECTING)
+        proto = self._ws()
         if self._inbound:  # an incomplete frame: websockets judges it with the EOF
             held, self._inbound = self._inbound, None
-            self._parse(self.proto, held)
-        self.proto.receive_eof()
+            self._parse(proto, held)
+        proto.receive_eof()
         self._flush()
         return None
 
@@ -499,6 +517,27 @@ class Connection(asyncio.Protocol):
         self._gw._file(self, self.deadline)
         t.write_eof()
 
+    def _ws(self) -> ServerProtocol:
+        """websockets' protocol, made now if there is none yet: OPEN with
+        the chosen subprotocol after :mod:`upgrade`'s handshake (its parser
+        is at a frame boundary: it is only ever given whole frames, or
+        everything from one frame's start), else CONNECTING."""
+        proto = self.proto
+        if proto is None:
+            if self._fast:
+                proto = self._new_proto(WsState.OPEN)
+                proto.subprotocol = self._subprotocol
+            else:
+                proto = self._new_proto(WsState.CONNECTING)
+            self.proto = proto
+        return proto
+
+    @property
+    def subprotocol(self) -> Subprotocol | None:
+        """The subprotocol the handshake chose (None: a protocol 1.0 client)."""
+        proto = self.proto
+        return proto.subprotocol if proto is not None else self._subprotocol
+
     def _new_proto(self, state: WsState) -> ServerProtocol:
         return ServerProtocol(
             extensions=self._gw.extensions,
@@ -515,16 +554,14 @@ class Connection(asyncio.Protocol):
         CONNECTING state (returned, to be fed ``data``)."""
         hs = upgrade.parse(data, GATEWAY_PATHS)
         if hs is None:
-            self.proto = self._new_proto(WsState.CONNECTING)
-            return self.proto
+            return self._ws()
         try:
             sp = _choose_subprotocol(hs.offered)
         except NegotiationError:
-            self.proto = self._new_proto(WsState.CONNECTING)
-            return self.proto  # websockets writes the 400
-        proto = self.proto = self._new_proto(WsState.OPEN)
-        proto.subprotocol = sp
-        self._inbound = b""  # websockets' parser starts at a frame boundary
+            return self._ws()  # websockets writes the 400
+        self._fast = True
+        self._subprotocol = sp
+        self._inbound = b""  # frames from here on: inbound.py, websockets when needed
         self._opened(upgrade.response(hs.accept, sp))
         if hs.rest and not self.closing:
             self.data_received(hs.rest)
@@ -864,8 +901,7 @@ def _reconnecting(delay_ms: tuple[int, int]) -> Callable[[Connection], None]:
     v10 = SharedFrame(wire.RECONNECT_FRAME)
 
     def reconnect(conn: Connection) -> None:
-        proto = conn.proto
-        frame = v11 if proto is not None and proto.subprotocol is not None else v10
+        frame = v11 if conn.subprotocol is not None else v10
         conn.send(frame.for_sink(conn.deflate))
         conn.close(Close.GOING_AWAY, "server shutting down")
 
