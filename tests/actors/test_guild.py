@@ -528,13 +528,17 @@ async def test_a_credit_for_an_earlier_run_does_not_release_the_hold() -> None:
         #: to write run 2 (after the guild had taken run 1's credit).
         writing_at_run_2: list[bool] = []
 
+        def more() -> None:
+            queued.append(guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", 2))))
+            guild.cast_system(Subscribe(gone, None))
+
         def written_then_more() -> None:
             # As the partition finishes run 1 (once): event 2 and a SUBSCRIBE
             # (which sends run 2 at once) reach the guild before the credit,
-            # all three in one guild batch.
+            # all three in one guild batch (the credit is cast a loop turn
+            # later, so they are too).
             if not queued:
-                queued.append(guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", 2))))
-                guild.cast_system(Subscribe(gone, None))
+                asyncio.get_running_loop().call_soon(more)
             credit()
 
         async def spy(batch: Any) -> None:
