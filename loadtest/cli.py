@@ -94,8 +94,25 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
         help="client worker processes (1: in this process; default the scenario's, "
         "at least one per --client-cpus CPU, each pinned to its own)",
     )
-    g.add_argument(
-        "--spawn", action="store_true", help="spawn a worker process even for --workers 1"
+    fleet = g.add_mutually_exclusive_group()
+    fleet.add_argument(
+        "--spawn",
+        action="store_const",
+        const=True,
+        dest="spawn",
+        help="run even a single subscriber fleet in its own process (the default unless "
+        "--server embedded): the publishers' loop then sends each event as its ACK "
+        "window opens, as the referee's publisher does",
+    )
+    fleet.add_argument(
+        "--inline",
+        action="store_const",
+        const=False,
+        dest="spawn",
+        help="run a single subscriber fleet (--workers 1) in the harness's own process, "
+        "beside the publishers (the default with --server embedded); the server then "
+        "gets events in bursts between the fleet's reads, cheaper per delivery than "
+        "the referee's pattern",
     )
     g.add_argument(
         "--max-lag",

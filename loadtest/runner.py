@@ -83,7 +83,28 @@ class TargetOptions:
     server_cpus: list[int] | None = None
     client_cpus: list[int] | None = None
     server_opts: dict[str, Any] = field(default_factory=dict)
-    spawn: bool = False
+    #: A single fleet (``--workers 1``) in its own process (True), in the
+    #: harness's (False), or None: its own unless the server is embedded.
+    spawn: bool | None = None
+
+
+def inline_fleet(workers: int, topts: TargetOptions) -> bool:
+    """Whether the one subscriber fleet runs in the harness's own process.
+
+    Only with ``--inline``, or by default with an embedded server (which
+    shares that loop anyway). Otherwise it gets its own process so that the
+    publishers' loop is free: sharing a loop with the fleet, a publisher
+    sends only between two passes over every subscriber's socket, so the
+    server receives its window of events at once and writes them as one
+    run, cheaper per delivery than the referee's publisher, which sends
+    each event as its window opens (-41% against the referee's server CPU
+    per delivery on s1 inline; docs/BENCHMARKS.md, "our own harness").
+    """
+    if workers != 1:
+        return False
+    if topts.spawn is None:
+        return topts.server == "embedded"
+    return not topts.spawn
 
 
 class Run:
@@ -236,7 +257,7 @@ class Run:
         self.nofile = tgt.raise_nofile()
         hard = self.nofile[1]
         pubs = p.publishers * (p.inflight if p.via == "http" else 1)
-        inline = p.workers == 1 and not o.spawn
+        inline = inline_fleet(p.workers, o)
         need = (p.clients if inline else 0) + pubs + FD_MARGIN
         if o.server == "embedded":
             need += p.clients + pubs
@@ -286,7 +307,7 @@ class Run:
         if t.host.startswith("127."):
             src = [f"127.0.0.{k}" for k in range(1, p.source_addrs + 1)]
         per = assign(p)
-        inline = p.workers == 1 and not o.spawn
+        inline = inline_fleet(p.workers, o)
         for wid, clients in enumerate(per):
             spec = FleetSpec(
                 wid=wid,

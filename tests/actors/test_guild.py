@@ -528,13 +528,17 @@ async def test_a_credit_for_an_earlier_run_does_not_release_the_hold() -> None:
         #: to write run 2 (after the guild had taken run 1's credit).
         writing_at_run_2: list[bool] = []
 
+        def more() -> None:
+            queued.append(guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", 2))))
+            guild.cast_system(Subscribe(gone, None))
+
         def written_then_more() -> None:
             # As the partition finishes run 1 (once): event 2 and a SUBSCRIBE
             # (which sends run 2 at once) reach the guild before the credit,
-            # all three in one guild batch.
+            # all three in one guild batch (the credit is cast a loop turn
+            # later, so they are too).
             if not queued:
-                queued.append(guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", 2))))
-                guild.cast_system(Subscribe(gone, None))
+                asyncio.get_running_loop().call_soon(more)
             credit()
 
         async def spy(batch: Any) -> None:
@@ -588,3 +592,52 @@ async def test_the_hold_for_a_writing_partition_is_bounded_in_bytes() -> None:
         # The partition's first batch after it had both runs: not held back.
         assert runs[0] == 2, runs
         assert own.events_s() == far.events_s() == list(range(1, n + 2))
+
+
+async def test_events_published_while_partitions_write_go_out_in_one_run() -> None:
+    """A partition's credit reaches the guild after the loop's next turn, so
+    a guild step queued right behind the partition in the same turn (by a
+    publish read just before it) holds that publish, and the next run also
+    carries what was read while the partition wrote. Cast at once, the
+    credit let that step send the one publish as a run of its own and hold
+    the rest behind it: three runs where two do (docs/ARCHITECTURE.md
+    "Placement")."""
+    async with guild_env(partition_size=1) as env:
+        own, far = FakeSink("own"), FakeSink("far")
+        for sink in (own, far):
+            env.subscribe(sink)
+            await sink.wait_count(1)
+        guild = env.guild
+        p = guild.partitions[1]
+        assert isinstance(p, Partition)
+        loop = asyncio.get_running_loop()
+        calls: list[asyncio.Future[tuple[int, str]]] = []
+
+        def publish(d: int) -> None:
+            calls.append(guild.call_nowait(PublishMsg("E", check_publish("g-1", "E", d))))
+
+        write = p.handle_batch
+        runs: list[list[int]] = []
+
+        async def spy(batch: Any) -> None:
+            frames = [f for item in batch if isinstance(item, Frames) for f in item.frames]
+            runs.append([m["s"] for m in unframe(b"".join(frames))])
+            if len(runs) == 1:
+                # Event 3 is published while the partition writes run 1: the
+                # loop reads it after this turn.
+                loop.call_soon(publish, 3)
+            await write(batch)
+
+        p.handle_batch = spy  # type: ignore[method-assign]
+        # Event 1; then event 2 reaches the guild after the step that sends
+        # run 1 to the partition, so the guild's next step is queued right
+        # behind the partition's, in the same loop turn.
+        publish(1)
+        loop.call_soon(publish, 2)
+        await until(lambda: len(calls) == 3, "three publishes")
+        for c in calls:
+            await c
+        await far.wait_count(4)
+        await until(lambda: not guild._writing, "the last credit")
+        assert runs == [[1], [2, 3]], runs
+        assert own.events_s() == far.events_s() == [1, 2, 3]

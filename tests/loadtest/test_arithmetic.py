@@ -175,3 +175,16 @@ def test_every_subcommand_is_registered_and_runs(
         cli.main([name, "--help"])
     assert e.value.code == 0
     assert f"guildcast loadtest {name}" in capsys.readouterr().out
+
+
+def test_inline_fleet_default() -> None:
+    """One fleet shares the harness's process only with --inline, or by
+    default beside an embedded server; several fleets never do."""
+    from guildcast.loadtest.runner import inline_fleet
+
+    assert inline_fleet(1, TargetOptions(server="embedded"))
+    assert not inline_fleet(1, TargetOptions(server="process"))
+    assert not inline_fleet(1, TargetOptions(server="external"))
+    assert inline_fleet(1, TargetOptions(server="process", spawn=False))
+    assert not inline_fleet(1, TargetOptions(server="embedded", spawn=True))
+    assert not inline_fleet(2, TargetOptions(server="embedded", spawn=False))

@@ -292,3 +292,18 @@ async def test_a_url_run_says_it_uses_that_server(tmp_path: Path) -> None:
     assert proc.returncode == 0, text
     assert f"using the server at {node.url}" in text, text
     assert "starting the server" not in text, text
+
+
+def test_fleet_has_its_own_process_by_default(tmp_path: Path) -> None:
+    """Against a server process the one subscriber fleet is spawned unless
+    --inline is given, so the publisher's loop sends each event as its window
+    opens (as the referee's does), not between passes over the fleet."""
+    r = run(tmp_path, "bigguild --server process --clients 20 --duration 1")
+    assert_clean(r, 20)
+    roles = {p["role"] for p in r["harness"]["processes"]}
+    assert "worker0" in roles and "controller" in roles, roles
+    assert "controller+fleet" not in roles
+    r = run(tmp_path, "bigguild --server process --clients 20 --duration 1 --inline")
+    assert_clean(r, 20)
+    roles = {p["role"] for p in r["harness"]["processes"]}
+    assert "controller+fleet" in roles and "worker0" not in roles, roles
