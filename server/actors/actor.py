@@ -54,10 +54,46 @@ class CallTimeout(TimeoutError, Failure):
     kind = Kind.CALL_TIMEOUT
 
 
+class Reply:
+    """A call's answer handed to a plain callback, ``fn(result, error)``,
+    in the actor's own step, instead of a Future's done-callback in a later
+    loop iteration: no Future, no ``call_soon`` handle, no extra loop turn
+    per call (the gateway's PUBLISH answers, :meth:`Actor.call_with`).
+
+    Answered at most once, as a Future is: ``done()`` says whether it was.
+    ``fn`` must not block or await, and may not raise into the actor: an
+    exception from it is logged and the actor goes on.
+    """
+
+    __slots__ = ("_done", "fn")
+
+    def __init__(self, fn: Callable[[Any, BaseException | None], None]) -> None:
+        self.fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        self._answer(result, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._answer(None, exc)
+
+    def _answer(self, result: Any, exc: BaseException | None) -> None:
+        if self._done:
+            raise asyncio.InvalidStateError("reply already given")
+        self._done = True
+        try:
+            self.fn(result, exc)
+        except Exception:
+            log.exception("reply callback failed")
+
+
 class _Call:
     __slots__ = ("future", "msg")
 
-    def __init__(self, msg: Any, future: asyncio.Future[Any]) -> None:
+    def __init__(self, msg: Any, future: asyncio.Future[Any] | Reply) -> None:
         self.msg = msg
         self.future = future
 
@@ -233,6 +269,15 @@ class Actor:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.cast(_Call(msg, fut))
         return fut
+
+    def call_with(self, msg: Any, fn: Callable[[Any, BaseException | None], None]) -> None:
+        """Queue ``msg`` as a call whose reply goes to ``fn(result, error)``
+        in this actor's step (:class:`Reply`). Raises :class:`MailboxFull`
+        and :class:`ActorExited` as :meth:`call_nowait` does; ``fn`` gets
+        :class:`ActorExited` if the actor exits before replying."""
+        if self._exited:
+            raise ActorExited(self.name)
+        self.cast(_Call(msg, Reply(fn)))
 
     async def call(self, msg: Any, timeout: float = 5.0) -> Any:
         """Send ``msg`` and wait for the reply; raises :class:`CallTimeout`."""

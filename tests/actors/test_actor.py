@@ -254,3 +254,42 @@ async def test_parked_only_while_waiting_with_an_empty_mailbox() -> None:
         a.stop()
         await a.wait()
         assert not a.parked  # exited
+
+
+async def test_call_with_answers_in_the_actors_step_and_survives_a_bad_callback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``call_with``: the reply reaches the callback during the actor's own
+    step (before the next message is handled), once; a callback that raises
+    is logged and the actor goes on; calls left at exit get ActorExited."""
+    caplog.set_level(logging.ERROR, logger="guildcast.actors")
+    async with scope() as tg:
+        a = Recorder()
+        a.start(tg)
+        got: list[tuple[Any, BaseException | None, list[Any]]] = []
+
+        def reply(result: Any, exc: BaseException | None) -> None:
+            got.append((result, exc, list(a.seen)))
+
+        def bad(result: Any, exc: BaseException | None) -> None:
+            raise RuntimeError("callback bug")
+
+        a.cast("block")
+        await a.handling.wait()
+        a.call_with("one", reply)
+        a.call_with("two", bad)
+        a.call_with("three", reply)
+        a.call_with("crash", reply)
+        a.call_with("behind", reply)
+        a.gate.set()
+        await a.wait()
+        # "one"'s reply came before "three" was handled: in the same step.
+        assert got[0] == (("reply", "one"), None, ["block", "one"])
+        assert got[1] == (("reply", "three"), None, ["block", "one", "two", "three"])
+        assert got[2][0] is None and isinstance(got[2][1], Boom)
+        assert got[3][0] is None and isinstance(got[3][1], ActorExited)
+        assert len(got) == 4
+        assert isinstance(a.exit_reason, Boom)  # the crash, not the bad callback
+        assert any("reply callback failed" in r.getMessage() for r in caplog.records)
+        with pytest.raises(ActorExited):
+            a.call_with("late", reply)
