@@ -128,9 +128,10 @@ class Hub:
         reply: Callable[[tuple[int, str] | None, BaseException | None], None],
     ) -> None:
         """:meth:`publish` answered by ``reply(result, error)`` in the
-        guild's step instead of through a Future (``Actor.call_with``):
-        the gateway's PUBLISH path. Raises as :meth:`publish` does."""
-        self._guild(gid).call_with(PublishMsg(t, d_json, key), reply)
+        guild's step instead of through a Future (``Guild.publish_to``; a
+        parked guild takes it in a step on this stack): the gateway's
+        PUBLISH path. Raises as :meth:`publish` does."""
+        self._guild(gid).publish_to(t, d_json, key, reply)
 
     async def info(self, gid: str, timeout: float = 5.0) -> dict[str, Any]:
         """Head, epoch, subscribers and history bounds of ``gid`` (starts it if needed)."""
