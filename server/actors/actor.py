@@ -54,10 +54,46 @@ class CallTimeout(TimeoutError, Failure):
     kind = Kind.CALL_TIMEOUT
 
 
+class Reply:
+    """A call's answer handed to a plain callback, ``fn(result, error)``,
+    in the actor's own step, instead of a Future's done-callback in a later
+    loop iteration: no Future, no ``call_soon`` handle, no extra loop turn
+    per call (the gateway's PUBLISH answers, :meth:`Actor.call_with`).
+
+    Answered at most once, as a Future is: ``done()`` says whether it was.
+    ``fn`` must not block or await, and may not raise into the actor: an
+    exception from it is logged and the actor goes on.
+    """
+
+    __slots__ = ("_done", "fn")
+
+    def __init__(self, fn: Callable[[Any, BaseException | None], None]) -> None:
+        self.fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        self._answer(result, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._answer(None, exc)
+
+    def _answer(self, result: Any, exc: BaseException | None) -> None:
+        if self._done:
+            raise asyncio.InvalidStateError("reply already given")
+        self._done = True
+        try:
+            self.fn(result, exc)
+        except Exception:
+            log.exception("reply callback failed")
+
+
 class _Call:
     __slots__ = ("future", "msg")
 
-    def __init__(self, msg: Any, future: asyncio.Future[Any]) -> None:
+    def __init__(self, msg: Any, future: asyncio.Future[Any] | Reply) -> None:
         self.msg = msg
         self.future = future
 
@@ -101,6 +137,8 @@ class Actor:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._exited = False
+        #: True while :meth:`step_now` runs a step on a caller's stack.
+        self._stepping = False
         #: True once ``on_stop`` has returned and the exit hooks have run (or
         #: are running): the actor is gone, not merely exiting.
         self._finished = False
@@ -146,6 +184,33 @@ class Actor:
         is in no batch): a message handled for it now, synchronously, is
         handled exactly as its next batch would handle it."""
         return self._waiter is not None and not self._mailbox and not self._exited
+
+    def step_now(self, fn: Callable[[], bool]) -> bool:
+        """Run ``fn`` now, on the caller's stack, as this actor's next step,
+        if the actor is :attr:`parked` (and not already in such a step): it
+        then sees exactly the state its next batch would, and nothing else
+        of the actor runs meanwhile (one event loop). Saves the wake of the
+        actor's task, a Future and the task step per message.
+
+        Returns False, having run nothing, when the actor is not parked;
+        else what ``fn`` returns (False: ``fn`` changed nothing and the
+        caller casts the message instead). ``fn`` must not await. An
+        exception from it crashes the actor as one from a batch would
+        (logged, ``on_stop``, exit hooks, monitors) and is not re-raised:
+        the caller answers its own message (:class:`ActorExited`)."""
+        w = self._waiter
+        if w is None or self._mailbox or self._exited or self._stepping:
+            return False
+        self._stepping = True
+        try:
+            return fn()
+        except Exception as e:
+            self.kill(e)
+            return True
+        finally:
+            self._stepping = False
+            if self.idle_timeout is not None:
+                self._idle_at = w.get_loop().time() + self.idle_timeout
 
     def stop(self) -> None:
         """Ask the actor to exit normally after what is already queued."""
@@ -233,6 +298,15 @@ class Actor:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.cast(_Call(msg, fut))
         return fut
+
+    def call_with(self, msg: Any, fn: Callable[[Any, BaseException | None], None]) -> None:
+        """Queue ``msg`` as a call whose reply goes to ``fn(result, error)``
+        in this actor's step (:class:`Reply`). Raises :class:`MailboxFull`
+        and :class:`ActorExited` as :meth:`call_nowait` does; ``fn`` gets
+        :class:`ActorExited` if the actor exits before replying."""
+        if self._exited:
+            raise ActorExited(self.name)
+        self.cast(_Call(msg, Reply(fn)))
 
     async def call(self, msg: Any, timeout: float = 5.0) -> Any:
         """Send ``msg`` and wait for the reply; raises :class:`CallTimeout`."""

@@ -20,7 +20,10 @@ lost (``FEED_LOST``), closes the local sessions with 4000 too: a session
 this node cannot serve recovers where it can, rather than wait here for
 events that are not coming. With an in-process log (``LocalLog``) the
 records a publish appended go to the cursor in the same step; a remote
-feed's come as ``Feed`` messages (``feed.py``).
+feed's come as ``Feed`` messages (``feed.py``). A gateway PUBLISH to a
+parked guild whose log never waits (memory) is such a step run at once on
+the publisher's stack (:meth:`Guild.publish_to`, ``Actor.step_now``): the
+guild is in no batch then, so it is the step its next batch would be.
 
 Passive subscriptions (PROTOCOL.md "Passive subscriptions") are not in any
 writer: the guild keeps them in its entry on the node's
@@ -57,10 +60,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from guildcast.actors.actor import Actor, MailboxFull, _Call
+from guildcast.actors.actor import Actor, ActorExited, MailboxFull, Reply, _Call
 from guildcast.actors.cursor import Cursor, Lost, ReadBack, Step
 from guildcast.actors.groups import GroupEvent, Groups
 from guildcast.actors.partition import Add, Frames, Partition, PresenceFrame, Remove, Writer
@@ -68,6 +72,7 @@ from guildcast.actors.passive import PassiveBoard, PassiveGuild
 from guildcast.actors.replay import ReplayPages
 from guildcast.broker.base import (
     FEED_LOST,
+    AppendsNow,
     Broker,
     BrokerUnavailable,
     LocalLog,
@@ -269,6 +274,17 @@ class Guild(Actor):
         self.listening = False
         #: An in-process log hands appended records back (one step per publish).
         self._local: LocalLog | None = broker if isinstance(broker, LocalLog) else None
+        #: ... and one that never waits lets a publish be a step of its own
+        #: on the publisher's stack (:meth:`publish_to`).
+        self._now: AppendsNow | None = broker if isinstance(broker, AppendsNow) else None
+        #: A fan-out of what such steps emitted is queued for the end of
+        #: this loop turn (:meth:`_flush_now`): one run for all of them.
+        self._flush_due = False
+        #: The answers of those steps, given after that fan-out (so a
+        #: publisher of a small guild still sees its DISPATCH before its
+        #: ACK, as in a batch): at most one per publish since the last
+        #: fan-out; given by :meth:`_answer_replies`, also at a crash.
+        self._replies: list[tuple[Reply, tuple[int, str]]] = []
         #: Placement: ``partitions[0]`` is the :class:`Writer` this actor writes
         #: itself; every later one a :class:`Partition` actor (partition.py).
         self.partitions: list[Writer | Partition] = []
@@ -356,6 +372,9 @@ class Guild(Actor):
 
     async def on_stop(self, reason: BaseException | None) -> None:
         self._demonitor()
+        if reason is None:
+            self._fan_out(force=True)  # what inline steps held (_flush_now)
+        self._answer_replies()  # sequenced: answered, even in a crash
         for p in self.partitions:
             if type(p) is Partition:
                 p.stop()
@@ -377,6 +396,88 @@ class Guild(Actor):
                 pass
 
     # --- messages ------------------------------------------------------------
+
+    def publish_to(
+        self,
+        t: str,
+        d_json: bytes,
+        key: str | None,
+        fn: Callable[[tuple[int, str] | None, BaseException | None], None],
+    ) -> None:
+        """Sequence one event and answer ``fn(result, error)`` in this actor's
+        step (``Hub.publish_to``). When the actor is parked, listening, with
+        an in-process log that never waits (``AppendsNow``) at its cursor,
+        and no idempotency key, that step is run now on the caller's stack
+        (``Actor.step_now``): the same append, emit, fan-out and answer as
+        :meth:`handle_batch` would do for it, without the task's wake.
+        Otherwise the publish is queued as a call. Raises as
+        ``call_nowait`` does (``MailboxFull``, ``ActorExited``)."""
+        if key is None and self._now is not None and self._cur is not None:
+            reply = Reply(fn)
+            if self.step_now(lambda: self._publish_now(t, d_json, reply)):
+                return
+        self.call_with(PublishMsg(t, d_json, key), fn)
+
+    def _publish_now(self, t: str, d_json: bytes, reply: Reply) -> bool:
+        """One publish as a whole step (:meth:`publish_to`); False, with
+        nothing done, unless the log is where the cursor is.
+
+        Its frame is held for one loop turn, not written at once: the
+        publishes one read brings to this guild go out as one run, one
+        write per session, as one batch of queued publishes would
+        (:meth:`_flush_now`); past ``HOLD_FRAMES``/``HOLD_BYTES`` held,
+        at once. Its answer follows that fan-out (:attr:`_replies`)."""
+        cur = self._cur
+        now = self._now
+        if cur is None or now is None or not self.listening or cur.reading:
+            return False
+        try:
+            recs = now.append_local_now(self.gid, [(t, d_json)], cur.epoch, cur.s)
+        except Exception:
+            reply.set_exception(ActorExited(self.name))  # the guild crashes with it
+            raise
+        if recs is None:
+            return False  # the log moved on (another epoch): the awaited path
+        self._pages = None
+        self.published += len(recs)
+        self.stats.published += len(recs)
+        self._replies.append((reply, (recs[0].s, cur.epoch)))
+        out, nxt = cur.feed(recs)
+        assert nxt is None, "records that follow the cursor need no read-back"
+        for rec in out:
+            self._emit(rec)
+        if len(self._frames) >= HOLD_FRAMES or self._held >= HOLD_BYTES:
+            self._fan_out()
+            self._answer_replies()
+        elif not self._flush_due:
+            self._flush_due = True
+            w = self._waiter  # set: a step runs only on a parked actor
+            assert w is not None
+            w.get_loop().call_soon(self._flush_now)
+        entry = self._entry
+        if entry is not None:
+            entry.head = cur.s
+        return True
+
+    def _flush_now(self) -> None:
+        """Write what inline steps emitted this loop turn, as a step of its
+        own if the guild is still parked; else its task is in a batch or
+        about to run one, and every batch ends with this same fan-out."""
+        self._flush_due = False
+        self.step_now(self._flush_step)
+
+    def _flush_step(self) -> bool:
+        self._fan_out()
+        self._answer_replies()
+        return True
+
+    def _answer_replies(self) -> None:
+        """Answer the inline publishes sequenced so far: ``(s, epoch)``."""
+        replies = self._replies
+        if replies:
+            self._replies = []
+            for reply, result in replies:
+                reply.set_result(result)
 
     async def handle_batch(self, batch: deque[Any]) -> None:
         self._pages = None
@@ -419,6 +520,7 @@ class Guild(Actor):
         if pubs:
             await self._append(pubs, items)
         self._fan_out()
+        self._answer_replies()
         entry = self._entry
         if entry is not None and self._cur is not None:
             entry.head = self._cur.s

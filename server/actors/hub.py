@@ -18,6 +18,7 @@ they are the first stopped when the registry is full.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from guildcast.actors.actor import CallTimeout
@@ -117,6 +118,20 @@ class Hub:
         ``BrokerUnavailable``, ``OutcomeUnknown``, ``KeyConflict``): the
         transports answer them from one table, ``core/failures.py``."""
         return self._guild(gid).call_nowait(PublishMsg(t, d_json, key))
+
+    def publish_to(
+        self,
+        gid: str,
+        t: str,
+        d_json: bytes,
+        key: str | None,
+        reply: Callable[[tuple[int, str] | None, BaseException | None], None],
+    ) -> None:
+        """:meth:`publish` answered by ``reply(result, error)`` in the
+        guild's step instead of through a Future (``Guild.publish_to``; a
+        parked guild takes it in a step on this stack): the gateway's
+        PUBLISH path. Raises as :meth:`publish` does."""
+        self._guild(gid).publish_to(t, d_json, key, reply)
 
     async def info(self, gid: str, timeout: float = 5.0) -> dict[str, Any]:
         """Head, epoch, subscribers and history bounds of ``gid`` (starts it if needed)."""

@@ -270,3 +270,21 @@ class LocalLog(Protocol):
     ) -> tuple[str, list[Record], list[int | Replayed]]:
         """:meth:`Broker.append_keyed` returning the new records too (only
         those of items that were sequenced), like :meth:`append_local`."""
+
+
+@runtime_checkable
+class AppendsNow(Protocol):
+    """A capability of an in-process log that never waits (memory): the
+    :meth:`LocalLog.append_local` of a guild whose log is where its actor's
+    cursor is, done synchronously, so that a guild can sequence and emit a
+    publish in a step run on the publisher's stack (``Actor.step_now``).
+
+    Found by protocol (``isinstance(broker, AppendsNow)``), never by class.
+    """
+
+    def append_local_now(
+        self, gid: str, items: Sequence[tuple[str, bytes]], epoch: str, head: int
+    ) -> list[Record] | None:
+        """Append ``items`` and return their records if ``gid``'s log has
+        epoch ``epoch`` and last ``s`` ``head``; else append nothing and
+        return None (the caller takes the ordinary, awaited path)."""

@@ -158,6 +158,15 @@ class MemoryBroker:
         """``LocalLog``: the records go back to the appender, not to the feed."""
         return self._sequence(gid, items)
 
+    def append_local_now(
+        self, gid: str, items: Sequence[tuple[str, bytes]], epoch: str, head: int
+    ) -> list[Record] | None:
+        """``AppendsNow``: :meth:`append_local` when the log is at ``(epoch, head)``."""
+        log = self._logs.get(gid)
+        if log is None or log.epoch != epoch or log.seq != head:
+            return None
+        return self._sequence(gid, items)[1]
+
     async def append(self, gid: str, items: Sequence[tuple[str, bytes]]) -> tuple[str, list[int]]:
         epoch, recs = self._sequence(gid, items)
         self.local.records(gid, recs)

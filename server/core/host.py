@@ -9,6 +9,7 @@ and one of :class:`ApiHost` (``guildcast.node.NodeApi``) into the HTTP API.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,6 +67,19 @@ class GatewayHost(Protocol):
         key already in the guild's window gives the original ``(s, epoch)``,
         or fails with :class:`KeyConflict`.
         """
+
+    def publish_to(
+        self,
+        gid: str,
+        t: str,
+        d_json: bytes,
+        key: str | None,
+        reply: Callable[[tuple[int, str] | None, BaseException | None], None],
+    ) -> None:
+        """:meth:`publish` with its answer given to ``reply(result, error)``
+        (exactly one of them None) instead of a future, called once in the
+        guild's own step. ``reply`` must not block; what it raises is
+        logged, never passed to the guild. Raises as :meth:`publish` does."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, cast
 
 from websockets.exceptions import NegotiationError
@@ -56,7 +57,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from guildcast.core import failures, fdwatch
-from guildcast.core.failures import Failure, Kind
+from guildcast.core.failures import Failure
 from guildcast.core.fdwatch import DescriptorWatch
 from guildcast.core.host import GatewayHost
 from guildcast.core.ids import HexIds
@@ -792,32 +793,28 @@ class Connection(asyncio.Protocol):
             self._run(session.publish_failed(p, Close.DECODE_ERROR, f"d is not JSON: {exc}"))
             return
         try:
-            host = self._gw.host
-            if p.key is None:
-                fut = host.publish(p.gid, p.t, d_json)
-            else:
-                fut = host.publish(p.gid, p.t, d_json, p.key)
+            # The guild answers in its own step (``publish_to``): no Future
+            # and no extra loop turn per PUBLISH; the ACK is still queued
+            # and written with the iteration's other answers (``_answer``).
+            self._gw.host.publish_to(p.gid, p.t, d_json, p.key, partial(self._published, p))
         except (Failure, ValueError) as exc:
             code = failures.answer(exc).error_code
             self._run(session.publish_failed(p, code, str(exc)))
             return
-        fut.add_done_callback(lambda f: self._published(p, f))
 
-    def _published(self, p: Publish, fut: asyncio.Future[tuple[int, str]]) -> None:
+    def _published(
+        self, p: Publish, result: tuple[int, str] | None, exc: BaseException | None
+    ) -> None:
         session = self.session
         if session is None or self.closing:
-            if not fut.cancelled():
-                fut.exception()  # retrieved: the answer of a gone session is dropped silently
-            return
-        if fut.cancelled():
-            code = failures.ANSWERS[Kind.CANCELLED].error_code
-            effects = session.publish_failed(p, code, "publish cancelled")
-        elif (exc := fut.exception()) is not None:
+            return  # the answer of a gone session is dropped silently
+        if exc is not None:
             # One table for both transports (core/failures.py): 4504 for an
             # outcome unknown, never "refused, retry"; 4409 for a key conflict.
             effects = session.publish_failed(p, failures.answer(exc).error_code, str(exc))
         else:
-            s, epoch = fut.result()
+            assert result is not None
+            s, epoch = result
             effects = session.publish_done(p, p.gid, s, epoch)
         self._answer(effects)
 

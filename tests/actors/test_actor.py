@@ -12,6 +12,7 @@ from guildcast.actors.actor import Actor, ActorExited, CallTimeout, MailboxFull
 from guildcast.actors.groups import GroupEvent, Groups
 from guildcast.actors.registry import Registry
 from tests.actors.support import Boom, Recorder, scope
+from tests.support.wait import until
 
 
 async def test_cast_and_call_are_handled_in_order() -> None:
@@ -254,3 +255,89 @@ async def test_parked_only_while_waiting_with_an_empty_mailbox() -> None:
         a.stop()
         await a.wait()
         assert not a.parked  # exited
+
+
+async def test_call_with_answers_in_the_actors_step_and_survives_a_bad_callback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``call_with``: the reply reaches the callback during the actor's own
+    step (before the next message is handled), once; a callback that raises
+    is logged and the actor goes on; calls left at exit get ActorExited."""
+    caplog.set_level(logging.ERROR, logger="guildcast.actors")
+    async with scope() as tg:
+        a = Recorder()
+        a.start(tg)
+        got: list[tuple[Any, BaseException | None, list[Any]]] = []
+
+        def reply(result: Any, exc: BaseException | None) -> None:
+            got.append((result, exc, list(a.seen)))
+
+        def bad(result: Any, exc: BaseException | None) -> None:
+            raise RuntimeError("callback bug")
+
+        a.cast("block")
+        await a.handling.wait()
+        a.call_with("one", reply)
+        a.call_with("two", bad)
+        a.call_with("three", reply)
+        a.call_with("crash", reply)
+        a.call_with("behind", reply)
+        a.gate.set()
+        await a.wait()
+        # "one"'s reply came before "three" was handled: in the same step.
+        assert got[0] == (("reply", "one"), None, ["block", "one"])
+        assert got[1] == (("reply", "three"), None, ["block", "one", "two", "three"])
+        assert got[2][0] is None and isinstance(got[2][1], Boom)
+        assert got[3][0] is None and isinstance(got[3][1], ActorExited)
+        assert len(got) == 4
+        assert isinstance(a.exit_reason, Boom)  # the crash, not the bad callback
+        assert any("reply callback failed" in r.getMessage() for r in caplog.records)
+        with pytest.raises(ActorExited):
+            a.call_with("late", reply)
+
+
+async def test_step_now_runs_only_on_a_parked_actor_and_counts_as_activity(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="guildcast.actors")
+    async with scope() as tg:
+        a = Recorder(idle_timeout=0.3)
+        a.start(tg)
+        await a.started.wait()
+        loop = asyncio.get_running_loop()
+        await until(lambda: a.parked, "the actor parked")
+        ran: list[str] = []
+
+        def note(what: str) -> bool:
+            ran.append(what)
+            return True
+
+        def step() -> bool:
+            ran.append("outer")
+            # No step inside a step: the nested one is refused.
+            assert not a.step_now(lambda: note("inner"))
+            return True
+
+        assert a.step_now(step) and ran == ["outer"]
+        assert not a.step_now(lambda: False)  # fn's own verdict is returned
+        # Steps keep an actor that only gets them from idling out (0.3 s).
+        end = loop.time() + 0.9
+        while loop.time() < end:
+            assert a.step_now(lambda: True)
+            await asyncio.sleep(0.05)
+        assert a.alive
+        # A busy actor (in a batch) takes no step on the caller's stack.
+        a.cast("block")
+        await a.handling.wait()
+        assert not a.step_now(lambda: note("busy")) and "busy" not in ran
+        a.gate.set()
+        await until(lambda: a.parked, "the actor parked again")
+
+        def crash() -> bool:
+            raise Boom("in a step")
+
+        assert a.step_now(crash)  # not re-raised: the actor crashes
+        await a.wait()
+        assert isinstance(a.exit_reason, Boom) and a.stop_reasons == [a.exit_reason]
+        assert any("crashed" in r.getMessage() for r in caplog.records)
+        assert not a.step_now(lambda: True)
