@@ -91,11 +91,13 @@ class Config:
     #: a Position first; past it close 1013 with a retry hint
     #: (transport/admission.py). 0: no bound. The default is above what one
     #: node on this project's 2-core bench machine completes (the referee's
-    #: 19,900 connections in 3-4 s, docs/BENCHMARKS.md), so a burst the node
-    #: can serve is queued, never refused; a storm beyond it is paced, and
-    #: the loop-lag feedback lowers it further (docs/OPERATIONS.md
-    #: "Deploying without a reconnect storm").
-    admit_rate: float = 5000.0
+    #: 19,900 fresh connections in about 2.5 s with no bound, about 8,000 a
+    #: second: docs/BENCHMARKS.md "s4-idle, the connect path"), so a burst
+    #: the node can serve is never slowed by it; a storm beyond it is paced,
+    #: and the loop-lag feedback lowers it further (docs/OPERATIONS.md
+    #: "Deploying without a reconnect storm"). At 5,000 (until this default)
+    #: the bound itself held s4 at 3.5 s.
+    admit_rate: float = 10000.0
     #: Listening sockets of the gateway's port on Linux (SO_REUSEPORT), each
     #: its own accept queue (transport/listen.py). Four hold a reconnect
     #: storm of 19,000 clients without the kernel dropping connection
