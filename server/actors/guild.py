@@ -373,7 +373,14 @@ class Guild(Actor):
     async def on_stop(self, reason: BaseException | None) -> None:
         self._demonitor()
         if reason is None:
-            self._fan_out(force=True)  # what inline steps held (_flush_now)
+            try:
+                self._fan_out(force=True)  # what inline steps held (_flush_now)
+            except Exception as e:
+                # As a batch that fails: a crash, so the rest of the stop
+                # still runs (answers, partitions, presence, unlisten) and
+                # the sessions are closed to recover from history.
+                log.exception("guild %s: writing held events at stop failed", self.gid)
+                reason = e
         self._answer_replies()  # sequenced: answered, even in a crash
         for p in self.partitions:
             if type(p) is Partition:

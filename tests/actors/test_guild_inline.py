@@ -193,3 +193,29 @@ async def test_a_guild_stopping_writes_what_inline_steps_held() -> None:
         env.guild.stop()  # before the turn's fan-out
         await env.guild.wait()
         assert answers[0][1] is None and sink.events_s() == [1]
+
+
+async def test_a_write_failing_at_stop_is_a_crash_and_the_stop_completes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An inline publish held for the turn's fan-out, then ``stop()`` before
+    that fan-out, and a sink that raises: the stop's own fan-out fails as a
+    batch would, so the sequenced publish is still answered, the other
+    sessions are closed to recover, and the guild stops listening."""
+    caplog.set_level(logging.CRITICAL)
+    async with guild_env() as env:
+        bad, good = FakeSink("bad"), FakeSink("good")
+        env.subscribe(bad)
+        env.subscribe(good)
+        await bad.wait_count(1)
+        await good.wait_count(1)
+        await parked(env.guild)
+        answers: list[Answer] = []
+        publish_to(env.guild, answers, 1)
+        bad.fail = True
+        env.guild.stop()  # before the turn's fan-out
+        await env.guild.wait()
+        await answered(answers, 1)
+        assert answers[0][1] is None and answers[0][0] is not None
+        assert (await good.wait_closed())[0] == Close.UNKNOWN_ERROR
+        assert not env.guild.listening
