@@ -872,6 +872,11 @@ def _reconnecting(delay_ms: tuple[int, int]) -> Callable[[Connection], None]:
     return reconnect
 
 
+def _identified(conn: Connection) -> bool:
+    """True when ``conn`` carries a session that identified (READY)."""
+    return conn.session is not None and conn.session.state is SessionState.READY
+
+
 class Gateway:
     """Listens for WebSocket connections and owns them until they close."""
 
@@ -1030,11 +1035,27 @@ class Gateway:
         )
         delay = staggered.reconnect_delay_ms(len(conns), window, self.limits.admit_rate)
         await staggered.reconnect_in_waves(conns, window, _reconnecting(delay))
-        timeout = max(0.0, timeout - (time.monotonic() - started))
-        if self.connections or self.pending:
+        log.info(
+            "drain: RECONNECT sent to %d sessions in %.2f s", len(conns), time.monotonic() - started
+        )
+        deadline = started + timeout
+        while self.connections or self.pending:
+            # A session's RECONNECT and close, acknowledged by its peer:
+            # closed without waiting for the client's close frame (a
+            # connection that never identified is waited for, as before;
+            # transport/drain.py).
+            for conn in list(self.connections):
+                t = conn._transport
+                if conn.closing and t is not None and _identified(conn) and staggered.delivered(t):
+                    t.abort()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             self._all_gone.clear()
+            if not self.connections and not self.pending:
+                break
             try:
-                await asyncio.wait_for(self._all_gone.wait(), timeout)
+                await asyncio.wait_for(self._all_gone.wait(), min(left, staggered.ACK_POLL))
             except TimeoutError:
                 pass
         for conn in [*self.connections, *self.pending]:
