@@ -872,11 +872,6 @@ def _reconnecting(delay_ms: tuple[int, int]) -> Callable[[Connection], None]:
     return reconnect
 
 
-def _identified(conn: Connection) -> bool:
-    """True when ``conn`` carries a session that identified (READY)."""
-    return conn.session is not None and conn.session.state is SessionState.READY
-
-
 class Gateway:
     """Listens for WebSocket connections and owns them until they close."""
 
@@ -1030,6 +1025,8 @@ class Gateway:
         for conn in list(self.pending):
             conn.close(Close.GOING_AWAY, "server shutting down")
         conns = list(self.connections)
+        ready = SessionState.READY
+        identified = {c for c in conns if c.session is not None and c.session.state is ready}
         window = staggered.drain_window(
             len(conns), min(spread, timeout / 2), self.limits.admit_rate
         )
@@ -1044,9 +1041,9 @@ class Gateway:
             # closed without waiting for the client's close frame (a
             # connection that never identified is waited for, as before;
             # transport/drain.py).
-            for conn in list(self.connections):
+            for conn in identified & self.connections:
                 t = conn._transport
-                if conn.closing and t is not None and _identified(conn) and staggered.delivered(t):
+                if conn.closing and t is not None and staggered.delivered(t):
                     t.abort()
             left = deadline - time.monotonic()
             if left <= 0:
