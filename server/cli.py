@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -37,7 +38,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from guildcast.config import COMPRESSION_MODES, Config
 from guildcast.core import gcpolicy
@@ -566,10 +567,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg.metrics_node_label = worker
     coro = _serve(cfg, notes, print_token)
     if args.no_uvloop:
-        return asyncio.run(coro)
-    import uvloop
+        status = asyncio.run(coro)
+    else:
+        import uvloop
 
-    return uvloop.run(coro)
+        status = uvloop.run(coro)
+    if argv is None:  # this process's own command line: nothing is left to do
+        _exit_now(status)
+    return status
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Exit without tearing the interpreter down: the node has stopped (its
+    broker closed: with ``--data-dir`` every journal fsynced and the clean
+    stop recorded), and freeing a full node's objects one by one at exit
+    took 0.4-0.5 s of a restart (19,000 sessions). Output and log handlers
+    are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from guildcast.core.host import HistoryPage
 from guildcast.core.idempotency import KeyWindows
 from guildcast.core.journal import FSYNC_POLICIES
 from guildcast.core.metrics import MetricsSnapshot, NodeStats
+from guildcast.core.stopclock import StopClock
 from guildcast.core.tokens import TokenVerifier, make_token
 from guildcast.protocol.deflate import Deflater
 from guildcast.protocol.session import Limits
@@ -363,24 +364,31 @@ class Server:
         self._started = False
         self.draining = True
         assert self._tg is not None
+        phases = StopClock()
         try:
             log.info("draining: %d sessions", len(self.gateway.connections))
             if drain:
                 await self.gateway.drain(self.config.drain_timeout, self._drain_spread())
             else:
                 await self.gateway.drain(0)
+            phases.mark("drain")
             if self.api is not None:
                 await self.api.stop()
+            phases.mark("api")
             await self.registry.stop_all()
+            phases.mark("guilds")
             await self.gateway.close()
             if self._broker_sweeper is not None:
                 self._broker_sweeper.cancel()
             if self._passive_ticker is not None:
                 self._passive_ticker.cancel()
             await self.broker.close()
+            phases.mark("broker")
         finally:
             await self._stack.aclose()
-        log.info("node stopped")
+        log.info(
+            "node stopped", extra={"stop_seconds": phases.total, "stop_phases": phases.seconds}
+        )
 
     # --- embedded API --------------------------------------------------------
 

@@ -1058,16 +1058,34 @@ class Gateway:
         for conn in list(self.pending):
             conn.close(Close.GOING_AWAY, "server shutting down")
         conns = list(self.connections)
+        ready = SessionState.READY
+        identified = {c for c in conns if c.session is not None and c.session.state is ready}
         window = staggered.drain_window(
             len(conns), min(spread, timeout / 2), self.limits.admit_rate
         )
         delay = staggered.reconnect_delay_ms(len(conns), window, self.limits.admit_rate)
         await staggered.reconnect_in_waves(conns, window, _reconnecting(delay))
-        timeout = max(0.0, timeout - (time.monotonic() - started))
-        if self.connections or self.pending:
+        log.info(
+            "drain: RECONNECT sent to %d sessions in %.2f s", len(conns), time.monotonic() - started
+        )
+        deadline = started + timeout
+        while self.connections or self.pending:
+            # A session's RECONNECT and close, acknowledged by its peer:
+            # closed without waiting for the client's close frame (a
+            # connection that never identified is waited for, as before;
+            # transport/drain.py).
+            for conn in identified & self.connections:
+                t = conn._transport
+                if conn.closing and t is not None and staggered.delivered(t):
+                    t.abort()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             self._all_gone.clear()
+            if not self.connections and not self.pending:
+                break
             try:
-                await asyncio.wait_for(self._all_gone.wait(), timeout)
+                await asyncio.wait_for(self._all_gone.wait(), min(left, staggered.ACK_POLL))
             except TimeoutError:
                 pass
         for conn in [*self.connections, *self.pending]:
