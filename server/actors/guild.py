@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +79,7 @@ from guildcast.broker.base import (
     PresenceSnapshot,
     Record,
 )
-from guildcast.core.host import KeyConflict
+from guildcast.core.host import KeyConflict, PublishReply
 from guildcast.core.idempotency import Replayed
 from guildcast.core.metrics import NodeStats
 from guildcast.core.sink import Sink
@@ -409,7 +408,7 @@ class Guild(Actor):
         t: str,
         d_json: bytes,
         key: str | None,
-        fn: Callable[[tuple[int, str] | None, BaseException | None], None],
+        fn: PublishReply,
     ) -> None:
         """Sequence one event and answer ``fn(result, error)`` in this actor's
         step (``Hub.publish_to``). When the actor is parked, listening, with

@@ -18,7 +18,6 @@ they are the first stopped when the registry is full.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 from guildcast.actors.actor import CallTimeout
@@ -35,7 +34,7 @@ from guildcast.actors.partition import Partition
 from guildcast.actors.registry import Registry
 from guildcast.broker.base import Presence, Record
 from guildcast.core.failures import Failure, Overloaded
-from guildcast.core.host import HistoryPage, Subscriber
+from guildcast.core.host import HistoryPage, PublishReply, Subscriber
 from guildcast.core.metrics import MailboxDepth, MetricsSnapshot
 from guildcast.protocol import wire
 from guildcast.protocol.codes import RESERVED_EVENTS
@@ -125,7 +124,7 @@ class Hub:
         t: str,
         d_json: bytes,
         key: str | None,
-        reply: Callable[[tuple[int, str] | None, BaseException | None], None],
+        reply: PublishReply,
     ) -> None:
         """:meth:`publish` answered by ``reply(result, error)`` in the
         guild's step instead of through a Future (``Guild.publish_to``; a

@@ -20,6 +20,10 @@ from guildcast.core.failures import Overloaded as Overloaded
 from guildcast.core.metrics import MetricsSnapshot
 from guildcast.core.sink import Member, Sink
 
+#: How a publish is answered without a future: ``(s, epoch)`` or the
+#: failure, exactly one of them None (``GatewayHost.publish_to``).
+PublishReply = Callable[[tuple[int, str] | None, BaseException | None], None]
+
 
 class Subscriber(Sink, Member, Protocol):
     """A connection that can receive events and join groups."""
@@ -74,7 +78,7 @@ class GatewayHost(Protocol):
         t: str,
         d_json: bytes,
         key: str | None,
-        reply: Callable[[tuple[int, str] | None, BaseException | None], None],
+        reply: PublishReply,
     ) -> None:
         """:meth:`publish` with its answer given to ``reply(result, error)``
         (exactly one of them None) instead of a future, called once in the

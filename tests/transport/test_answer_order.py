@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from guildcast.actors.actor import Reply
-from guildcast.core.host import Overloaded
+from guildcast.core.host import Overloaded, PublishReply
 from guildcast.core.tokens import TokenVerifier, make_token
 from guildcast.protocol.session import Limits, Session
 from guildcast.transport.gateway import Connection, Gateway, GatewayLimits
@@ -63,7 +62,7 @@ class Host:
         t: str,
         d_json: bytes,
         key: str | None,
-        reply: Callable[[tuple[int, str] | None, BaseException | None], None],
+        reply: PublishReply,
     ) -> None:
         if gid == "busy":
             raise Overloaded("busy")
