@@ -47,14 +47,17 @@ import base64
 import collections
 import contextlib
 import logging
+import operator
 import os
 import random
 import signal
 import socket
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, cast
 
 import orjson
@@ -62,6 +65,7 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from guildcast.client.backoff import DEFAULT_BASE, DEFAULT_CAP, full_jitter
 from guildcast.loadtest import wire
+from guildcast.loadtest.streams import Stream
 from guildcast.protocol import hints
 from guildcast.protocol.client import Position, refused_delay
 from guildcast.protocol.codes import ACTIVITY_EVENT, Op
@@ -97,6 +101,9 @@ BACKOFF_BASE, BACKOFF_CAP = DEFAULT_BASE, DEFAULT_CAP
 
 # Client states.
 IDLE, CONNECTING, OPENING, LIVE, SUBSCRIBING, CLOSING = range(6)
+
+
+_and, _sub = operator.and_, operator.sub
 
 
 def _count_py(counts: dict[int, int], values: Iterable[int]) -> None:
@@ -210,6 +217,7 @@ class Sub(asyncio.Protocol):
         "passive",
         "paused",
         "pos",
+        "ref",
         "refused",
         "refused_since",
         "rejoin",
@@ -218,6 +226,7 @@ class Sub(asyncio.Protocol):
         "restart",
         "retry_since",
         "role",
+        "rpos",
         "spec",
         "src",
         "state",
@@ -239,6 +248,10 @@ class Sub(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
         self.rest = b""
+        #: The guild's shared stream this client's reads are checked against
+        #: (loadtest/streams.py), and its offset in it; None: frame by frame.
+        self.ref: Stream | None = None
+        self.rpos = 0
         self._upgrade: wire.Upgrade | None = None
         self._frag: list[bytes] | None = None
         self._ready: asyncio.Future[bool] | None = None
@@ -375,6 +388,11 @@ class Sub(asyncio.Protocol):
     def _frames(self, data: bytes) -> None:
         # The hot loop: see the module docstring. Locals only, no calls per
         # delivery except bytes methods and dict get/set.
+        ref = self.ref
+        if ref is not None:
+            data = self._follow(ref, data)
+            if not data:
+                return
         rest = self.rest
         if rest:
             data = rest + data
@@ -389,10 +407,14 @@ class Sub(asyncio.Protocol):
         if run is not None:
             start = run[0]
             delivered = self._run(run, now)
+            if f.streams is not None and run[1] is not None and self._can_follow():
+                self._extend(run, data)
             if start == n:
                 f.delivered += delivered
                 if f.shared is not None:
                     f.shared.value = f.delivered
+                if f.streams is not None and self._can_follow():
+                    self._try_follow()
                 return
         last = self.last
         lat = self.lat
@@ -439,12 +461,128 @@ class Sub(asyncio.Protocol):
                     break
         if err is not None and self.transport is not None and self.state != CLOSING:
             self._fail(err)
-        elif i < n and self.transport is not None:
-            self.rest = whole[i:]
+        else:
+            if i < n and self.transport is not None:
+                self.rest = whole[i:]
+            if f.streams is not None and self._can_follow():
+                self._try_follow()
         f = self.fleet
         f.delivered += delivered
         if f.shared is not None:
             f.shared.value = f.delivered
+
+    # --- the shared stream (loadtest/streams.py) ------------------------------
+
+    def _can_follow(self) -> bool:
+        return (
+            self.state == LIVE
+            and len(self.gids_b) == 1
+            and not self.passive
+            and self.replay_to is None
+            and self._frag is None
+            and self.transport is not None
+        )
+
+    def _extend(self, run: wire.Run, data: bytes) -> None:
+        """Offer a run this client just read whole to its guild's stream."""
+        streams = self.fleet.streams
+        assert streams is not None
+        end, gid, _, ints, tsv = run
+        epoch = self.epochs.get(gid) if gid is not None else None
+        if gid is None or epoch is None or gid != self.gids_b[0]:
+            return
+        ref = streams.get(gid)
+        if ref is None or ref.epoch != epoch:
+            if ref is not None:
+                ref.drop()
+            ref = streams[gid] = Stream(gid, epoch)
+        ref.extend(data, end, ints[0], tsv)
+
+    def _try_follow(self) -> None:
+        """Follow the guild's stream from the next ``s``, if it holds it (and
+        the part of a frame in ``rest``, read at a frame boundary, is its)."""
+        streams = self.fleet.streams
+        assert streams is not None
+        gid = self.gids_b[0]
+        ref = streams.get(gid)
+        s = self.last.get(gid)
+        if ref is None or s is None or ref.epoch != self.epochs.get(gid):
+            return
+        pos = ref.offset_of(s + 1)
+        if pos is None:
+            return
+        rest = self.rest
+        if rest:
+            if not ref.buf.startswith(rest, pos - ref.base):
+                return
+            pos += len(rest)
+            self.rest = b""
+        self.ref = ref
+        self.rpos = pos
+        ref.followers.add(self)
+
+    def unfollow(self, rest: bytes) -> None:
+        """Leave the stream; ``rest`` (the part of a frame read) is read on."""
+        ref = self.ref
+        if ref is not None:
+            ref.followers.discard(self)
+            self.ref = None
+        self.rest = rest
+
+    def _follow(self, ref: Stream, data: bytes) -> bytes:
+        """Check a read against the stream: count and time the frames it
+        completes; returns what the frame-by-frame path must read (all of a
+        read that is not the stream's bytes, from the start of its frame;
+        what runs past the stream's newest frame), or b""."""
+        pos = self.rpos
+        base = ref.base
+        off = pos - base
+        buf = ref.buf
+        n = len(data)
+        avail = len(buf) - off
+        extra = b""
+        if self.state != LIVE:
+            ok = False
+        elif n <= avail:
+            ok = buf.startswith(data, off)
+            new = pos + n
+        else:
+            ok = not avail or buf.startswith(data[:avail], off)
+            new = base + len(buf)
+            extra = data[avail:]
+        if not ok:
+            start = ref.frame_start(pos)
+            head = bytes(buf[start - base : off])
+            self.unfollow(b"")
+            return head + data if head else data
+        ends = ref.ends
+        i0 = bisect_right(ends, pos)
+        i1 = bisect_right(ends, new)
+        self.rpos = new
+        if i1 > i0:
+            self.last[ref.gid] = ref.s0 + i1 - 1
+            lat = self.lat
+            if lat is not None:
+                now = time.time_ns() // 1000
+                tsv = ref.ts[i0:i1]
+                lo = now - max(tsv)
+                if lo > 2047:
+                    cut = -1 << (lo.bit_length() - 11)  # as in _run
+                    count_into(lat, map(_and, map(_sub, repeat(now), tsv), repeat(cut)))
+                else:
+                    count_into(lat, map(_sub, repeat(now), tsv))
+                if len(lat) > LAT_KEYS:
+                    self.fleet.fold()
+            f = self.fleet
+            f.delivered += i1 - i0
+            f.followed += i1 - i0
+            if f.shared is not None:
+                f.shared.value = f.delivered
+        if extra:
+            # Past the newest frame, at a frame boundary: read it frame by
+            # frame (which offers it to the stream and follows on).
+            self.unfollow(b"")
+        return extra
 
     def _run(self, run: wire.Run, now: int) -> int:
         """The checks and latencies of a run's events (:class:`wire.RunReader`),
@@ -466,7 +604,18 @@ class Sub(asyncio.Protocol):
         if lat is not None:
             replay_to = self.replay_to
             if replay_to is None:
-                count_into(lat, map(now.__sub__, tsv))
+                # Reduced to the histogram's precision here, in C, as the
+                # frame loop does one by one: exact microseconds would make
+                # nearly every delivery a new key to fold in Python. Every
+                # value keeps at least the 11 bits of the run's smallest
+                # latency, so the fold's own cut gives what it would on the
+                # exact values.
+                lo = now - max(tsv)
+                if lo > 2047:
+                    cut = -1 << (lo.bit_length() - 11)  # v & cut == v >> sh << sh
+                    count_into(lat, map(_and, map(_sub, repeat(now), tsv), repeat(cut)))
+                else:
+                    count_into(lat, map(_sub, repeat(now), tsv))
             else:
                 count_into(
                     lat,
@@ -692,6 +841,7 @@ class Sub(asyncio.Protocol):
             f.closes[1006] = f.closes.get(1006, 0) + 1
             if self.role == "slow":
                 f.slow_closed[1006] = f.slow_closed.get(1006, 0) + 1
+        self.unfollow(b"")
         self.state = IDLE
         self.transport = None
         self.hb_due = float("inf")
@@ -772,6 +922,11 @@ class Fleet:
         self.lat: dict[int, int] = {}
         #: Parses runs of load-test events, remembering recent chunks.
         self.runs = wire.RunReader()
+        #: Guild -> its shared stream (loadtest/streams.py); None: every read
+        #: is read frame by frame (compressed frames are never shared here).
+        self.streams: dict[bytes, Stream] | None = None if spec.deflate else {}
+        #: Deliveries checked against a stream (of ``delivered``).
+        self.followed = 0
         self.hist = new_hist()
         self.lat_clamped = 0
         addrs = spec.src_addrs or ["127.0.0.1"]
