@@ -307,3 +307,14 @@ def test_fleet_has_its_own_process_by_default(tmp_path: Path) -> None:
     assert_clean(r, 20)
     roles = {p["role"] for p in r["harness"]["processes"]}
     assert "controller+fleet" in roles and "worker0" not in roles, roles
+
+
+def test_the_default_gate_is_the_ack_window_or_16_kib_of_events() -> None:
+    from guildcast.loadtest import scenarios as sc
+
+    big = sc.make_plan("bigguild", {})
+    assert big.max_lag == sc.GATE_BYTES // (big.size + sc.FRAME_OVERHEAD) > big.inflight
+    assert sc.make_plan("bigguild", {"size": 4096}).max_lag == 8  # the window is more
+    assert sc.make_plan("manyguilds", {}).max_lag == 64
+    assert sc.make_plan("latency", {}).max_lag == 0  # a fixed rate: no gate
+    assert sc.make_plan("bigguild", {"max_lag": 8}).max_lag == 8
