@@ -88,6 +88,11 @@ HIST_MIN_US, HIST_MAX_US, HIST_DIGITS = 1, 60_000_000, 3
 #: folds into the histogram: a read that leaves more folds them at once. Runs
 #: (``wire.regular_run``) count exact microseconds, reduced only at the fold.
 LAT_KEYS = 1 << 15
+#: Fewest subscribers of a guild in one worker for them to read through its
+#: stream (loadtest/streams.py): a stream pays when many share it and their
+#: reads are cut at different places; a small guild's reads are mostly whole
+#: server batches, which ``wire.RunReader`` answers from memory for less.
+STREAM_MIN = 32
 #: Linux IP_BIND_ADDRESS_NO_PORT: bind the source address now but pick the
 #: port at connect(), so (src, dst) pairs, not src alone, must be unique.
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -227,6 +232,7 @@ class Sub(asyncio.Protocol):
         "retry_since",
         "role",
         "rpos",
+        "shares",
         "spec",
         "src",
         "state",
@@ -252,6 +258,9 @@ class Sub(asyncio.Protocol):
         #: (loadtest/streams.py), and its offset in it; None: frame by frame.
         self.ref: Stream | None = None
         self.rpos = 0
+        #: Whether this client reads through its guild's stream at all (set
+        #: by the fleet: one guild, one with enough members here).
+        self.shares = False
         self._upgrade: wire.Upgrade | None = None
         self._frag: list[bytes] | None = None
         self._ready: asyncio.Future[bool] | None = None
@@ -407,13 +416,13 @@ class Sub(asyncio.Protocol):
         if run is not None:
             start = run[0]
             delivered = self._run(run, now)
-            if f.streams is not None and run[1] is not None and self._can_follow():
+            if self.shares and run[1] is not None and self._can_follow():
                 self._extend(run, data)
             if start == n:
                 f.delivered += delivered
                 if f.shared is not None:
                     f.shared.value = f.delivered
-                if f.streams is not None and self._can_follow():
+                if self.shares and self._can_follow():
                     self._try_follow()
                 return
         last = self.last
@@ -464,7 +473,7 @@ class Sub(asyncio.Protocol):
         else:
             if i < n and self.transport is not None:
                 self.rest = whole[i:]
-            if f.streams is not None and self._can_follow():
+            if self.shares and self._can_follow():
                 self._try_follow()
         f = self.fleet
         f.delivered += delivered
@@ -475,9 +484,8 @@ class Sub(asyncio.Protocol):
 
     def _can_follow(self) -> bool:
         return (
-            self.state == LIVE
-            and len(self.gids_b) == 1
-            and not self.passive
+            self.shares
+            and self.state == LIVE
             and self.replay_to is None
             and self._frag is None
             and self.transport is not None
@@ -541,48 +549,78 @@ class Sub(asyncio.Protocol):
         n = len(data)
         avail = len(buf) - off
         extra = b""
-        if self.state != LIVE:
-            ok = False
-        elif n <= avail:
+        if n <= avail and self.state == LIVE:
             ok = buf.startswith(data, off)
             new = pos + n
-        else:
+        elif self.state == LIVE:
             ok = not avail or buf.startswith(data[:avail], off)
             new = base + len(buf)
             extra = data[avail:]
+        else:
+            ok = False
         if not ok:
             start = ref.frame_start(pos)
             head = bytes(buf[start - base : off])
             self.unfollow(b"")
             return head + data if head else data
-        ends = ref.ends
-        i0 = bisect_right(ends, pos)
-        i1 = bisect_right(ends, new)
         self.rpos = new
-        if i1 > i0:
-            self.last[ref.gid] = ref.s0 + i1 - 1
+        # The frames completed: from the one after ``last`` to the last
+        # whose end is at or before ``new``.
+        last = self.last
+        gid = ref.gid
+        s0 = ref.s0
+        ends = ref.ends
+        i0 = last[gid] + 1 - s0
+        if i0 < len(ends) and ends[i0] <= new:
+            i1 = bisect_right(ends, new, i0)
+            k = i1 - i0
+            last[gid] = s0 + i1 - 1
             lat = self.lat
             if lat is not None:
                 now = time.time_ns() // 1000
-                tsv = ref.ts[i0:i1]
-                lo = now - max(tsv)
-                if lo > 2047:
-                    cut = -1 << (lo.bit_length() - 11)  # as in _run
-                    count_into(lat, map(_and, map(_sub, repeat(now), tsv), repeat(cut)))
+                if k == 1:
+                    v = now - ref.ts[i0]
+                    if v > 2047:
+                        v &= -1 << (v.bit_length() - 11)
+                    lat[v] = lat.get(v, 0) + 1
                 else:
-                    count_into(lat, map(_sub, repeat(now), tsv))
-                if len(lat) > LAT_KEYS:
-                    self.fleet.fold()
+                    tsv = ref.ts[i0:i1]
+                    lo = now - max(tsv)
+                    if lo > 2047:
+                        cut = -1 << (lo.bit_length() - 11)  # as in _run
+                        count_into(lat, map(_and, map(_sub, repeat(now), tsv), repeat(cut)))
+                    else:
+                        count_into(lat, map(_sub, repeat(now), tsv))
+                    if len(lat) > LAT_KEYS:
+                        self.fleet.fold()
             f = self.fleet
-            f.delivered += i1 - i0
-            f.followed += i1 - i0
+            f.delivered += k
+            f.followed += k
             if f.shared is not None:
                 f.shared.value = f.delivered
         if extra:
-            # Past the newest frame, at a frame boundary: read it frame by
-            # frame (which offers it to the stream and follows on).
-            self.unfollow(b"")
-        return extra
+            # Past the newest frame, at a frame boundary (``last`` is the
+            # stream's newest ``s``): the next frames whole, as a run, are
+            # checked as the frame path checks them and appended; anything
+            # else is read frame by frame (which offers a run to the stream
+            # and follows on).
+            f = self.fleet
+            run = f.runs.read(extra)
+            if run is None or run[0] != len(extra) or run[1] != gid:
+                self.unfollow(b"")
+                return extra
+            k = self._run(run, time.time_ns() // 1000)
+            f.delivered += k
+            f.followed += k
+            if f.shared is not None:
+                f.shared.value = f.delivered
+            if not ref.extend(extra, run[0], run[3][0], run[4]):
+                self.unfollow(b"")  # not the stream's next frames: counted above
+            elif self.ref is ref:
+                self.rpos = ref.end
+            else:  # moved off by the trim the extension made
+                self._try_follow()
+        return b""
 
     def _run(self, run: wire.Run, now: int) -> int:
         """The checks and latencies of a run's events (:class:`wire.RunReader`),
@@ -611,7 +649,11 @@ class Sub(asyncio.Protocol):
                 # latency, so the fold's own cut gives what it would on the
                 # exact values.
                 lo = now - max(tsv)
-                if lo > 2047:
+                if k == 1:
+                    if lo > 2047:
+                        lo &= -1 << (lo.bit_length() - 11)
+                    lat[lo] = lat.get(lo, 0) + 1
+                elif lo > 2047:
                     cut = -1 << (lo.bit_length() - 11)  # v & cut == v >> sh << sh
                     count_into(lat, map(_and, map(_sub, repeat(now), tsv), repeat(cut)))
                 else:
@@ -931,6 +973,12 @@ class Fleet:
         self.lat_clamped = 0
         addrs = spec.src_addrs or ["127.0.0.1"]
         self.clients = [Sub(self, c, addrs[c.cid % len(addrs)]) for c in spec.clients]
+        if self.streams is not None:
+            members = collections.Counter(c.gids_b[0] for c in self.clients if len(c.gids_b) == 1)
+            for c in self.clients:
+                c.shares = (
+                    len(c.gids_b) == 1 and not c.passive and members[c.gids_b[0]] >= STREAM_MIN
+                )
         self.churners = [c for c in self.clients if c.role == "churn"]
         # Counters (cumulative).
         self.delivered = 0

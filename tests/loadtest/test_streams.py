@@ -120,7 +120,12 @@ async def test_followers_count_what_the_frame_loop_counts() -> None:
             clients=[fl.ClientSpec(i, ("1",)) for i in range(n)],
         )
         f = fl.Fleet(spec)
-        if not shared:
+        # Six members are fewer than a stream is made for: asked for here.
+        assert not any(c.shares for c in f.clients)
+        if shared:
+            for c in f.clients:
+                c.shares = True
+        else:
             f.runs = NoRuns()
             f.streams = None
         try:
@@ -177,6 +182,20 @@ async def test_followers_count_what_the_frame_loop_counts() -> None:
     assert ref == fast
     assert ref[1] and ref[3] and ref[4]  # gaps, duplicates, unexpected were met
     assert ref[6][0][b"1"] == ref[6][2][b"1"]  # two clean subscribers end alike
+
+
+def test_a_big_guild_shares_its_stream_a_small_one_does_not() -> None:
+    n = fl.STREAM_MIN
+    clients = [fl.ClientSpec(i, ("big",)) for i in range(n)]
+    clients += [fl.ClientSpec(n + i, ("small",)) for i in range(n - 1)]
+    clients.append(fl.ClientSpec(2 * n, ("big", "small")))
+    spec = fl.FleetSpec(
+        wid=0, host="127.0.0.1", port=1, path="/gateway", token="t", clients=clients
+    )
+    f = fl.Fleet(spec)
+    assert [c.shares for c in f.clients] == [True] * n + [False] * n
+    spec.deflate = True  # compressed frames are never shared
+    assert not any(c.shares for c in fl.Fleet(spec).clients)
 
 
 def test_a_run_offered_is_appended_only_in_order() -> None:
