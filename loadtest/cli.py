@@ -185,6 +185,11 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
     )
     s.add_argument("--server-cpus", help="CPUs of the server process, e.g. 0 or 0-1")
     s.add_argument("--client-cpus", help="CPUs of the harness, e.g. 1")
+    s.add_argument(
+        "--server-log",
+        help="--server process: append what it prints (every start) to this file; "
+        "GUILDCAST_LOG_LEVEL=INFO for its INFO lines (e.g. `node stopped`)",
+    )
     s.add_argument("--max-buffer", type=int, help="server max_buffer (slowconsumers: 1 MiB)")
     s.add_argument("--history-size", type=int, help="server history_size")
     s.add_argument(
@@ -278,6 +283,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m guildcast.loa
         client_cpus=client_cpus,
         server_opts=dict(args.server_opt),
         spawn=args.spawn,
+        server_log=args.server_log,
     )
     try:
         for url, what in ((args.url, "--url"), (args.api_url, "--api-url")):

@@ -86,6 +86,8 @@ class TargetOptions:
     #: A single fleet (``--workers 1``) in its own process (True), in the
     #: harness's (False), or None: its own unless the server is embedded.
     spawn: bool | None = None
+    #: A file the server process's output is appended to (``--server-log``).
+    server_log: str | None = None
 
 
 def inline_fleet(workers: int, topts: TargetOptions) -> bool:
@@ -232,7 +234,9 @@ class Run:
             if o.server == "embedded":
                 t = tgt.EmbeddedTarget("embedded", config={"host": "127.0.0.1", "port": 0, **conf})
             else:
-                t = tgt.ProcessTarget("process", flags=conf, cpus=o.server_cpus)
+                t = tgt.ProcessTarget(
+                    "process", flags=conf, cpus=o.server_cpus, log_path=o.server_log
+                )
                 if p.cluster:
                     # --workers N over a throwaway Redis (started in _setup),
                     # sharing one fixed port.
