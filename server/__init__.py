@@ -9,22 +9,33 @@ The repository's ``server/`` folder is this package; ``clients/`` is
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from guildcast.config import Config
     from guildcast.node import Server
 
-try:
-    __version__ = version("guildcast")
-except PackageNotFoundError:  # running from a tree that was never installed
-    __version__ = "0+unknown"
-
 __all__ = ["Config", "Server", "__version__"]
+
+#: The installed version, read on first use (``__getattr__``).
+__version__: str
+
+
+def _version() -> str:
+    # Read on first use: importlib.metadata cost 0.05-0.1 s of every import
+    # of the package, a node's restart included.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("guildcast")
+    except PackageNotFoundError:  # running from a tree that was never installed
+        return "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        v = globals()["__version__"] = _version()
+        return v
     if name == "Server":
         from guildcast.node import Server
 

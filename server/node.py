@@ -24,7 +24,7 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guildcast.actors.feed import FeedRouter
 from guildcast.actors.groups import Groups
@@ -54,7 +54,12 @@ from guildcast.protocol.session import Limits
 from guildcast.protocol.wire import IDEMPOTENCY_KEY_RULE, valid_guild, valid_idempotency_key
 from guildcast.transport.drain import PEER_DRAIN_SPREAD
 from guildcast.transport.gateway import Gateway, GatewayLimits
-from guildcast.transport.http_api import ApiSettings, HttpApi
+
+if TYPE_CHECKING:
+    # Imported when the API is started (``_start_api``): aiohttp and the
+    # API's modules were 0.3-0.6 s of every start, a restart's included,
+    # and a node without ``--api-port`` never needs them.
+    from guildcast.transport.http_api import HttpApi
 
 log = logging.getLogger("guildcast.node")
 #: Longest pause between two broker sweeps (seconds): a sweep walks every
@@ -237,6 +242,8 @@ class Server:
         cfg = self.config
         if cfg.api_port is None or cfg.api_port < 0:
             return
+        from guildcast.transport.http_api import ApiSettings, HttpApi
+
         api = HttpApi(
             NodeApi(self),
             ApiSettings(

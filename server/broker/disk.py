@@ -84,6 +84,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,13 @@ COMPACT_SLACK = 256
 #: Shortest age past which events dropped by the age bound trigger a
 #: rewrite (seconds): at most one age-driven rewrite per guild per minute.
 COMPACT_MIN_AGE = 60.0
+#: Threads that fsync journals at once at a stop (``close``): the filesystem
+#: commits concurrent fsyncs together, so 1,000 dirty journals (a full node's
+#: stop) took 0.2 s on 8 threads against 0.5-1.9 s one after another on the
+#: bench machine's ext4.
+SYNC_THREADS = 8
+#: Fewest journals a sync hands each thread (a few are fsynced on one).
+SYNC_CHUNK = 16
 #: The subdirectory of ``--data-dir`` that holds the journals.
 GUILDS_DIR = "guilds"
 #: The run record and the lock file, in ``--data-dir``.
@@ -229,6 +237,8 @@ class DiskBroker:
         #: Guilds whose journal holds a file descriptor, least recently written first.
         self._open: OrderedDict[str, None] = OrderedDict()
         self._syncer: asyncio.Task[None] | None = None
+        #: The fsync threads (``sync_all``), started on first use.
+        self._sync_pool: ThreadPoolExecutor | None = None
         #: Why the data dir cannot persist right now (the last write failure),
         #: or None; readiness is false while set (``/readyz``).
         self.persist_error: str | None = None
@@ -285,7 +295,7 @@ class DiskBroker:
             self._syncer = None
         self.local.clear()
         if self.fsync != "never":
-            await self.sync_all()
+            await self.sync_all(SYNC_THREADS)
             # Before the clean stop is recorded: a backup of a stopped node
             # holds its marks (docs/OPERATIONS.md, "Backups and restore").
             try:
@@ -295,6 +305,11 @@ class DiskBroker:
         for lg in self._glogs.values():
             lg.journal.close()
         self._open.clear()
+        if self._sync_pool is not None:
+            # Waits for a sync a cancelled syncer left running, before the
+            # clean stop is recorded.
+            await asyncio.to_thread(self._sync_pool.shutdown, True)
+            self._sync_pool = None
         await asyncio.to_thread(self._end)
         self.marks.close()
         if self._janitor is not None:
@@ -810,15 +825,33 @@ class DiskBroker:
             extra={"guild": gid},
         )
 
-    async def sync_all(self) -> int:
-        """fsync every journal written since its last fsync; returns how many."""
+    async def sync_all(self, threads: int = 1) -> int:
+        """fsync every journal written since its last fsync; returns how many.
+        ``threads`` > 1 (the stop: ``close``) fsyncs slices of them at once,
+        each thread through a descriptor of its own; the interval syncer
+        keeps to one thread (one descriptor past ``max_open``)."""
         dirty = [lg for lg in self._glogs.values() if lg.journal.dirty]
         if not dirty:
             return 0
         for lg in dirty:
             lg.busy += 1
+        journals = [lg.journal for lg in dirty]
         try:
-            done = await asyncio.to_thread(_sync_many, [lg.journal for lg in dirty])
+            # Up to SYNC_THREADS threads at once, each a slice of them.
+            k = max(1, min(threads, len(journals) // SYNC_CHUNK))
+            if k == 1:
+                done = await asyncio.to_thread(_sync_many, journals)
+            else:
+                pool = self._sync_pool
+                if pool is None:
+                    pool = self._sync_pool = ThreadPoolExecutor(
+                        k, thread_name_prefix="journal-fsync"
+                    )
+                loop = asyncio.get_running_loop()
+                parts = await asyncio.gather(
+                    *(loop.run_in_executor(pool, _sync_many, journals[i::k]) for i in range(k))
+                )
+                done = sum(parts)
         finally:
             for lg in dirty:
                 lg.busy -= 1

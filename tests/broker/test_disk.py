@@ -415,3 +415,26 @@ async def test_a_write_whose_mark_fails_is_taken_back(tmp_path: Path) -> None:
     await b2.start()
     assert await b2.head("g") == (epoch, 3) and b2.cuts == 0
     await b2.close()
+
+
+async def test_close_fsyncs_every_dirty_journal_on_several_threads(tmp_path: Path) -> None:
+    """A stop fsyncs the dirty journals in slices on ``SYNC_THREADS``
+    threads at once (a full node's 1,000 took 0.5-1.9 s one after another);
+    every one of them is fsynced before the clean stop is recorded, and the
+    next start finds every event."""
+    b = DiskBroker(tmp_path, history_size=10, history_ttl=300, fsync_interval=3600)
+    await b.start()
+    guilds = [f"g{i}" for i in range(disk.SYNC_CHUNK * disk.SYNC_THREADS + 5)]
+    for g in guilds:  # a new journal is written whole and fsynced; then appended to
+        await b.append(g, [("E", b"1")])
+        await b.append(g, [("E", b"2")])
+    assert sum(lg.journal.dirty for lg in b._glogs.values()) == len(guilds)
+    before = b.fsyncs
+    await b.close()
+    assert b.fsyncs - before == len(guilds)
+    assert b._sync_pool is None
+    b2 = DiskBroker(tmp_path, history_size=10, history_ttl=300)
+    await b2.start()
+    for g in guilds[::7]:
+        assert (await b2.head(g))[1] == 2
+    await b2.close()
