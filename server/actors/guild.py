@@ -230,6 +230,16 @@ class PresenceMsg:
         self.v = v
 
 
+class Drive:
+    """The rest of a cursor step begun on the feed's read callback
+    (``Guild._feed_now``): a read-back to make, or the history lost."""
+
+    __slots__ = ("next",)
+
+    def __init__(self, nxt: ReadBack | Lost) -> None:
+        self.next = nxt
+
+
 class EpochSeen:
     """An append sent from a publisher's stack was answered under ``epoch``
     (``Guild._queued_done``): if it is not the one this node delivers, the
@@ -498,6 +508,41 @@ class Guild(Actor):
         self.stats.published += len(ss)
         reply.set_result((ss[0], epoch))
 
+    def feed(self, records: list[Record] | str | None) -> None:
+        """A remote feed's records (``FeedRouter``), or its None or
+        ``FEED_LOST``: records for a parked guild are a step run now, on
+        the feed's read callback (``Actor.step_now``, :meth:`_feed_now`),
+        with no wake of the guild's task; anything else is a ``Feed``
+        message, handled in mailbox order."""
+        if type(records) is list and self._cur is not None:
+            recs = records
+            if self.step_now(lambda: self._feed_now(recs)):
+                return
+        self.cast_system(Feed(records))
+
+    def _feed_now(self, records: list[Record]) -> bool:
+        """:meth:`_on_feed` of a list of records as a whole step: the same
+        cursor step, emit and fan-out as a batch of one ``Feed`` does. A
+        cursor step that needs the broker (a read-back, history lost) is
+        carried on in the guild's own step (``Drive``), first in its
+        mailbox; so is everything before it. False, with nothing done,
+        unless listening."""
+        cur = self._cur
+        if cur is None or not self.listening:
+            return False
+        self._pages = None
+        out, nxt = cur.feed(records)
+        for rec in out:
+            self._emit(rec)
+        if nxt is not None:
+            self.cast_system(Drive(nxt))
+            return True
+        self._fan_out()
+        entry = self._entry
+        if entry is not None:
+            entry.head = cur.s
+        return True
+
     async def _after_sent(self) -> None:
         """Wait until no append sent by :meth:`_publish_queued` is in flight:
         this batch's append is then sequenced after it (order per guild)."""
@@ -593,6 +638,8 @@ class Guild(Actor):
                 self._removed(item.partition, item.sink)
             elif tp is PresenceMsg:
                 await self._on_presence(item.kind, item.member, item.v)
+            elif tp is Drive:
+                await self._drive(([], item.next))
             elif tp is EpochSeen:
                 if self.listening and item.epoch != self.epoch:
                     await self._history_lost(f"epoch changed to {item.epoch}")

@@ -4,7 +4,9 @@ pipeline from the publisher's stack (``Guild.publish_to`` ->
 Redis replies, with no mailbox message and no step of the guild's task;
 at most one such append in flight per guild, the publishes behind it
 queued and sequenced after it; failures answered as the awaited path's;
-an answer under another epoch handled in the guild's own step.
+an answer under another epoch handled in the guild's own step. And the
+feed's records to a parked guild as a step on the feed's read callback
+(``Guild.feed``), a read-back it needs carried on in the guild's step.
 
 Against a real redis-server."""
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guildcast.actors.groups import Groups
-from guildcast.actors.guild import Feed, Guild, GuildSettings, Subscribe
+from guildcast.actors.guild import Guild, GuildSettings, Subscribe
 from guildcast.actors.hub import check_publish
 from guildcast.broker.base import BrokerUnavailable, Record
 from guildcast.broker.redis import RedisBroker
@@ -70,7 +72,7 @@ async def redis_env(redis: RedisProc) -> AsyncIterator[Env]:
 
             def feed(gid: str, recs: list[Record] | str | None) -> None:
                 if env.routed[0]:
-                    guild.cast_system(Feed(recs))
+                    guild.feed(recs)  # as FeedRouter.records does
 
             broker.set_feed(feed)
             guild.start(tg)
@@ -181,3 +183,64 @@ async def test_an_answer_under_another_epoch_loses_the_guilds_history(
         assert exc is None and result is not None and result[0] == 1 and result[1] != epoch
         assert (await sink.wait_closed())[0] == Close.UNKNOWN_ERROR
         await until(lambda: not env.guild.listening, "the guild unlistened")
+
+
+class ParkedAtSend(FakeSink):
+    """Notes, at each write, whether its guild was parked (a step run on
+    another stack) or in its own task's batch."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.guild: Guild | None = None
+        self.parked_at: list[bool] = []
+
+    def send(self, data: bytes) -> None:
+        if self.guild is not None:
+            self.parked_at.append(self.guild.parked)
+        super().send(data)
+
+
+async def test_feed_records_for_a_parked_guild_are_written_on_the_feeds_stack(
+    redis_proc: RedisProc,
+) -> None:
+    async with redis_env(redis_proc) as env:
+        sink = ParkedAtSend("a")
+        await subscribed(env, sink)
+        sink.guild = env.guild
+        for n in range(1, 4):
+            await env.parked()
+            env.publish(n)
+            await sink.wait_count(n + 1)
+        assert sink.events_s() == [1, 2, 3]
+        assert sink.parked_at == [True, True, True]  # no task step wrote them
+
+
+async def test_a_gap_in_the_feed_is_read_back_in_the_guilds_own_step(
+    redis_proc: RedisProc,
+) -> None:
+    """The feed skips 1 and 2 (not routed) and brings 3: the cursor's
+    read-back is carried on in the guild's step (``Drive``), then 1..3 are
+    delivered in order, each once."""
+    async with redis_env(redis_proc) as env:
+        sink = ParkedAtSend("a")
+        epoch = await subscribed(env, sink)
+        env.routed[0] = False
+        for n in range(1, 4):
+            await env.parked()
+            env.publish(n)
+            await env.answered(n)
+        assert sink.events_s() == []
+        got_epoch, recs = await env.broker.read("g-1", 2, 10)
+        assert got_epoch == epoch and [r.s for r in recs] == [3]
+        await env.parked()
+        sink.guild = env.guild
+        env.guild.feed(recs)
+        assert env.guild.mailbox_depth == 1  # the read-back, queued
+        msgs = await sink.wait_count(4)
+        assert [m["d"] for m in msgs[1:]] == [1, 2, 3]
+        assert sink.parked_at == [False]  # one write, from the guild's batch
+        env.routed[0] = True
+        await env.parked()
+        env.publish(4)
+        await sink.wait_count(5)
+        assert sink.events_s() == [1, 2, 3, 4] and sink.parked_at == [False, True]
