@@ -20,10 +20,14 @@ lost (``FEED_LOST``), closes the local sessions with 4000 too: a session
 this node cannot serve recovers where it can, rather than wait here for
 events that are not coming. With an in-process log (``LocalLog``) the
 records a publish appended go to the cursor in the same step; a remote
-feed's come as ``Feed`` messages (``feed.py``). A gateway PUBLISH to a
-parked guild whose log never waits (memory) is such a step run at once on
-the publisher's stack (:meth:`Guild.publish_to`, ``Actor.step_now``): the
-guild is in no batch then, so it is the step its next batch would be.
+feed's come through :meth:`Guild.feed` (``feed.py``): a step run at once
+on the feed's read callback for a parked guild, else ``Feed`` messages. A
+gateway PUBLISH to a parked guild whose log never waits (memory) is such a
+step run at once on the publisher's stack (:meth:`Guild.publish_to`,
+``Actor.step_now``): the guild is in no batch then, so it is the step its
+next batch would be; with a broker that queues appends (Redis) that step
+sends the append from there, answered by callback (one in flight per
+guild: later publishes queue behind it).
 
 Passive subscriptions (PROTOCOL.md "Passive subscriptions") are not in any
 writer: the guild keeps them in its entry on the node's
