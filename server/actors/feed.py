@@ -5,15 +5,17 @@ in-process log (``guildcast.broker.base.LocalLog``) hands the records it
 appended back to the appending guild, which emits them in the same step
 (docs/ARCHITECTURE.md, "The publish path").
 
-Each record list, gap notice (None) or ``FEED_LOST`` becomes one ``Feed``
-system message of the guild registered under that id (never dropped; its
-bound is the feed's own: the broker delivers what it read from Redis). A
-guild that is not alive on this node does not listen: its feed is ignored.
+Each record list, gap notice (None) or ``FEED_LOST`` goes to the guild
+registered under that id (``Guild.feed``): a list for a parked guild is a
+step of the guild run at once on this callback's stack (``Actor.step_now``),
+anything else one ``Feed`` system message (never dropped; its bound is the
+feed's own: the broker delivers what it read from Redis). A guild that is
+not alive on this node does not listen: its feed is ignored.
 """
 
 from __future__ import annotations
 
-from guildcast.actors.guild import Feed, Guild, PresenceMsg
+from guildcast.actors.guild import Guild, PresenceMsg
 from guildcast.actors.registry import Registry
 from guildcast.broker.base import Broker, Presence, Record
 
@@ -32,7 +34,7 @@ class FeedRouter:
         """Feed records (or None: "you may have missed some", or FEED_LOST)."""
         guild = self.registry.lookup(gid)
         if guild is not None:
-            guild.cast_system(Feed(records))
+            guild.feed(records)
 
     def presence(self, gid: str, kind: str, member: Presence, v: int | None) -> None:
         """A presence change ("join" or "leave") of ``gid``, of version ``v``."""

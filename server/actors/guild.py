@@ -20,10 +20,14 @@ lost (``FEED_LOST``), closes the local sessions with 4000 too: a session
 this node cannot serve recovers where it can, rather than wait here for
 events that are not coming. With an in-process log (``LocalLog``) the
 records a publish appended go to the cursor in the same step; a remote
-feed's come as ``Feed`` messages (``feed.py``). A gateway PUBLISH to a
-parked guild whose log never waits (memory) is such a step run at once on
-the publisher's stack (:meth:`Guild.publish_to`, ``Actor.step_now``): the
-guild is in no batch then, so it is the step its next batch would be.
+feed's come through :meth:`Guild.feed` (``feed.py``): a step run at once
+on the feed's read callback for a parked guild, else ``Feed`` messages. A
+gateway PUBLISH to a parked guild whose log never waits (memory) is such a
+step run at once on the publisher's stack (:meth:`Guild.publish_to`,
+``Actor.step_now``): the guild is in no batch then, so it is the step its
+next batch would be; with a broker that queues appends (Redis) that step
+sends the append from there, answered by callback (one in flight per
+guild: later publishes queue behind it).
 
 Passive subscriptions (PROTOCOL.md "Passive subscriptions") are not in any
 writer: the guild keeps them in its entry on the node's
@@ -72,6 +76,7 @@ from guildcast.actors.replay import ReplayPages
 from guildcast.broker.base import (
     FEED_LOST,
     AppendsNow,
+    AppendsQueued,
     Broker,
     BrokerUnavailable,
     LocalLog,
@@ -229,6 +234,27 @@ class PresenceMsg:
         self.v = v
 
 
+class Drive:
+    """The rest of a cursor step begun on the feed's read callback
+    (``Guild._feed_now``): a read-back to make, or the history lost."""
+
+    __slots__ = ("next",)
+
+    def __init__(self, nxt: ReadBack | Lost) -> None:
+        self.next = nxt
+
+
+class EpochSeen:
+    """An append sent from a publisher's stack was answered under ``epoch``
+    (``Guild._queued_done``): if it is not the one this node delivers, the
+    guild's history was lost, handled in the guild's own step."""
+
+    __slots__ = ("epoch",)
+
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
+
+
 class InfoMsg:
     """Call message: replies a dict of head, epoch, subscribers, history bounds."""
 
@@ -276,6 +302,17 @@ class Guild(Actor):
         #: ... and one that never waits lets a publish be a step of its own
         #: on the publisher's stack (:meth:`publish_to`).
         self._now: AppendsNow | None = broker if isinstance(broker, AppendsNow) else None
+        #: ... and a remote log with an append pipeline (Redis) lets a publish
+        #: be sent from the publisher's stack, answered by callback when the
+        #: broker replies (:meth:`_publish_queued`).
+        self._queued: AppendsQueued | None = (
+            broker if self._local is None and isinstance(broker, AppendsQueued) else None
+        )
+        #: An append sent that way is unanswered: every later append of this
+        #: guild waits for its answer (:meth:`_after_sent`), so the guild has
+        #: at most one append in flight, as a batch's awaited append keeps it.
+        self._sending = False
+        self._sent_waiter: asyncio.Future[None] | None = None
         #: A fan-out of what such steps emitted is queued for the end of
         #: this loop turn (:meth:`_flush_now`): one run for all of them.
         self._flush_due = False
@@ -367,7 +404,7 @@ class Guild(Actor):
         return len(self.where) + len(self.passive) + len(self._passivating)
 
     def on_idle(self) -> bool:
-        return not self.has_sessions
+        return not self.has_sessions and not self._sending
 
     async def on_stop(self, reason: BaseException | None) -> None:
         self._demonitor()
@@ -416,13 +453,108 @@ class Guild(Actor):
         and no idempotency key, that step is run now on the caller's stack
         (``Actor.step_now``): the same append, emit, fan-out and answer as
         :meth:`handle_batch` would do for it, without the task's wake.
-        Otherwise the publish is queued as a call. Raises as
-        ``call_nowait`` does (``MailboxFull``, ``ActorExited``)."""
-        if key is None and self._now is not None and self._cur is not None:
-            reply = Reply(fn)
-            if self.step_now(lambda: self._publish_now(t, d_json, reply)):
-                return
+        With a broker that queues appends (``AppendsQueued``: Redis), a
+        parked guild with no append in flight sends it from here instead
+        (:meth:`_publish_queued`). Otherwise the publish is queued as a
+        call. Raises as ``call_nowait`` does (``MailboxFull``, ``ActorExited``)."""
+        if key is None:
+            if self._now is not None:
+                if self._cur is not None:
+                    reply = Reply(fn)
+                    if self.step_now(lambda: self._publish_now(t, d_json, reply)):
+                        return
+            elif self._queued is not None and not self._sending:
+                reply = Reply(fn)
+                if self.step_now(lambda: self._publish_queued(t, d_json, reply)):
+                    return
         self.call_with(PublishMsg(t, d_json, key), fn)
+
+    def _publish_queued(self, t: str, d_json: bytes, reply: Reply) -> bool:
+        """One publish as a whole step (:meth:`publish_to`) with a remote
+        log: the append is queued on the broker's pipeline now, and
+        answered in :meth:`_queued_done` when the broker replies; its
+        records come back by the feed, as every Redis append's do. False,
+        with nothing done, while an earlier such append is unanswered."""
+        q = self._queued
+        if q is None or self._sending:
+            return False
+        try:
+            q.append_queued(self.gid, [(t, d_json)], lambda r, e: self._queued_done(reply, r, e))
+        except BrokerUnavailable as e:
+            reply.set_exception(e)  # nothing queued: not published
+            return True
+        except Exception:
+            reply.set_exception(ActorExited(self.name))  # the guild crashes with it
+            raise
+        self._sending = True
+        return True
+
+    def _queued_done(
+        self, reply: Reply, result: tuple[str, list[int]] | None, exc: BaseException | None
+    ) -> None:
+        """The broker's answer to :meth:`_publish_queued`'s append (in the
+        broker's step, not this actor's): answer the publisher, and let
+        the appends waiting behind it go."""
+        self._sending = False
+        w = self._sent_waiter
+        if w is not None:
+            self._sent_waiter = None
+            if not w.done():
+                w.set_result(None)
+        if exc is not None or result is None:
+            reply.set_exception(exc if exc is not None else BrokerUnavailable("no answer"))
+            return
+        epoch, ss = result
+        if self.listening and epoch != self.epoch:
+            # The broker lost this guild's history: in the guild's own step.
+            self.cast_system(EpochSeen(epoch))
+        self.published += len(ss)
+        self.stats.published += len(ss)
+        reply.set_result((ss[0], epoch))
+
+    def feed(self, records: list[Record] | str | None) -> None:
+        """A remote feed's records (``FeedRouter``), or its None or
+        ``FEED_LOST``: records for a parked guild are a step run now, on
+        the feed's read callback (``Actor.step_now``, :meth:`_feed_now`),
+        with no wake of the guild's task; anything else is a ``Feed``
+        message, handled in mailbox order."""
+        if type(records) is list and self._cur is not None:
+            recs = records
+            if self.step_now(lambda: self._feed_now(recs)):
+                return
+        self.cast_system(Feed(records))
+
+    def _feed_now(self, records: list[Record]) -> bool:
+        """:meth:`_on_feed` of a list of records as a whole step: the same
+        cursor step, emit and fan-out as a batch of one ``Feed`` does. A
+        cursor step that needs the broker (a read-back, history lost) is
+        carried on in the guild's own step (``Drive``), first in its
+        mailbox; so is everything before it. False, with nothing done,
+        unless listening."""
+        cur = self._cur
+        if cur is None or not self.listening:
+            return False
+        self._pages = None
+        out, nxt = cur.feed(records)
+        for rec in out:
+            self._emit(rec)
+        if nxt is not None:
+            self.cast_system(Drive(nxt))
+            return True
+        self._fan_out()
+        entry = self._entry
+        if entry is not None:
+            entry.head = cur.s
+        return True
+
+    async def _after_sent(self) -> None:
+        """Wait until no append sent by :meth:`_publish_queued` is in flight:
+        this batch's append is then sequenced after it (order per guild)."""
+        while self._sending:
+            w = self._sent_waiter
+            if w is None:
+                w = self._sent_waiter = asyncio.get_running_loop().create_future()
+            await w
 
     def _publish_now(self, t: str, d_json: bytes, reply: Reply) -> bool:
         """One publish as a whole step (:meth:`publish_to`); False, with
@@ -510,6 +642,11 @@ class Guild(Actor):
                 self._removed(item.partition, item.sink)
             elif tp is PresenceMsg:
                 await self._on_presence(item.kind, item.member, item.v)
+            elif tp is Drive:
+                await self._drive(([], item.next))
+            elif tp is EpochSeen:
+                if self.listening and item.epoch != self.epoch:
+                    await self._history_lost(f"epoch changed to {item.epoch}")
             else:
                 if pubs:
                     await self._append(pubs, items)
@@ -533,6 +670,8 @@ class Guild(Actor):
         self._pages = None  # the batch's replays are served (replay.py)
 
     async def _append(self, pubs: list[_Call], items: list[tuple[str, bytes]]) -> None:
+        if self._sending:
+            await self._after_sent()
         if any(call.msg.key is not None for call in pubs):
             await self._append_keyed(pubs, items)
             return

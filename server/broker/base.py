@@ -288,3 +288,27 @@ class AppendsNow(Protocol):
         """Append ``items`` and return their records if ``gid``'s log has
         epoch ``epoch`` and last ``s`` ``head``; else append nothing and
         return None (the caller takes the ordinary, awaited path)."""
+
+
+#: ``done(result, error)``: an append's ``(epoch, [s])``, or the failure
+#: (:class:`BrokerUnavailable`, :class:`OutcomeUnknown`) that ended it.
+AppendDone = Callable[[tuple[str, list[int]] | None, BaseException | None], None]
+
+
+@runtime_checkable
+class AppendsQueued(Protocol):
+    """A capability of a remote broker that queues appends for a pipeline
+    of its own (Redis): :meth:`Broker.append` with its answer handed to a
+    callback instead of awaited, so that a parked guild can send a publish
+    from the publisher's stack (``Actor.step_now``) with no task step of
+    its own, and be told ``(epoch, [s])`` when the broker answers.
+
+    Appends queued by one caller are sequenced in the order queued.
+    Found by protocol (``isinstance(broker, AppendsQueued)``), never by class.
+    """
+
+    def append_queued(self, gid: str, items: Sequence[tuple[str, bytes]], done: AppendDone) -> None:
+        """Queue the append of ``items``; ``done`` is called exactly once,
+        later (never on the caller's stack), with ``((epoch, [s]), None)``
+        or ``(None, failure)``. Raises :class:`BrokerUnavailable`, with
+        nothing queued, when the broker cannot take it now."""

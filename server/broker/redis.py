@@ -84,7 +84,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -95,6 +95,8 @@ from redis.maint_notifications import MaintNotificationsConfig
 from guildcast.broker import resp
 from guildcast.broker.base import (
     FEED_LOST,
+    AppendDone,
+    AppendsQueued,
     Broker,
     BrokerUnavailable,
     Feed,
@@ -417,9 +419,53 @@ MAX_PIPELINE = 512
 #: packed; when full the cache starts again empty (packing one is a few us).
 MAX_PACKED_HEADS = 10_000
 
+
+class _Answer(Protocol):
+    """Where the pipeliner puts a queued append's reply: the caller's
+    future (:meth:`RedisBroker.append`), or a :class:`_Done` callback
+    (:meth:`RedisBroker.append_queued`)."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: list[Any], /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class _Done:
+    """A queued append answered through ``fn`` (``AppendDone``) in the
+    pipeliner's step, once: no Future and no wake of the caller's task."""
+
+    __slots__ = ("_done", "fn")
+
+    def __init__(self, fn: AppendDone) -> None:
+        self.fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: list[Any]) -> None:
+        self._done = True
+        try:
+            out = (result[0].decode(), [int(s) for s in result[1:]])
+        except (AttributeError, IndexError, TypeError, ValueError) as e:
+            self._call(None, OutcomeUnknown(f"redis: unexpected append reply ({e!r})"))
+            return
+        self._call(out, None)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._done = True
+        self._call(None, exception)
+
+    def _call(self, result: tuple[str, list[int]] | None, exc: BaseException | None) -> None:
+        try:
+            self.fn(result, exc)
+        except Exception:
+            log.exception("append callback failed")
+
+
 #: An append script call for the pipeliner: its packed head (bytes, argument
-#: count), the rest of its arguments, the caller's future.
-_Queued = tuple[tuple[bytes, int], list[Any], "asyncio.Future[list[Any]]"]
+#: count), the rest of its arguments, where its reply goes.
+_Queued = tuple[tuple[bytes, int], list[Any], _Answer]
 #: Bound on queued appends; past it appends fail at once (try again later).
 MAX_QUEUED_APPENDS = 50_000
 
@@ -644,6 +690,16 @@ class RedisBroker:
         out = await self._queue_append(self._head(gid, False), args)
         return out[0].decode(), [int(s) for s in out[1:]]
 
+    def append_queued(self, gid: str, items: Sequence[tuple[str, bytes]], done: AppendDone) -> None:
+        """:meth:`append` answered through ``done`` by the pipeliner
+        (``AppendsQueued``): the same script, queue and failures; queued
+        behind every append queued before it (one connection, in order)."""
+        args = self._append_argv(gid, len(items))
+        for t, d in items:
+            args.append(t)
+            args.append(d)
+        self._queue_item(self._head(gid, False), args, _Done(done))
+
     async def append_keyed(
         self, gid: str, items: Sequence[tuple[str, bytes]], keys: Sequence[str | None]
     ) -> tuple[str, list[int | Replayed]]:
@@ -687,6 +743,12 @@ class RedisBroker:
 
     def _queue_append(self, head: tuple[bytes, int], args: list[Any]) -> asyncio.Future[list[Any]]:
         """Queue one append script call for the pipeliner; its future."""
+        fut: asyncio.Future[list[Any]] = self._loop.create_future()
+        self._queue_item(head, args, fut)
+        return fut
+
+    def _queue_item(self, head: tuple[bytes, int], args: list[Any], answer: _Answer) -> None:
+        """Queue one append script call whose reply goes to ``answer``."""
         # Only the command link and the policy matter here: a feed reconnect
         # does not stop this node from sequencing.
         if not self._healthy:
@@ -695,10 +757,8 @@ class RedisBroker:
             raise BrokerUnavailable(self._policy_error)
         if len(self._queue) >= MAX_QUEUED_APPENDS:
             raise BrokerUnavailable("too many appends queued")
-        fut: asyncio.Future[list[Any]] = self._loop.create_future()
-        self._queue.append((head, args, fut))
+        self._queue.append((head, args, answer))
         self._queue_ready.set()
-        return fut
 
     async def _pipeliner(self) -> None:
         """Sends queued appends, many guilds per round trip, in queue order."""
@@ -714,7 +774,15 @@ class RedisBroker:
                 batch: list[_Queued] = []
                 while self._queue and len(batch) < MAX_PIPELINE:
                     batch.append(self._queue.popleft())
-                await self._send(batch)
+                try:
+                    await self._send(batch)
+                except asyncio.CancelledError:
+                    # Stopped mid-batch (close): its callers are answered as
+                    # any lost answer is, not left waiting for ever.
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(OutcomeUnknown("redis: broker closed"))
+                    raise
 
     async def _append_link(self) -> RespConnection:
         """The append pipeline's own connection (``resp.py``), opened on
@@ -1204,3 +1272,4 @@ class RedisBroker:
 def _conforms() -> None:
     """mypy checks the implementation against the contract (docs/DESIGN.md house style)."""
     _: type[Broker] = RedisBroker
+    _queued: type[AppendsQueued] = RedisBroker
