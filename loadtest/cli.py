@@ -118,8 +118,8 @@ def build_parser(prog: str = "python -m guildcast.loadtest") -> argparse.Argumen
         "--max-lag",
         type=int,
         help="flow control: events publishers may be ahead of subscribers (0: off; default "
-        "at rate 0 the larger of inflight x publishers and 16 KiB of events, off at a "
-        "fixed rate)",
+        "at rate 0 the larger of inflight x publishers and the events that leave each "
+        "subscriber 16 KiB behind, off at a fixed rate)",
     )
     g.add_argument(
         "--lat-sample", type=float, help="fraction of clients recording latency (default 1)"

@@ -32,8 +32,9 @@ the server's unsent-bytes bound and end in 4010 closes. The gate tells a
 publisher how many more events it may send before it is ``--max-lag``
 events ahead of what subscribers have received; a closed gate is polled
 every 2 ms. The run then measures the highest rate both sides sustain.
-By default the gate allows 16 KiB of events per subscriber or the ACK
-window, whichever is more (``scenarios.default_max_lag``): while the fleet
+By default the gate allows as many events as leave each subscriber 16 KiB
+behind, or the ACK window, whichever is more (``scenarios.default_max_lag``):
+while the fleet
 keeps within that, the ACK window alone paces the publisher, as the
 referee's does.
 

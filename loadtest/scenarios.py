@@ -212,13 +212,18 @@ GATE_BYTES = 16 * 1024
 FRAME_OVERHEAD = 64
 
 
-def default_max_lag(window: int, size: int) -> int:
-    """The gate at rate 0: the publishers' ACK window (what the referee's
-    publisher is held by, loadtest/publish.py), or :data:`GATE_BYTES` of
-    events, whichever is more. A gate of the window alone throttled the
-    publisher to the fleet's pace, so the server was offered fewer events per
-    loop turn than the referee offers it (docs/BENCHMARKS.md)."""
-    return max(window, GATE_BYTES // (size + FRAME_OVERHEAD))
+def default_max_lag(window: int, size: int, guilds: int = 1, active: int = 1) -> int:
+    """The gate at rate 0, in events published and not yet received by the
+    average subscriber: the publishers' ACK window (what the referee's
+    publisher is held by, loadtest/publish.py), or as many events as leave
+    each subscriber :data:`GATE_BYTES` behind, whichever is more. A
+    subscriber active in ``active`` of ``guilds`` guilds gets that share of
+    the events, so its backlog is that share of what is in flight. A gate of
+    the window alone throttled the publisher to the fleet's pace, so the
+    server was offered fewer events per loop turn than the referee offers it
+    (docs/BENCHMARKS.md)."""
+    per_subscriber = GATE_BYTES // (size + FRAME_OVERHEAD)
+    return max(window, per_subscriber * max(1, guilds) // max(1, active))
 
 
 def make_plan(scenario: str, given: dict[str, Any]) -> Plan:
@@ -239,7 +244,12 @@ def make_plan(scenario: str, given: dict[str, Any]) -> Plan:
             values["inflight"] = 8 if values["rate"] <= 0 else 1024
     if values.get("max_lag") is None:
         values["max_lag"] = (
-            default_max_lag(values["inflight"] * values["publishers"], values["size"])
+            default_max_lag(
+                values["inflight"] * values["publishers"],
+                values["size"],
+                values["guilds"],
+                values["per_client"] if values.get("active") is None else values["active"],
+            )
             if values["rate"] <= 0
             else 0
         )

@@ -315,6 +315,9 @@ def test_the_default_gate_is_the_ack_window_or_16_kib_of_events() -> None:
     big = sc.make_plan("bigguild", {})
     assert big.max_lag == sc.GATE_BYTES // (big.size + sc.FRAME_OVERHEAD) > big.inflight
     assert sc.make_plan("bigguild", {"size": 4096}).max_lag == 8  # the window is more
-    assert sc.make_plan("manyguilds", {}).max_lag == 64
+    # 1,000 guilds: each subscriber gets a thousandth of what is in flight.
+    many = sc.make_plan("manyguilds", {})
+    assert many.max_lag == 1000 * (sc.GATE_BYTES // (many.size + sc.FRAME_OVERHEAD))
+    assert sc.make_plan("manyguilds", {"guilds": 1}).max_lag == 64  # the window
     assert sc.make_plan("latency", {}).max_lag == 0  # a fixed rate: no gate
     assert sc.make_plan("bigguild", {"max_lag": 8}).max_lag == 8
