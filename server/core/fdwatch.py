@@ -1,17 +1,18 @@
 """Noticing that the process has run out of file descriptors.
 
 When a listener cannot accept because the process is at ``RLIMIT_NOFILE``
-(EMFILE), libuv (uvloop) accepts and drops the connection through a
-descriptor it keeps in reserve, and says nothing; the stock asyncio loop
-pauses its listener. Either way clients are turned away and, without this
-module, the operator sees no log line and no metric.
+(EMFILE), the gateway's acceptor (``guildcast.transport.acceptor``) turns
+the connection away through a descriptor it keeps in reserve; a journal or
+an HTTP API connection that cannot be opened fails on its own. Without this
+module, the operator would see no log line and no metric for either.
 
-:class:`DescriptorWatch` probes at most once per :data:`PROBE_INTERVAL`
-(one ``open`` and ``close`` of ``/dev/null``, called from the gateway's
-sweeper): a probe that fails with EMFILE or ENFILE counts in
-:attr:`DescriptorWatch.exhausted` (``guildcast_descriptors_exhausted_total``)
-and logs one rate-limited ERROR that says what to do. State: two numbers
-and the rate limiter's one entry; no queue.
+:class:`DescriptorWatch` is told by the acceptor (:meth:`~DescriptorWatch.note`)
+and probes at most once per :data:`PROBE_INTERVAL` (one ``open`` and
+``close`` of ``/dev/null``, called from the gateway's sweeper): either way
+a moment without descriptors counts in :attr:`DescriptorWatch.exhausted`
+(``guildcast_descriptors_exhausted_total``) and logs one rate-limited ERROR
+that says what to do. State: two numbers and the rate limiter's one entry;
+no queue.
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ class DescriptorWatch:
                 extra={"limit": limit, "max_connections": max_connections},
             )
 
+    def note(self, code: int) -> None:
+        """A connection could not be accepted for want of a descriptor
+        (``code``: EMFILE or ENFILE): count and log it (rate-limited)."""
+        self.exhausted += 1
+        self._log(code)
+
+    def _log(self, code: int) -> None:
+        _flood.log(
+            logging.ERROR,
+            "descriptors_exhausted",
+            "out of file descriptors (limit %d): new connections are being dropped; "
+            "raise the limit (ulimit -n, systemd LimitNOFILE=) or lower --max-connections",
+            soft_limit(),
+            extra={"limit": soft_limit(), "errno": code},
+        )
+
     def check(self, now: float) -> bool:
         """Probe (at most once per interval); True if no descriptor was left."""
         if now < self._next:
@@ -84,14 +101,7 @@ class DescriptorWatch:
             if e.errno not in _EXHAUSTED:
                 return False
             self.exhausted += 1
-            _flood.log(
-                logging.ERROR,
-                "descriptors_exhausted",
-                "out of file descriptors (limit %d): new connections are being dropped; "
-                "raise the limit (ulimit -n, systemd LimitNOFILE=) or lower --max-connections",
-                soft_limit(),
-                extra={"limit": soft_limit(), "errno": e.errno},
-            )
+            self._log(e.errno)
             return True
         os.close(fd)
         return False

@@ -82,6 +82,7 @@ from guildcast.protocol.session import (
 from guildcast.protocol.session import State as SessionState
 from guildcast.transport import drain as staggered
 from guildcast.transport import inbound, listen, static, upgrade
+from guildcast.transport.acceptor import Acceptor
 from guildcast.transport.admission import QUEUED, Admission
 from guildcast.transport.compression import SharedDeflateFactory, negotiated
 
@@ -947,8 +948,8 @@ class Gateway:
         self._admitter: asyncio.Task[None] | None = None
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
-        #: The listening servers (listen.py): one per listening socket.
-        self._servers: list[asyncio.Server] = []
+        #: The listening sockets' acceptors (listen.py, acceptor.py).
+        self._servers: list[Acceptor] = []
         self._sweeper: asyncio.Task[None] | None = None
         #: The deadline wheel: slot -> connections filed there (slot ``k``
         #: holds deadlines in ``((k-1)*sweep_interval, k*sweep_interval]``).
@@ -985,14 +986,14 @@ class Gateway:
     ) -> int:
         """Listen on ``host:port`` (0 for a free port); returns the bound port."""
         # Several sockets on the port, each its own accept queue (listen.py).
-        self._servers = await listen.listen(
-            lambda: Connection(self), host, port, reuse_port, sockets
+        self._servers = listen.listen(
+            lambda: Connection(self), host, port, reuse_port, sockets, self.descriptors.note
         )
         self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
         if self.admission.rate > 0:
             self._admitter = tg.create_task(self._admit(), name="gateway-admitter")
         DescriptorWatch.warn_if_short(self.limits.max_connections)
-        sock = self._servers[0].sockets[0]
+        sock = self._servers[0].sock
         return int(sock.getsockname()[1])
 
     async def _sweep(self) -> None:

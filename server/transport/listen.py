@@ -22,8 +22,13 @@ the port is first claimed with a plain bind, which fails with EADDRINUSE as
 before if anything is bound there, then released and bound by the node's
 own sockets at once.
 
+Each socket is read by an :class:`~guildcast.transport.acceptor.Acceptor`
+(acceptor.py), which accepts greedily: the loop's own server takes one
+connection per socket per loop turn, too few on a node busy with live
+traffic.
+
 Consistency model: called once per gateway start from its event loop; the
-servers returned are owned (closed) by the gateway.
+acceptors returned are owned (closed) by the gateway.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import asyncio
 import socket
 import sys
 from collections.abc import Callable
+
+from guildcast.transport.acceptor import Acceptor
 
 __all__ = ["LISTEN_BACKLOG", "LISTEN_SOCKETS", "listen"]
 
@@ -72,38 +79,86 @@ def _claim(host: str, port: int) -> int:
         return int(probe.getsockname()[1])
 
 
-async def listen(
+def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Listening sockets on every address of ``host`` (as the loop's own
+    ``create_server`` binds them), all on one port: the first one's if
+    ``port`` is 0."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _, addr in infos:
+            if (family, addr[0]) in seen:
+                continue
+            seen.add((family, addr[0]))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as asyncio does: no dual-stack surprise.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            target = (addr[0], port, *addr[2:])
+            try:
+                sock.bind(target)
+            except OSError as e:  # worded as asyncio's own bind failure
+                why = (e.strerror or str(e)).lower()
+                raise OSError(
+                    e.errno, f"error while attempting to bind on address {target!r}: {why}"
+                ) from None
+            port = int(sock.getsockname()[1])
+            sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def listen(
     factory: Callable[[], asyncio.Protocol],
     host: str,
     port: int,
     shared: bool,
     sockets: int = LISTEN_SOCKETS,
-) -> list[asyncio.Server]:
+    on_exhausted: Callable[[int], None] | None = None,
+) -> list[Acceptor]:
     """Listen on ``host:port`` (0: a free port) with ``sockets`` listening
     sockets (``Config.listen_sockets``; one where the system does not
     spread a port's connections); ``shared``: other processes listen on it
-    too (``--workers``), so it is not claimed first. Returns the servers,
-    the first one's first socket bound to the port."""
+    too (``--workers``), so it is not claimed first. Each socket is read by
+    an :class:`~guildcast.transport.acceptor.Acceptor` (``on_exhausted``:
+    called when a connection could not be accepted for want of a
+    descriptor). Returns the acceptors, the first one's socket bound to the
+    port. Called from the running event loop."""
     if sockets < 1:
         raise ValueError("listen_sockets must be 1 or more")
-    loop = asyncio.get_running_loop()
-    if not _shares_ports() or (sockets == 1 and not shared):
-        srv = await loop.create_server(
-            factory, host, port, reuse_port=shared or None, backlog=LISTEN_BACKLOG
-        )
-        return [srv]
-    if not shared:
-        port = _claim(host, port)
-    servers: list[asyncio.Server] = []
+    if not _shares_ports():
+        sockets = 1
+    socks: list[socket.socket] = []
     try:
-        for _ in range(sockets):
-            srv = await loop.create_server(
-                factory, host, port, reuse_port=True, backlog=LISTEN_BACKLOG
-            )
-            servers.append(srv)
-            port = int(srv.sockets[0].getsockname()[1])
+        if sockets == 1 and not shared:
+            socks = _bind(host, port, False)
+        else:
+            if not shared:
+                port = _claim(host, port)
+            for _ in range(sockets):
+                more = _bind(host, port, True)
+                socks += more
+                port = int(more[0].getsockname()[1])
     except BaseException:
-        for srv in servers:
-            srv.close()
+        for sock in socks:
+            sock.close()
         raise
-    return servers
+    acceptors: list[Acceptor] = []
+    try:
+        for sock in socks:
+            acceptors.append(Acceptor(sock, factory, on_exhausted))
+    except BaseException:
+        for acc in acceptors:
+            acc.close()
+        for sock in socks[len(acceptors) :]:
+            sock.close()
+        raise
+    return acceptors
