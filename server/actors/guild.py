@@ -973,17 +973,26 @@ class Guild(Actor):
         recovered = False
         replay: list[SharedFrame] = []
         rewound: int | None = None
-        if position is not None:
-            epoch, after = position
-            if epoch == self.epoch and after <= head:
-                got = await self._replay(after, head, sink.events)
-                if got is not None:
-                    recovered = True
-                    replay = got
-        elif msg.rewind is not None:
-            rewound, replay = await self._rewind(msg.rewind, head, sink.events)
-            # Recovered: every event asked for follows (min(N, head) of them).
-            recovered = rewound == min(msg.rewind, head)
+        try:
+            if position is not None:
+                epoch, after = position
+                if epoch == self.epoch and after <= head:
+                    got = await self._replay(after, head, sink.events)
+                    if got is not None:
+                        recovered = True
+                        replay = got
+            elif msg.rewind is not None:
+                rewound, replay = await self._rewind(msg.rewind, head, sink.events)
+                # Recovered: every event asked for follows (min(N, head) of them).
+                recovered = rewound == min(msg.rewind, head)
+        except BrokerUnavailable:
+            # History could not be read now: not "recovered: false", which
+            # tells the client its events are gone and it must reload. It
+            # comes back with the same Position (1013, as for the head).
+            sink.close(Close.TRY_AGAIN_LATER, "broker unavailable")
+            if not self.has_sessions:
+                await self._unlisten()
+            return
         # SUBSCRIBED is this session's own; the snapshot and the replay are
         # shared, compressed once per parameter set (partition.Preamble).
         preamble: list[bytes | SharedFrame] = [
@@ -1041,15 +1050,13 @@ class Guild(Actor):
         and what history holds. A replay from a Position ``k`` back
         (:meth:`_replay`); history that moved under the read (trimmed by
         another node) is read again from its new start, at most
-        ``REWIND_TRIES`` times, then nothing is replayed (``k`` = 0)."""
+        ``REWIND_TRIES`` times, then nothing is replayed (``k`` = 0). Raises
+        BrokerUnavailable if history cannot be read now."""
         after = max(0, head - min(n, self.settings.max_rewind))
         for _ in range(REWIND_TRIES):
             if after >= head:
                 return 0, []
-            try:
-                first = await self.broker.first(self.gid)
-            except BrokerUnavailable:
-                return 0, []
+            first = await self.broker.first(self.gid)  # BrokerUnavailable: the caller's
             if first is None or first > head:
                 return 0, []  # nothing at or below the head is left
             after = max(after, first - 1)

@@ -26,7 +26,7 @@ bound (``history_size``) already caps.
 
 from __future__ import annotations
 
-from guildcast.broker.base import Broker, BrokerUnavailable
+from guildcast.broker.base import Broker
 from guildcast.protocol import wire
 from guildcast.protocol.deflate import SharedFrame
 
@@ -57,7 +57,9 @@ class ReplayPages:
         self, broker: Broker, after: int, want: frozenset[str] | None
     ) -> list[SharedFrame] | None:
         """Frames of events ``after+1 .. head`` (filtered by ``want``), or
-        None if history no longer holds some of them."""
+        None if history no longer holds some of them; raises
+        BrokerUnavailable if history cannot be read now (nothing is known
+        then about what it holds)."""
         if after + 1 < self.first and not await self._read_front(broker, after):
             return None
         i = after + 1 - self.first
@@ -68,7 +70,8 @@ class ReplayPages:
 
     async def _read_front(self, broker: Broker, after: int) -> bool:
         """Read at least ``after+1 .. first-1`` and put it in front; False if
-        history no longer holds ``after+1``. It reads whole pages back from
+        history no longer holds ``after+1`` (BrokerUnavailable if it cannot
+        be read now). It reads whole pages back from
         ``first`` (as far as history goes), so replays arriving from newest
         to oldest Position still cost one read per page."""
         frames: list[SharedFrame] = []
@@ -77,10 +80,9 @@ class ReplayPages:
         start = max(1, min(after + 1, self.first - self.page))
         nxt = start
         while nxt <= end:
-            try:
-                epoch, recs = await broker.read(self.gid, nxt - 1, min(self.page, end - nxt + 1))
-            except BrokerUnavailable:
-                return False
+            # BrokerUnavailable propagates: history that cannot be read now
+            # is not history that lacks the events (the guild answers 1013).
+            epoch, recs = await broker.read(self.gid, nxt - 1, min(self.page, end - nxt + 1))
             self.reads += 1
             if epoch != self.epoch or not recs:
                 return False

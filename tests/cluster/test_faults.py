@@ -20,11 +20,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from websockets.exceptions import ConnectionClosed
 
 from guildcast.broker.redis import node_members
 from guildcast.core.tokens import make_token
 from guildcast.loadtest.faultcheck import Ledger, Publisher, Subscriber, wait_clean
 from guildcast.loadtest.faultproxy import ThreadedFaultProxy
+from tests.support import gateway as gw
 from tests.support.api import KEY as API_KEY
 from tests.support.node import SECRET, ServeProcess, cluster_node
 from tests.support.redis import RedisProc
@@ -294,5 +296,68 @@ async def test_a_late_redis_answer_is_outcome_unknown_not_refused(
 
         await until(both_sequenced, timeout=20)  # "unknown" was the honest answer
     finally:
+        await pub.close()
+        await a.close()
+
+
+async def test_a_resume_whose_history_cannot_be_read_is_told_to_retry_not_that_it_lost(
+    redis: RedisProc, proxy: ThreadedFaultProxy
+) -> None:
+    """A Position whose events history holds, read while Redis answers too
+    late, is closed 1013 "broker unavailable" (come back with it), never
+    answered ``recovered: false`` (the events are gone: reload), which in a
+    storm cost clients events they could have had; back with the same
+    Position once Redis answers, it recovers them all. The feed deadline is
+    long, so the guild keeps listening and only the read fails."""
+    a = cluster_node(
+        proxy.url, "a", redis.dir / "a.log", "--redis-timeout", "1", "--feed-deadline", "60"
+    )
+    await a.start()
+    pub = Publisher([a.url], token("p"), "p")
+    holder = ws = None
+    try:
+        # A session holds the guild on A: listening, its head known there.
+        holder, sub = await gw.subscribe(a.url, token("holder"), "resume")
+        epoch = sub["epoch"]
+        for _ in range(5):
+            assert await pub.publish("resume")
+        seen = [await gw.recv(holder) for _ in range(5)]
+        assert [m["s"] for m in seen] == [1, 2, 3, 4, 5]
+
+        proxy.set_mode("delay", 1.6)  # every answer comes after the 1 s timeout
+        ws = await gw.open_ws(a.url)
+        await gw.identify(ws, token("back"), {"resume": {"epoch": epoch, "s": 2}})
+        try:
+            first = await gw.recv(ws)
+        except ConnectionClosed:
+            pass
+        else:
+            raise AssertionError(f"answered instead of closed 1013: {first}")
+        assert (ws.close_code, ws.close_reason) == (1013, "broker unavailable")
+        proxy.heal()
+
+        async def recovered() -> bool:
+            back, d = await gw.subscribe(a.url, token("back"), "resume", {"epoch": epoch, "s": 2})
+            try:
+                if not d["recovered"]:
+                    raise AssertionError(f"told to reload: {d}")
+                replay = [await gw.recv(back) for _ in range(3)]
+                assert [m["s"] for m in replay] == [3, 4, 5] and d["s"] == 5, replay
+                return True
+            finally:
+                await back.close()
+
+        async def attempt() -> bool:
+            try:
+                return await recovered()
+            except (ConnectionClosed, OSError, TimeoutError):
+                return False  # Redis still slow for this one: come back
+
+        await until(attempt, "a recovered resume once Redis answers", timeout=30)
+    finally:
+        proxy.heal()
+        for w in (holder, ws):
+            if w is not None:
+                await w.close()
         await pub.close()
         await a.close()
