@@ -115,8 +115,12 @@ from guildcast.core.idempotency import (
     digest,
 )
 from guildcast.core.ids import HexIds
+from guildcast.core.ratelog import RateLimitedLog
 
 log = logging.getLogger("guildcast.broker.redis")
+#: Pool exhaustion comes in floods (every command of a storm): one line per
+#: few seconds, with a count of the ones left out.
+_flood = RateLimitedLog(log)
 
 _APPEND = """
 -- KEYS: the guild's epoch, seq, log, channel; for a keyed append the
@@ -1264,9 +1268,33 @@ class RedisBroker:
             await asyncio.sleep(self.health_interval)
 
     def _mark_down(self, e: BaseException) -> None:
+        if pool_exhausted(e):
+            # This node's own load (every pooled connection busy past the
+            # timeout: a reconnect storm's history reads), not Redis gone:
+            # the command that waited fails, the node goes on sequencing.
+            _flood.log(
+                logging.WARNING,
+                "redis_pool_exhausted",
+                "redis: no pooled connection free within %.1f s (%d in use); "
+                "a command failed, redis is not marked unreachable",
+                self.op_timeout,
+                MAX_REDIS_CONNECTIONS,
+            )
+            return
         if self._healthy:
             log.warning("redis unreachable: %s", e)
         self._healthy = False
+
+
+def pool_exhausted(e: BaseException) -> bool:
+    """``e`` is redis-py's blocking pool giving up waiting for a free
+    connection ("No connection available.", from a timeout): every pooled
+    connection was busy, which says nothing about whether Redis answers."""
+    return (
+        isinstance(e, RedisConnectionError)
+        and isinstance(e.__cause__, TimeoutError)
+        and "No connection available" in str(e)
+    )
 
 
 def _conforms() -> None:

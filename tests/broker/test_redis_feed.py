@@ -13,9 +13,10 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from guildcast.broker.base import FEED_LOST, Record
-from guildcast.broker.redis import RedisBroker
+from guildcast.broker.base import FEED_LOST, BrokerUnavailable, Record
+from guildcast.broker.redis import MAX_REDIS_CONNECTIONS, RedisBroker, pool_exhausted
 from guildcast.loadtest.faultproxy import FaultProxy
 from tests.support.redis import RedisProc
 from tests.support.wait import until
@@ -159,3 +160,45 @@ async def test_listen_unlisten_listen_waits_for_the_last_subscribe(redis_proc: R
         await until(delivered, "the event on the re-listened guild")
     finally:
         await b.close()
+
+
+async def test_a_busy_pool_fails_the_command_but_not_the_broker(redis_proc: RedisProc) -> None:
+    """Every pooled connection checked out past the timeout (a node's own
+    reconnect storm reading history): the read that waited fails
+    (BrokerUnavailable) but Redis is not marked unreachable, so appends go
+    on; a real failure (Redis answering nothing) still marks it down."""
+    b = RedisBroker(f"redis://127.0.0.1:{redis_proc.port}/0", 50, 300, op_timeout=0.3)
+    await b.start()
+    pool = b.redis.connection_pool
+    held = []
+    try:
+        epoch, s = await b.append("busy", [("EV", b"{}")])
+        assert s == [1]
+        while True:  # take every connection the pool has to give
+            try:
+                async with asyncio.timeout(1):
+                    held.append(await pool.get_connection())
+            except (RedisConnectionError, TimeoutError):
+                break
+        assert len(held) == MAX_REDIS_CONNECTIONS
+        with pytest.raises(BrokerUnavailable):
+            await b.read("busy", 0, 10)
+        assert b.healthy, b.unhealthy_reason
+        for c in held:
+            await pool.release(c)
+        held = []
+        assert (await b.read("busy", 0, 10))[1][0].s == 1
+        epoch2, s2 = await b.append("busy", [("EV", b"{}")])
+        assert (epoch2, s2) == (epoch, [2])
+    finally:
+        for c in held:
+            await pool.release(c)
+        await b.close()
+
+
+def test_pool_exhausted_tells_a_busy_pool_from_a_dead_link() -> None:
+    busy = RedisConnectionError("No connection available.")
+    busy.__cause__ = TimeoutError()
+    assert pool_exhausted(busy)
+    assert not pool_exhausted(RedisConnectionError("Error 111 connecting to 127.0.0.1:1."))
+    assert not pool_exhausted(TimeoutError())
