@@ -44,7 +44,8 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test runs on uvloop, the loop ``guildcast serve`` uses; the
-    smoke and TCP_NODELAY tests also run on the stock loop that embedding applications may use."""
-    if item.path.name in ("test_smoke.py", "test_nodelay.py"):
+    smoke, TCP_NODELAY and acceptor tests also run on the stock loop that embedding
+    applications may use."""
+    if item.path.name in ("test_smoke.py", "test_nodelay.py", "test_acceptor.py"):
         return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}

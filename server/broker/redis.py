@@ -954,7 +954,9 @@ class RedisBroker:
             try:
                 return await call()
             except RedisConnectionError as e:
-                if attempt == 2:
+                # A pool with no connection free: waiting again would only
+                # double the wait (a stale connection is worth one retry).
+                if attempt == 2 or pool_exhausted(e):
                     self._mark_down(e)
                     raise BrokerUnavailable(f"redis: {e}") from None
             except (RedisError, OSError) as e:

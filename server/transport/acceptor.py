@@ -27,8 +27,10 @@ forever. As libuv does, the acceptor keeps one descriptor in reserve: it
 frees it, accepts the connection, closes it (the client sees the
 connection end, not a silence) and takes the reserve again, and reports
 the moment (``on_exhausted``: ``guildcast.core.fdwatch``). If even the
-reserve cannot be taken back, the socket is not read for
-:data:`EXHAUSTED_PAUSE` seconds.
+reserve cannot be taken back, or accept fails otherwise (ENOBUFS,
+ENOMEM), the socket is not read for :data:`EXHAUSTED_PAUSE` seconds.
+Connections accepted but not yet handed to the loop when the acceptor is
+closed (a drain) are ended, not opened: they would miss the drain.
 
 Consistency model: used only from its event loop; the gateway owns (closes)
 it. State: the socket, the reserve descriptor, and the tasks handing
@@ -56,7 +58,8 @@ _flood = RateLimitedLog(log)
 #: accepting stays around ten milliseconds.
 ACCEPT_BATCH = 128
 #: Seconds the socket is not read when no descriptor can be freed for
-#: shedding (the reserve itself could not be taken back).
+#: shedding (the reserve itself could not be taken back), or after another
+#: accept error that leaves it readable (ENOBUFS, ENOMEM).
 EXHAUSTED_PAUSE = 0.1
 #: accept() errors that concern only the connection being accepted (it was
 #: reset or timed out while queued): skip it and take the next.
@@ -131,6 +134,8 @@ class Acceptor:
                 if e.errno in _EXHAUSTED:
                     self._shed(e.errno)
                     return
+                # ENOBUFS, ENOMEM or worse: the socket stays readable, so
+                # do not spin on it; try again shortly (as asyncio does).
                 _flood.log(
                     logging.ERROR,
                     "accept_failed",
@@ -138,6 +143,7 @@ class Acceptor:
                     e,
                     extra={"errno": e.errno},
                 )
+                self._pause()
                 return
             self._adopt(conn)
 
@@ -153,6 +159,12 @@ class Acceptor:
         task.add_done_callback(self._adopting.discard)
 
     async def _connect(self, conn: socket.socket) -> None:
+        if self._closed:
+            # Accepted just before the gateway stopped accepting (a drain):
+            # a connection made now would miss the drain's RECONNECT and be
+            # waited for until its timeout. Ended instead: the client retries.
+            conn.close()
+            return
         try:
             await self._loop.connect_accepted_socket(self._factory, conn)
         except Exception as e:  # the loop could not take it: it is closed
@@ -176,8 +188,13 @@ class Acceptor:
                 return  # nothing queued any more (or gone): done
             conn.close()
             self._reserve = _reserve()
-        if self._reserve is None and not self._closed:
+        if self._reserve is None:
             # No descriptor to shed with: do not spin on a socket we cannot serve.
+            self._pause()
+
+    def _pause(self) -> None:
+        """Stop reading the socket for ``EXHAUSTED_PAUSE`` seconds."""
+        if not self._closed:
             self._loop.remove_reader(self.sock.fileno())
             self._loop.call_later(EXHAUSTED_PAUSE, self._resume)
 

@@ -86,12 +86,19 @@ def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
+    missing: OSError | None = None
     try:
         for family, kind, proto, _, addr in infos:
             if (family, addr[0]) in seen:
                 continue
             seen.add((family, addr[0]))
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as e:
+                # A family this kernel lacks (IPv6 disabled): skip it, as
+                # asyncio's create_server does, if another address binds.
+                missing = missing or e
+                continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -113,6 +120,8 @@ def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
         for sock in socks:
             sock.close()
         raise
+    if not socks and missing is not None:
+        raise missing
     return socks
 
 

@@ -91,3 +91,31 @@ async def test_a_closed_acceptor_accepts_nothing_and_frees_its_port() -> None:
     again.close()
     await asyncio.sleep(0)
     assert Sink.made == [] and acc.accepted == 0
+
+
+async def test_connections_accepted_as_it_closes_are_ended_not_opened() -> None:
+    """Accepted, not yet handed to the loop, when the acceptor closes (a
+    drain's stop_accepting): ended (the client sees the connection close and
+    retries), never opened after the drain has listed what it must drain."""
+    Sink.made = []
+    sock = _listener()
+    port = sock.getsockname()[1]
+    clients = _queue(port, 10)
+    acc = Acceptor(sock, Sink)
+    try:
+        turns = 0
+        while acc.accepted < 10 and turns < TURNS:
+            await asyncio.sleep(0)
+            turns += 1
+        assert acc.accepted == 10 and Sink.made == [], (acc.accepted, len(Sink.made))
+        acc.close()
+        await acc.wait_closed()
+        assert Sink.made == []
+        for c in clients:
+            assert await asyncio.to_thread(c.recv, 5) == b""  # ended, not served
+    finally:
+        acc.close()
+        for t in Sink.made:
+            t.close()
+        for c in clients:
+            c.close()
