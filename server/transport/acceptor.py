@@ -207,7 +207,8 @@ class Acceptor:
 
     def close(self) -> None:
         """Stop accepting and close the socket (queued connections are reset
-        by the kernel); connections already accepted are not touched."""
+        by the kernel); connections the loop already has are not touched,
+        those accepted but not yet handed to it are ended."""
         if self._closed:
             return
         self._closed = True
@@ -218,7 +219,8 @@ class Acceptor:
             self._reserve = None
 
     async def wait_closed(self) -> None:
-        """Wait for the connections accepted before :meth:`close` to be handed
-        to the loop (their protocols then belong to the gateway)."""
+        """Wait until every connection accepted so far has been handed to the
+        loop (its protocol then belongs to the gateway) or, after
+        :meth:`close`, ended."""
         while self._adopting:
             await asyncio.gather(*self._adopting, return_exceptions=True)
