@@ -949,7 +949,7 @@ class Gateway:
         #: Set whenever the last connection has gone (for drain).
         self._all_gone = asyncio.Event()
         #: The listening sockets' acceptors (listen.py, acceptor.py).
-        self._servers: list[Acceptor] = []
+        self._acceptors: list[Acceptor] = []
         self._sweeper: asyncio.Task[None] | None = None
         #: The deadline wheel: slot -> connections filed there (slot ``k``
         #: holds deadlines in ``((k-1)*sweep_interval, k*sweep_interval]``).
@@ -986,14 +986,14 @@ class Gateway:
     ) -> int:
         """Listen on ``host:port`` (0 for a free port); returns the bound port."""
         # Several sockets on the port, each its own accept queue (listen.py).
-        self._servers = listen.listen(
+        self._acceptors = listen.listen(
             lambda: Connection(self), host, port, reuse_port, sockets, self.descriptors.note
         )
         self._sweeper = tg.create_task(self._sweep(), name="gateway-sweeper")
         if self.admission.rate > 0:
             self._admitter = tg.create_task(self._admit(), name="gateway-admitter")
         DescriptorWatch.warn_if_short(self.limits.max_connections)
-        sock = self._servers[0].sock
+        sock = self._acceptors[0].sock
         return int(sock.getsockname()[1])
 
     async def _sweep(self) -> None:
@@ -1045,8 +1045,8 @@ class Gateway:
                 cast(Connection, conn).close(Close.TRY_AGAIN_LATER, reason)
 
     def stop_accepting(self) -> None:
-        for srv in self._servers:
-            srv.close()
+        for acc in self._acceptors:
+            acc.close()
 
     async def drain(self, timeout: float, spread: float = 0.0) -> None:
         """Graceful shutdown (PROTOCOL.md op 7 and close 1001): stop accepting,
@@ -1103,8 +1103,8 @@ class Gateway:
                     await task
                 except asyncio.CancelledError:
                     pass
-        for srv in self._servers:
-            await srv.wait_closed()
+        for acc in self._acceptors:
+            await acc.wait_closed()
 
     def report_metrics(self, m: MetricsSnapshot) -> None:
         """``ReportsMetrics``: connections, sessions, refusals and descriptors

@@ -37,6 +37,7 @@ import asyncio
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from guildcast.transport.acceptor import Acceptor
 
@@ -69,14 +70,19 @@ def _claim(host: str, port: int) -> int:
     with socket.socket(family, kind, proto) as probe:
         # As asyncio binds its own: a port left in TIME_WAIT is free.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(addr)
-        except OSError as e:  # worded as asyncio's own bind failure
-            why = (e.strerror or str(e)).lower()
-            raise OSError(
-                e.errno, f"error while attempting to bind on address {addr!r}: {why}"
-            ) from None
+        _bind_one(probe, addr)
         return int(probe.getsockname()[1])
+
+
+def _bind_one(sock: socket.socket, addr: tuple[Any, ...]) -> None:
+    """``sock.bind(addr)``, a failure worded as asyncio's own bind failure."""
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        why = (e.strerror or str(e)).lower()
+        raise OSError(
+            e.errno, f"error while attempting to bind on address {addr!r}: {why}"
+        ) from None
 
 
 def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
@@ -106,14 +112,7 @@ def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 # One socket per family, as asyncio does: no dual-stack surprise.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            target = (addr[0], port, *addr[2:])
-            try:
-                sock.bind(target)
-            except OSError as e:  # worded as asyncio's own bind failure
-                why = (e.strerror or str(e)).lower()
-                raise OSError(
-                    e.errno, f"error while attempting to bind on address {target!r}: {why}"
-                ) from None
+            _bind_one(sock, (addr[0], port, *addr[2:]))
             port = int(sock.getsockname()[1])
             sock.listen(LISTEN_BACKLOG)
     except BaseException:

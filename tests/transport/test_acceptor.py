@@ -41,6 +41,14 @@ def _queue(port: int, n: int) -> list[socket.socket]:
     return out
 
 
+def _close(acc: Acceptor, clients: list[socket.socket]) -> None:
+    acc.close()
+    for t in Sink.made:
+        t.close()
+    for c in clients:
+        c.close()
+
+
 async def test_queued_connections_are_taken_in_a_few_turns() -> None:
     Sink.made = []
     sock = _listener()
@@ -64,11 +72,7 @@ async def test_queued_connections_are_taken_in_a_few_turns() -> None:
         got = await asyncio.to_thread(clients_by_port[peer].recv, 5)
         assert got == b"hello"
     finally:
-        acc.close()
-        for t in Sink.made:
-            t.close()
-        for c in clients:
-            c.close()
+        _close(acc, clients)
 
 
 async def test_a_closed_acceptor_accepts_nothing_and_frees_its_port() -> None:
@@ -114,8 +118,4 @@ async def test_connections_accepted_as_it_closes_are_ended_not_opened() -> None:
         for c in clients:
             assert await asyncio.to_thread(c.recv, 5) == b""  # ended, not served
     finally:
-        acc.close()
-        for t in Sink.made:
-            t.close()
-        for c in clients:
-            c.close()
+        _close(acc, clients)
