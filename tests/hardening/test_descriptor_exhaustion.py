@@ -1,9 +1,10 @@
 """Running out of file descriptors (issue "Hardening 3", item 8): a
 ``guildcast serve`` process with a low ``RLIMIT_NOFILE`` is sent
 connections until it turns them away. It must say so: a rate-limited ERROR
-line and ``guildcast_descriptors_exhausted_total`` on /metrics (uvloop drops
-such connections without a word, which is what the watch in
-server/core/fdwatch.py is for)."""
+line and ``guildcast_descriptors_exhausted_total`` on /metrics (the
+gateway's acceptor, server/transport/acceptor.py, turns such connections
+away through a reserve descriptor and tells the watch in
+server/core/fdwatch.py)."""
 
 from __future__ import annotations
 
